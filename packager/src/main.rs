@@ -1,0 +1,325 @@
+//! `ferry`: package ONNX models into signed bundles, verify, inspect and run
+//! them, and measure drift against their baselines.
+//!
+//! # Layout
+//! - `main.rs`: the command line (one clap `Subcommand` enum; each variant's
+//!   `Args` struct owns its `run`), exit codes.
+//! - `project.rs`: `ferry.toml`, reading it and turning it into a bundle.
+//! - `inputs.rs`: turning files (JSON, images, CSV, directories) into requests.
+//! - `keyfile.rs`: reading and writing key files.
+//! - `output.rs`: human and `--json` output.
+
+mod inputs;
+mod keyfile;
+mod output;
+mod project;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use ferry_runtime as rt;
+use serde_json::json;
+
+/// Exit codes (documented in the README).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any other failure (missing file, bad project file, ...).
+    pub const ERROR: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// The bundle was rejected: bad signature, untrusted key, corrupt, ...
+    pub const REJECTED: u8 = 3;
+    /// The input given to `ferry run` was refused by the pipeline.
+    pub const BAD_INPUT: u8 = 4;
+    /// A golden example did not match (`ferry pack`).
+    pub const GOLDEN_FAILED: u8 = 5;
+    /// Drift was detected and `--fail-on-drift` was given.
+    pub const DRIFT: u8 = 6;
+}
+
+/// An error with its exit code.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+/// Wraps an error with an exit code.
+pub fn fail(code: u8, error: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(ExitError(code, error.into()))
+}
+
+#[derive(Debug)]
+struct ExitError(u8, anyhow::Error);
+
+impl std::fmt::Display for ExitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.1)
+    }
+}
+
+impl std::error::Error for ExitError {}
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Package ONNX models into signed, compressed bundles that run the same on edge devices, in WASM sandboxes and on AWS Lambda.",
+    long_about = "Package ONNX models into signed, compressed bundles that run the same on edge devices, in WASM sandboxes and on AWS Lambda.\n\n\
+A typical session:\n  ferry keygen -o keys/release\n  ferry pack examples/iris --key keys/release.key -o iris.ferry\n  ferry verify iris.ferry --pub keys/release.pub\n  ferry run iris.ferry --pub keys/release.pub --input examples/iris/golden/setosa.json\n  ferry drift iris.ferry --pub keys/release.pub --data examples/iris/data/current_shifted.csv\n\n\
+Exit codes: 0 ok, 1 error, 2 usage, 3 bundle rejected, 4 bad input, 5 golden example failed, 6 drift (with --fail-on-drift)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a signing key pair: <OUT>.key (PKCS#8 PEM, mode 0600) and <OUT>.pub.
+    Keygen(KeygenArgs),
+    /// Check a model and its pipeline, and write a signed bundle.
+    Pack(project::PackArgs),
+    /// Check a bundle's signatures, sizes and digests.
+    Verify(VerifyArgs),
+    /// Show what a bundle holds.
+    Inspect(InspectArgs),
+    /// Run a bundle on an input and print the response.
+    Run(RunArgs),
+    /// Compare data with the drift baseline inside a bundle.
+    Drift(DriftArgs),
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Path prefix of the key pair; writes <OUT>.key and <OUT>.pub.
+    #[arg(short, long, value_name = "OUT")]
+    out: PathBuf,
+    /// Overwrite existing key files.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Which keys to trust.
+#[derive(Args, Clone)]
+pub struct TrustArgs {
+    /// Trusted public key file(s) (PEM; a file may hold several keys). Repeatable.
+    /// Also read from FERRY_PUB (paths separated by ':').
+    #[arg(long = "pub", value_name = "FILE", env = "FERRY_PUB", value_delimiter = ':')]
+    pub public_keys: Vec<PathBuf>,
+    /// Signatures by distinct trusted keys required.
+    #[arg(long, default_value_t = 1)]
+    pub threshold: usize,
+}
+
+impl TrustArgs {
+    fn policy(&self) -> Result<rt::TrustPolicy> {
+        if self.public_keys.is_empty() {
+            bail!("no trusted key given: pass --pub <FILE> (the .pub file written by `ferry keygen`)");
+        }
+        let mut keys = Vec::new();
+        for path in &self.public_keys {
+            keys.extend(keyfile::read_public_keys(path)?);
+        }
+        Ok(rt::TrustPolicy::with_threshold(keys, self.threshold)?)
+    }
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The bundle file.
+    bundle: PathBuf,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The bundle file.
+    bundle: PathBuf,
+    /// Also verify the signatures against these keys.
+    #[arg(long = "pub", value_name = "FILE")]
+    public_keys: Vec<PathBuf>,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The bundle file.
+    bundle: PathBuf,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// The request: a .json file (tensor, record or image form), a .png/.jpg
+    /// image, a .csv file (rows become records), or - for standard input.
+    #[arg(short, long, value_name = "FILE")]
+    input: PathBuf,
+    /// Content type of the input, when its extension does not say it.
+    #[arg(long)]
+    content_type: Option<String>,
+    /// Print the response JSON on one line (machine-readable).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DriftArgs {
+    /// The bundle file.
+    bundle: PathBuf,
+    /// Current data: a CSV file (tabular and tensor pipelines) or a directory of images.
+    #[arg(short, long, value_name = "PATH")]
+    data: PathBuf,
+    /// Trusted public key(s). Without one the signature is not checked
+    /// (digests still are) and a warning is printed.
+    #[arg(long = "pub", value_name = "FILE", env = "FERRY_PUB", value_delimiter = ':')]
+    public_keys: Vec<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit with code 6 when the data set drifted.
+    #[arg(long)]
+    fail_on_drift: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    let result = match cli.command {
+        Command::Keygen(a) => keygen(a),
+        Command::Pack(a) => a.run(),
+        Command::Verify(a) => verify(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Run(a) => run(a),
+        Command::Drift(a) => drift(a),
+    };
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            let code = e.downcast_ref::<ExitError>().map(|x| x.0).unwrap_or(exit::ERROR);
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn keygen(a: KeygenArgs) -> Result<()> {
+    let key = rt::SecretKey::generate()?;
+    let (key_path, pub_path) = keyfile::write_key_pair(&a.out, &key, a.force)?;
+    eprintln!("wrote {} (private, keep secret) and {}", key_path.display(), pub_path.display());
+    println!("{}", key.key_id());
+    Ok(())
+}
+
+/// Reads a bundle file.
+fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read bundle {}", path.display()))
+}
+
+/// Verifies a bundle; a rejection exits with [`exit::REJECTED`].
+fn verified(path: &std::path::Path, trust: &TrustArgs) -> Result<rt::VerifiedBundle> {
+    let bytes = read_bundle(path)?;
+    let policy = trust.policy()?;
+    rt::verify(&bytes, &policy, &rt::ReadLimits::default())
+        .map_err(|e| fail(exit::REJECTED, anyhow::anyhow!("{} rejected: {e}", path.display())))
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    let b = verified(&a.bundle, &a.trust)?;
+    let m = &b.manifest;
+    if a.json {
+        let summary = json!({
+            "ok": true,
+            "digest": b.digest,
+            "name": m.name,
+            "version": m.version,
+            "fleet": m.release.fleet,
+            "channel": m.release.channel,
+            "sequence": m.release.sequence,
+            "signed_by": b.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        });
+        println!("{summary}");
+    } else {
+        println!(
+            "OK {} {} (sequence {}, {}/{}) signed by {}",
+            m.name,
+            m.version,
+            m.release.sequence,
+            m.release.fleet,
+            m.release.channel,
+            b.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+        );
+        println!("digest sha256:{}", b.digest);
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let bytes = read_bundle(&a.bundle)?;
+    let (manifest, key_ids) = rt::inspect_unverified(&bytes, &rt::ReadLimits::default())
+        .map_err(|e| fail(exit::REJECTED, anyhow::anyhow!("{} rejected: {e}", a.bundle.display())))?;
+    let verified = if a.public_keys.is_empty() {
+        None
+    } else {
+        let trust = TrustArgs { public_keys: a.public_keys.clone(), threshold: 1 };
+        Some(verified(&a.bundle, &trust)?)
+    };
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    output::print_inspect(&manifest, &key_ids, &digest, bytes.len(), verified.is_some(), a.json);
+    Ok(())
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let bundle = verified(&a.bundle, &a.trust)?;
+    let session = rt::Session::from_verified(bundle).context("cannot load the bundle")?;
+    let request = inputs::read_request(&a.input, a.content_type.as_deref())?;
+    let response = session.infer(&request.content_type, &request.body).map_err(|e| {
+        if e.is_bad_input() {
+            fail(exit::BAD_INPUT, anyhow::anyhow!("input {} refused: {e}", a.input.display()))
+        } else {
+            anyhow::Error::new(e).context("inference failed")
+        }
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&response).context("the guest answered with invalid JSON")?;
+    output::print_response(&value, a.json);
+    Ok(())
+}
+
+fn drift(a: DriftArgs) -> Result<()> {
+    let bytes = read_bundle(&a.bundle)?;
+    let bundle = if a.public_keys.is_empty() {
+        eprintln!("warning: no --pub given: the bundle's signature is not checked (its digests are)");
+        rt::verify_integrity_only(&bytes, &rt::ReadLimits::default())
+    } else {
+        let trust = TrustArgs { public_keys: a.public_keys.clone(), threshold: 1 };
+        rt::verify(&bytes, &trust.policy()?, &rt::ReadLimits::default())
+    }
+    .map_err(|e| fail(exit::REJECTED, anyhow::anyhow!("{} rejected: {e}", a.bundle.display())))?;
+    let baseline = bundle
+        .baseline()?
+        .ok_or_else(|| anyhow::anyhow!("{} carries no drift baseline: pack it with [drift] baseline = ...", a.bundle.display()))?;
+    let pre = rt::Preprocessor::from_verified(&bundle)?;
+    let kind = inputs::pipeline_kind(&bundle.manifest);
+    let current = inputs::collect_features(&pre, &a.data, kind, &bundle.manifest)?;
+    let mut sample = rt::CurrentSample::new(&baseline, usize::MAX);
+    for row in &current.rows {
+        sample.push_row(&current.names, row);
+    }
+    let report = rt::compare(&baseline, &sample, &bundle.manifest.drift);
+    output::print_drift(&report, a.json);
+    if a.fail_on_drift && report.dataset_drifted {
+        return Err(fail(exit::DRIFT, anyhow::anyhow!("data set drifted")));
+    }
+    Ok(())
+}

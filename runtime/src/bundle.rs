@@ -1,0 +1,673 @@
+//! The bundle format, version 1: bytes in, typed values or typed errors out.
+//! This module does no I/O (see `docs/bundle-format.md` for the normative text).
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic  b"FERRY\0\x01\x0a"
+//! 8       2     format version (u16 LE) = 1
+//! 10      2     signature count (u16 LE)
+//! 12      4     manifest length in bytes (u32 LE)
+//! 16      8     payload length in bytes (u64 LE)
+//! 24      m     manifest: deterministic CBOR (ciborium) of [`Manifest`]
+//! 24+m    72*s  signatures: key id (8 bytes) + ed25519 signature (64 bytes)
+//! ...     p     payload: the compressed artifacts, back to back, in manifest order
+//! ```
+//!
+//! Each signature signs `SIGNING_CONTEXT || SHA-256(manifest)`. The manifest
+//! holds the SHA-256 of every artifact, compressed and not, so the signature
+//! covers every byte of the file except the header fields, which are
+//! themselves checked against the file length and the manifest.
+//!
+//! The reader's order is the security argument: framing and sizes, then
+//! signatures (over bytes not yet parsed), then the manifest (bounded size),
+//! then every artifact's declared sizes against the limits, then each
+//! artifact's compressed digest *before* zstd sees it, then decompression
+//! into a buffer of exactly the declared size (anything more is refused: a
+//! zstd bomb never allocates past what the signed manifest declared), then
+//! the content digest.
+//!
+//! # Changing this format
+//! New manifest fields go at the end of their struct with `#[serde(default)]`
+//! (older readers ignore them: a minor change, same format version). Any
+//! change to the framing, the signing rule or the meaning of an existing field
+//! is a new format version; readers refuse versions they do not know.
+//! A bundle that needs a newer runtime says so in `min_runtime`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::drift::DriftConfig;
+use crate::error::BundleError;
+use crate::keys::{KEY_ID_LEN, KeyId, SecretKey, TrustPolicy};
+
+/// First bytes of every bundle. The `\0` stops text tools, `\x01` is the
+/// major format generation, `\n` catches newline translation.
+pub const MAGIC: [u8; 8] = *b"FERRY\0\x01\n";
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Length of the fixed header.
+pub const HEADER_LEN: usize = 24;
+/// Bytes per signature entry: key id + ed25519 signature.
+pub const SIGNATURE_ENTRY_LEN: usize = KEY_ID_LEN + 64;
+/// Domain separation: a bundle signature can never be replayed as a
+/// signature over something else signed with the same key.
+pub const SIGNING_CONTEXT: &[u8] = b"ferry-bundle-v1\0";
+/// Largest manifest accepted. Manifests hold metadata only (the baseline and
+/// golden examples are artifacts), so real ones are a few KiB; 1 MiB leaves
+/// room for very wide models while bounding what an unsigned file can make
+/// the reader hash.
+pub const MAX_MANIFEST_LEN: usize = 1 << 20;
+/// Most signatures on one bundle (a threshold policy needs a few).
+pub const MAX_SIGNATURES: usize = 32;
+/// Most artifacts in one bundle (model, guest, precompiled guests, baseline, goldens).
+pub const MAX_ARTIFACTS: usize = 64;
+
+/// Limits a reader applies to the decompressed contents.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Largest decompressed artifact. Default 2 GiB: bigger than any model
+    /// meant for the edge, small enough to refuse absurd declarations.
+    pub max_artifact_bytes: u64,
+    /// Largest total of decompressed artifacts. Default 4 GiB.
+    pub max_total_bytes: u64,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits { max_artifact_bytes: 2 << 30, max_total_bytes: 4 << 30 }
+    }
+}
+
+/// How an artifact's bytes are stored in the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// zstd frame of the content.
+    #[serde(rename = "zstd")]
+    Zstd,
+    /// zstd frame of the content byte-shuffled with stride 4: byte k of every
+    /// 4-byte group first, for k = 0..4, then the `len % 4` tail bytes as is.
+    /// Float weights compress better this way.
+    #[serde(rename = "shuffle4+zstd")]
+    Shuffle4Zstd,
+}
+
+/// The role of an artifact.
+pub mod role {
+    /// The ONNX model.
+    pub const MODEL: &str = "model";
+    /// The portable WASM guest.
+    pub const GUEST: &str = "guest";
+    /// The guest precompiled by wasmtime for one target (see `target`).
+    pub const GUEST_PRECOMPILED: &str = "guest-precompiled";
+    /// The drift baseline (CBOR of [`crate::Baseline`]).
+    pub const DRIFT_BASELINE: &str = "drift-baseline";
+    /// The golden examples (CBOR of `Vec<`[`super::GoldenExample`]`>`).
+    pub const GOLDEN: &str = "golden";
+}
+
+/// One artifact as listed in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// What the artifact is (see [`role`]).
+    pub role: String,
+    /// Media type of the content, e.g. `application/onnx`, `application/wasm`.
+    pub media_type: String,
+    /// How the bytes are stored.
+    pub encoding: Encoding,
+    /// Offset of the stored bytes from the start of the payload.
+    pub offset: u64,
+    /// Stored (compressed) size.
+    pub compressed_size: u64,
+    /// Content (decompressed) size.
+    pub size: u64,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+    /// SHA-256 of the stored bytes, hex: checked before decompression.
+    pub compressed_sha256: String,
+    /// For precompiled guests: the target triple and engine compatibility key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// Element type, shape and name of a model input or output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    /// `f32`, `f64`, `i64`, `i32`, `u8` or `bool`.
+    pub dtype: String,
+    /// Dimensions; `None` is symbolic (the batch dimension).
+    pub shape: Vec<Option<u64>>,
+}
+
+/// What a device checks before accepting an update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// The fleet the bundle is meant for.
+    pub fleet: String,
+    /// The channel within the fleet (e.g. `stable`, `beta`).
+    pub channel: String,
+    /// Increases with every release on a channel; devices refuse lower ones.
+    pub sequence: u64,
+}
+
+/// The model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// `onnx`.
+    pub format: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// The pre/postprocessing pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pipeline {
+    /// `standard` (Ferry's guest, with its version) or `custom`.
+    pub guest: String,
+    /// The JSON configuration passed to `ferry_init` (see `docs/guest-abi.md`).
+    pub config_json: String,
+}
+
+/// Sandbox limits for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GuestLimits {
+    /// Cap on the guest's linear memory.
+    pub memory_bytes: u64,
+    /// Deadline for one guest call.
+    pub timeout_ms: u64,
+}
+
+/// Where the model came from.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Lineage {
+    pub source_commit: Option<String>,
+    /// SHA-256 (hex) of the training data set file.
+    pub dataset_sha256: Option<String>,
+    /// Free-form training metadata, as JSON text.
+    pub training_json: Option<String>,
+}
+
+/// The signed description of a bundle.
+///
+/// Do not reorder or remove fields; add new ones at the end with
+/// `#[serde(default)]` (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u16,
+    pub name: String,
+    pub version: String,
+    pub description: Option<String>,
+    /// Unix seconds; `SOURCE_DATE_EPOCH` when set, for reproducible builds.
+    pub created: u64,
+    /// Oldest runtime version that can run the bundle.
+    pub min_runtime: String,
+    /// Version of the packager that wrote the bundle.
+    pub packager: String,
+    pub release: Release,
+    pub model: ModelInfo,
+    pub pipeline: Pipeline,
+    pub limits: GuestLimits,
+    pub drift: DriftConfig,
+    pub lineage: Lineage,
+    pub artifacts: Vec<Artifact>,
+}
+
+impl Manifest {
+    /// The first artifact with this role.
+    pub fn artifact(&self, role: &str) -> Option<&Artifact> {
+        self.artifacts.iter().find(|a| a.role == role)
+    }
+}
+
+/// A golden example: a request and (a subset of) its expected response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoldenExample {
+    pub name: String,
+    pub content_type: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub input: Vec<u8>,
+    /// Expected response, JSON text; numbers compared within `tolerance`.
+    pub expected_json: String,
+    pub tolerance: f64,
+}
+
+/// Stores byte vectors as CBOR byte strings rather than arrays of integers.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// An artifact's content, before it is stored.
+#[derive(Debug, Clone)]
+pub struct ArtifactInput {
+    pub role: String,
+    pub media_type: String,
+    pub content: Vec<u8>,
+    pub target: Option<String>,
+    /// Try byte-shuffling and keep it when smaller.
+    pub try_shuffle: bool,
+}
+
+/// Encodes a value as CBOR. ciborium writes struct fields in declaration
+/// order, maps in their iteration order (we only use `BTreeMap`) and floats
+/// in their shortest exact form, so equal values give equal bytes.
+pub fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("CBOR encoding into memory cannot fail");
+    out
+}
+
+/// Decodes CBOR.
+pub fn from_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    ciborium::from_reader(bytes).map_err(|e| e.to_string())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Byte-shuffles with stride 4 (see [`Encoding::Shuffle4Zstd`]).
+pub fn shuffle4(data: &[u8]) -> Vec<u8> {
+    let groups = data.len() / 4;
+    let mut out = Vec::with_capacity(data.len());
+    for k in 0..4 {
+        out.extend(data[..groups * 4].iter().skip(k).step_by(4));
+    }
+    out.extend_from_slice(&data[groups * 4..]);
+    out
+}
+
+/// Inverse of [`shuffle4`].
+pub fn unshuffle4(data: &[u8]) -> Vec<u8> {
+    let groups = data.len() / 4;
+    let mut out = vec![0u8; data.len()];
+    for k in 0..4 {
+        for (i, &b) in data[k * groups..(k + 1) * groups].iter().enumerate() {
+            out[i * 4 + k] = b;
+        }
+    }
+    out[groups * 4..].copy_from_slice(&data[groups * 4..]);
+    out
+}
+
+/// Compresses an artifact, choosing the smaller encoding when shuffling is tried.
+pub fn compress(content: &[u8], try_shuffle: bool, level: i32) -> (Encoding, Vec<u8>) {
+    let plain = zstd::bulk::compress(content, level).expect("zstd compression into memory cannot fail");
+    if try_shuffle && content.len() >= 1024 {
+        let shuffled = zstd::bulk::compress(&shuffle4(content), level).expect("zstd compression cannot fail");
+        if shuffled.len() < plain.len() {
+            return (Encoding::Shuffle4Zstd, shuffled);
+        }
+    }
+    (Encoding::Zstd, plain)
+}
+
+/// Writes a signed bundle. `manifest.artifacts` is filled in from `artifacts`.
+pub fn write_bundle(
+    mut manifest: Manifest,
+    artifacts: &[ArtifactInput],
+    signers: &[&SecretKey],
+    level: i32,
+) -> Result<(Manifest, Vec<u8>), BundleError> {
+    if signers.is_empty() {
+        return Err(BundleError::Unsigned);
+    }
+    if signers.len() > MAX_SIGNATURES || artifacts.len() > MAX_ARTIFACTS {
+        return Err(BundleError::BadSize("too many signatures or artifacts".into()));
+    }
+    let mut payload = Vec::new();
+    manifest.format_version = FORMAT_VERSION;
+    manifest.artifacts = artifacts
+        .iter()
+        .map(|a| {
+            let (encoding, stored) = compress(&a.content, a.try_shuffle, level);
+            let entry = Artifact {
+                role: a.role.clone(),
+                media_type: a.media_type.clone(),
+                encoding,
+                offset: payload.len() as u64,
+                compressed_size: stored.len() as u64,
+                size: a.content.len() as u64,
+                sha256: sha256_hex(&a.content),
+                compressed_sha256: sha256_hex(&stored),
+                target: a.target.clone(),
+            };
+            payload.extend_from_slice(&stored);
+            entry
+        })
+        .collect();
+    let out = frame(&manifest, &payload, signers)?;
+    Ok((manifest, out))
+}
+
+/// Encodes a manifest, signs it and frames it with the payload. The
+/// manifest's artifact list must already describe `payload`.
+pub fn frame(manifest: &Manifest, payload: &[u8], signers: &[&SecretKey]) -> Result<Vec<u8>, BundleError> {
+    let manifest_bytes = to_cbor(manifest);
+    if manifest_bytes.len() > MAX_MANIFEST_LEN {
+        return Err(BundleError::BadSize(format!(
+            "manifest is {} bytes, over the {MAX_MANIFEST_LEN}-byte limit",
+            manifest_bytes.len()
+        )));
+    }
+    if signers.len() > MAX_SIGNATURES {
+        return Err(BundleError::BadSize(format!("{} signers, at most {MAX_SIGNATURES}", signers.len())));
+    }
+    let message = signing_message(&manifest_bytes);
+    let mut out = Vec::with_capacity(HEADER_LEN + manifest_bytes.len() + payload.len() + SIGNATURE_ENTRY_LEN * signers.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(signers.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&manifest_bytes);
+    for key in signers {
+        out.extend_from_slice(&key.key_id().0);
+        out.extend_from_slice(&key.sign(&message));
+    }
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+fn signing_message(manifest_bytes: &[u8]) -> Vec<u8> {
+    let mut m = SIGNING_CONTEXT.to_vec();
+    m.extend_from_slice(&Sha256::digest(manifest_bytes));
+    m
+}
+
+/// The framing of a bundle, checked for sizes only.
+#[derive(Debug, Clone)]
+pub struct Framing<'a> {
+    pub manifest_bytes: &'a [u8],
+    pub signatures: Vec<(KeyId, [u8; 64])>,
+    pub payload: &'a [u8],
+}
+
+/// Checks magic, version and that the header's sizes fit the file exactly.
+pub fn parse_framing(bytes: &[u8]) -> Result<Framing<'_>, BundleError> {
+    if bytes.len() < MAGIC.len() {
+        return Err(if MAGIC.starts_with(bytes) { BundleError::Truncated("header") } else { BundleError::BadMagic });
+    }
+    if bytes[..8] != MAGIC {
+        return Err(BundleError::BadMagic);
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(BundleError::Truncated("header"));
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != FORMAT_VERSION {
+        return Err(BundleError::UnsupportedVersion(version));
+    }
+    let sig_count = u16::from_le_bytes([bytes[10], bytes[11]]) as usize;
+    let manifest_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    if sig_count > MAX_SIGNATURES {
+        return Err(BundleError::BadSize(format!("{sig_count} signatures declared, at most {MAX_SIGNATURES}")));
+    }
+    if manifest_len > MAX_MANIFEST_LEN {
+        return Err(BundleError::BadSize(format!("manifest of {manifest_len} bytes declared, at most {MAX_MANIFEST_LEN}")));
+    }
+    let fixed = HEADER_LEN + manifest_len + sig_count * SIGNATURE_ENTRY_LEN;
+    let expected = (fixed as u64).checked_add(payload_len).ok_or_else(|| BundleError::BadSize("payload length".into()))?;
+    let actual = bytes.len() as u64;
+    if actual < expected {
+        return Err(BundleError::Truncated(if actual < fixed as u64 { "manifest or signatures" } else { "payload" }));
+    }
+    if actual > expected {
+        return Err(BundleError::BadSize(format!("{} bytes after the declared end of the bundle", actual - expected)));
+    }
+    let manifest_bytes = &bytes[HEADER_LEN..HEADER_LEN + manifest_len];
+    let signatures = bytes[HEADER_LEN + manifest_len..fixed]
+        .chunks_exact(SIGNATURE_ENTRY_LEN)
+        .map(|c| {
+            let mut id = [0u8; KEY_ID_LEN];
+            id.copy_from_slice(&c[..KEY_ID_LEN]);
+            let mut sig = [0u8; 64];
+            sig.copy_from_slice(&c[KEY_ID_LEN..]);
+            (KeyId(id), sig)
+        })
+        .collect();
+    Ok(Framing { manifest_bytes, signatures, payload: &bytes[fixed..] })
+}
+
+/// Checks the signatures of a framed bundle against a trust policy. Returns
+/// the ids of the trusted keys whose signatures verified.
+pub fn check_signatures(framing: &Framing<'_>, trust: &TrustPolicy) -> Result<Vec<KeyId>, BundleError> {
+    if framing.signatures.is_empty() {
+        return Err(BundleError::Unsigned);
+    }
+    let message = signing_message(framing.manifest_bytes);
+    let mut valid: Vec<KeyId> = Vec::new();
+    let mut untrusted = Vec::new();
+    for (id, sig) in &framing.signatures {
+        let Some(key) = trust.find(id) else {
+            untrusted.push(*id);
+            continue;
+        };
+        let signature = ed25519_dalek::Signature::from_bytes(sig);
+        key.0.verify_strict(&message, &signature).map_err(|_| BundleError::BadSignature(*id))?;
+        if !valid.contains(id) {
+            valid.push(*id);
+        }
+    }
+    if valid.is_empty() {
+        return Err(BundleError::UntrustedKey(untrusted));
+    }
+    if valid.len() < trust.threshold() {
+        return Err(BundleError::BelowThreshold { valid: valid.len(), required: trust.threshold() });
+    }
+    Ok(valid)
+}
+
+/// Parses the manifest and checks every artifact's declared sizes and
+/// offsets against the payload and the limits. Nothing is decompressed.
+pub fn parse_manifest(framing: &Framing<'_>, limits: &ReadLimits) -> Result<Manifest, BundleError> {
+    let manifest: Manifest = from_cbor(framing.manifest_bytes).map_err(BundleError::BadManifest)?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(BundleError::BadManifest(format!(
+            "manifest says format version {}, header says {FORMAT_VERSION}",
+            manifest.format_version
+        )));
+    }
+    if manifest.artifacts.len() > MAX_ARTIFACTS {
+        return Err(BundleError::BadSize(format!("{} artifacts, at most {MAX_ARTIFACTS}", manifest.artifacts.len())));
+    }
+    let mut expected_offset = 0u64;
+    let mut total = 0u64;
+    for a in &manifest.artifacts {
+        if a.offset != expected_offset {
+            return Err(BundleError::BadSize(format!("artifact `{}` is not where the manifest says", a.role)));
+        }
+        expected_offset = a
+            .offset
+            .checked_add(a.compressed_size)
+            .ok_or_else(|| BundleError::BadSize(format!("artifact `{}` size overflows", a.role)))?;
+        if a.size > limits.max_artifact_bytes {
+            return Err(BundleError::BadSize(format!(
+                "artifact `{}` declares {} bytes, over the {}-byte limit",
+                a.role, a.size, limits.max_artifact_bytes
+            )));
+        }
+        total = total.saturating_add(a.size);
+    }
+    if expected_offset != framing.payload.len() as u64 {
+        return Err(BundleError::BadSize(format!(
+            "artifacts cover {expected_offset} bytes, payload is {} bytes",
+            framing.payload.len()
+        )));
+    }
+    if total > limits.max_total_bytes {
+        return Err(BundleError::BadSize(format!(
+            "artifacts total {total} bytes, over the {}-byte limit",
+            limits.max_total_bytes
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Checks an artifact's stored digest, decompresses it into at most its
+/// declared size and checks its content digest.
+pub fn extract_artifact(framing: &Framing<'_>, artifact: &Artifact) -> Result<Vec<u8>, BundleError> {
+    let start = artifact.offset as usize;
+    let stored = &framing.payload[start..start + artifact.compressed_size as usize];
+    if sha256_hex(stored) != artifact.compressed_sha256 {
+        return Err(BundleError::DigestMismatch(artifact.role.clone()));
+    }
+    let declared = artifact.size;
+    let mut decoder =
+        zstd::stream::read::Decoder::new(stored).map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
+    // Read one byte more than declared: if it arrives, the content is larger
+    // than the signed manifest says, and nothing past that was allocated.
+    // Reserve at most 64 MiB up front; a larger (signed, within limits)
+    // declaration grows the buffer only as real bytes arrive.
+    let mut content = Vec::with_capacity(declared.min(64 << 20) as usize);
+    (&mut decoder)
+        .take(declared + 1)
+        .read_to_end(&mut content)
+        .map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
+    if content.len() as u64 != declared {
+        let actual = if content.len() as u64 > declared { format!("more than {declared}") } else { content.len().to_string() };
+        return Err(BundleError::SizeMismatch { name: artifact.role.clone(), declared, actual });
+    }
+    if artifact.encoding == Encoding::Shuffle4Zstd {
+        content = unshuffle4(&content);
+    }
+    if sha256_hex(&content) != artifact.sha256 {
+        return Err(BundleError::DigestMismatch(artifact.role.clone()));
+    }
+    Ok(content)
+}
+
+/// A bundle whose signatures, sizes and digests have all been checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedBundle {
+    pub manifest: Manifest,
+    /// SHA-256 (hex) of the whole bundle file: its identity.
+    pub digest: String,
+    /// Keys whose signatures verified.
+    pub signed_by: Vec<KeyId>,
+    /// Decompressed artifacts, by index in `manifest.artifacts`.
+    pub contents: Vec<Vec<u8>>,
+}
+
+impl VerifiedBundle {
+    /// The content of the first artifact with this role.
+    pub fn content(&self, role: &str) -> Option<&[u8]> {
+        self.manifest.artifacts.iter().position(|a| a.role == role).map(|i| self.contents[i].as_slice())
+    }
+
+    /// Artifacts with this role and their contents.
+    pub fn all(&self, role: &'static str) -> impl Iterator<Item = (&Artifact, &[u8])> {
+        self.manifest.artifacts.iter().zip(&self.contents).filter(move |(a, _)| a.role == role).map(|(a, c)| (a, c.as_slice()))
+    }
+
+    /// The golden examples.
+    pub fn golden(&self) -> Result<Vec<GoldenExample>, BundleError> {
+        match self.content(role::GOLDEN) {
+            None => Ok(Vec::new()),
+            Some(bytes) => from_cbor(bytes).map_err(BundleError::BadManifest),
+        }
+    }
+
+    /// The drift baseline, if the bundle has one.
+    pub fn baseline(&self) -> Result<Option<crate::drift::Baseline>, BundleError> {
+        self.content(role::DRIFT_BASELINE).map(|b| from_cbor(b).map_err(BundleError::BadManifest)).transpose()
+    }
+}
+
+/// Verifies a bundle completely (signatures, sizes, digests) and returns its
+/// decompressed contents.
+pub fn verify(bytes: &[u8], trust: &TrustPolicy, limits: &ReadLimits) -> Result<VerifiedBundle, BundleError> {
+    let framing = parse_framing(bytes)?;
+    let signed_by = check_signatures(&framing, trust)?;
+    let manifest = parse_manifest(&framing, limits)?;
+    check_runtime_version(&manifest.min_runtime)?;
+    let contents = manifest.artifacts.iter().map(|a| extract_artifact(&framing, a)).collect::<Result<Vec<_>, _>>()?;
+    Ok(VerifiedBundle { digest: sha256_hex(bytes), signed_by, manifest, contents })
+}
+
+/// Checks a bundle's framing, sizes and digests but *not* its signatures:
+/// integrity without authenticity. For local analysis tools only (`ferry
+/// drift` without `--pub`); never for running a model from an untrusted source.
+pub fn verify_integrity_only(bytes: &[u8], limits: &ReadLimits) -> Result<VerifiedBundle, BundleError> {
+    let framing = parse_framing(bytes)?;
+    let manifest = parse_manifest(&framing, limits)?;
+    check_runtime_version(&manifest.min_runtime)?;
+    let contents = manifest.artifacts.iter().map(|a| extract_artifact(&framing, a)).collect::<Result<Vec<_>, _>>()?;
+    Ok(VerifiedBundle { digest: sha256_hex(bytes), signed_by: Vec::new(), manifest, contents })
+}
+
+/// Reads the manifest of a bundle *without* checking signatures, for
+/// inspection tools. Framing and sizes are still checked.
+pub fn inspect_unverified(bytes: &[u8], limits: &ReadLimits) -> Result<(Manifest, Vec<KeyId>), BundleError> {
+    let framing = parse_framing(bytes)?;
+    let manifest = parse_manifest(&framing, limits)?;
+    Ok((manifest, framing.signatures.iter().map(|(id, _)| *id).collect()))
+}
+
+/// This runtime's version.
+pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u64>().ok());
+    Some((parts.next()??, parts.next().unwrap_or(Some(0))?, parts.next().unwrap_or(Some(0))?))
+}
+
+fn check_runtime_version(required: &str) -> Result<(), BundleError> {
+    let need = parse_version(required)
+        .ok_or_else(|| BundleError::BadManifest(format!("min_runtime `{required}` is not a version")))?;
+    let have = parse_version(RUNTIME_VERSION).expect("crate version is valid");
+    if need > have {
+        return Err(BundleError::RuntimeTooOld { required: required.to_string(), current: RUNTIME_VERSION.to_string() });
+    }
+    Ok(())
+}
+
+/// Free-form training metadata as the JSON text stored in [`Lineage`].
+pub fn lineage_training(map: &BTreeMap<String, serde_json::Value>) -> Option<String> {
+    (!map.is_empty()).then(|| serde_json::to_string(map).expect("JSON values serialize"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_round_trips_every_length() {
+        for len in 0..40 {
+            let data: Vec<u8> = (0..len as u8).collect();
+            assert_eq!(unshuffle4(&shuffle4(&data)), data, "len {len}");
+        }
+    }
+
+    #[test]
+    fn versions_compare() {
+        assert!(check_runtime_version("0.0.1").is_ok());
+        assert!(check_runtime_version(RUNTIME_VERSION).is_ok());
+        assert!(matches!(check_runtime_version("99.0"), Err(BundleError::RuntimeTooOld { .. })));
+        assert!(matches!(check_runtime_version("x"), Err(BundleError::BadManifest(_))));
+    }
+}

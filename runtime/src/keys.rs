@@ -1,0 +1,174 @@
+//! Signing keys, public keys, key ids and the trust policy.
+//!
+//! Private keys are ed25519 in PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`);
+//! public keys are SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`),
+//! the forms OpenSSL and most KMSes read and write. A *key id* is the first
+//! 8 bytes of the SHA-256 of the raw 32-byte public key, shown in hex.
+
+use ed25519_dalek::pkcs8::spki::{DecodePublicKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+use crate::error::KeyError;
+
+/// Length of a key id in bytes.
+pub const KEY_ID_LEN: usize = 8;
+
+/// Identifies a public key inside a bundle's signature block.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; KEY_ID_LEN]);
+
+impl KeyId {
+    /// The id of a public key.
+    pub fn of(key: &VerifyingKey) -> KeyId {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        KeyId(id)
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+/// A private signing key.
+pub struct SecretKey(SigningKey);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretKey({})", self.key_id())
+    }
+}
+
+impl SecretKey {
+    /// A fresh random key from the operating system's generator.
+    pub fn generate() -> Result<SecretKey, KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(SecretKey(SigningKey::from_bytes(&seed)))
+    }
+
+    /// Parses a PKCS#8 PEM private key.
+    pub fn from_pem(pem: &str) -> Result<SecretKey, KeyError> {
+        SigningKey::from_pkcs8_pem(pem.trim()).map(SecretKey).map_err(|e| KeyError::BadPrivateKey(e.to_string()))
+    }
+
+    /// The key as PKCS#8 PEM.
+    pub fn to_pem(&self) -> String {
+        self.0.to_pkcs8_pem(LineEnding::LF).expect("ed25519 keys always encode").to_string()
+    }
+
+    /// The matching public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// The id of the matching public key.
+    pub fn key_id(&self) -> KeyId {
+        KeyId::of(&self.0.verifying_key())
+    }
+
+    pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
+    }
+}
+
+/// A public key a bundle may be signed with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey(pub(crate) VerifyingKey);
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({})", self.key_id())
+    }
+}
+
+impl PublicKey {
+    /// Parses a SubjectPublicKeyInfo PEM public key.
+    pub fn from_pem(pem: &str) -> Result<PublicKey, KeyError> {
+        VerifyingKey::from_public_key_pem(pem.trim())
+            .map(PublicKey)
+            .map_err(|e| KeyError::BadPublicKey(e.to_string()))
+    }
+
+    /// The key as SubjectPublicKeyInfo PEM.
+    pub fn to_pem(&self) -> String {
+        self.0.to_public_key_pem(LineEnding::LF).expect("ed25519 keys always encode")
+    }
+
+    /// Parses every PEM public key in a text (a key file may hold several).
+    pub fn all_from_pem(text: &str) -> Result<Vec<PublicKey>, KeyError> {
+        const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+        const END: &str = "-----END PUBLIC KEY-----";
+        let mut keys = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find(BEGIN) {
+            let after = &rest[start..];
+            let end = after.find(END).ok_or_else(|| KeyError::BadPublicKey("PEM block is not terminated".into()))?;
+            keys.push(PublicKey::from_pem(&after[..end + END.len()])?);
+            rest = &after[end + END.len()..];
+        }
+        if keys.is_empty() {
+            return Err(KeyError::BadPublicKey(format!("no `{BEGIN}` block found")));
+        }
+        Ok(keys)
+    }
+
+    /// This key's id.
+    pub fn key_id(&self) -> KeyId {
+        KeyId::of(&self.0)
+    }
+}
+
+/// Which signatures a reader accepts: at least `threshold` valid signatures
+/// by distinct keys of `keys`.
+#[derive(Debug, Clone)]
+pub struct TrustPolicy {
+    keys: Vec<PublicKey>,
+    threshold: usize,
+}
+
+impl TrustPolicy {
+    /// Trust these keys; one valid signature by any of them suffices.
+    pub fn new(keys: Vec<PublicKey>) -> Result<TrustPolicy, KeyError> {
+        TrustPolicy::with_threshold(keys, 1)
+    }
+
+    /// Trust these keys, requiring `threshold` valid signatures by distinct ones.
+    pub fn with_threshold(mut keys: Vec<PublicKey>, threshold: usize) -> Result<TrustPolicy, KeyError> {
+        keys.sort_by_key(|k| k.key_id());
+        keys.dedup_by_key(|k| k.key_id());
+        if keys.is_empty() {
+            return Err(KeyError::NoTrustedKeys);
+        }
+        if threshold == 0 || threshold > keys.len() {
+            return Err(KeyError::BadThreshold { threshold, keys: keys.len() });
+        }
+        Ok(TrustPolicy { keys, threshold })
+    }
+
+    /// The trusted keys.
+    pub fn keys(&self) -> &[PublicKey] {
+        &self.keys
+    }
+
+    /// Signatures required.
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
+    pub(crate) fn find(&self, id: &KeyId) -> Option<&PublicKey> {
+        self.keys.iter().find(|k| &k.key_id() == id)
+    }
+}

@@ -1,0 +1,380 @@
+//! The WASM sandbox. The only module that names wasmtime types.
+//!
+//! One [`GuestRuntime`] per loaded bundle owns a wasmtime `Engine` configured
+//! once here (epoch interruption for deadlines, a resource limiter for
+//! memory), the compiled module and a pre-linked `InstancePre`. Calls borrow
+//! a configured instance from a small pool; an instance that trapped, timed
+//! out or ran out of memory is dropped, never reused, so one bad request
+//! cannot poison the next.
+//!
+//! What the guest gets from WASI preview 1: nothing it could use to escape.
+//! No preopened directories (every path operation fails), no environment
+//! variables, no arguments, an empty stdin, and stdout/stderr discarded.
+//! Clocks and random numbers are available (Rust's std needs them).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter, Store, Trap, TypedFunc};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+use crate::error::GuestError;
+use ferry_guest_abi::{ABI_VERSION, STATUS_BAD_INPUT, STATUS_OK};
+
+/// Period of the epoch ticker. Deadlines are enforced to this resolution;
+/// 10 ms keeps an idle device's wake-ups rare while stopping a runaway guest
+/// well within any sensible timeout.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Most idle instances kept per guest. Each holds the guest's memory (a few
+/// MiB for the standard guest), so the pool is small; concurrent calls past it
+/// instantiate fresh instances (tens of microseconds).
+pub const MAX_POOLED_INSTANCES: usize = 8;
+/// Cap on wasm tables (function pointers); generous for any real guest.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// The wasmtime configuration every guest runs under. The packager uses the
+/// same one to precompile, so precompiled artifacts are compatible.
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.cranelift_opt_level(OptLevel::Speed);
+    config
+}
+
+/// Creates an engine, for `target` (a target triple) or the host.
+fn engine_for(target: Option<&str>) -> Result<Engine, GuestError> {
+    let mut config = engine_config();
+    if let Some(t) = target {
+        config.target(t).map_err(|e| GuestError::Compile(format!("unknown target `{t}`: {e}")))?;
+    }
+    Engine::new(&config).map_err(|e| GuestError::Compile(e.to_string()))
+}
+
+/// The key under which a precompiled guest is stored: the target triple and
+/// a hash of everything wasmtime requires to match (version, settings, CPU
+/// features). The runtime uses a precompiled guest only when its own key is
+/// equal; otherwise it compiles the portable module.
+pub fn compatibility_key(target: Option<&str>) -> Result<String, GuestError> {
+    use std::hash::{Hash, Hasher};
+    let engine = engine_for(target)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let triple = target.map(str::to_string).unwrap_or_else(host_triple);
+    Ok(format!("{triple}:wasmtime-48:{:016x}", h.finish()))
+}
+
+fn host_triple() -> String {
+    format!("{}-unknown-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
+/// Compiles a guest ahead of time for a target; returns the artifact bytes
+/// and the compatibility key to store beside them.
+pub fn precompile(wasm: &[u8], target: Option<&str>) -> Result<(Vec<u8>, String), GuestError> {
+    let engine = engine_for(target)?;
+    let bytes = engine.precompile_module(wasm).map_err(|e| GuestError::Compile(e.to_string()))?;
+    Ok((bytes, compatibility_key(target)?))
+}
+
+/// Checks that bytes are a compilable WebAssembly module exporting the ABI,
+/// without running anything.
+pub fn validate(wasm: &[u8]) -> Result<(), GuestError> {
+    let engine = engine_for(None)?;
+    let module = Module::new(&engine, wasm).map_err(|e| GuestError::Compile(e.to_string()))?;
+    check_exports(&module)
+}
+
+const REQUIRED_EXPORTS: [&str; 8] = [
+    "memory",
+    "ferry_abi_version",
+    "ferry_alloc",
+    "ferry_init",
+    "ferry_preprocess",
+    "ferry_postprocess",
+    "ferry_result_ptr",
+    "ferry_result_len",
+];
+
+fn check_exports(module: &Module) -> Result<(), GuestError> {
+    for name in REQUIRED_EXPORTS {
+        if module.get_export(name).is_none() {
+            return Err(GuestError::Abi(format!("missing export `{name}`")));
+        }
+    }
+    Ok(())
+}
+
+/// Limits of one guest.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxLimits {
+    pub memory_bytes: u64,
+    pub timeout_ms: u64,
+}
+
+struct StoreState {
+    wasi: WasiP1Ctx,
+    limiter: Limiter,
+}
+
+struct Limiter {
+    memory_bytes: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.hit = true;
+            // An error traps the guest at once: a guest that ignores a failed
+            // grow and retries in a loop must not spin until its deadline.
+            return Err(wasmtime::Error::msg("memory limit reached"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+struct Instance {
+    store: Store<StoreState>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    preprocess: TypedFunc<(i32, i32, i32, i32), i32>,
+    postprocess: TypedFunc<(i32, i32), i32>,
+    result_ptr: TypedFunc<(), i32>,
+    result_len: TypedFunc<(), i32>,
+}
+
+/// A compiled guest, ready to serve calls from many threads.
+pub struct GuestRuntime {
+    engine: Engine,
+    pre: InstancePre<StoreState>,
+    config_json: Arc<[u8]>,
+    limits: SandboxLimits,
+    pool: Mutex<Vec<Instance>>,
+    /// Whether a precompiled artifact was used (for diagnostics).
+    pub used_precompiled: bool,
+}
+
+impl std::fmt::Debug for GuestRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRuntime").field("limits", &self.limits).field("used_precompiled", &self.used_precompiled).finish()
+    }
+}
+
+impl GuestRuntime {
+    /// Compiles `wasm` (or loads one of `precompiled`, `(key, bytes)`, when
+    /// its key matches this host), links WASI, and creates and configures a
+    /// first instance, so configuration errors surface here, not on the
+    /// first request.
+    pub fn new(
+        wasm: &[u8],
+        precompiled: &[(&str, &[u8])],
+        config_json: &[u8],
+        limits: SandboxLimits,
+    ) -> Result<GuestRuntime, GuestError> {
+        let engine = engine_for(None)?;
+        let own_key = compatibility_key(None)?;
+        let mut used_precompiled = false;
+        let mut module = None;
+        for (key, bytes) in precompiled {
+            if *key == own_key && Engine::detect_precompiled(bytes).is_some() {
+                // SAFETY: the bytes come from a bundle whose signature and
+                // digests were verified: they are the output of
+                // `Engine::precompile_module` by a packager the operator
+                // trusts, and the compatibility key matches this engine.
+                // wasmtime additionally checks its own version and settings
+                // header and refuses a mismatch.
+                if let Ok(m) = unsafe { Module::deserialize(&engine, bytes) } {
+                    module = Some(m);
+                    used_precompiled = true;
+                    break;
+                }
+            }
+        }
+        let module = match module {
+            Some(m) => m,
+            None => Module::new(&engine, wasm).map_err(|e| GuestError::Compile(e.to_string()))?,
+        };
+        check_exports(&module)?;
+        let mut linker: Linker<StoreState> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s| &mut s.wasi)
+            .map_err(|e| GuestError::Compile(e.to_string()))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| GuestError::Abi(format!("cannot link the guest's imports: {e}")))?;
+        start_ticker(&engine);
+        let runtime = GuestRuntime {
+            engine,
+            pre,
+            config_json: config_json.into(),
+            limits,
+            pool: Mutex::new(Vec::new()),
+            used_precompiled,
+        };
+        let first = runtime.instantiate()?;
+        runtime.pool.lock().unwrap().push(first);
+        Ok(runtime)
+    }
+
+    fn new_store(&self) -> Store<StoreState> {
+        let wasi = WasiCtxBuilder::new().build_p1();
+        let limiter = Limiter { memory_bytes: self.limits.memory_bytes as usize, hit: false };
+        let mut store = Store::new(&self.engine, StoreState { wasi, limiter });
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        self.limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1) + 1
+    }
+
+    fn instantiate(&self) -> Result<Instance, GuestError> {
+        let mut store = self.new_store();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let instance = self.pre.instantiate(&mut store).map_err(|e| self.classify(&store, e))?;
+        let func = |name: &str| GuestError::Abi(format!("export `{name}` has the wrong type"));
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            init.call(&mut store, ()).map_err(|e| self.classify(&store, e))?;
+        }
+        let version = instance
+            .get_typed_func::<(), i32>(&mut store, "ferry_abi_version")
+            .map_err(|_| func("ferry_abi_version"))?
+            .call(&mut store, ())
+            .map_err(|e| self.classify(&store, e))?;
+        if version != ABI_VERSION {
+            return Err(GuestError::Abi(format!("guest speaks ABI version {version}, this runtime speaks {ABI_VERSION}")));
+        }
+        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| func("memory"))?;
+        let mut inst = Instance {
+            memory,
+            alloc: instance.get_typed_func(&mut store, "ferry_alloc").map_err(|_| func("ferry_alloc"))?,
+            preprocess: instance.get_typed_func(&mut store, "ferry_preprocess").map_err(|_| func("ferry_preprocess"))?,
+            postprocess: instance.get_typed_func(&mut store, "ferry_postprocess").map_err(|_| func("ferry_postprocess"))?,
+            result_ptr: instance.get_typed_func(&mut store, "ferry_result_ptr").map_err(|_| func("ferry_result_ptr"))?,
+            result_len: instance.get_typed_func(&mut store, "ferry_result_len").map_err(|_| func("ferry_result_len"))?,
+            store,
+        };
+        let init: TypedFunc<(i32, i32), i32> =
+            instance.get_typed_func(&mut inst.store, "ferry_init").map_err(|_| func("ferry_init"))?;
+        let config = self.config_json.clone();
+        let (ptr, len) = self.write_input(&mut inst, &config)?;
+        let status = init.call(&mut inst.store, (ptr, len)).map_err(|e| self.classify(&inst.store, e))?;
+        if status != STATUS_OK {
+            let message = String::from_utf8_lossy(&self.read_result(&mut inst)?).into_owned();
+            return Err(GuestError::Config(message));
+        }
+        Ok(inst)
+    }
+
+    fn classify(&self, store: &Store<StoreState>, error: wasmtime::Error) -> GuestError {
+        if store.data().limiter.hit {
+            return GuestError::OutOfMemory(self.limits.memory_bytes);
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => GuestError::Timeout(self.limits.timeout_ms),
+            Some(trap) => GuestError::Trap(trap.to_string()),
+            None => GuestError::Trap(format!("{error:#}")),
+        }
+    }
+
+    fn write_input(&self, inst: &mut Instance, data: &[u8]) -> Result<(i32, i32), GuestError> {
+        let len = i32::try_from(data.len()).map_err(|_| GuestError::BadInput("request is larger than 2 GiB".into()))?;
+        let ptr = inst.alloc.call(&mut inst.store, len).map_err(|e| self.classify(&inst.store, e))?;
+        if ptr == 0 && len > 0 {
+            return Err(GuestError::OutOfMemory(self.limits.memory_bytes));
+        }
+        inst.memory
+            .write(&mut inst.store, ptr as u32 as usize, data)
+            .map_err(|_| GuestError::Abi("ferry_alloc returned memory outside the guest's memory".into()))?;
+        Ok((ptr, len))
+    }
+
+    fn read_result(&self, inst: &mut Instance) -> Result<Vec<u8>, GuestError> {
+        let ptr = inst.result_ptr.call(&mut inst.store, ()).map_err(|e| self.classify(&inst.store, e))? as u32 as usize;
+        let len = inst.result_len.call(&mut inst.store, ()).map_err(|e| self.classify(&inst.store, e))? as u32 as usize;
+        let data = inst.memory.data(&inst.store);
+        data.get(ptr..ptr.saturating_add(len))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| GuestError::Abi("result lies outside the guest's memory".into()))
+    }
+
+    /// Runs a call on a pooled instance; an instance whose call failed with a
+    /// trap is discarded.
+    fn with_instance<T>(
+        &self,
+        f: impl FnOnce(&Self, &mut Instance) -> Result<T, GuestError>,
+    ) -> Result<T, GuestError> {
+        let pooled = self.pool.lock().unwrap().pop();
+        let mut inst = match pooled {
+            Some(i) => i,
+            None => self.instantiate()?,
+        };
+        inst.store.set_epoch_deadline(self.deadline_ticks());
+        let result = f(self, &mut inst);
+        let reusable = match &result {
+            Ok(_) => true,
+            Err(e) => matches!(e, GuestError::BadInput(_) | GuestError::Failed(_)),
+        };
+        if reusable {
+            let mut pool = self.pool.lock().unwrap();
+            if pool.len() < MAX_POOLED_INSTANCES {
+                pool.push(inst);
+            }
+        }
+        result
+    }
+
+    fn finish(&self, inst: &mut Instance, status: i32) -> Result<Vec<u8>, GuestError> {
+        let out = self.read_result(inst)?;
+        match status {
+            STATUS_OK => Ok(out),
+            STATUS_BAD_INPUT => Err(GuestError::BadInput(String::from_utf8_lossy(&out).into_owned())),
+            _ => Err(GuestError::Failed(String::from_utf8_lossy(&out).into_owned())),
+        }
+    }
+
+    /// Preprocessing: request → encoded tensor set.
+    pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, GuestError> {
+        self.with_instance(|this, inst| {
+            let mut input = Vec::with_capacity(content_type.len() + body.len());
+            input.extend_from_slice(content_type.as_bytes());
+            input.extend_from_slice(body);
+            let (ptr, _) = this.write_input(inst, &input)?;
+            let ct_len = content_type.len() as i32;
+            let status = inst
+                .preprocess
+                .call(&mut inst.store, (ptr, ct_len, ptr.wrapping_add(ct_len), body.len() as i32))
+                .map_err(|e| this.classify(&inst.store, e))?;
+            this.finish(inst, status)
+        })
+    }
+
+    /// Postprocessing: encoded tensor set → response JSON.
+    pub fn postprocess(&self, outputs: &[u8]) -> Result<Vec<u8>, GuestError> {
+        self.with_instance(|this, inst| {
+            let (ptr, len) = this.write_input(inst, outputs)?;
+            let status = inst.postprocess.call(&mut inst.store, (ptr, len)).map_err(|e| this.classify(&inst.store, e))?;
+            this.finish(inst, status)
+        })
+    }
+}
+
+/// Starts a thread that advances the engine's epoch every [`EPOCH_TICK`]
+/// for as long as the engine lives.
+fn start_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("ferry-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("cannot start the epoch thread");
+}

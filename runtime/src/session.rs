@@ -1,0 +1,241 @@
+//! The inference pipeline: request → guest preprocess (sandbox) → tensors →
+//! model (tract) → tensors → guest postprocess → response JSON.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_guest_abi::{Features, Tensor, TensorSet};
+
+use crate::bundle::{self, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
+use crate::error::{BundleError, Error, GuestError};
+use crate::golden::{Mismatch, compare_json};
+use crate::keys::TrustPolicy;
+use crate::model::Model;
+use crate::sandbox::{GuestRuntime, SandboxLimits};
+
+/// What an observer sees of one inference.
+#[derive(Debug)]
+pub struct Observation<'a> {
+    /// The request's feature values, as the guest extracted them.
+    pub features: Option<&'a Features>,
+    /// The model's outputs.
+    pub outputs: &'a [Tensor],
+    /// Time from request to response.
+    pub latency: Duration,
+}
+
+/// Sees every successful inference (telemetry, drift). Called on the
+/// inference thread after the response is ready: keep it short (push to a
+/// channel or a buffer). A session without an observer pays nothing for it.
+pub trait Observer: Send + Sync {
+    fn observe(&self, observation: &Observation<'_>);
+}
+
+/// How long each loading step took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadTimings {
+    pub verify: Duration,
+    pub guest: Duration,
+    pub model: Duration,
+    pub total: Duration,
+}
+
+/// A loaded bundle, ready to serve. Cheap to share across threads (`&self`).
+pub struct Session {
+    manifest: Manifest,
+    digest: String,
+    golden: Vec<GoldenExample>,
+    baseline: Option<crate::drift::Baseline>,
+    guest: GuestRuntime,
+    model: Model,
+    observer: Option<Arc<dyn Observer>>,
+    timings: LoadTimings,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("name", &self.manifest.name).field("digest", &self.digest).finish()
+    }
+}
+
+/// Result of one golden example.
+#[derive(Debug, Clone)]
+pub struct GoldenOutcome {
+    pub name: String,
+    /// Empty when the example passed.
+    pub mismatches: Vec<Mismatch>,
+    /// Set when the pipeline failed instead of answering.
+    pub error: Option<String>,
+}
+
+impl GoldenOutcome {
+    pub fn passed(&self) -> bool {
+        self.mismatches.is_empty() && self.error.is_none()
+    }
+}
+
+/// The guest of a bundle alone, for extracting features (drift, baselines)
+/// without loading the model.
+pub struct Preprocessor {
+    guest: GuestRuntime,
+}
+
+impl std::fmt::Debug for Preprocessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preprocessor").finish()
+    }
+}
+
+impl Preprocessor {
+    /// Compiles the bundle's guest.
+    pub fn from_verified(bundle: &VerifiedBundle) -> Result<Preprocessor, Error> {
+        Ok(Preprocessor { guest: guest_of(bundle)? })
+    }
+
+    /// The tensors and features of a request.
+    pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<TensorSet, Error> {
+        decode_preprocessed(&self.guest.preprocess(content_type, body)?)
+    }
+}
+
+fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
+    let m = &bundle.manifest;
+    let wasm = bundle.content(role::GUEST).ok_or(BundleError::MissingArtifact(role::GUEST))?;
+    let precompiled: Vec<(&str, &[u8])> =
+        bundle.all(role::GUEST_PRECOMPILED).filter_map(|(a, c)| a.target.as_deref().map(|t| (t, c))).collect();
+    let limits = SandboxLimits { memory_bytes: m.limits.memory_bytes, timeout_ms: m.limits.timeout_ms };
+    Ok(GuestRuntime::new(wasm, &precompiled, m.pipeline.config_json.as_bytes(), limits)?)
+}
+
+fn decode_preprocessed(encoded: &[u8]) -> Result<TensorSet, Error> {
+    TensorSet::decode(encoded)
+        .map_err(|e| GuestError::Failed(format!("preprocess returned an invalid tensor set: {e}")).into())
+}
+
+impl Session {
+    /// Verifies a bundle and loads it.
+    pub fn load(bytes: &[u8], trust: &TrustPolicy) -> Result<Session, Error> {
+        let start = Instant::now();
+        let bundle = bundle::verify(bytes, trust, &ReadLimits::default())?;
+        let verify = start.elapsed();
+        let mut session = Session::from_verified(bundle)?;
+        session.timings.verify = verify;
+        session.timings.total = start.elapsed();
+        Ok(session)
+    }
+
+    /// Loads a bundle that was already verified.
+    pub fn from_verified(bundle: VerifiedBundle) -> Result<Session, Error> {
+        let start = Instant::now();
+        let onnx = bundle.content(role::MODEL).ok_or(BundleError::MissingArtifact(role::MODEL))?;
+        // Guest compilation and model optimisation are independent: overlap them.
+        let (guest, guest_time, model, model_time) = std::thread::scope(|s| {
+            let model_thread = s.spawn(|| {
+                let t = Instant::now();
+                (Model::load(onnx), t.elapsed())
+            });
+            let t = Instant::now();
+            let guest = guest_of(&bundle);
+            let guest_time = t.elapsed();
+            let (model, model_time) = model_thread.join().expect("model loading panicked");
+            (guest, guest_time, model, model_time)
+        });
+        let model = model?;
+        let guest = guest?;
+        let golden = bundle.golden()?;
+        let baseline = bundle.baseline()?;
+        Ok(Session {
+            manifest: bundle.manifest,
+            digest: bundle.digest,
+            golden,
+            baseline,
+            guest,
+            model,
+            observer: None,
+            timings: LoadTimings { verify: Duration::ZERO, guest: guest_time, model: model_time, total: start.elapsed() },
+        })
+    }
+
+    /// Attaches an observer that sees every successful inference.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Session {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The bundle's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// SHA-256 of the bundle file, hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The drift baseline carried by the bundle.
+    pub fn baseline(&self) -> Option<&crate::drift::Baseline> {
+        self.baseline.as_ref()
+    }
+
+    /// How long loading took.
+    pub fn timings(&self) -> LoadTimings {
+        self.timings
+    }
+
+    /// Whether the guest was loaded from a precompiled artifact.
+    pub fn used_precompiled_guest(&self) -> bool {
+        self.guest.used_precompiled
+    }
+
+    /// Runs preprocessing only: the tensors and features of a request.
+    pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<TensorSet, Error> {
+        decode_preprocessed(&self.guest.preprocess(content_type, body)?)
+    }
+
+    /// Runs the whole pipeline on a request and returns the JSON response.
+    pub fn infer(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
+        let start = Instant::now();
+        let set = self.preprocess(content_type, body)?;
+        let outputs = self.model.run(&set.tensors)?;
+        let encoded = TensorSet { tensors: outputs, features: None }.encode();
+        let response = self.guest.postprocess(&encoded)?;
+        if let Some(observer) = &self.observer {
+            // Decoding again is cheaper than cloning the tensors on every
+            // call when nobody observes.
+            let outputs = TensorSet::decode(&encoded).map(|s| s.tensors).unwrap_or_default();
+            observer.observe(&Observation { features: set.features.as_ref(), outputs: &outputs, latency: start.elapsed() });
+        }
+        Ok(response)
+    }
+
+    /// Runs the model alone on tensors (no guest), for benchmarks and tools.
+    pub fn run_model(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>, Error> {
+        Ok(self.model.run(tensors)?)
+    }
+
+    /// Runs every golden example carried by the bundle.
+    pub fn check_golden(&self) -> Vec<GoldenOutcome> {
+        self.golden.iter().map(|g| self.check_example(g)).collect()
+    }
+
+    /// Runs one golden example.
+    pub fn check_example(&self, g: &GoldenExample) -> GoldenOutcome {
+        let outcome = |mismatches, error| GoldenOutcome { name: g.name.clone(), mismatches, error };
+        let expected: serde_json::Value = match serde_json::from_str(&g.expected_json) {
+            Ok(v) => v,
+            Err(e) => return outcome(vec![], Some(format!("expected output is not JSON: {e}"))),
+        };
+        match self.infer(&g.content_type, &g.input) {
+            Err(e) => outcome(vec![], Some(e.to_string())),
+            Ok(body) => match serde_json::from_slice::<serde_json::Value>(&body) {
+                Err(e) => outcome(vec![], Some(format!("response is not JSON: {e}"))),
+                Ok(actual) => outcome(compare_json(&expected, &actual, g.tolerance), None),
+            },
+        }
+    }
+
+    /// Names of model outputs left out because of their element type.
+    pub fn dropped_outputs(&self) -> &[String] {
+        self.model.dropped_outputs()
+    }
+}

@@ -1,0 +1,93 @@
+//! Shared helpers: example paths, a minimal valid bundle.
+
+use std::path::PathBuf;
+
+use ferry_runtime as rt;
+
+pub fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// A guest written in WAT that implements the ABI. `ferry_preprocess`
+/// dispatches on the first byte of the content type:
+/// `o` ok (an empty tensor set), `l` loop forever, `m` grow memory without
+/// bound, `f` try to open a file, `e` read the environment, `t` trap.
+pub const TEST_GUEST: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $rptr (mut i32) (i32.const 0))
+  (global $rlen (mut i32) (i32.const 0))
+  (data (i32.const 64) "FTS1\00\00\00\00")
+  (data (i32.const 80) "denied")
+  (data (i32.const 96) "{}")
+  (data (i32.const 112) "/etc/passwd")
+  (func (export "ferry_abi_version") (result i32) (i32.const 1))
+  (func (export "ferry_alloc") (param i32) (result i32) (i32.const 4096))
+  (func (export "ferry_init") (param i32 i32) (result i32) (i32.const 0))
+  (func $result (param i32 i32) (global.set $rptr (local.get 0)) (global.set $rlen (local.get 1)))
+  (func (export "ferry_result_ptr") (result i32) (global.get $rptr))
+  (func (export "ferry_result_len") (result i32) (global.get $rlen))
+  (func (export "ferry_postprocess") (param i32 i32) (result i32)
+    (call $result (i32.const 96) (i32.const 2)) (i32.const 0))
+  (func (export "ferry_preprocess") (param $ct i32) (param $ctlen i32) (param $body i32) (param $len i32) (result i32)
+    (local $c i32)
+    (local.set $c (i32.load8_u (local.get $ct)))
+    ;; o: ok
+    (if (i32.eq (local.get $c) (i32.const 111)) (then
+      (call $result (i32.const 64) (i32.const 8)) (return (i32.const 0))))
+    ;; l: loop forever
+    (if (i32.eq (local.get $c) (i32.const 108)) (then (loop $l (br $l))))
+    ;; m: grow memory until stopped, ignoring failures
+    (if (i32.eq (local.get $c) (i32.const 109)) (then
+      (loop $l (drop (memory.grow (i32.const 16))) (br $l))))
+    ;; f: every descriptor a path could be opened under must be refused
+    (if (i32.eq (local.get $c) (i32.const 102)) (then
+      (if (i32.eqz (call $prestat (i32.const 3) (i32.const 2048))) (then unreachable))
+      (if (i32.eqz (call $path_open (i32.const 3) (i32.const 0) (i32.const 112) (i32.const 11)
+                    (i32.const 0) (i64.const 2) (i64.const 2) (i32.const 0) (i32.const 2048)))
+        (then unreachable))
+      (call $result (i32.const 80) (i32.const 6)) (return (i32.const 2))))
+    ;; e: environment and arguments must be empty
+    (if (i32.eq (local.get $c) (i32.const 101)) (then
+      (drop (call $env_sizes (i32.const 2048) (i32.const 2052)))
+      (if (i32.load (i32.const 2048)) (then unreachable))
+      (drop (call $args_sizes (i32.const 2048) (i32.const 2052)))
+      (if (i32.load (i32.const 2048)) (then unreachable))
+      (call $result (i32.const 80) (i32.const 6)) (return (i32.const 2))))
+    unreachable)
+)
+"#;
+
+/// Builds a small signed bundle with the test guest and the iris model.
+pub fn small_bundle(signers: &[&rt::SecretKey]) -> Vec<u8> {
+    let onnx = std::fs::read(examples().join("iris/model.onnx")).unwrap();
+    let artifacts = vec![
+        rt::ArtifactInput { role: rt::role::MODEL.into(), media_type: "application/onnx".into(), content: onnx, target: None, try_shuffle: true },
+        rt::ArtifactInput { role: rt::role::GUEST.into(), media_type: "application/wasm".into(), content: TEST_GUEST.as_bytes().to_vec(), target: None, try_shuffle: false },
+    ];
+    rt::write_bundle(manifest(), &artifacts, signers, 3).unwrap().1
+}
+
+pub fn manifest() -> rt::Manifest {
+    rt::Manifest {
+        format_version: rt::FORMAT_VERSION,
+        name: "test".into(),
+        version: "1".into(),
+        description: None,
+        created: 0,
+        min_runtime: "0.1.0".into(),
+        packager: "tests".into(),
+        release: rt::Release { fleet: "f".into(), channel: "c".into(), sequence: 1 },
+        model: rt::ModelInfo { format: "onnx".into(), inputs: vec![], outputs: vec![] },
+        pipeline: rt::Pipeline { guest: "custom".into(), config_json: "{}".into() },
+        limits: rt::GuestLimits { memory_bytes: 16 << 20, timeout_ms: 100 },
+        drift: rt::DriftConfig::default(),
+        lineage: rt::Lineage::default(),
+        artifacts: vec![],
+    }
+}
