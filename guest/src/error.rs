@@ -32,6 +32,15 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The message, owned.
+    pub fn into_message(self) -> String {
+        match self {
+            Error::BadInput(m) | Error::Internal(m) => m,
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.message())

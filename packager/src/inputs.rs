@@ -129,6 +129,19 @@ pub struct FeatureRows {
 }
 
 impl FeatureRows {
+    /// For each feature of `wanted` (the baseline's order), its index in
+    /// these rows.
+    pub fn order_for(&self, wanted: &[(String, ferry_runtime::DriftKind)]) -> Result<Vec<usize>> {
+        wanted
+            .iter()
+            .map(|(name, _)| {
+                self.names.iter().position(|(n, _)| n == name).ok_or_else(|| {
+                    anyhow::anyhow!("the data has no feature `{name}`, which the baseline has")
+                })
+            })
+            .collect()
+    }
+
     fn absorb(&mut self, set: TensorSet, source: &str) -> Result<()> {
         let Some(f) = set.features else {
             bail!("the guest returned no features for {source}: drift needs features (see docs/guest-abi.md)");

@@ -313,10 +313,12 @@ fn drift(a: DriftArgs) -> Result<()> {
     let kind = inputs::pipeline_kind(&bundle.manifest);
     let current = inputs::collect_features(&pre, &a.data, kind, &bundle.manifest)?;
     let mut sample = rt::CurrentSample::new(&baseline, usize::MAX);
+    let order = current.order_for(sample.features())?;
     for row in &current.rows {
-        sample.push_row(&current.names, row);
+        let ordered: Vec<rt::DriftValue> = order.iter().map(|&i| rt::drift_value(&row[i])).collect();
+        sample.push_row(&ordered)?;
     }
-    let report = rt::compare(&baseline, &sample, &bundle.manifest.drift);
+    let report = rt::compare(&baseline, &sample, &bundle.manifest.drift)?;
     output::print_drift(&report, a.json);
     if a.fail_on_drift && report.dataset_drifted {
         return Err(fail(exit::DRIFT, anyhow::anyhow!("data set drifted")));

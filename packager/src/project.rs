@@ -364,11 +364,13 @@ impl PackArgs {
                 Some(steps.run("baseline", "computing the drift baseline", || {
                     let rows = inputs::collect_features(&|ct, body| session.preprocess(ct, body), &path, &kind, &manifest)
                         .with_context(|| format!("cannot compute the drift baseline from {}", path.display()))?;
-                    let mut builder = rt::BaselineBuilder::new(&rows.names);
+                    let mut builder = rt::BaselineBuilder::new(rows.names.iter().map(|(n, k)| (n.clone(), rt::DriftKind::from(*k))))?;
                     for row in &rows.rows {
-                        builder.push_row(row);
+                        builder.push_row(&row.iter().map(rt::drift_value).collect::<Vec<_>>())?;
                     }
-                    Ok(builder.finish())
+                    let baseline = builder.finish();
+                    manifest.drift.validate(&baseline).context("[drift] in ferry.toml does not fit the baseline")?;
+                    Ok(baseline)
                 })?)
             }
         };

@@ -65,6 +65,11 @@ pub const MAX_SIGNATURES: usize = 32;
 /// Most artifacts in one bundle (model, guest, precompiled guests, baseline, goldens).
 pub const MAX_ARTIFACTS: usize = 64;
 
+/// Most bytes reserved before decompressing an artifact. A larger (signed,
+/// within limits) declaration grows the buffer only as real bytes arrive, so
+/// a lying manifest cannot make the reader reserve gigabytes up front.
+pub const MAX_UPFRONT_RESERVE: u64 = 64 << 20;
+
 /// Limits a reader applies to the decompressed contents.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
@@ -541,9 +546,7 @@ pub fn extract_artifact(framing: &Framing<'_>, artifact: &Artifact) -> Result<Ve
         zstd::stream::read::Decoder::new(stored).map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
     // Read one byte more than declared: if it arrives, the content is larger
     // than the signed manifest says, and nothing past that was allocated.
-    // Reserve at most 64 MiB up front; a larger (signed, within limits)
-    // declaration grows the buffer only as real bytes arrive.
-    let mut content = Vec::with_capacity(declared.min(64 << 20) as usize);
+    let mut content = Vec::with_capacity(declared.min(MAX_UPFRONT_RESERVE) as usize);
     (&mut decoder)
         .take(declared + 1)
         .read_to_end(&mut content)
@@ -632,7 +635,10 @@ pub fn inspect_unverified(bytes: &[u8], limits: &ReadLimits) -> Result<(Manifest
 pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
-    let mut parts = v.trim().split('.').map(|p| p.parse::<u64>().ok());
+    // A pre-release or build suffix (`1.2.0-beta.1`, `1.2.0+abc`) does not
+    // change which features the runtime has: compare the numbers only.
+    let core = v.trim().split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
     Some((parts.next()??, parts.next().unwrap_or(Some(0))?, parts.next().unwrap_or(Some(0))?))
 }
 

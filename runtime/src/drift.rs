@@ -25,7 +25,10 @@
 //!   then exact); otherwise the 2049 quantiles at p = k/2048, k = 0..=2048
 //!   (same linear interpolation), and the reference distribution is the
 //!   continuous one whose CDF interpolates linearly between these knots
-//!   (F(q_k) = k/2048). Size: at most 2049 f64 per numeric feature.
+//!   (F(q_k) = k/2048). Size: at most 2049 f64 per numeric feature. Against
+//!   scipy on the raw values, the tests measure errors of at most 0.9 %
+//!   relative for the Wasserstein distance (largest for heavy tails, where
+//!   the last knot interval is wide) and 3·10⁻⁴ for the KS statistic.
 //!
 //! Categorical feature ([`CategoricalBaseline`]): `n`, `missing` and the count
 //! of every category (`BTreeMap<String, u64>`).
@@ -38,15 +41,19 @@
 //!   divergence), natural log, as `scipy.spatial.distance.jensenshannon`, on
 //!   the same bins / categories, without flooring.
 //! - `ks_statistic`, `ks_pvalue` (numeric): two-sample Kolmogorov–Smirnov,
-//!   two-sided, as `scipy.stats.ks_2samp(ref, cur)` (method "auto"): the exact
-//!   distribution when max(n, m) ≤ 10 000 (and, unlike scipy, the exact
-//!   lattice-path computation needs at most 2·10⁷ cells; beyond that, only
-//!   reached when the p-value is astronomically small, the asymptotic one is
-//!   used), otherwise scipy's "asymp": `kstwo.sf(D, round(n·m/(n+m)))` — the
-//!   exact one-sample Kolmogorov distribution, computed with the algorithms
-//!   and switch-over points scipy uses (Simard & L'Ecuyer). With a
-//!   quantile sketch the statistic is taken against the sketch's CDF and the
-//!   p-value uses n = baseline `n`.
+//!   two-sided, as `scipy.stats.ks_2samp(ref, cur)` with its default method
+//!   "auto": the exact distribution (Hodges' lattice paths) when
+//!   max(n, m) ≤ 10 000, otherwise scipy's "asymp", which is
+//!   `kstwo.sf(D, round(n·m/(n+m)))` — the one-sample Kolmogorov
+//!   distribution, computed with the algorithms and switch-over points scipy
+//!   uses (Durbin matrix, Pomeranz, Pelz–Good, Smirnov; Simard & L'Ecuyer),
+//!   *not* the limiting Kolmogorov distribution. One deviation from scipy:
+//!   the exact computation costs ~2·D·n·m lattice cells (~1.5 ns each), so
+//!   above 2.5·10⁶ cells the "asymp" value is used instead. With a reference
+//!   of ≤ 2048 values that only happens for p < 1e-5; for larger (sketched)
+//!   references and windows near 10 000 rows it can happen at any p (the two
+//!   then differ by about 1 %). With a quantile sketch the statistic is
+//!   taken against the sketch's CDF and the p-value uses n = baseline `n`.
 //! - `wasserstein` (numeric): 1-D Wasserstein-1 distance
 //!   (`scipy.stats.wasserstein_distance`) between the reference (sketch) and
 //!   the current values; `wasserstein_normed` = `wasserstein / max(σ, 0.001)`
@@ -85,9 +92,9 @@
 //! ring): 8 bytes per row per numeric feature, 4 bytes per row per
 //! categorical feature plus two copies of each distinct category currently in
 //! the window. [`compare`] additionally sorts a copy of one numeric column at
-//! a time (8 bytes × rows) and, for the exact KS p-value, a vector of at most
-//! `min(n, m) + 1` f64. [`BaselineBuilder`] keeps every numeric value (it
-//! runs at packaging time).
+//! a time (8 bytes × rows) and, for the exact KS p-value, two vectors of at
+//! most 20 001 f64 (n, m ≤ 10 000 there). [`BaselineBuilder`] keeps every
+//! numeric value (it runs at packaging time).
 //!
 //! # Versioning of the persisted structs
 //! [`Baseline`] (and [`DriftConfig`], which lives in the manifest) are
@@ -120,7 +127,7 @@ pub const DEFAULT_DRIFT_SHARE: f64 = 0.5;
 
 /// scipy's `MAX_AUTO_N`: exact KS p-values up to this sample size.
 const KS_EXACT_MAX_N: u64 = 10_000;
-/// Work cap (lattice cells, ~3 ns each) of the exact two-sample KS p-value.
+/// Work cap (lattice cells, ~1.5 ns each) of the exact two-sample KS p-value.
 const KS_EXACT_MAX_CELLS: u64 = 2_500_000;
 /// Evidently's floor on the reference standard deviation.
 const WASSERSTEIN_NORM_FLOOR: f64 = 0.001;
@@ -218,7 +225,11 @@ impl DriftMethod {
     }
 
     fn threshold_valid(self, t: f64) -> bool {
-        if self.is_p_value() { t > 0.0 && t <= 1.0 } else { t.is_finite() && t > 0.0 }
+        if self.is_p_value() {
+            t > 0.0 && t <= 1.0
+        } else {
+            t.is_finite() && t > 0.0
+        }
     }
 }
 
@@ -237,23 +248,43 @@ pub enum DriftError {
     #[error("row has {got} value(s), expected {expected}")]
     RowLength { expected: usize, got: usize },
     #[error("feature {feature:?} is {expected}: got a value of the other kind")]
-    ValueKind { feature: String, expected: DriftKind },
+    ValueKind {
+        feature: String,
+        expected: DriftKind,
+    },
     #[error("baseline feature {0:?} is missing from the current sample")]
     MissingFeature(String),
-    #[error("feature {feature:?} is {baseline} in the baseline but {current} in the current sample")]
-    KindMismatch { feature: String, baseline: DriftKind, current: DriftKind },
+    #[error(
+        "feature {feature:?} is {baseline} in the baseline but {current} in the current sample"
+    )]
+    KindMismatch {
+        feature: String,
+        baseline: DriftKind,
+        current: DriftKind,
+    },
     #[error("drift rule for {0:?}, which is not a feature of the baseline")]
     UnknownRuleFeature(String),
     #[error("drift method {method} does not apply to {kind} feature {feature:?}")]
-    MethodNotApplicable { feature: String, method: DriftMethod, kind: DriftKind },
+    MethodNotApplicable {
+        feature: String,
+        method: DriftMethod,
+        kind: DriftKind,
+    },
     #[error("invalid threshold {threshold} for drift method {method} on feature {feature:?}")]
-    InvalidThreshold { feature: String, method: DriftMethod, threshold: f64 },
+    InvalidThreshold {
+        feature: String,
+        method: DriftMethod,
+        threshold: f64,
+    },
     #[error("drift_share must be in (0, 1], got {0}")]
     InvalidDriftShare(f64),
     #[error("unsupported drift baseline version {found} (this runtime reads 1..={supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("invalid drift baseline for feature {feature:?}: {reason}")]
-    InvalidBaseline { feature: String, reason: &'static str },
+    InvalidBaseline {
+        feature: String,
+        reason: &'static str,
+    },
 }
 
 // ---------------------------------------------------------------------------
@@ -353,7 +384,10 @@ impl Baseline {
     /// Feature names and kinds, in baseline order (the order of
     /// [`CurrentSample::push_row`] rows).
     pub fn feature_kinds(&self) -> Vec<(String, DriftKind)> {
-        self.features.iter().map(|f| (f.name.clone(), f.kind())).collect()
+        self.features
+            .iter()
+            .map(|f| (f.name.clone(), f.kind()))
+            .collect()
     }
 
     /// Checks the version and the internal consistency of every feature
@@ -361,14 +395,22 @@ impl Baseline {
     /// malformed baseline. [`compare`] calls it.
     pub fn validate(&self) -> Result<(), DriftError> {
         if self.version == 0 || self.version > BASELINE_VERSION {
-            return Err(DriftError::UnsupportedVersion { found: self.version, supported: BASELINE_VERSION });
+            return Err(DriftError::UnsupportedVersion {
+                found: self.version,
+                supported: BASELINE_VERSION,
+            });
         }
         let mut seen = std::collections::HashSet::new();
         for f in &self.features {
             if !seen.insert(f.name.as_str()) {
                 return Err(DriftError::DuplicateFeature(f.name.clone()));
             }
-            let bad = |reason| Err(DriftError::InvalidBaseline { feature: f.name.clone(), reason });
+            let bad = |reason| {
+                Err(DriftError::InvalidBaseline {
+                    feature: f.name.clone(),
+                    reason,
+                })
+            };
             match &f.stats {
                 FeatureStats::Numeric(b) => {
                     if let Err(reason) = b.check() {
@@ -413,7 +455,10 @@ impl NumericBaseline {
                 max: 0.0,
                 bin_edges: Vec::new(),
                 bin_proportions: Vec::new(),
-                sketch: QuantileSketch { exact: true, values: Vec::new() },
+                sketch: QuantileSketch {
+                    exact: true,
+                    values: Vec::new(),
+                },
             };
         }
         let mean = neumaier_sum(sorted.iter().copied()) / n as f64;
@@ -422,15 +467,23 @@ impl NumericBaseline {
         } else {
             (neumaier_sum(sorted.iter().map(|x| (x - mean) * (x - mean))) / (n - 1) as f64).sqrt()
         };
-        let bin_edges: Vec<f64> =
-            (1..REFERENCE_BINS).map(|k| quantile_sorted(sorted, k as f64 / REFERENCE_BINS as f64)).collect();
+        let bin_edges: Vec<f64> = (1..REFERENCE_BINS)
+            .map(|k| quantile_sorted(sorted, k as f64 / REFERENCE_BINS as f64))
+            .collect();
         let bin_proportions = bin_proportions(sorted, &bin_edges);
         let sketch = if n <= SKETCH_EXACT_MAX {
-            QuantileSketch { exact: true, values: sorted.to_vec() }
+            QuantileSketch {
+                exact: true,
+                values: sorted.to_vec(),
+            }
         } else {
-            let values =
-                (0..=SKETCH_INTERVALS).map(|k| quantile_sorted(sorted, k as f64 / SKETCH_INTERVALS as f64)).collect();
-            QuantileSketch { exact: false, values }
+            let values = (0..=SKETCH_INTERVALS)
+                .map(|k| quantile_sorted(sorted, k as f64 / SKETCH_INTERVALS as f64))
+                .collect();
+            QuantileSketch {
+                exact: false,
+                values,
+            }
         };
         NumericBaseline {
             n: n as u64,
@@ -447,15 +500,27 @@ impl NumericBaseline {
 
     /// Population standard deviation (ddof = 0), derived from `std`.
     pub fn population_std(&self) -> f64 {
-        if self.n < 2 { 0.0 } else { self.std * ((self.n - 1) as f64 / self.n as f64).sqrt() }
+        if self.n < 2 {
+            0.0
+        } else {
+            self.std * ((self.n - 1) as f64 / self.n as f64).sqrt()
+        }
     }
 
     fn check(&self) -> Result<(), &'static str> {
         let s = &self.sketch.values;
         if self.n == 0 {
-            return if s.is_empty() { Ok(()) } else { Err("sketch of an empty feature is not empty") };
+            return if s.is_empty() {
+                Ok(())
+            } else {
+                Err("sketch of an empty feature is not empty")
+            };
         }
-        if ![self.mean, self.std, self.min, self.max].iter().all(|x| x.is_finite()) || self.std < 0.0 {
+        if ![self.mean, self.std, self.min, self.max]
+            .iter()
+            .all(|x| x.is_finite())
+            || self.std < 0.0
+        {
             return Err("non-finite mean, std, min or max");
         }
         if self.bin_edges.len() != REFERENCE_BINS - 1 || !sorted_finite(&self.bin_edges) {
@@ -469,7 +534,11 @@ impl NumericBaseline {
         if !sorted_finite(s) {
             return Err("sketch values are not sorted finite values");
         }
-        let expected = if self.sketch.exact { self.n } else { SKETCH_INTERVALS as u64 + 1 };
+        let expected = if self.sketch.exact {
+            self.n
+        } else {
+            SKETCH_INTERVALS as u64 + 1
+        };
         if s.len() as u64 != expected {
             return Err("sketch has the wrong number of values");
         }
@@ -511,7 +580,8 @@ fn bump(counts: &mut BTreeMap<String, u64>, key: &str) {
 fn check_names<S: Into<String>>(
     features: impl IntoIterator<Item = (S, DriftKind)>,
 ) -> Result<Vec<(String, DriftKind)>, DriftError> {
-    let features: Vec<(String, DriftKind)> = features.into_iter().map(|(n, k)| (n.into(), k)).collect();
+    let features: Vec<(String, DriftKind)> =
+        features.into_iter().map(|(n, k)| (n.into(), k)).collect();
     let mut seen = std::collections::HashSet::new();
     for (name, _) in &features {
         if !seen.insert(name.as_str()) {
@@ -523,15 +593,23 @@ fn check_names<S: Into<String>>(
 
 fn check_row(features: &[(String, DriftKind)], row: &[DriftValue<'_>]) -> Result<(), DriftError> {
     if row.len() != features.len() {
-        return Err(DriftError::RowLength { expected: features.len(), got: row.len() });
+        return Err(DriftError::RowLength {
+            expected: features.len(),
+            got: row.len(),
+        });
     }
     for ((name, kind), v) in features.iter().zip(row) {
         let ok = matches!(
             (kind, v),
-            (_, DriftValue::Missing) | (DriftKind::Numeric, DriftValue::Num(_)) | (DriftKind::Categorical, DriftValue::Cat(_))
+            (_, DriftValue::Missing)
+                | (DriftKind::Numeric, DriftValue::Num(_))
+                | (DriftKind::Categorical, DriftValue::Cat(_))
         );
         if !ok {
-            return Err(DriftError::ValueKind { feature: name.clone(), expected: *kind });
+            return Err(DriftError::ValueKind {
+                feature: name.clone(),
+                expected: *kind,
+            });
         }
     }
     Ok(())
@@ -548,22 +626,40 @@ pub struct BaselineBuilder {
 
 #[derive(Debug, Clone)]
 enum BuildColumn {
-    Numeric { values: Vec<f64>, missing: u64 },
-    Categorical { counts: BTreeMap<String, u64>, missing: u64 },
+    Numeric {
+        values: Vec<f64>,
+        missing: u64,
+    },
+    Categorical {
+        counts: BTreeMap<String, u64>,
+        missing: u64,
+    },
 }
 
 impl BaselineBuilder {
     /// A builder for these features, in row order. Names must be unique.
-    pub fn new<S: Into<String>>(features: impl IntoIterator<Item = (S, DriftKind)>) -> Result<Self, DriftError> {
+    pub fn new<S: Into<String>>(
+        features: impl IntoIterator<Item = (S, DriftKind)>,
+    ) -> Result<Self, DriftError> {
         let features = check_names(features)?;
         let columns = features
             .iter()
             .map(|(_, k)| match k {
-                DriftKind::Numeric => BuildColumn::Numeric { values: Vec::new(), missing: 0 },
-                DriftKind::Categorical => BuildColumn::Categorical { counts: BTreeMap::new(), missing: 0 },
+                DriftKind::Numeric => BuildColumn::Numeric {
+                    values: Vec::new(),
+                    missing: 0,
+                },
+                DriftKind::Categorical => BuildColumn::Categorical {
+                    counts: BTreeMap::new(),
+                    missing: 0,
+                },
             })
             .collect();
-        Ok(BaselineBuilder { features, columns, rows: 0 })
+        Ok(BaselineBuilder {
+            features,
+            columns,
+            rows: 0,
+        })
     }
 
     /// Adds one row (one value per feature, in the order given to [`new`](Self::new)).
@@ -572,7 +668,9 @@ impl BaselineBuilder {
         check_row(&self.features, row)?;
         for (col, v) in self.columns.iter_mut().zip(row) {
             match (col, v) {
-                (BuildColumn::Numeric { values, .. }, DriftValue::Num(x)) if x.is_finite() => values.push(*x),
+                (BuildColumn::Numeric { values, .. }, DriftValue::Num(x)) if x.is_finite() => {
+                    values.push(*x)
+                }
                 (BuildColumn::Numeric { missing, .. }, _) => *missing += 1,
                 (BuildColumn::Categorical { counts, .. }, DriftValue::Cat(s)) => bump(counts, s),
                 (BuildColumn::Categorical { missing, .. }, _) => *missing += 1,
@@ -595,7 +693,10 @@ impl BaselineBuilder {
             .zip(self.columns)
             .map(|((name, _), col)| {
                 let stats = match col {
-                    BuildColumn::Numeric { mut values, missing } => {
+                    BuildColumn::Numeric {
+                        mut values,
+                        missing,
+                    } => {
                         values.sort_unstable_by(f64::total_cmp);
                         FeatureStats::Numeric(NumericBaseline::from_sorted(&values, missing))
                     }
@@ -606,7 +707,10 @@ impl BaselineBuilder {
                 FeatureBaseline { name, stats }
             })
             .collect();
-        Baseline { version: BASELINE_VERSION, features }
+        Baseline {
+            version: BASELINE_VERSION,
+            features,
+        }
     }
 }
 
@@ -690,7 +794,12 @@ impl CategoryWindow {
 
     /// Category → count, sorted by category.
     fn counts(&self) -> BTreeMap<&str, u64> {
-        self.names.iter().zip(&self.counts).filter(|(_, c)| **c > 0).map(|(n, c)| (n.as_str(), *c)).collect()
+        self.names
+            .iter()
+            .zip(&self.counts)
+            .filter(|(_, c)| **c > 0)
+            .map(|(n, c)| (n.as_str(), *c))
+            .collect()
     }
 }
 
@@ -717,7 +826,14 @@ impl CurrentSample {
                 DriftKind::Categorical => WindowColumn::Categorical(CategoryWindow::default()),
             })
             .collect();
-        CurrentSample { features, columns, max_rows: max_rows.max(1), len: 0, head: 0, seen: 0 }
+        CurrentSample {
+            features,
+            columns,
+            max_rows: max_rows.max(1),
+            len: 0,
+            head: 0,
+            seen: 0,
+        }
     }
 
     /// Adds one row (one value per feature, in [`features`](Self::features)
@@ -812,7 +928,10 @@ pub struct DriftConfig {
 
 impl Default for DriftConfig {
     fn default() -> Self {
-        DriftConfig { rules: BTreeMap::new(), drift_share: DEFAULT_DRIFT_SHARE }
+        DriftConfig {
+            rules: BTreeMap::new(),
+            drift_share: DEFAULT_DRIFT_SHARE,
+        }
     }
 }
 
@@ -825,7 +944,9 @@ impl DriftConfig {
             return Err(DriftError::InvalidDriftShare(self.drift_share));
         }
         for name in self.rules.keys() {
-            let f = baseline.feature(name).ok_or_else(|| DriftError::UnknownRuleFeature(name.clone()))?;
+            let f = baseline
+                .feature(name)
+                .ok_or_else(|| DriftError::UnknownRuleFeature(name.clone()))?;
             self.rule_for(f)?;
         }
         Ok(())
@@ -838,11 +959,21 @@ impl DriftConfig {
             return Ok(default_rule(kind, feature.stats.n()));
         };
         if !rule.method.applies_to(kind) {
-            return Err(DriftError::MethodNotApplicable { feature: feature.name.clone(), method: rule.method, kind });
+            return Err(DriftError::MethodNotApplicable {
+                feature: feature.name.clone(),
+                method: rule.method,
+                kind,
+            });
         }
-        let threshold = rule.threshold.unwrap_or_else(|| rule.method.default_threshold());
+        let threshold = rule
+            .threshold
+            .unwrap_or_else(|| rule.method.default_threshold());
         if !rule.method.threshold_valid(threshold) {
-            return Err(DriftError::InvalidThreshold { feature: feature.name.clone(), method: rule.method, threshold });
+            return Err(DriftError::InvalidThreshold {
+                feature: feature.name.clone(),
+                method: rule.method,
+                threshold,
+            });
         }
         Ok((rule.method, threshold))
     }
@@ -920,14 +1051,24 @@ pub struct DriftReport {
 /// Errors: an invalid baseline ([`Baseline::validate`]) or configuration
 /// ([`DriftConfig::validate`]), a baseline feature absent from the sample or
 /// of another kind there.
-pub fn compare(baseline: &Baseline, current: &CurrentSample, config: &DriftConfig) -> Result<DriftReport, DriftError> {
+pub fn compare(
+    baseline: &Baseline,
+    current: &CurrentSample,
+    config: &DriftConfig,
+) -> Result<DriftReport, DriftError> {
     baseline.validate()?;
     config.validate(baseline)?;
-    let index: HashMap<&str, usize> =
-        current.features.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = current
+        .features
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.as_str(), i))
+        .collect();
     let mut features = Vec::with_capacity(baseline.features.len());
     for fb in &baseline.features {
-        let &ci = index.get(fb.name.as_str()).ok_or_else(|| DriftError::MissingFeature(fb.name.clone()))?;
+        let &ci = index
+            .get(fb.name.as_str())
+            .ok_or_else(|| DriftError::MissingFeature(fb.name.clone()))?;
         let (method, threshold) = config.rule_for(fb)?;
         let mut report = FeatureReport {
             name: fb.name.clone(),
@@ -983,7 +1124,11 @@ pub fn compare(baseline: &Baseline, current: &CurrentSample, config: &DriftConfi
         features.push(report);
     }
     let drifted_features = features.iter().filter(|f| f.drifted).count();
-    let share = if features.is_empty() { 0.0 } else { drifted_features as f64 / features.len() as f64 };
+    let share = if features.is_empty() {
+        0.0
+    } else {
+        drifted_features as f64 / features.len() as f64
+    };
     Ok(DriftReport {
         drifted_features,
         share,
@@ -1012,9 +1157,15 @@ fn numeric_metrics(b: &NumericBaseline, cur: &[f64]) -> Option<NumericMetrics> {
     let cur_props = bin_proportions(cur, &b.bin_edges);
     let sketch = &b.sketch.values;
     let (ks_statistic, wasserstein) = if b.sketch.exact {
-        (ks_statistic_exact(sketch, cur), wasserstein_exact(sketch, cur))
+        (
+            ks_statistic_exact(sketch, cur),
+            wasserstein_exact(sketch, cur),
+        )
     } else {
-        (ks_statistic_sketch(sketch, cur), wasserstein_sketch(sketch, cur))
+        (
+            ks_statistic_sketch(sketch, cur),
+            wasserstein_sketch(sketch, cur),
+        )
     };
     let (ks_pvalue, _) = ks_2samp_pvalue(b.n, cur.len() as u64, ks_statistic);
     let wasserstein_normed = wasserstein / b.population_std().max(WASSERSTEIN_NORM_FLOOR);
@@ -1037,12 +1188,24 @@ struct CategoricalMetrics {
 }
 
 /// None when either side has no (non-missing) value.
-fn categorical_metrics(b: &CategoricalBaseline, cur: &BTreeMap<&str, u64>) -> Option<CategoricalMetrics> {
+fn categorical_metrics(
+    b: &CategoricalBaseline,
+    cur: &BTreeMap<&str, u64>,
+) -> Option<CategoricalMetrics> {
     // Union of the categories, sorted (both maps iterate in key order).
     let mut rc = Vec::new();
     let mut cc = Vec::new();
-    let mut r = b.counts.iter().filter(|(_, c)| **c > 0).map(|(k, c)| (k.as_str(), *c)).peekable();
-    let mut c = cur.iter().filter(|(_, c)| **c > 0).map(|(k, c)| (*k, *c)).peekable();
+    let mut r = b
+        .counts
+        .iter()
+        .filter(|(_, c)| **c > 0)
+        .map(|(k, c)| (k.as_str(), *c))
+        .peekable();
+    let mut c = cur
+        .iter()
+        .filter(|(_, c)| **c > 0)
+        .map(|(k, c)| (*k, *c))
+        .peekable();
     loop {
         let (x, y) = match (r.peek(), c.peek()) {
             (None, None) => break,
@@ -1071,7 +1234,10 @@ fn categorical_metrics(b: &CategoricalBaseline, cur: &BTreeMap<&str, u64>) -> Op
     let rp: Vec<f64> = rc.iter().map(|x| x / nr).collect();
     let cp: Vec<f64> = cc.iter().map(|x| x / nc).collect();
     // Expected proportions: the reference's, half an observation for unseen categories.
-    let e: Vec<f64> = rc.iter().map(|&x| if x > 0.0 { x / nr } else { 0.5 / nr }).collect();
+    let e: Vec<f64> = rc
+        .iter()
+        .map(|&x| if x > 0.0 { x / nr } else { 0.5 / nr })
+        .collect();
     let es: f64 = e.iter().sum();
     let chi2_statistic: f64 = e
         .iter()
@@ -1081,7 +1247,11 @@ fn categorical_metrics(b: &CategoricalBaseline, cur: &BTreeMap<&str, u64>) -> Op
             (o - f_exp) * (o - f_exp) / f_exp
         })
         .sum();
-    let chi2_pvalue = if rc.len() < 2 { 1.0 } else { chi2_sf((rc.len() - 1) as f64, chi2_statistic) };
+    let chi2_pvalue = if rc.len() < 2 {
+        1.0
+    } else {
+        chi2_sf((rc.len() - 1) as f64, chi2_statistic)
+    };
     Some(CategoricalMetrics {
         psi: psi(&rp, &cp),
         jensen_shannon: jensen_shannon(&rc, &cc),
@@ -1123,7 +1293,11 @@ fn quantile_sorted(sorted: &[f64], p: f64) -> f64 {
     let (a, b, t) = (sorted[i], sorted[i + 1], virt - prev);
     // numpy's _lerp: a + (b - a) t, or b - (b - a)(1 - t) when t >= 0.5.
     let d = b - a;
-    if t >= 0.5 { b - d * (1.0 - t) } else { a + d * t }
+    if t >= 0.5 {
+        b - d * (1.0 - t)
+    } else {
+        a + d * t
+    }
 }
 
 /// Proportion of `values` in each left-closed bin delimited by `edges`.
@@ -1132,7 +1306,10 @@ fn bin_proportions(values: &[f64], edges: &[f64]) -> Vec<f64> {
     for &x in values {
         counts[edges.partition_point(|&e| e <= x)] += 1;
     }
-    counts.iter().map(|&c| c as f64 / values.len() as f64).collect()
+    counts
+        .iter()
+        .map(|&c| c as f64 / values.len() as f64)
+        .collect()
 }
 
 /// PSI with both proportions floored at [`PSI_FLOOR`], natural log.
@@ -1149,7 +1326,11 @@ fn psi(reference: &[f64], current: &[f64]) -> f64 {
 
 /// `scipy.special.rel_entr` for non-negative inputs with y > 0 wherever x > 0.
 fn rel_entr(x: f64, y: f64) -> f64 {
-    if x > 0.0 && y > 0.0 { x * (x / y).ln() } else { 0.0 }
+    if x > 0.0 && y > 0.0 {
+        x * (x / y).ln()
+    } else {
+        0.0
+    }
 }
 
 /// `scipy.spatial.distance.jensenshannon(p, q)` (natural log): weights are
@@ -1253,7 +1434,9 @@ fn ks_statistic_sketch(q: &[f64], cur: &[f64]) -> f64 {
         while j < cur.len() && cur[j] <= c {
             j += 1;
         }
-        d = d.max(sketch_cdf_left(q, c) - below as f64 / m).max(j as f64 / m - sketch_cdf(q, c));
+        d = d
+            .max(sketch_cdf_left(q, c) - below as f64 / m)
+            .max(j as f64 / m - sketch_cdf(q, c));
     }
     d
 }
@@ -1339,7 +1522,11 @@ fn ks_2samp_exact(n1: u64, n2: u64, d: f64) -> Option<f64> {
     if h == 0 {
         return Some(1.0);
     }
-    let p = if n1 == n2 { prob_outside_square(n1, h) } else { prob_outside_band(n1, n2, g, h)? };
+    let p = if n1 == n2 {
+        prob_outside_square(n1, h)
+    } else {
+        prob_outside_band(n1, n2, g, h)?
+    };
     (0.0..=1.0).contains(&p).then_some(p)
 }
 
@@ -1374,10 +1561,13 @@ fn prob_outside_band(m: u64, n: u64, g: u64, h: u64) -> Option<f64> {
     for x in a.get_mut(minj as usize..maxj as usize)? {
         *x = 0.0;
     }
-    // 1/k for k <= m + n: multiplying by it instead of dividing halves the
-    // latency of the (serial) recurrence; results agree with scipy's divisions
-    // to ~1e-13 relative.
-    let inv: Vec<f64> = (0..=(m + n)).map(|k| if k == 0 { 0.0 } else { 1.0 / k as f64 }).collect();
+    // 1/k for k <= m + n. Multiplying by it instead of dividing, and keeping
+    // only one multiply-add on the serial dependency through `val`, makes the
+    // recurrence ~4x faster; results agree with scipy's divisions to ~1e-13
+    // relative.
+    let inv: Vec<f64> = (0..=(m + n))
+        .map(|k| if k == 0 { 0.0 } else { 1.0 / k as f64 })
+        .collect();
     for i in 1..=m {
         let (lastminj, lastlen) = (minj, curlen);
         minj = ((ng * i - h).div_euclid(mg) + 1).max(0).min(n);
@@ -1396,7 +1586,8 @@ fn prob_outside_band(m: u64, n: u64, g: u64, h: u64) -> Option<f64> {
         let mut fj = minj as f64;
         // a[jj] <- (a[jj + shift] i + val j) / (i + j), j = minj + jj; reads stay ahead of writes.
         for jj in 0..len {
-            val = (a[jj + shift] * fi + val * fj) * inv_i[jj];
+            let r = inv_i[jj];
+            val = a[jj + shift] * (fi * r) + val * (fj * r);
             a[jj] = val;
             fj += 1.0;
         }
@@ -1449,7 +1640,9 @@ fn kolmogorov_n_sf(n: u64, x: f64) -> f64 {
             return 1.0;
         }
         let cdf = if n <= 140 {
-            (1..=n).map(|i| i as f64 * (1.0 / nf) * (2.0 * t - 1.0)).product::<f64>()
+            (1..=n)
+                .map(|i| i as f64 * (1.0 / nf) * (2.0 * t - 1.0))
+                .product::<f64>()
         } else {
             (log_nfactorial_div_n_pow_n(nf) + nf * (2.0 * t - 1.0).ln()).exp()
         };
@@ -1477,22 +1670,27 @@ fn kolmogorov_n_sf(n: u64, x: f64) -> f64 {
         if nxx >= 2.2 {
             return (2.0 * smirnov_sf(n, x)).clamp(0.0, 1.0);
         }
-        if n <= 100_000 && nf * x.powf(1.5) <= 1.4 { durbin_cdf(n, x) } else { pelz_good_cdf(nf, x) }
+        if n <= 100_000 && nf * x.powf(1.5) <= 1.4 {
+            durbin_cdf(n, x)
+        } else {
+            pelz_good_cdf(nf, x)
+        }
     };
     (1.0 - cdf).clamp(0.0, 1.0)
 }
 
 /// ln(n! / n^n) by Stirling's series.
 fn log_nfactorial_div_n_pow_n(n: f64) -> f64 {
+    // B_2j / (2j (2j - 1)) for j = 8, …, 1 (Bernoulli numbers).
     const C: [f64; 8] = [
-        -2.955065359477124183e-2,
-        6.4102564102564102564e-3,
-        -1.9175269175269175269e-3,
-        8.4175084175084175084e-4,
-        -5.952380952380952381e-4,
-        7.9365079365079365079e-4,
-        -2.7777777777777777778e-3,
-        8.3333333333333333333e-2,
+        -3617.0 / 122_400.0,
+        1.0 / 156.0,
+        -691.0 / 360_360.0,
+        1.0 / 1188.0,
+        -1.0 / 1680.0,
+        1.0 / 1260.0,
+        -1.0 / 360.0,
+        1.0 / 12.0,
     ];
     let rn = 1.0 / n;
     let y = rn / n;
@@ -1650,7 +1848,11 @@ fn pomeranz_cdf(n: u64, x: f64) -> f64 {
                     return 0.0;
                 }
                 let at = off + idx;
-                if at < 0 { 0.0 } else { v0.get(at as usize).copied().unwrap_or(0.0) }
+                if at < 0 {
+                    0.0
+                } else {
+                    v0.get(at as usize).copied().unwrap_or(0.0)
+                }
             };
             let len = ln2.min(npwrs as i64);
             let conv_start = j1 - k1;
@@ -1746,7 +1948,10 @@ fn pelz_good_cdf(n: f64, x: f64) -> f64 {
     }
     kk[2] += k2extra * pi2 * SQRT_2PI / (-36.0 * z3);
     kk[3] += k3extra * pi2 * SQRT_2PI / (216.0 * z6);
-    kk.iter().enumerate().map(|(i, s)| s / n.powf(i as f64 / 2.0)).sum()
+    kk.iter()
+        .enumerate()
+        .map(|(i, s)| s / n.powf(i as f64 / 2.0))
+        .sum()
 }
 
 /// P(D_n^+ >= x), the one-sided Smirnov statistic (Birnbaum–Tingey sum,
@@ -1788,19 +1993,29 @@ fn smirnov_sf(n: u64, x: f64) -> f64 {
         // scipy's approximation p ~ exp(-(6nx+1)^2 / 18n).
         return (-(6.0 * nf * x + 1.0).powi(2) / 18.0 / nf).exp();
     }
-    // Birnbaum–Tingey: sum over v = 0 ..= n - floor(n x) - 1 (the v < n(1 - x)) of
-    // C(n, v) (1 - x - v/n)^(n - v) (x + v/n)^(v - 1); stop as scipy does.
+    // Birnbaum–Tingey: x times the sum over v = 0 ..= n - floor(n x) - 1 (the
+    // v < n(1 - x)) of A_v = C(n, v) (1 - x - v/n)^(n - v) (x + v/n)^(v - 1),
+    // stopping as scipy does. ln A_v is assembled from terms of size ~n x (not
+    // ~n ln n) so that it keeps ~1e-13 relative accuracy for large n:
+    // ln A_v = ½ ln(n / (2π v (n - v))) + δ(n) − δ(v) − δ(n − v)
+    //        + (n − v) ln1p(−n x / (n − v)) + v ln1p(n x / v) − ln((v + n x) / n),
+    // δ being Stirling's error term (A_0 = (1 − x)^n / x).
+    let nx = nf * x;
     let n_terms = n - nxfl;
     let mut sum = 0.0;
-    let mut ln_c = 0.0f64; // ln C(n, v)
     for v in 0..n_terms {
-        if v > 0 {
-            ln_c += ((n - v + 1) as f64 / v as f64).ln();
-        }
-        let vf = v as f64;
-        let a = ((nf - vf) - nf * x) / nf;
-        let b = x + vf / nf;
-        let term = (ln_c + (nf - vf) * a.ln() + (vf - 1.0) * b.ln()).exp();
+        let ln_term = if v == 0 {
+            nf * (-x).ln_1p() - x.ln()
+        } else {
+            let (vf, rest) = (v as f64, (n - v) as f64);
+            0.5 * (nf / (2.0 * std::f64::consts::PI * vf * rest)).ln() + stirling_error(n)
+                - stirling_error(v)
+                - stirling_error(n - v)
+                + rest * (-nx / rest).ln_1p()
+                + vf * (nx / vf).ln_1p()
+                - ((vf + nx) / nf).ln()
+        };
+        let term = ln_term.exp();
         sum += term;
         if term != 0.0 {
             if 4.0 * (n_terms - v) as f64 * term < f64::EPSILON * sum && v != n_terms - 1 {
@@ -1811,6 +2026,18 @@ fn smirnov_sf(n: u64, x: f64) -> f64 {
         }
     }
     (x * sum).clamp(0.0, 1.0)
+}
+
+/// δ(k) = ln k! − (k ln k − k + ½ ln(2π k)), k >= 1.
+fn stirling_error(k: u64) -> f64 {
+    let kf = k as f64;
+    if k < 16 {
+        let ln_fact: f64 = (2..=k).map(|i| (i as f64).ln()).sum();
+        return ln_fact - (kf * kf.ln() - kf + 0.5 * (2.0 * std::f64::consts::PI * kf).ln());
+    }
+    let r = 1.0 / kf;
+    let r2 = r * r;
+    r * (1.0 / 12.0 - r2 * (1.0 / 360.0 - r2 * (1.0 / 1260.0 - r2 * (1.0 / 1680.0 - r2 / 1188.0))))
 }
 
 // ---------------------------------------------------------------------------
@@ -1989,7 +2216,11 @@ mod tests {
     }
 
     fn rel_err(got: f64, want: f64) -> f64 {
-        if got == want { 0.0 } else { (got - want).abs() / want.abs().max(f64::MIN_POSITIVE) }
+        if got == want {
+            0.0
+        } else {
+            (got - want).abs() / want.abs().max(f64::MIN_POSITIVE)
+        }
     }
 
     #[track_caller]
@@ -2002,7 +2233,10 @@ mod tests {
     }
 
     fn num_rows(values: &[Option<f64>]) -> Vec<DriftValue<'static>> {
-        values.iter().map(|v| v.map_or(DriftValue::Missing, DriftValue::Num)).collect()
+        values
+            .iter()
+            .map(|v| v.map_or(DriftValue::Missing, DriftValue::Num))
+            .collect()
     }
 
     fn one_feature_baseline(name: &str, kind: DriftKind, rows: &[DriftValue<'_>]) -> Baseline {
@@ -2036,22 +2270,35 @@ mod tests {
     fn numeric_statistics_match_scipy() {
         for case in reference().numeric {
             let name = case.name.as_str();
-            let baseline = one_feature_baseline(name, DriftKind::Numeric, &num_rows(&case.reference));
+            let baseline =
+                one_feature_baseline(name, DriftKind::Numeric, &num_rows(&case.reference));
             let b = numeric(&baseline);
             assert_eq!((b.n, b.missing), (case.n, case.missing), "{name}: counts");
             assert_close(&format!("{name}: mean"), b.mean, case.mean, 1e-12, 1e-15);
             assert_close(&format!("{name}: std"), b.std, case.std, 1e-12, 0.0);
-            assert_close(&format!("{name}: population std"), b.population_std(), case.std_pop, 1e-12, 0.0);
+            assert_close(
+                &format!("{name}: population std"),
+                b.population_std(),
+                case.std_pop,
+                1e-12,
+                0.0,
+            );
             assert_eq!((b.min, b.max), (case.min, case.max), "{name}: min/max");
             let edges_bits: Vec<u64> = b.bin_edges.iter().map(|x| x.to_bits()).collect();
-            assert_eq!(edges_bits, case.edges_bits, "{name}: edges are np.quantile's, bit for bit");
+            assert_eq!(
+                edges_bits, case.edges_bits,
+                "{name}: edges are np.quantile's, bit for bit"
+            );
             for (got, want) in b.bin_proportions.iter().zip(&case.ref_props) {
                 assert_close(&format!("{name}: ref proportion"), *got, *want, 1e-15, 0.0);
             }
             assert_eq!(b.sketch.exact, case.sketch_exact, "{name}: sketch kind");
             if let Some(sketch) = &case.sketch_bits {
                 let got: Vec<u64> = b.sketch.values.iter().map(|x| x.to_bits()).collect();
-                assert_eq!(&got, sketch, "{name}: sketch is np.quantile(k/2048), bit for bit");
+                assert_eq!(
+                    &got, sketch,
+                    "{name}: sketch is np.quantile(k/2048), bit for bit"
+                );
             }
 
             let sample = sample_for(&baseline, &num_rows(&case.cur));
@@ -2059,31 +2306,106 @@ mod tests {
             let f = &report.features[0];
             assert_eq!(f.current_rows, case.cur.len(), "{name}");
             assert_eq!(f.missing, case.cur_missing, "{name}");
-            assert_close(&format!("{name}: psi"), f.psi.unwrap(), case.psi, 1e-12, 1e-15);
-            assert_close(&format!("{name}: js"), f.jensen_shannon.unwrap(), case.jensen_shannon, 1e-12, 1e-15);
+            assert_close(
+                &format!("{name}: psi"),
+                f.psi.unwrap(),
+                case.psi,
+                1e-12,
+                1e-15,
+            );
+            assert_close(
+                &format!("{name}: js"),
+                f.jensen_shannon.unwrap(),
+                case.jensen_shannon,
+                1e-12,
+                1e-15,
+            );
             let m = (case.cur.len() - case.cur_missing) as u64;
             let ks = f.ks_statistic.unwrap();
             let (_, exact_p) = ks_2samp_pvalue(case.n, m, ks);
             let w = f.wasserstein.unwrap();
             if case.sketch_exact {
-                assert_close(&format!("{name}: ks statistic"), ks, case.ks_statistic, 1e-12, 1e-15);
-                let want = if exact_p { case.ks_pvalue_auto } else { case.ks_pvalue_asymp };
-                assert_close(&format!("{name}: ks p-value"), f.ks_pvalue.unwrap(), want, 1e-8, 1e-300);
-                assert_close(&format!("{name}: wasserstein"), w, case.wasserstein, 1e-9, 0.0);
-                assert_close(&format!("{name}: normed"), f.wasserstein_normed.unwrap(), case.wasserstein_normed, 1e-9, 0.0);
+                assert_close(
+                    &format!("{name}: ks statistic"),
+                    ks,
+                    case.ks_statistic,
+                    1e-12,
+                    1e-15,
+                );
+                let want = if exact_p {
+                    case.ks_pvalue_auto
+                } else {
+                    case.ks_pvalue_asymp
+                };
+                assert_close(
+                    &format!("{name}: ks p-value"),
+                    f.ks_pvalue.unwrap(),
+                    want,
+                    1e-8,
+                    1e-300,
+                );
+                assert_close(
+                    &format!("{name}: wasserstein"),
+                    w,
+                    case.wasserstein,
+                    1e-9,
+                    0.0,
+                );
+                assert_close(
+                    &format!("{name}: normed"),
+                    f.wasserstein_normed.unwrap(),
+                    case.wasserstein_normed,
+                    1e-9,
+                    0.0,
+                );
             } else {
                 // Same statistics on the same sketch, computed differently in Python.
-                assert_close(&format!("{name}: sketch ks"), ks, case.sketch_ks_statistic.unwrap(), 1e-12, 1e-15);
-                assert_close(&format!("{name}: sketch w1"), w, case.sketch_wasserstein.unwrap(), 1e-9, 0.0);
-                let want = if exact_p { case.sketch_ks_pvalue_exact.unwrap() } else { case.sketch_ks_pvalue_asymp.unwrap() };
-                assert_close(&format!("{name}: sketch ks p"), f.ks_pvalue.unwrap(), want, 1e-8, 1e-300);
+                assert_close(
+                    &format!("{name}: sketch ks"),
+                    ks,
+                    case.sketch_ks_statistic.unwrap(),
+                    1e-12,
+                    1e-15,
+                );
+                assert_close(
+                    &format!("{name}: sketch w1"),
+                    w,
+                    case.sketch_wasserstein.unwrap(),
+                    1e-9,
+                    0.0,
+                );
+                let want = if exact_p {
+                    case.sketch_ks_pvalue_exact.unwrap()
+                } else {
+                    case.sketch_ks_pvalue_asymp.unwrap()
+                };
+                assert_close(
+                    &format!("{name}: sketch ks p"),
+                    f.ks_pvalue.unwrap(),
+                    want,
+                    1e-8,
+                    1e-300,
+                );
                 // Against scipy on the raw reference: the sketch approximation.
                 let (dw, dks) = (rel_err(w, case.wasserstein), (ks - case.ks_statistic).abs());
-                eprintln!("{name}: sketch vs raw: wasserstein rel err {dw:.2e}, ks abs err {dks:.2e}, p {:e} vs {:e}",
-                    f.ks_pvalue.unwrap(), case.ks_pvalue_auto);
-                assert!(dw < 1e-2, "{name}: wasserstein {w} vs raw {}", case.wasserstein);
+                eprintln!(
+                    "{name}: sketch vs raw: wasserstein rel err {dw:.2e}, ks abs err {dks:.2e}, p {:e} vs {:e}",
+                    f.ks_pvalue.unwrap(),
+                    case.ks_pvalue_auto
+                );
+                assert!(
+                    dw < 1e-2,
+                    "{name}: wasserstein {w} vs raw {}",
+                    case.wasserstein
+                );
                 assert!(dks < 2e-3, "{name}: ks {ks} vs raw {}", case.ks_statistic);
-                assert_close(&format!("{name}: normed (sketch)"), f.wasserstein_normed.unwrap(), case.wasserstein_normed, 1e-2, 0.0);
+                assert_close(
+                    &format!("{name}: normed (sketch)"),
+                    f.wasserstein_normed.unwrap(),
+                    case.wasserstein_normed,
+                    1e-2,
+                    0.0,
+                );
             }
             assert_eq!(f.method, case.default_method, "{name}: default method");
             assert_eq!(f.drifted, case.default_drifted, "{name}: default verdict");
@@ -2098,7 +2420,10 @@ mod tests {
             for (k, &c) in &case.ref_counts {
                 rows.extend(std::iter::repeat_n(DriftValue::Cat(k.as_str()), c as usize));
             }
-            rows.extend(std::iter::repeat_n(DriftValue::Missing, case.ref_missing as usize));
+            rows.extend(std::iter::repeat_n(
+                DriftValue::Missing,
+                case.ref_missing as usize,
+            ));
             let baseline = one_feature_baseline(name, DriftKind::Categorical, &rows);
             match &baseline.features[0].stats {
                 FeatureStats::Categorical(c) => {
@@ -2109,7 +2434,11 @@ mod tests {
             }
             // Interleave the current rows so that the window's interning is exercised.
             let mut cur: Vec<DriftValue<'_>> = Vec::new();
-            let mut left: Vec<(&str, u64)> = case.cur_counts.iter().map(|(k, c)| (k.as_str(), *c)).collect();
+            let mut left: Vec<(&str, u64)> = case
+                .cur_counts
+                .iter()
+                .map(|(k, c)| (k.as_str(), *c))
+                .collect();
             while left.iter().any(|(_, c)| *c > 0) {
                 for (k, c) in left.iter_mut().filter(|(_, c)| *c > 0) {
                     cur.push(DriftValue::Cat(k));
@@ -2121,12 +2450,38 @@ mod tests {
             let report = compare(&baseline, &sample, &DriftConfig::default()).unwrap();
             let f = &report.features[0];
             assert_eq!(f.missing, case.cur_missing, "{name}");
-            assert_close(&format!("{name}: psi"), f.psi.unwrap(), case.psi, 1e-12, 1e-15);
-            assert_close(&format!("{name}: js"), f.jensen_shannon.unwrap(), case.jensen_shannon, 1e-12, 1e-15);
-            assert_close(&format!("{name}: chi2 p"), f.chi2_pvalue.unwrap(), case.chi2_pvalue, 1e-9, 1e-300);
-            let FeatureStats::Categorical(cb) = &baseline.features[0].stats else { unreachable!() };
+            assert_close(
+                &format!("{name}: psi"),
+                f.psi.unwrap(),
+                case.psi,
+                1e-12,
+                1e-15,
+            );
+            assert_close(
+                &format!("{name}: js"),
+                f.jensen_shannon.unwrap(),
+                case.jensen_shannon,
+                1e-12,
+                1e-15,
+            );
+            assert_close(
+                &format!("{name}: chi2 p"),
+                f.chi2_pvalue.unwrap(),
+                case.chi2_pvalue,
+                1e-9,
+                1e-300,
+            );
+            let FeatureStats::Categorical(cb) = &baseline.features[0].stats else {
+                unreachable!()
+            };
             let m = categorical_metrics(cb, &sample_counts(&sample)).unwrap();
-            assert_close(&format!("{name}: chi2 statistic"), m.chi2_statistic, case.chi2_statistic, 1e-12, 0.0);
+            assert_close(
+                &format!("{name}: chi2 statistic"),
+                m.chi2_statistic,
+                case.chi2_statistic,
+                1e-12,
+                0.0,
+            );
             assert!(f.ks_statistic.is_none() && f.ks_pvalue.is_none() && f.wasserstein.is_none());
             assert_eq!(f.method, case.default_method, "{name}");
             assert_eq!(f.drifted, case.default_drifted, "{name}");
@@ -2145,11 +2500,18 @@ mod tests {
         let mut worst = 0.0f64;
         for r in reference().kstwo_sf {
             let got = kolmogorov_n_sf(r.n, r.x);
-            if rel_err(got, r.sf) > 1e-12 && r.sf > 1e-300 {
-                eprintln!("kstwo n={} x={} nxx={} sf={:e} rel={:e}", r.n, r.x, r.n as f64 * r.x * r.x, r.sf, rel_err(got, r.sf));
-            }
-            worst = worst.max(if r.sf < 1e-300 { 0.0 } else { rel_err(got, r.sf) });
-            assert_close(&format!("kstwo.sf({}, {})", r.x, r.n), got, r.sf, 1e-9, 1e-300);
+            worst = worst.max(if r.sf < 1e-300 {
+                0.0
+            } else {
+                rel_err(got, r.sf)
+            });
+            assert_close(
+                &format!("kstwo.sf({}, {})", r.x, r.n),
+                got,
+                r.sf,
+                1e-10,
+                1e-300,
+            );
         }
         eprintln!("kstwo.sf: max relative error {worst:.2e}");
     }
@@ -2165,7 +2527,11 @@ mod tests {
                 (true, None) => panic!("{case}: scipy has no exact p-value"),
                 (false, _) => r.p_asymp,
             };
-            worst = worst.max(if want < 1e-300 { 0.0 } else { rel_err(got, want) });
+            worst = worst.max(if want < 1e-300 {
+                0.0
+            } else {
+                rel_err(got, want)
+            });
             assert_close(&case, got, want, 1e-9, 1e-300);
             if let (false, Some(p), true) = (exact, r.p_exact, r.n1.max(r.n2) <= KS_EXACT_MAX_N) {
                 // scipy ("auto") is exact here; the work cap sent us to the
@@ -2174,7 +2540,9 @@ mod tests {
                 worst_fallback = worst_fallback.max(rel_err(got, p));
             }
         }
-        eprintln!("ks_2samp p-values: max relative error {worst:.2e}; capped cases vs scipy auto {worst_fallback:.2e}");
+        eprintln!(
+            "ks_2samp p-values: max relative error {worst:.2e}; capped cases vs scipy auto {worst_fallback:.2e}"
+        );
     }
 
     #[test]
@@ -2182,8 +2550,18 @@ mod tests {
         let mut worst = 0.0f64;
         for r in reference().chi2_sf {
             let got = chi2_sf(r.df, r.x);
-            worst = worst.max(if r.sf < 1e-300 { 0.0 } else { rel_err(got, r.sf) });
-            assert_close(&format!("chi2.sf({}, {})", r.x, r.df), got, r.sf, 1e-10, 1e-300);
+            worst = worst.max(if r.sf < 1e-300 {
+                0.0
+            } else {
+                rel_err(got, r.sf)
+            });
+            assert_close(
+                &format!("chi2.sf({}, {})", r.x, r.df),
+                got,
+                r.sf,
+                1e-10,
+                1e-300,
+            );
         }
         eprintln!("chi2.sf: max relative error {worst:.2e}");
     }
@@ -2194,7 +2572,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 11) as f64 / (1u64 << 53) as f64) * 10.0 - 3.0
             })
             .collect()
@@ -2206,26 +2586,52 @@ mod tests {
             let values = lcg_values(n as u64, n);
             let rows: Vec<DriftValue<'_>> = values.iter().map(|&x| DriftValue::Num(x)).collect();
             let baseline = one_feature_baseline("x", DriftKind::Numeric, &rows);
-            let report = compare(&baseline, &sample_for(&baseline, &rows), &DriftConfig::default()).unwrap();
+            let report = compare(
+                &baseline,
+                &sample_for(&baseline, &rows),
+                &DriftConfig::default(),
+            )
+            .unwrap();
             let f = &report.features[0];
             assert!(f.psi.unwrap().abs() < 1e-12, "n={n}: psi {:?}", f.psi);
-            assert!(f.jensen_shannon.unwrap() < 1e-7, "n={n}: js {:?}", f.jensen_shannon);
+            assert!(
+                f.jensen_shannon.unwrap() < 1e-7,
+                "n={n}: js {:?}",
+                f.jensen_shannon
+            );
             if n <= SKETCH_EXACT_MAX {
                 assert_eq!(f.ks_statistic, Some(0.0), "n={n}");
                 assert_eq!(f.ks_pvalue, Some(1.0), "n={n}");
                 assert_eq!(f.wasserstein, Some(0.0), "n={n}");
             } else {
                 // The sketch is an approximation of the values themselves.
-                assert!(f.ks_statistic.unwrap() < 2.0 / SKETCH_INTERVALS as f64, "n={n}: {:?}", f.ks_statistic);
-                assert!(f.wasserstein_normed.unwrap() < 1e-3, "n={n}: {:?}", f.wasserstein_normed);
+                assert!(
+                    f.ks_statistic.unwrap() < 2.0 / SKETCH_INTERVALS as f64,
+                    "n={n}: {:?}",
+                    f.ks_statistic
+                );
+                assert!(
+                    f.wasserstein_normed.unwrap() < 1e-3,
+                    "n={n}: {:?}",
+                    f.wasserstein_normed
+                );
             }
             assert!(!f.drifted && !report.dataset_drifted, "n={n}");
         }
         let cats = ["a", "b", "b", "c", "c", "c"];
         let rows: Vec<DriftValue<'_>> = cats.iter().map(|c| DriftValue::Cat(c)).collect();
         let baseline = one_feature_baseline("c", DriftKind::Categorical, &rows);
-        let f = &compare(&baseline, &sample_for(&baseline, &rows), &DriftConfig::default()).unwrap().features[0];
-        assert_eq!((f.psi, f.jensen_shannon, f.chi2_pvalue), (Some(0.0), Some(0.0), Some(1.0)));
+        let f = &compare(
+            &baseline,
+            &sample_for(&baseline, &rows),
+            &DriftConfig::default(),
+        )
+        .unwrap()
+        .features[0];
+        assert_eq!(
+            (f.psi, f.jensen_shannon, f.chi2_pvalue),
+            (Some(0.0), Some(0.0), Some(1.0))
+        );
         assert!(!f.drifted);
     }
 
@@ -2238,11 +2644,29 @@ mod tests {
         assert!(!b.sketch.exact);
         let cur = [0.25];
         // F_ref(x) = x; ECDF jumps 0 → 1 at 0.25.
-        assert_close("ks", ks_statistic_sketch(&b.sketch.values, &cur), 0.75, 1e-12, 0.0);
+        assert_close(
+            "ks",
+            ks_statistic_sketch(&b.sketch.values, &cur),
+            0.75,
+            1e-12,
+            0.0,
+        );
         // ∫0^.25 x dx + ∫.25^1 (1 - x) dx = 1/32 + 9/32.
-        assert_close("w1", wasserstein_sketch(&b.sketch.values, &cur), 10.0 / 32.0, 1e-12, 0.0);
+        assert_close(
+            "w1",
+            wasserstein_sketch(&b.sketch.values, &cur),
+            10.0 / 32.0,
+            1e-12,
+            0.0,
+        );
         let shifted: Vec<f64> = (0..1000).map(|i| i as f64 / 1000.0 + 2.0).collect();
-        assert_close("w1 shift", wasserstein_sketch(&b.sketch.values, &shifted), 2.0 - 0.0005, 1e-12, 0.0);
+        assert_close(
+            "w1 shift",
+            wasserstein_sketch(&b.sketch.values, &shifted),
+            2.0 - 0.0005,
+            1e-12,
+            0.0,
+        );
         assert_eq!(ks_statistic_sketch(&b.sketch.values, &shifted), 1.0);
     }
 
@@ -2251,15 +2675,23 @@ mod tests {
     fn two_feature_case(n_ref: usize, shift: f64) -> (Baseline, CurrentSample) {
         let xs = lcg_values(7, n_ref);
         let cats = ["a", "b", "c", "d"];
-        let mut b = BaselineBuilder::new([("x", DriftKind::Numeric), ("c", DriftKind::Categorical)]).unwrap();
+        let mut b =
+            BaselineBuilder::new([("x", DriftKind::Numeric), ("c", DriftKind::Categorical)])
+                .unwrap();
         for (i, &x) in xs.iter().enumerate() {
-            b.push_row(&[DriftValue::Num(x), DriftValue::Cat(cats[i % 4])]).unwrap();
+            b.push_row(&[DriftValue::Num(x), DriftValue::Cat(cats[i % 4])])
+                .unwrap();
         }
         let baseline = b.finish();
         let mut s = CurrentSample::new(&baseline, usize::MAX);
         for (i, &x) in lcg_values(8, 600).iter().enumerate() {
-            let c = if shift > 0.0 && i % 2 == 0 { "a" } else { cats[i % 4] };
-            s.push_row(&[DriftValue::Num(x + shift), DriftValue::Cat(c)]).unwrap();
+            let c = if shift > 0.0 && i % 2 == 0 {
+                "a"
+            } else {
+                cats[i % 4]
+            };
+            s.push_row(&[DriftValue::Num(x + shift), DriftValue::Cat(c)])
+                .unwrap();
         }
         (baseline, s)
     }
@@ -2268,19 +2700,34 @@ mod tests {
     fn default_rules_follow_reference_size() {
         let (b, s) = two_feature_case(800, 0.0);
         let r = compare(&b, &s, &DriftConfig::default()).unwrap();
-        assert_eq!((r.features[0].method, r.features[0].threshold), (DriftMethod::Ks, 0.05));
-        assert_eq!((r.features[1].method, r.features[1].threshold), (DriftMethod::Chi2, 0.05));
+        assert_eq!(
+            (r.features[0].method, r.features[0].threshold),
+            (DriftMethod::Ks, 0.05)
+        );
+        assert_eq!(
+            (r.features[1].method, r.features[1].threshold),
+            (DriftMethod::Chi2, 0.05)
+        );
         assert_eq!(r.drifted_features, 0);
         let (b, s) = two_feature_case(1001, 0.0);
         let r = compare(&b, &s, &DriftConfig::default()).unwrap();
-        assert_eq!((r.features[0].method, r.features[0].threshold), (DriftMethod::Wasserstein, 0.1));
-        assert_eq!((r.features[1].method, r.features[1].threshold), (DriftMethod::JensenShannon, 0.1));
+        assert_eq!(
+            (r.features[0].method, r.features[0].threshold),
+            (DriftMethod::Wasserstein, 0.1)
+        );
+        assert_eq!(
+            (r.features[1].method, r.features[1].threshold),
+            (DriftMethod::JensenShannon, 0.1)
+        );
         assert_eq!(r.drifted_features, 0);
 
         let (b, s) = two_feature_case(1001, 1.5);
         let r = compare(&b, &s, &DriftConfig::default()).unwrap();
         assert!(r.features.iter().all(|f| f.drifted), "{r:?}");
-        assert_eq!((r.drifted_features, r.share, r.dataset_drifted, r.rows), (2, 1.0, true, 600));
+        assert_eq!(
+            (r.drifted_features, r.share, r.dataset_drifted, r.rows),
+            (2, 1.0, true, 600)
+        );
     }
 
     #[test]
@@ -2288,10 +2735,19 @@ mod tests {
         let (b, s) = two_feature_case(800, 1.5);
         let mut config = DriftConfig::default();
         // Numeric: PSI with a huge threshold → not drifted; categorical still chi2.
-        config.rules.insert("x".into(), DriftRule { method: DriftMethod::Psi, threshold: Some(1e6) });
+        config.rules.insert(
+            "x".into(),
+            DriftRule {
+                method: DriftMethod::Psi,
+                threshold: Some(1e6),
+            },
+        );
         let r = compare(&b, &s, &config).unwrap();
         let (x, c) = (&r.features[0], &r.features[1]);
-        assert_eq!((x.method, x.threshold, x.drifted), (DriftMethod::Psi, 1e6, false));
+        assert_eq!(
+            (x.method, x.threshold, x.drifted),
+            (DriftMethod::Psi, 1e6, false)
+        );
         assert!(c.drifted && c.method == DriftMethod::Chi2);
         assert_eq!((r.drifted_features, r.share), (1, 0.5));
         assert!(r.dataset_drifted, "0.5 >= default drift_share 0.5");
@@ -2299,18 +2755,42 @@ mod tests {
         assert!(!compare(&b, &s, &config).unwrap().dataset_drifted);
 
         // p-value rule: drifted when p < threshold; default threshold when omitted.
-        config.rules.insert("x".into(), DriftRule { method: DriftMethod::Ks, threshold: None });
+        config.rules.insert(
+            "x".into(),
+            DriftRule {
+                method: DriftMethod::Ks,
+                threshold: None,
+            },
+        );
         let x = &compare(&b, &s, &config).unwrap().features[0];
         assert_eq!(x.threshold, 0.05);
         assert!(x.drifted && x.ks_pvalue.unwrap() < 0.05);
-        config.rules.insert("x".into(), DriftRule { method: DriftMethod::Ks, threshold: Some(1e-300) });
+        config.rules.insert(
+            "x".into(),
+            DriftRule {
+                method: DriftMethod::Ks,
+                threshold: Some(1e-300),
+            },
+        );
         let x = &compare(&b, &s, &config).unwrap().features[0];
         assert_eq!(x.drifted, x.ks_pvalue.unwrap() < 1e-300);
         // Distance rule: drifted when value >= threshold (equality drifts).
         let js = x.jensen_shannon.unwrap();
-        config.rules.insert("x".into(), DriftRule { method: DriftMethod::JensenShannon, threshold: Some(js) });
+        config.rules.insert(
+            "x".into(),
+            DriftRule {
+                method: DriftMethod::JensenShannon,
+                threshold: Some(js),
+            },
+        );
         assert!(compare(&b, &s, &config).unwrap().features[0].drifted);
-        config.rules.insert("c".into(), DriftRule { method: DriftMethod::Psi, threshold: Some(0.01) });
+        config.rules.insert(
+            "c".into(),
+            DriftRule {
+                method: DriftMethod::Psi,
+                threshold: Some(0.01),
+            },
+        );
         let r = compare(&b, &s, &config).unwrap();
         assert_eq!(r.features[1].method, DriftMethod::Psi);
         assert_eq!(r.features[1].value(), r.features[1].psi);
@@ -2324,29 +2804,69 @@ mod tests {
             c.rules.insert(name.into(), DriftRule { method, threshold });
             compare(&b, &s, &c).unwrap_err()
         };
-        assert!(matches!(with("x", DriftMethod::Chi2, None), DriftError::MethodNotApplicable { .. }));
-        assert!(matches!(with("c", DriftMethod::Ks, None), DriftError::MethodNotApplicable { .. }));
-        assert!(matches!(with("c", DriftMethod::Wasserstein, None), DriftError::MethodNotApplicable { .. }));
-        assert!(matches!(with("nope", DriftMethod::Psi, None), DriftError::UnknownRuleFeature(_)));
-        assert!(matches!(with("x", DriftMethod::Ks, Some(1.5)), DriftError::InvalidThreshold { .. }));
-        assert!(matches!(with("x", DriftMethod::Psi, Some(f64::NAN)), DriftError::InvalidThreshold { .. }));
-        assert!(matches!(with("x", DriftMethod::Psi, Some(0.0)), DriftError::InvalidThreshold { .. }));
+        assert!(matches!(
+            with("x", DriftMethod::Chi2, None),
+            DriftError::MethodNotApplicable { .. }
+        ));
+        assert!(matches!(
+            with("c", DriftMethod::Ks, None),
+            DriftError::MethodNotApplicable { .. }
+        ));
+        assert!(matches!(
+            with("c", DriftMethod::Wasserstein, None),
+            DriftError::MethodNotApplicable { .. }
+        ));
+        assert!(matches!(
+            with("nope", DriftMethod::Psi, None),
+            DriftError::UnknownRuleFeature(_)
+        ));
+        assert!(matches!(
+            with("x", DriftMethod::Ks, Some(1.5)),
+            DriftError::InvalidThreshold { .. }
+        ));
+        assert!(matches!(
+            with("x", DriftMethod::Psi, Some(f64::NAN)),
+            DriftError::InvalidThreshold { .. }
+        ));
+        assert!(matches!(
+            with("x", DriftMethod::Psi, Some(0.0)),
+            DriftError::InvalidThreshold { .. }
+        ));
         for share in [0.0, -1.0, 1.5, f64::NAN] {
-            let c = DriftConfig { drift_share: share, ..DriftConfig::default() };
-            assert!(matches!(compare(&b, &s, &c), Err(DriftError::InvalidDriftShare(_))));
+            let c = DriftConfig {
+                drift_share: share,
+                ..DriftConfig::default()
+            };
+            assert!(matches!(
+                compare(&b, &s, &c),
+                Err(DriftError::InvalidDriftShare(_))
+            ));
         }
         let err = with("x", DriftMethod::Chi2, None).to_string();
-        assert_eq!(err, "drift method chi2 does not apply to numeric feature \"x\"");
+        assert_eq!(
+            err,
+            "drift method chi2 does not apply to numeric feature \"x\""
+        );
     }
 
     #[test]
     fn config_deserializes_with_defaults() {
-        let c: DriftConfig = serde_json::from_str(r#"{"rules":{"age":{"method":"jensen_shannon"}}}"#).unwrap();
+        let c: DriftConfig =
+            serde_json::from_str(r#"{"rules":{"age":{"method":"jensen_shannon"}}}"#).unwrap();
         assert_eq!(c.drift_share, DEFAULT_DRIFT_SHARE);
-        assert_eq!(c.rules["age"], DriftRule { method: DriftMethod::JensenShannon, threshold: None });
+        assert_eq!(
+            c.rules["age"],
+            DriftRule {
+                method: DriftMethod::JensenShannon,
+                threshold: None
+            }
+        );
         let c: DriftConfig = serde_json::from_str(r#"{"drift_share":0.3,"future":1}"#).unwrap();
         assert_eq!((c.drift_share, c.rules.len()), (0.3, 0));
-        assert_eq!(serde_json::from_str::<DriftConfig>("{}").unwrap(), DriftConfig::default());
+        assert_eq!(
+            serde_json::from_str::<DriftConfig>("{}").unwrap(),
+            DriftConfig::default()
+        );
         assert!(serde_json::from_str::<DriftRule>(r#"{"method":"kl"}"#).is_err());
     }
 
@@ -2360,57 +2880,105 @@ mod tests {
             Err(DriftError::DuplicateFeature(_))
         ));
         let mut b = BaselineBuilder::new(features).unwrap();
-        assert!(matches!(b.push_row(&[DriftValue::Num(1.0)]), Err(DriftError::RowLength { expected: 2, got: 1 })));
+        assert!(matches!(
+            b.push_row(&[DriftValue::Num(1.0)]),
+            Err(DriftError::RowLength {
+                expected: 2,
+                got: 1
+            })
+        ));
         assert!(matches!(
             b.push_row(&[DriftValue::Cat("a"), DriftValue::Cat("a")]),
-            Err(DriftError::ValueKind { expected: DriftKind::Numeric, .. })
+            Err(DriftError::ValueKind {
+                expected: DriftKind::Numeric,
+                ..
+            })
         ));
         assert!(matches!(
             b.push_row(&[DriftValue::Num(1.0), DriftValue::Num(2.0)]),
-            Err(DriftError::ValueKind { expected: DriftKind::Categorical, .. })
+            Err(DriftError::ValueKind {
+                expected: DriftKind::Categorical,
+                ..
+            })
         ));
-        b.push_row(&[DriftValue::Num(f64::INFINITY), DriftValue::Missing]).unwrap();
-        b.push_row(&[DriftValue::Num(2.0), DriftValue::Cat("a")]).unwrap();
+        b.push_row(&[DriftValue::Num(f64::INFINITY), DriftValue::Missing])
+            .unwrap();
+        b.push_row(&[DriftValue::Num(2.0), DriftValue::Cat("a")])
+            .unwrap();
         assert_eq!(b.rows(), 2);
         let baseline = b.finish();
         let n = numeric(&baseline);
         assert_eq!((n.n, n.missing, n.mean, n.std), (1, 1, 2.0, 0.0));
 
         let mut s = CurrentSample::new(&baseline, 10);
-        assert!(s.push_row(&[DriftValue::Cat("a"), DriftValue::Cat("a")]).is_err());
+        assert!(
+            s.push_row(&[DriftValue::Cat("a"), DriftValue::Cat("a")])
+                .is_err()
+        );
         assert_eq!((s.rows(), s.rows_seen()), (0, 0));
-        let other = CurrentSample::with_features([("x", DriftKind::Categorical), ("c", DriftKind::Categorical)], 5).unwrap();
-        assert!(matches!(compare(&baseline, &other, &DriftConfig::default()), Err(DriftError::KindMismatch { .. })));
+        let other = CurrentSample::with_features(
+            [("x", DriftKind::Categorical), ("c", DriftKind::Categorical)],
+            5,
+        )
+        .unwrap();
+        assert!(matches!(
+            compare(&baseline, &other, &DriftConfig::default()),
+            Err(DriftError::KindMismatch { .. })
+        ));
         let other = CurrentSample::with_features([("c", DriftKind::Categorical)], 5).unwrap();
-        assert!(matches!(compare(&baseline, &other, &DriftConfig::default()), Err(DriftError::MissingFeature(_))));
+        assert!(matches!(
+            compare(&baseline, &other, &DriftConfig::default()),
+            Err(DriftError::MissingFeature(_))
+        ));
     }
 
     #[test]
     fn window_keeps_the_most_recent_rows() {
         let baseline = {
-            let mut b = BaselineBuilder::new([("x", DriftKind::Numeric), ("c", DriftKind::Categorical)]).unwrap();
+            let mut b =
+                BaselineBuilder::new([("x", DriftKind::Numeric), ("c", DriftKind::Categorical)])
+                    .unwrap();
             for i in 0..100 {
-                b.push_row(&[DriftValue::Num(i as f64), DriftValue::Cat(if i % 2 == 0 { "even" } else { "odd" })]).unwrap();
+                b.push_row(&[
+                    DriftValue::Num(i as f64),
+                    DriftValue::Cat(if i % 2 == 0 { "even" } else { "odd" }),
+                ])
+                .unwrap();
             }
             b.finish()
         };
         let mut s = CurrentSample::new(&baseline, 3);
         let names = ["p", "q", "p", "r", "s", "s"];
         for (i, c) in names.iter().enumerate() {
-            let v = if i == 4 { DriftValue::Missing } else { DriftValue::Cat(c) };
+            let v = if i == 4 {
+                DriftValue::Missing
+            } else {
+                DriftValue::Cat(c)
+            };
             s.push_row(&[DriftValue::Num(i as f64), v]).unwrap();
         }
         assert_eq!((s.rows(), s.rows_seen(), s.max_rows()), (3, 6, 3));
         // Window: rows 3, 4, 5 → x = 3, 4, 5; c = r, missing, s.
-        let WindowColumn::Numeric(x) = &s.columns[0] else { unreachable!() };
+        let WindowColumn::Numeric(x) = &s.columns[0] else {
+            unreachable!()
+        };
         let mut x = x.clone();
         x.sort_by(f64::total_cmp);
         assert_eq!(x, [3.0, 4.0, 5.0]);
-        let WindowColumn::Categorical(w) = &s.columns[1] else { unreachable!() };
+        let WindowColumn::Categorical(w) = &s.columns[1] else {
+            unreachable!()
+        };
         assert_eq!(w.counts(), BTreeMap::from([("r", 1), ("s", 1)]));
-        assert_eq!((w.missing, w.ids.len()), (1, 2), "evicted categories are forgotten");
+        assert_eq!(
+            (w.missing, w.ids.len()),
+            (1, 2),
+            "evicted categories are forgotten"
+        );
         let r = compare(&baseline, &s, &DriftConfig::default()).unwrap();
-        assert_eq!((r.rows, r.features[1].missing, r.features[1].current_rows), (3, 1, 3));
+        assert_eq!(
+            (r.rows, r.features[1].missing, r.features[1].current_rows),
+            (3, 1, 3)
+        );
         s.clear();
         assert_eq!((s.rows(), s.rows_seen()), (0, 0));
         assert_eq!(CurrentSample::new(&baseline, 0).max_rows(), 1);
@@ -2422,25 +2990,49 @@ mod tests {
         let mut s = CurrentSample::new(&b, 100);
         for rows in [0, 4] {
             for _ in 0..rows {
-                s.push_row(&[DriftValue::Num(f64::NAN), DriftValue::Missing]).unwrap();
+                s.push_row(&[DriftValue::Num(f64::NAN), DriftValue::Missing])
+                    .unwrap();
             }
             let r = compare(&b, &s, &DriftConfig::default()).unwrap();
-            assert_eq!((r.rows, r.drifted_features, r.share, r.dataset_drifted), (rows, 0, 0.0, false));
+            assert_eq!(
+                (r.rows, r.drifted_features, r.share, r.dataset_drifted),
+                (rows, 0, 0.0, false)
+            );
             for f in &r.features {
                 assert_eq!((f.current_rows, f.missing, f.drifted), (rows, rows, false));
                 assert!(f.psi.is_none() && f.jensen_shannon.is_none() && f.ks_pvalue.is_none());
-                assert!(f.wasserstein_normed.is_none() && f.chi2_pvalue.is_none() && f.value().is_none());
+                assert!(
+                    f.wasserstein_normed.is_none()
+                        && f.chi2_pvalue.is_none()
+                        && f.value().is_none()
+                );
             }
             let json = serde_json::to_string(&r).unwrap();
-            assert!(json.contains("\"psi\":null") && !json.contains("NaN"), "{json}");
+            assert!(
+                json.contains("\"psi\":null") && !json.contains("NaN"),
+                "{json}"
+            );
         }
         // An all-missing reference compares to nothing either.
         let empty = one_feature_baseline("x", DriftKind::Numeric, &[DriftValue::Missing; 3]);
         assert_eq!(numeric(&empty).missing, 3);
-        let r = compare(&empty, &sample_for(&empty, &[DriftValue::Num(1.0)]), &DriftConfig::default()).unwrap();
+        let r = compare(
+            &empty,
+            &sample_for(&empty, &[DriftValue::Num(1.0)]),
+            &DriftConfig::default(),
+        )
+        .unwrap();
         assert!(r.features[0].ks_statistic.is_none() && !r.features[0].drifted);
-        let empty = Baseline { version: BASELINE_VERSION, features: vec![] };
-        let r = compare(&empty, &CurrentSample::new(&empty, 1), &DriftConfig::default()).unwrap();
+        let empty = Baseline {
+            version: BASELINE_VERSION,
+            features: vec![],
+        };
+        let r = compare(
+            &empty,
+            &CurrentSample::new(&empty, 1),
+            &DriftConfig::default(),
+        )
+        .unwrap();
         assert_eq!((r.share, r.dataset_drifted), (0.0, false));
     }
 
@@ -2451,11 +3043,24 @@ mod tests {
         assert_eq!((nb.std, nb.min, nb.max), (0.0, 3.0, 3.0));
         assert_eq!(nb.bin_edges, vec![3.0; 9]);
         assert_eq!(nb.bin_proportions[9], 1.0);
-        let same = compare(&constant, &sample_for(&constant, &[DriftValue::Num(3.0); 20]), &DriftConfig::default()).unwrap();
+        let same = compare(
+            &constant,
+            &sample_for(&constant, &[DriftValue::Num(3.0); 20]),
+            &DriftConfig::default(),
+        )
+        .unwrap();
         let f = &same.features[0];
-        assert_eq!((f.wasserstein, f.wasserstein_normed, f.ks_statistic), (Some(0.0), Some(0.0), Some(0.0)));
+        assert_eq!(
+            (f.wasserstein, f.wasserstein_normed, f.ks_statistic),
+            (Some(0.0), Some(0.0), Some(0.0))
+        );
         assert!(!f.drifted);
-        let moved = compare(&constant, &sample_for(&constant, &[DriftValue::Num(3.5); 20]), &DriftConfig::default()).unwrap();
+        let moved = compare(
+            &constant,
+            &sample_for(&constant, &[DriftValue::Num(3.5); 20]),
+            &DriftConfig::default(),
+        )
+        .unwrap();
         let f = &moved.features[0];
         // σ = 0: normalised by Evidently's floor 0.001.
         assert_close("normed", f.wasserstein_normed.unwrap(), 500.0, 1e-12, 0.0);
@@ -2479,15 +3084,36 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         let x = &v["features"][0];
         for key in [
-            "name", "kind", "psi", "ks_statistic", "ks_pvalue", "wasserstein", "wasserstein_normed",
-            "jensen_shannon", "chi2_pvalue", "method", "threshold", "drifted", "current_rows", "missing",
+            "name",
+            "kind",
+            "psi",
+            "ks_statistic",
+            "ks_pvalue",
+            "wasserstein",
+            "wasserstein_normed",
+            "jensen_shannon",
+            "chi2_pvalue",
+            "method",
+            "threshold",
+            "drifted",
+            "current_rows",
+            "missing",
         ] {
             assert!(x.get(key).is_some(), "missing {key} in {x}");
         }
-        assert_eq!((x["kind"].as_str(), x["method"].as_str()), (Some("numeric"), Some("ks")));
+        assert_eq!(
+            (x["kind"].as_str(), x["method"].as_str()),
+            (Some("numeric"), Some("ks"))
+        );
         assert!(x["chi2_pvalue"].is_null());
         assert_eq!(v["features"][1]["method"], "chi2");
-        for key in ["drifted_features", "share", "dataset_drifted", "drift_share", "rows"] {
+        for key in [
+            "drifted_features",
+            "share",
+            "dataset_drifted",
+            "drift_share",
+            "rows",
+        ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(format!("[{:<6}]", DriftMethod::Ks), "[ks    ]");
@@ -2509,79 +3135,140 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
         v["features"][0]["stats"]["numeric"]["future_field"] = 1.into();
         v["extra"] = "x".into();
-        assert_eq!(serde_json::from_value::<Baseline>(v).unwrap().features.len(), 2);
+        assert_eq!(
+            serde_json::from_value::<Baseline>(v)
+                .unwrap()
+                .features
+                .len(),
+            2
+        );
 
         let broken = |f: &dyn Fn(&mut Baseline)| {
             let mut x = b.clone();
             f(&mut x);
             x.validate().unwrap_err()
         };
-        assert!(matches!(broken(&|x| x.version = 99), DriftError::UnsupportedVersion { found: 99, .. }));
+        assert!(matches!(
+            broken(&|x| x.version = 99),
+            DriftError::UnsupportedVersion { found: 99, .. }
+        ));
         fn num(x: &mut Baseline) -> &mut NumericBaseline {
             match &mut x.features[0].stats {
                 FeatureStats::Numeric(n) => n,
                 FeatureStats::Categorical(_) => unreachable!(),
             }
         }
-        assert!(matches!(broken(&|x| num(x).sketch.values.truncate(10)), DriftError::InvalidBaseline { .. }));
-        assert!(matches!(broken(&|x| num(x).sketch.values.reverse()), DriftError::InvalidBaseline { .. }));
-        assert!(matches!(broken(&|x| num(x).bin_edges.pop().map(drop).unwrap()), DriftError::InvalidBaseline { .. }));
-        assert!(matches!(broken(&|x| num(x).std = f64::NAN), DriftError::InvalidBaseline { .. }));
         assert!(matches!(
-            broken(&|x| if let FeatureStats::Categorical(c) = &mut x.features[1].stats {
-                c.n += 1;
-            }),
+            broken(&|x| num(x).sketch.values.truncate(10)),
             DriftError::InvalidBaseline { .. }
         ));
-        assert!(matches!(broken(&|x| x.features[1].name = "x".into()), DriftError::DuplicateFeature(_)));
+        assert!(matches!(
+            broken(&|x| num(x).sketch.values.reverse()),
+            DriftError::InvalidBaseline { .. }
+        ));
+        assert!(matches!(
+            broken(&|x| num(x).bin_edges.pop().map(drop).unwrap()),
+            DriftError::InvalidBaseline { .. }
+        ));
+        assert!(matches!(
+            broken(&|x| num(x).std = f64::NAN),
+            DriftError::InvalidBaseline { .. }
+        ));
+        assert!(matches!(
+            broken(
+                &|x| if let FeatureStats::Categorical(c) = &mut x.features[1].stats {
+                    c.n += 1;
+                }
+            ),
+            DriftError::InvalidBaseline { .. }
+        ));
+        assert!(matches!(
+            broken(&|x| x.features[1].name = "x".into()),
+            DriftError::DuplicateFeature(_)
+        ));
     }
 
     #[test]
     fn exact_ks_respects_the_work_cap() {
-        for (n1, n2, d) in [(2048, 10_000, 0.45), (2048, 10_000, 0.06), (9999, 10_000, 0.0125), (50, 10_000, 0.9)] {
-            let start = std::time::Instant::now();
-            let (p, exact) = ks_2samp_pvalue(n1, n2, d);
-            eprintln!("ks p ({n1}, {n2}, {d}) = {p:e} exact = {exact} in {:?}", start.elapsed());
+        for (n1, n2, d) in [
+            (2048, 10_000, 0.45),
+            (2048, 10_000, 0.06),
+            (9999, 10_000, 0.0125),
+            (50, 10_000, 0.9),
+        ] {
+            let (p, _exact) = ks_2samp_pvalue(n1, n2, d);
+            assert!((0.0..=1.0).contains(&p), "ks p ({n1}, {n2}, {d}) = {p:e}");
         }
-        assert!(!ks_2samp_pvalue(2048, 10_000, 0.45).1, "large statistics go asymptotic");
-        assert!(ks_2samp_pvalue(2048, 10_000, 0.02).1, "small statistics stay exact");
+        assert!(
+            !ks_2samp_pvalue(2048, 10_000, 0.45).1,
+            "large statistics go asymptotic"
+        );
+        assert!(
+            ks_2samp_pvalue(2048, 10_000, 0.02).1,
+            "small statistics stay exact"
+        );
         assert!(!ks_2samp_pvalue(10_001, 10, 0.2).1, "scipy's MAX_AUTO_N");
     }
 
     /// 10 000 rows × 10 features (7 numeric over an exact and a sketched
-    /// reference, 3 categorical): compare well under 100 ms in release.
+    /// reference, 3 categorical): windows are capped, shifted numeric
+    /// features are found, categorical ones left alone. (Speed is measured
+    /// in the `pipeline` benchmark, not asserted here.)
     #[test]
-    fn compare_is_fast() {
-        let mut kinds: Vec<(String, DriftKind)> = (0..7).map(|i| (format!("n{i}"), DriftKind::Numeric)).collect();
+    fn compare_on_wide_windows() {
+        let mut kinds: Vec<(String, DriftKind)> = (0..7)
+            .map(|i| (format!("n{i}"), DriftKind::Numeric))
+            .collect();
         kinds.extend((0..3).map(|i| (format!("c{i}"), DriftKind::Categorical)));
         let cats: Vec<String> = (0..20).map(|i| format!("cat{i}")).collect();
         let rows = |seed: u64, n: usize, shift: f64| -> Vec<Vec<(f64, usize)>> {
             let vals = lcg_values(seed, n * 10);
-            (0..n).map(|r| (0..10).map(|f| (vals[r * 10 + f] + shift, (vals[r * 10 + f].abs() * 7.0) as usize % 20)).collect()).collect()
+            (0..n)
+                .map(|r| {
+                    (0..10)
+                        .map(|f| {
+                            (
+                                vals[r * 10 + f] + shift,
+                                (vals[r * 10 + f].abs() * 7.0) as usize % 20,
+                            )
+                        })
+                        .collect()
+                })
+                .collect()
         };
         let to_row = |row: &[(f64, usize)]| -> Vec<DriftValue<'_>> {
-            row.iter().enumerate().map(|(f, (x, c))| if f < 7 { DriftValue::Num(*x) } else { DriftValue::Cat(&cats[*c]) }).collect()
+            row.iter()
+                .enumerate()
+                .map(|(f, (x, c))| {
+                    if f < 7 {
+                        DriftValue::Num(*x)
+                    } else {
+                        DriftValue::Cat(&cats[*c])
+                    }
+                })
+                .collect()
         };
         for n_ref in [2000usize, 100_000] {
-            let t = std::time::Instant::now();
             let mut b = BaselineBuilder::new(kinds.clone()).unwrap();
             for row in rows(1, n_ref, 0.0) {
                 b.push_row(&to_row(&row)).unwrap();
             }
             let baseline = b.finish();
-            let built = t.elapsed();
-            for shift in [0.0, 0.3] {
+            // Values are uniform on [-3, 7]: a shift of 0.55 gives KS statistics
+            // near the exact computation's work cap.
+            for shift in [0.0, 0.3, 0.55] {
                 let mut s = CurrentSample::new(&baseline, 10_000);
                 for row in rows(2, 12_000, shift) {
                     s.push_row(&to_row(&row)).unwrap();
                 }
-                let t = std::time::Instant::now();
                 let r = compare(&baseline, &s, &DriftConfig::default()).unwrap();
-                let took = t.elapsed();
-                eprintln!("n_ref={n_ref} shift={shift}: build {built:?}, compare {took:?}, drifted {}", r.drifted_features);
                 assert_eq!(r.rows, 10_000);
-                if !cfg!(debug_assertions) {
-                    assert!(took < std::time::Duration::from_millis(100), "compare took {took:?}");
+                if shift == 0.0 {
+                    assert_eq!(r.drifted_features, 0, "n_ref={n_ref}");
+                }
+                if shift == 0.55 {
+                    let drifted: Vec<&str> = r.features.iter().filter(|f| f.drifted).map(|f| f.name.as_str()).collect();
+                    assert_eq!(drifted, ["n0", "n1", "n2", "n3", "n4", "n5", "n6"], "n_ref={n_ref}");
                 }
             }
         }

@@ -18,7 +18,6 @@
 //! serves requests. [`Session::load`] does both.
 
 mod bundle;
-#[path = "/tmp/drift_shim.rs"]
 mod drift;
 mod error;
 mod golden;
@@ -29,7 +28,7 @@ mod session;
 
 pub use bundle::{
     Artifact, ArtifactInput, Encoding, FORMAT_VERSION, Framing, GoldenExample, GuestLimits, HEADER_LEN, Lineage, MAGIC,
-    MAX_MANIFEST_LEN, MAX_SIGNATURES, Manifest, ModelInfo, Pipeline, RUNTIME_VERSION, ReadLimits, Release,
+    MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline, RUNTIME_VERSION, ReadLimits, Release,
     SIGNATURE_ENTRY_LEN, SIGNING_CONTEXT, TensorSpec, VerifiedBundle, check_signatures, compress, extract_artifact,
     frame, from_cbor, inspect_unverified, lineage_training, parse_framing, parse_manifest, role, shuffle4, to_cbor, unshuffle4,
     verify, verify_integrity_only, write_bundle,
@@ -40,5 +39,8 @@ pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value
 pub use golden::{Mismatch, compare_json};
 pub use keys::{KeyId, PublicKey, SecretKey, TrustPolicy};
 pub use model::{BATCH_SYMBOL, Model, fmt_shape};
-pub use sandbox::{EPOCH_TICK, GuestRuntime, MAX_POOLED_INSTANCES, SandboxLimits, compatibility_key, precompile, validate};
-pub use session::{GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session};
+pub use sandbox::{
+    EPOCH_TICK, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, SandboxLimits, WASMTIME_VERSION, compatibility_key, precompile,
+    validate,
+};
+pub use session::{GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_value};

@@ -51,21 +51,19 @@ fn engine_for(target: Option<&str>) -> Result<Engine, GuestError> {
     Engine::new(&config).map_err(|e| GuestError::Compile(e.to_string()))
 }
 
-/// The key under which a precompiled guest is stored: the target triple and
-/// a hash of everything wasmtime requires to match (version, settings, CPU
-/// features). The runtime uses a precompiled guest only when its own key is
-/// equal; otherwise it compiles the portable module.
-pub fn compatibility_key(target: Option<&str>) -> Result<String, GuestError> {
-    use std::hash::{Hash, Hasher};
-    let engine = engine_for(target)?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    engine.precompile_compatibility_hash().hash(&mut h);
-    let triple = target.map(str::to_string).unwrap_or_else(host_triple);
-    Ok(format!("{triple}:wasmtime-48:{:016x}", h.finish()))
-}
+/// The wasmtime release this runtime embeds (pinned with `=` in Cargo.toml):
+/// precompiled guests are only valid for the same release.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+/// The target triple this runtime was compiled for.
+pub const HOST_TARGET: &str = env!("FERRY_TARGET");
 
-fn host_triple() -> String {
-    format!("{}-unknown-{}", std::env::consts::ARCH, std::env::consts::OS)
+/// The key under which a precompiled guest is stored: target triple and
+/// wasmtime release. The runtime tries a precompiled guest only when the key
+/// equals its own; wasmtime then checks the artifact's engine settings and
+/// CPU features against the host and refuses a mismatch, in which case the
+/// portable module is compiled instead.
+pub fn compatibility_key(target: Option<&str>) -> String {
+    format!("{}:wasmtime-{WASMTIME_VERSION}", target.unwrap_or(HOST_TARGET))
 }
 
 /// Compiles a guest ahead of time for a target; returns the artifact bytes
@@ -73,7 +71,7 @@ fn host_triple() -> String {
 pub fn precompile(wasm: &[u8], target: Option<&str>) -> Result<(Vec<u8>, String), GuestError> {
     let engine = engine_for(target)?;
     let bytes = engine.precompile_module(wasm).map_err(|e| GuestError::Compile(e.to_string()))?;
-    Ok((bytes, compatibility_key(target)?))
+    Ok((bytes, compatibility_key(target)))
 }
 
 /// Checks that bytes are a compilable WebAssembly module exporting the ABI,
@@ -166,7 +164,8 @@ impl std::fmt::Debug for GuestRuntime {
 
 impl GuestRuntime {
     /// Compiles `wasm` (or loads one of `precompiled`, `(key, bytes)`, when
-    /// its key matches this host), links WASI, and creates and configures a
+    /// its key matches this host; pass none unless the bytes come from a
+    /// bundle whose signature was verified), links WASI, and creates and configures a
     /// first instance, so configuration errors surface here, not on the
     /// first request.
     pub fn new(
@@ -176,7 +175,7 @@ impl GuestRuntime {
         limits: SandboxLimits,
     ) -> Result<GuestRuntime, GuestError> {
         let engine = engine_for(None)?;
-        let own_key = compatibility_key(None)?;
+        let own_key = compatibility_key(None);
         let mut used_precompiled = false;
         let mut module = None;
         for (key, bytes) in precompiled {

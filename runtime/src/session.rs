@@ -4,14 +4,32 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_guest_abi::{Features, Tensor, TensorSet};
+use ferry_guest_abi::{FeatureKind, Features, Tensor, TensorSet, Value};
 
+use crate::drift::{DriftKind, DriftValue};
 use crate::bundle::{self, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
 use crate::error::{BundleError, Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
 use crate::keys::TrustPolicy;
 use crate::model::Model;
 use crate::sandbox::{GuestRuntime, SandboxLimits};
+
+impl From<FeatureKind> for DriftKind {
+    fn from(kind: FeatureKind) -> DriftKind {
+        match kind {
+            FeatureKind::Numeric => DriftKind::Numeric,
+            FeatureKind::Categorical => DriftKind::Categorical,
+        }
+    }
+}
+
+/// A guest's feature value as the drift statistics take it (NaN is missing).
+pub fn drift_value(v: &Value) -> DriftValue<'_> {
+    match v {
+        Value::Num(x) => DriftValue::Num(*x),
+        Value::Cat(s) => DriftValue::Cat(s),
+    }
+}
 
 /// What an observer sees of one inference.
 #[derive(Debug)]
@@ -101,8 +119,13 @@ impl Preprocessor {
 fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
     let m = &bundle.manifest;
     let wasm = bundle.content(role::GUEST).ok_or(BundleError::MissingArtifact(role::GUEST))?;
-    let precompiled: Vec<(&str, &[u8])> =
-        bundle.all(role::GUEST_PRECOMPILED).filter_map(|(a, c)| a.target.as_deref().map(|t| (t, c))).collect();
+    // Precompiled guests are native code: only from a bundle whose signature
+    // was checked (not from `verify_integrity_only`, nor a packager's draft).
+    let precompiled: Vec<(&str, &[u8])> = if bundle.signed_by.is_empty() {
+        Vec::new()
+    } else {
+        bundle.all(role::GUEST_PRECOMPILED).filter_map(|(a, c)| a.target.as_deref().map(|t| (t, c))).collect()
+    };
     let limits = SandboxLimits { memory_bytes: m.limits.memory_bytes, timeout_ms: m.limits.timeout_ms };
     Ok(GuestRuntime::new(wasm, &precompiled, m.pipeline.config_json.as_bytes(), limits)?)
 }

@@ -123,6 +123,14 @@ fn precompiled_guests_are_used_only_when_compatible() {
     let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[("aarch64-unknown-linux-gnu:other", &bytes)], b"{}", limits).unwrap();
     assert!(!g.used_precompiled);
     still_serves(&g);
+    // Compiled for the host's triple explicitly (what `ferry pack --precompile
+    // x86_64` does on an x86_64 machine): usable here.
+    let host = env!("FERRY_TARGET");
+    let (bytes2, key2) = ferry_runtime::precompile(TEST_GUEST.as_bytes(), Some(host)).unwrap();
+    assert_eq!(key2, key);
+    let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[(&key2, &bytes2)], b"{}", limits).unwrap();
+    assert!(g.used_precompiled);
+    still_serves(&g);
     // Right key, corrupt bytes: refused by wasmtime, portable module used.
     let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[(&key, b"not an ELF")], b"{}", limits).unwrap();
     assert!(!g.used_precompiled);

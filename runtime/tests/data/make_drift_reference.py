@@ -88,11 +88,28 @@ def sketch_w1_and_ks(q, cur):
             w += (abs(y0) + abs(y1)) / 2 * (b - a)
         else:
             w += (y0 * y0 + y1 * y1) / (2 * (abs(y0) + abs(y1))) * (b - a)
-    # KS against the piecewise-linear CDF (no ties in these sketches).
-    f_right = np.interp(c, q, np.arange(K + 1) / K)
-    ecdf_hi = np.searchsorted(c, c, side="right") / m
-    ecdf_lo = np.searchsorted(c, c, side="left") / m
-    d = max(np.max(ecdf_hi - f_right), np.max(f_right - ecdf_lo), 0.0)
+    # KS against the piecewise-linear CDF (right-continuous; ties in q are jumps).
+    def f_right(x):
+        if x < q[0]:
+            return 0.0
+        if x >= q[K]:
+            return 1.0
+        k = int(np.searchsorted(q, x, side="right")) - 1
+        return (k + (x - q[k]) / (q[k + 1] - q[k])) / K
+
+    def f_left(x):
+        if x <= q[0]:
+            return 0.0
+        if x > q[K]:
+            return 1.0
+        k = int(np.searchsorted(q, x, side="left"))
+        return (k - 1 + (x - q[k - 1]) / (q[k] - q[k - 1])) / K
+
+    d = 0.0
+    for x in np.unique(c):
+        below = np.searchsorted(c, x, side="left") / m
+        upto = np.searchsorted(c, x, side="right") / m
+        d = max(d, f_left(x) - below, upto - f_right(x))
     return float(w), float(d)
 
 
@@ -214,6 +231,8 @@ def main():
          with_nan(rng, r6(rng.normal(5, 3, 600)), 0.2)),
         ("large_sketch", r6(rng.normal(10, 2, 5000)), r6(rng.normal(10.2, 2, 3000))),
         ("large_asymp", r6(rng.exponential(1.0, 3000)), r6(rng.exponential(1.1, 12000))),
+        ("large_discrete", rng.integers(0, 8, 4000).astype(float),
+         rng.integers(0, 9, 2000).astype(float)),
     ]
     cases = [numeric_case(n, a, b) for n, a, b in numeric]
 

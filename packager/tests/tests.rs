@@ -1,0 +1,9 @@
+//! End-to-end tests of the real `ferry` binary. Modules:
+//! - `pack`: pack → verify → run round trips against onnxruntime's outputs, reproducibility, golden failures.
+//! - `reject`: tampered bundles, wrong keys, bad inputs and bad project files give clear errors and exit codes.
+//! - `drift`: `ferry drift` flags shifted features and only those.
+
+mod common;
+mod drift;
+mod pack;
+mod reject;
