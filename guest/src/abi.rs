@@ -37,7 +37,9 @@ pub extern "C" fn ferry_abi_version() -> i32 {
 /// A buffer of `len` writable bytes, valid until the next `ferry_alloc`; 0 if it cannot be had.
 #[unsafe(no_mangle)]
 pub extern "C" fn ferry_alloc(len: i32) -> i32 {
-    let Ok(len) = usize::try_from(len) else { return 0 };
+    let Ok(len) = usize::try_from(len) else {
+        return 0;
+    };
     INPUT.with_borrow_mut(|buf| {
         if buf.capacity() > KEEP_CAPACITY && buf.capacity() / 4 > len {
             *buf = Vec::new();
@@ -70,9 +72,16 @@ pub unsafe extern "C" fn ferry_init(ptr: i32, len: i32) -> i32 {
 /// # Safety
 /// Both ranges must be bytes the host wrote into a buffer from `ferry_alloc`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn ferry_preprocess(ct_ptr: i32, ct_len: i32, body_ptr: i32, body_len: i32) -> i32 {
+pub unsafe extern "C" fn ferry_preprocess(
+    ct_ptr: i32,
+    ct_len: i32,
+    body_ptr: i32,
+    body_len: i32,
+) -> i32 {
     // SAFETY: the caller's contract.
-    let inputs = unsafe { host_bytes(ct_ptr, ct_len).and_then(|ct| Ok((ct, host_bytes(body_ptr, body_len)?))) };
+    let inputs = unsafe {
+        host_bytes(ct_ptr, ct_len).and_then(|ct| Ok((ct, host_bytes(body_ptr, body_len)?)))
+    };
     finish(inputs.and_then(|(ct, body)| {
         let ct = std::str::from_utf8(ct).map_err(|_| bad("the content type is not UTF-8"))?;
         with_guest(|g| g.preprocess(ct, body))
@@ -120,14 +129,18 @@ unsafe fn host_bytes<'a>(ptr: i32, len: i32) -> Result<&'a [u8], Error> {
             // SAFETY: in bounds of linear memory and non-null; aliasing per the caller's contract.
             Ok(unsafe { std::slice::from_raw_parts(start as *const u8, len) })
         }
-        _ => Err(internal(format!("the range {start}+{len} is outside the guest's memory"))),
+        _ => Err(internal(format!(
+            "the range {start}+{len} is outside the guest's memory"
+        ))),
     }
 }
 
 fn with_guest(f: impl FnOnce(&mut Guest) -> Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error> {
     GUEST.with_borrow_mut(|g| match g {
         Some(g) => f(g),
-        None => Err(internal("the guest is not configured: ferry_init has not succeeded")),
+        None => Err(internal(
+            "the guest is not configured: ferry_init has not succeeded",
+        )),
     })
 }
 

@@ -62,13 +62,17 @@ fn pick<'a>(
 ) -> Result<(usize, &'a ModelIo), Error> {
     let names: Vec<&str> = ios.iter().map(|io| io.name.as_str()).collect();
     match name {
-        Some(name) => ios.iter().enumerate().find(|(_, io)| io.name == name).ok_or_else(|| {
-            bad(format!(
-                "{key}: the model has no {what} {} (its {what}s: {})",
-                Quoted(name),
-                Listed(&names)
-            ))
-        }),
+        Some(name) => ios
+            .iter()
+            .enumerate()
+            .find(|(_, io)| io.name == name)
+            .ok_or_else(|| {
+                bad(format!(
+                    "{key}: the model has no {what} {} (its {what}s: {})",
+                    Quoted(name),
+                    Listed(&names)
+                ))
+            }),
         None if ios.len() == 1 => Ok((0, &ios[0])),
         None if ios.is_empty() => Err(bad(format!("the model has no {what}s"))),
         None => Err(bad(format!(
@@ -156,15 +160,18 @@ struct RawIo {
 
 /// Parses the configuration JSON.
 pub(crate) fn parse(bytes: &[u8]) -> Result<Config, Error> {
-    let raw: RawConfig =
-        serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid guest configuration: {e}")))?;
+    let raw: RawConfig = serde_json::from_slice(bytes)
+        .map_err(|e| bad(format!("invalid guest configuration: {e}")))?;
     if raw.abi != i64::from(ABI_VERSION) {
         return Err(bad(format!(
             "the configuration is for guest ABI {}, this guest speaks ABI {ABI_VERSION}",
             raw.abi
         )));
     }
-    let model = Model { inputs: ios(raw.model.inputs, "inputs")?, outputs: ios(raw.model.outputs, "outputs")? };
+    let model = Model {
+        inputs: ios(raw.model.inputs, "inputs")?,
+        outputs: ios(raw.model.outputs, "outputs")?,
+    };
     Ok(Config {
         model,
         preprocess: section(raw.preprocess, "preprocess")?,
@@ -184,9 +191,16 @@ fn ios(raw: Vec<RawIo>, what: &str) -> Result<Vec<ModelIo>, Error> {
             ))
         })?;
         if out.iter().any(|o| o.name == io.name) {
-            return Err(bad(format!("model.{what}: duplicate name {}", Quoted(&io.name))));
+            return Err(bad(format!(
+                "model.{what}: duplicate name {}",
+                Quoted(&io.name)
+            )));
         }
-        out.push(ModelIo { name: io.name, dtype, shape: io.shape });
+        out.push(ModelIo {
+            name: io.name,
+            dtype,
+            shape: io.shape,
+        });
     }
     Ok(out)
 }
@@ -195,13 +209,21 @@ fn section(value: Value, name: &'static str) -> Result<Section, Error> {
     let mut rest = match value {
         Value::Null => Map::new(),
         Value::Object(m) => m,
-        other => return Err(bad(format!("{name}: expected a table, got {}", value_kind(&other)))),
+        other => {
+            return Err(bad(format!(
+                "{name}: expected a table, got {}",
+                value_kind(&other)
+            )));
+        }
     };
     let kind = match rest.remove("kind") {
         None => "tensor".to_owned(),
         Some(Value::String(s)) => s,
         Some(other) => {
-            return Err(bad(format!("{name}.kind: expected a string, got {}", value_kind(&other))));
+            return Err(bad(format!(
+                "{name}.kind: expected a string, got {}",
+                value_kind(&other)
+            )));
         }
     };
     Ok(Section { name, kind, rest })
@@ -219,7 +241,10 @@ fn value_kind(v: &Value) -> &'static str {
 }
 
 /// Parses one entry of a list of tables (e.g. `features[2]`), naming it in errors.
-pub(crate) fn parse_entry<T: DeserializeOwned>(value: &Value, path: impl fmt::Display) -> Result<T, Error> {
+pub(crate) fn parse_entry<T: DeserializeOwned>(
+    value: &Value,
+    path: impl fmt::Display,
+) -> Result<T, Error> {
     T::deserialize(value).map_err(|e| bad(format!("{path}: {e}")))
 }
 
@@ -256,15 +281,56 @@ pub(crate) mod tests {
     fn rejects_bad_configurations() {
         let io = r#"[{"name": "x", "dtype": "f32", "shape": [1]}]"#;
         let cases = [
-            (config_json("{}", "{}", io, io).replace("\"abi\": 1", "\"abi\": 2"), "for guest ABI 2"),
-            (config_json("{}", "{}", io, io).replace("\"abi\": 1,", ""), "missing field `abi`"),
-            (config_json("{}", "{}", r#"[{"name": "x", "dtype": "f16", "shape": [1]}]"#, io), "dtype \"f16\""),
-            (config_json("{}", "{}", r#"[{"name": "x", "dtype": "f32", "shape": [1], "z": 0}]"#, io), "unknown field `z`"),
-            (config_json("{}", "{}", r#"[{"name": "x", "dtype": "f32", "shape": [-1]}]"#, io), "invalid value"),
-            (config_json("[]", "{}", io, io), "preprocess: expected a table, got array"),
-            (config_json(r#"{"kind": 3}"#, "{}", io, io), "preprocess.kind: expected a string, got number"),
             (
-                config_json("{}", "{}", r#"[{"name": "x", "dtype": "f32", "shape": []}, {"name": "x", "dtype": "f32", "shape": []}]"#, io),
+                config_json("{}", "{}", io, io).replace("\"abi\": 1", "\"abi\": 2"),
+                "for guest ABI 2",
+            ),
+            (
+                config_json("{}", "{}", io, io).replace("\"abi\": 1,", ""),
+                "missing field `abi`",
+            ),
+            (
+                config_json(
+                    "{}",
+                    "{}",
+                    r#"[{"name": "x", "dtype": "f16", "shape": [1]}]"#,
+                    io,
+                ),
+                "dtype \"f16\"",
+            ),
+            (
+                config_json(
+                    "{}",
+                    "{}",
+                    r#"[{"name": "x", "dtype": "f32", "shape": [1], "z": 0}]"#,
+                    io,
+                ),
+                "unknown field `z`",
+            ),
+            (
+                config_json(
+                    "{}",
+                    "{}",
+                    r#"[{"name": "x", "dtype": "f32", "shape": [-1]}]"#,
+                    io,
+                ),
+                "invalid value",
+            ),
+            (
+                config_json("[]", "{}", io, io),
+                "preprocess: expected a table, got array",
+            ),
+            (
+                config_json(r#"{"kind": 3}"#, "{}", io, io),
+                "preprocess.kind: expected a string, got number",
+            ),
+            (
+                config_json(
+                    "{}",
+                    "{}",
+                    r#"[{"name": "x", "dtype": "f32", "shape": []}, {"name": "x", "dtype": "f32", "shape": []}]"#,
+                    io,
+                ),
                 "model.inputs: duplicate name \"x\"",
             ),
             ("not json".to_owned(), "invalid guest configuration"),
@@ -278,18 +344,30 @@ pub(crate) mod tests {
 
     #[test]
     fn picks_inputs_by_name_or_uniqueness() {
-        let io = |n: &str| ModelIo { name: n.into(), dtype: DType::F32, shape: vec![] };
-        let m = Model { inputs: vec![io("a"), io("b")], outputs: vec![] };
+        let io = |n: &str| ModelIo {
+            name: n.into(),
+            dtype: DType::F32,
+            shape: vec![],
+        };
+        let m = Model {
+            inputs: vec![io("a"), io("b")],
+            outputs: vec![],
+        };
         assert_eq!(m.input(Some("b"), "preprocess.input").unwrap().0, 1);
         assert_eq!(
-            m.input(Some("c"), "preprocess.input").unwrap_err().message(),
+            m.input(Some("c"), "preprocess.input")
+                .unwrap_err()
+                .message(),
             r#"preprocess.input: the model has no input "c" (its inputs: "a", "b")"#
         );
         assert_eq!(
             m.input(None, "preprocess.input").unwrap_err().message(),
             r#"the model has 2 inputs ("a", "b"): set preprocess.input to choose one"#
         );
-        let one = Model { inputs: vec![io("a")], outputs: vec![] };
+        let one = Model {
+            inputs: vec![io("a")],
+            outputs: vec![],
+        };
         assert_eq!(one.input(None, "preprocess.input").unwrap().1.name, "a");
     }
 }

@@ -89,17 +89,33 @@ mod tests {
         let set = TensorSet::decode(&g.preprocess("application/json", body).unwrap()).unwrap();
         assert_eq!(set.tensors[0].shape, [1, 4]);
         let outputs = TensorSet {
-            tensors: vec![ferry_guest_abi::Tensor::from_f32("probabilities", vec![1, 3], &[0.97, 0.02, 0.01])],
+            tensors: vec![ferry_guest_abi::Tensor::from_f32(
+                "probabilities",
+                vec![1, 3],
+                &[0.97, 0.02, 0.01],
+            )],
             features: None,
         };
         let json = String::from_utf8(g.postprocess(&outputs.encode()).unwrap()).unwrap();
-        assert!(json.starts_with(r#"{"predictions":[{"label":"setosa","class":0,"score":0.97}],"outputs":"#), "{json}");
+        assert!(
+            json.starts_with(
+                r#"{"predictions":[{"label":"setosa","class":0,"score":0.97}],"outputs":"#
+            ),
+            "{json}"
+        );
     }
 
     #[test]
     fn unknown_preprocess_kind() {
-        let e = Guest::from_config(IRIS.replace(r#""kind": "tabular""#, r#""kind": "csv""#).as_bytes()).unwrap_err();
-        assert_eq!(e.message(), r#"preprocess.kind: unknown kind "csv" (expected "tensor", "tabular" or "image")"#);
+        let e = Guest::from_config(
+            IRIS.replace(r#""kind": "tabular""#, r#""kind": "csv""#)
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message(),
+            r#"preprocess.kind: unknown kind "csv" (expected "tensor", "tabular" or "image")"#
+        );
         assert_eq!(e.status(), 1);
     }
 
@@ -108,9 +124,23 @@ mod tests {
         let config = r#"{"abi": 1, "model": {"inputs": [{"name": "x", "dtype": "f32", "shape": [1]}],
             "outputs": [{"name": "y", "dtype": "f32", "shape": [1]}]}}"#;
         let mut g = Guest::from_config(config.as_bytes()).unwrap();
-        let set = g.preprocess("application/json", br#"{"inputs": {"x": {"shape": [1], "data": [2]}}}"#).unwrap();
-        assert_eq!(TensorSet::decode(&set).unwrap().tensors[0].to_f64_vec(), [2.0]);
-        let outputs = TensorSet { tensors: vec![ferry_guest_abi::Tensor::from_f32("y", vec![1], &[4.0])], features: None };
-        assert_eq!(g.postprocess(&outputs.encode()).unwrap(), br#"{"outputs":{"y":{"shape":[1],"data":[4.0]}}}"#);
+        let set = g
+            .preprocess(
+                "application/json",
+                br#"{"inputs": {"x": {"shape": [1], "data": [2]}}}"#,
+            )
+            .unwrap();
+        assert_eq!(
+            TensorSet::decode(&set).unwrap().tensors[0].to_f64_vec(),
+            [2.0]
+        );
+        let outputs = TensorSet {
+            tensors: vec![ferry_guest_abi::Tensor::from_f32("y", vec![1], &[4.0])],
+            features: None,
+        };
+        assert_eq!(
+            g.postprocess(&outputs.encode()).unwrap(),
+            br#"{"outputs":{"y":{"shape":[1],"data":[4.0]}}}"#
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! Each image is decoded under [`decode_limits`] (a decompression bomb is refused before its
 //! pixels are allocated), converted to the configured colour (alpha is dropped), resized to the
 //! model's size if it differs, then mapped through a per-channel lookup table built at init:
-//! `(pixel * scale - mean[c]) / std[c]`, computed in `f64` once per pixel value.
+//! `(pixel * scale - mean[c]) / std[c]`, computed in `f32` once per pixel value.
 
 use std::io::Cursor;
 
@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::config::{Model, Section};
 use crate::error::{Error, bad, internal};
 use crate::json::{self, Node, Quoted, media_type};
+use crate::tensor::tensor_buffer;
 
 /// Largest width or height of an image accepted in a request, and of the model's input size.
 /// Far above what vision models take; it bounds decode time and memory per image.
@@ -126,7 +127,9 @@ impl ImagePre {
         let (_, io) = model.input(toml.input.as_deref(), "preprocess.input")?;
         for (key, side) in [("width", toml.width), ("height", toml.height)] {
             if !(1..=MAX_SIDE).contains(&side) {
-                return Err(section.error(key, format!("must be between 1 and {MAX_SIDE}, got {side}")));
+                return Err(
+                    section.error(key, format!("must be between 1 and {MAX_SIDE}, got {side}"))
+                );
             }
         }
         let channels = toml.color.channels();
@@ -134,24 +137,34 @@ impl ImagePre {
         if !scale.is_finite() {
             return Err(section.error("scale", "must be a finite number"));
         }
-        let per_channel = |key: &str, values: Option<Vec<f64>>, default: f64| -> Result<Vec<f64>, Error> {
-            let values = values.unwrap_or_else(|| vec![default]);
-            match values.len() {
+        let per_channel =
+            |key: &str, values: Option<Vec<f64>>, default: f64| -> Result<Vec<f64>, Error> {
+                let values = values.unwrap_or_else(|| vec![default]);
+                match values.len() {
                 1 => Ok(vec![values[0]; channels]),
                 n if n == channels => Ok(values),
                 n => Err(section.error(
                     key,
-                    format!("give 1 value or one per channel ({channels} for color = {:?}), got {n}", toml.color),
+                    format!(
+                        "give 1 value or one per channel ({channels} for color = {:?}), got {n}",
+                        toml.color
+                    ),
                 )),
             }
-        };
+            };
         let mean = per_channel("mean", toml.mean, 0.0)?;
         let std = per_channel("std", toml.std, 1.0)?;
         if let Some(s) = std.iter().find(|s| !(**s > 0.0 && s.is_finite())) {
-            return Err(section.error("std", format!("every value must be a positive number, got {s}")));
+            return Err(section.error(
+                "std",
+                format!("every value must be a positive number, got {s}"),
+            ));
         }
         if let Some(m) = mean.iter().find(|m| !m.is_finite()) {
-            return Err(section.error("mean", format!("every value must be a finite number, got {m}")));
+            return Err(section.error(
+                "mean",
+                format!("every value must be a finite number, got {m}"),
+            ));
         }
         if io.dtype != DType::F32 {
             return Err(bad(format!(
@@ -160,7 +173,11 @@ impl ImagePre {
                 io.dtype.name()
             )));
         }
-        let (c, h, w) = (channels as u64, u64::from(toml.height), u64::from(toml.width));
+        let (c, h, w) = (
+            channels as u64,
+            u64::from(toml.height),
+            u64::from(toml.width),
+        );
         let item_shape = match (io.shape.len(), toml.layout, toml.color) {
             (4, Layout::Nchw, _) => vec![c, h, w],
             (4, Layout::Nhwc, _) => vec![h, w, c],
@@ -171,12 +188,23 @@ impl ImagePre {
                     "the model input {} has shape {}; kind \"image\" with color = \"{}\" needs rank 4{}",
                     Quoted(&io.name),
                     io.shape_display(),
-                    if toml.color == Color::Rgb { "rgb" } else { "grayscale" },
-                    if toml.color == Color::Rgb { " or 2" } else { ", 3 or 2" },
+                    if toml.color == Color::Rgb {
+                        "rgb"
+                    } else {
+                        "grayscale"
+                    },
+                    if toml.color == Color::Rgb {
+                        " or 2"
+                    } else {
+                        ", 3 or 2"
+                    },
                 )));
             }
         };
-        let fits = io.shape[1..].iter().zip(&item_shape).all(|(m, d)| m.is_none_or(|m| m == *d));
+        let fits = io.shape[1..]
+            .iter()
+            .zip(&item_shape)
+            .all(|(m, d)| m.is_none_or(|m| m == *d));
         if !fits {
             let mut made = String::from("[N");
             for d in &item_shape {
@@ -195,7 +223,8 @@ impl ImagePre {
             .map(|c| {
                 let mut table = [0f32; 256];
                 for (p, v) in table.iter_mut().enumerate() {
-                    *v = ((p as f64 * scale - mean[c]) / std[c]) as f32;
+                    // In f32, as a float32 pipeline computes it (e.g. numpy on float32 arrays).
+                    *v = (p as f32 * scale as f32 - mean[c] as f32) / std[c] as f32;
                 }
                 table
             })
@@ -244,54 +273,91 @@ impl ImagePre {
                 if list.is_empty() {
                     return Err(bad("\"images\" is empty: give at least one image"));
                 }
-                list.iter().enumerate().map(|(i, n)| (format!("images[{i}]"), n)).collect()
+                list.iter()
+                    .enumerate()
+                    .map(|(i, n)| (format!("images[{i}]"), n))
+                    .collect()
             }
             (None, Some(other)) => {
-                return Err(bad(format!("\"images\": expected an array of base64 strings, got {}", other.kind())));
+                return Err(bad(format!(
+                    "\"images\": expected an array of base64 strings, got {}",
+                    other.kind()
+                )));
             }
             (Some(_), Some(_)) => return Err(bad("give either \"image\" or \"images\", not both")),
-            (None, None) => return Err(bad("missing field \"image\" (or \"images\") in the request")),
+            (None, None) => {
+                return Err(bad(
+                    "missing field \"image\" (or \"images\") in the request",
+                ));
+            }
         };
         let mut decoded = Vec::with_capacity(strings.len());
         for (label, node) in strings {
             let Node::Str(text) = node else {
-                return Err(bad(format!("{label}: expected a base64 string, got {}", node.kind())));
+                return Err(bad(format!(
+                    "{label}: expected a base64 string, got {}",
+                    node.kind()
+                )));
             };
-            let bytes = STANDARD
-                .decode(text.as_bytes())
-                .map_err(|e| bad(format!("{label}: invalid base64 (standard alphabet, padded): {e}")))?;
+            let bytes = STANDARD.decode(text.as_bytes()).map_err(|e| {
+                bad(format!(
+                    "{label}: invalid base64 (standard alphabet, padded): {e}"
+                ))
+            })?;
             decoded.push((label, None, bytes));
         }
-        let refs: Vec<(String, Option<ImageFormat>, &[u8])> =
-            decoded.iter().map(|(l, f, b)| (l.clone(), *f, b.as_slice())).collect();
+        let refs: Vec<(String, Option<ImageFormat>, &[u8])> = decoded
+            .iter()
+            .map(|(l, f, b)| (l.clone(), *f, b.as_slice()))
+            .collect();
         self.encode(&refs)
     }
 
-    fn encode(&mut self, images: &[(String, Option<ImageFormat>, &[u8])]) -> Result<Vec<u8>, Error> {
+    fn encode(
+        &mut self,
+        images: &[(String, Option<ImageFormat>, &[u8])],
+    ) -> Result<Vec<u8>, Error> {
         let n = images.len();
         if let Some(batch) = self.batch
             && batch != n as u64
         {
-            return Err(bad(format!("the model takes exactly {batch} image(s) per request, got {n}")));
+            return Err(bad(format!(
+                "the model takes exactly {batch} image(s) per request, got {n}"
+            )));
         }
+        // At most 3 * 4096 * 4096 (checked at init), so this fits even a 32-bit usize.
         let per_image = self.item_shape.iter().product::<u64>() as usize;
-        let mut data = Vec::with_capacity(n * per_image * 4);
+        let mut data = tensor_buffer(
+            n.checked_mul(per_image),
+            DType::F32,
+            &format!("{n} image(s)"),
+        )?;
         let mut rows = Vec::with_capacity(n);
         for (label, format, bytes) in images {
             let pixels = self.pixels(label, *format, bytes)?;
             rows.push(features(&pixels));
             self.write(&pixels, &mut data);
         }
-        if data.len() != n * per_image * 4 {
-            return Err(internal("image preprocessing produced a tensor of the wrong size"));
+        if Some(data.len()) != n.checked_mul(per_image * 4) {
+            return Err(internal(
+                "image preprocessing produced a tensor of the wrong size",
+            ));
         }
         let mut shape = Vec::with_capacity(1 + self.item_shape.len());
         shape.push(n as u64);
         shape.extend_from_slice(&self.item_shape);
-        let tensor = Tensor { name: self.input.clone(), dtype: DType::F32, shape, data };
+        let tensor = Tensor {
+            name: self.input.clone(),
+            dtype: DType::F32,
+            shape,
+            data,
+        };
         let set = TensorSet {
             tensors: vec![tensor],
-            features: Some(Features { names: std::mem::take(&mut self.names), rows }),
+            features: Some(Features {
+                names: std::mem::take(&mut self.names),
+                rows,
+            }),
         };
         let out = set.encode();
         if let Some(f) = set.features {
@@ -301,7 +367,12 @@ impl ImagePre {
     }
 
     /// Decodes one image to interleaved 8-bit pixels of the configured colour and size.
-    fn pixels(&self, label: &str, format: Option<ImageFormat>, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+    fn pixels(
+        &self,
+        label: &str,
+        format: Option<ImageFormat>,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, Error> {
         let image = decode(label, format, bytes)?;
         Ok(match self.color {
             Color::Grayscale => self.resized(image.into_luma8()),
@@ -309,7 +380,10 @@ impl ImagePre {
         })
     }
 
-    fn resized<P: Pixel<Subpixel = u8> + 'static>(&self, image: ImageBuffer<P, Vec<u8>>) -> Vec<u8> {
+    fn resized<P: Pixel<Subpixel = u8> + 'static>(
+        &self,
+        image: ImageBuffer<P, Vec<u8>>,
+    ) -> Vec<u8> {
         if image.dimensions() == (self.width, self.height) {
             image.into_raw()
         } else {
@@ -346,9 +420,9 @@ fn features(pixels: &[u8]) -> Vec<Value> {
     if n == 0 {
         return vec![Value::Num(f64::NAN), Value::Num(f64::NAN)];
     }
-    let (sum, sum_sq) = pixels
-        .iter()
-        .fold((0u128, 0u128), |(s, q), &p| (s + u128::from(p), q + u128::from(p) * u128::from(p)));
+    let (sum, sum_sq) = pixels.iter().fold((0u128, 0u128), |(s, q), &p| {
+        (s + u128::from(p), q + u128::from(p) * u128::from(p))
+    });
     let mean = sum as f64 / n as f64 / 255.0;
     // n * sum_sq >= sum^2 (Cauchy-Schwarz), so this never underflows.
     let var = (n * sum_sq - sum * sum) as f64 / (n * n) as f64 / (255.0 * 255.0);
@@ -361,7 +435,10 @@ fn decode(label: &str, format: Option<ImageFormat>, bytes: &[u8]) -> Result<Dyna
     let format = match format.or(guessed) {
         Some(f @ (ImageFormat::Png | ImageFormat::Jpeg)) => f,
         Some(other) => {
-            return Err(bad(format!("{label}: {} images are not supported (PNG or JPEG only)", format_name(other))));
+            return Err(bad(format!(
+                "{label}: {} images are not supported (PNG or JPEG only)",
+                format_name(other)
+            )));
         }
         None => return Err(bad(format!("{label}: not a PNG or JPEG image"))),
     };
@@ -388,7 +465,10 @@ fn format_name(format: ImageFormat) -> String {
     match format {
         ImageFormat::Png => "PNG".to_owned(),
         ImageFormat::Jpeg => "JPEG".to_owned(),
-        other => other.extensions_str().first().map_or_else(|| format!("{other:?}"), |e| e.to_ascii_uppercase()),
+        other => other
+            .extensions_str()
+            .first()
+            .map_or_else(|| format!("{other:?}"), |e| e.to_ascii_uppercase()),
     }
 }
 
@@ -418,7 +498,9 @@ mod tests {
     }
 
     fn gradient(w: u32, h: u32) -> DynamicImage {
-        DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| Rgb([(x * 10) as u8, (y * 10) as u8, 200])))
+        DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
+            Rgb([(x * 10) as u8, (y * 10) as u8, 200])
+        }))
     }
 
     fn run(p: &mut ImagePre, ct: &str, body: &[u8]) -> Result<TensorSet, Error> {
@@ -433,16 +515,24 @@ mod tests {
     fn grayscale_nchw_with_scale_mean_and_std() {
         let pre = r#"{"kind": "image", "width": 2, "height": 2, "color": "grayscale", "mean": [0.5], "std": [0.5]}"#;
         let mut p = build(pre, "[null, 1, 2, 2]").unwrap();
-        let img = DynamicImage::ImageLuma8(GrayImage::from_raw(2, 2, vec![0, 255, 51, 102]).unwrap());
+        let img =
+            DynamicImage::ImageLuma8(GrayImage::from_raw(2, 2, vec![0, 255, 51, 102]).unwrap());
         let set = run(&mut p, "image/png", &png(&img)).unwrap();
         assert_eq!(set.tensors[0].shape, [1, 1, 2, 2]);
         let v = values(&set);
         let expected = [-1.0, 1.0, -0.6, -0.2];
-        assert!(v.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{v:?}");
+        assert!(
+            v.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{v:?}"
+        );
         let f = set.features.unwrap();
         assert_eq!(f.names[0].0, "brightness");
-        let Value::Num(brightness) = f.rows[0][0] else { panic!() };
-        let Value::Num(contrast) = f.rows[0][1] else { panic!() };
+        let Value::Num(brightness) = f.rows[0][0] else {
+            panic!()
+        };
+        let Value::Num(contrast) = f.rows[0][1] else {
+            panic!()
+        };
         let px = [0.0, 1.0, 0.2, 0.4];
         let mean = px.iter().sum::<f64>() / 4.0;
         let sd = (px.iter().map(|p| (p - mean) * (p - mean)).sum::<f64>() / 4.0).sqrt();
@@ -454,28 +544,51 @@ mod tests {
         let img = gradient(2, 1); // pixels (0,0,200), (10,0,200)
         let bytes = png(&img);
         let scale1 = r#""scale": 1.0"#;
-        let mut nchw = build(&format!(r#"{{"kind": "image", "width": 2, "height": 1, {scale1}}}"#), "[null, 3, 1, 2]").unwrap();
-        assert_eq!(values(&run(&mut nchw, "image/png", &bytes).unwrap()), [0.0, 10.0, 0.0, 0.0, 200.0, 200.0]);
-        let pre = format!(r#"{{"kind": "image", "width": 2, "height": 1, "layout": "nhwc", {scale1}}}"#);
+        let mut nchw = build(
+            &format!(r#"{{"kind": "image", "width": 2, "height": 1, {scale1}}}"#),
+            "[null, 3, 1, 2]",
+        )
+        .unwrap();
+        assert_eq!(
+            values(&run(&mut nchw, "image/png", &bytes).unwrap()),
+            [0.0, 10.0, 0.0, 0.0, 200.0, 200.0]
+        );
+        let pre =
+            format!(r#"{{"kind": "image", "width": 2, "height": 1, "layout": "nhwc", {scale1}}}"#);
         let mut nhwc = build(&pre, "[null, 1, 2, 3]").unwrap();
-        assert_eq!(values(&run(&mut nhwc, "image/png", &bytes).unwrap()), [0.0, 0.0, 200.0, 10.0, 0.0, 200.0]);
+        assert_eq!(
+            values(&run(&mut nhwc, "image/png", &bytes).unwrap()),
+            [0.0, 0.0, 200.0, 10.0, 0.0, 200.0]
+        );
         let mut flat = build(&pre, "[null, 6]").unwrap();
         let set = run(&mut flat, "", &bytes).unwrap();
         assert_eq!(set.tensors[0].shape, [1, 6]);
         assert_eq!(values(&set), [0.0, 0.0, 200.0, 10.0, 0.0, 200.0]);
-        let pre = format!(r#"{{"kind": "image", "width": 2, "height": 1, "color": "grayscale", {scale1}}}"#);
+        let pre = format!(
+            r#"{{"kind": "image", "width": 2, "height": 1, "color": "grayscale", {scale1}}}"#
+        );
         let mut rank3 = build(&pre, "[null, 1, 2]").unwrap();
-        assert_eq!(run(&mut rank3, "image/png", &bytes).unwrap().tensors[0].shape, [1, 1, 2]);
+        assert_eq!(
+            run(&mut rank3, "image/png", &bytes).unwrap().tensors[0].shape,
+            [1, 1, 2]
+        );
     }
 
     #[test]
     fn resizes_only_when_needed_and_accepts_json_and_jpeg() {
-        let pre = r#"{"kind": "image", "width": 4, "height": 4, "resize": "nearest", "scale": 1.0}"#;
+        let pre =
+            r#"{"kind": "image", "width": 4, "height": 4, "resize": "nearest", "scale": 1.0}"#;
         let mut p = build(pre, "[null, 3, 4, 4]").unwrap();
         let big = gradient(8, 8);
         let set = run(&mut p, "image/png", &png(&big)).unwrap();
         let expected = imageops::resize(&big.to_rgb8(), 4, 4, FilterType::Nearest);
-        assert_eq!(values(&set)[..16], expected.pixels().map(|p| f64::from(p[0])).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            values(&set)[..16],
+            expected
+                .pixels()
+                .map(|p| f64::from(p[0]))
+                .collect::<Vec<_>>()[..]
+        );
 
         let small = png(&gradient(4, 4));
         let b64 = STANDARD.encode(&small);
@@ -512,7 +625,11 @@ mod tests {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -520,8 +637,13 @@ mod tests {
 
     #[test]
     fn refuses_decompression_bombs() {
-        let mut p = build(r#"{"kind": "image", "width": 4, "height": 4}"#, "[null, 3, 4, 4]").unwrap();
-        let too_large = "image: the image is too large (at most 4096x4096 pixels and 64 MiB decoded)";
+        let mut p = build(
+            r#"{"kind": "image", "width": 4, "height": 4}"#,
+            "[null, 3, 4, 4]",
+        )
+        .unwrap();
+        let too_large =
+            "image: the image is too large (at most 4096x4096 pixels and 64 MiB decoded)";
         for (w, h) in [(100_000, 100_000), (4097, 1), (1, 4097)] {
             let e = run(&mut p, "image/png", &png_declaring(w, h)).unwrap_err();
             assert_eq!((e.status(), e.message()), (1, too_large), "{w}x{h}");
@@ -532,52 +654,135 @@ mod tests {
         bytes[25] = 6; // RGBA
         let crc = crc32(&bytes[12..29]);
         bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(run(&mut p, "image/png", &bytes).unwrap_err().message(), too_large);
+        assert_eq!(
+            run(&mut p, "image/png", &bytes).unwrap_err().message(),
+            too_large
+        );
         // A JPEG declaring 65535x65535 in its frame header.
         let mut j = jpeg(&gradient(4, 4));
         let sof = j.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
         j[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
-        assert_eq!(run(&mut p, "image/jpeg", &j).unwrap_err().message(), too_large);
+        assert_eq!(
+            run(&mut p, "image/jpeg", &j).unwrap_err().message(),
+            too_large
+        );
     }
 
     #[test]
     fn rejects_bad_images_precisely() {
-        let mut p = build(r#"{"kind": "image", "width": 4, "height": 4}"#, "[null, 3, 4, 4]").unwrap();
+        let mut p = build(
+            r#"{"kind": "image", "width": 4, "height": 4}"#,
+            "[null, 3, 4, 4]",
+        )
+        .unwrap();
         let good = png(&gradient(4, 4));
         let b64 = STANDARD.encode(&good);
         let mut corrupt = good.clone();
         corrupt.truncate(good.len() / 2);
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            ("image/png", corrupt.clone(), "image: cannot decode the PNG image: "),
-            ("image/png", b"hello".to_vec(), "image: cannot decode the PNG image: "),
-            ("image/jpeg", good.clone(), "image: cannot decode the JPEG image: "),
+            (
+                "image/png",
+                corrupt.clone(),
+                "image: cannot decode the PNG image: ",
+            ),
+            (
+                "image/png",
+                b"hello".to_vec(),
+                "image: cannot decode the PNG image: ",
+            ),
+            (
+                "image/jpeg",
+                good.clone(),
+                "image: cannot decode the JPEG image: ",
+            ),
             ("", b"hello".to_vec(), "image: not a PNG or JPEG image"),
-            ("", b"GIF89a....".to_vec(), "image: GIF images are not supported (PNG or JPEG only)"),
-            ("text/plain", good.clone(), r#"unsupported content type "text/plain""#),
-            ("application/json", br#"{"image": "!!!"}"#.to_vec(), "image: invalid base64 (standard alphabet, padded): "),
-            ("application/json", br#"{"image": "aGk"}"#.to_vec(), "image: invalid base64"),
-            ("application/json", format!(r#"{{"images": ["{b64}", 3]}}"#).into_bytes(), "images[1]: expected a base64 string, got number"),
-            ("application/json", br#"{"images": []}"#.to_vec(), r#""images" is empty: give at least one image"#),
-            ("application/json", br#"{"images": "x"}"#.to_vec(), r#""images": expected an array of base64 strings, got string"#),
-            ("application/json", br#"{}"#.to_vec(), r#"missing field "image" (or "images") in the request"#),
-            ("application/json", br#"{"image": "", "images": []}"#.to_vec(), r#"give either "image" or "images", not both"#),
-            ("application/json", br#"{"img": ""}"#.to_vec(), r#"unknown field "img" in the request (expected "image" or "images")"#),
-            ("application/json", br#"{"image": ""}"#.to_vec(), "image: not a PNG or JPEG image"),
-            ("application/json", br#"{"image": "#.to_vec(), "the request body is not valid JSON"),
+            (
+                "",
+                b"GIF89a....".to_vec(),
+                "image: GIF images are not supported (PNG or JPEG only)",
+            ),
+            (
+                "text/plain",
+                good.clone(),
+                r#"unsupported content type "text/plain""#,
+            ),
+            (
+                "application/json",
+                br#"{"image": "!!!"}"#.to_vec(),
+                "image: invalid base64 (standard alphabet, padded): ",
+            ),
+            (
+                "application/json",
+                br#"{"image": "aGk"}"#.to_vec(),
+                "image: invalid base64",
+            ),
+            (
+                "application/json",
+                format!(r#"{{"images": ["{b64}", 3]}}"#).into_bytes(),
+                "images[1]: expected a base64 string, got number",
+            ),
+            (
+                "application/json",
+                br#"{"images": []}"#.to_vec(),
+                r#""images" is empty: give at least one image"#,
+            ),
+            (
+                "application/json",
+                br#"{"images": "x"}"#.to_vec(),
+                r#""images": expected an array of base64 strings, got string"#,
+            ),
+            (
+                "application/json",
+                br#"{}"#.to_vec(),
+                r#"missing field "image" (or "images") in the request"#,
+            ),
+            (
+                "application/json",
+                br#"{"image": "", "images": []}"#.to_vec(),
+                r#"give either "image" or "images", not both"#,
+            ),
+            (
+                "application/json",
+                br#"{"img": ""}"#.to_vec(),
+                r#"unknown field "img" in the request (expected "image" or "images")"#,
+            ),
+            (
+                "application/json",
+                br#"{"image": ""}"#.to_vec(),
+                "image: not a PNG or JPEG image",
+            ),
+            (
+                "application/json",
+                br#"{"image": "#.to_vec(),
+                "the request body is not valid JSON",
+            ),
         ];
         for (ct, body, expected) in cases {
             let e = run(&mut p, ct, &body).unwrap_err();
             assert_eq!(e.status(), 1);
-            assert!(e.message().starts_with(expected), "{ct}\n  got:  {e}\n  want: {expected}");
+            assert!(
+                e.message().starts_with(expected),
+                "{ct}\n  got:  {e}\n  want: {expected}"
+            );
         }
         let e = run(&mut p, "image/jpeg", &good).unwrap_err();
-        assert!(e.message().ends_with("(the data looks like PNG, not JPEG)"), "{e}");
+        assert!(
+            e.message().ends_with("(the data looks like PNG, not JPEG)"),
+            "{e}"
+        );
     }
 
     #[test]
     fn mutated_images_never_panic() {
-        let mut p = build(r#"{"kind": "image", "width": 4, "height": 4}"#, "[null, 3, 4, 4]").unwrap();
-        for (ct, bytes) in [("image/png", png(&gradient(5, 3))), ("image/jpeg", jpeg(&gradient(5, 3)))] {
+        let mut p = build(
+            r#"{"kind": "image", "width": 4, "height": 4}"#,
+            "[null, 3, 4, 4]",
+        )
+        .unwrap();
+        for (ct, bytes) in [
+            ("image/png", png(&gradient(5, 3))),
+            ("image/jpeg", jpeg(&gradient(5, 3))),
+        ] {
             let mut state = 0x2545_F491_4F6C_DD1Du64;
             for i in 0..bytes.len() * 8 {
                 let mut b = bytes.clone();
@@ -597,28 +802,82 @@ mod tests {
 
     #[test]
     fn checks_batch_and_configuration() {
-        let mut p = build(r#"{"kind": "image", "width": 4, "height": 4}"#, "[1, 3, 4, 4]").unwrap();
+        let mut p = build(
+            r#"{"kind": "image", "width": 4, "height": 4}"#,
+            "[1, 3, 4, 4]",
+        )
+        .unwrap();
         let b64 = STANDARD.encode(png(&gradient(4, 4)));
         let body = format!(r#"{{"images": ["{b64}", "{b64}"]}}"#);
         let e = run(&mut p, "application/json", body.as_bytes()).unwrap_err();
-        assert_eq!(e.message(), "the model takes exactly 1 image(s) per request, got 2");
+        assert_eq!(
+            e.message(),
+            "the model takes exactly 1 image(s) per request, got 2"
+        );
 
         let cases = [
-            (r#"{"kind": "image", "height": 4}"#, "[null, 3, 4, 4]", "preprocess (kind \"image\"): missing field `width`"),
-            (r#"{"kind": "image", "width": 0, "height": 4}"#, "[null, 3, 4, 4]", "preprocess.width: must be between 1 and 4096, got 0"),
-            (r#"{"kind": "image", "width": 4, "height": 5000}"#, "[null, 3, 4, 4]", "preprocess.height: must be between 1 and 4096, got 5000"),
-            (r#"{"kind": "image", "width": 4, "height": 4, "color": "cmyk"}"#, "[null, 3, 4, 4]", "unknown variant `cmyk`, expected `grayscale` or `rgb`"),
-            (r#"{"kind": "image", "width": 4, "height": 4, "resize": "cubic"}"#, "[null, 3, 4, 4]", "unknown variant `cubic`"),
-            (r#"{"kind": "image", "width": 4, "height": 4, "std": [1, 0, 1]}"#, "[null, 3, 4, 4]", "preprocess.std: every value must be a positive number, got 0"),
-            (r#"{"kind": "image", "width": 4, "height": 4, "mean": [1, 2]}"#, "[null, 3, 4, 4]", "preprocess.mean: give 1 value or one per channel (3 for color = Rgb), got 2"),
-            (r#"{"kind": "image", "width": 4, "height": 4, "size": 4}"#, "[null, 3, 4, 4]", "unknown field `size`"),
-            (r#"{"kind": "image", "width": 4, "height": 4}"#, "[null, 1, 4, 4]", "the model input \"input\" has shape [?, 1, 4, 4], but the configuration makes [N, 3, 4, 4] (width 4, height 4, 3 channel(s), layout Nchw)"),
-            (r#"{"kind": "image", "width": 4, "height": 4}"#, "[null, 4, 4]", "the model input \"input\" has shape [?, 4, 4]; kind \"image\" with color = \"rgb\" needs rank 4 or 2"),
-            (r#"{"kind": "image", "width": 4, "height": 4}"#, "[null, 47]", "has shape [?, 47], but the configuration makes [N, 48]"),
+            (
+                r#"{"kind": "image", "height": 4}"#,
+                "[null, 3, 4, 4]",
+                "preprocess (kind \"image\"): missing field `width`",
+            ),
+            (
+                r#"{"kind": "image", "width": 0, "height": 4}"#,
+                "[null, 3, 4, 4]",
+                "preprocess.width: must be between 1 and 4096, got 0",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 5000}"#,
+                "[null, 3, 4, 4]",
+                "preprocess.height: must be between 1 and 4096, got 5000",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4, "color": "cmyk"}"#,
+                "[null, 3, 4, 4]",
+                "unknown variant `cmyk`, expected `grayscale` or `rgb`",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4, "resize": "cubic"}"#,
+                "[null, 3, 4, 4]",
+                "unknown variant `cubic`",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4, "std": [1, 0, 1]}"#,
+                "[null, 3, 4, 4]",
+                "preprocess.std: every value must be a positive number, got 0",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4, "mean": [1, 2]}"#,
+                "[null, 3, 4, 4]",
+                "preprocess.mean: give 1 value or one per channel (3 for color = Rgb), got 2",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4, "size": 4}"#,
+                "[null, 3, 4, 4]",
+                "unknown field `size`",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4}"#,
+                "[null, 1, 4, 4]",
+                "the model input \"input\" has shape [?, 1, 4, 4], but the configuration makes [N, 3, 4, 4] (width 4, height 4, 3 channel(s), layout Nchw)",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4}"#,
+                "[null, 4, 4]",
+                "the model input \"input\" has shape [?, 4, 4]; kind \"image\" with color = \"rgb\" needs rank 4 or 2",
+            ),
+            (
+                r#"{"kind": "image", "width": 4, "height": 4}"#,
+                "[null, 47]",
+                "has shape [?, 47], but the configuration makes [N, 48]",
+            ),
         ];
         for (pre, shape, expected) in cases {
             let e = build(pre, shape).unwrap_err();
-            assert!(e.message().contains(expected), "{pre}\n  got:  {e}\n  want: {expected}");
+            assert!(
+                e.message().contains(expected),
+                "{pre}\n  got:  {e}\n  want: {expected}"
+            );
         }
     }
 }

@@ -68,7 +68,10 @@ pub(crate) fn top_level<'a, 'de, const N: usize>(
     allowed: [&str; N],
 ) -> Result<[Option<&'a Node<'de>>; N], Error> {
     let Node::Object(members) = node else {
-        return Err(bad(format!("the request must be a JSON object, got {}", node.kind())));
+        return Err(bad(format!(
+            "the request must be a JSON object, got {}",
+            node.kind()
+        )));
     };
     let mut slots = [None; N];
     for (key, value) in members {
@@ -80,7 +83,10 @@ pub(crate) fn top_level<'a, 'de, const N: usize>(
             )));
         };
         if slots[i].replace(value).is_some() {
-            return Err(bad(format!("duplicate field {} in the request", Quoted(key))));
+            return Err(bad(format!(
+                "duplicate field {} in the request",
+                Quoted(key)
+            )));
         }
     }
     Ok(slots)
@@ -202,7 +208,11 @@ impl<'de> Visitor<'de> for NodeVisitor {
         Ok(Node::U64(v))
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(if v >= 0 { Node::U64(v as u64) } else { Node::I64(v) })
+        Ok(if v >= 0 {
+            Node::U64(v as u64)
+        } else {
+            Node::I64(v)
+        })
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
         Ok(Node::F64(v))
@@ -241,11 +251,20 @@ mod tests {
     fn parses_every_type_and_borrows_plain_strings() {
         let body = br#"{"a": [null, true, 1, -2, 2.5, "s", "e\n"], "b": {}}"#;
         let node = parse(body).unwrap();
-        let Node::Object(m) = &node else { panic!("not an object") };
+        let Node::Object(m) = &node else {
+            panic!("not an object")
+        };
         assert_eq!(m[0].0, "a");
-        let Node::Array(items) = &m[0].1 else { panic!("not an array") };
+        let Node::Array(items) = &m[0].1 else {
+            panic!("not an array")
+        };
         let kinds: Vec<_> = items.iter().map(Node::kind).collect();
-        assert_eq!(kinds, ["null", "boolean", "number", "number", "number", "string", "string"]);
+        assert_eq!(
+            kinds,
+            [
+                "null", "boolean", "number", "number", "number", "string", "string"
+            ]
+        );
         assert!(matches!(&items[5], Node::Str(Cow::Borrowed("s"))));
         assert!(matches!(&items[6], Node::Str(Cow::Owned(s)) if s == "e\n"));
         assert_eq!(items[3], Node::I64(-2));
@@ -257,11 +276,20 @@ mod tests {
         for body in [&b"{"[..], b"", b"{\"a\":1} x", b"\xff", b"[1,]"] {
             let err = parse(body).unwrap_err();
             assert_eq!(err.status(), 1);
-            assert!(err.message().starts_with("the request body is not valid JSON: "), "{err}");
+            assert!(
+                err.message()
+                    .starts_with("the request body is not valid JSON: "),
+                "{err}"
+            );
         }
         // Deep nesting is refused by serde_json's recursion limit, not a stack overflow.
         let deep = "[".repeat(100_000);
-        assert!(parse(deep.as_bytes()).unwrap_err().message().contains("recursion limit"));
+        assert!(
+            parse(deep.as_bytes())
+                .unwrap_err()
+                .message()
+                .contains("recursion limit")
+        );
     }
 
     #[test]
@@ -277,12 +305,18 @@ mod tests {
         assert_eq!(err.message(), r#"duplicate field "record" in the request"#);
         let node = parse(b"[1]").unwrap();
         let err = top_level(&node, ["records"]).unwrap_err();
-        assert_eq!(err.message(), "the request must be a JSON object, got array");
+        assert_eq!(
+            err.message(),
+            "the request must be a JSON object, got array"
+        );
     }
 
     #[test]
     fn media_types_ignore_case_and_parameters() {
-        assert_eq!(media_type("Application/JSON; charset=utf-8"), "application/json");
+        assert_eq!(
+            media_type("Application/JSON; charset=utf-8"),
+            "application/json"
+        );
         assert_eq!(media_type(" image/png "), "image/png");
         assert_eq!(media_type(""), "");
     }

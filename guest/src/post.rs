@@ -7,6 +7,7 @@
 //! `true`/`false`, and non-finite floats as `null`.
 
 use std::cmp::Ordering;
+use std::ops::{Add, Div, Sub};
 
 use ferry_guest_abi::{DType, Tensor, TensorSet};
 use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
@@ -50,8 +51,15 @@ struct RegressionToml {
 #[derive(Debug)]
 enum Kind {
     Tensor,
-    Classification { output: usize, activation: Activation, labels: Option<Vec<String>>, top_k: usize },
-    Regression { output: usize },
+    Classification {
+        output: usize,
+        activation: Activation,
+        labels: Option<Vec<String>>,
+        top_k: usize,
+    },
+    Regression {
+        output: usize,
+    },
 }
 
 /// Postprocessing, ready to run.
@@ -79,7 +87,10 @@ impl Post {
                     Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
                 };
                 if t.labels.as_ref().is_some_and(Vec::is_empty) {
-                    return Err(section.error("labels", "must not be empty (leave it out for class indices)"));
+                    return Err(section.error(
+                        "labels",
+                        "must not be empty (leave it out for class indices)",
+                    ));
                 }
                 if let Some(columns) = columns(&io.shape) {
                     let classes = classes(columns, t.activation);
@@ -96,16 +107,27 @@ impl Post {
                         ));
                     }
                     if top_k > classes {
-                        return Err(section.error("top_k", format!("{top_k} is more than the {classes} classes")));
+                        return Err(section.error(
+                            "top_k",
+                            format!("{top_k} is more than the {classes} classes"),
+                        ));
                     }
                 }
-                let kind = Kind::Classification { output, activation: t.activation, labels: t.labels, top_k };
+                let kind = Kind::Classification {
+                    output,
+                    activation: t.activation,
+                    labels: t.labels,
+                    top_k,
+                };
                 (kind, t.include_outputs.unwrap_or(true))
             }
             "regression" => {
                 let t: RegressionToml = section.parse()?;
                 let (output, _) = scores_output(model, t.output.as_deref(), false)?;
-                (Kind::Regression { output }, t.include_outputs.unwrap_or(true))
+                (
+                    Kind::Regression { output },
+                    t.include_outputs.unwrap_or(true),
+                )
             }
             other => {
                 return Err(bad(format!(
@@ -114,13 +136,20 @@ impl Post {
                 )));
             }
         };
-        Ok(Post { outputs, kind, include_outputs })
+        Ok(Post {
+            outputs,
+            kind,
+            include_outputs,
+        })
     }
 
     /// Runs postprocessing on an encoded tensor set: the JSON response.
     pub(crate) fn run(&self, tensor_set: &[u8]) -> Result<Vec<u8>, Error> {
-        let set = TensorSet::decode(tensor_set)
-            .map_err(|e| internal(format!("the model's outputs are not a valid tensor set: {e}")))?;
+        let set = TensorSet::decode(tensor_set).map_err(|e| {
+            internal(format!(
+                "the model's outputs are not a valid tensor set: {e}"
+            ))
+        })?;
         self.respond(&set)
     }
 
@@ -128,17 +157,44 @@ impl Post {
     pub(crate) fn respond(&self, set: &TensorSet) -> Result<Vec<u8>, Error> {
         let ordered = self.ordered(set)?;
         let elements: usize = ordered.iter().map(|t| t.data.len() / t.dtype.size()).sum();
-        let mut out = Vec::with_capacity(64 + 12 * elements);
+        // A guess at the response's size (about 12 bytes per number), capped: it only saves
+        // reallocations.
+        let mut out =
+            Vec::with_capacity(elements.saturating_mul(12).saturating_add(64).min(1 << 24));
         let outputs = self.include_outputs.then_some(Outputs(&ordered));
         let written = match &self.kind {
-            Kind::Tensor => serde_json::to_writer(&mut out, &Response::<()> { predictions: None, outputs }),
-            Kind::Classification { output, activation, labels, top_k } => {
-                let predictions = classify(ordered[*output], *activation, labels.as_deref(), *top_k)?;
-                serde_json::to_writer(&mut out, &Response { predictions: Some(predictions), outputs })
+            Kind::Tensor => serde_json::to_writer(
+                &mut out,
+                &Response::<()> {
+                    predictions: None,
+                    outputs,
+                },
+            ),
+            Kind::Classification {
+                output,
+                activation,
+                labels,
+                top_k,
+            } => {
+                let predictions =
+                    classify(ordered[*output], *activation, labels.as_deref(), *top_k)?;
+                serde_json::to_writer(
+                    &mut out,
+                    &Response {
+                        predictions: Some(predictions),
+                        outputs,
+                    },
+                )
             }
             Kind::Regression { output } => {
                 let predictions = regress(ordered[*output])?;
-                serde_json::to_writer(&mut out, &Response { predictions: Some(predictions), outputs })
+                serde_json::to_writer(
+                    &mut out,
+                    &Response {
+                        predictions: Some(predictions),
+                        outputs,
+                    },
+                )
             }
         };
         written.map_err(|e| internal(format!("cannot write the response: {e}")))?;
@@ -147,8 +203,15 @@ impl Post {
 
     /// The set's tensors in model output order; every model output exactly once.
     fn ordered<'a>(&self, set: &'a TensorSet) -> Result<Vec<&'a Tensor>, Error> {
-        if let Some(t) = set.tensors.iter().find(|t| !self.outputs.iter().any(|o| o.name == t.name)) {
-            return Err(internal(format!("the model's outputs include {}, which is not a declared output", Quoted(&t.name))));
+        if let Some(t) = set
+            .tensors
+            .iter()
+            .find(|t| !self.outputs.iter().any(|o| o.name == t.name))
+        {
+            return Err(internal(format!(
+                "the model's outputs include {}, which is not a declared output",
+                Quoted(&t.name)
+            )));
         }
         self.outputs
             .iter()
@@ -156,8 +219,14 @@ impl Post {
                 let mut found = set.tensors.iter().filter(|t| t.name == o.name);
                 match (found.next(), found.next()) {
                     (Some(t), None) => Ok(t),
-                    (None, _) => Err(internal(format!("the model's outputs lack {}", Quoted(&o.name)))),
-                    (Some(_), Some(_)) => Err(internal(format!("the model's outputs have {} twice", Quoted(&o.name)))),
+                    (None, _) => Err(internal(format!(
+                        "the model's outputs lack {}",
+                        Quoted(&o.name)
+                    ))),
+                    (Some(_), Some(_)) => Err(internal(format!(
+                        "the model's outputs have {} twice",
+                        Quoted(&o.name)
+                    ))),
                 }
             })
             .collect()
@@ -194,13 +263,19 @@ fn scores_output<'a>(
 fn columns(shape: &[Option<u64>]) -> Option<usize> {
     match shape {
         [] | [_] => Some(1),
-        [_, rest @ ..] => rest.iter().try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from((*d)?).ok()?)),
+        [_, rest @ ..] => rest.iter().try_fold(1usize, |acc, d| {
+            acc.checked_mul(usize::try_from((*d)?).ok()?)
+        }),
     }
 }
 
 /// Classes a row of `columns` scores stands for: a single sigmoid column is binary.
 fn classes(columns: usize, activation: Activation) -> usize {
-    if columns == 1 && activation == Activation::Sigmoid { 2 } else { columns }
+    if columns == 1 && activation == Activation::Sigmoid {
+        2
+    } else {
+        columns
+    }
 }
 
 /// The samples of an output: `(rows, columns)`. A scalar is one sample, `[N]` is N samples of
@@ -237,14 +312,18 @@ enum Num {
 impl Num {
     fn at(t: &Tensor, i: usize) -> Num {
         let size = t.dtype.size();
-        let Some(b) = t.data.get(i * size..(i + 1) * size) else { return Num::F64(f64::NAN) };
+        let Some(b) = t.data.get(i * size..(i + 1) * size) else {
+            return Num::F64(f64::NAN);
+        };
         let mut buf = [0u8; 8];
         buf[..size].copy_from_slice(b);
         match t.dtype {
             DType::F32 => Num::F32(f32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]])),
             DType::F64 => Num::F64(f64::from_le_bytes(buf)),
             DType::I64 => Num::I64(i64::from_le_bytes(buf)),
-            DType::I32 => Num::I64(i64::from(i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]))),
+            DType::I32 => Num::I64(i64::from(i32::from_le_bytes([
+                buf[0], buf[1], buf[2], buf[3],
+            ]))),
             DType::U8 => Num::I64(i64::from(buf[0])),
             DType::Bool => Num::Bool(buf[0] != 0),
         }
@@ -362,6 +441,9 @@ fn classify<'a>(
     top_k: usize,
 ) -> Result<Vec<ClassPrediction<'a>>, Error> {
     let (n, columns) = rows(t)?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
     let classes = classes(columns, activation);
     if let Some(labels) = labels
         && labels.len() != classes
@@ -373,7 +455,13 @@ fn classify<'a>(
         )));
     }
     let label = |k: usize| labels.map_or(Label::Index(k), |l| Label::Given(&l[k]));
-    let as_num = |x: f64| if t.dtype == DType::F32 { Num::F32(x as f32) } else { Num::F64(x) };
+    let as_num = |x: f64| {
+        if t.dtype == DType::F32 {
+            Num::F32(x as f32)
+        } else {
+            Num::F64(x)
+        }
+    };
     let k = top_k.min(classes);
     let mut scores = Vec::with_capacity(classes);
     let mut order: Vec<usize> = Vec::with_capacity(classes);
@@ -381,12 +469,20 @@ fn classify<'a>(
     for row in 0..n {
         scores.clear();
         scores.extend((row * columns..(row + 1) * columns).map(|i| Num::at(t, i).as_f64()));
-        activate(&mut scores, activation);
+        activate(&mut scores, activation, t.dtype);
         order.clear();
         order.extend(0..classes);
         // Highest score first; ties go to the lower class index (the sort is stable).
-        order.sort_by(|&a, &b| rank_key(scores[b]).partial_cmp(&rank_key(scores[a])).unwrap_or(Ordering::Equal));
-        let scored = |c: usize| Scored { label: label(c), class: c, score: as_num(scores[c]) };
+        order.sort_by(|&a, &b| {
+            rank_key(scores[b])
+                .partial_cmp(&rank_key(scores[a]))
+                .unwrap_or(Ordering::Equal)
+        });
+        let scored = |c: usize| Scored {
+            label: label(c),
+            class: c,
+            score: as_num(scores[c]),
+        };
         let best = order[0];
         predictions.push(ClassPrediction {
             label: label(best),
@@ -399,29 +495,78 @@ fn classify<'a>(
 }
 
 /// Applies the activation to one row's scores in place (a single sigmoid column becomes
-/// `[1 - p, p]`).
-fn activate(scores: &mut Vec<f64>, activation: Activation) {
+/// `[1 - p, p]`), computing in the output's precision: `f32` for an `f32` output, as a float32
+/// framework would (the values are `f64` here only as storage; `f32` converts exactly).
+fn activate(scores: &mut Vec<f64>, activation: Activation, dtype: DType) {
+    if dtype == DType::F32 {
+        activate_in::<f32>(scores, activation);
+    } else {
+        activate_in::<f64>(scores, activation);
+    }
+}
+
+/// The float operations the activations need.
+trait Real: Copy + PartialOrd + Add<Output = Self> + Sub<Output = Self> + Div<Output = Self> {
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn exp(self) -> Self;
+    fn max(self, other: Self) -> Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn max(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+        }
+    };
+}
+real!(f32);
+real!(f64);
+
+fn activate_in<T: Real>(scores: &mut Vec<f64>, activation: Activation) {
     match activation {
         Activation::None => {}
         Activation::Sigmoid => {
             for x in scores.iter_mut() {
-                *x = 1.0 / (1.0 + (-*x).exp());
+                let v = T::from_f64(*x);
+                *x = (T::ONE / (T::ONE + (T::ZERO - v).exp())).to_f64();
             }
             if scores.len() == 1 {
-                let p = scores[0];
+                let p = T::from_f64(scores[0]);
                 scores.clear();
-                scores.extend([1.0 - p, p]);
+                scores.extend([(T::ONE - p).to_f64(), p.to_f64()]);
             }
         }
         Activation::Softmax => {
-            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let mut sum = 0.0;
+            // Subtract the row's maximum, exponentiate, divide by the sum (summed in order).
+            let max = scores
+                .iter()
+                .fold(T::NEG_INFINITY, |m, &x| m.max(T::from_f64(x)));
+            let mut sum = T::ZERO;
             for x in scores.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
+                let e = (T::from_f64(*x) - max).exp();
+                sum = sum + e;
+                *x = e.to_f64();
             }
             for x in scores.iter_mut() {
-                *x /= sum;
+                *x = (T::from_f64(*x) / sum).to_f64();
             }
         }
     }
@@ -453,7 +598,11 @@ fn regress(t: &Tensor) -> Result<Vec<RegressionPrediction>, Error> {
             let value = if columns == 1 {
                 RegressionValue::One(Num::at(t, row))
             } else {
-                RegressionValue::Many((row * columns..(row + 1) * columns).map(|i| Num::at(t, i)).collect())
+                RegressionValue::Many(
+                    (row * columns..(row + 1) * columns)
+                        .map(|i| Num::at(t, i))
+                        .collect(),
+                )
             };
             RegressionPrediction { value }
         })
@@ -475,17 +624,31 @@ mod tests {
     }
 
     fn i64s(name: &str, shape: Vec<u64>, v: &[i64]) -> Tensor {
-        Tensor { name: name.into(), dtype: DType::I64, shape, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        Tensor {
+            name: name.into(),
+            dtype: DType::I64,
+            shape,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
     }
 
     fn f64s(name: &str, shape: Vec<u64>, v: &[f64]) -> Tensor {
-        Tensor { name: name.into(), dtype: DType::F64, shape, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        Tensor {
+            name: name.into(),
+            dtype: DType::F64,
+            shape,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
     }
 
     fn iris_outputs() -> TensorSet {
         TensorSet {
             tensors: vec![
-                Tensor::from_f32("probabilities", vec![2, 3], &[0.1, 0.7, 0.2, 0.5, 0.25, 0.25]),
+                Tensor::from_f32(
+                    "probabilities",
+                    vec![2, 3],
+                    &[0.1, 0.7, 0.2, 0.5, 0.25, 0.25],
+                ),
                 i64s("label", vec![2], &[1, 0]),
             ],
             features: None,
@@ -509,9 +672,24 @@ mod tests {
         let set = TensorSet {
             tensors: vec![
                 Tensor::from_f32("a", vec![3], &[f32::NAN, f32::INFINITY, -0.5]),
-                Tensor { name: "b".into(), dtype: DType::Bool, shape: vec![2], data: vec![0, 1] },
-                Tensor { name: "c".into(), dtype: DType::U8, shape: vec![], data: vec![255] },
-                Tensor { name: "d".into(), dtype: DType::I32, shape: vec![1], data: (-7i32).to_le_bytes().to_vec() },
+                Tensor {
+                    name: "b".into(),
+                    dtype: DType::Bool,
+                    shape: vec![2],
+                    data: vec![0, 1],
+                },
+                Tensor {
+                    name: "c".into(),
+                    dtype: DType::U8,
+                    shape: vec![],
+                    data: vec![255],
+                },
+                Tensor {
+                    name: "d".into(),
+                    dtype: DType::I32,
+                    shape: vec![1],
+                    data: (-7i32).to_le_bytes().to_vec(),
+                },
             ],
             features: None,
         };
@@ -536,7 +714,11 @@ mod tests {
             ),
             "ties go to the lower class"
         );
-        let p = build(r#"{"kind": "classification", "include_outputs": false}"#, OUTPUTS).unwrap();
+        let p = build(
+            r#"{"kind": "classification", "include_outputs": false}"#,
+            OUTPUTS,
+        )
+        .unwrap();
         assert_eq!(
             respond(&p, &iris_outputs()),
             r#"{"predictions":[{"label":"1","class":1,"score":0.7},{"label":"0","class":0,"score":0.5}]}"#
@@ -546,8 +728,15 @@ mod tests {
     #[test]
     fn softmax_and_sigmoid() {
         let outputs = r#"[{"name": "logits", "dtype": "f64", "shape": [null, 2]}]"#;
-        let p = build(r#"{"kind": "classification", "activation": "softmax", "include_outputs": false}"#, outputs).unwrap();
-        let set = TensorSet { tensors: vec![f64s("logits", vec![1, 2], &[0.0, 2f64.ln()])], features: None };
+        let p = build(
+            r#"{"kind": "classification", "activation": "softmax", "include_outputs": false}"#,
+            outputs,
+        )
+        .unwrap();
+        let set = TensorSet {
+            tensors: vec![f64s("logits", vec![1, 2], &[0.0, 2f64.ln()])],
+            features: None,
+        };
         let json = respond(&p, &set);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["predictions"][0]["class"], 1);
@@ -557,7 +746,10 @@ mod tests {
         let outputs = r#"[{"name": "logit", "dtype": "f32", "shape": [null, 1]}]"#;
         let post = r#"{"kind": "classification", "activation": "sigmoid", "labels": ["no", "yes"], "top_k": 2, "include_outputs": false}"#;
         let p = build(post, outputs).unwrap();
-        let set = TensorSet { tensors: vec![Tensor::from_f32("logit", vec![2, 1], &[0.0, -3.0])], features: None };
+        let set = TensorSet {
+            tensors: vec![Tensor::from_f32("logit", vec![2, 1], &[0.0, -3.0])],
+            features: None,
+        };
         let v: serde_json::Value = serde_json::from_str(&respond(&p, &set)).unwrap();
         assert_eq!(v["predictions"][0]["label"], "no", "0.5 ties go to class 0");
         assert_eq!(v["predictions"][1]["label"], "no");
@@ -566,20 +758,40 @@ mod tests {
 
         // Multi-column sigmoid: independent scores; NaN is never the prediction.
         let outputs = r#"[{"name": "y", "dtype": "f64", "shape": [null, 3]}]"#;
-        let p = build(r#"{"kind": "classification", "activation": "sigmoid", "include_outputs": false}"#, outputs).unwrap();
-        let set = TensorSet { tensors: vec![f64s("y", vec![1, 3], &[f64::NAN, -1.0, 1.0])], features: None };
-        assert_eq!(respond(&p, &set), r#"{"predictions":[{"label":"2","class":2,"score":0.7310585786300049}]}"#);
+        let p = build(
+            r#"{"kind": "classification", "activation": "sigmoid", "include_outputs": false}"#,
+            outputs,
+        )
+        .unwrap();
+        let set = TensorSet {
+            tensors: vec![f64s("y", vec![1, 3], &[f64::NAN, -1.0, 1.0])],
+            features: None,
+        };
+        assert_eq!(
+            respond(&p, &set),
+            r#"{"predictions":[{"label":"2","class":2,"score":0.7310585786300049}]}"#
+        );
     }
 
     #[test]
     fn regression_scalar_and_vector() {
         let outputs = r#"[{"name": "y", "dtype": "f32", "shape": [null, 1]}, {"name": "z", "dtype": "i64", "shape": [null, 2]}]"#;
-        let p = build(r#"{"kind": "regression", "include_outputs": false}"#, outputs).unwrap();
+        let p = build(
+            r#"{"kind": "regression", "include_outputs": false}"#,
+            outputs,
+        )
+        .unwrap();
         let set = TensorSet {
-            tensors: vec![Tensor::from_f32("y", vec![2, 1], &[3.2, -1.0]), i64s("z", vec![2, 2], &[1, 2, 3, 4])],
+            tensors: vec![
+                Tensor::from_f32("y", vec![2, 1], &[3.2, -1.0]),
+                i64s("z", vec![2, 2], &[1, 2, 3, 4]),
+            ],
             features: None,
         };
-        assert_eq!(respond(&p, &set), r#"{"predictions":[{"value":3.2},{"value":-1.0}]}"#);
+        assert_eq!(
+            respond(&p, &set),
+            r#"{"predictions":[{"value":3.2},{"value":-1.0}]}"#
+        );
         let p = build(r#"{"kind": "regression", "output": "z"}"#, outputs).unwrap();
         assert_eq!(
             respond(&p, &set),
@@ -587,55 +799,153 @@ mod tests {
         );
         // A rank-1 output is one value per sample; an empty batch gives no predictions.
         let outputs = r#"[{"name": "y", "dtype": "f64", "shape": [null]}]"#;
-        let p = build(r#"{"kind": "regression", "include_outputs": false}"#, outputs).unwrap();
-        let set = TensorSet { tensors: vec![f64s("y", vec![2], &[0.5, 1.5])], features: None };
-        assert_eq!(respond(&p, &set), r#"{"predictions":[{"value":0.5},{"value":1.5}]}"#);
-        let set = TensorSet { tensors: vec![f64s("y", vec![0], &[])], features: None };
+        let p = build(
+            r#"{"kind": "regression", "include_outputs": false}"#,
+            outputs,
+        )
+        .unwrap();
+        let set = TensorSet {
+            tensors: vec![f64s("y", vec![2], &[0.5, 1.5])],
+            features: None,
+        };
+        assert_eq!(
+            respond(&p, &set),
+            r#"{"predictions":[{"value":0.5},{"value":1.5}]}"#
+        );
+        let set = TensorSet {
+            tensors: vec![f64s("y", vec![0], &[])],
+            features: None,
+        };
         assert_eq!(respond(&p, &set), r#"{"predictions":[]}"#);
     }
 
     #[test]
     fn rejects_bad_configurations() {
         let cases = [
-            (r#"{"kind": "clasification"}"#, OUTPUTS, r#"postprocess.kind: unknown kind "clasification" (expected "tensor", "classification" or "regression")"#),
-            (r#"{"kind": "tensor", "output": "x"}"#, OUTPUTS, r#"postprocess (kind "tensor"): unknown field `output`"#),
-            (r#"{"kind": "classification", "output": "nope"}"#, OUTPUTS, r#"postprocess.output: the model has no output "nope" (its outputs: "label", "probabilities")"#),
-            (r#"{"kind": "classification", "output": "label"}"#, OUTPUTS, r#"postprocess.output: the model output "label" has dtype i64; classification needs scores (f32 or f64)"#),
-            (r#"{"kind": "classification", "labels": ["a", "b"]}"#, OUTPUTS, r#"postprocess.labels: 2 labels, but the model output "probabilities" has 3 classes"#),
-            (r#"{"kind": "classification", "labels": []}"#, OUTPUTS, "postprocess.labels: must not be empty"),
-            (r#"{"kind": "classification", "top_k": 0}"#, OUTPUTS, "postprocess.top_k: must be at least 1"),
-            (r#"{"kind": "classification", "top_k": 4}"#, OUTPUTS, "postprocess.top_k: 4 is more than the 3 classes"),
-            (r#"{"kind": "classification", "activation": "relu"}"#, OUTPUTS, "unknown variant `relu`, expected one of `none`, `softmax`, `sigmoid`"),
-            (r#"{"kind": "classification", "topk": 2}"#, OUTPUTS, "unknown field `topk`"),
-            (r#"{"kind": "regression"}"#, r#"[{"name": "l", "dtype": "i64", "shape": [null]}]"#, "the model has no floating-point output: set postprocess.output"),
-            (r#"{"kind": "regression", "labels": []}"#, OUTPUTS, "unknown field `labels`"),
+            (
+                r#"{"kind": "clasification"}"#,
+                OUTPUTS,
+                r#"postprocess.kind: unknown kind "clasification" (expected "tensor", "classification" or "regression")"#,
+            ),
+            (
+                r#"{"kind": "tensor", "output": "x"}"#,
+                OUTPUTS,
+                r#"postprocess (kind "tensor"): unknown field `output`"#,
+            ),
+            (
+                r#"{"kind": "classification", "output": "nope"}"#,
+                OUTPUTS,
+                r#"postprocess.output: the model has no output "nope" (its outputs: "label", "probabilities")"#,
+            ),
+            (
+                r#"{"kind": "classification", "output": "label"}"#,
+                OUTPUTS,
+                r#"postprocess.output: the model output "label" has dtype i64; classification needs scores (f32 or f64)"#,
+            ),
+            (
+                r#"{"kind": "classification", "labels": ["a", "b"]}"#,
+                OUTPUTS,
+                r#"postprocess.labels: 2 labels, but the model output "probabilities" has 3 classes"#,
+            ),
+            (
+                r#"{"kind": "classification", "labels": []}"#,
+                OUTPUTS,
+                "postprocess.labels: must not be empty",
+            ),
+            (
+                r#"{"kind": "classification", "top_k": 0}"#,
+                OUTPUTS,
+                "postprocess.top_k: must be at least 1",
+            ),
+            (
+                r#"{"kind": "classification", "top_k": 4}"#,
+                OUTPUTS,
+                "postprocess.top_k: 4 is more than the 3 classes",
+            ),
+            (
+                r#"{"kind": "classification", "activation": "relu"}"#,
+                OUTPUTS,
+                "unknown variant `relu`, expected one of `none`, `softmax`, `sigmoid`",
+            ),
+            (
+                r#"{"kind": "classification", "topk": 2}"#,
+                OUTPUTS,
+                "unknown field `topk`",
+            ),
+            (
+                r#"{"kind": "regression"}"#,
+                r#"[{"name": "l", "dtype": "i64", "shape": [null]}]"#,
+                "the model has no floating-point output: set postprocess.output",
+            ),
+            (
+                r#"{"kind": "regression", "labels": []}"#,
+                OUTPUTS,
+                "unknown field `labels`",
+            ),
         ];
         for (post, outputs, expected) in cases {
             let e = build(post, outputs).unwrap_err();
             assert_eq!(e.status(), 1);
-            assert!(e.message().contains(expected), "{post}\n  got:  {e}\n  want: {expected}");
+            assert!(
+                e.message().contains(expected),
+                "{post}\n  got:  {e}\n  want: {expected}"
+            );
         }
         // Binary sigmoid takes two labels for one column.
         let outputs = r#"[{"name": "p", "dtype": "f32", "shape": [null, 1]}]"#;
-        assert!(build(r#"{"kind": "classification", "activation": "sigmoid", "labels": ["n", "y"]}"#, outputs).is_ok());
+        assert!(
+            build(
+                r#"{"kind": "classification", "activation": "sigmoid", "labels": ["n", "y"]}"#,
+                outputs
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn malformed_outputs_are_internal_errors() {
         let p = build(r#"{"kind": "classification"}"#, OUTPUTS).unwrap();
         let cases = [
-            (b"nope".to_vec(), "the model's outputs are not a valid tensor set: not a tensor set (magic is not FTS1)"),
-            (TensorSet { tensors: vec![iris_outputs().tensors[0].clone()], features: None }.encode(), r#"the model's outputs lack "label""#),
             (
-                TensorSet { tensors: [iris_outputs().tensors, vec![i64s("extra", vec![], &[1])]].concat(), features: None }.encode(),
+                b"nope".to_vec(),
+                "the model's outputs are not a valid tensor set: not a tensor set (magic is not FTS1)",
+            ),
+            (
+                TensorSet {
+                    tensors: vec![iris_outputs().tensors[0].clone()],
+                    features: None,
+                }
+                .encode(),
+                r#"the model's outputs lack "label""#,
+            ),
+            (
+                TensorSet {
+                    tensors: [iris_outputs().tensors, vec![i64s("extra", vec![], &[1])]].concat(),
+                    features: None,
+                }
+                .encode(),
                 r#"the model's outputs include "extra", which is not a declared output"#,
             ),
             (
-                TensorSet { tensors: vec![Tensor::from_f32("probabilities", vec![1, 4], &[0.0; 4]), i64s("label", vec![1], &[0])], features: None }.encode(),
+                TensorSet {
+                    tensors: vec![
+                        Tensor::from_f32("probabilities", vec![1, 4], &[0.0; 4]),
+                        i64s("label", vec![1], &[0]),
+                    ],
+                    features: None,
+                }
+                .encode(),
                 "", // labels unset: 4 classes are fine
             ),
             (
-                TensorSet { tensors: vec![Tensor::from_f32("probabilities", vec![3, 0], &[]), i64s("label", vec![1], &[0])], features: None }.encode(),
+                TensorSet {
+                    tensors: vec![
+                        Tensor::from_f32("probabilities", vec![3, 0], &[]),
+                        i64s("label", vec![1], &[0]),
+                    ],
+                    features: None,
+                }
+                .encode(),
                 r#"the model output "probabilities" has shape [3, 0]: no values per sample"#,
             ),
         ];
@@ -645,8 +955,27 @@ mod tests {
                 Err(e) => assert_eq!((e.status(), e.message()), (2, expected)),
             }
         }
-        let p = build(r#"{"kind": "classification", "labels": ["a", "b", "c"]}"#, &OUTPUTS.replace("3]", "null]")).unwrap();
-        let set = TensorSet { tensors: vec![Tensor::from_f32("probabilities", vec![1, 2], &[0.0; 2]), i64s("label", vec![1], &[0])], features: None };
+        let p = build(
+            r#"{"kind": "classification", "labels": ["a", "b", "c"]}"#,
+            &OUTPUTS.replace("3]", "null]"),
+        )
+        .unwrap();
+        let empty = TensorSet {
+            tensors: vec![
+                Tensor::from_f32("probabilities", vec![0, 3], &[]),
+                i64s("label", vec![0], &[]),
+            ],
+            features: None,
+        };
+        let json = String::from_utf8(p.run(&empty.encode()).unwrap()).unwrap();
+        assert!(json.starts_with(r#"{"predictions":[],"#), "{json}");
+        let set = TensorSet {
+            tensors: vec![
+                Tensor::from_f32("probabilities", vec![1, 2], &[0.0; 2]),
+                i64s("label", vec![1], &[0]),
+            ],
+            features: None,
+        };
         assert_eq!(
             p.run(&set.encode()).unwrap_err().message(),
             r#"postprocess.labels has 3 labels, but the model output "probabilities" has 2 classes"#

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::config::{Model, Section, parse_entry};
 use crate::error::{Error, bad};
 use crate::json::{self, Listed, Node, OneOf, Quoted, media_type};
+use crate::tensor::tensor_buffer;
 
 /// The `[preprocess]` table of `kind = "tabular"`.
 #[derive(Deserialize)]
@@ -51,21 +52,36 @@ struct Lookup {
 
 impl Lookup {
     fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Lookup {
-        let mut sorted: Vec<(Box<str>, u32)> =
-            names.into_iter().enumerate().map(|(i, n)| (n.into(), i as u32)).collect();
+        let mut sorted: Vec<(Box<str>, u32)> = names
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n.into(), i as u32))
+            .collect();
         sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Lookup { sorted }
     }
 
     fn get(&self, name: &str) -> Option<usize> {
-        self.sorted.binary_search_by(|(n, _)| n.as_ref().cmp(name)).ok().map(|i| self.sorted[i].1 as usize)
+        self.sorted
+            .binary_search_by(|(n, _)| n.as_ref().cmp(name))
+            .ok()
+            .map(|i| self.sorted[i].1 as usize)
     }
 }
 
 #[derive(Debug)]
 enum Spec {
-    Numeric { mean: f64, std: f64, default: Option<f64> },
-    Categorical { categories: Vec<String>, lookup: Lookup, default: Option<usize>, ignore_unknown: bool },
+    Numeric {
+        mean: f64,
+        std: f64,
+        default: Option<f64>,
+    },
+    Categorical {
+        categories: Vec<String>,
+        lookup: Lookup,
+        default: Option<usize>,
+        ignore_unknown: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -114,7 +130,10 @@ impl Tabular {
             let path = format!("preprocess.features[{i}]");
             let raw: FeatureToml = parse_entry(value, &path)?;
             if features.iter().any(|f| f.name == raw.name) {
-                return Err(bad(format!("{path}: duplicate feature name {}", Quoted(&raw.name))));
+                return Err(bad(format!(
+                    "{path}: duplicate feature name {}",
+                    Quoted(&raw.name)
+                )));
             }
             features.push(feature(raw, &path)?);
         }
@@ -167,8 +186,14 @@ impl Tabular {
     /// Runs preprocessing: the encoded tensor set.
     pub(crate) fn run(&mut self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
         let (tensor, rows) = self.tensor(content_type, body)?;
-        let features = Features { names: std::mem::take(&mut self.names), rows };
-        let set = TensorSet { tensors: vec![tensor], features: Some(features) };
+        let features = Features {
+            names: std::mem::take(&mut self.names),
+            rows,
+        };
+        let set = TensorSet {
+            tensors: vec![tensor],
+            features: Some(features),
+        };
         let bytes = set.encode();
         if let Some(f) = set.features {
             self.names = f.names;
@@ -190,11 +215,20 @@ impl Tabular {
         let (records, single) = match (records, record) {
             (Some(Node::Array(records)), None) => (records.as_slice(), false),
             (Some(other), None) => {
-                return Err(bad(format!("\"records\": expected an array of objects, got {}", other.kind())));
+                return Err(bad(format!(
+                    "\"records\": expected an array of objects, got {}",
+                    other.kind()
+                )));
             }
             (None, Some(record)) => (std::slice::from_ref(record), true),
-            (Some(_), Some(_)) => return Err(bad("give either \"records\" or \"record\", not both")),
-            (None, None) => return Err(bad("missing field \"records\" (or \"record\") in the request")),
+            (Some(_), Some(_)) => {
+                return Err(bad("give either \"records\" or \"record\", not both"));
+            }
+            (None, None) => {
+                return Err(bad(
+                    "missing field \"records\" (or \"record\") in the request",
+                ));
+            }
         };
         if records.is_empty() {
             return Err(bad("\"records\" is empty: give at least one record"));
@@ -207,11 +241,16 @@ impl Tabular {
                 records.len()
             )));
         }
-        let mut data = Vec::with_capacity(records.len() * self.width * self.dtype.size());
+        let what = format!("{} record(s) of {} columns", records.len(), self.width);
+        let mut data = tensor_buffer(records.len().checked_mul(self.width), self.dtype, &what)?;
         let mut rows = Vec::with_capacity(records.len());
         let mut slots = Vec::with_capacity(self.features.len());
         for (i, record) in records.iter().enumerate() {
-            let label = if single { Label::Single } else { Label::Index(i) };
+            let label = if single {
+                Label::Single
+            } else {
+                Label::Index(i)
+            };
             rows.push(self.record(record, label, &mut slots, &mut data)?);
         }
         let tensor = Tensor {
@@ -232,7 +271,10 @@ impl Tabular {
         data: &mut Vec<u8>,
     ) -> Result<Vec<Value>, Error> {
         let Node::Object(members) = record else {
-            return Err(bad(format!("{label}: expected an object, got {}", record.kind())));
+            return Err(bad(format!(
+                "{label}: expected an object, got {}",
+                record.kind()
+            )));
         };
         slots.clear();
         slots.resize(self.features.len(), None);
@@ -251,18 +293,26 @@ impl Tabular {
                     return Err(bad(format!(
                         "{label}: unknown field {} (strict = true; the features are {})",
                         Quoted(key),
-                        Listed(&self.features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>())
+                        Listed(
+                            &self
+                                .features
+                                .iter()
+                                .map(|f| f.name.as_str())
+                                .collect::<Vec<_>>()
+                        )
                     )));
                 }
                 None => {}
             }
         }
         let f64_out = self.dtype == DType::F64;
-        let mut put = |x: f64| {
+        // In the output's precision, as `(f32(x) - f32(mean)) / f32(std)` for f32 (what a
+        // float32 pipeline computes, e.g. scikit-learn's scaler on float32 data).
+        let mut put_scaled = |x: f64, mean: f64, std: f64| {
             if f64_out {
-                data.extend_from_slice(&x.to_le_bytes());
+                data.extend_from_slice(&((x - mean) / std).to_le_bytes());
             } else {
-                data.extend_from_slice(&(x as f32).to_le_bytes());
+                data.extend_from_slice(&((x as f32 - mean as f32) / std as f32).to_le_bytes());
             }
         };
         let mut values = Vec::with_capacity(self.features.len());
@@ -277,7 +327,10 @@ impl Tabular {
                 Spec::Numeric { mean, std, default } => {
                     let raw = match given {
                         Some(node) => Some(node.as_f64().ok_or_else(|| {
-                            bad(format!("{label}: field {name}: expected a number, got {}", node.kind()))
+                            bad(format!(
+                                "{label}: field {name}: expected a number, got {}",
+                                node.kind()
+                            ))
                         })?),
                         None => None,
                     };
@@ -285,10 +338,15 @@ impl Tabular {
                         Some(x) => x,
                         None => default.ok_or_else(absent)?,
                     };
-                    put((x - mean) / std);
+                    put_scaled(x, *mean, *std);
                     values.push(Value::Num(raw.unwrap_or(f64::NAN)));
                 }
-                Spec::Categorical { categories, lookup, default, ignore_unknown } => {
+                Spec::Categorical {
+                    categories,
+                    lookup,
+                    default,
+                    ignore_unknown,
+                } => {
                     let (hot, value) = match given {
                         Some(Node::Str(s)) => match lookup.get(s) {
                             Some(k) => (Some(k), categories[k].clone()),
@@ -313,7 +371,7 @@ impl Tabular {
                         }
                     };
                     for k in 0..categories.len() {
-                        put(if hot == Some(k) { 1.0 } else { 0.0 });
+                        put_scaled(if hot == Some(k) { 1.0 } else { 0.0 }, 0.0, 1.0);
                     }
                     values.push(Value::Cat(value));
                 }
@@ -350,17 +408,27 @@ fn feature(raw: FeatureToml, path: &str) -> Result<Feature, Error> {
     let spec = match raw.categories {
         Some(categories) => {
             if raw.mean.is_some() || raw.std.is_some() {
-                return Err(bad(format!("{at}: mean and std apply to numeric features, not categorical ones")));
+                return Err(bad(format!(
+                    "{at}: mean and std apply to numeric features, not categorical ones"
+                )));
             }
             if categories.is_empty() {
                 return Err(bad(format!("{at}: categories must not be empty")));
             }
-            if let Some((i, c)) = categories.iter().enumerate().find(|(i, c)| categories[..*i].contains(c)) {
-                return Err(bad(format!("{at}: categories[{i}]: duplicate category {}", Quoted(c))));
+            if let Some((i, c)) = categories
+                .iter()
+                .enumerate()
+                .find(|(i, c)| categories[..*i].contains(c))
+            {
+                return Err(bad(format!(
+                    "{at}: categories[{i}]: duplicate category {}",
+                    Quoted(c)
+                )));
             }
             let default = match raw.default {
                 None | Some(serde_json::Value::Null) => None,
-                Some(serde_json::Value::String(d)) => match categories.iter().position(|c| *c == d) {
+                Some(serde_json::Value::String(d)) => match categories.iter().position(|c| *c == d)
+                {
                     Some(k) => Some(k),
                     None => {
                         return Err(bad(format!(
@@ -370,7 +438,11 @@ fn feature(raw: FeatureToml, path: &str) -> Result<Feature, Error> {
                         )));
                     }
                 },
-                Some(_) => return Err(bad(format!("{at}: default must be a string (one of the categories)"))),
+                Some(_) => {
+                    return Err(bad(format!(
+                        "{at}: default must be a string (one of the categories)"
+                    )));
+                }
             };
             Spec::Categorical {
                 lookup: Lookup::new(categories.iter().map(String::as_str)),
@@ -381,11 +453,15 @@ fn feature(raw: FeatureToml, path: &str) -> Result<Feature, Error> {
         }
         None => {
             if raw.handle_unknown.is_some() {
-                return Err(bad(format!("{at}: handle_unknown applies to categorical features (with categories)")));
+                return Err(bad(format!(
+                    "{at}: handle_unknown applies to categorical features (with categories)"
+                )));
             }
             let std = raw.std.unwrap_or(1.0);
             if !(std > 0.0 && std.is_finite()) {
-                return Err(bad(format!("{at}: std must be a positive number, got {std}")));
+                return Err(bad(format!(
+                    "{at}: std must be a positive number, got {std}"
+                )));
             }
             let default = match raw.default {
                 None | Some(serde_json::Value::Null) => None,
@@ -396,10 +472,17 @@ fn feature(raw: FeatureToml, path: &str) -> Result<Feature, Error> {
                     )));
                 }
             };
-            Spec::Numeric { mean: raw.mean.unwrap_or(0.0), std, default }
+            Spec::Numeric {
+                mean: raw.mean.unwrap_or(0.0),
+                std,
+                default,
+            }
         }
     };
-    Ok(Feature { name: raw.name, spec })
+    Ok(Feature {
+        name: raw.name,
+        spec,
+    })
 }
 
 #[cfg(test)]
@@ -421,11 +504,17 @@ mod tests {
     }
 
     fn tabular() -> Tabular {
-        build(&format!(r#"{{"kind": "tabular", "features": {FEATURES}}}"#), "[null, 7]", "f32").unwrap()
+        build(
+            &format!(r#"{{"kind": "tabular", "features": {FEATURES}}}"#),
+            "[null, 7]",
+            "f32",
+        )
+        .unwrap()
     }
 
     fn run(t: &mut Tabular, body: &str) -> Result<TensorSet, Error> {
-        t.run("application/json", body.as_bytes()).map(|b| TensorSet::decode(&b).unwrap())
+        t.run("application/json", body.as_bytes())
+            .map(|b| TensorSet::decode(&b).unwrap())
     }
 
     #[test]
@@ -437,7 +526,10 @@ mod tests {
         for _ in 0..2 {
             let set = run(&mut t, body).unwrap();
             let x = &set.tensors[0];
-            assert_eq!((x.name.as_str(), x.dtype, x.shape.as_slice()), ("x", DType::F32, &[2u64, 7][..]));
+            assert_eq!(
+                (x.name.as_str(), x.dtype, x.shape.as_slice()),
+                ("x", DType::F32, &[2u64, 7][..])
+            );
             #[rustfmt::skip]
             assert_eq!(x.to_f64_vec(), [
                 1.0, 30.0, 0.0, 0.0, 1.0, 0.0, 1.0,
@@ -446,14 +538,37 @@ mod tests {
             let f = set.features.unwrap();
             assert_eq!(
                 f.names,
-                [("sepal_length", FeatureKind::Numeric), ("age", FeatureKind::Numeric),
-                 ("color", FeatureKind::Categorical), ("city", FeatureKind::Categorical)]
-                    .map(|(n, k)| (n.to_owned(), k))
+                [
+                    ("sepal_length", FeatureKind::Numeric),
+                    ("age", FeatureKind::Numeric),
+                    ("color", FeatureKind::Categorical),
+                    ("city", FeatureKind::Categorical)
+                ]
+                .map(|(n, k)| (n.to_owned(), k))
             );
-            assert_eq!(f.rows[0], [Value::Num(7.0), Value::Num(30.0), Value::Cat("blue".into()), Value::Cat("b".into())]);
-            assert!(matches!(f.rows[1][1], Value::Num(x) if x.is_nan()), "a missing number is NaN");
-            assert_eq!(f.rows[1][2], Value::Cat("red".into()), "a missing category is its default");
-            assert_eq!(f.rows[1][3], Value::Cat("zzz".into()), "an ignored unknown category is kept");
+            assert_eq!(
+                f.rows[0],
+                [
+                    Value::Num(7.0),
+                    Value::Num(30.0),
+                    Value::Cat("blue".into()),
+                    Value::Cat("b".into())
+                ]
+            );
+            assert!(
+                matches!(f.rows[1][1], Value::Num(x) if x.is_nan()),
+                "a missing number is NaN"
+            );
+            assert_eq!(
+                f.rows[1][2],
+                Value::Cat("red".into()),
+                "a missing category is its default"
+            );
+            assert_eq!(
+                f.rows[1][3],
+                Value::Cat("zzz".into()),
+                "an ignored unknown category is kept"
+            );
         }
         let set = run(&mut t, r#"{"record": {"sepal_length": 5, "city": "a"}}"#).unwrap();
         assert_eq!(set.tensors[0].shape, [1, 7]);
@@ -467,9 +582,15 @@ mod tests {
         assert_eq!(set.tensors[0].dtype, DType::F64);
         assert_eq!(set.tensors[0].data, (-0.5f64).to_le_bytes());
         let e = run(&mut t, r#"{"records": [{"a": 1}, {"a": 2}]}"#).unwrap_err();
-        assert_eq!(e.message(), "the model takes exactly 1 record(s) per request, got 2");
+        assert_eq!(
+            e.message(),
+            "the model takes exactly 1 record(s) per request, got 2"
+        );
         let e = run(&mut t, r#"{"record": {"a": 1, "b": 2}}"#).unwrap_err();
-        assert_eq!(e.message(), r#"record: unknown field "b" (strict = true; the features are "a")"#);
+        assert_eq!(
+            e.message(),
+            r#"record: unknown field "b" (strict = true; the features are "a")"#
+        );
     }
 
     #[test]
@@ -477,25 +598,70 @@ mod tests {
         let mut t = tabular();
         let ok = r#""sepal_length": 1, "city": "a""#;
         let cases = [
-            ("[]".to_owned(), "the request must be a JSON object, got array"),
-            ("{}".to_owned(), r#"missing field "records" (or "record") in the request"#),
-            (r#"{"records": []}"#.to_owned(), r#""records" is empty: give at least one record"#),
-            (r#"{"records": {}}"#.to_owned(), r#""records": expected an array of objects, got object"#),
-            (r#"{"records": [], "record": {}}"#.to_owned(), r#"give either "records" or "record", not both"#),
-            (r#"{"rows": []}"#.to_owned(), r#"unknown field "rows" in the request (expected "records" or "record")"#),
-            (format!(r#"{{"records": [{{{ok}}}, 5]}}"#), "record 1: expected an object, got number"),
+            (
+                "[]".to_owned(),
+                "the request must be a JSON object, got array",
+            ),
+            (
+                "{}".to_owned(),
+                r#"missing field "records" (or "record") in the request"#,
+            ),
+            (
+                r#"{"records": []}"#.to_owned(),
+                r#""records" is empty: give at least one record"#,
+            ),
+            (
+                r#"{"records": {}}"#.to_owned(),
+                r#""records": expected an array of objects, got object"#,
+            ),
+            (
+                r#"{"records": [], "record": {}}"#.to_owned(),
+                r#"give either "records" or "record", not both"#,
+            ),
+            (
+                r#"{"rows": []}"#.to_owned(),
+                r#"unknown field "rows" in the request (expected "records" or "record")"#,
+            ),
+            (
+                format!(r#"{{"records": [{{{ok}}}, 5]}}"#),
+                "record 1: expected an object, got number",
+            ),
             (
                 format!(r#"{{"records": [{{{ok}}}, {{{ok}}}, {{"sepal_length": "5.1"}}]}}"#),
                 r#"record 2: field "sepal_length": expected a number, got string"#,
             ),
-            (r#"{"record": {"city": "a"}}"#.to_owned(), r#"record: field "sepal_length" is missing and has no default"#),
-            (r#"{"record": {"sepal_length": null, "city": "a"}}"#.to_owned(), r#"record: field "sepal_length" is null and has no default"#),
-            (format!(r#"{{"record": {{{ok}, "sepal_length": 2}}}}"#), r#"record: duplicate field "sepal_length""#),
-            (format!(r#"{{"record": {{{ok}, "color": "purple"}}}}"#), r#"record: field "color": unknown category "purple" (expected "red", "green" or "blue")"#),
-            (format!(r#"{{"record": {{{ok}, "color": 1}}}}"#), r#"record: field "color": expected a string, got number"#),
-            (format!(r#"{{"record": {{{ok}, "age": true}}}}"#), r#"record: field "age": expected a number, got boolean"#),
-            (r#"{"record": {"sepal_length": 1}}"#.to_owned(), r#"record: field "city" is missing and has no default"#),
-            (r#"{"record": {"sepal_length": 1, "city": ["a"]}}"#.to_owned(), r#"record: field "city": expected a string, got array"#),
+            (
+                r#"{"record": {"city": "a"}}"#.to_owned(),
+                r#"record: field "sepal_length" is missing and has no default"#,
+            ),
+            (
+                r#"{"record": {"sepal_length": null, "city": "a"}}"#.to_owned(),
+                r#"record: field "sepal_length" is null and has no default"#,
+            ),
+            (
+                format!(r#"{{"record": {{{ok}, "sepal_length": 2}}}}"#),
+                r#"record: duplicate field "sepal_length""#,
+            ),
+            (
+                format!(r#"{{"record": {{{ok}, "color": "purple"}}}}"#),
+                r#"record: field "color": unknown category "purple" (expected "red", "green" or "blue")"#,
+            ),
+            (
+                format!(r#"{{"record": {{{ok}, "color": 1}}}}"#),
+                r#"record: field "color": expected a string, got number"#,
+            ),
+            (
+                format!(r#"{{"record": {{{ok}, "age": true}}}}"#),
+                r#"record: field "age": expected a number, got boolean"#,
+            ),
+            (
+                r#"{"record": {"sepal_length": 1}}"#.to_owned(),
+                r#"record: field "city" is missing and has no default"#,
+            ),
+            (
+                r#"{"record": {"sepal_length": 1, "city": ["a"]}}"#.to_owned(),
+                r#"record: field "city": expected a string, got array"#,
+            ),
         ];
         for (body, expected) in cases {
             let e = run(&mut t, &body).unwrap_err();
@@ -503,45 +669,159 @@ mod tests {
             assert_eq!(e.message(), expected, "{body}");
         }
         let e = t.run("text/csv", b"a,b").unwrap_err();
-        assert_eq!(e.message(), r#"unsupported content type "text/csv" (kind "tabular" takes application/json)"#);
+        assert_eq!(
+            e.message(),
+            r#"unsupported content type "text/csv" (kind "tabular" takes application/json)"#
+        );
     }
 
     #[test]
     fn rejects_bad_configurations() {
         let with = |features: &str| format!(r#"{{"kind": "tabular", "features": {features}}}"#);
         let cases = [
-            (with("[]"), "[null, 1]", "f32", "preprocess.features: list at least one feature"),
-            (with(r#"[{"name": "a", "std": 0}]"#), "[null, 1]", "f32", r#"preprocess.features[0] ("a"): std must be a positive number, got 0"#),
-            (with(r#"[{"name": "a", "std": -1}]"#), "[null, 1]", "f32", "std must be a positive number, got -1"),
-            (with(r#"[{"name": "a", "default": "x"}]"#), "[null, 1]", "f32", "default must be a number"),
-            (with(r#"[{"name": "a", "handle_unknown": "ignore"}]"#), "[null, 1]", "f32", "handle_unknown applies to categorical features"),
-            (with(r#"[{"name": "a", "handle_unknown": "drop", "categories": ["x"]}]"#), "[null, 1]", "f32", "unknown variant `drop`, expected `error` or `ignore`"),
-            (with(r#"[{"name": "c", "categories": ["x", "y"], "default": "z"}]"#), "[null, 2]", "f32", r#"preprocess.features[0] ("c"): default "z" is not among the categories ("x", "y")"#),
-            (with(r#"[{"name": "c", "categories": ["x", "y"], "default": 1}]"#), "[null, 2]", "f32", "default must be a string (one of the categories)"),
-            (with(r#"[{"name": "c", "categories": []}]"#), "[null, 0]", "f32", "categories must not be empty"),
-            (with(r#"[{"name": "c", "categories": ["x", "x"]}]"#), "[null, 2]", "f32", r#"categories[1]: duplicate category "x""#),
-            (with(r#"[{"name": "c", "categories": ["x"], "mean": 1}]"#), "[null, 1]", "f32", "mean and std apply to numeric features"),
-            (with(r#"[{"name": "a"}, {"name": "a"}]"#), "[null, 2]", "f32", r#"preprocess.features[1]: duplicate feature name "a""#),
-            (with(r#"[{"name": ""}]"#), "[null, 1]", "f32", "preprocess.features[0]: name must not be empty"),
-            (with(r#"[{"name": "a", "scale": 2}]"#), "[null, 1]", "f32", "preprocess.features[0]: unknown field `scale`"),
-            (with(r#"[{"mean": 2}]"#), "[null, 1]", "f32", "preprocess.features[0]: missing field `name`"),
-            (with(r#"[{"name": "a"}]"#), "[null, 2]", "f32", r#"the model input "x" takes 2 columns, but the features make 1"#),
-            (with(r#"[{"name": "a"}]"#), "[null]", "f32", r#"the model input "x" has shape [?]; kind "tabular" needs rank 2 ([batch, 1])"#),
-            (with(r#"[{"name": "a"}]"#), "[null, 1]", "i64", r#"the model input "x" has dtype i64; kind "tabular" needs f32 or f64"#),
-            (r#"{"kind": "tabular"}"#.to_owned(), "[null, 1]", "f32", "missing field `features`"),
-            (r#"{"kind": "tabular", "features": [], "strcit": true}"#.to_owned(), "[null, 1]", "f32", "preprocess (kind \"tabular\"): unknown field `strcit`"),
-            (r#"{"kind": "tabular", "input": "y", "features": [{"name": "a"}]}"#.to_owned(), "[null, 1]", "f32", r#"preprocess.input: the model has no input "y""#),
+            (
+                with("[]"),
+                "[null, 1]",
+                "f32",
+                "preprocess.features: list at least one feature",
+            ),
+            (
+                with(r#"[{"name": "a", "std": 0}]"#),
+                "[null, 1]",
+                "f32",
+                r#"preprocess.features[0] ("a"): std must be a positive number, got 0"#,
+            ),
+            (
+                with(r#"[{"name": "a", "std": -1}]"#),
+                "[null, 1]",
+                "f32",
+                "std must be a positive number, got -1",
+            ),
+            (
+                with(r#"[{"name": "a", "default": "x"}]"#),
+                "[null, 1]",
+                "f32",
+                "default must be a number",
+            ),
+            (
+                with(r#"[{"name": "a", "handle_unknown": "ignore"}]"#),
+                "[null, 1]",
+                "f32",
+                "handle_unknown applies to categorical features",
+            ),
+            (
+                with(r#"[{"name": "a", "handle_unknown": "drop", "categories": ["x"]}]"#),
+                "[null, 1]",
+                "f32",
+                "unknown variant `drop`, expected `error` or `ignore`",
+            ),
+            (
+                with(r#"[{"name": "c", "categories": ["x", "y"], "default": "z"}]"#),
+                "[null, 2]",
+                "f32",
+                r#"preprocess.features[0] ("c"): default "z" is not among the categories ("x", "y")"#,
+            ),
+            (
+                with(r#"[{"name": "c", "categories": ["x", "y"], "default": 1}]"#),
+                "[null, 2]",
+                "f32",
+                "default must be a string (one of the categories)",
+            ),
+            (
+                with(r#"[{"name": "c", "categories": []}]"#),
+                "[null, 0]",
+                "f32",
+                "categories must not be empty",
+            ),
+            (
+                with(r#"[{"name": "c", "categories": ["x", "x"]}]"#),
+                "[null, 2]",
+                "f32",
+                r#"categories[1]: duplicate category "x""#,
+            ),
+            (
+                with(r#"[{"name": "c", "categories": ["x"], "mean": 1}]"#),
+                "[null, 1]",
+                "f32",
+                "mean and std apply to numeric features",
+            ),
+            (
+                with(r#"[{"name": "a"}, {"name": "a"}]"#),
+                "[null, 2]",
+                "f32",
+                r#"preprocess.features[1]: duplicate feature name "a""#,
+            ),
+            (
+                with(r#"[{"name": ""}]"#),
+                "[null, 1]",
+                "f32",
+                "preprocess.features[0]: name must not be empty",
+            ),
+            (
+                with(r#"[{"name": "a", "scale": 2}]"#),
+                "[null, 1]",
+                "f32",
+                "preprocess.features[0]: unknown field `scale`",
+            ),
+            (
+                with(r#"[{"mean": 2}]"#),
+                "[null, 1]",
+                "f32",
+                "preprocess.features[0]: missing field `name`",
+            ),
+            (
+                with(r#"[{"name": "a"}]"#),
+                "[null, 2]",
+                "f32",
+                r#"the model input "x" takes 2 columns, but the features make 1"#,
+            ),
+            (
+                with(r#"[{"name": "a"}]"#),
+                "[null]",
+                "f32",
+                r#"the model input "x" has shape [?]; kind "tabular" needs rank 2 ([batch, 1])"#,
+            ),
+            (
+                with(r#"[{"name": "a"}]"#),
+                "[null, 1]",
+                "i64",
+                r#"the model input "x" has dtype i64; kind "tabular" needs f32 or f64"#,
+            ),
+            (
+                r#"{"kind": "tabular"}"#.to_owned(),
+                "[null, 1]",
+                "f32",
+                "missing field `features`",
+            ),
+            (
+                r#"{"kind": "tabular", "features": [], "strcit": true}"#.to_owned(),
+                "[null, 1]",
+                "f32",
+                "preprocess (kind \"tabular\"): unknown field `strcit`",
+            ),
+            (
+                r#"{"kind": "tabular", "input": "y", "features": [{"name": "a"}]}"#.to_owned(),
+                "[null, 1]",
+                "f32",
+                r#"preprocess.input: the model has no input "y""#,
+            ),
         ];
         for (pre, shape, dtype, expected) in cases {
             let e = build(&pre, shape, dtype).unwrap_err();
             assert_eq!(e.status(), 1);
-            assert!(e.message().contains(expected), "{pre}\n  got:  {e}\n  want: {expected}");
+            assert!(
+                e.message().contains(expected),
+                "{pre}\n  got:  {e}\n  want: {expected}"
+            );
         }
     }
 
     #[test]
     fn lookup_finds_every_name() {
         let l = Lookup::new(["b", "a", "c"]);
-        assert_eq!((l.get("a"), l.get("b"), l.get("c"), l.get("d")), (Some(1), Some(0), Some(2), None));
+        assert_eq!(
+            (l.get("a"), l.get("b"), l.get("c"), l.get("d")),
+            (Some(1), Some(0), Some(2), None)
+        );
     }
 }

@@ -34,14 +34,21 @@ pub(crate) struct TensorPre {
 impl TensorPre {
     pub(crate) fn from_config(section: &Section, model: &Model) -> Result<TensorPre, Error> {
         let TensorToml {} = section.parse()?;
-        Ok(TensorPre { inputs: model.inputs.clone(), names: Vec::new(), names_key: Vec::new() })
+        Ok(TensorPre {
+            inputs: model.inputs.clone(),
+            names: Vec::new(),
+            names_key: Vec::new(),
+        })
     }
 
     /// Runs preprocessing: the encoded tensor set.
     pub(crate) fn run(&mut self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
         let tensors = self.tensors(content_type, body)?;
         let features = self.features(&tensors);
-        let set = TensorSet { tensors, features: Some(features) };
+        let set = TensorSet {
+            tensors,
+            features: Some(features),
+        };
         let bytes = set.encode();
         if let Some(f) = set.features {
             self.names = f.names;
@@ -62,14 +69,22 @@ impl TensorPre {
         // elements the body can hold, so a declared shape never makes us over-allocate.
         let max_elements = body.len() / 2 + 1;
         let mut de = serde_json::Deserializer::from_slice(body);
-        let parsed = RequestSeed { inputs: &self.inputs, max_elements }
-            .deserialize(&mut de)
-            .and_then(|r| de.end().map(|()| r))
-            .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))??;
+        let parsed = RequestSeed {
+            inputs: &self.inputs,
+            max_elements,
+        }
+        .deserialize(&mut de)
+        .and_then(|r| de.end().map(|()| r))
+        .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))??;
         Ok(parsed
             .into_iter()
             .zip(&self.inputs)
-            .map(|(p, io)| Tensor { name: io.name.clone(), dtype: io.dtype, shape: p.shape, data: p.data })
+            .map(|(p, io)| Tensor {
+                name: io.name.clone(),
+                dtype: io.dtype,
+                shape: p.shape,
+                data: p.data,
+            })
             .collect())
     }
 
@@ -82,11 +97,15 @@ impl TensorPre {
         let mut rows_n = None;
         let mut count = 0usize;
         for (i, t) in tensors.iter().enumerate() {
-            let &[n, f] = t.shape.as_slice() else { continue };
+            let &[n, f] = t.shape.as_slice() else {
+                continue;
+            };
             if *rows_n.get_or_insert(n) != n {
                 continue;
             }
-            let Some(total) = usize::try_from(f).ok().and_then(|f| count.checked_add(f)) else { continue };
+            let Some(total) = usize::try_from(f).ok().and_then(|f| count.checked_add(f)) else {
+                continue;
+            };
             if total > MAX_FEATURES {
                 continue;
             }
@@ -97,7 +116,8 @@ impl TensorPre {
             self.names.clear();
             for &(i, f) in &key {
                 for j in 0..f {
-                    self.names.push((format!("{}[{j}]", tensors[i].name), FeatureKind::Numeric));
+                    self.names
+                        .push((format!("{}[{j}]", tensors[i].name), FeatureKind::Numeric));
                 }
             }
             self.names_key = key;
@@ -112,7 +132,28 @@ impl TensorPre {
                 row.extend(chunk.iter().map(|&x| Value::Num(x)));
             }
         }
-        Features { names: std::mem::take(&mut self.names), rows }
+        Features {
+            names: std::mem::take(&mut self.names),
+            rows,
+        }
+    }
+}
+
+/// An empty buffer with room for a tensor of `elements` elements of `dtype`, or a bad-input
+/// error if that many bytes cannot be had (the count overflows, or the guest's memory is
+/// exhausted): a request must not be able to make the guest abort on allocation.
+pub(crate) fn tensor_buffer(
+    elements: Option<usize>,
+    dtype: DType,
+    what: &str,
+) -> Result<Vec<u8>, Error> {
+    let mut data = Vec::new();
+    match elements.and_then(|n| n.checked_mul(dtype.size())) {
+        Some(bytes) if data.try_reserve_exact(bytes).is_ok() => Ok(data),
+        Some(bytes) => Err(bad(format!(
+            "{what} make a tensor of {bytes} bytes, more than the guest can allocate"
+        ))),
+        None => Err(bad(format!("{what} make a tensor too large to address"))),
     }
 }
 
@@ -172,7 +213,9 @@ struct RequestSeed<'a> {
 
 impl RequestSeed<'_> {
     fn wrong_type(&self, got: &str) -> Error {
-        bad(format!("the request must be a JSON object with \"inputs\", got {got}"))
+        bad(format!(
+            "the request must be a JSON object with \"inputs\", got {got}"
+        ))
     }
 }
 
@@ -196,11 +239,17 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
         let mut found = None;
         while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
             let error = if key != "inputs" {
-                bad(format!("unknown field {} in the request (expected \"inputs\")", Quoted(&key)))
+                bad(format!(
+                    "unknown field {} in the request (expected \"inputs\")",
+                    Quoted(&key)
+                ))
             } else if found.is_some() {
                 bad("duplicate field \"inputs\" in the request")
             } else {
-                let seed = InputsSeed { inputs: self.inputs, max_elements: self.max_elements };
+                let seed = InputsSeed {
+                    inputs: self.inputs,
+                    max_elements: self.max_elements,
+                };
                 match map.next_value_seed(seed)? {
                     Ok(parsed) => {
                         found = Some(parsed);
@@ -228,7 +277,9 @@ struct InputsSeed<'a> {
 
 impl InputsSeed<'_> {
     fn wrong_type(&self, got: &str) -> Error {
-        bad(format!("\"inputs\": expected an object of named tensors, got {got}"))
+        bad(format!(
+            "\"inputs\": expected an object of named tensors, got {got}"
+        ))
     }
 }
 
@@ -254,11 +305,18 @@ impl<'de> Visitor<'de> for InputsSeed<'_> {
             let error = match self.inputs.iter().position(|io| io.name == key) {
                 None => {
                     let names: Vec<&str> = self.inputs.iter().map(|io| io.name.as_str()).collect();
-                    bad(format!("unknown input {} (the model's inputs: {})", Quoted(&key), Listed(&names)))
+                    bad(format!(
+                        "unknown input {} (the model's inputs: {})",
+                        Quoted(&key),
+                        Listed(&names)
+                    ))
                 }
                 Some(i) if parsed[i].is_some() => bad(format!("duplicate input {}", Quoted(&key))),
                 Some(i) => {
-                    let seed = InputSeed { io: &self.inputs[i], max_elements: self.max_elements };
+                    let seed = InputSeed {
+                        io: &self.inputs[i],
+                        max_elements: self.max_elements,
+                    };
                     match map.next_value_seed(seed)? {
                         Ok(p) => {
                             parsed[i] = Some(p);
@@ -360,12 +418,18 @@ impl<'de> Visitor<'de> for InputSeed<'_> {
                 }
                 "data" if data.is_none() => {
                     let reserve = shape.as_ref().map_or(0, |s| s.1).min(self.max_elements);
-                    let seed = DataSeed { io: self.io, reserve };
+                    let seed = DataSeed {
+                        io: self.io,
+                        reserve,
+                    };
                     map.next_value_seed(seed)?.map(|d| data = Some(d))
                 }
                 "shape" | "data" => {
                     map.next_value::<IgnoredAny>()?;
-                    Err(bad(format!("input {name}: duplicate field {}", Quoted(&key))))
+                    Err(bad(format!(
+                        "input {name}: duplicate field {}",
+                        Quoted(&key)
+                    )))
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -440,7 +504,10 @@ struct DataSeed<'a> {
 
 impl DataSeed<'_> {
     fn wrong_type(&self, got: &str) -> Error {
-        bad(format!("input {}: \"data\": expected an array of numbers, got {got}", Quoted(&self.io.name)))
+        bad(format!(
+            "input {}: \"data\": expected an array of numbers, got {got}",
+            Quoted(&self.io.name)
+        ))
     }
 }
 
@@ -467,7 +534,10 @@ impl<'de> Visitor<'de> for DataSeed<'_> {
         while let Some(node) = seq.next_element::<Node<'de>>()? {
             if let Err(problem) = push_element(&mut out, dtype, &node) {
                 drain_seq(&mut seq)?;
-                return Ok(Err(bad(format!("input {}: data[{count}]: {problem}", Quoted(&self.io.name)))));
+                return Ok(Err(bad(format!(
+                    "input {}: data[{count}]: {problem}",
+                    Quoted(&self.io.name)
+                ))));
             }
             count += 1;
         }
@@ -482,13 +552,22 @@ pub(crate) fn push_element(out: &mut Vec<u8>, dtype: DType, node: &Node<'_>) -> 
             Node::Bool(b) => *b,
             Node::U64(0) => false,
             Node::U64(1) => true,
-            other => return Err(format!("expected a boolean (or 0 or 1), got {}", describe_value(other))),
+            other => {
+                return Err(format!(
+                    "expected a boolean (or 0 or 1), got {}",
+                    describe_value(other)
+                ));
+            }
         };
         out.push(u8::from(b));
         return Ok(());
     }
     if !matches!(node, Node::U64(_) | Node::I64(_) | Node::F64(_)) {
-        let hint = if matches!(node, Node::Array(_)) { " (data is flat: product(shape) numbers)" } else { "" };
+        let hint = if matches!(node, Node::Array(_)) {
+            " (data is flat: product(shape) numbers)"
+        } else {
+            ""
+        };
         return Err(format!("expected a number, got {}{hint}", node.kind()));
     }
     match dtype {
@@ -506,19 +585,33 @@ pub(crate) fn push_element(out: &mut Vec<u8>, dtype: DType, node: &Node<'_>) -> 
                 Node::I64(n) => Some(n),
                 // 2^63 is exactly representable; every f64 below it in magnitude that is
                 // integral converts exactly.
-                Node::F64(x) if x.fract() == 0.0 && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&x) => {
+                Node::F64(x)
+                    if x.fract() == 0.0
+                        && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&x) =>
+                {
                     Some(x as i64)
                 }
                 Node::F64(x) if x.fract() != 0.0 => {
-                    return Err(format!("{x:?} is not an integer (the input is {})", dtype.name()));
+                    return Err(format!(
+                        "{x:?} is not an integer (the input is {})",
+                        dtype.name()
+                    ));
                 }
                 _ => None,
             };
-            let range_error = || format!("{} is out of range for {}", describe_value(node), dtype.name());
+            let range_error = || {
+                format!(
+                    "{} is out of range for {}",
+                    describe_value(node),
+                    dtype.name()
+                )
+            };
             let int = int.ok_or_else(range_error)?;
             match dtype {
                 DType::I64 => out.extend_from_slice(&int.to_le_bytes()),
-                DType::I32 => out.extend_from_slice(&i32::try_from(int).map_err(|_| range_error())?.to_le_bytes()),
+                DType::I32 => out.extend_from_slice(
+                    &i32::try_from(int).map_err(|_| range_error())?.to_le_bytes(),
+                ),
                 _ => out.push(u8::try_from(int).map_err(|_| range_error())?),
             }
         }
@@ -539,8 +632,8 @@ fn describe_value(node: &Node<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::config_json;
     use crate::config::parse;
+    use crate::config::tests::config_json;
 
     fn pre(inputs: &str) -> TensorPre {
         let c = parse(config_json("{}", "{}", inputs, "[]").as_bytes()).unwrap();
@@ -562,10 +655,17 @@ mod tests {
         let mut p = iris();
         let body = r#"{"inputs": {"x": {"data": [1, 2, 3, 4.5, 5, 6, 7, 8], "shape": [2, 4]}}}"#;
         for _ in 0..2 {
-            let set = TensorSet::decode(&p.run("application/json; charset=utf-8", body.as_bytes()).unwrap()).unwrap();
+            let set = TensorSet::decode(
+                &p.run("application/json; charset=utf-8", body.as_bytes())
+                    .unwrap(),
+            )
+            .unwrap();
             assert_eq!(set.tensors.len(), 1);
             let t = &set.tensors[0];
-            assert_eq!((t.name.as_str(), t.dtype, t.shape.as_slice()), ("x", DType::F32, &[2u64, 4][..]));
+            assert_eq!(
+                (t.name.as_str(), t.dtype, t.shape.as_slice()),
+                ("x", DType::F32, &[2u64, 4][..])
+            );
             assert_eq!(t.to_f64_vec(), [1.0, 2.0, 3.0, 4.5, 5.0, 6.0, 7.0, 8.0]);
             let f = set.features.unwrap();
             let names: Vec<&str> = f.names.iter().map(|(n, _)| n.as_str()).collect();
@@ -587,8 +687,15 @@ mod tests {
             "d": {"shape": [3], "data": [true, 0, 1]}}}"#;
         let set = TensorSet::decode(&p.run("", body.as_bytes()).unwrap()).unwrap();
         let names: Vec<&str> = set.tensors.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, ["a", "b", "c", "d", "e"], "model order, not request order");
-        assert_eq!(set.tensors[0].data, [(-3i64).to_le_bytes(), 4i64.to_le_bytes()].concat());
+        assert_eq!(
+            names,
+            ["a", "b", "c", "d", "e"],
+            "model order, not request order"
+        );
+        assert_eq!(
+            set.tensors[0].data,
+            [(-3i64).to_le_bytes(), 4i64.to_le_bytes()].concat()
+        );
         assert_eq!(set.tensors[1].to_f64_vec(), [2147483647.0, -1.0]);
         assert_eq!(set.tensors[2].data, [0, 255]);
         assert_eq!(set.tensors[3].data, [1, 0, 1]);
@@ -601,38 +708,119 @@ mod tests {
     fn rejects_bad_requests_precisely() {
         let mut p = iris();
         let cases = [
-            (r#"[1]"#, r#"the request must be a JSON object with "inputs", got array"#),
+            (
+                r#"[1]"#,
+                r#"the request must be a JSON object with "inputs", got array"#,
+            ),
             (r#"{}"#, r#"missing field "inputs" in the request"#),
-            (r#"{"input": {}}"#, r#"unknown field "input" in the request (expected "inputs")"#),
-            (r#"{"inputs": []}"#, r#""inputs": expected an object of named tensors, got array"#),
-            (r#"{"inputs": {}}"#, r#"missing input "x" (the request must give every model input)"#),
-            (r#"{"inputs": {"y": 1}}"#, r#"unknown input "y" (the model's inputs: "x")"#),
-            (r#"{"inputs": {"x": [1, 2, 3, 4]}}"#, r#"input "x": expected an object with "shape" and "data", got array"#),
-            (r#"{"inputs": {"x": {"data": [1, 2, 3, 4]}}}"#, r#"input "x": missing field "shape""#),
-            (r#"{"inputs": {"x": {"shape": [1, 4]}}}"#, r#"input "x": missing field "data""#),
-            (r#"{"inputs": {"x": {"shape": [1, 4], "data": [], "dtype": "f32"}}}"#, r#"input "x": unknown field "dtype" (expected "shape" or "data")"#),
-            (r#"{"inputs": {"x": {"shape": [1, 4], "shape": [1, 4]}}}"#, r#"input "x": duplicate field "shape""#),
-            (r#"{"inputs": {"x": {"shape": [4], "data": [1, 2, 3, 4]}}}"#, r#"input "x": shape [4] has rank 1, the model expects rank 2 ([?, 4])"#),
-            (r#"{"inputs": {"x": {"shape": [1, 5], "data": [1, 2, 3, 4, 5]}}}"#, r#"input "x": shape [1, 5] does not match the model's [?, 4] (dimension 1 must be 4)"#),
-            (r#"{"inputs": {"x": {"shape": [1, -4], "data": []}}}"#, r#"input "x": shape[1]: expected a non-negative integer, got -4"#),
-            (r#"{"inputs": {"x": {"shape": [1.5, 4], "data": []}}}"#, r#"input "x": shape[0]: expected a non-negative integer, got 1.5"#),
-            (r#"{"inputs": {"x": {"shape": "1,4", "data": []}}}"#, r#"input "x": "shape": expected an array of non-negative integers, got string"#),
-            (r#"{"inputs": {"x": {"shape": [2, 4], "data": [1, 2, 3, 4]}}}"#, r#"input "x": data has 4 values, shape [2, 4] needs 8"#),
-            (r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, "3", 4]}}}"#, r#"input "x": data[2]: expected a number, got string"#),
-            (r#"{"inputs": {"x": {"shape": [1, 4], "data": [[1, 2, 3, 4]]}}}"#, r#"input "x": data[0]: expected a number, got array (data is flat: product(shape) numbers)"#),
-            (r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, 3, null]}}}"#, r#"input "x": data[3]: expected a number, got null"#),
-            (r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, 3, 1e39]}}}"#, r#"input "x": data[3]: 1e39 is out of range for f32"#),
-            (r#"{"inputs": {"x": {"shape": [1, 4], "data": {"0": 1}}}}"#, r#"input "x": "data": expected an array of numbers, got object"#),
-            (r#"{"inputs": {"x": {"shape": [4294967296, 4294967296, 4294967296], "data": []}}}"#, r#"input "x": shape [4294967296, 4294967296, 4294967296] has rank 3"#),
-            (r#"{"inputs": {"x": {"shape": [18446744073709551615, 4], "data": []}}}"#, r#"input "x": shape [18446744073709551615, 4] is too large"#),
+            (
+                r#"{"input": {}}"#,
+                r#"unknown field "input" in the request (expected "inputs")"#,
+            ),
+            (
+                r#"{"inputs": []}"#,
+                r#""inputs": expected an object of named tensors, got array"#,
+            ),
+            (
+                r#"{"inputs": {}}"#,
+                r#"missing input "x" (the request must give every model input)"#,
+            ),
+            (
+                r#"{"inputs": {"y": 1}}"#,
+                r#"unknown input "y" (the model's inputs: "x")"#,
+            ),
+            (
+                r#"{"inputs": {"x": [1, 2, 3, 4]}}"#,
+                r#"input "x": expected an object with "shape" and "data", got array"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"data": [1, 2, 3, 4]}}}"#,
+                r#"input "x": missing field "shape""#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4]}}}"#,
+                r#"input "x": missing field "data""#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4], "data": [], "dtype": "f32"}}}"#,
+                r#"input "x": unknown field "dtype" (expected "shape" or "data")"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4], "shape": [1, 4]}}}"#,
+                r#"input "x": duplicate field "shape""#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [4], "data": [1, 2, 3, 4]}}}"#,
+                r#"input "x": shape [4] has rank 1, the model expects rank 2 ([?, 4])"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 5], "data": [1, 2, 3, 4, 5]}}}"#,
+                r#"input "x": shape [1, 5] does not match the model's [?, 4] (dimension 1 must be 4)"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, -4], "data": []}}}"#,
+                r#"input "x": shape[1]: expected a non-negative integer, got -4"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1.5, 4], "data": []}}}"#,
+                r#"input "x": shape[0]: expected a non-negative integer, got 1.5"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": "1,4", "data": []}}}"#,
+                r#"input "x": "shape": expected an array of non-negative integers, got string"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [2, 4], "data": [1, 2, 3, 4]}}}"#,
+                r#"input "x": data has 4 values, shape [2, 4] needs 8"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, "3", 4]}}}"#,
+                r#"input "x": data[2]: expected a number, got string"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4], "data": [[1, 2, 3, 4]]}}}"#,
+                r#"input "x": data[0]: expected a number, got array (data is flat: product(shape) numbers)"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, 3, null]}}}"#,
+                r#"input "x": data[3]: expected a number, got null"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, 3, 1e39]}}}"#,
+                r#"input "x": data[3]: 1e39 is out of range for f32"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [1, 4], "data": {"0": 1}}}}"#,
+                r#"input "x": "data": expected an array of numbers, got object"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [4294967296, 4294967296, 4294967296], "data": []}}}"#,
+                r#"input "x": shape [4294967296, 4294967296, 4294967296] has rank 3"#,
+            ),
+            (
+                r#"{"inputs": {"x": {"shape": [18446744073709551615, 4], "data": []}}}"#,
+                r#"input "x": shape [18446744073709551615, 4] is too large"#,
+            ),
         ];
         for (body, expected) in cases {
             let msg = err(&mut p, body);
-            assert!(msg.starts_with(expected), "{body}\n  got:  {msg}\n  want: {expected}");
+            assert!(
+                msg.starts_with(expected),
+                "{body}\n  got:  {msg}\n  want: {expected}"
+            );
         }
-        assert!(err(&mut p, r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, 3, 4]}}"#).starts_with("the request body is not valid JSON"));
+        assert!(
+            err(
+                &mut p,
+                r#"{"inputs": {"x": {"shape": [1, 4], "data": [1, 2, 3, 4]}}"#
+            )
+            .starts_with("the request body is not valid JSON")
+        );
         let e = p.run("text/csv", b"1,2,3,4").unwrap_err();
-        assert_eq!(e.message(), r#"unsupported content type "text/csv" (kind "tensor" takes application/json)"#);
+        assert_eq!(
+            e.message(),
+            r#"unsupported content type "text/csv" (kind "tensor" takes application/json)"#
+        );
     }
 
     #[test]
@@ -643,22 +831,68 @@ mod tests {
         );
         let ok = r#""u": {"shape": [0], "data": []}, "b": {"shape": [0], "data": []}, "s": {"shape": [0], "data": []}"#;
         let cases = [
-            ("[2.5]", r#"input "i": data[0]: 2.5 is not an integer (the input is i64)"#),
-            ("[9223372036854775808]", r#"input "i": data[0]: 9223372036854775808 is out of range for i64"#),
-            ("[1e300]", r#"input "i": data[0]: 1e300 is out of range for i64"#),
+            (
+                "[2.5]",
+                r#"input "i": data[0]: 2.5 is not an integer (the input is i64)"#,
+            ),
+            (
+                "[9223372036854775808]",
+                r#"input "i": data[0]: 9223372036854775808 is out of range for i64"#,
+            ),
+            (
+                "[1e300]",
+                r#"input "i": data[0]: 1e300 is out of range for i64"#,
+            ),
         ];
         for (data, expected) in cases {
             let body = format!(r#"{{"inputs": {{"i": {{"shape": [1], "data": {data}}}, {ok}}}}}"#);
             assert_eq!(err(&mut p, &body), expected);
         }
-        let body = r#"{"inputs": {"i": {"shape": [0], "data": []}, "u": {"shape": [1], "data": [256]}}}"#;
-        assert_eq!(err(&mut p, body), r#"input "u": data[0]: 256 is out of range for u8"#);
-        let body = r#"{"inputs": {"i": {"shape": [0], "data": []}, "u": {"shape": [1], "data": [-1]}}}"#;
-        assert_eq!(err(&mut p, body), r#"input "u": data[0]: -1 is out of range for u8"#);
+        let body =
+            r#"{"inputs": {"i": {"shape": [0], "data": []}, "u": {"shape": [1], "data": [256]}}}"#;
+        assert_eq!(
+            err(&mut p, body),
+            r#"input "u": data[0]: 256 is out of range for u8"#
+        );
+        let body =
+            r#"{"inputs": {"i": {"shape": [0], "data": []}, "u": {"shape": [1], "data": [-1]}}}"#;
+        assert_eq!(
+            err(&mut p, body),
+            r#"input "u": data[0]: -1 is out of range for u8"#
+        );
         let body = r#"{"inputs": {"b": {"shape": [1], "data": [2]}}}"#;
-        assert_eq!(err(&mut p, body), r#"input "b": data[0]: expected a boolean (or 0 or 1), got 2"#);
+        assert_eq!(
+            err(&mut p, body),
+            r#"input "b": data[0]: expected a boolean (or 0 or 1), got 2"#
+        );
         let body = r#"{"inputs": {"s": {"shape": [1], "data": [2147483648]}}}"#;
-        assert_eq!(err(&mut p, body), r#"input "s": data[0]: 2147483648 is out of range for i32"#);
+        assert_eq!(
+            err(&mut p, body),
+            r#"input "s": data[0]: 2147483648 is out of range for i32"#
+        );
+    }
+
+    #[test]
+    fn huge_tensors_are_bad_input_not_an_abort() {
+        assert_eq!(
+            tensor_buffer(Some(3), DType::F64, "x").unwrap().capacity(),
+            24
+        );
+        let e = tensor_buffer(None, DType::F32, "9 records").unwrap_err();
+        assert_eq!(
+            (e.status(), e.message()),
+            (1, "9 records make a tensor too large to address")
+        );
+        let e = tensor_buffer(Some(usize::MAX / 2), DType::F32, "9 records").unwrap_err();
+        assert_eq!(e.message(), "9 records make a tensor too large to address");
+        let e = tensor_buffer(Some(1 << 60), DType::F32, "7000 image(s)").unwrap_err();
+        assert_eq!(
+            e.message(),
+            format!(
+                "7000 image(s) make a tensor of {} bytes, more than the guest can allocate",
+                1u64 << 62
+            )
+        );
     }
 
     #[test]
@@ -669,9 +903,15 @@ mod tests {
         );
         let body = r#"{"inputs": {"a": {"shape": [2, 2], "data": [1, 2, 3, 4]}, "b": {"shape": [2, 1], "data": [5, 6]},
             "c": {"shape": [3, 1], "data": [7, 8, 9]}}}"#;
-        let f = TensorSet::decode(&p.run("", body.as_bytes()).unwrap()).unwrap().features.unwrap();
+        let f = TensorSet::decode(&p.run("", body.as_bytes()).unwrap())
+            .unwrap()
+            .features
+            .unwrap();
         let names: Vec<&str> = f.names.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["a[0]", "a[1]", "b[0]"]);
-        assert_eq!(f.rows, [[1.0, 2.0, 5.0], [3.0, 4.0, 6.0]].map(|r| r.map(Value::Num).to_vec()));
+        assert_eq!(
+            f.rows,
+            [[1.0, 2.0, 5.0], [3.0, 4.0, 6.0]].map(|r| r.map(Value::Num).to_vec())
+        );
     }
 }

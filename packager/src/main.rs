@@ -311,7 +311,7 @@ fn drift(a: DriftArgs) -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("{} carries no drift baseline: pack it with [drift] baseline = ...", a.bundle.display()))?;
     let pre = rt::Preprocessor::from_verified(&bundle)?;
     let kind = inputs::pipeline_kind(&bundle.manifest);
-    let current = inputs::collect_features(&pre, &a.data, kind, &bundle.manifest)?;
+    let current = inputs::collect_features(&|ct, body| pre.preprocess(ct, body), &a.data, &kind, &bundle.manifest)?;
     let mut sample = rt::CurrentSample::new(&baseline, usize::MAX);
     let order = current.order_for(sample.features())?;
     for row in &current.rows {
