@@ -57,14 +57,14 @@ fn main() {
     ];
 
     println!("## Per-inference latency: whole pipeline vs raw tract (same run, interleaved)\n");
-    println!("| model | raw tract (median µs) | pipeline (median µs) | overhead µs | ratio |");
-    println!("|---|---|---|---|---|");
+    println!("| model | raw tract (median µs) | pipeline (median µs) | overhead µs | ratio | of which preprocess µs |");
+    println!("|---|---|---|---|---|---|");
     for c in &cases {
         let session = Session::load(&std::fs::read(d(&format!("{}-pre.ferry", c.name))).unwrap(), &trust).unwrap();
         let tensors = session.preprocess(c.content_type, &c.body).unwrap().tensors;
         let rounds = if quick { 3 } else { 200 };
         let per_round = if quick { 5 } else { 50 };
-        let (mut raw, mut full) = (Vec::new(), Vec::new());
+        let (mut raw, mut full, mut pre) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let t = Instant::now();
             for _ in 0..per_round {
@@ -76,9 +76,22 @@ fn main() {
                 std::hint::black_box(session.infer(c.content_type, &c.body).unwrap());
             }
             full.push(t.elapsed() / per_round);
+            let t = Instant::now();
+            for _ in 0..per_round {
+                std::hint::black_box(session.preprocess(c.content_type, &c.body).unwrap());
+            }
+            pre.push(t.elapsed() / per_round);
         }
-        let (r, f) = (median(raw), median(full));
-        println!("| {} | {:.1} | {:.1} | {:.1} | {:.3} |", c.name, us(r), us(f), us(f) - us(r), f.as_secs_f64() / r.as_secs_f64());
+        let (r, f, p) = (median(raw), median(full), median(pre));
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} |",
+            c.name,
+            us(r),
+            us(f),
+            us(f) - us(r),
+            f.as_secs_f64() / r.as_secs_f64(),
+            us(p)
+        );
     }
 
     println!("\n## Cold load: file on disk → verified → first prediction (median of runs)\n");

@@ -292,7 +292,6 @@ impl PackArgs {
             }
             None => (STD_GUEST.to_vec(), format!("standard {}", env!("CARGO_PKG_VERSION")), to_json(&f.preprocess), to_json(&f.postprocess)),
         };
-        steps.run("guest_validate", "validating the guest", || Ok(rt::validate(&wasm)?))?;
         let config_json = serde_json::to_string(&json!({
             "abi": 1,
             "preprocess": pre_cfg,
