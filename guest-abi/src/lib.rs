@@ -131,12 +131,19 @@ impl Tensor {
         for v in values {
             data.extend_from_slice(&v.to_le_bytes());
         }
-        Tensor { name: name.into(), dtype: DType::F32, shape, data }
+        Tensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            data,
+        }
     }
 
     /// Number of elements the shape declares.
     pub fn element_count(&self) -> Option<usize> {
-        self.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
     }
 
     /// The elements converted to `f64` (booleans as 0/1).
@@ -220,7 +227,11 @@ impl TensorSet {
     /// Encodes the set.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            16 + self.tensors.iter().map(|t| t.data.len() + t.name.len() + 16 + 8 * t.shape.len()).sum::<usize>(),
+            16 + self
+                .tensors
+                .iter()
+                .map(|t| t.data.len() + t.name.len() + 16 + 8 * t.shape.len())
+                .sum::<usize>(),
         );
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(self.tensors.len() as u32).to_le_bytes());
@@ -281,7 +292,12 @@ impl TensorSet {
             }
             let byte_len = usize::try_from(r.u64()?).map_err(|_| DecodeError::Truncated)?;
             let data = r.take(byte_len)?.to_vec();
-            let t = Tensor { name, dtype, shape, data };
+            let t = Tensor {
+                name,
+                dtype,
+                shape,
+                data,
+            };
             match t.element_count() {
                 Some(n) if n.checked_mul(dtype.size()) == Some(byte_len) => {}
                 _ => return Err(DecodeError::Invalid("data length does not match shape")),
@@ -315,7 +331,9 @@ impl TensorSet {
                 let mut row = Vec::with_capacity(n);
                 for (_, kind) in &names {
                     row.push(match kind {
-                        FeatureKind::Numeric => Value::Num(f64::from_le_bytes(r.take(8)?.try_into().unwrap())),
+                        FeatureKind::Numeric => {
+                            Value::Num(f64::from_le_bytes(r.take(8)?.try_into().unwrap()))
+                        }
                         FeatureKind::Categorical => Value::Cat(r.str16()?),
                     });
                 }
@@ -353,7 +371,8 @@ impl<'a> Reader<'a> {
     }
     fn str16(&mut self) -> Result<String, DecodeError> {
         let len = u16::from_le_bytes(self.take(2)?.try_into().unwrap()) as usize;
-        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| DecodeError::Invalid("name is not UTF-8"))
+        String::from_utf8(self.take(len)?.to_vec())
+            .map_err(|_| DecodeError::Invalid("name is not UTF-8"))
     }
 }
 
@@ -365,11 +384,22 @@ mod tests {
         TensorSet {
             tensors: vec![
                 Tensor::from_f32("x", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]),
-                Tensor { name: "label".into(), dtype: DType::I64, shape: vec![1], data: 7i64.to_le_bytes().to_vec() },
+                Tensor {
+                    name: "label".into(),
+                    dtype: DType::I64,
+                    shape: vec![1],
+                    data: 7i64.to_le_bytes().to_vec(),
+                },
             ],
             features: Some(Features {
-                names: vec![("a".into(), FeatureKind::Numeric), ("c".into(), FeatureKind::Categorical)],
-                rows: vec![vec![Value::Num(1.5), Value::Cat("red".into())], vec![Value::Num(f64::NAN), Value::Cat("".into())]],
+                names: vec![
+                    ("a".into(), FeatureKind::Numeric),
+                    ("c".into(), FeatureKind::Categorical),
+                ],
+                rows: vec![
+                    vec![Value::Num(1.5), Value::Cat("red".into())],
+                    vec![Value::Num(f64::NAN), Value::Cat("".into())],
+                ],
             }),
         }
     }
@@ -382,7 +412,10 @@ mod tests {
         let f = back.features.unwrap();
         assert_eq!(f.names, s.features.as_ref().unwrap().names);
         assert!(matches!(f.rows[1][0], Value::Num(x) if x.is_nan()));
-        let plain = TensorSet { tensors: s.tensors.clone(), features: None };
+        let plain = TensorSet {
+            tensors: s.tensors.clone(),
+            features: None,
+        };
         assert_eq!(TensorSet::decode(&plain.encode()).unwrap(), plain);
         assert_eq!(back.tensors[0].to_f64_vec(), vec![1.0, 2.0, 3.0, 4.0]);
     }
@@ -390,7 +423,12 @@ mod tests {
     #[test]
     fn every_truncation_and_flip_is_an_error_or_valid_never_a_panic() {
         let bytes = sample().encode();
-        let without_features = TensorSet { features: None, ..sample() }.encode().len();
+        let without_features = TensorSet {
+            features: None,
+            ..sample()
+        }
+        .encode()
+        .len();
         for cut in 0..bytes.len() {
             match TensorSet::decode(&bytes[..cut]) {
                 Err(_) => {}

@@ -16,8 +16,16 @@ fn examples() -> PathBuf {
 }
 
 fn ferry(args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).env("SOURCE_DATE_EPOCH", "0").output().unwrap();
-    assert!(o.status.success(), "ferry {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("SOURCE_DATE_EPOCH", "0")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -43,24 +51,53 @@ fn main() {
     ferry(&["keygen", "-o", &d("k")]);
     for name in ["iris", "digits"] {
         let project = examples().join(name).to_string_lossy().into_owned();
-        ferry(&["pack", &project, "--key", &d("k.key"), "-o", &d(&format!("{name}.ferry"))]);
-        ferry(&["pack", &project, "--key", &d("k.key"), "-o", &d(&format!("{name}-pre.ferry")), "--precompile", std::env::consts::ARCH]);
+        ferry(&[
+            "pack",
+            &project,
+            "--key",
+            &d("k.key"),
+            "-o",
+            &d(&format!("{name}.ferry")),
+        ]);
+        ferry(&[
+            "pack",
+            &project,
+            "--key",
+            &d("k.key"),
+            "-o",
+            &d(&format!("{name}-pre.ferry")),
+            "--precompile",
+            std::env::consts::ARCH,
+        ]);
     }
-    let trust = TrustPolicy::new(rt::PublicKey::all_from_pem(&std::fs::read_to_string(d("k.pub")).unwrap()).unwrap()).unwrap();
+    let trust = TrustPolicy::new(
+        rt::PublicKey::all_from_pem(&std::fs::read_to_string(d("k.pub")).unwrap()).unwrap(),
+    )
+    .unwrap();
     let cases = [
         Case {
             name: "iris",
             content_type: "application/json",
             body: std::fs::read(examples().join("iris/golden/setosa.json")).unwrap(),
         },
-        Case { name: "digits", content_type: "image/png", body: std::fs::read(examples().join("digits/golden/digit_3.png")).unwrap() },
+        Case {
+            name: "digits",
+            content_type: "image/png",
+            body: std::fs::read(examples().join("digits/golden/digit_3.png")).unwrap(),
+        },
     ];
 
     println!("## Per-inference latency: whole pipeline vs raw tract (same run, interleaved)\n");
-    println!("| model | raw tract (median µs) | pipeline (median µs) | overhead µs | ratio | of which preprocess µs |");
+    println!(
+        "| model | raw tract (median µs) | pipeline (median µs) | overhead µs | ratio | of which preprocess µs |"
+    );
     println!("|---|---|---|---|---|---|");
     for c in &cases {
-        let session = Session::load(&std::fs::read(d(&format!("{}-pre.ferry", c.name))).unwrap(), &trust).unwrap();
+        let session = Session::load(
+            &std::fs::read(d(&format!("{}-pre.ferry", c.name))).unwrap(),
+            &trust,
+        )
+        .unwrap();
         let tensors = session.preprocess(c.content_type, &c.body).unwrap().tensors;
         let rounds = if quick { 3 } else { 200 };
         let per_round = if quick { 5 } else { 50 };
@@ -111,7 +148,11 @@ fn main() {
                 totals.push(t.elapsed());
                 last = s.timings();
             }
-            let label = if variant.is_empty() { "portable wasm" } else { "precompiled guest" };
+            let label = if variant.is_empty() {
+                "portable wasm"
+            } else {
+                "precompiled guest"
+            };
             println!(
                 "| {} ({label}) | {:.1} | {:.1} | {:.1} | {:.1} |",
                 c.name,
@@ -124,14 +165,20 @@ fn main() {
     }
 
     println!("\n## Sizes\n");
-    println!("| model | ONNX bytes | zstd -19 | shuffle4 + zstd -19 | kept in bundle | whole bundle |");
+    println!(
+        "| model | ONNX bytes | zstd -19 | shuffle4 + zstd -19 | kept in bundle | whole bundle |"
+    );
     println!("|---|---|---|---|---|---|");
     for c in &cases {
         let onnx = std::fs::read(examples().join(c.name).join("model.onnx")).unwrap();
         let plain = rt::compress(&onnx, false, 19).1.len();
-        let shuffled = zstd::bulk::compress(&rt::shuffle4(&onnx), 19).unwrap().len();
+        let shuffled = zstd::bulk::compress(&rt::shuffle4(&onnx), 19)
+            .unwrap()
+            .len();
         let kept = rt::compress(&onnx, true, 19);
-        let bundle = std::fs::metadata(d(&format!("{}.ferry", c.name))).unwrap().len();
+        let bundle = std::fs::metadata(d(&format!("{}.ferry", c.name)))
+            .unwrap()
+            .len();
         println!(
             "| {} | {} | {} ({:.2}x) | {} ({:.2}x) | {} ({:?}) | {} |",
             c.name,

@@ -42,7 +42,9 @@ fn sniff(body: &[u8]) -> &'static str {
 pub fn read_request(path: &Path, content_type: Option<&str>) -> Result<Request> {
     let body = if path.as_os_str() == "-" {
         let mut b = Vec::new();
-        std::io::stdin().read_to_end(&mut b).context("cannot read standard input")?;
+        std::io::stdin()
+            .read_to_end(&mut b)
+            .context("cannot read standard input")?;
         b
     } else {
         std::fs::read(path).with_context(|| format!("cannot read input {}", path.display()))?
@@ -61,9 +63,15 @@ pub fn read_request(path: &Path, content_type: Option<&str>) -> Result<Request> 
     };
     if ct == "text/csv" {
         let records = csv_records(path)?;
-        return Ok(Request { content_type: "application/json".into(), body: serde_json::to_vec(&json!({ "records": records }))? });
+        return Ok(Request {
+            content_type: "application/json".into(),
+            body: serde_json::to_vec(&json!({ "records": records }))?,
+        });
     }
-    Ok(Request { content_type: ct, body })
+    Ok(Request {
+        content_type: ct,
+        body,
+    })
 }
 
 /// A CSV file: the header and the cells of every row.
@@ -77,7 +85,8 @@ impl Csv {
     /// missing value (null); a cell that parses as a finite number is a
     /// number; anything else is a string.
     pub fn read(path: &Path) -> Result<Csv> {
-        let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot read CSV {}", path.display()))?;
+        let mut reader = csv::Reader::from_path(path)
+            .with_context(|| format!("cannot read CSV {}", path.display()))?;
         let headers: Vec<String> = reader
             .headers()
             .with_context(|| format!("{}: no header row", path.display()))?
@@ -86,7 +95,8 @@ impl Csv {
             .collect();
         let mut rows = Vec::new();
         for (i, row) in reader.records().enumerate() {
-            let row = row.with_context(|| format!("{}: row {} is not valid CSV", path.display(), i + 2))?;
+            let row =
+                row.with_context(|| format!("{}: row {} is not valid CSV", path.display(), i + 2))?;
             rows.push(
                 row.iter()
                     .map(|cell| {
@@ -111,7 +121,15 @@ impl Csv {
 
     /// Rows as JSON records.
     pub fn records(&self, rows: &[Vec<serde_json::Value>]) -> Vec<Map<String, serde_json::Value>> {
-        rows.iter().map(|r| self.headers.iter().cloned().zip(r.iter().cloned()).collect()).collect()
+        rows.iter()
+            .map(|r| {
+                self.headers
+                    .iter()
+                    .cloned()
+                    .zip(r.iter().cloned())
+                    .collect()
+            })
+            .collect()
     }
 }
 
@@ -135,16 +153,21 @@ impl FeatureRows {
         wanted
             .iter()
             .map(|(name, _)| {
-                self.names.iter().position(|(n, _)| n == name).ok_or_else(|| {
-                    anyhow::anyhow!("the data has no feature `{name}`, which the baseline has")
-                })
+                self.names
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("the data has no feature `{name}`, which the baseline has")
+                    })
             })
             .collect()
     }
 
     fn absorb(&mut self, set: TensorSet, source: &str) -> Result<()> {
         let Some(f) = set.features else {
-            bail!("the guest returned no features for {source}: drift needs features (see docs/guest-abi.md)");
+            bail!(
+                "the guest returned no features for {source}: drift needs features (see docs/guest-abi.md)"
+            );
         };
         if self.names.is_empty() {
             self.names = f.names;
@@ -163,14 +186,21 @@ pub fn pipeline_kind(m: &Manifest) -> String {
     }
     serde_json::from_str::<serde_json::Value>(&m.pipeline.config_json)
         .ok()
-        .and_then(|v| v.pointer("/preprocess/kind").and_then(|k| k.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.pointer("/preprocess/kind")
+                .and_then(|k| k.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "tensor".into())
 }
+
+/// Preprocessing of one request (a session's or a bare guest's).
+pub type PreprocessFn<'a> = dyn Fn(&str, &[u8]) -> Result<TensorSet, ferry_runtime::Error> + 'a;
 
 /// Runs every sample of a data set (a CSV file, or a directory of images)
 /// through preprocessing and collects the features.
 pub fn collect_features(
-    preprocess: &dyn Fn(&str, &[u8]) -> Result<TensorSet, ferry_runtime::Error>,
+    preprocess: &PreprocessFn<'_>,
     data: &Path,
     kind: &str,
     manifest: &Manifest,
@@ -180,15 +210,25 @@ pub fn collect_features(
         let mut files: Vec<_> = std::fs::read_dir(data)
             .with_context(|| format!("cannot list {}", data.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         files.sort();
         for file in &files {
             let Some(ct) = content_type_for(file).filter(|ct| ct.starts_with("image/")) else {
-                bail!("{}: only .png, .jpg and .jpeg files are read from a data directory", file.display());
+                bail!(
+                    "{}: only .png, .jpg and .jpeg files are read from a data directory",
+                    file.display()
+                );
             };
-            let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let set = preprocess(ct, &body).with_context(|| format!("{} refused", file.display()))?;
+            let body =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let set =
+                preprocess(ct, &body).with_context(|| format!("{} refused", file.display()))?;
             out.absorb(set, &file.display().to_string())?;
         }
         if out.rows.is_empty() {
@@ -207,8 +247,13 @@ pub fn collect_features(
             serde_json::to_vec(&json!({ "records": csv.records(chunk) }))?
         };
         let first = n * CSV_BATCH + 2;
-        let set = preprocess("application/json", &body)
-            .with_context(|| format!("{}: rows {first}..{} refused", data.display(), first + chunk.len() - 1))?;
+        let set = preprocess("application/json", &body).with_context(|| {
+            format!(
+                "{}: rows {first}..{} refused",
+                data.display(),
+                first + chunk.len() - 1
+            )
+        })?;
         out.absorb(set, &data.display().to_string())?;
     }
     Ok(out)
@@ -218,17 +263,28 @@ pub fn collect_features(
 /// is one sample, columns in file order.
 fn tensor_request(rows: &[Vec<serde_json::Value>], m: &Manifest) -> Result<Vec<u8>> {
     let [input] = m.model.inputs.as_slice() else {
-        bail!("CSV data needs a model with exactly one input; this one has {}", m.model.inputs.len());
+        bail!(
+            "CSV data needs a model with exactly one input; this one has {}",
+            m.model.inputs.len()
+        );
     };
     if input.shape.len() != 2 {
-        bail!("CSV data needs a model input of rank 2 ([batch, features]); `{}` has rank {}", input.name, input.shape.len());
+        bail!(
+            "CSV data needs a model input of rank 2 ([batch, features]); `{}` has rank {}",
+            input.name,
+            input.shape.len()
+        );
     }
     let width = rows[0].len();
     let mut data = Vec::with_capacity(rows.len() * width);
     for (i, row) in rows.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
-            data.push(v.as_f64().ok_or_else(|| anyhow::anyhow!("row {}: column {} is not a number", i + 2, j + 1))?);
+            data.push(v.as_f64().ok_or_else(|| {
+                anyhow::anyhow!("row {}: column {} is not a number", i + 2, j + 1)
+            })?);
         }
     }
-    Ok(serde_json::to_vec(&json!({"inputs": {input.name.clone(): {"shape": [rows.len(), width], "data": data}}}))?)
+    Ok(serde_json::to_vec(
+        &json!({"inputs": {input.name.clone(): {"shape": [rows.len(), width], "data": data}}}),
+    )?)
 }

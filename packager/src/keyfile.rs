@@ -16,7 +16,10 @@ pub fn write_key_pair(prefix: &Path, key: &SecretKey, force: bool) -> Result<(Pa
     }
     for p in [&key_path, &pub_path] {
         if p.exists() && !force {
-            bail!("{} already exists: pass --force to overwrite it", p.display());
+            bail!(
+                "{} already exists: pass --force to overwrite it",
+                p.display()
+            );
         }
     }
     let mut options = std::fs::OpenOptions::new();
@@ -26,7 +29,9 @@ pub fn write_key_pair(prefix: &Path, key: &SecretKey, force: bool) -> Result<(Pa
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut f = options.open(&key_path).with_context(|| format!("cannot write {}", key_path.display()))?;
+    let mut f = options
+        .open(&key_path)
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
     #[cfg(unix)]
     {
         // `mode` applies only when the file is created: tighten an existing one.
@@ -35,7 +40,8 @@ pub fn write_key_pair(prefix: &Path, key: &SecretKey, force: bool) -> Result<(Pa
     }
     f.write_all(key.to_pem().as_bytes())?;
     f.sync_all()?;
-    std::fs::write(&pub_path, key.public().to_pem()).with_context(|| format!("cannot write {}", pub_path.display()))?;
+    std::fs::write(&pub_path, key.public().to_pem())
+        .with_context(|| format!("cannot write {}", pub_path.display()))?;
     Ok((key_path, pub_path))
 }
 
@@ -48,14 +54,16 @@ fn with_suffix(prefix: &Path, ext: &str) -> PathBuf {
 
 /// Reads a private key from a file.
 pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read key {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key {}", path.display()))?;
     SecretKey::from_pem(&text).with_context(|| format!("{} is not a signing key", path.display()))
 }
 
 /// Reads a private key from an environment variable holding the PEM text,
 /// or the PEM text in base64 (CI secret stores often want one line).
 pub fn read_secret_key_env(name: &str) -> Result<SecretKey> {
-    let value = std::env::var(name).with_context(|| format!("environment variable {name} is not set"))?;
+    let value =
+        std::env::var(name).with_context(|| format!("environment variable {name} is not set"))?;
     let text = if value.contains("-----BEGIN") {
         value
     } else {
@@ -69,6 +77,8 @@ pub fn read_secret_key_env(name: &str) -> Result<SecretKey> {
 
 /// Reads every public key of a PEM file.
 pub fn read_public_keys(path: &Path) -> Result<Vec<PublicKey>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read public key {}", path.display()))?;
-    PublicKey::all_from_pem(&text).with_context(|| format!("{} is not a public key file", path.display()))
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read public key {}", path.display()))?;
+    PublicKey::all_from_pem(&text)
+        .with_context(|| format!("{} is not a public key file", path.display()))
 }

@@ -108,7 +108,12 @@ struct KeygenArgs {
 pub struct TrustArgs {
     /// Trusted public key file(s) (PEM; a file may hold several keys). Repeatable.
     /// Also read from FERRY_PUB (paths separated by ':').
-    #[arg(long = "pub", value_name = "FILE", env = "FERRY_PUB", value_delimiter = ':')]
+    #[arg(
+        long = "pub",
+        value_name = "FILE",
+        env = "FERRY_PUB",
+        value_delimiter = ':'
+    )]
     pub public_keys: Vec<PathBuf>,
     /// Signatures by distinct trusted keys required.
     #[arg(long, default_value_t = 1)]
@@ -118,7 +123,9 @@ pub struct TrustArgs {
 impl TrustArgs {
     fn policy(&self) -> Result<rt::TrustPolicy> {
         if self.public_keys.is_empty() {
-            bail!("no trusted key given: pass --pub <FILE> (the .pub file written by `ferry keygen`)");
+            bail!(
+                "no trusted key given: pass --pub <FILE> (the .pub file written by `ferry keygen`)"
+            );
         }
         let mut keys = Vec::new();
         for path in &self.public_keys {
@@ -178,7 +185,12 @@ struct DriftArgs {
     data: PathBuf,
     /// Trusted public key(s). Without one the signature is not checked
     /// (digests still are) and a warning is printed.
-    #[arg(long = "pub", value_name = "FILE", env = "FERRY_PUB", value_delimiter = ':')]
+    #[arg(
+        long = "pub",
+        value_name = "FILE",
+        env = "FERRY_PUB",
+        value_delimiter = ':'
+    )]
     public_keys: Vec<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -193,7 +205,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     let result = match cli.command {
@@ -207,7 +223,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            let code = e.downcast_ref::<ExitError>().map(|x| x.0).unwrap_or(exit::ERROR);
+            let code = e
+                .downcast_ref::<ExitError>()
+                .map(|x| x.0)
+                .unwrap_or(exit::ERROR);
             eprintln!("error: {e:#}");
             ExitCode::from(code)
         }
@@ -217,7 +236,11 @@ fn main() -> ExitCode {
 fn keygen(a: KeygenArgs) -> Result<()> {
     let key = rt::SecretKey::generate()?;
     let (key_path, pub_path) = keyfile::write_key_pair(&a.out, &key, a.force)?;
-    eprintln!("wrote {} (private, keep secret) and {}", key_path.display(), pub_path.display());
+    eprintln!(
+        "wrote {} (private, keep secret) and {}",
+        key_path.display(),
+        pub_path.display()
+    );
     println!("{}", key.key_id());
     Ok(())
 }
@@ -231,8 +254,12 @@ fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>> {
 fn verified(path: &std::path::Path, trust: &TrustArgs) -> Result<rt::VerifiedBundle> {
     let bytes = read_bundle(path)?;
     let policy = trust.policy()?;
-    rt::verify(&bytes, &policy, &rt::ReadLimits::default())
-        .map_err(|e| fail(exit::REJECTED, anyhow::anyhow!("{} rejected: {e}", path.display())))
+    rt::verify(&bytes, &policy, &rt::ReadLimits::default()).map_err(|e| {
+        fail(
+            exit::REJECTED,
+            anyhow::anyhow!("{} rejected: {e}", path.display()),
+        )
+    })
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {
@@ -258,7 +285,11 @@ fn verify(a: VerifyArgs) -> Result<()> {
             m.release.sequence,
             m.release.fleet,
             m.release.channel,
-            b.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+            b.signed_by
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         println!("digest sha256:{}", b.digest);
     }
@@ -267,16 +298,31 @@ fn verify(a: VerifyArgs) -> Result<()> {
 
 fn inspect(a: InspectArgs) -> Result<()> {
     let bytes = read_bundle(&a.bundle)?;
-    let (manifest, key_ids) = rt::inspect_unverified(&bytes, &rt::ReadLimits::default())
-        .map_err(|e| fail(exit::REJECTED, anyhow::anyhow!("{} rejected: {e}", a.bundle.display())))?;
+    let (manifest, key_ids) =
+        rt::inspect_unverified(&bytes, &rt::ReadLimits::default()).map_err(|e| {
+            fail(
+                exit::REJECTED,
+                anyhow::anyhow!("{} rejected: {e}", a.bundle.display()),
+            )
+        })?;
     let verified = if a.public_keys.is_empty() {
         None
     } else {
-        let trust = TrustArgs { public_keys: a.public_keys.clone(), threshold: 1 };
+        let trust = TrustArgs {
+            public_keys: a.public_keys.clone(),
+            threshold: 1,
+        };
         Some(verified(&a.bundle, &trust)?)
     };
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    output::print_inspect(&manifest, &key_ids, &digest, bytes.len(), verified.is_some(), a.json);
+    output::print_inspect(
+        &manifest,
+        &key_ids,
+        &digest,
+        bytes.len(),
+        verified.is_some(),
+        a.json,
+    );
     Ok(())
 }
 
@@ -284,14 +330,20 @@ fn run(a: RunArgs) -> Result<()> {
     let bundle = verified(&a.bundle, &a.trust)?;
     let session = rt::Session::from_verified(bundle).context("cannot load the bundle")?;
     let request = inputs::read_request(&a.input, a.content_type.as_deref())?;
-    let response = session.infer(&request.content_type, &request.body).map_err(|e| {
-        if e.is_bad_input() {
-            fail(exit::BAD_INPUT, anyhow::anyhow!("input {} refused: {e}", a.input.display()))
-        } else {
-            anyhow::Error::new(e).context("inference failed")
-        }
-    })?;
-    let value: serde_json::Value = serde_json::from_slice(&response).context("the guest answered with invalid JSON")?;
+    let response = session
+        .infer(&request.content_type, &request.body)
+        .map_err(|e| {
+            if e.is_bad_input() {
+                fail(
+                    exit::BAD_INPUT,
+                    anyhow::anyhow!("input {} refused: {e}", a.input.display()),
+                )
+            } else {
+                anyhow::Error::new(e).context("inference failed")
+            }
+        })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&response).context("the guest answered with invalid JSON")?;
     output::print_response(&value, a.json);
     Ok(())
 }
@@ -299,23 +351,42 @@ fn run(a: RunArgs) -> Result<()> {
 fn drift(a: DriftArgs) -> Result<()> {
     let bytes = read_bundle(&a.bundle)?;
     let bundle = if a.public_keys.is_empty() {
-        eprintln!("warning: no --pub given: the bundle's signature is not checked (its digests are)");
+        eprintln!(
+            "warning: no --pub given: the bundle's signature is not checked (its digests are)"
+        );
         rt::verify_integrity_only(&bytes, &rt::ReadLimits::default())
     } else {
-        let trust = TrustArgs { public_keys: a.public_keys.clone(), threshold: 1 };
+        let trust = TrustArgs {
+            public_keys: a.public_keys.clone(),
+            threshold: 1,
+        };
         rt::verify(&bytes, &trust.policy()?, &rt::ReadLimits::default())
     }
-    .map_err(|e| fail(exit::REJECTED, anyhow::anyhow!("{} rejected: {e}", a.bundle.display())))?;
-    let baseline = bundle
-        .baseline()?
-        .ok_or_else(|| anyhow::anyhow!("{} carries no drift baseline: pack it with [drift] baseline = ...", a.bundle.display()))?;
+    .map_err(|e| {
+        fail(
+            exit::REJECTED,
+            anyhow::anyhow!("{} rejected: {e}", a.bundle.display()),
+        )
+    })?;
+    let baseline = bundle.baseline()?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} carries no drift baseline: pack it with [drift] baseline = ...",
+            a.bundle.display()
+        )
+    })?;
     let pre = rt::Preprocessor::from_verified(&bundle)?;
     let kind = inputs::pipeline_kind(&bundle.manifest);
-    let current = inputs::collect_features(&|ct, body| pre.preprocess(ct, body), &a.data, &kind, &bundle.manifest)?;
+    let current = inputs::collect_features(
+        &|ct, body| pre.preprocess(ct, body),
+        &a.data,
+        &kind,
+        &bundle.manifest,
+    )?;
     let mut sample = rt::CurrentSample::new(&baseline, usize::MAX);
     let order = current.order_for(sample.features())?;
     for row in &current.rows {
-        let ordered: Vec<rt::DriftValue> = order.iter().map(|&i| rt::drift_value(&row[i])).collect();
+        let ordered: Vec<rt::DriftValue> =
+            order.iter().map(|&i| rt::drift_value(&row[i])).collect();
         sample.push_row(&ordered)?;
     }
     let report = rt::compare(&baseline, &sample, &bundle.manifest.drift)?;

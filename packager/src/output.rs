@@ -11,7 +11,14 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-pub fn print_inspect(m: &Manifest, key_ids: &[KeyId], digest: &str, size: usize, verified: bool, json: bool) {
+pub fn print_inspect(
+    m: &Manifest,
+    key_ids: &[KeyId],
+    digest: &str,
+    size: usize,
+    verified: bool,
+    json: bool,
+) {
     let signers: Vec<String> = key_ids.iter().map(|k| k.to_string()).collect();
     if json {
         let v = json!({
@@ -21,25 +28,65 @@ pub fn print_inspect(m: &Manifest, key_ids: &[KeyId], digest: &str, size: usize,
             "signatures_verified": verified,
             "manifest": m,
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("manifest serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("manifest serializes")
+        );
         return;
     }
-    println!("{} {}{}", m.name, m.version, m.description.as_deref().map(|d| format!(" - {d}")).unwrap_or_default());
+    println!(
+        "{} {}{}",
+        m.name,
+        m.version,
+        m.description
+            .as_deref()
+            .map(|d| format!(" - {d}"))
+            .unwrap_or_default()
+    );
     println!("  digest      sha256:{digest}");
     println!("  size        {}", human_bytes(size as u64));
-    println!("  release     fleet {} / channel {} / sequence {}", m.release.fleet, m.release.channel, m.release.sequence);
+    println!(
+        "  release     fleet {} / channel {} / sequence {}",
+        m.release.fleet, m.release.channel, m.release.sequence
+    );
     println!(
         "  signed by   {} ({})",
-        if signers.is_empty() { "nobody".into() } else { signers.join(", ") },
-        if verified { "verified" } else { "not verified: pass --pub to check" }
+        if signers.is_empty() {
+            "nobody".into()
+        } else {
+            signers.join(", ")
+        },
+        if verified {
+            "verified"
+        } else {
+            "not verified: pass --pub to check"
+        }
     );
-    println!("  runtime     >= {} (packed by {})", m.min_runtime, m.packager);
-    println!("  guest       {} (memory {}, timeout {} ms)", m.pipeline.guest, human_bytes(m.limits.memory_bytes), m.limits.timeout_ms);
+    println!(
+        "  runtime     >= {} (packed by {})",
+        m.min_runtime, m.packager
+    );
+    println!(
+        "  guest       {} (memory {}, timeout {} ms)",
+        m.pipeline.guest,
+        human_bytes(m.limits.memory_bytes),
+        m.limits.timeout_ms
+    );
     for i in &m.model.inputs {
-        println!("  input       {} {} {}", i.name, i.dtype, fmt_shape(&i.shape));
+        println!(
+            "  input       {} {} {}",
+            i.name,
+            i.dtype,
+            fmt_shape(&i.shape)
+        );
     }
     for o in &m.model.outputs {
-        println!("  output      {} {} {}", o.name, o.dtype, fmt_shape(&o.shape));
+        println!(
+            "  output      {} {} {}",
+            o.name,
+            o.dtype,
+            fmt_shape(&o.shape)
+        );
     }
     if let Some(c) = &m.lineage.source_commit {
         println!("  commit      {c}");
@@ -59,7 +106,10 @@ pub fn print_inspect(m: &Manifest, key_ids: &[KeyId], digest: &str, size: usize,
                 ferry_runtime::Encoding::Shuffle4Zstd => "shuffle4+zstd",
             },
             &a.sha256[..16],
-            a.target.as_deref().map(|t| format!("  [{t}]")).unwrap_or_default()
+            a.target
+                .as_deref()
+                .map(|t| format!("  [{t}]"))
+                .unwrap_or_default()
         );
     }
 }
@@ -72,7 +122,10 @@ pub fn print_response(v: &Value, json: bool) {
     if let Some(preds) = v.get("predictions").and_then(Value::as_array) {
         for (i, p) in preds.iter().enumerate() {
             if let Some(label) = p.get("label") {
-                let label = label.as_str().map(str::to_string).unwrap_or_else(|| label.to_string());
+                let label = label
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| label.to_string());
                 let score = p.get("score").and_then(Value::as_f64).unwrap_or(f64::NAN);
                 print!("{i}: {label} ({score:.4})");
                 if let Some(top) = p.get("top_k").and_then(Value::as_array) {
@@ -81,7 +134,10 @@ pub fn print_response(v: &Value, json: bool) {
                         .skip(1)
                         .map(|t| {
                             let l = t.get("label").and_then(Value::as_str).unwrap_or("?");
-                            format!("{l} {:.4}", t.get("score").and_then(Value::as_f64).unwrap_or(f64::NAN))
+                            format!(
+                                "{l} {:.4}",
+                                t.get("score").and_then(Value::as_f64).unwrap_or(f64::NAN)
+                            )
                         })
                         .collect();
                     if !rest.is_empty() {
@@ -95,12 +151,18 @@ pub fn print_response(v: &Value, json: bool) {
         }
         return;
     }
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON serializes"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON serializes")
+    );
 }
 
 pub fn print_drift(r: &DriftReport, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(r).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).expect("report serializes")
+        );
         return;
     }
     let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
@@ -128,6 +190,10 @@ pub fn print_drift(r: &DriftReport, json: bool) {
         r.features.len(),
         r.share * 100.0,
         r.rows,
-        if r.dataset_drifted { "DRIFTED" } else { "not drifted" }
+        if r.dataset_drifted {
+            "DRIFTED"
+        } else {
+            "not drifted"
+        }
     );
 }

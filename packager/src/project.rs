@@ -33,7 +33,11 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 19;
 #[derive(Args)]
 pub struct PackArgs {
     /// Project directory holding ferry.toml.
-    #[arg(value_name = "DIR", required_unless_present = "model", conflicts_with = "model")]
+    #[arg(
+        value_name = "DIR",
+        required_unless_present = "model",
+        conflicts_with = "model"
+    )]
     dir: Option<PathBuf>,
     /// Pack a bare ONNX model instead of a project: tensors in, tensors out.
     #[arg(long, value_name = "FILE")]
@@ -117,7 +121,12 @@ struct ReleaseSection {
 
 impl Default for ReleaseSection {
     fn default() -> Self {
-        ReleaseSection { fleet: "default".into(), channel: "stable".into(), sequence: 1, min_runtime: None }
+        ReleaseSection {
+            fleet: "default".into(),
+            channel: "stable".into(),
+            sequence: 1,
+            min_runtime: None,
+        }
     }
 }
 
@@ -130,7 +139,10 @@ struct LimitsSection {
 
 impl Default for LimitsSection {
     fn default() -> Self {
-        LimitsSection { memory_mb: DEFAULT_GUEST_MEMORY_MB, timeout_ms: DEFAULT_GUEST_TIMEOUT_MS }
+        LimitsSection {
+            memory_mb: DEFAULT_GUEST_MEMORY_MB,
+            timeout_ms: DEFAULT_GUEST_TIMEOUT_MS,
+        }
     }
 }
 
@@ -175,33 +187,57 @@ struct Plan {
 
 fn load_project(dir: &Path) -> Result<Plan> {
     let path = dir.join("ferry.toml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {} (a project directory needs a ferry.toml; or use --model FILE)", path.display()))?;
-    let mut file: ProjectFile = toml::from_str(&text).with_context(|| format!("{} is not a valid project file", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (a project directory needs a ferry.toml; or use --model FILE)",
+            path.display()
+        )
+    })?;
+    let mut file: ProjectFile = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid project file", path.display()))?;
     let custom_wasm = match file.preprocess.remove("wasm") {
         None => None,
         Some(toml::Value::String(p)) => Some((dir.join(p), file.preprocess.clone())),
         Some(_) => bail!("{}: [preprocess] wasm must be a path", path.display()),
     };
-    Ok(Plan { dir: dir.to_path_buf(), file, custom_wasm })
+    Ok(Plan {
+        dir: dir.to_path_buf(),
+        file,
+        custom_wasm,
+    })
 }
 
 fn bare_model_plan(model: &Path, a: &PackArgs) -> Result<Plan> {
     let name = match &a.name {
         Some(n) => n.clone(),
-        None => model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        None => model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
     };
     let file = ProjectFile {
-        model: ModelSection { name, version: a.model_version.clone(), path: model.to_path_buf(), description: None },
+        model: ModelSection {
+            name,
+            version: a.model_version.clone(),
+            path: model.to_path_buf(),
+            description: None,
+        },
         release: ReleaseSection::default(),
         preprocess: toml::Table::new(),
         postprocess: toml::Table::new(),
         limits: LimitsSection::default(),
-        drift: DriftSection { baseline: a.baseline.clone(), ..DriftSection::default() },
+        drift: DriftSection {
+            baseline: a.baseline.clone(),
+            ..DriftSection::default()
+        },
         golden: Vec::new(),
         lineage: LineageSection::default(),
     };
-    Ok(Plan { dir: PathBuf::from("."), file, custom_wasm: None })
+    Ok(Plan {
+        dir: PathBuf::from("."),
+        file,
+        custom_wasm: None,
+    })
 }
 
 fn target_triple(t: &str) -> String {
@@ -224,13 +260,24 @@ impl Steps {
         if quiet {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         } else {
-            bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("valid template"));
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .expect("valid template"),
+            );
             bar.enable_steady_tick(Duration::from_millis(120));
         }
-        Steps { bar, timings: BTreeMap::new() }
+        Steps {
+            bar,
+            timings: BTreeMap::new(),
+        }
     }
 
-    fn run<T>(&mut self, name: &'static str, message: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    fn run<T>(
+        &mut self,
+        name: &'static str,
+        message: &str,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         self.bar.set_message(message.to_string());
         let start = Instant::now();
         let out = f();
@@ -241,14 +288,22 @@ impl Steps {
 
 fn source_date() -> Result<u64> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds")),
-        Err(_) => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds")),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)),
     }
 }
 
 fn source_commit(configured: Option<&String>) -> Option<String> {
     configured.cloned().or_else(|| {
-        ["FERRY_SOURCE_COMMIT", "GITHUB_SHA", "CI_COMMIT_SHA"].iter().find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        ["FERRY_SOURCE_COMMIT", "GITHUB_SHA", "CI_COMMIT_SHA"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
     })
 }
 
@@ -276,21 +331,36 @@ impl PackArgs {
 
         // 1. The model: tract must load and optimise it.
         let model_path = plan.dir.join(&f.model.path);
-        let onnx = std::fs::read(&model_path).with_context(|| format!("cannot read model {}", model_path.display()))?;
+        let onnx = std::fs::read(&model_path)
+            .with_context(|| format!("cannot read model {}", model_path.display()))?;
         let model = steps.run("model_load", "loading the model with tract", || {
-            rt::Model::load(&onnx).with_context(|| format!("{} cannot be packed", model_path.display()))
+            rt::Model::load(&onnx)
+                .with_context(|| format!("{} cannot be packed", model_path.display()))
         })?;
         for dropped in model.dropped_outputs() {
-            eprintln!("warning: model output {dropped} has an unsupported element type and is left out");
+            eprintln!(
+                "warning: model output {dropped} has an unsupported element type and is left out"
+            );
         }
 
         // 2. The guest and its configuration.
         let (wasm, guest_name, pre_cfg, post_cfg) = match &plan.custom_wasm {
             Some((path, cfg)) => {
-                let wasm = std::fs::read(path).with_context(|| format!("cannot read guest {}", path.display()))?;
-                (wasm, "custom".to_string(), to_json(cfg), to_json(&f.postprocess))
+                let wasm = std::fs::read(path)
+                    .with_context(|| format!("cannot read guest {}", path.display()))?;
+                (
+                    wasm,
+                    "custom".to_string(),
+                    to_json(cfg),
+                    to_json(&f.postprocess),
+                )
             }
-            None => (STD_GUEST.to_vec(), format!("standard {}", env!("CARGO_PKG_VERSION")), to_json(&f.preprocess), to_json(&f.postprocess)),
+            None => (
+                STD_GUEST.to_vec(),
+                format!("standard {}", env!("CARGO_PKG_VERSION")),
+                to_json(&f.preprocess),
+                to_json(&f.postprocess),
+            ),
         };
         let config_json = serde_json::to_string(&json!({
             "abi": 1,
@@ -301,18 +371,30 @@ impl PackArgs {
         drop(model);
 
         let release = rt::Release {
-            fleet: self.fleet.clone().unwrap_or_else(|| f.release.fleet.clone()),
-            channel: self.channel.clone().unwrap_or_else(|| f.release.channel.clone()),
+            fleet: self
+                .fleet
+                .clone()
+                .unwrap_or_else(|| f.release.fleet.clone()),
+            channel: self
+                .channel
+                .clone()
+                .unwrap_or_else(|| f.release.channel.clone()),
             sequence: self.sequence.unwrap_or(f.release.sequence),
         };
-        let mut drift_config = rt::DriftConfig { rules: f.drift.features.clone(), ..rt::DriftConfig::default() };
+        let mut drift_config = rt::DriftConfig {
+            rules: f.drift.features.clone(),
+            ..rt::DriftConfig::default()
+        };
         if let Some(share) = f.drift.drift_share {
             drift_config.drift_share = share;
         }
         let dataset_sha256 = match &f.lineage.dataset {
             Some(p) => {
                 let p = plan.dir.join(p);
-                Some(hex::encode(Sha256::digest(std::fs::read(&p).with_context(|| format!("cannot read dataset {}", p.display()))?)))
+                Some(hex::encode(Sha256::digest(
+                    std::fs::read(&p)
+                        .with_context(|| format!("cannot read dataset {}", p.display()))?,
+                )))
             }
             None => None,
         };
@@ -322,12 +404,26 @@ impl PackArgs {
             version: f.model.version.clone(),
             description: f.model.description.clone(),
             created: source_date()?,
-            min_runtime: f.release.min_runtime.clone().unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+            min_runtime: f
+                .release
+                .min_runtime
+                .clone()
+                .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
             packager: format!("ferry {}", env!("CARGO_PKG_VERSION")),
             release,
-            model: rt::ModelInfo { format: "onnx".into(), inputs: Vec::new(), outputs: Vec::new() },
-            pipeline: rt::Pipeline { guest: guest_name, config_json },
-            limits: rt::GuestLimits { memory_bytes: f.limits.memory_mb << 20, timeout_ms: f.limits.timeout_ms },
+            model: rt::ModelInfo {
+                format: "onnx".into(),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            },
+            pipeline: rt::Pipeline {
+                guest: guest_name,
+                config_json,
+            },
+            limits: rt::GuestLimits {
+                memory_bytes: f.limits.memory_mb << 20,
+                timeout_ms: f.limits.timeout_ms,
+            },
             drift: drift_config,
             lineage: rt::Lineage {
                 source_commit: source_commit(f.lineage.source_commit.as_ref()),
@@ -340,54 +436,107 @@ impl PackArgs {
         // 3. A session over the draft, to run goldens and compute the baseline.
         let mut artifacts = vec![
             artifact(rt::role::MODEL, "application/onnx", onnx, None, true),
-            artifact(rt::role::GUEST, "application/wasm", wasm.clone(), None, false),
+            artifact(
+                rt::role::GUEST,
+                "application/wasm",
+                wasm.clone(),
+                None,
+                false,
+            ),
         ];
         for t in &self.precompile {
             let triple = target_triple(t);
-            let (bytes, key) = steps.run("precompile", &format!("precompiling the guest for {triple}"), || {
-                rt::precompile(&wasm, Some(&triple)).with_context(|| format!("cannot precompile the guest for {triple}"))
-            })?;
-            artifacts.push(artifact(rt::role::GUEST_PRECOMPILED, "application/x-wasmtime", bytes, Some(key), false));
+            let (bytes, key) = steps.run(
+                "precompile",
+                &format!("precompiling the guest for {triple}"),
+                || {
+                    rt::precompile(&wasm, Some(&triple))
+                        .with_context(|| format!("cannot precompile the guest for {triple}"))
+                },
+            )?;
+            artifacts.push(artifact(
+                rt::role::GUEST_PRECOMPILED,
+                "application/x-wasmtime",
+                bytes,
+                Some(key),
+                false,
+            ));
         }
-        let session = steps.run("session", "starting the pipeline", || draft_session(&manifest, &artifacts))?;
+        let session = steps.run("session", "starting the pipeline", || {
+            draft_session(&manifest, &artifacts)
+        })?;
         let mut manifest = manifest;
         manifest.model.inputs = session.manifest().model.inputs.clone();
         manifest.model.outputs = session.manifest().model.outputs.clone();
 
-        let golden = steps.run("golden", "running the golden examples", || check_golden(&plan, &session))?;
+        let golden = steps.run("golden", "running the golden examples", || {
+            check_golden(&plan, &session)
+        })?;
         let baseline = match &f.drift.baseline {
             None => None,
             Some(p) => {
                 let path = plan.dir.join(p);
                 let kind = inputs::pipeline_kind(&manifest);
                 Some(steps.run("baseline", "computing the drift baseline", || {
-                    let rows = inputs::collect_features(&|ct, body| session.preprocess(ct, body), &path, &kind, &manifest)
-                        .with_context(|| format!("cannot compute the drift baseline from {}", path.display()))?;
-                    let mut builder = rt::BaselineBuilder::new(rows.names.iter().map(|(n, k)| (n.clone(), rt::DriftKind::from(*k))))?;
+                    let rows = inputs::collect_features(
+                        &|ct, body| session.preprocess(ct, body),
+                        &path,
+                        &kind,
+                        &manifest,
+                    )
+                    .with_context(|| {
+                        format!("cannot compute the drift baseline from {}", path.display())
+                    })?;
+                    let mut builder = rt::BaselineBuilder::new(
+                        rows.names
+                            .iter()
+                            .map(|(n, k)| (n.clone(), rt::DriftKind::from(*k))),
+                    )?;
                     for row in &rows.rows {
                         builder.push_row(&row.iter().map(rt::drift_value).collect::<Vec<_>>())?;
                     }
                     let baseline = builder.finish();
-                    manifest.drift.validate(&baseline).context("[drift] in ferry.toml does not fit the baseline")?;
+                    manifest
+                        .drift
+                        .validate(&baseline)
+                        .context("[drift] in ferry.toml does not fit the baseline")?;
                     Ok(baseline)
                 })?)
             }
         };
         drop(session);
         if let Some(b) = &baseline {
-            artifacts.push(artifact(rt::role::DRIFT_BASELINE, "application/cbor", rt::to_cbor(b), None, false));
+            artifacts.push(artifact(
+                rt::role::DRIFT_BASELINE,
+                "application/cbor",
+                rt::to_cbor(b),
+                None,
+                false,
+            ));
         }
         if !golden.is_empty() {
-            artifacts.push(artifact(rt::role::GOLDEN, "application/cbor", rt::to_cbor(&golden), None, false));
+            artifacts.push(artifact(
+                rt::role::GOLDEN,
+                "application/cbor",
+                rt::to_cbor(&golden),
+                None,
+                false,
+            ));
         }
 
         // 4. Compress, sign, check what was written, and write atomically.
         let signer_refs: Vec<&rt::SecretKey> = signers.iter().collect();
         let (manifest, bytes) = steps.run("compress_sign", "compressing and signing", || {
-            Ok(rt::write_bundle(manifest, &artifacts, &signer_refs, self.level)?)
+            Ok(rt::write_bundle(
+                manifest,
+                &artifacts,
+                &signer_refs,
+                self.level,
+            )?)
         })?;
         let trust = rt::TrustPolicy::new(signers.iter().map(|k| k.public()).collect())?;
-        let verified = rt::verify(&bytes, &trust, &rt::ReadLimits::default()).context("the bundle just written does not verify")?;
+        let verified = rt::verify(&bytes, &trust, &rt::ReadLimits::default())
+            .context("the bundle just written does not verify")?;
         write_atomically(&self.out, &bytes)?;
         steps.bar.finish_and_clear();
 
@@ -432,8 +581,20 @@ impl PackArgs {
     }
 }
 
-fn artifact(role: &str, media_type: &str, content: Vec<u8>, target: Option<String>, try_shuffle: bool) -> rt::ArtifactInput {
-    rt::ArtifactInput { role: role.into(), media_type: media_type.into(), content, target, try_shuffle }
+fn artifact(
+    role: &str,
+    media_type: &str,
+    content: Vec<u8>,
+    target: Option<String>,
+    try_shuffle: bool,
+) -> rt::ArtifactInput {
+    rt::ArtifactInput {
+        role: role.into(),
+        media_type: media_type.into(),
+        content,
+        target,
+        try_shuffle,
+    }
 }
 
 /// A session over artifacts that have not been written yet (the packager's
@@ -479,14 +640,33 @@ fn check_golden(plan: &Plan, session: &rt::Session) -> Result<Vec<rt::GoldenExam
     for g in &plan.file.golden {
         let input_path = plan.dir.join(&g.input);
         let expected_path = plan.dir.join(&g.expected);
-        let input = std::fs::read(&input_path).with_context(|| format!("golden `{}`: cannot read {}", g.name, input_path.display()))?;
-        let expected_text = std::fs::read_to_string(&expected_path)
-            .with_context(|| format!("golden `{}`: cannot read {}", g.name, expected_path.display()))?;
-        let expected: serde_json::Value = serde_json::from_str(&expected_text)
-            .with_context(|| format!("golden `{}`: {} is not JSON", g.name, expected_path.display()))?;
+        let input = std::fs::read(&input_path).with_context(|| {
+            format!("golden `{}`: cannot read {}", g.name, input_path.display())
+        })?;
+        let expected_text = std::fs::read_to_string(&expected_path).with_context(|| {
+            format!(
+                "golden `{}`: cannot read {}",
+                g.name,
+                expected_path.display()
+            )
+        })?;
+        let expected: serde_json::Value =
+            serde_json::from_str(&expected_text).with_context(|| {
+                format!(
+                    "golden `{}`: {} is not JSON",
+                    g.name,
+                    expected_path.display()
+                )
+            })?;
         let content_type = content_type_for(&input_path)
             .filter(|ct| *ct != "text/csv")
-            .ok_or_else(|| anyhow::anyhow!("golden `{}`: {} must be .json, .png, .jpg or .jpeg", g.name, input_path.display()))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "golden `{}`: {} must be .json, .png, .jpg or .jpeg",
+                    g.name,
+                    input_path.display()
+                )
+            })?;
         let example = rt::GoldenExample {
             name: g.name.clone(),
             content_type: content_type.into(),
@@ -496,7 +676,11 @@ fn check_golden(plan: &Plan, session: &rt::Session) -> Result<Vec<rt::GoldenExam
         };
         let outcome = session.check_example(&example);
         if let Some(e) = &outcome.error {
-            report.push_str(&format!("\n  golden `{}` ({}): the pipeline failed: {e}", g.name, input_path.display()));
+            report.push_str(&format!(
+                "\n  golden `{}` ({}): the pipeline failed: {e}",
+                g.name,
+                input_path.display()
+            ));
         }
         if !outcome.mismatches.is_empty() {
             report.push_str(&format!(
@@ -513,16 +697,28 @@ fn check_golden(plan: &Plan, session: &rt::Session) -> Result<Vec<rt::GoldenExam
         examples.push(example);
     }
     if !report.is_empty() {
-        return Err(fail(exit::GOLDEN_FAILED, anyhow::anyhow!("golden example(s) failed; no bundle written:{report}")));
+        return Err(fail(
+            exit::GOLDEN_FAILED,
+            anyhow::anyhow!("golden example(s) failed; no bundle written:{report}"),
+        ));
     }
     Ok(examples)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -13,7 +13,9 @@ pub fn ferry(args: &[&str]) -> Output {
 
 pub fn ferry_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.args(args).env_remove("FERRY_PUB").env("SOURCE_DATE_EPOCH", "1700000000");
+    cmd.args(args)
+        .env_remove("FERRY_PUB")
+        .env("SOURCE_DATE_EPOCH", "1700000000");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -31,7 +33,13 @@ pub fn stderr(o: &Output) -> String {
 /// Asserts an exit code, showing the output when it differs.
 #[track_caller]
 pub fn assert_exit(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
 }
 
 /// A key pair and the two example bundles, made once for all tests.
@@ -57,13 +65,23 @@ impl Fixture {
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let f = Fixture { dir: tempfile::tempdir().unwrap() };
+        let f = Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        };
         assert_exit(&ferry(&["keygen", "-o", &f.path("keys/release")]), 0);
         for name in ["iris", "digits"] {
             let o = ferry(&["pack", &ex(name), "--key", &f.key(), "-o", &f.bundle(name)]);
             assert_exit(&o, 0);
         }
-        let o = ferry(&["pack", "--model", &ex("iris/model.onnx"), "--key", &f.key(), "-o", &f.bundle("raw")]);
+        let o = ferry(&[
+            "pack",
+            "--model",
+            &ex("iris/model.onnx"),
+            "--key",
+            &f.key(),
+            "-o",
+            &f.bundle("raw"),
+        ]);
         assert_exit(&o, 0);
         f
     })

@@ -4,7 +4,15 @@ use crate::common::*;
 
 fn drift(bundle: &str, data: &str, extra: &[&str]) -> (std::process::Output, Option<Value>) {
     let f = fixture();
-    let mut args = vec!["drift", bundle, "--pub", f.public().leak(), "--data", data, "--json"];
+    let mut args = vec![
+        "drift",
+        bundle,
+        "--pub",
+        f.public().leak(),
+        "--data",
+        data,
+        "--json",
+    ];
     args.extend_from_slice(extra);
     let o = ferry(&args);
     let v = serde_json::from_str(&stdout(&o)).ok();
@@ -30,7 +38,16 @@ fn shifted_iris_features_are_flagged_and_only_those() {
     assert_eq!(drifted(&r), ["petal_length", "petal_width"]);
     assert_eq!(r["dataset_drifted"], true);
     for feature in r["features"].as_array().unwrap() {
-        for key in ["psi", "ks_statistic", "ks_pvalue", "wasserstein", "wasserstein_normed", "jensen_shannon", "method", "drifted"] {
+        for key in [
+            "psi",
+            "ks_statistic",
+            "ks_pvalue",
+            "wasserstein",
+            "wasserstein_normed",
+            "jensen_shannon",
+            "method",
+            "drifted",
+        ] {
             assert!(feature.get(key).is_some(), "{key} missing in {feature}");
         }
         // The baseline has 2000 rows: Evidently's rule for large references.
@@ -41,7 +58,11 @@ fn shifted_iris_features_are_flagged_and_only_those() {
 #[test]
 fn same_distribution_iris_flags_nothing() {
     let f = fixture();
-    let (o, r) = drift(&f.bundle("iris"), &ex("iris/data/current_same.csv"), &["--fail-on-drift"]);
+    let (o, r) = drift(
+        &f.bundle("iris"),
+        &ex("iris/data/current_same.csv"),
+        &["--fail-on-drift"],
+    );
     assert_exit(&o, 0);
     let r = r.unwrap();
     assert!(drifted(&r).is_empty(), "{r}");
@@ -51,7 +72,11 @@ fn same_distribution_iris_flags_nothing() {
 #[test]
 fn brighter_digits_are_flagged() {
     let f = fixture();
-    let (o, r) = drift(&f.bundle("digits"), &ex("digits/data/current_shifted"), &["--fail-on-drift"]);
+    let (o, r) = drift(
+        &f.bundle("digits"),
+        &ex("digits/data/current_shifted"),
+        &["--fail-on-drift"],
+    );
     assert_exit(&o, 6);
     assert_eq!(drifted(&r.unwrap()), ["brightness", "contrast"]);
     let (o, r) = drift(&f.bundle("digits"), &ex("digits/data/current_same"), &[]);
@@ -62,13 +87,26 @@ fn brighter_digits_are_flagged() {
 #[test]
 fn drift_without_a_key_warns_and_bad_data_is_explained() {
     let f = fixture();
-    let o = ferry(&["drift", &f.bundle("iris"), "--data", &ex("iris/data/current_same.csv")]);
+    let o = ferry(&[
+        "drift",
+        &f.bundle("iris"),
+        "--data",
+        &ex("iris/data/current_same.csv"),
+    ]);
     assert_exit(&o, 0);
-    assert!(stderr(&o).contains("signature is not checked"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("signature is not checked"),
+        "{}",
+        stderr(&o)
+    );
     assert!(stdout(&o).contains("not drifted"), "{}", stdout(&o));
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.csv");
-    std::fs::write(&p, "sepal_length,sepal_width,petal_length,petal_width\n1,2,3,oops\n").unwrap();
+    std::fs::write(
+        &p,
+        "sepal_length,sepal_width,petal_length,petal_width\n1,2,3,oops\n",
+    )
+    .unwrap();
     let (o, _) = drift(&f.bundle("iris"), p.to_str().unwrap(), &[]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("petal_width"), "{}", stderr(&o));

@@ -6,19 +6,33 @@ use crate::common::*;
 /// response computed with onnxruntime (examples/*/train.py) within 1e-5.
 fn goldens_match(name: &str) {
     let f = fixture();
-    let project: toml::Table = toml::from_str(&std::fs::read_to_string(examples().join(name).join("ferry.toml")).unwrap()).unwrap();
+    let project: toml::Table =
+        toml::from_str(&std::fs::read_to_string(examples().join(name).join("ferry.toml")).unwrap())
+            .unwrap();
     let goldens = project["golden"].as_array().unwrap();
     assert!(!goldens.is_empty());
     for g in goldens {
         let input = ex(&format!("{name}/{}", g["input"].as_str().unwrap()));
         let expected = read_json(&examples().join(name).join(g["expected"].as_str().unwrap()));
-        let o = ferry(&["run", &f.bundle(name), "--pub", &f.public(), "--input", &input, "--json"]);
+        let o = ferry(&[
+            "run",
+            &f.bundle(name),
+            "--pub",
+            &f.public(),
+            "--input",
+            &input,
+            "--json",
+        ]);
         assert_exit(&o, 0);
         let actual: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
         let diff = compare_json(&expected, &actual, 1e-5);
         assert!(diff.is_empty(), "{input}: {diff:?}");
         // The whole response, not a subset: same keys on both sides.
-        assert_eq!(compare_json(&actual, &expected, 1e-5), vec![], "{input}: extra keys");
+        assert_eq!(
+            compare_json(&actual, &expected, 1e-5),
+            vec![],
+            "{input}: extra keys"
+        );
     }
 }
 
@@ -35,7 +49,15 @@ fn digits_round_trip_matches_onnxruntime() {
 #[test]
 fn bare_model_round_trip_matches_onnxruntime() {
     let f = fixture();
-    let o = ferry(&["run", &f.bundle("raw"), "--pub", &f.public(), "--input", &ex("iris/golden/tensor_request.json"), "--json"]);
+    let o = ferry(&[
+        "run",
+        &f.bundle("raw"),
+        "--pub",
+        &f.public(),
+        "--input",
+        &ex("iris/golden/tensor_request.json"),
+        "--json",
+    ]);
     assert_exit(&o, 0);
     let actual: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let expected = read_json(&examples().join("iris/golden/tensor_request.expected.json"));
@@ -45,14 +67,37 @@ fn bare_model_round_trip_matches_onnxruntime() {
 #[test]
 fn human_output_names_the_class() {
     let f = fixture();
-    let o = ferry(&["run", &f.bundle("iris"), "--pub", &f.public(), "--input", &ex("iris/golden/setosa.json")]);
+    let o = ferry(&[
+        "run",
+        &f.bundle("iris"),
+        "--pub",
+        &f.public(),
+        "--input",
+        &ex("iris/golden/setosa.json"),
+    ]);
     assert_exit(&o, 0);
     assert!(stdout(&o).starts_with("0: setosa ("), "{}", stdout(&o));
     // A raw PNG and a CSV are inputs too.
-    let o = ferry(&["run", &f.bundle("digits"), "--pub", &f.public(), "--input", &ex("digits/golden/digit_7.png"), "--json"]);
+    let o = ferry(&[
+        "run",
+        &f.bundle("digits"),
+        "--pub",
+        &f.public(),
+        "--input",
+        &ex("digits/golden/digit_7.png"),
+        "--json",
+    ]);
     assert_exit(&o, 0);
     assert!(stdout(&o).contains("\"label\":\"7\""), "{}", stdout(&o));
-    let o = ferry(&["run", &f.bundle("iris"), "--pub", &f.public(), "--input", &ex("iris/data/iris_test.csv"), "--json"]);
+    let o = ferry(&[
+        "run",
+        &f.bundle("iris"),
+        "--pub",
+        &f.public(),
+        "--input",
+        &ex("iris/data/iris_test.csv"),
+        "--json",
+    ]);
     assert_exit(&o, 0);
 }
 
@@ -60,14 +105,26 @@ fn human_output_names_the_class() {
 fn two_packs_of_the_same_inputs_are_byte_identical() {
     let f = fixture();
     let again = f.path("iris-again.ferry");
-    assert_exit(&ferry(&["pack", &ex("iris"), "--key", &f.key(), "-o", &again]), 0);
-    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(f.bundle("iris")).unwrap());
+    assert_exit(
+        &ferry(&["pack", &ex("iris"), "--key", &f.key(), "-o", &again]),
+        0,
+    );
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(f.bundle("iris")).unwrap()
+    );
 }
 
 #[test]
 fn verify_and_inspect_describe_the_bundle() {
     let f = fixture();
-    let o = ferry(&["verify", &f.bundle("digits"), "--pub", &f.public(), "--json"]);
+    let o = ferry(&[
+        "verify",
+        &f.bundle("digits"),
+        "--pub",
+        &f.public(),
+        "--json",
+    ]);
     assert_exit(&o, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["ok"], true);
@@ -77,9 +134,17 @@ fn verify_and_inspect_describe_the_bundle() {
     assert_exit(&o, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["signatures_verified"], false);
-    let roles: Vec<&str> = v["manifest"]["artifacts"].as_array().unwrap().iter().map(|a| a["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = v["manifest"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["model", "guest", "drift-baseline", "golden"]);
-    assert_eq!(v["manifest"]["model"]["inputs"][0]["shape"], serde_json::json!([null, 1, 8, 8]));
+    assert_eq!(
+        v["manifest"]["model"]["inputs"][0]["shape"],
+        serde_json::json!([null, 1, 8, 8])
+    );
     let o = ferry(&["inspect", &f.bundle("digits")]);
     assert_exit(&o, 0);
     assert!(stdout(&o).contains("not verified"));
@@ -90,7 +155,18 @@ fn pack_json_summary_and_key_from_environment() {
     let f = fixture();
     let pem = std::fs::read_to_string(f.key()).unwrap();
     let out = f.path("env.ferry");
-    let o = ferry_env(&["pack", &ex("iris"), "--key-env", "MY_KEY", "-o", &out, "--json"], &[("MY_KEY", &pem)]);
+    let o = ferry_env(
+        &[
+            "pack",
+            &ex("iris"),
+            "--key-env",
+            "MY_KEY",
+            "-o",
+            &out,
+            "--json",
+        ],
+        &[("MY_KEY", &pem)],
+    );
     assert_exit(&o, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["golden"]["passed"], 4);
@@ -99,7 +175,10 @@ fn pack_json_summary_and_key_from_environment() {
     // The same key, base64-encoded as CI secret stores like it.
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
-    let o = ferry_env(&["pack", &ex("iris"), "--key-env", "MY_KEY", "-o", &out], &[("MY_KEY", &b64)]);
+    let o = ferry_env(
+        &["pack", &ex("iris"), "--key-env", "MY_KEY", "-o", &out],
+        &[("MY_KEY", &b64)],
+    );
     assert_exit(&o, 0);
     assert_exit(&ferry(&["verify", &out, "--pub", &f.public()]), 0);
 }
@@ -113,9 +192,17 @@ fn a_golden_example_off_beyond_tolerance_fails_the_pack_with_a_diff() {
     }
     std::fs::create_dir_all(dir.path().join("golden")).unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    std::fs::copy(examples().join("iris/data/baseline.csv"), dir.path().join("data/baseline.csv")).unwrap();
+    std::fs::copy(
+        examples().join("iris/data/baseline.csv"),
+        dir.path().join("data/baseline.csv"),
+    )
+    .unwrap();
     for g in ["setosa", "versicolor", "virginica", "batch"] {
-        std::fs::copy(examples().join(format!("iris/golden/{g}.json")), dir.path().join(format!("golden/{g}.json"))).unwrap();
+        std::fs::copy(
+            examples().join(format!("iris/golden/{g}.json")),
+            dir.path().join(format!("golden/{g}.json")),
+        )
+        .unwrap();
         std::fs::copy(
             examples().join(format!("iris/golden/{g}.expected.json")),
             dir.path().join(format!("golden/{g}.expected.json")),
@@ -128,12 +215,22 @@ fn a_golden_example_off_beyond_tolerance_fails_the_pack_with_a_diff() {
     v["predictions"][0]["score"] = serde_json::json!(score + 0.01);
     std::fs::write(&path, v.to_string()).unwrap();
     let out = dir.path().join("out.ferry");
-    let o = ferry(&["pack", dir.path().to_str().unwrap(), "--key", &f.key(), "-o", out.to_str().unwrap()]);
+    let o = ferry(&[
+        "pack",
+        dir.path().to_str().unwrap(),
+        "--key",
+        &f.key(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_exit(&o, 5);
     let err = stderr(&o);
     assert!(err.contains("golden `versicolor`"), "{err}");
     assert!(err.contains("predictions[0].score: expected"), "{err}");
-    assert!(!out.exists(), "no bundle may be written when a golden example fails");
+    assert!(
+        !out.exists(),
+        "no bundle may be written when a golden example fails"
+    );
 }
 
 #[test]
@@ -147,10 +244,21 @@ fn keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
-    assert!(std::fs::read_to_string(&key).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
-    assert!(std::fs::read_to_string(dir.path().join("k/release.pub")).unwrap().starts_with("-----BEGIN PUBLIC KEY-----"));
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+    assert!(
+        std::fs::read_to_string(dir.path().join("k/release.pub"))
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----")
+    );
     let before = std::fs::read(&key).unwrap();
     let o = ferry(&["keygen", "-o", prefix.to_str().unwrap()]);
     assert_exit(&o, 1);

@@ -15,7 +15,11 @@ fn a_tampered_bundle_is_rejected_with_exit_code_3() {
         }
         let o = ferry(&args);
         assert_exit(&o, 3);
-        assert!(stderr(&o).contains("does not match its digest"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("does not match its digest"),
+            "{}",
+            stderr(&o)
+        );
     }
     let truncated = f.path("truncated.ferry");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
@@ -29,13 +33,31 @@ fn a_bundle_signed_by_another_key_is_rejected() {
     let f = fixture();
     let other = f.path("keys/other");
     assert_exit(&ferry(&["keygen", "-o", &other]), 0);
-    let o = ferry(&["verify", &f.bundle("iris"), "--pub", &format!("{other}.pub")]);
+    let o = ferry(&[
+        "verify",
+        &f.bundle("iris"),
+        "--pub",
+        &format!("{other}.pub"),
+    ]);
     assert_exit(&o, 3);
     assert!(stderr(&o).contains("untrusted key"), "{}", stderr(&o));
     // Two signatures required, one present.
-    let o = ferry(&["verify", &f.bundle("iris"), "--pub", &f.public(), "--pub", &format!("{other}.pub"), "--threshold", "2"]);
+    let o = ferry(&[
+        "verify",
+        &f.bundle("iris"),
+        "--pub",
+        &f.public(),
+        "--pub",
+        &format!("{other}.pub"),
+        "--threshold",
+        "2",
+    ]);
     assert_exit(&o, 3);
-    assert!(stderr(&o).contains("1 valid signature(s) by trusted keys, 2 required"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 valid signature(s) by trusted keys, 2 required"),
+        "{}",
+        stderr(&o)
+    );
     let o = ferry(&["verify", &f.bundle("iris")]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("--pub"), "{}", stderr(&o));
@@ -46,33 +68,73 @@ fn bad_inputs_get_exit_code_4_and_say_what_is_wrong() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, &str, &str)] = &[
-        ("missing.json", r#"{"records": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4}]}"#, "petal_width"),
-        ("string.json", r#"{"records": [{"sepal_length": "x", "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]}"#, "sepal_length"),
+        (
+            "missing.json",
+            r#"{"records": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4}]}"#,
+            "petal_width",
+        ),
+        (
+            "string.json",
+            r#"{"records": [{"sepal_length": "x", "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]}"#,
+            "sepal_length",
+        ),
         ("notjson.json", "this is not json", "JSON"),
         ("empty.json", "", "JSON"),
     ];
     for (name, body, needle) in cases {
         let p = dir.path().join(name);
         std::fs::write(&p, body).unwrap();
-        let o = ferry(&["run", &f.bundle("iris"), "--pub", &f.public(), "--input", p.to_str().unwrap()]);
+        let o = ferry(&[
+            "run",
+            &f.bundle("iris"),
+            "--pub",
+            &f.public(),
+            "--input",
+            p.to_str().unwrap(),
+        ]);
         assert_exit(&o, 4);
         assert!(stderr(&o).contains(needle), "{name}: {}", stderr(&o));
     }
     // Tensor form: wrong shape.
     let p = dir.path().join("shape.json");
-    std::fs::write(&p, r#"{"inputs": {"float_input": {"shape": [1, 3], "data": [1, 2, 3]}}}"#).unwrap();
-    let o = ferry(&["run", &f.bundle("raw"), "--pub", &f.public(), "--input", p.to_str().unwrap()]);
+    std::fs::write(
+        &p,
+        r#"{"inputs": {"float_input": {"shape": [1, 3], "data": [1, 2, 3]}}}"#,
+    )
+    .unwrap();
+    let o = ferry(&[
+        "run",
+        &f.bundle("raw"),
+        "--pub",
+        &f.public(),
+        "--input",
+        p.to_str().unwrap(),
+    ]);
     assert_exit(&o, 4);
     assert!(stderr(&o).contains("float_input"), "{}", stderr(&o));
     // A corrupt image.
     let p = dir.path().join("broken.png");
     std::fs::write(&p, b"\x89PNG\r\n\x1a\nnot really").unwrap();
-    let o = ferry(&["run", &f.bundle("digits"), "--pub", &f.public(), "--input", p.to_str().unwrap()]);
+    let o = ferry(&[
+        "run",
+        &f.bundle("digits"),
+        "--pub",
+        &f.public(),
+        "--input",
+        p.to_str().unwrap(),
+    ]);
     assert_exit(&o, 4);
     // An unknown extension.
     let p = dir.path().join("input.bin");
     std::fs::write(&p, b"x").unwrap();
-    let o = ferry(&["run", &f.bundle("digits"), "--pub", &f.public(), "--input", p.to_str().unwrap()]);
+    let o = ferry(&[
+        "run",
+        &f.bundle("digits"),
+        "--pub",
+        &f.public(),
+        "--input",
+        p.to_str().unwrap(),
+    ]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("--content-type"), "{}", stderr(&o));
 }
@@ -82,23 +144,44 @@ fn bad_project_files_are_explained() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.ferry");
-    let pack = |d: &std::path::Path| ferry(&["pack", d.to_str().unwrap(), "--key", &f.key(), "-o", out.to_str().unwrap()]);
+    let pack = |d: &std::path::Path| {
+        ferry(&[
+            "pack",
+            d.to_str().unwrap(),
+            "--key",
+            &f.key(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
     // No ferry.toml.
     let o = pack(dir.path());
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("ferry.toml"), "{}", stderr(&o));
     // A typo in a key.
     std::fs::copy(ex("iris/model.onnx"), dir.path().join("model.onnx")).unwrap();
-    std::fs::write(dir.path().join("ferry.toml"), "[model]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\nverison = 2\n").unwrap();
+    std::fs::write(
+        dir.path().join("ferry.toml"),
+        "[model]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\nverison = 2\n",
+    )
+    .unwrap();
     let o = pack(dir.path());
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("verison"), "{}", stderr(&o));
     // A model that is not ONNX.
     std::fs::write(dir.path().join("model.onnx"), b"garbage").unwrap();
-    std::fs::write(dir.path().join("ferry.toml"), "[model]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("ferry.toml"),
+        "[model]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\n",
+    )
+    .unwrap();
     let o = pack(dir.path());
     assert_exit(&o, 1);
-    assert!(stderr(&o).contains("not a valid ONNX model"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a valid ONNX model"),
+        "{}",
+        stderr(&o)
+    );
     // A pipeline configuration the guest refuses.
     std::fs::copy(ex("iris/model.onnx"), dir.path().join("model.onnx")).unwrap();
     std::fs::write(
@@ -111,7 +194,14 @@ fn bad_project_files_are_explained() {
     assert!(stderr(&o).contains("spreadsheet"), "{}", stderr(&o));
     assert!(!out.exists());
     // A missing signing key.
-    let o = ferry(&["pack", &ex("iris"), "--key", "/nonexistent.key", "-o", out.to_str().unwrap()]);
+    let o = ferry(&[
+        "pack",
+        &ex("iris"),
+        "--key",
+        "/nonexistent.key",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("/nonexistent.key"), "{}", stderr(&o));
 }

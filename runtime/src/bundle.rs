@@ -82,7 +82,10 @@ pub struct ReadLimits {
 
 impl Default for ReadLimits {
     fn default() -> Self {
-        ReadLimits { max_artifact_bytes: 2 << 30, max_total_bytes: 4 << 30 }
+        ReadLimits {
+            max_artifact_bytes: 2 << 30,
+            max_total_bytes: 4 << 30,
+        }
     }
 }
 
@@ -320,9 +323,11 @@ pub fn unshuffle4(data: &[u8]) -> Vec<u8> {
 
 /// Compresses an artifact, choosing the smaller encoding when shuffling is tried.
 pub fn compress(content: &[u8], try_shuffle: bool, level: i32) -> (Encoding, Vec<u8>) {
-    let plain = zstd::bulk::compress(content, level).expect("zstd compression into memory cannot fail");
+    let plain =
+        zstd::bulk::compress(content, level).expect("zstd compression into memory cannot fail");
     if try_shuffle && content.len() >= 1024 {
-        let shuffled = zstd::bulk::compress(&shuffle4(content), level).expect("zstd compression cannot fail");
+        let shuffled =
+            zstd::bulk::compress(&shuffle4(content), level).expect("zstd compression cannot fail");
         if shuffled.len() < plain.len() {
             return (Encoding::Shuffle4Zstd, shuffled);
         }
@@ -341,7 +346,9 @@ pub fn write_bundle(
         return Err(BundleError::Unsigned);
     }
     if signers.len() > MAX_SIGNATURES || artifacts.len() > MAX_ARTIFACTS {
-        return Err(BundleError::BadSize("too many signatures or artifacts".into()));
+        return Err(BundleError::BadSize(
+            "too many signatures or artifacts".into(),
+        ));
     }
     let mut payload = Vec::new();
     manifest.format_version = FORMAT_VERSION;
@@ -370,7 +377,11 @@ pub fn write_bundle(
 
 /// Encodes a manifest, signs it and frames it with the payload. The
 /// manifest's artifact list must already describe `payload`.
-pub fn frame(manifest: &Manifest, payload: &[u8], signers: &[&SecretKey]) -> Result<Vec<u8>, BundleError> {
+pub fn frame(
+    manifest: &Manifest,
+    payload: &[u8],
+    signers: &[&SecretKey],
+) -> Result<Vec<u8>, BundleError> {
     let manifest_bytes = to_cbor(manifest);
     if manifest_bytes.len() > MAX_MANIFEST_LEN {
         return Err(BundleError::BadSize(format!(
@@ -379,10 +390,15 @@ pub fn frame(manifest: &Manifest, payload: &[u8], signers: &[&SecretKey]) -> Res
         )));
     }
     if signers.len() > MAX_SIGNATURES {
-        return Err(BundleError::BadSize(format!("{} signers, at most {MAX_SIGNATURES}", signers.len())));
+        return Err(BundleError::BadSize(format!(
+            "{} signers, at most {MAX_SIGNATURES}",
+            signers.len()
+        )));
     }
     let message = signing_message(&manifest_bytes);
-    let mut out = Vec::with_capacity(HEADER_LEN + manifest_bytes.len() + payload.len() + SIGNATURE_ENTRY_LEN * signers.len());
+    let mut out = Vec::with_capacity(
+        HEADER_LEN + manifest_bytes.len() + payload.len() + SIGNATURE_ENTRY_LEN * signers.len(),
+    );
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(signers.len() as u16).to_le_bytes());
@@ -414,7 +430,11 @@ pub struct Framing<'a> {
 /// Checks magic, version and that the header's sizes fit the file exactly.
 pub fn parse_framing(bytes: &[u8]) -> Result<Framing<'_>, BundleError> {
     if bytes.len() < MAGIC.len() {
-        return Err(if MAGIC.starts_with(bytes) { BundleError::Truncated("header") } else { BundleError::BadMagic });
+        return Err(if MAGIC.starts_with(bytes) {
+            BundleError::Truncated("header")
+        } else {
+            BundleError::BadMagic
+        });
     }
     if bytes[..8] != MAGIC {
         return Err(BundleError::BadMagic);
@@ -430,19 +450,32 @@ pub fn parse_framing(bytes: &[u8]) -> Result<Framing<'_>, BundleError> {
     let manifest_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
     let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
     if sig_count > MAX_SIGNATURES {
-        return Err(BundleError::BadSize(format!("{sig_count} signatures declared, at most {MAX_SIGNATURES}")));
+        return Err(BundleError::BadSize(format!(
+            "{sig_count} signatures declared, at most {MAX_SIGNATURES}"
+        )));
     }
     if manifest_len > MAX_MANIFEST_LEN {
-        return Err(BundleError::BadSize(format!("manifest of {manifest_len} bytes declared, at most {MAX_MANIFEST_LEN}")));
+        return Err(BundleError::BadSize(format!(
+            "manifest of {manifest_len} bytes declared, at most {MAX_MANIFEST_LEN}"
+        )));
     }
     let fixed = HEADER_LEN + manifest_len + sig_count * SIGNATURE_ENTRY_LEN;
-    let expected = (fixed as u64).checked_add(payload_len).ok_or_else(|| BundleError::BadSize("payload length".into()))?;
+    let expected = (fixed as u64)
+        .checked_add(payload_len)
+        .ok_or_else(|| BundleError::BadSize("payload length".into()))?;
     let actual = bytes.len() as u64;
     if actual < expected {
-        return Err(BundleError::Truncated(if actual < fixed as u64 { "manifest or signatures" } else { "payload" }));
+        return Err(BundleError::Truncated(if actual < fixed as u64 {
+            "manifest or signatures"
+        } else {
+            "payload"
+        }));
     }
     if actual > expected {
-        return Err(BundleError::BadSize(format!("{} bytes after the declared end of the bundle", actual - expected)));
+        return Err(BundleError::BadSize(format!(
+            "{} bytes after the declared end of the bundle",
+            actual - expected
+        )));
     }
     let manifest_bytes = &bytes[HEADER_LEN..HEADER_LEN + manifest_len];
     let signatures = bytes[HEADER_LEN + manifest_len..fixed]
@@ -455,12 +488,19 @@ pub fn parse_framing(bytes: &[u8]) -> Result<Framing<'_>, BundleError> {
             (KeyId(id), sig)
         })
         .collect();
-    Ok(Framing { manifest_bytes, signatures, payload: &bytes[fixed..] })
+    Ok(Framing {
+        manifest_bytes,
+        signatures,
+        payload: &bytes[fixed..],
+    })
 }
 
 /// Checks the signatures of a framed bundle against a trust policy. Returns
 /// the ids of the trusted keys whose signatures verified.
-pub fn check_signatures(framing: &Framing<'_>, trust: &TrustPolicy) -> Result<Vec<KeyId>, BundleError> {
+pub fn check_signatures(
+    framing: &Framing<'_>,
+    trust: &TrustPolicy,
+) -> Result<Vec<KeyId>, BundleError> {
     if framing.signatures.is_empty() {
         return Err(BundleError::Unsigned);
     }
@@ -473,7 +513,9 @@ pub fn check_signatures(framing: &Framing<'_>, trust: &TrustPolicy) -> Result<Ve
             continue;
         };
         let signature = ed25519_dalek::Signature::from_bytes(sig);
-        key.0.verify_strict(&message, &signature).map_err(|_| BundleError::BadSignature(*id))?;
+        key.0
+            .verify_strict(&message, &signature)
+            .map_err(|_| BundleError::BadSignature(*id))?;
         if !valid.contains(id) {
             valid.push(*id);
         }
@@ -482,7 +524,10 @@ pub fn check_signatures(framing: &Framing<'_>, trust: &TrustPolicy) -> Result<Ve
         return Err(BundleError::UntrustedKey(untrusted));
     }
     if valid.len() < trust.threshold() {
-        return Err(BundleError::BelowThreshold { valid: valid.len(), required: trust.threshold() });
+        return Err(BundleError::BelowThreshold {
+            valid: valid.len(),
+            required: trust.threshold(),
+        });
     }
     Ok(valid)
 }
@@ -498,13 +543,19 @@ pub fn parse_manifest(framing: &Framing<'_>, limits: &ReadLimits) -> Result<Mani
         )));
     }
     if manifest.artifacts.len() > MAX_ARTIFACTS {
-        return Err(BundleError::BadSize(format!("{} artifacts, at most {MAX_ARTIFACTS}", manifest.artifacts.len())));
+        return Err(BundleError::BadSize(format!(
+            "{} artifacts, at most {MAX_ARTIFACTS}",
+            manifest.artifacts.len()
+        )));
     }
     let mut expected_offset = 0u64;
     let mut total = 0u64;
     for a in &manifest.artifacts {
         if a.offset != expected_offset {
-            return Err(BundleError::BadSize(format!("artifact `{}` is not where the manifest says", a.role)));
+            return Err(BundleError::BadSize(format!(
+                "artifact `{}` is not where the manifest says",
+                a.role
+            )));
         }
         expected_offset = a
             .offset
@@ -535,15 +586,18 @@ pub fn parse_manifest(framing: &Framing<'_>, limits: &ReadLimits) -> Result<Mani
 
 /// Checks an artifact's stored digest, decompresses it into at most its
 /// declared size and checks its content digest.
-pub fn extract_artifact(framing: &Framing<'_>, artifact: &Artifact) -> Result<Vec<u8>, BundleError> {
+pub fn extract_artifact(
+    framing: &Framing<'_>,
+    artifact: &Artifact,
+) -> Result<Vec<u8>, BundleError> {
     let start = artifact.offset as usize;
     let stored = &framing.payload[start..start + artifact.compressed_size as usize];
     if sha256_hex(stored) != artifact.compressed_sha256 {
         return Err(BundleError::DigestMismatch(artifact.role.clone()));
     }
     let declared = artifact.size;
-    let mut decoder =
-        zstd::stream::read::Decoder::new(stored).map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
+    let mut decoder = zstd::stream::read::Decoder::new(stored)
+        .map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
     // Read one byte more than declared: if it arrives, the content is larger
     // than the signed manifest says, and nothing past that was allocated.
     let mut content = Vec::with_capacity(declared.min(MAX_UPFRONT_RESERVE) as usize);
@@ -552,8 +606,16 @@ pub fn extract_artifact(framing: &Framing<'_>, artifact: &Artifact) -> Result<Ve
         .read_to_end(&mut content)
         .map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
     if content.len() as u64 != declared {
-        let actual = if content.len() as u64 > declared { format!("more than {declared}") } else { content.len().to_string() };
-        return Err(BundleError::SizeMismatch { name: artifact.role.clone(), declared, actual });
+        let actual = if content.len() as u64 > declared {
+            format!("more than {declared}")
+        } else {
+            content.len().to_string()
+        };
+        return Err(BundleError::SizeMismatch {
+            name: artifact.role.clone(),
+            declared,
+            actual,
+        });
     }
     if artifact.encoding == Encoding::Shuffle4Zstd {
         content = unshuffle4(&content);
@@ -579,12 +641,21 @@ pub struct VerifiedBundle {
 impl VerifiedBundle {
     /// The content of the first artifact with this role.
     pub fn content(&self, role: &str) -> Option<&[u8]> {
-        self.manifest.artifacts.iter().position(|a| a.role == role).map(|i| self.contents[i].as_slice())
+        self.manifest
+            .artifacts
+            .iter()
+            .position(|a| a.role == role)
+            .map(|i| self.contents[i].as_slice())
     }
 
     /// Artifacts with this role and their contents.
     pub fn all(&self, role: &'static str) -> impl Iterator<Item = (&Artifact, &[u8])> {
-        self.manifest.artifacts.iter().zip(&self.contents).filter(move |(a, _)| a.role == role).map(|(a, c)| (a, c.as_slice()))
+        self.manifest
+            .artifacts
+            .iter()
+            .zip(&self.contents)
+            .filter(move |(a, _)| a.role == role)
+            .map(|(a, c)| (a, c.as_slice()))
     }
 
     /// The golden examples.
@@ -597,38 +668,71 @@ impl VerifiedBundle {
 
     /// The drift baseline, if the bundle has one.
     pub fn baseline(&self) -> Result<Option<crate::drift::Baseline>, BundleError> {
-        self.content(role::DRIFT_BASELINE).map(|b| from_cbor(b).map_err(BundleError::BadManifest)).transpose()
+        self.content(role::DRIFT_BASELINE)
+            .map(|b| from_cbor(b).map_err(BundleError::BadManifest))
+            .transpose()
     }
 }
 
 /// Verifies a bundle completely (signatures, sizes, digests) and returns its
 /// decompressed contents.
-pub fn verify(bytes: &[u8], trust: &TrustPolicy, limits: &ReadLimits) -> Result<VerifiedBundle, BundleError> {
+pub fn verify(
+    bytes: &[u8],
+    trust: &TrustPolicy,
+    limits: &ReadLimits,
+) -> Result<VerifiedBundle, BundleError> {
     let framing = parse_framing(bytes)?;
     let signed_by = check_signatures(&framing, trust)?;
     let manifest = parse_manifest(&framing, limits)?;
     check_runtime_version(&manifest.min_runtime)?;
-    let contents = manifest.artifacts.iter().map(|a| extract_artifact(&framing, a)).collect::<Result<Vec<_>, _>>()?;
-    Ok(VerifiedBundle { digest: sha256_hex(bytes), signed_by, manifest, contents })
+    let contents = manifest
+        .artifacts
+        .iter()
+        .map(|a| extract_artifact(&framing, a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VerifiedBundle {
+        digest: sha256_hex(bytes),
+        signed_by,
+        manifest,
+        contents,
+    })
 }
 
 /// Checks a bundle's framing, sizes and digests but *not* its signatures:
 /// integrity without authenticity. For local analysis tools only (`ferry
 /// drift` without `--pub`); never for running a model from an untrusted source.
-pub fn verify_integrity_only(bytes: &[u8], limits: &ReadLimits) -> Result<VerifiedBundle, BundleError> {
+pub fn verify_integrity_only(
+    bytes: &[u8],
+    limits: &ReadLimits,
+) -> Result<VerifiedBundle, BundleError> {
     let framing = parse_framing(bytes)?;
     let manifest = parse_manifest(&framing, limits)?;
     check_runtime_version(&manifest.min_runtime)?;
-    let contents = manifest.artifacts.iter().map(|a| extract_artifact(&framing, a)).collect::<Result<Vec<_>, _>>()?;
-    Ok(VerifiedBundle { digest: sha256_hex(bytes), signed_by: Vec::new(), manifest, contents })
+    let contents = manifest
+        .artifacts
+        .iter()
+        .map(|a| extract_artifact(&framing, a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VerifiedBundle {
+        digest: sha256_hex(bytes),
+        signed_by: Vec::new(),
+        manifest,
+        contents,
+    })
 }
 
 /// Reads the manifest of a bundle *without* checking signatures, for
 /// inspection tools. Framing and sizes are still checked.
-pub fn inspect_unverified(bytes: &[u8], limits: &ReadLimits) -> Result<(Manifest, Vec<KeyId>), BundleError> {
+pub fn inspect_unverified(
+    bytes: &[u8],
+    limits: &ReadLimits,
+) -> Result<(Manifest, Vec<KeyId>), BundleError> {
     let framing = parse_framing(bytes)?;
     let manifest = parse_manifest(&framing, limits)?;
-    Ok((manifest, framing.signatures.iter().map(|(id, _)| *id).collect()))
+    Ok((
+        manifest,
+        framing.signatures.iter().map(|(id, _)| *id).collect(),
+    ))
 }
 
 /// This runtime's version.
@@ -639,15 +743,23 @@ fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
     // change which features the runtime has: compare the numbers only.
     let core = v.trim().split(['-', '+']).next()?;
     let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
-    Some((parts.next()??, parts.next().unwrap_or(Some(0))?, parts.next().unwrap_or(Some(0))?))
+    Some((
+        parts.next()??,
+        parts.next().unwrap_or(Some(0))?,
+        parts.next().unwrap_or(Some(0))?,
+    ))
 }
 
 fn check_runtime_version(required: &str) -> Result<(), BundleError> {
-    let need = parse_version(required)
-        .ok_or_else(|| BundleError::BadManifest(format!("min_runtime `{required}` is not a version")))?;
+    let need = parse_version(required).ok_or_else(|| {
+        BundleError::BadManifest(format!("min_runtime `{required}` is not a version"))
+    })?;
     let have = parse_version(RUNTIME_VERSION).expect("crate version is valid");
     if need > have {
-        return Err(BundleError::RuntimeTooOld { required: required.to_string(), current: RUNTIME_VERSION.to_string() });
+        return Err(BundleError::RuntimeTooOld {
+            required: required.to_string(),
+            current: RUNTIME_VERSION.to_string(),
+        });
     }
     Ok(())
 }
@@ -673,7 +785,13 @@ mod tests {
     fn versions_compare() {
         assert!(check_runtime_version("0.0.1").is_ok());
         assert!(check_runtime_version(RUNTIME_VERSION).is_ok());
-        assert!(matches!(check_runtime_version("99.0"), Err(BundleError::RuntimeTooOld { .. })));
-        assert!(matches!(check_runtime_version("x"), Err(BundleError::BadManifest(_))));
+        assert!(matches!(
+            check_runtime_version("99.0"),
+            Err(BundleError::RuntimeTooOld { .. })
+        ));
+        assert!(matches!(
+            check_runtime_version("x"),
+            Err(BundleError::BadManifest(_))
+        ));
     }
 }

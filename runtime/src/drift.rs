@@ -3267,8 +3267,17 @@ mod tests {
                     assert_eq!(r.drifted_features, 0, "n_ref={n_ref}");
                 }
                 if shift == 0.55 {
-                    let drifted: Vec<&str> = r.features.iter().filter(|f| f.drifted).map(|f| f.name.as_str()).collect();
-                    assert_eq!(drifted, ["n0", "n1", "n2", "n3", "n4", "n5", "n6"], "n_ref={n_ref}");
+                    let drifted: Vec<&str> = r
+                        .features
+                        .iter()
+                        .filter(|f| f.drifted)
+                        .map(|f| f.name.as_str())
+                        .collect();
+                    assert_eq!(
+                        drifted,
+                        ["n0", "n1", "n2", "n3", "n4", "n5", "n6"],
+                        "n_ref={n_ref}"
+                    );
                 }
             }
         }

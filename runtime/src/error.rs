@@ -61,7 +61,11 @@ pub enum BundleError {
     DigestMismatch(String),
     /// An artifact decompresses to more (or fewer) bytes than declared.
     #[error("artifact `{name}` decompresses to {actual} bytes, {declared} declared")]
-    SizeMismatch { name: String, declared: u64, actual: String },
+    SizeMismatch {
+        name: String,
+        declared: u64,
+        actual: String,
+    },
     /// An artifact could not be decompressed.
     #[error("artifact `{0}` cannot be decompressed: {1}")]
     Decompress(String, String),
@@ -74,7 +78,10 @@ pub enum BundleError {
 }
 
 fn fmt_ids(ids: &[KeyId]) -> String {
-    ids.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(|k| k.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl BundleError {
@@ -196,6 +203,9 @@ impl Error {
     /// Whether the failure is the caller's fault (a bad request), as opposed
     /// to the bundle's or the host's.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Error::Guest(GuestError::BadInput(_)) | Error::Model(ModelError::BadInput(_)))
+        matches!(
+            self,
+            Error::Guest(GuestError::BadInput(_)) | Error::Model(ModelError::BadInput(_))
+        )
     }
 }

@@ -20,7 +20,11 @@ pub struct Mismatch {
 
 impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: expected {}, got {}", self.path, self.expected, self.actual)
+        write!(
+            f,
+            "{}: expected {}, got {}",
+            self.path, self.expected, self.actual
+        )
     }
 }
 
@@ -34,25 +38,46 @@ pub fn compare_json(expected: &Value, actual: &Value, tolerance: f64) -> Vec<Mis
     if out.len() > MAX_MISMATCHES {
         let more = out.len() - MAX_MISMATCHES;
         out.truncate(MAX_MISMATCHES);
-        out.push(Mismatch { path: "...".into(), expected: String::new(), actual: format!("{more} more difference(s)") });
+        out.push(Mismatch {
+            path: "...".into(),
+            expected: String::new(),
+            actual: format!("{more} more difference(s)"),
+        });
     }
     out
 }
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 80 { format!("{}...", &s[..s.floor_char_boundary(77)]) } else { s }
+    if s.len() > 80 {
+        format!("{}...", &s[..s.floor_char_boundary(77)])
+    } else {
+        s
+    }
 }
 
 fn walk(expected: &Value, actual: &Value, tol: f64, path: &mut String, out: &mut Vec<Mismatch>) {
-    let here = |path: &str| if path.is_empty() { "$".to_string() } else { path.to_string() };
+    let here = |path: &str| {
+        if path.is_empty() {
+            "$".to_string()
+        } else {
+            path.to_string()
+        }
+    };
     match (expected, actual) {
         (Value::Number(e), Value::Number(a)) => {
-            let (e, a) = (e.as_f64().unwrap_or(f64::NAN), a.as_f64().unwrap_or(f64::NAN));
+            let (e, a) = (
+                e.as_f64().unwrap_or(f64::NAN),
+                a.as_f64().unwrap_or(f64::NAN),
+            );
             let diff = (e - a).abs();
-            // `!(diff <= tol)` also catches NaN.
-            if !(diff <= tol) {
-                out.push(Mismatch { path: here(path), expected: e.to_string(), actual: format!("{a} (off by {diff:.3e})") });
+            // NaN differences are mismatches too.
+            if diff.is_nan() || diff > tol {
+                out.push(Mismatch {
+                    path: here(path),
+                    expected: e.to_string(),
+                    actual: format!("{a} (off by {diff:.3e})"),
+                });
             }
         }
         (Value::Object(e), Value::Object(a)) => {
@@ -64,7 +89,11 @@ fn walk(expected: &Value, actual: &Value, tol: f64, path: &mut String, out: &mut
                 path.push_str(k);
                 match a.get(k) {
                     Some(av) => walk(ev, av, tol, path, out),
-                    None => out.push(Mismatch { path: here(path), expected: short(ev), actual: "(missing)".into() }),
+                    None => out.push(Mismatch {
+                        path: here(path),
+                        expected: short(ev),
+                        actual: "(missing)".into(),
+                    }),
                 }
                 path.truncate(len);
             }
@@ -86,7 +115,11 @@ fn walk(expected: &Value, actual: &Value, tol: f64, path: &mut String, out: &mut
             }
         }
         (e, a) if e == a => {}
-        (e, a) => out.push(Mismatch { path: here(path), expected: short(e), actual: short(a) }),
+        (e, a) => out.push(Mismatch {
+            path: here(path),
+            expected: short(e),
+            actual: short(a),
+        }),
     }
 }
 
@@ -97,13 +130,21 @@ mod tests {
 
     #[test]
     fn subset_and_tolerance() {
-        let actual = json!({"predictions": [{"label": "a", "score": 0.5000001}], "outputs": {"x": [1, 2]}});
+        let actual =
+            json!({"predictions": [{"label": "a", "score": 0.5000001}], "outputs": {"x": [1, 2]}});
         assert!(compare_json(&json!({"predictions": [{"label": "a"}]}), &actual, 1e-5).is_empty());
         assert!(compare_json(&json!({"predictions": [{"score": 0.5}]}), &actual, 1e-5).is_empty());
-        let m = compare_json(&json!({"predictions": [{"score": 0.6, "label": "b"}], "other": 1}), &actual, 1e-5);
+        let m = compare_json(
+            &json!({"predictions": [{"score": 0.6, "label": "b"}], "other": 1}),
+            &actual,
+            1e-5,
+        );
         let mut paths: Vec<_> = m.iter().map(|m| m.path.as_str()).collect();
         paths.sort();
-        assert_eq!(paths, ["other", "predictions[0].label", "predictions[0].score"]);
+        assert_eq!(
+            paths,
+            ["other", "predictions[0].label", "predictions[0].score"]
+        );
         let m = compare_json(&json!({"outputs": {"x": [1]}}), &actual, 0.0);
         assert_eq!(m[0].path, "outputs.x");
         assert_eq!(m[0].actual, "2 element(s)");

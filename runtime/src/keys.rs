@@ -5,8 +5,8 @@
 //! the forms OpenSSL and most KMSes read and write. A *key id* is the first
 //! 8 bytes of the SHA-256 of the raw 32-byte public key, shown in hex.
 
-use ed25519_dalek::pkcs8::spki::{DecodePublicKey, EncodePublicKey};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::spki::{DecodePublicKey, EncodePublicKey};
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -61,12 +61,17 @@ impl SecretKey {
 
     /// Parses a PKCS#8 PEM private key.
     pub fn from_pem(pem: &str) -> Result<SecretKey, KeyError> {
-        SigningKey::from_pkcs8_pem(pem.trim()).map(SecretKey).map_err(|e| KeyError::BadPrivateKey(e.to_string()))
+        SigningKey::from_pkcs8_pem(pem.trim())
+            .map(SecretKey)
+            .map_err(|e| KeyError::BadPrivateKey(e.to_string()))
     }
 
     /// The key as PKCS#8 PEM.
     pub fn to_pem(&self) -> String {
-        self.0.to_pkcs8_pem(LineEnding::LF).expect("ed25519 keys always encode").to_string()
+        self.0
+            .to_pkcs8_pem(LineEnding::LF)
+            .expect("ed25519 keys always encode")
+            .to_string()
     }
 
     /// The matching public key.
@@ -104,7 +109,9 @@ impl PublicKey {
 
     /// The key as SubjectPublicKeyInfo PEM.
     pub fn to_pem(&self) -> String {
-        self.0.to_public_key_pem(LineEnding::LF).expect("ed25519 keys always encode")
+        self.0
+            .to_public_key_pem(LineEnding::LF)
+            .expect("ed25519 keys always encode")
     }
 
     /// Parses every PEM public key in a text (a key file may hold several).
@@ -115,7 +122,9 @@ impl PublicKey {
         let mut rest = text;
         while let Some(start) = rest.find(BEGIN) {
             let after = &rest[start..];
-            let end = after.find(END).ok_or_else(|| KeyError::BadPublicKey("PEM block is not terminated".into()))?;
+            let end = after
+                .find(END)
+                .ok_or_else(|| KeyError::BadPublicKey("PEM block is not terminated".into()))?;
             keys.push(PublicKey::from_pem(&after[..end + END.len()])?);
             rest = &after[end + END.len()..];
         }
@@ -146,14 +155,20 @@ impl TrustPolicy {
     }
 
     /// Trust these keys, requiring `threshold` valid signatures by distinct ones.
-    pub fn with_threshold(mut keys: Vec<PublicKey>, threshold: usize) -> Result<TrustPolicy, KeyError> {
+    pub fn with_threshold(
+        mut keys: Vec<PublicKey>,
+        threshold: usize,
+    ) -> Result<TrustPolicy, KeyError> {
         keys.sort_by_key(|k| k.key_id());
         keys.dedup_by_key(|k| k.key_id());
         if keys.is_empty() {
             return Err(KeyError::NoTrustedKeys);
         }
         if threshold == 0 || threshold > keys.len() {
-            return Err(KeyError::BadThreshold { threshold, keys: keys.len() });
+            return Err(KeyError::BadThreshold {
+                threshold,
+                keys: keys.len(),
+            });
         }
         Ok(TrustPolicy { keys, threshold })
     }

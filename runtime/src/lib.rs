@@ -27,11 +27,12 @@ mod sandbox;
 mod session;
 
 pub use bundle::{
-    Artifact, ArtifactInput, Encoding, FORMAT_VERSION, Framing, GoldenExample, GuestLimits, HEADER_LEN, Lineage, MAGIC,
-    MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline, RUNTIME_VERSION, ReadLimits, Release,
-    SIGNATURE_ENTRY_LEN, SIGNING_CONTEXT, TensorSpec, VerifiedBundle, check_signatures, compress, extract_artifact,
-    frame, from_cbor, inspect_unverified, lineage_training, parse_framing, parse_manifest, role, shuffle4, to_cbor, unshuffle4,
-    verify, verify_integrity_only, write_bundle,
+    Artifact, ArtifactInput, Encoding, FORMAT_VERSION, Framing, GoldenExample, GuestLimits,
+    HEADER_LEN, Lineage, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest,
+    ModelInfo, Pipeline, RUNTIME_VERSION, ReadLimits, Release, SIGNATURE_ENTRY_LEN,
+    SIGNING_CONTEXT, TensorSpec, VerifiedBundle, check_signatures, compress, extract_artifact,
+    frame, from_cbor, inspect_unverified, lineage_training, parse_framing, parse_manifest, role,
+    shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only, write_bundle,
 };
 pub use drift::*;
 pub use error::{BundleError, Error, GuestError, KeyError, ModelError};
@@ -40,7 +41,9 @@ pub use golden::{Mismatch, compare_json};
 pub use keys::{KeyId, PublicKey, SecretKey, TrustPolicy};
 pub use model::{BATCH_SYMBOL, Model, fmt_shape};
 pub use sandbox::{
-    EPOCH_TICK, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, SandboxLimits, WASMTIME_VERSION, compatibility_key, precompile,
-    validate,
+    EPOCH_TICK, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, SandboxLimits, WASMTIME_VERSION,
+    compatibility_key, precompile, validate,
 };
-pub use session::{GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_value};
+pub use session::{
+    GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_value,
+};

@@ -31,7 +31,10 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("inputs", &self.inputs).field("outputs", &self.outputs).finish()
+        f.debug_struct("Model")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
     }
 }
 
@@ -59,8 +62,12 @@ fn datum_of(dtype: DType) -> DatumType {
     }
 }
 
-fn spec_of(vi: &tract_onnx::pb::ValueInfoProto, what: &str) -> Result<(TensorSpec, Option<DatumType>), ModelError> {
-    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+fn spec_of(
+    vi: &tract_onnx::pb::ValueInfoProto,
+    what: &str,
+) -> Result<(TensorSpec, Option<DatumType>), ModelError> {
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
         return Err(ModelError::Load(format!(
             "{what} `{}` is not a tensor (sequences and maps are not supported; for scikit-learn classifiers export with skl2onnx option zipmap=False)",
             vi.name
@@ -80,8 +87,17 @@ fn spec_of(vi: &tract_onnx::pb::ValueInfoProto, what: &str) -> Result<(TensorSpe
                 .collect()
         })
         .unwrap_or_default();
-    let name = dtype.map(|d| d.0.name().to_string()).unwrap_or_else(|| format!("onnx-type-{}", t.elem_type));
-    Ok((TensorSpec { name: vi.name.clone(), dtype: name, shape }, dtype.map(|d| d.1)))
+    let name = dtype
+        .map(|d| d.0.name().to_string())
+        .unwrap_or_else(|| format!("onnx-type-{}", t.elem_type));
+    Ok((
+        TensorSpec {
+            name: vi.name.clone(),
+            dtype: name,
+            shape,
+        },
+        dtype.map(|d| d.1),
+    ))
 }
 
 impl Model {
@@ -91,25 +107,47 @@ impl Model {
         let proto = onnx
             .proto_model_for_read(&mut &onnx_bytes[..])
             .map_err(|e| ModelError::Load(format!("not a valid ONNX model: {e}")))?;
-        let graph = proto.graph.as_ref().ok_or_else(|| ModelError::Load("ONNX model has no graph".into()))?;
-        let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| ModelError::Load("ONNX model has no graph".into()))?;
+        let initializers: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let mut inputs = Vec::new();
         let mut input_types = Vec::new();
-        for vi in graph.input.iter().filter(|vi| !initializers.contains(vi.name.as_str())) {
+        for vi in graph
+            .input
+            .iter()
+            .filter(|vi| !initializers.contains(vi.name.as_str()))
+        {
             let (spec, dt) = spec_of(vi, "input")?;
             let dt = dt.ok_or_else(|| {
-                ModelError::Load(format!("input `{}` has element type {}, which Ferry does not support", spec.name, spec.dtype))
+                ModelError::Load(format!(
+                    "input `{}` has element type {}, which Ferry does not support",
+                    spec.name, spec.dtype
+                ))
             })?;
             input_types.push(dt);
             inputs.push(spec);
         }
-        let all_outputs = graph.output.iter().map(|vi| spec_of(vi, "output")).collect::<Result<Vec<_>, _>>()?;
+        let all_outputs = graph
+            .output
+            .iter()
+            .map(|vi| spec_of(vi, "output"))
+            .collect::<Result<Vec<_>, _>>()?;
 
-        let mut model = onnx.model_for_proto_model(&proto).map_err(|e| ModelError::Load(format!("{e:#}")))?;
+        let mut model = onnx
+            .model_for_proto_model(&proto)
+            .map_err(|e| ModelError::Load(format!("{e:#}")))?;
         let missing: Vec<String> = model
             .nodes()
             .iter()
-            .filter_map(|n| n.op().name().strip_prefix("Unimplemented(").map(|s| s.trim_end_matches(')').to_string()))
+            .filter_map(|n| {
+                n.op()
+                    .name()
+                    .strip_prefix("Unimplemented(")
+                    .map(|s| s.trim_end_matches(')').to_string())
+            })
             .collect();
         if !missing.is_empty() {
             return Err(ModelError::Load(format!(
@@ -136,11 +174,19 @@ impl Model {
                 dropped_outputs.join(", ")
             )));
         }
-        model.select_output_outlets(&keep).map_err(|e| ModelError::Load(format!("{e:#}")))?;
+        model
+            .select_output_outlets(&keep)
+            .map_err(|e| ModelError::Load(format!("{e:#}")))?;
         let batch = model.sym(BATCH_SYMBOL);
         for (i, (spec, dt)) in inputs.iter().zip(&input_types).enumerate() {
-            let dims: TVec<TDim> =
-                spec.shape.iter().map(|d| d.map(|v| TDim::from(v as i64)).unwrap_or_else(|| batch.clone().into())).collect();
+            let dims: TVec<TDim> = spec
+                .shape
+                .iter()
+                .map(|d| {
+                    d.map(|v| TDim::from(v as i64))
+                        .unwrap_or_else(|| batch.clone().into())
+                })
+                .collect();
             model = model
                 .with_input_fact(i, InferenceFact::dt_shape(*dt, dims))
                 .map_err(|e| ModelError::Load(format!("{e:#}")))?;
@@ -149,7 +195,12 @@ impl Model {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| ModelError::Load(format!("{e:#}")))?;
-        Ok(Model { plan, inputs, outputs, dropped_outputs })
+        Ok(Model {
+            plan,
+            inputs,
+            outputs,
+            dropped_outputs,
+        })
     }
 
     /// The model's inputs as declared in the ONNX file.
@@ -174,11 +225,20 @@ impl Model {
             let t = tensors
                 .iter()
                 .find(|t| t.name == spec.name)
-                .ok_or_else(|| ModelError::BadInput(format!("model input `{}` is missing", spec.name)))?;
+                .ok_or_else(|| {
+                    ModelError::BadInput(format!("model input `{}` is missing", spec.name))
+                })?;
             values.push(to_tract(t, spec)?.into());
         }
-        let outputs = self.plan.run(values).map_err(|e| ModelError::Run(format!("{e:#}")))?;
-        outputs.iter().zip(&self.outputs).map(|(v, spec)| from_tract(v, spec)).collect()
+        let outputs = self
+            .plan
+            .run(values)
+            .map_err(|e| ModelError::Run(format!("{e:#}")))?;
+        outputs
+            .iter()
+            .zip(&self.outputs)
+            .map(|(v, spec)| from_tract(v, spec))
+            .collect()
     }
 }
 
@@ -214,7 +274,8 @@ fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tract_onnx::prelude::Tensor
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
     if t.dtype == DType::Bool {
         let values: Vec<bool> = t.data.iter().map(|&b| b != 0).collect();
-        return tract_onnx::prelude::Tensor::from_shape(&shape, &values).map_err(|e| ModelError::BadInput(e.to_string()));
+        return tract_onnx::prelude::Tensor::from_shape(&shape, &values)
+            .map_err(|e| ModelError::BadInput(e.to_string()));
     }
     // SAFETY: the element types above are plain numbers, valid for any bit
     // pattern; `from_raw_dt` checks the byte length against the shape and
@@ -226,17 +287,34 @@ fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tract_onnx::prelude::Tensor
 
 fn from_tract(v: &TValue, spec: &TensorSpec) -> Result<Tensor, ModelError> {
     let dtype = DType::from_name(&spec.dtype).unwrap_or(DType::F32);
-    let cast = v.cast_to_dt(datum_of(dtype)).map_err(|e| ModelError::Run(format!("output `{}`: {e}", spec.name)))?;
+    let cast = v
+        .cast_to_dt(datum_of(dtype))
+        .map_err(|e| ModelError::Run(format!("output `{}`: {e}", spec.name)))?;
     let data = if dtype == DType::Bool {
-        cast.to_plain_array_view::<bool>().map_err(|e| ModelError::Run(e.to_string()))?.iter().map(|&b| b as u8).collect()
+        cast.to_plain_array_view::<bool>()
+            .map_err(|e| ModelError::Run(e.to_string()))?
+            .iter()
+            .map(|&b| b as u8)
+            .collect()
     } else {
         cast.as_bytes().to_vec()
     };
-    Ok(Tensor { name: spec.name.clone(), dtype, shape: cast.shape().iter().map(|&d| d as u64).collect(), data })
+    Ok(Tensor {
+        name: spec.name.clone(),
+        dtype,
+        shape: cast.shape().iter().map(|&d| d as u64).collect(),
+        data,
+    })
 }
 
 /// Formats a shape with `N` for symbolic dimensions.
 pub fn fmt_shape(shape: &[Option<u64>]) -> String {
-    let dims: Vec<String> = shape.iter().map(|d| d.map(|v| v.to_string()).unwrap_or_else(|| BATCH_SYMBOL.into())).collect();
+    let dims: Vec<String> = shape
+        .iter()
+        .map(|d| {
+            d.map(|v| v.to_string())
+                .unwrap_or_else(|| BATCH_SYMBOL.into())
+        })
+        .collect();
     format!("[{}]", dims.join(", "))
 }

@@ -15,7 +15,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use wasmtime::{Config, Engine, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter, Store, Trap, TypedFunc};
+use wasmtime::{
+    Config, Engine, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter, Store, Trap,
+    TypedFunc,
+};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
@@ -46,7 +49,9 @@ fn engine_config() -> Config {
 fn engine_for(target: Option<&str>) -> Result<Engine, GuestError> {
     let mut config = engine_config();
     if let Some(t) = target {
-        config.target(t).map_err(|e| GuestError::Compile(format!("unknown target `{t}`: {e}")))?;
+        config
+            .target(t)
+            .map_err(|e| GuestError::Compile(format!("unknown target `{t}`: {e}")))?;
     }
     Engine::new(&config).map_err(|e| GuestError::Compile(e.to_string()))
 }
@@ -63,14 +68,19 @@ pub const HOST_TARGET: &str = env!("FERRY_TARGET");
 /// CPU features against the host and refuses a mismatch, in which case the
 /// portable module is compiled instead.
 pub fn compatibility_key(target: Option<&str>) -> String {
-    format!("{}:wasmtime-{WASMTIME_VERSION}", target.unwrap_or(HOST_TARGET))
+    format!(
+        "{}:wasmtime-{WASMTIME_VERSION}",
+        target.unwrap_or(HOST_TARGET)
+    )
 }
 
 /// Compiles a guest ahead of time for a target; returns the artifact bytes
 /// and the compatibility key to store beside them.
 pub fn precompile(wasm: &[u8], target: Option<&str>) -> Result<(Vec<u8>, String), GuestError> {
     let engine = engine_for(target)?;
-    let bytes = engine.precompile_module(wasm).map_err(|e| GuestError::Compile(e.to_string()))?;
+    let bytes = engine
+        .precompile_module(wasm)
+        .map_err(|e| GuestError::Compile(e.to_string()))?;
     Ok((bytes, compatibility_key(target)))
 }
 
@@ -120,7 +130,12 @@ struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.hit = true;
             // An error traps the guest at once: a guest that ignores a failed
@@ -130,7 +145,12 @@ impl ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -158,7 +178,10 @@ pub struct GuestRuntime {
 
 impl std::fmt::Debug for GuestRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestRuntime").field("limits", &self.limits).field("used_precompiled", &self.used_precompiled).finish()
+        f.debug_struct("GuestRuntime")
+            .field("limits", &self.limits)
+            .field("used_precompiled", &self.used_precompiled)
+            .finish()
     }
 }
 
@@ -220,7 +243,10 @@ impl GuestRuntime {
 
     fn new_store(&self) -> Store<StoreState> {
         let wasi = WasiCtxBuilder::new().build_p1();
-        let limiter = Limiter { memory_bytes: self.limits.memory_bytes as usize, hit: false };
+        let limiter = Limiter {
+            memory_bytes: self.limits.memory_bytes as usize,
+            hit: false,
+        };
         let mut store = Store::new(&self.engine, StoreState { wasi, limiter });
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
@@ -228,16 +254,24 @@ impl GuestRuntime {
     }
 
     fn deadline_ticks(&self) -> u64 {
-        self.limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1) + 1
+        self.limits
+            .timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            .max(1)
+            + 1
     }
 
     fn instantiate(&self) -> Result<Instance, GuestError> {
         let mut store = self.new_store();
         store.set_epoch_deadline(self.deadline_ticks());
-        let instance = self.pre.instantiate(&mut store).map_err(|e| self.classify(&store, e))?;
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.classify(&store, e))?;
         let func = |name: &str| GuestError::Abi(format!("export `{name}` has the wrong type"));
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            init.call(&mut store, ()).map_err(|e| self.classify(&store, e))?;
+            init.call(&mut store, ())
+                .map_err(|e| self.classify(&store, e))?;
         }
         let version = instance
             .get_typed_func::<(), i32>(&mut store, "ferry_abi_version")
@@ -245,23 +279,40 @@ impl GuestRuntime {
             .call(&mut store, ())
             .map_err(|e| self.classify(&store, e))?;
         if version != ABI_VERSION {
-            return Err(GuestError::Abi(format!("guest speaks ABI version {version}, this runtime speaks {ABI_VERSION}")));
+            return Err(GuestError::Abi(format!(
+                "guest speaks ABI version {version}, this runtime speaks {ABI_VERSION}"
+            )));
         }
-        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| func("memory"))?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| func("memory"))?;
         let mut inst = Instance {
             memory,
-            alloc: instance.get_typed_func(&mut store, "ferry_alloc").map_err(|_| func("ferry_alloc"))?,
-            preprocess: instance.get_typed_func(&mut store, "ferry_preprocess").map_err(|_| func("ferry_preprocess"))?,
-            postprocess: instance.get_typed_func(&mut store, "ferry_postprocess").map_err(|_| func("ferry_postprocess"))?,
-            result_ptr: instance.get_typed_func(&mut store, "ferry_result_ptr").map_err(|_| func("ferry_result_ptr"))?,
-            result_len: instance.get_typed_func(&mut store, "ferry_result_len").map_err(|_| func("ferry_result_len"))?,
+            alloc: instance
+                .get_typed_func(&mut store, "ferry_alloc")
+                .map_err(|_| func("ferry_alloc"))?,
+            preprocess: instance
+                .get_typed_func(&mut store, "ferry_preprocess")
+                .map_err(|_| func("ferry_preprocess"))?,
+            postprocess: instance
+                .get_typed_func(&mut store, "ferry_postprocess")
+                .map_err(|_| func("ferry_postprocess"))?,
+            result_ptr: instance
+                .get_typed_func(&mut store, "ferry_result_ptr")
+                .map_err(|_| func("ferry_result_ptr"))?,
+            result_len: instance
+                .get_typed_func(&mut store, "ferry_result_len")
+                .map_err(|_| func("ferry_result_len"))?,
             store,
         };
-        let init: TypedFunc<(i32, i32), i32> =
-            instance.get_typed_func(&mut inst.store, "ferry_init").map_err(|_| func("ferry_init"))?;
+        let init: TypedFunc<(i32, i32), i32> = instance
+            .get_typed_func(&mut inst.store, "ferry_init")
+            .map_err(|_| func("ferry_init"))?;
         let config = self.config_json.clone();
         let (ptr, len) = self.write_input(&mut inst, &config)?;
-        let status = init.call(&mut inst.store, (ptr, len)).map_err(|e| self.classify(&inst.store, e))?;
+        let status = init
+            .call(&mut inst.store, (ptr, len))
+            .map_err(|e| self.classify(&inst.store, e))?;
         if status != STATUS_OK {
             let message = String::from_utf8_lossy(&self.read_result(&mut inst)?).into_owned();
             return Err(GuestError::Config(message));
@@ -281,20 +332,32 @@ impl GuestRuntime {
     }
 
     fn write_input(&self, inst: &mut Instance, data: &[u8]) -> Result<(i32, i32), GuestError> {
-        let len = i32::try_from(data.len()).map_err(|_| GuestError::BadInput("request is larger than 2 GiB".into()))?;
-        let ptr = inst.alloc.call(&mut inst.store, len).map_err(|e| self.classify(&inst.store, e))?;
+        let len = i32::try_from(data.len())
+            .map_err(|_| GuestError::BadInput("request is larger than 2 GiB".into()))?;
+        let ptr = inst
+            .alloc
+            .call(&mut inst.store, len)
+            .map_err(|e| self.classify(&inst.store, e))?;
         if ptr == 0 && len > 0 {
             return Err(GuestError::OutOfMemory(self.limits.memory_bytes));
         }
         inst.memory
             .write(&mut inst.store, ptr as u32 as usize, data)
-            .map_err(|_| GuestError::Abi("ferry_alloc returned memory outside the guest's memory".into()))?;
+            .map_err(|_| {
+                GuestError::Abi("ferry_alloc returned memory outside the guest's memory".into())
+            })?;
         Ok((ptr, len))
     }
 
     fn read_result(&self, inst: &mut Instance) -> Result<Vec<u8>, GuestError> {
-        let ptr = inst.result_ptr.call(&mut inst.store, ()).map_err(|e| self.classify(&inst.store, e))? as u32 as usize;
-        let len = inst.result_len.call(&mut inst.store, ()).map_err(|e| self.classify(&inst.store, e))? as u32 as usize;
+        let ptr = inst
+            .result_ptr
+            .call(&mut inst.store, ())
+            .map_err(|e| self.classify(&inst.store, e))? as u32 as usize;
+        let len = inst
+            .result_len
+            .call(&mut inst.store, ())
+            .map_err(|e| self.classify(&inst.store, e))? as u32 as usize;
         let data = inst.memory.data(&inst.store);
         data.get(ptr..ptr.saturating_add(len))
             .map(<[u8]>::to_vec)
@@ -331,8 +394,12 @@ impl GuestRuntime {
         let out = self.read_result(inst)?;
         match status {
             STATUS_OK => Ok(out),
-            STATUS_BAD_INPUT => Err(GuestError::BadInput(String::from_utf8_lossy(&out).into_owned())),
-            _ => Err(GuestError::Failed(String::from_utf8_lossy(&out).into_owned())),
+            STATUS_BAD_INPUT => Err(GuestError::BadInput(
+                String::from_utf8_lossy(&out).into_owned(),
+            )),
+            _ => Err(GuestError::Failed(
+                String::from_utf8_lossy(&out).into_owned(),
+            )),
         }
     }
 
@@ -346,7 +413,10 @@ impl GuestRuntime {
             let ct_len = content_type.len() as i32;
             let status = inst
                 .preprocess
-                .call(&mut inst.store, (ptr, ct_len, ptr.wrapping_add(ct_len), body.len() as i32))
+                .call(
+                    &mut inst.store,
+                    (ptr, ct_len, ptr.wrapping_add(ct_len), body.len() as i32),
+                )
                 .map_err(|e| this.classify(&inst.store, e))?;
             this.finish(inst, status)
         })
@@ -356,7 +426,10 @@ impl GuestRuntime {
     pub fn postprocess(&self, outputs: &[u8]) -> Result<Vec<u8>, GuestError> {
         self.with_instance(|this, inst| {
             let (ptr, len) = this.write_input(inst, outputs)?;
-            let status = inst.postprocess.call(&mut inst.store, (ptr, len)).map_err(|e| this.classify(&inst.store, e))?;
+            let status = inst
+                .postprocess
+                .call(&mut inst.store, (ptr, len))
+                .map_err(|e| this.classify(&inst.store, e))?;
             this.finish(inst, status)
         })
     }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ferry_guest_abi::{FeatureKind, Features, Tensor, TensorSet, Value};
 
-use crate::drift::{DriftKind, DriftValue};
 use crate::bundle::{self, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
+use crate::drift::{DriftKind, DriftValue};
 use crate::error::{BundleError, Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
 use crate::keys::TrustPolicy;
@@ -72,7 +72,10 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("name", &self.manifest.name).field("digest", &self.digest).finish()
+        f.debug_struct("Session")
+            .field("name", &self.manifest.name)
+            .field("digest", &self.digest)
+            .finish()
     }
 }
 
@@ -107,7 +110,9 @@ impl std::fmt::Debug for Preprocessor {
 impl Preprocessor {
     /// Compiles the bundle's guest.
     pub fn from_verified(bundle: &VerifiedBundle) -> Result<Preprocessor, Error> {
-        Ok(Preprocessor { guest: guest_of(bundle)? })
+        Ok(Preprocessor {
+            guest: guest_of(bundle)?,
+        })
     }
 
     /// The tensors and features of a request.
@@ -118,21 +123,35 @@ impl Preprocessor {
 
 fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
     let m = &bundle.manifest;
-    let wasm = bundle.content(role::GUEST).ok_or(BundleError::MissingArtifact(role::GUEST))?;
+    let wasm = bundle
+        .content(role::GUEST)
+        .ok_or(BundleError::MissingArtifact(role::GUEST))?;
     // Precompiled guests are native code: only from a bundle whose signature
     // was checked (not from `verify_integrity_only`, nor a packager's draft).
     let precompiled: Vec<(&str, &[u8])> = if bundle.signed_by.is_empty() {
         Vec::new()
     } else {
-        bundle.all(role::GUEST_PRECOMPILED).filter_map(|(a, c)| a.target.as_deref().map(|t| (t, c))).collect()
+        bundle
+            .all(role::GUEST_PRECOMPILED)
+            .filter_map(|(a, c)| a.target.as_deref().map(|t| (t, c)))
+            .collect()
     };
-    let limits = SandboxLimits { memory_bytes: m.limits.memory_bytes, timeout_ms: m.limits.timeout_ms };
-    Ok(GuestRuntime::new(wasm, &precompiled, m.pipeline.config_json.as_bytes(), limits)?)
+    let limits = SandboxLimits {
+        memory_bytes: m.limits.memory_bytes,
+        timeout_ms: m.limits.timeout_ms,
+    };
+    Ok(GuestRuntime::new(
+        wasm,
+        &precompiled,
+        m.pipeline.config_json.as_bytes(),
+        limits,
+    )?)
 }
 
 fn decode_preprocessed(encoded: &[u8]) -> Result<TensorSet, Error> {
-    TensorSet::decode(encoded)
-        .map_err(|e| GuestError::Failed(format!("preprocess returned an invalid tensor set: {e}")).into())
+    TensorSet::decode(encoded).map_err(|e| {
+        GuestError::Failed(format!("preprocess returned an invalid tensor set: {e}")).into()
+    })
 }
 
 impl Session {
@@ -150,7 +169,9 @@ impl Session {
     /// Loads a bundle that was already verified.
     pub fn from_verified(bundle: VerifiedBundle) -> Result<Session, Error> {
         let start = Instant::now();
-        let onnx = bundle.content(role::MODEL).ok_or(BundleError::MissingArtifact(role::MODEL))?;
+        let onnx = bundle
+            .content(role::MODEL)
+            .ok_or(BundleError::MissingArtifact(role::MODEL))?;
         // Guest compilation and model optimisation are independent: overlap them.
         let (guest, guest_time, model, model_time) = std::thread::scope(|s| {
             let model_thread = s.spawn(|| {
@@ -175,7 +196,12 @@ impl Session {
             guest,
             model,
             observer: None,
-            timings: LoadTimings { verify: Duration::ZERO, guest: guest_time, model: model_time, total: start.elapsed() },
+            timings: LoadTimings {
+                verify: Duration::ZERO,
+                guest: guest_time,
+                model: model_time,
+                total: start.elapsed(),
+            },
         })
     }
 
@@ -220,13 +246,23 @@ impl Session {
         let start = Instant::now();
         let set = self.preprocess(content_type, body)?;
         let outputs = self.model.run(&set.tensors)?;
-        let encoded = TensorSet { tensors: outputs, features: None }.encode();
+        let encoded = TensorSet {
+            tensors: outputs,
+            features: None,
+        }
+        .encode();
         let response = self.guest.postprocess(&encoded)?;
         if let Some(observer) = &self.observer {
             // Decoding again is cheaper than cloning the tensors on every
             // call when nobody observes.
-            let outputs = TensorSet::decode(&encoded).map(|s| s.tensors).unwrap_or_default();
-            observer.observe(&Observation { features: set.features.as_ref(), outputs: &outputs, latency: start.elapsed() });
+            let outputs = TensorSet::decode(&encoded)
+                .map(|s| s.tensors)
+                .unwrap_or_default();
+            observer.observe(&Observation {
+                features: set.features.as_ref(),
+                outputs: &outputs,
+                latency: start.elapsed(),
+            });
         }
         Ok(response)
     }
@@ -243,7 +279,11 @@ impl Session {
 
     /// Runs one golden example.
     pub fn check_example(&self, g: &GoldenExample) -> GoldenOutcome {
-        let outcome = |mismatches, error| GoldenOutcome { name: g.name.clone(), mismatches, error };
+        let outcome = |mismatches, error| GoldenOutcome {
+            name: g.name.clone(),
+            mismatches,
+            error,
+        };
         let expected: serde_json::Value = match serde_json::from_str(&g.expected_json) {
             Ok(v) => v,
             Err(e) => return outcome(vec![], Some(format!("expected output is not JSON: {e}"))),

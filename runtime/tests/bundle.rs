@@ -12,7 +12,12 @@ fn verify(bytes: &[u8], policy: &TrustPolicy) -> Result<rt::VerifiedBundle, Bund
 
 /// Re-signs a bundle after `edit` changed its manifest (what an attacker
 /// holding a trusted key, or a buggy packager, could produce).
-fn resign(bytes: &[u8], key: &SecretKey, edit: impl FnOnce(&mut rt::Manifest), payload: Option<Vec<u8>>) -> Vec<u8> {
+fn resign(
+    bytes: &[u8],
+    key: &SecretKey,
+    edit: impl FnOnce(&mut rt::Manifest),
+    payload: Option<Vec<u8>>,
+) -> Vec<u8> {
     let framing = rt::parse_framing(bytes).unwrap();
     let mut m: rt::Manifest = rt::from_cbor(framing.manifest_bytes).unwrap();
     edit(&mut m);
@@ -26,8 +31,14 @@ fn round_trip_keeps_every_artifact() {
     let bytes = small_bundle(&[&key]);
     let b = verify(&bytes, &trust(&[&key])).unwrap();
     assert_eq!(b.signed_by, vec![key.key_id()]);
-    assert_eq!(b.content(rt::role::MODEL).unwrap(), std::fs::read(crate::common::examples().join("iris/model.onnx")).unwrap());
-    assert_eq!(b.content(rt::role::GUEST).unwrap(), crate::common::TEST_GUEST.as_bytes());
+    assert_eq!(
+        b.content(rt::role::MODEL).unwrap(),
+        std::fs::read(crate::common::examples().join("iris/model.onnx")).unwrap()
+    );
+    assert_eq!(
+        b.content(rt::role::GUEST).unwrap(),
+        crate::common::TEST_GUEST.as_bytes()
+    );
     assert_eq!(b.manifest.name, "test");
 }
 
@@ -58,7 +69,10 @@ fn every_flipped_byte_is_rejected_with_the_right_error() {
         b[i] ^= 0x01;
         let err = verify(&b, &policy).expect_err(&format!("flip at {i} accepted"));
         let want = expected_codes(i, manifest_len, sig_end);
-        assert!(want.contains(&err.code()), "flip at {i}: got {err:?}, want one of {want:?}");
+        assert!(
+            want.contains(&err.code()),
+            "flip at {i}: got {err:?}, want one of {want:?}"
+        );
     }
 }
 
@@ -68,13 +82,19 @@ fn every_truncation_is_rejected() {
     let policy = trust(&[&key]);
     let bytes = small_bundle(&[&key]);
     for len in 0..bytes.len() {
-        let err = verify(&bytes[..len], &policy).expect_err(&format!("truncation to {len} accepted"));
+        let err =
+            verify(&bytes[..len], &policy).expect_err(&format!("truncation to {len} accepted"));
         assert_eq!(err.code(), "truncated", "truncated to {len}: {err:?}");
     }
     let mut longer = bytes.clone();
     longer.push(0);
     assert_eq!(verify(&longer, &policy).unwrap_err().code(), "bad_size");
-    assert_eq!(verify(b"PK\x03\x04 a zip file", &policy).unwrap_err().code(), "bad_magic");
+    assert_eq!(
+        verify(b"PK\x03\x04 a zip file", &policy)
+            .unwrap_err()
+            .code(),
+        "bad_magic"
+    );
 }
 
 #[test]
@@ -83,13 +103,19 @@ fn wrong_and_untrusted_keys_are_rejected() {
     let other = SecretKey::generate().unwrap();
     let bytes = small_bundle(&[&key]);
     let err = verify(&bytes, &trust(&[&other])).unwrap_err();
-    assert!(matches!(&err, BundleError::UntrustedKey(ids) if ids == &vec![key.key_id()]), "{err:?}");
+    assert!(
+        matches!(&err, BundleError::UntrustedKey(ids) if ids == &vec![key.key_id()]),
+        "{err:?}"
+    );
     // A signature claiming a trusted key's id but made with another key.
     let mut forged = bytes.clone();
     let manifest_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
     forged[24 + manifest_len..24 + manifest_len + 8].copy_from_slice(&other.key_id().0);
     let err = verify(&forged, &trust(&[&other])).unwrap_err();
-    assert!(matches!(err, BundleError::BadSignature(id) if id == other.key_id()), "{err:?}");
+    assert!(
+        matches!(err, BundleError::BadSignature(id) if id == other.key_id()),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -100,8 +126,14 @@ fn unsigned_bundles_are_rejected() {
     let mut unsigned = bytes[..24 + manifest_len].to_vec();
     unsigned[10..12].copy_from_slice(&0u16.to_le_bytes());
     unsigned.extend_from_slice(&bytes[24 + manifest_len + 72..]);
-    assert!(matches!(verify(&unsigned, &trust(&[&key])), Err(BundleError::Unsigned)));
-    assert!(matches!(rt::write_bundle(manifest(), &[], &[], 3), Err(BundleError::Unsigned)));
+    assert!(matches!(
+        verify(&unsigned, &trust(&[&key])),
+        Err(BundleError::Unsigned)
+    ));
+    assert!(matches!(
+        rt::write_bundle(manifest(), &[], &[], 3),
+        Err(BundleError::Unsigned)
+    ));
 }
 
 #[test]
@@ -109,12 +141,31 @@ fn thresholds_count_distinct_trusted_keys() {
     let a = SecretKey::generate().unwrap();
     let b = SecretKey::generate().unwrap();
     let c = SecretKey::generate().unwrap();
-    let two_of_three = TrustPolicy::with_threshold(vec![a.public(), b.public(), c.public()], 2).unwrap();
+    let two_of_three =
+        TrustPolicy::with_threshold(vec![a.public(), b.public(), c.public()], 2).unwrap();
     let err = verify(&small_bundle(&[&a]), &two_of_three).unwrap_err();
-    assert!(matches!(err, BundleError::BelowThreshold { valid: 1, required: 2 }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            BundleError::BelowThreshold {
+                valid: 1,
+                required: 2
+            }
+        ),
+        "{err:?}"
+    );
     // The same key twice is still one key.
     let err = verify(&small_bundle(&[&a, &a]), &two_of_three).unwrap_err();
-    assert!(matches!(err, BundleError::BelowThreshold { valid: 1, required: 2 }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            BundleError::BelowThreshold {
+                valid: 1,
+                required: 2
+            }
+        ),
+        "{err:?}"
+    );
     let ok = verify(&small_bundle(&[&a, &c]), &two_of_three).unwrap();
     assert_eq!(ok.signed_by.len(), 2);
     // An extra signature by an unknown key does not hurt.
@@ -130,17 +181,29 @@ fn declared_sizes_over_the_limits_are_rejected_before_decompressing() {
     let bytes = small_bundle(&[&key]);
     let huge = resign(&bytes, &key, |m| m.artifacts[0].size = 1 << 40, None);
     let err = verify(&huge, &trust(&[&key])).unwrap_err();
-    assert!(matches!(&err, BundleError::BadSize(m) if m.contains("over the")), "{err:?}");
-    let limits = ReadLimits { max_artifact_bytes: 100, max_total_bytes: 1000 };
+    assert!(
+        matches!(&err, BundleError::BadSize(m) if m.contains("over the")),
+        "{err:?}"
+    );
+    let limits = ReadLimits {
+        max_artifact_bytes: 100,
+        max_total_bytes: 1000,
+    };
     let err = rt::verify(&bytes, &trust(&[&key]), &limits).unwrap_err();
     assert_eq!(err.code(), "bad_size");
     // Offsets that do not tile the payload.
     let shifted = resign(&bytes, &key, |m| m.artifacts[1].offset += 1, None);
-    assert_eq!(verify(&shifted, &trust(&[&key])).unwrap_err().code(), "bad_size");
+    assert_eq!(
+        verify(&shifted, &trust(&[&key])).unwrap_err().code(),
+        "bad_size"
+    );
     // Content smaller than declared.
     let lie = resign(&bytes, &key, |m| m.artifacts[0].size += 10, None);
     let err = verify(&lie, &trust(&[&key])).unwrap_err();
-    assert!(matches!(err, BundleError::SizeMismatch { declared, .. } if declared > 0), "{err:?}");
+    assert!(
+        matches!(err, BundleError::SizeMismatch { declared, .. } if declared > 0),
+        "{err:?}"
+    );
     // Header sizes over their limits.
     let mut b = bytes.clone();
     b[12..16].copy_from_slice(&(u32::MAX).to_le_bytes());
@@ -150,7 +213,10 @@ fn declared_sizes_over_the_limits_are_rejected_before_decompressing() {
     assert_eq!(verify(&b, &trust(&[&key])).unwrap_err().code(), "bad_size");
     let mut b = bytes.clone();
     b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-    assert!(matches!(verify(&b, &trust(&[&key])).unwrap_err().code(), "bad_size" | "truncated"));
+    assert!(matches!(
+        verify(&b, &trust(&[&key])).unwrap_err().code(),
+        "bad_size" | "truncated"
+    ));
 }
 
 #[test]
@@ -162,7 +228,11 @@ fn a_zstd_bomb_is_stopped_at_its_declared_size() {
     assert!(bomb.len() < 100_000);
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bomb));
     let framing = rt::parse_framing(&bytes).unwrap();
-    let model = framing.payload[..rt::from_cbor::<rt::Manifest>(framing.manifest_bytes).unwrap().artifacts[1].offset as usize].to_vec();
+    let model = framing.payload[..rt::from_cbor::<rt::Manifest>(framing.manifest_bytes)
+        .unwrap()
+        .artifacts[1]
+        .offset as usize]
+        .to_vec();
     let mut payload = model.clone();
     payload.extend_from_slice(&bomb);
     let b = resign(
@@ -195,16 +265,32 @@ fn keys_round_trip_through_pem() {
     let key = SecretKey::generate().unwrap();
     let again = SecretKey::from_pem(&key.to_pem()).unwrap();
     assert_eq!(again.key_id(), key.key_id());
-    let pubs = rt::PublicKey::all_from_pem(&format!("{}{}", key.public().to_pem(), SecretKey::generate().unwrap().public().to_pem())).unwrap();
+    let pubs = rt::PublicKey::all_from_pem(&format!(
+        "{}{}",
+        key.public().to_pem(),
+        SecretKey::generate().unwrap().public().to_pem()
+    ))
+    .unwrap();
     assert_eq!(pubs.len(), 2);
     assert_eq!(pubs[0], key.public());
-    assert!(SecretKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----").is_err());
+    assert!(
+        SecretKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----")
+            .is_err()
+    );
     assert!(rt::PublicKey::all_from_pem("nothing here").is_err());
 }
 
 #[test]
 fn a_bundle_needing_a_newer_runtime_is_refused() {
     let key = SecretKey::generate().unwrap();
-    let b = resign(&small_bundle(&[&key]), &key, |m| m.min_runtime = "99.0.0".into(), None);
-    assert_eq!(verify(&b, &trust(&[&key])).unwrap_err().code(), "runtime_too_old");
+    let b = resign(
+        &small_bundle(&[&key]),
+        &key,
+        |m| m.min_runtime = "99.0.0".into(),
+        None,
+    );
+    assert_eq!(
+        verify(&b, &trust(&[&key])).unwrap_err().code(),
+        "runtime_too_old"
+    );
 }

@@ -67,10 +67,24 @@ pub const TEST_GUEST: &str = r#"
 pub fn small_bundle(signers: &[&rt::SecretKey]) -> Vec<u8> {
     let onnx = std::fs::read(examples().join("iris/model.onnx")).unwrap();
     let artifacts = vec![
-        rt::ArtifactInput { role: rt::role::MODEL.into(), media_type: "application/onnx".into(), content: onnx, target: None, try_shuffle: true },
-        rt::ArtifactInput { role: rt::role::GUEST.into(), media_type: "application/wasm".into(), content: TEST_GUEST.as_bytes().to_vec(), target: None, try_shuffle: false },
+        rt::ArtifactInput {
+            role: rt::role::MODEL.into(),
+            media_type: "application/onnx".into(),
+            content: onnx,
+            target: None,
+            try_shuffle: true,
+        },
+        rt::ArtifactInput {
+            role: rt::role::GUEST.into(),
+            media_type: "application/wasm".into(),
+            content: TEST_GUEST.as_bytes().to_vec(),
+            target: None,
+            try_shuffle: false,
+        },
     ];
-    rt::write_bundle(manifest(), &artifacts, signers, 3).unwrap().1
+    rt::write_bundle(manifest(), &artifacts, signers, 3)
+        .unwrap()
+        .1
 }
 
 pub fn manifest() -> rt::Manifest {
@@ -82,10 +96,24 @@ pub fn manifest() -> rt::Manifest {
         created: 0,
         min_runtime: "0.1.0".into(),
         packager: "tests".into(),
-        release: rt::Release { fleet: "f".into(), channel: "c".into(), sequence: 1 },
-        model: rt::ModelInfo { format: "onnx".into(), inputs: vec![], outputs: vec![] },
-        pipeline: rt::Pipeline { guest: "custom".into(), config_json: "{}".into() },
-        limits: rt::GuestLimits { memory_bytes: 16 << 20, timeout_ms: 100 },
+        release: rt::Release {
+            fleet: "f".into(),
+            channel: "c".into(),
+            sequence: 1,
+        },
+        model: rt::ModelInfo {
+            format: "onnx".into(),
+            inputs: vec![],
+            outputs: vec![],
+        },
+        pipeline: rt::Pipeline {
+            guest: "custom".into(),
+            config_json: "{}".into(),
+        },
+        limits: rt::GuestLimits {
+            memory_bytes: 16 << 20,
+            timeout_ms: 100,
+        },
         drift: rt::DriftConfig::default(),
         lineage: rt::Lineage::default(),
         artifacts: vec![],

@@ -7,7 +7,16 @@ use crate::common::TEST_GUEST;
 const EMPTY_SET: &[u8] = b"FTS1\0\0\0\0";
 
 fn guest(timeout_ms: u64, memory_bytes: u64) -> GuestRuntime {
-    GuestRuntime::new(TEST_GUEST.as_bytes(), &[], b"{}", SandboxLimits { memory_bytes, timeout_ms }).unwrap()
+    GuestRuntime::new(
+        TEST_GUEST.as_bytes(),
+        &[],
+        b"{}",
+        SandboxLimits {
+            memory_bytes,
+            timeout_ms,
+        },
+    )
+    .unwrap()
 }
 
 fn still_serves(g: &GuestRuntime) {
@@ -26,7 +35,10 @@ fn infinite_loop_stops_at_its_deadline() {
     assert!(start.elapsed() < Duration::from_secs(30));
     still_serves(&g);
     // Twice: the deadline is re-armed for every call.
-    assert!(matches!(g.preprocess("loop", b""), Err(GuestError::Timeout(_))));
+    assert!(matches!(
+        g.preprocess("loop", b""),
+        Err(GuestError::Timeout(_))
+    ));
     still_serves(&g);
 }
 
@@ -34,7 +46,10 @@ fn infinite_loop_stops_at_its_deadline() {
 fn unbounded_allocation_hits_the_memory_cap() {
     let g = guest(5_000, 4 << 20);
     let err = g.preprocess("memory", b"").unwrap_err();
-    assert!(matches!(err, GuestError::OutOfMemory(n) if n == 4 << 20), "{err:?}");
+    assert!(
+        matches!(err, GuestError::OutOfMemory(n) if n == 4 << 20),
+        "{err:?}"
+    );
     still_serves(&g);
 }
 
@@ -53,7 +68,10 @@ fn opening_files_is_denied() {
     let g = guest(1_000, 16 << 20);
     // The guest traps if any open succeeds; it reports "denied" otherwise.
     let err = g.preprocess("file", b"").unwrap_err();
-    assert!(matches!(&err, GuestError::Failed(m) if m == "denied"), "{err:?}");
+    assert!(
+        matches!(&err, GuestError::Failed(m) if m == "denied"),
+        "{err:?}"
+    );
     still_serves(&g);
 }
 
@@ -63,7 +81,10 @@ fn environment_and_arguments_are_empty() {
     unsafe { std::env::set_var("FERRY_TEST_SECRET", "hunter2") };
     let g = guest(1_000, 16 << 20);
     let err = g.preprocess("env", b"").unwrap_err();
-    assert!(matches!(&err, GuestError::Failed(m) if m == "denied"), "{err:?}");
+    assert!(
+        matches!(&err, GuestError::Failed(m) if m == "denied"),
+        "{err:?}"
+    );
     still_serves(&g);
 }
 
@@ -91,36 +112,67 @@ fn concurrent_calls_are_all_answered() {
 
 #[test]
 fn modules_without_the_abi_are_refused() {
-    let limits = SandboxLimits { memory_bytes: 1 << 20, timeout_ms: 100 };
-    let err = GuestRuntime::new(b"(module (memory (export \"memory\") 1))", &[], b"{}", limits).unwrap_err();
-    assert!(matches!(&err, GuestError::Abi(m) if m.contains("ferry_abi_version")), "{err:?}");
+    let limits = SandboxLimits {
+        memory_bytes: 1 << 20,
+        timeout_ms: 100,
+    };
+    let err = GuestRuntime::new(
+        b"(module (memory (export \"memory\") 1))",
+        &[],
+        b"{}",
+        limits,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, GuestError::Abi(m) if m.contains("ferry_abi_version")),
+        "{err:?}"
+    );
     let err = GuestRuntime::new(b"\0asm garbage", &[], b"{}", limits).unwrap_err();
     assert!(matches!(err, GuestError::Compile(_)), "{err:?}");
-    let wrong_version = TEST_GUEST.replace("(result i32) (i32.const 1))", "(result i32) (i32.const 7))");
+    let wrong_version =
+        TEST_GUEST.replace("(result i32) (i32.const 1))", "(result i32) (i32.const 7))");
     let err = GuestRuntime::new(wrong_version.as_bytes(), &[], b"{}", limits).unwrap_err();
-    assert!(matches!(&err, GuestError::Abi(m) if m.contains("version 7")), "{err:?}");
+    assert!(
+        matches!(&err, GuestError::Abi(m) if m.contains("version 7")),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn a_guest_refusing_its_configuration_fails_at_load() {
-    let limits = SandboxLimits { memory_bytes: 1 << 20, timeout_ms: 100 };
+    let limits = SandboxLimits {
+        memory_bytes: 1 << 20,
+        timeout_ms: 100,
+    };
     let refusing = TEST_GUEST.replace(
         "(func (export \"ferry_init\") (param i32 i32) (result i32) (i32.const 0))",
         "(func (export \"ferry_init\") (param i32 i32) (result i32) (call $result (i32.const 80) (i32.const 6)) (i32.const 1))",
     );
     let err = GuestRuntime::new(refusing.as_bytes(), &[], b"{}", limits).unwrap_err();
-    assert!(matches!(&err, GuestError::Config(m) if m == "denied"), "{err:?}");
+    assert!(
+        matches!(&err, GuestError::Config(m) if m == "denied"),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn precompiled_guests_are_used_only_when_compatible() {
-    let limits = SandboxLimits { memory_bytes: 1 << 20, timeout_ms: 100 };
+    let limits = SandboxLimits {
+        memory_bytes: 1 << 20,
+        timeout_ms: 100,
+    };
     let (bytes, key) = ferry_runtime::precompile(TEST_GUEST.as_bytes(), None).unwrap();
     let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[(&key, &bytes)], b"{}", limits).unwrap();
     assert!(g.used_precompiled);
     still_serves(&g);
     // Another key (another target or wasmtime): compiled from the portable module.
-    let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[("aarch64-unknown-linux-gnu:other", &bytes)], b"{}", limits).unwrap();
+    let g = GuestRuntime::new(
+        TEST_GUEST.as_bytes(),
+        &[("aarch64-unknown-linux-gnu:other", &bytes)],
+        b"{}",
+        limits,
+    )
+    .unwrap();
     assert!(!g.used_precompiled);
     still_serves(&g);
     // Compiled for the host's triple explicitly (what `ferry pack --precompile
@@ -132,6 +184,12 @@ fn precompiled_guests_are_used_only_when_compatible() {
     assert!(g.used_precompiled);
     still_serves(&g);
     // Right key, corrupt bytes: refused by wasmtime, portable module used.
-    let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[(&key, b"not an ELF")], b"{}", limits).unwrap();
+    let g = GuestRuntime::new(
+        TEST_GUEST.as_bytes(),
+        &[(&key, b"not an ELF")],
+        b"{}",
+        limits,
+    )
+    .unwrap();
     assert!(!g.used_precompiled);
 }
