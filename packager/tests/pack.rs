@@ -265,3 +265,64 @@ fn keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites() {
     assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&key).unwrap(), before);
 }
+
+#[test]
+fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_runs() {
+    let f = fixture();
+    let out = f.path("pre.ferry");
+    let o = ferry(&[
+        "pack",
+        &ex("iris"),
+        "--key",
+        &f.key(),
+        "-o",
+        &out,
+        "--precompile",
+        "x86_64,aarch64",
+    ]);
+    assert_exit(&o, 0);
+    let o = ferry(&["inspect", &out, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let targets: Vec<&str> = v["manifest"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["role"] == "guest-precompiled")
+        .map(|a| a["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "x86_64-unknown-linux-gnu:wasmtime-48.0.8",
+            "aarch64-unknown-linux-gnu:wasmtime-48.0.8"
+        ]
+    );
+    let o = ferry(&[
+        "run",
+        &out,
+        "--pub",
+        &f.public(),
+        "--input",
+        &ex("iris/golden/setosa.json"),
+        "--json",
+    ]);
+    assert_exit(&o, 0);
+    let expected = read_json(&examples().join("iris/golden/setosa.expected.json"));
+    let actual: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        ferry_runtime::compare_json(&expected, &actual, 1e-5),
+        vec![]
+    );
+    let o = ferry(&[
+        "pack",
+        &ex("iris"),
+        "--key",
+        &f.key(),
+        "-o",
+        &out,
+        "--precompile",
+        "sparc64-unknown-linux-gnu",
+    ]);
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("sparc64"), "{}", stderr(&o));
+}
