@@ -368,7 +368,6 @@ impl PackArgs {
             "postprocess": post_cfg,
             "model": {"inputs": model.inputs(), "outputs": model.outputs()},
         }))?;
-        drop(model);
 
         let release = rt::Release {
             fleet: self
@@ -413,8 +412,8 @@ impl PackArgs {
             release,
             model: rt::ModelInfo {
                 format: "onnx".into(),
-                inputs: Vec::new(),
-                outputs: Vec::new(),
+                inputs: model.inputs().to_vec(),
+                outputs: model.outputs().to_vec(),
             },
             pipeline: rt::Pipeline {
                 guest: guest_name,
@@ -432,6 +431,8 @@ impl PackArgs {
             },
             artifacts: Vec::new(),
         };
+        // The session below loads its own copy; free this one before it does.
+        drop(model);
 
         // 3. A session over the draft, to run goldens and compute the baseline.
         let mut artifacts = vec![
@@ -465,9 +466,6 @@ impl PackArgs {
         let session = steps.run("session", "starting the pipeline", || {
             draft_session(&manifest, &artifacts)
         })?;
-        let mut manifest = manifest;
-        manifest.model.inputs = session.manifest().model.inputs.clone();
-        manifest.model.outputs = session.manifest().model.outputs.clone();
 
         let golden = steps.run("golden", "running the golden examples", || {
             check_golden(&plan, &session)
@@ -615,10 +613,6 @@ fn draft_session(manifest: &rt::Manifest, artifacts: &[rt::ArtifactInput]) -> Re
             target: a.target.clone(),
         })
         .collect();
-    let onnx = &artifacts[0].content;
-    let model = rt::Model::load(onnx)?;
-    m.model.inputs = model.inputs().to_vec();
-    m.model.outputs = model.outputs().to_vec();
     let draft = rt::VerifiedBundle {
         manifest: m,
         digest: String::new(),

@@ -326,3 +326,73 @@ fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_run
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("sparc64"), "{}", stderr(&o));
 }
+
+/// Counts what an observer sees.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(Vec<String>, Vec<Vec<ferry_runtime::Value>>, Vec<String>)>>);
+
+impl ferry_runtime::Observer for Recorder {
+    fn observe(&self, o: &ferry_runtime::Observation<'_>) {
+        let f = o.features.expect("the standard guest reports features");
+        self.0.lock().unwrap().push((
+            f.names.iter().map(|(n, _)| n.clone()).collect(),
+            f.rows.clone(),
+            o.outputs.iter().map(|t| t.name.clone()).collect(),
+        ));
+    }
+}
+
+#[test]
+fn an_observer_sees_features_and_outputs_and_sessions_serve_threads() {
+    use std::sync::Arc;
+    let f = fixture();
+    let bytes = std::fs::read(f.bundle("iris")).unwrap();
+    let trust = ferry_runtime::TrustPolicy::new(
+        ferry_runtime::PublicKey::all_from_pem(&std::fs::read_to_string(f.public()).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let session = ferry_runtime::Session::load(&bytes, &trust)
+        .unwrap()
+        .with_observer(recorder.clone());
+    let batch = std::fs::read(examples().join("iris/golden/batch.json")).unwrap();
+    let expected = read_json(&examples().join("iris/golden/batch.expected.json"));
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..25 {
+                    let out: serde_json::Value =
+                        serde_json::from_slice(&session.infer("application/json", &batch).unwrap())
+                            .unwrap();
+                    assert_eq!(ferry_runtime::compare_json(&expected, &out, 1e-5), vec![]);
+                }
+            });
+        }
+    });
+    let seen = recorder.0.lock().unwrap();
+    assert_eq!(seen.len(), 100);
+    let (names, rows, outputs) = &seen[0];
+    assert_eq!(
+        names,
+        &["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    );
+    assert_eq!(rows.len(), 5, "one row per record of the batch");
+    let request: serde_json::Value = serde_json::from_slice(&batch).unwrap();
+    let first = request["records"][0]["sepal_length"].as_f64().unwrap();
+    assert_eq!(
+        rows[0][0],
+        ferry_runtime::Value::Num(first),
+        "raw value, before standardisation"
+    );
+    assert_eq!(outputs, &["label", "probabilities"]);
+    drop(seen);
+    // A bad request is not observed and does not disturb the session.
+    assert!(
+        session
+            .infer("application/json", b"{\"records\": []}")
+            .unwrap_err()
+            .is_bad_input()
+    );
+    assert_eq!(recorder.0.lock().unwrap().len(), 100);
+}
