@@ -327,9 +327,12 @@ fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_run
     assert!(stderr(&o).contains("sparc64"), "{}", stderr(&o));
 }
 
-/// Counts what an observer sees.
+/// One observed inference: feature names, feature rows, output names.
+type Seen = (Vec<String>, Vec<Vec<ferry_runtime::Value>>, Vec<String>);
+
+/// Records what an observer sees.
 #[derive(Default)]
-struct Recorder(std::sync::Mutex<Vec<(Vec<String>, Vec<Vec<ferry_runtime::Value>>, Vec<String>)>>);
+struct Recorder(std::sync::Mutex<Vec<Seen>>);
 
 impl ferry_runtime::Observer for Recorder {
     fn observe(&self, o: &ferry_runtime::Observation<'_>) {
