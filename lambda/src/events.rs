@@ -1,0 +1,195 @@
+//! Lambda events → Ferry requests → responses.
+//!
+//! - **Direct invocation**: the event *is* the request, in the JSON forms of
+//!   `ferry run` (tensors, records, `{"image": "<base64>"}`); the result is
+//!   the response JSON. A bad request is a function error
+//!   (`errorType` `Ferry.bad_input`) naming what is wrong.
+//! - **API Gateway HTTP API (payload 2.0) and function URLs**, and **API
+//!   Gateway REST (1.0)**: the body (JSON, or an image, base64-encoded by
+//!   Lambda) with its `content-type`; the result is an HTTP response: 200 with
+//!   the response JSON, 400 with `{"error": ...}` for a bad request, 413 for a
+//!   body over the limit, 500 for a failure of the function itself.
+
+use std::time::Instant;
+
+use base64::Engine as _;
+use ferry_runtime::Session;
+use lambda_runtime::Diagnostic;
+use serde_json::{Value, json};
+
+use crate::telemetry::{self, Invocation};
+
+/// Largest request body accepted. Lambda itself caps synchronous payloads
+/// at 6 MB; a lower cap (`FERRY_MAX_BODY_BYTES`) refuses big bodies with a
+/// 413 before any decoding.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 6 << 20;
+
+fn max_body_bytes() -> usize {
+    std::env::var("FERRY_MAX_BODY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MAX_BODY_BYTES)
+}
+
+/// Where an event came from.
+enum Source {
+    Direct,
+    /// API Gateway HTTP API / function URL (2.0) or REST API (1.0).
+    Http,
+}
+
+fn header<'a>(event: &'a Value, name: &str) -> Option<&'a str> {
+    event
+        .get("headers")?
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.as_str())
+}
+
+/// The request of an HTTP event: content type and decoded body.
+fn http_request(event: &Value) -> Result<(String, Vec<u8>), (u16, String)> {
+    let body = event.get("body").and_then(Value::as_str).unwrap_or("");
+    let limit = max_body_bytes();
+    // Base64 grows data by 4/3: check the encoded length first, then the decoded one.
+    if body.len() > limit.saturating_mul(4) / 3 + 4 {
+        return Err((413, format!("request body is over the {limit}-byte limit")));
+    }
+    let bytes = if event
+        .get("isBase64Encoded")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+    {
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map_err(|e| {
+                (
+                    400,
+                    format!("body is marked base64 but does not decode: {e}"),
+                )
+            })?
+    } else {
+        body.as_bytes().to_vec()
+    };
+    if bytes.len() > limit {
+        return Err((413, format!("request body is over the {limit}-byte limit")));
+    }
+    if bytes.is_empty() {
+        return Err((
+            400,
+            "request body is empty: send a JSON request or an image".into(),
+        ));
+    }
+    let content_type = header(event, "content-type").unwrap_or("application/json");
+    let content_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    Ok((content_type, bytes))
+}
+
+fn http_response(status: u16, body: &Value) -> Value {
+    json!({
+        "statusCode": status,
+        "headers": {"content-type": "application/json"},
+        "body": body.to_string(),
+        "isBase64Encoded": false,
+    })
+}
+
+fn source_of(event: &Value) -> Source {
+    let is_v2 = event
+        .get("requestContext")
+        .and_then(|c| c.get("http"))
+        .is_some();
+    let is_v1 = event.get("httpMethod").is_some() && event.get("requestContext").is_some();
+    if is_v2 || is_v1 {
+        Source::Http
+    } else {
+        Source::Direct
+    }
+}
+
+fn classes_of(response: &Value) -> Vec<String> {
+    response
+        .get("predictions")
+        .and_then(Value::as_array)
+        .map(|preds| {
+            preds
+                .iter()
+                .filter_map(|p| p.get("label").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Handles one event.
+pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value, Diagnostic> {
+    let start = Instant::now();
+    let m = session.manifest();
+    let source = source_of(&event);
+    let request = match source {
+        Source::Direct => Ok((
+            "application/json".to_string(),
+            event.to_string().into_bytes(),
+        )),
+        Source::Http => http_request(&event),
+    };
+    let outcome: Result<Value, (u16, String)> = request.and_then(|(ct, body)| {
+        let out = session
+            .infer(&ct, &body)
+            .map_err(|e| (if e.is_bad_input() { 400 } else { 500 }, e.to_string()))?;
+        serde_json::from_slice(&out)
+            .map_err(|e| (500, format!("the guest answered with invalid JSON: {e}")))
+    });
+    let (predictions, classes) = match &outcome {
+        Ok(v) => {
+            let classes = classes_of(v);
+            let n = v
+                .get("predictions")
+                .and_then(Value::as_array)
+                .map(Vec::len)
+                .unwrap_or(1);
+            (n, classes)
+        }
+        Err(_) => (0, Vec::new()),
+    };
+    telemetry::emit(&Invocation {
+        model: &m.name,
+        version: &m.version,
+        latency_ms: start.elapsed().as_secs_f64() * 1e3,
+        cold_start,
+        predictions,
+        error: outcome.is_err(),
+        classes,
+    });
+    match (source, outcome) {
+        (Source::Direct, Ok(v)) => Ok(v),
+        (Source::Direct, Err((status, message))) => {
+            telemetry::log(
+                "WARN",
+                "Request refused",
+                json!({ "status": status, "error": message }),
+            );
+            Err(Diagnostic {
+                error_type: if status == 400 {
+                    "Ferry.bad_input".into()
+                } else {
+                    "Ferry.internal".into()
+                },
+                error_message: message,
+            })
+        }
+        (Source::Http, Ok(v)) => Ok(http_response(200, &v)),
+        (Source::Http, Err((status, message))) => {
+            telemetry::log(
+                "WARN",
+                "Request refused",
+                json!({ "status": status, "error": message }),
+            );
+            Ok(http_response(status, &json!({ "error": message })))
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The real `bootstrap` binary against a Runtime API server on loopback that
+//! follows AWS's documented protocol: `GET /2018-06-01/runtime/invocation/next`
+//! (with its headers), `POST .../invocation/{id}/response`,
+//! `POST .../invocation/{id}/error`, `POST /2018-06-01/runtime/init/error`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use ferry_runtime::compare_json;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// The packager, built by the same workspace build as `bootstrap`.
+fn ferry() -> Command {
+    let path = Path::new(env!("CARGO_BIN_EXE_bootstrap")).with_file_name("ferry");
+    assert!(
+        path.exists(),
+        "{} is missing: run the workspace tests (cargo test --workspace)",
+        path.display()
+    );
+    Command::new(path)
+}
+
+struct Bundles {
+    dir: tempfile::TempDir,
+}
+
+impl Bundles {
+    fn path(&self, rel: &str) -> String {
+        self.dir.path().join(rel).to_string_lossy().into_owned()
+    }
+}
+
+fn bundles() -> &'static Bundles {
+    static B: OnceLock<Bundles> = OnceLock::new();
+    B.get_or_init(|| {
+        let b = Bundles {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        assert!(
+            ferry()
+                .args(["keygen", "-o", &b.path("release")])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        );
+        for name in ["iris", "digits"] {
+            let project = examples().join(name);
+            let o = ferry()
+                .args([
+                    "pack",
+                    project.to_str().unwrap(),
+                    "--key",
+                    &b.path("release.key"),
+                    "-o",
+                    &b.path(&format!("{name}.ferry")),
+                ])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        b
+    })
+}
+
+/// What the function sent back to the Runtime API.
+#[derive(Debug)]
+enum Outcome {
+    Response {
+        id: String,
+        body: Value,
+    },
+    Error {
+        id: String,
+        body: Value,
+        error_type: String,
+    },
+    InitError {
+        body: Value,
+        error_type: String,
+    },
+}
+
+/// A Runtime API on 127.0.0.1:0 serving queued events.
+struct RuntimeApi {
+    addr: String,
+    events: Sender<Value>,
+    outcomes: Receiver<Outcome>,
+    served: Arc<Mutex<usize>>,
+}
+
+fn header(req: &tiny_http::Request, name: &'static str) -> String {
+    req.headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str().to_string())
+        .unwrap_or_default()
+}
+
+impl RuntimeApi {
+    fn start() -> RuntimeApi {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let addr = server.server_addr().to_ip().unwrap().to_string();
+        let (events, events_rx) = channel::<Value>();
+        let (outcomes_tx, outcomes) = channel();
+        let served = Arc::new(Mutex::new(0));
+        let count = served.clone();
+        std::thread::spawn(move || {
+            for mut req in server.incoming_requests() {
+                let url = req.url().to_string();
+                let mut body = String::new();
+                let _ = req.as_reader().read_to_string(&mut body);
+                let parsed: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let accepted =
+                    tiny_http::Response::from_string("{\"status\":\"OK\"}").with_status_code(202);
+                if url == "/2018-06-01/runtime/invocation/next" {
+                    match events_rx.recv_timeout(WAIT) {
+                        Ok(event) => {
+                            let n = {
+                                let mut c = count.lock().unwrap();
+                                *c += 1;
+                                *c
+                            };
+                            let deadline = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap()
+                                .as_millis()
+                                + 30_000;
+                            let h = |k: &str, v: String| {
+                                tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap()
+                            };
+                            let resp = tiny_http::Response::from_string(event.to_string())
+                                .with_header(h("Content-Type", "application/json".into()))
+                                .with_header(h("Lambda-Runtime-Aws-Request-Id", format!("req-{n}")))
+                                .with_header(h("Lambda-Runtime-Deadline-Ms", deadline.to_string()))
+                                .with_header(h(
+                                    "Lambda-Runtime-Invoked-Function-Arn",
+                                    "arn:aws:lambda:us-east-1:123456789012:function:ferry-test"
+                                        .into(),
+                                ))
+                                .with_header(h(
+                                    "Lambda-Runtime-Trace-Id",
+                                    format!("Root=1-5e1b4151-{n:024x}"),
+                                ));
+                            let _ = req.respond(resp);
+                        }
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                            let _ = req.respond(
+                                tiny_http::Response::from_string("no more events")
+                                    .with_status_code(500),
+                            );
+                        }
+                    }
+                } else if url == "/2018-06-01/runtime/init/error" {
+                    let error_type = header(&req, "Lambda-Runtime-Function-Error-Type");
+                    let _ = outcomes_tx.send(Outcome::InitError {
+                        body: parsed,
+                        error_type,
+                    });
+                    let _ = req.respond(accepted);
+                } else if let Some(rest) = url.strip_prefix("/2018-06-01/runtime/invocation/") {
+                    let (id, kind) = rest.split_once('/').unwrap_or((rest, ""));
+                    let id = id.to_string();
+                    let outcome = match kind {
+                        "response" => Outcome::Response { id, body: parsed },
+                        _ => Outcome::Error {
+                            id,
+                            body: parsed,
+                            error_type: header(&req, "Lambda-Runtime-Function-Error-Type"),
+                        },
+                    };
+                    let _ = outcomes_tx.send(outcome);
+                    let _ = req.respond(accepted);
+                } else {
+                    let _ = req.respond(
+                        tiny_http::Response::from_string("not found").with_status_code(404),
+                    );
+                }
+            }
+        });
+        RuntimeApi {
+            addr,
+            events,
+            outcomes,
+            served,
+        }
+    }
+
+    /// Sends an event and waits for what the function answers.
+    fn invoke(&self, event: Value) -> Outcome {
+        self.events.send(event).unwrap();
+        self.outcomes
+            .recv_timeout(WAIT)
+            .expect("the function answered")
+    }
+}
+
+/// A running `bootstrap`, its stdout lines collected.
+struct Function {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Function {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bootstrap"));
+    cmd.env_clear()
+        .env("AWS_LAMBDA_FUNCTION_NAME", "ferry-test")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Function { child, lines }
+}
+
+fn iris(api: &RuntimeApi) -> Function {
+    let b = bundles();
+    start(
+        api,
+        &[
+            ("FERRY_BUNDLE", &b.path("iris.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+        ],
+    )
+}
+
+fn read(rel: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(examples().join(rel)).unwrap()).unwrap()
+}
+
+fn http_v2(body: &str, content_type: &str, base64: bool) -> Value {
+    json!({
+        "version": "2.0",
+        "routeKey": "POST /predict",
+        "rawPath": "/predict",
+        "headers": {"content-type": content_type},
+        "requestContext": {"http": {"method": "POST", "path": "/predict"}, "requestId": "abc"},
+        "body": body,
+        "isBase64Encoded": base64,
+    })
+}
+
+fn response_body(outcome: &Outcome) -> (u64, Value) {
+    let Outcome::Response { body, .. } = outcome else {
+        panic!("expected a response, got {outcome:?}")
+    };
+    let status = body["statusCode"].as_u64().unwrap();
+    assert_eq!(body["headers"]["content-type"], "application/json");
+    (
+        status,
+        serde_json::from_str(body["body"].as_str().unwrap()).unwrap(),
+    )
+}
+
+#[test]
+fn direct_and_http_invocations_answer_like_ferry_run_and_reuse_one_session() {
+    let api = RuntimeApi::start();
+    let f = iris(&api);
+    // Direct invocation: the event is the request.
+    let out = api.invoke(read("iris/golden/setosa.json"));
+    let Outcome::Response { id, body } = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(id, "req-1");
+    assert_eq!(
+        compare_json(&read("iris/golden/setosa.expected.json"), body, 1e-5),
+        vec![]
+    );
+    // HTTP API / function URL (payload 2.0).
+    let batch = std::fs::read_to_string(examples().join("iris/golden/batch.json")).unwrap();
+    let (status, body) =
+        response_body(&api.invoke(http_v2(&batch, "application/json; charset=utf-8", false)));
+    assert_eq!(status, 200);
+    assert_eq!(
+        compare_json(&read("iris/golden/batch.expected.json"), &body, 1e-5),
+        vec![]
+    );
+    // API Gateway REST (1.0), base64 body.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&batch);
+    let v1 = json!({"httpMethod": "POST", "path": "/predict", "headers": {"Content-Type": "application/json"},
+                    "requestContext": {"stage": "prod"}, "body": b64, "isBase64Encoded": true});
+    let (status, body) = response_body(&api.invoke(v1));
+    assert_eq!(status, 200);
+    assert_eq!(
+        compare_json(&read("iris/golden/batch.expected.json"), &body, 1e-5),
+        vec![]
+    );
+    assert_eq!(*api.served.lock().unwrap(), 3);
+    // One init for all invocations; EMF metrics with the cold-start flag on the first only.
+    let lines = f.lines.lock().unwrap().clone();
+    let logs: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        logs.iter()
+            .filter(|l| l["message"] == "Initialized")
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    let emf: Vec<&Value> = logs
+        .iter()
+        .filter(|l| l["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == "Latency")
+        .collect();
+    assert_eq!(emf.len(), 3);
+    assert_eq!(
+        emf.iter()
+            .map(|l| l["ColdStart"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 0, 0]
+    );
+    assert_eq!(emf[1]["Predictions"], 5);
+    assert!(emf[0]["Latency"].as_f64().unwrap() > 0.0);
+    let per_class: Vec<&Value> = logs
+        .iter()
+        .filter(|l| l.get("ClassPredictions").is_some())
+        .collect();
+    assert!(per_class.iter().any(|l| l["Class"] == "setosa"));
+}
+
+#[test]
+fn bad_inputs_are_400s_or_function_errors_and_the_function_keeps_serving() {
+    let api = RuntimeApi::start();
+    let b = bundles();
+    let _f = start(
+        &api,
+        &[
+            ("FERRY_BUNDLE", &b.path("iris.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+            ("FERRY_MAX_BODY_BYTES", "4096"),
+        ],
+    );
+    let missing =
+        json!({"records": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4}]});
+    let out = api.invoke(missing.clone());
+    let Outcome::Error {
+        id,
+        body,
+        error_type,
+    } = &out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(id, "req-1");
+    // lambda_runtime sends its own header value ("unhandled"); the body carries ours.
+    assert!(!error_type.is_empty());
+    assert_eq!(body["errorType"], "Ferry.bad_input");
+    assert!(
+        body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("petal_width"),
+        "{body}"
+    );
+    let (status, body) =
+        response_body(&api.invoke(http_v2(&missing.to_string(), "application/json", false)));
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("petal_width"),
+        "{body}"
+    );
+    for bad in ["not json", "{\"records\": []}"] {
+        let (status, body) = response_body(&api.invoke(http_v2(bad, "application/json", false)));
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let (status, body) = response_body(&api.invoke(http_v2("", "application/json", false)));
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("empty"));
+    let (status, _) = response_body(&api.invoke(http_v2("%%%", "image/png", true)));
+    assert_eq!(status, 400);
+    let (status, body) =
+        response_body(&api.invoke(http_v2(&"x".repeat(10_000), "application/json", false)));
+    assert_eq!(status, 413);
+    assert!(body["error"].as_str().unwrap().contains("4096"));
+    // Still serving.
+    let out = api.invoke(read("iris/golden/virginica.json"));
+    let Outcome::Response { body, .. } = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(body["predictions"][0]["label"], "virginica");
+}
+
+#[test]
+fn images_arrive_base64_through_function_urls() {
+    let api = RuntimeApi::start();
+    let b = bundles();
+    let _f = start(
+        &api,
+        &[
+            ("FERRY_BUNDLE", &b.path("digits.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+        ],
+    );
+    let png = std::fs::read(examples().join("digits/golden/digit_7.png")).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(png);
+    let (status, body) = response_body(&api.invoke(http_v2(&b64, "image/png", true)));
+    assert_eq!(status, 200);
+    assert_eq!(
+        compare_json(&read("digits/golden/digit_7.expected.json"), &body, 1e-5),
+        vec![]
+    );
+    // The same image as a direct invocation in the JSON image form.
+    let out = api.invoke(json!({ "image": b64 }));
+    let Outcome::Response { body, .. } = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(body["predictions"][0]["label"], "7");
+}
+
+fn init_error(env: &[(&str, &str)]) -> (String, String, Option<i32>) {
+    let api = RuntimeApi::start();
+    let mut f = start(&api, env);
+    let out = api
+        .outcomes
+        .recv_timeout(WAIT)
+        .expect("an init error is reported");
+    let Outcome::InitError { body, error_type } = out else {
+        panic!("{out:?}")
+    };
+    let status = f.child.wait().unwrap().code();
+    assert_eq!(body["errorType"].as_str().unwrap(), error_type);
+    (
+        error_type,
+        body["errorMessage"].as_str().unwrap().to_string(),
+        status,
+    )
+}
+
+#[test]
+fn a_corrupt_missing_or_untrusted_bundle_fails_init_with_a_clear_message() {
+    let b = bundles();
+    let mut bytes = std::fs::read(b.path("iris.ferry")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let corrupt = b.path("corrupt.ferry");
+    std::fs::write(&corrupt, bytes).unwrap();
+    let (kind, message, status) = init_error(&[
+        ("FERRY_BUNDLE", &corrupt),
+        ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+    ]);
+    assert_eq!(kind, "Ferry.digest_mismatch");
+    assert!(
+        message.contains("bundle rejected") && message.contains("digest"),
+        "{message}"
+    );
+    assert_eq!(status, Some(1));
+
+    let (kind, message, _) = init_error(&[
+        ("FERRY_BUNDLE", "/nonexistent.ferry"),
+        ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+    ]);
+    assert_eq!(kind, "Ferry.BundleUnreadable");
+    assert!(message.contains("/nonexistent.ferry"), "{message}");
+
+    let (kind, message, _) = init_error(&[("FERRY_BUNDLE", &b.path("iris.ferry"))]);
+    assert_eq!(kind, "Ferry.NoTrustedKey");
+    assert!(message.contains("FERRY_PUBLIC_KEYS"), "{message}");
+
+    assert!(
+        ferry()
+            .args(["keygen", "-o", &b.path("stranger")])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let (kind, message, _) = init_error(&[
+        ("FERRY_BUNDLE", &b.path("iris.ferry")),
+        ("FERRY_PUBLIC_KEYS", &b.path("stranger.pub")),
+    ]);
+    assert_eq!(kind, "Ferry.untrusted_key");
+    assert!(message.contains("untrusted"), "{message}");
+}
+
+#[test]
+fn outside_lambda_it_says_so_instead_of_panicking() {
+    let o = Command::new(env!("CARGO_BIN_EXE_bootstrap"))
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["level"], "ERROR");
+    assert!(
+        line["missing_environment"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "AWS_LAMBDA_RUNTIME_API")
+    );
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
