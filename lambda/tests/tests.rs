@@ -220,7 +220,11 @@ impl Drop for Function {
 }
 
 fn start(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bootstrap"));
+    start_at(Path::new(env!("CARGO_BIN_EXE_bootstrap")), api, env)
+}
+
+fn start_at(bootstrap: &Path, api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
+    let mut cmd = Command::new(bootstrap);
     cmd.env_clear()
         .env("AWS_LAMBDA_FUNCTION_NAME", "ferry-test")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
@@ -524,4 +528,145 @@ fn outside_lambda_it_says_so_instead_of_panicking() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+fn lambda_package(args: &[&str]) -> std::process::Output {
+    let mut cmd = ferry();
+    cmd.arg("lambda-package").args(args);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_packaged_function_finds_its_bundle_and_keys_next_to_bootstrap() {
+    let b = bundles();
+    let dir = tempfile::tempdir().unwrap();
+    let zip_path = dir.path().join("function.zip");
+    let arch = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "x86_64"
+    };
+    let args = [
+        "--pub",
+        &b.path("release.pub"),
+        "--arch",
+        arch,
+        "-o",
+        zip_path.to_str().unwrap(),
+    ];
+    let o = lambda_package(&[&[b.path("iris.ferry").as_str()][..], &args[..]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&zip_path).unwrap();
+    // Deterministic: the same inputs give the same zip.
+    let again = dir.path().join("again.zip");
+    let o = lambda_package(&[
+        b.path("iris.ferry").as_str(),
+        "--pub",
+        &b.path("release.pub"),
+        "--arch",
+        arch,
+        "-o",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert_eq!(std::fs::read(&again).unwrap(), bytes);
+
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let names: Vec<String> = archive
+        .file_names()
+        .map(|n| n.unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["bootstrap", "iris.ferry", "keys/00-release.pub"]);
+    let root = dir.path().join("function");
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().unwrap().to_string();
+        let out = root.join(&name);
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        std::fs::write(&out, &data).unwrap();
+        let mode = entry.unix_mode().unwrap() & 0o777;
+        if name == "bootstrap" {
+            assert_eq!(mode, 0o755);
+            let machine = u16::from_le_bytes([data[18], data[19]]);
+            assert_eq!(machine, if arch == "arm64" { 0xB7 } else { 0x3E });
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
+        } else {
+            assert_eq!(mode, 0o644);
+        }
+    }
+    // The unpacked function, with no FERRY_* variables: finds iris.ferry and keys/ itself.
+    let api = RuntimeApi::start();
+    let _f = start_at(&root.join("bootstrap"), &api, &[]);
+    let out = api.invoke(read("iris/golden/setosa.json"));
+    let Outcome::Response { body, .. } = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        compare_json(&read("iris/golden/setosa.expected.json"), body, 1e-5),
+        vec![]
+    );
+}
+
+#[test]
+fn lambda_package_refuses_the_wrong_architecture_and_unverified_bundles() {
+    let b = bundles();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f.zip");
+    let other = if cfg!(target_arch = "aarch64") {
+        "x86_64"
+    } else {
+        "arm64"
+    };
+    let o = lambda_package(&[
+        b.path("iris.ferry").as_str(),
+        "--pub",
+        &b.path("release.pub"),
+        "--arch",
+        other,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--target"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = lambda_package(&[
+        b.path("iris.ferry").as_str(),
+        "--pub",
+        &b.path("release.pub"),
+        "--arch",
+        other,
+        "--bootstrap",
+        env!("CARGO_BIN_EXE_bootstrap"),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is an ELF for machine"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        ferry()
+            .args(["keygen", "-o", &b.path("someone")])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let o = lambda_package(&[
+        b.path("iris.ferry").as_str(),
+        "--pub",
+        &b.path("someone.pub"),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(!out.exists());
 }

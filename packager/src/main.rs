@@ -7,10 +7,12 @@
 //! - `project.rs`: `ferry.toml`, reading it and turning it into a bundle.
 //! - `inputs.rs`: turning files (JSON, images, CSV, directories) into requests.
 //! - `keyfile.rs`: reading and writing key files.
+//! - `lambda_package.rs`: the deterministic Lambda deployment zip.
 //! - `output.rs`: human and `--json` output.
 
 mod inputs;
 mod keyfile;
+mod lambda_package;
 mod output;
 mod project;
 
@@ -91,6 +93,8 @@ enum Command {
     Run(RunArgs),
     /// Compare data with the drift baseline inside a bundle.
     Drift(DriftArgs),
+    /// Write an AWS Lambda deployment zip: bootstrap + bundle + trusted keys.
+    LambdaPackage(lambda_package::LambdaPackageArgs),
 }
 
 #[derive(Args)]
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect(a),
         Command::Run(a) => run(a),
         Command::Drift(a) => drift(a),
+        Command::LambdaPackage(a) => a.run(),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -699,7 +699,7 @@ fn check_golden(plan: &Plan, session: &rt::Session) -> Result<Vec<rt::GoldenExam
     Ok(examples)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path
         .parent()

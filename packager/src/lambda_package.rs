@@ -1,0 +1,172 @@
+//! `ferry lambda-package`: a deployment zip for AWS Lambda's custom runtime
+//! (`provided.al2023`): `bootstrap` for the chosen architecture at the root,
+//! the bundle next to it, and the trusted public keys in `keys/`.
+//!
+//! The zip is deterministic: entries in a fixed order, every timestamp
+//! 1980-01-01 00:00, fixed permissions (0755 for `bootstrap`, 0644 for the
+//! rest) and deflate at its default level, so the same inputs give the same
+//! bytes (and the same CodeSha256 in Lambda).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use zip::write::SimpleFileOptions;
+use zip::{CompressionMethod, DateTime, ZipWriter};
+
+use crate::{TrustArgs, verified};
+
+/// ELF `e_machine` values.
+const EM_X86_64: u16 = 0x3E;
+const EM_AARCH64: u16 = 0xB7;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Arch {
+    /// x86_64 (Lambda's `x86_64` architecture).
+    #[value(name = "x86_64", alias = "amd64")]
+    X86_64,
+    /// arm64 (Lambda's `arm64`, Graviton).
+    #[value(name = "arm64", alias = "aarch64")]
+    Arm64,
+}
+
+impl Arch {
+    fn machine(self) -> u16 {
+        match self {
+            Arch::X86_64 => EM_X86_64,
+            Arch::Arm64 => EM_AARCH64,
+        }
+    }
+
+    fn triple(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-gnu",
+            Arch::Arm64 => "aarch64-unknown-linux-gnu",
+        }
+    }
+
+    fn host() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::X86_64),
+            "aarch64" => Some(Arch::Arm64),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct LambdaPackageArgs {
+    /// The bundle to deploy.
+    bundle: PathBuf,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// Lambda architecture.
+    #[arg(long, value_enum)]
+    arch: Option<Arch>,
+    /// The `bootstrap` executable for that architecture (built from lambda/).
+    /// Default: the `bootstrap` next to this `ferry`, when the architecture is this machine's.
+    #[arg(long, value_name = "FILE")]
+    bootstrap: Option<PathBuf>,
+    /// Output zip file.
+    #[arg(short, long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+/// Reads an ELF header's machine; `None` if the file is not a 64-bit ELF.
+fn elf_machine(bytes: &[u8]) -> Option<u16> {
+    (bytes.len() >= 20 && bytes.starts_with(b"\x7fELF") && bytes[4] == 2)
+        .then(|| u16::from_le_bytes([bytes[18], bytes[19]]))
+}
+
+impl LambdaPackageArgs {
+    pub fn run(self) -> Result<()> {
+        let arch = match self.arch.or_else(Arch::host) {
+            Some(a) => a,
+            None => bail!("pass --arch x86_64 or --arch arm64"),
+        };
+        // Only a bundle that verifies against the keys shipped with it is packaged.
+        let bundle = verified(&self.bundle, &self.trust)?;
+        let bootstrap_path = match &self.bootstrap {
+            Some(p) => p.clone(),
+            None if Some(arch) == Arch::host() => std::env::current_exe()
+                .context("cannot locate the ferry executable")?
+                .with_file_name("bootstrap"),
+            None => bail!(
+                "no bootstrap for {}: build one with `cargo build --release -p ferry-lambda --target {}` \
+                 (see lambda/README.md) and pass --bootstrap target/{}/release/bootstrap",
+                arch.triple(),
+                arch.triple(),
+                arch.triple()
+            ),
+        };
+        let bootstrap = std::fs::read(&bootstrap_path).with_context(|| {
+            format!(
+                "cannot read {} (build it with `cargo build --release -p ferry-lambda`)",
+                bootstrap_path.display()
+            )
+        })?;
+        match elf_machine(&bootstrap) {
+            Some(m) if m == arch.machine() => {}
+            Some(m) => bail!(
+                "{} is an ELF for machine {m:#x}, not {} ({:#x}): pass the bootstrap built for {}",
+                bootstrap_path.display(),
+                arch.triple(),
+                arch.machine(),
+                arch.triple()
+            ),
+            None => bail!(
+                "{} is not a 64-bit Linux executable (ELF)",
+                bootstrap_path.display()
+            ),
+        }
+        let bundle_bytes = std::fs::read(&self.bundle)?;
+        let bundle_name = format!("{}.ferry", bundle.manifest.name);
+        let mut keys = Vec::new();
+        for (i, path) in self.trust.public_keys.iter().enumerate() {
+            let text =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("key{i}.pub"));
+            keys.push((format!("keys/{i:02}-{name}"), text));
+        }
+        let zip = build_zip(&bootstrap, &bundle_name, &bundle_bytes, &keys)?;
+        crate::project::write_atomically(&self.out, &zip)?;
+        println!(
+            "wrote {} ({} bytes): bootstrap ({}), {bundle_name}, {} key(s)",
+            self.out.display(),
+            zip.len(),
+            arch.triple(),
+            keys.len()
+        );
+        Ok(())
+    }
+}
+
+fn build_zip(
+    bootstrap: &[u8],
+    bundle_name: &str,
+    bundle: &[u8],
+    keys: &[(String, Vec<u8>)],
+) -> Result<Vec<u8>> {
+    let base = SimpleFileOptions::default()
+        .compression_method(CompressionMethod::Deflated)
+        .last_modified_time(DateTime::default());
+    let mut zip = ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zip.start_file("bootstrap", base.unix_permissions(0o755))?;
+    zip.write_all(bootstrap)?;
+    // The bundle is already zstd-compressed: store it.
+    zip.start_file(
+        bundle_name,
+        base.compression_method(CompressionMethod::Stored)
+            .unix_permissions(0o644),
+    )?;
+    zip.write_all(bundle)?;
+    for (name, text) in keys {
+        zip.start_file(name.as_str(), base.unix_permissions(0o644))?;
+        zip.write_all(text)?;
+    }
+    Ok(zip.finish()?.into_inner())
+}
