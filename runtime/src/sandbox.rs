@@ -309,7 +309,7 @@ impl GuestRuntime {
             .get_typed_func(&mut inst.store, "ferry_init")
             .map_err(|_| func("ferry_init"))?;
         let config = self.config_json.clone();
-        let (ptr, len) = self.write_input(&mut inst, &config)?;
+        let (ptr, len) = self.write_input(&mut inst, &[&config])?;
         let status = init
             .call(&mut inst.store, (ptr, len))
             .map_err(|e| self.classify(&inst.store, e))?;
@@ -331,8 +331,11 @@ impl GuestRuntime {
         }
     }
 
-    fn write_input(&self, inst: &mut Instance, data: &[u8]) -> Result<(i32, i32), GuestError> {
-        let len = i32::try_from(data.len())
+    /// Copies `parts`, back to back, into one `ferry_alloc` allocation;
+    /// returns its pointer and total length.
+    fn write_input(&self, inst: &mut Instance, parts: &[&[u8]]) -> Result<(i32, i32), GuestError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let len = i32::try_from(total)
             .map_err(|_| GuestError::BadInput("request is larger than 2 GiB".into()))?;
         let ptr = inst
             .alloc
@@ -341,11 +344,13 @@ impl GuestRuntime {
         if ptr == 0 && len > 0 {
             return Err(GuestError::OutOfMemory(self.limits.memory_bytes));
         }
-        inst.memory
-            .write(&mut inst.store, ptr as u32 as usize, data)
-            .map_err(|_| {
+        let mut at = ptr as u32 as usize;
+        for part in parts {
+            inst.memory.write(&mut inst.store, at, part).map_err(|_| {
                 GuestError::Abi("ferry_alloc returned memory outside the guest's memory".into())
             })?;
+            at += part.len();
+        }
         Ok((ptr, len))
     }
 
@@ -406,10 +411,7 @@ impl GuestRuntime {
     /// Preprocessing: request → encoded tensor set.
     pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, GuestError> {
         self.with_instance(|this, inst| {
-            let mut input = Vec::with_capacity(content_type.len() + body.len());
-            input.extend_from_slice(content_type.as_bytes());
-            input.extend_from_slice(body);
-            let (ptr, _) = this.write_input(inst, &input)?;
+            let (ptr, _) = this.write_input(inst, &[content_type.as_bytes(), body])?;
             let ct_len = content_type.len() as i32;
             let status = inst
                 .preprocess
@@ -425,7 +427,7 @@ impl GuestRuntime {
     /// Postprocessing: encoded tensor set → response JSON.
     pub fn postprocess(&self, outputs: &[u8]) -> Result<Vec<u8>, GuestError> {
         self.with_instance(|this, inst| {
-            let (ptr, len) = this.write_input(inst, outputs)?;
+            let (ptr, len) = this.write_input(inst, &[outputs])?;
             let status = inst
                 .postprocess
                 .call(&mut inst.store, (ptr, len))
