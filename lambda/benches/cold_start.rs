@@ -40,11 +40,9 @@ fn ferry(args: &[&str]) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// One cold start: (ready, first response), from spawning the process.
-fn cold_start(bundle: &str, public: &str, event: &serde_json::Value) -> (Duration, Duration) {
-    let api = RuntimeApi::start();
-    let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bootstrap"))
+/// Starts `bootstrap` as Lambda would, against `api`.
+fn spawn_bootstrap(api: &RuntimeApi, bundle: &str, public: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_bootstrap"))
         .env_clear()
         .env("AWS_LAMBDA_FUNCTION_NAME", "bench")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
@@ -54,7 +52,14 @@ fn cold_start(bundle: &str, public: &str, event: &serde_json::Value) -> (Duratio
         .env("FERRY_PUBLIC_KEYS", public)
         .stdout(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// One cold start: (ready, first response), from spawning the process.
+fn cold_start(bundle: &str, public: &str, event: &serde_json::Value) -> (Duration, Duration) {
+    let api = RuntimeApi::start();
+    let start = Instant::now();
+    let mut child = spawn_bootstrap(&api, bundle, public);
     let out = api.invoke(event.clone());
     let first_response = start.elapsed();
     assert!(matches!(out, Outcome::Response { .. }), "{out:?}");
@@ -162,17 +167,7 @@ fn main() {
 
     println!("\n## Warm invocation vs in-process Session::infer (digits, precompiled)\n");
     let api = RuntimeApi::start();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bootstrap"))
-        .env_clear()
-        .env("AWS_LAMBDA_FUNCTION_NAME", "bench")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
-        .env("FERRY_BUNDLE", p("pre.ferry"))
-        .env("FERRY_PUBLIC_KEYS", p("k.pub"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_bootstrap(&api, &p("pre.ferry"), &p("k.pub"));
     let trust = ferry_runtime::TrustPolicy::new(
         ferry_runtime::PublicKey::all_from_pem(&std::fs::read_to_string(p("k.pub")).unwrap())
             .unwrap(),
