@@ -255,16 +255,26 @@ fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read bundle {}", path.display()))
 }
 
-/// Verifies a bundle; a rejection exits with [`exit::REJECTED`].
+/// A rejected bundle: exits with [`exit::REJECTED`].
+fn rejected(path: &std::path::Path, e: rt::BundleError) -> anyhow::Error {
+    fail(
+        exit::REJECTED,
+        anyhow::anyhow!("{} rejected: {e}", path.display()),
+    )
+}
+
+/// Verifies the bytes of the bundle at `path`.
+fn verify_bytes(
+    path: &std::path::Path,
+    bytes: &[u8],
+    trust: &TrustArgs,
+) -> Result<rt::VerifiedBundle> {
+    rt::verify(bytes, &trust.policy()?, &rt::ReadLimits::default()).map_err(|e| rejected(path, e))
+}
+
+/// Reads and verifies a bundle.
 fn verified(path: &std::path::Path, trust: &TrustArgs) -> Result<rt::VerifiedBundle> {
-    let bytes = read_bundle(path)?;
-    let policy = trust.policy()?;
-    rt::verify(&bytes, &policy, &rt::ReadLimits::default()).map_err(|e| {
-        fail(
-            exit::REJECTED,
-            anyhow::anyhow!("{} rejected: {e}", path.display()),
-        )
-    })
+    verify_bytes(path, &read_bundle(path)?, trust)
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {
@@ -303,13 +313,8 @@ fn verify(a: VerifyArgs) -> Result<()> {
 
 fn inspect(a: InspectArgs) -> Result<()> {
     let bytes = read_bundle(&a.bundle)?;
-    let (manifest, key_ids) =
-        rt::inspect_unverified(&bytes, &rt::ReadLimits::default()).map_err(|e| {
-            fail(
-                exit::REJECTED,
-                anyhow::anyhow!("{} rejected: {e}", a.bundle.display()),
-            )
-        })?;
+    let (manifest, key_ids) = rt::inspect_unverified(&bytes, &rt::ReadLimits::default())
+        .map_err(|e| rejected(&a.bundle, e))?;
     let verified = if a.public_keys.is_empty() {
         None
     } else {
@@ -317,7 +322,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
             public_keys: a.public_keys.clone(),
             threshold: 1,
         };
-        Some(verified(&a.bundle, &trust)?)
+        Some(verify_bytes(&a.bundle, &bytes, &trust)?)
     };
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     output::print_inspect(
@@ -360,19 +365,14 @@ fn drift(a: DriftArgs) -> Result<()> {
             "warning: no --pub given: the bundle's signature is not checked (its digests are)"
         );
         rt::verify_integrity_only(&bytes, &rt::ReadLimits::default())
+            .map_err(|e| rejected(&a.bundle, e))?
     } else {
         let trust = TrustArgs {
             public_keys: a.public_keys.clone(),
             threshold: 1,
         };
-        rt::verify(&bytes, &trust.policy()?, &rt::ReadLimits::default())
-    }
-    .map_err(|e| {
-        fail(
-            exit::REJECTED,
-            anyhow::anyhow!("{} rejected: {e}", a.bundle.display()),
-        )
-    })?;
+        verify_bytes(&a.bundle, &bytes, &trust)?
+    };
     let baseline = bundle.baseline()?.ok_or_else(|| {
         anyhow::anyhow!(
             "{} carries no drift baseline: pack it with [drift] baseline = ...",

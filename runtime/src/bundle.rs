@@ -683,12 +683,23 @@ pub fn verify(
 ) -> Result<VerifiedBundle, BundleError> {
     let framing = parse_framing(bytes)?;
     let signed_by = check_signatures(&framing, trust)?;
-    let manifest = parse_manifest(&framing, limits)?;
+    open_checked(bytes, &framing, signed_by, limits)
+}
+
+/// The steps after the signatures: manifest, sizes, runtime version,
+/// digests, bounded decompression.
+fn open_checked(
+    bytes: &[u8],
+    framing: &Framing<'_>,
+    signed_by: Vec<KeyId>,
+    limits: &ReadLimits,
+) -> Result<VerifiedBundle, BundleError> {
+    let manifest = parse_manifest(framing, limits)?;
     check_runtime_version(&manifest.min_runtime)?;
     let contents = manifest
         .artifacts
         .iter()
-        .map(|a| extract_artifact(&framing, a))
+        .map(|a| extract_artifact(framing, a))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(VerifiedBundle {
         digest: sha256_hex(bytes),
@@ -706,19 +717,7 @@ pub fn verify_integrity_only(
     limits: &ReadLimits,
 ) -> Result<VerifiedBundle, BundleError> {
     let framing = parse_framing(bytes)?;
-    let manifest = parse_manifest(&framing, limits)?;
-    check_runtime_version(&manifest.min_runtime)?;
-    let contents = manifest
-        .artifacts
-        .iter()
-        .map(|a| extract_artifact(&framing, a))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(VerifiedBundle {
-        digest: sha256_hex(bytes),
-        signed_by: Vec::new(),
-        manifest,
-        contents,
-    })
+    open_checked(bytes, &framing, Vec::new(), limits)
 }
 
 /// Reads the manifest of a bundle *without* checking signatures, for
