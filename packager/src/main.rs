@@ -8,6 +8,7 @@
 //! - `inputs.rs`: turning files (JSON, images, CSV, directories) into requests.
 //! - `keyfile.rs`: reading and writing key files.
 //! - `lambda_package.rs`: the deterministic Lambda deployment zip.
+//! - `publish.rs`: update channels (a directory with the bundles and index.json).
 //! - `output.rs`: human and `--json` output.
 
 mod inputs;
@@ -15,6 +16,7 @@ mod keyfile;
 mod lambda_package;
 mod output;
 mod project;
+mod publish;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +97,8 @@ enum Command {
     Drift(DriftArgs),
     /// Write an AWS Lambda deployment zip: bootstrap + bundle + trusted keys.
     LambdaPackage(lambda_package::LambdaPackageArgs),
+    /// Put a verified bundle on an update channel directory and point its index.json at it.
+    Publish(publish::PublishArgs),
 }
 
 #[derive(Args)]
@@ -224,6 +228,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Drift(a) => drift(a),
         Command::LambdaPackage(a) => a.run(),
+        Command::Publish(a) => a.run(),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -2,8 +2,10 @@
 //! - `pack`: pack → verify → run round trips against onnxruntime's outputs, reproducibility, golden failures.
 //! - `reject`: tampered bundles, wrong keys, bad inputs and bad project files give clear errors and exit codes.
 //! - `drift`: `ferry drift` flags shifted features and only those.
+//! - `publish`: update channel directories for `ferry-agent`.
 
 mod common;
 mod drift;
 mod pack;
+mod publish;
 mod reject;

@@ -23,6 +23,10 @@ pub enum KeyError {
     /// The operating system's random generator failed.
     #[error("cannot get random bytes: {0}")]
     Random(String),
+    /// A detached signature (operator command) is missing, malformed, by an
+    /// untrusted key, or does not verify.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
 }
 
 /// Why a bundle was refused. Checks run in this order: framing, signatures,

@@ -87,6 +87,18 @@ impl SecretKey {
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.0.sign(message).to_bytes()
     }
+
+    /// Signs a message that is not a bundle (an operator command). The
+    /// caller's message must start with its own context string, distinct from
+    /// the bundle's [`SIGNING_CONTEXT`](crate::SIGNING_CONTEXT), so a signature
+    /// can never be replayed as another kind of object.
+    pub fn sign_detached(&self, message: &[u8]) -> [u8; 64] {
+        assert!(
+            !message.starts_with(crate::bundle::SIGNING_CONTEXT),
+            "detached signatures must not use the bundle signing context"
+        );
+        self.sign(message)
+    }
 }
 
 /// A public key a bundle may be signed with.
@@ -185,5 +197,26 @@ impl TrustPolicy {
 
     pub(crate) fn find(&self, id: &KeyId) -> Option<&PublicKey> {
         self.keys.iter().find(|k| &k.key_id() == id)
+    }
+
+    /// Checks a detached signature (see [`SecretKey::sign_detached`]) by the
+    /// trusted key whose id prints as `key_id` (hex). Returns that key's id.
+    pub fn verify_detached(
+        &self,
+        key_id: &str,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<KeyId, KeyError> {
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.key_id().to_string().eq_ignore_ascii_case(key_id.trim()))
+            .ok_or_else(|| KeyError::BadSignature(format!("key {key_id} is not trusted")))?;
+        let signature = ed25519_dalek::Signature::from_slice(signature)
+            .map_err(|e| KeyError::BadSignature(e.to_string()))?;
+        key.0.verify_strict(message, &signature).map_err(|_| {
+            KeyError::BadSignature(format!("signature by {key_id} does not verify"))
+        })?;
+        Ok(key.key_id())
     }
 }

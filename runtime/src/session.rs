@@ -243,6 +243,30 @@ impl Session {
 
     /// Runs the whole pipeline on a request and returns the JSON response.
     pub fn infer(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
+        match &self.observer {
+            None => self.infer_inner(content_type, body, None),
+            Some(o) => self.infer_inner(content_type, body, Some(&mut |obs| o.observe(obs))),
+        }
+    }
+
+    /// Like [`infer`](Self::infer), with an observer for this call only (the
+    /// session's own observer, if any, is not called). Lets a caller tie what
+    /// it sees to its own request (the agent's telemetry, shadow comparisons).
+    pub fn infer_with(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        observe: &mut dyn FnMut(&Observation<'_>),
+    ) -> Result<Vec<u8>, Error> {
+        self.infer_inner(content_type, body, Some(observe))
+    }
+
+    fn infer_inner(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        observer: Option<&mut dyn FnMut(&Observation<'_>)>,
+    ) -> Result<Vec<u8>, Error> {
         let start = Instant::now();
         let set = self.preprocess(content_type, body)?;
         let outputs = self.model.run(&set.tensors)?;
@@ -252,13 +276,13 @@ impl Session {
         }
         .encode();
         let response = self.guest.postprocess(&encoded)?;
-        if let Some(observer) = &self.observer {
+        if let Some(observer) = observer {
             // Decoding again is cheaper than cloning the tensors on every
             // call when nobody observes.
             let outputs = TensorSet::decode(&encoded)
                 .map(|s| s.tensors)
                 .unwrap_or_default();
-            observer.observe(&Observation {
+            observer(&Observation {
                 features: set.features.as_ref(),
                 outputs: &outputs,
                 latency: start.elapsed(),

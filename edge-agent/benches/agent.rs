@@ -1,0 +1,187 @@
+//! The agent as a device sees it: idle resident memory with a bundle
+//! loaded, and what the HTTP layer adds to a prediction compared with an
+//! in-process `Session::infer` on the same bundle, measured in the same run.
+//!
+//! `cargo bench --workspace --bench agent` (needs the workspace's `ferry`
+//! binary next to `ferry-agent`, which the workspace build provides).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_runtime::{PublicKey, Session, TrustPolicy};
+
+fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry-agent"))
+}
+
+fn ferry(args: &[&str]) {
+    let bin = agent_bin().with_file_name("ferry");
+    let o = Command::new(&bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (build the workspace first)", bin.display()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+struct Running {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(dir: &Path, bundle: &Path, public: &Path) -> Running {
+    let port = free_port();
+    let config = format!(
+        "[device]\nid = \"bench\"\nfleet = \"demo\"\n\n[paths]\nstate_dir = \"{}\"\ninitial_bundle = \"{}\"\ntrusted_keys = [\"{}\"]\n\n\
+         [http]\nlisten = \"127.0.0.1:{port}\"\n\n[telemetry]\nsample_rate = 0.0\n",
+        dir.join("state").display(),
+        bundle.display(),
+        public.display()
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(agent_bin())
+        .arg("--config")
+        .arg(&path)
+        .env("FERRY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if ureq::get(format!("{url}/healthz"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Running { child, url }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = d.join("release");
+    ferry(&["keygen", "-o", key.to_str().unwrap()]);
+    let public = d.join("release.pub");
+    let trust = TrustPolicy::new(
+        PublicKey::all_from_pem(&std::fs::read_to_string(&public).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut cases = Vec::new();
+    for (name, request, content_type) in [
+        ("iris", "iris/golden/setosa.json", "application/json"),
+        ("digits", "digits/golden/digit_7.png", "image/png"),
+    ] {
+        let bundle = d.join(format!("{name}.ferry"));
+        ferry(&[
+            "pack",
+            examples().join(name).to_str().unwrap(),
+            "--key",
+            d.join("release.key").to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+            "--precompile",
+            "x86_64,aarch64",
+        ]);
+        let body = std::fs::read(examples().join(request)).unwrap();
+        cases.push((name, bundle, body, content_type));
+    }
+
+    println!("# ferry-agent bench");
+    for (name, bundle, body, content_type) in &cases {
+        let state = tempfile::tempdir().unwrap();
+        let agent = start_agent(state.path(), bundle, &public);
+        // Idle memory: after start-up settles, no requests yet.
+        std::thread::sleep(Duration::from_secs(2));
+        let idle = rss_kib(agent.child.id());
+
+        let bytes = std::fs::read(bundle).unwrap();
+        let session = Session::load(&bytes, &trust).unwrap();
+        let http: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let post = |body: &[u8]| {
+            let mut r = http
+                .post(format!("{}/v1/predict", agent.url))
+                .header("Content-Type", *content_type)
+                .send(body)
+                .unwrap();
+            let mut out = Vec::new();
+            r.body_mut().as_reader().read_to_end(&mut out).unwrap();
+            out
+        };
+        // Same answer both ways.
+        let a: serde_json::Value =
+            serde_json::from_slice(&session.infer(content_type, body).unwrap()).unwrap();
+        let b: serde_json::Value = serde_json::from_slice(&post(body)).unwrap();
+        assert_eq!(a, b);
+        for _ in 0..200 {
+            session.infer(content_type, body).unwrap();
+            post(body);
+        }
+        // Interleaved rounds, so both see the same machine load.
+        let n = 500;
+        let (mut inproc, mut over_http) = (Vec::new(), Vec::new());
+        for _ in 0..10 {
+            let t = Instant::now();
+            for _ in 0..n {
+                session.infer(content_type, body).unwrap();
+            }
+            inproc.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
+            let t = Instant::now();
+            for _ in 0..n {
+                post(body);
+            }
+            over_http.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
+        }
+        let (i, h) = (median(inproc), median(over_http));
+        let busy = rss_kib(agent.child.id());
+        println!(
+            "{name}: idle RSS {:.1} MiB (after {} requests: {:.1} MiB); in-process infer {i:.1} us; HTTP predict {h:.1} us; HTTP layer adds {:.1} us ({:.2}x)",
+            idle as f64 / 1024.0,
+            200 + 10 * n,
+            busy as f64 / 1024.0,
+            h - i,
+            h / i
+        );
+    }
+}

@@ -1,0 +1,606 @@
+//! Ferry's MQTT protocol: topic names and message types, shared by the edge
+//! agent (`ferry-agent`, which publishes them) and the fleet console
+//! (`ferry-fleet`, which reads them). Human-readable reference:
+//! `docs/mqtt-protocol.md`; this crate is the source of truth.
+//!
+//! # Layout
+//! - topics: [`Topic`], [`Stream`], [`topic`], [`command_topics`], [`parse_topic`].
+//! - device → fleet: [`Status`], [`Batch`] of [`TelemetryRecord`],
+//!   [`DriftRecord`], [`SampleRecord`] or [`EventRecord`].
+//! - fleet → device: [`Command`].
+//! - update channels: [`ChannelIndex`].
+//!
+//! # Changing these types
+//! Every payload is JSON with a `schema` field ([`SCHEMA_VERSION`]).
+//! Do not rename or remove fields and do not change their meaning; add new
+//! fields at the end with `#[serde(default)]` (old readers ignore them, new
+//! readers see the default in old messages). A change that cannot follow
+//! these rules bumps [`SCHEMA_VERSION`] *and* the `v1` in the topic prefix,
+//! so old and new devices can share a broker during a migration.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of every payload below.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Prefix of every topic.
+pub const TOPIC_ROOT: &str = "ferry/v1";
+
+/// The pseudo-device that addresses every device of a fleet in commands.
+pub const ALL_DEVICES: &str = "all";
+
+/// Largest MQTT payload a device publishes: AWS IoT Core refuses messages
+/// above 128 KB, the smallest limit among the brokers Ferry targets.
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+
+/// Device ids and fleet names: 1 to 128 characters of `[A-Za-z0-9_.-]`. The
+/// limit keeps every topic short and free of MQTT wildcards and separators;
+/// `all` is reserved.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Checks a device id or fleet name.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} characters, got {name:?}"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "{what} {name:?} contains {c:?}; allowed: letters, digits, '_', '.', '-'"
+        ));
+    }
+    if name == ALL_DEVICES && what == "device id" {
+        return Err(format!(
+            "device id {ALL_DEVICES:?} is reserved for fleet-wide commands"
+        ));
+    }
+    Ok(())
+}
+
+/// The kinds of buffered records a device publishes, each on its own topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// One record per prediction.
+    Telemetry,
+    /// One record per drift window.
+    Drift,
+    /// Sampled raw inputs, for retraining.
+    Samples,
+    /// Installs, rollbacks, alerts, shadow results, rejected commands.
+    Events,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 4] = [
+        Stream::Telemetry,
+        Stream::Drift,
+        Stream::Samples,
+        Stream::Events,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Telemetry => "telemetry",
+            Stream::Drift => "drift",
+            Stream::Samples => "samples",
+            Stream::Events => "events",
+        }
+    }
+}
+
+/// Every topic a device publishes to or listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// Retained; also the last will (`online: false`).
+    Status,
+    Stream(Stream),
+    /// Commands to one device (or, with device `all`, to the fleet).
+    Command,
+}
+
+impl Topic {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Topic::Status => "status",
+            Topic::Stream(s) => s.as_str(),
+            Topic::Command => "cmd",
+        }
+    }
+}
+
+/// `ferry/v1/<fleet>/<device>/<suffix>`.
+pub fn topic(fleet: &str, device: &str, t: Topic) -> String {
+    format!("{TOPIC_ROOT}/{fleet}/{device}/{}", t.suffix())
+}
+
+/// The two command topics a device subscribes to: its own and the fleet's.
+pub fn command_topics(fleet: &str, device: &str) -> [String; 2] {
+    [
+        topic(fleet, device, Topic::Command),
+        topic(fleet, ALL_DEVICES, Topic::Command),
+    ]
+}
+
+/// `ferry/v1/<fleet>/#`: everything of a fleet, for consoles.
+pub fn fleet_filter(fleet: &str) -> String {
+    format!("{TOPIC_ROOT}/{fleet}/#")
+}
+
+/// Splits a topic into (fleet, device, topic); `None` for anything else.
+pub fn parse_topic(t: &str) -> Option<(&str, &str, Topic)> {
+    let rest = t.strip_prefix(TOPIC_ROOT)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let (fleet, device, suffix) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let topic = match suffix {
+        "status" => Topic::Status,
+        "cmd" => Topic::Command,
+        "telemetry" => Topic::Stream(Stream::Telemetry),
+        "drift" => Topic::Stream(Stream::Drift),
+        "samples" => Topic::Stream(Stream::Samples),
+        "events" => Topic::Stream(Stream::Events),
+        _ => return None,
+    };
+    Some((fleet, device, topic))
+}
+
+/// Identity of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRef {
+    pub name: String,
+    pub version: String,
+    /// SHA-256 (hex) of the bundle file.
+    pub digest: String,
+    pub fleet: String,
+    pub channel: String,
+    pub sequence: u64,
+}
+
+/// What the update machinery is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum UpdateState {
+    #[default]
+    Idle,
+    Downloading {
+        version: String,
+        received: u64,
+        total: u64,
+    },
+    Verifying {
+        version: String,
+    },
+    /// The last candidate was refused; `code` is stable, `reason` is for people.
+    Rejected {
+        version: String,
+        code: String,
+        reason: String,
+    },
+    /// Activated recently; being watched for errors before it counts as good.
+    Probation {
+        version: String,
+    },
+}
+
+/// Buffer occupancy and losses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BufferInfo {
+    pub records: u64,
+    pub bytes: u64,
+    pub budget_bytes: u64,
+    /// Records dropped because the buffer was full, by stream, since the
+    /// buffer was created (persisted).
+    pub dropped: BTreeMap<Stream, u64>,
+    /// Records found corrupt (checksum) and skipped.
+    pub corrupt: u64,
+}
+
+/// A candidate running in shadow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowInfo {
+    pub candidate: BundleRef,
+    pub compared: u64,
+    pub target: u64,
+}
+
+/// The retained `status` message. The last will is the same message with
+/// `online: false` and only the identity fields meaningful.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub schema: u32,
+    pub device: String,
+    pub fleet: String,
+    pub online: bool,
+    pub agent_version: String,
+    /// Unix milliseconds when this status was produced.
+    pub ts_ms: u64,
+    #[serde(default)]
+    pub bundle: Option<BundleRef>,
+    /// Kept for rollback.
+    #[serde(default)]
+    pub previous: Option<BundleRef>,
+    #[serde(default)]
+    pub update: UpdateState,
+    #[serde(default)]
+    pub buffer: BufferInfo,
+    #[serde(default)]
+    pub predictions: u64,
+    #[serde(default)]
+    pub errors: u64,
+    #[serde(default)]
+    pub uptime_s: u64,
+    #[serde(default)]
+    pub shadow: Option<ShadowInfo>,
+}
+
+impl Status {
+    /// The last will: the device went away without saying goodbye.
+    pub fn offline(fleet: &str, device: &str, agent_version: &str) -> Status {
+        Status {
+            schema: SCHEMA_VERSION,
+            device: device.to_string(),
+            fleet: fleet.to_string(),
+            online: false,
+            agent_version: agent_version.to_string(),
+            ts_ms: 0,
+            bundle: None,
+            previous: None,
+            update: UpdateState::Idle,
+            buffer: BufferInfo::default(),
+            predictions: 0,
+            errors: 0,
+            uptime_s: 0,
+            shadow: None,
+        }
+    }
+}
+
+/// A message on a stream topic: records from the device's buffer.
+///
+/// Delivery is at least once: a batch may arrive twice (after a reconnect).
+/// Receivers drop duplicates by `message_id`, or per record by `(device,
+/// record id)`: record ids increase strictly per device and are never reused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch<T> {
+    pub schema: u32,
+    pub stream: Stream,
+    /// `<device>:<stream>:<first id>-<last id>`.
+    pub message_id: String,
+    pub device: String,
+    pub fleet: String,
+    /// Unix milliseconds when the batch was published.
+    pub sent_ms: u64,
+    pub records: Vec<T>,
+}
+
+/// The message id of a batch.
+pub fn message_id(device: &str, stream: Stream, first: u64, last: u64) -> String {
+    format!("{device}:{}:{first}-{last}", stream.as_str())
+}
+
+/// The summary of a model output kept per prediction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutputSummary {
+    /// Top-1 class index (classifiers: argmax of the first float output).
+    #[serde(default)]
+    pub top1: Option<u32>,
+    /// Its score (probability or logit, as the model produced it).
+    #[serde(default)]
+    pub score: Option<f64>,
+    /// First value of the first output (regressors).
+    #[serde(default)]
+    pub value: Option<f64>,
+}
+
+/// One prediction (or one failed request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryRecord {
+    pub id: u64,
+    pub ts_ms: u64,
+    pub bundle_version: String,
+    pub latency_us: u64,
+    pub ok: bool,
+    #[serde(default)]
+    pub output: OutputSummary,
+    /// Stable error code when `ok` is false.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Rows in the request (batch size).
+    #[serde(default)]
+    pub rows: u32,
+}
+
+/// One feature's drift over a window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureDrift {
+    pub name: String,
+    /// `numeric` or `categorical`.
+    pub kind: String,
+    /// The statistic the verdict is based on (`psi`, `ks`, ...).
+    pub method: String,
+    /// Its value (`null` when the window had no usable values).
+    pub value: Option<f64>,
+    pub threshold: f64,
+    pub drifted: bool,
+    #[serde(default)]
+    pub psi: Option<f64>,
+    #[serde(default)]
+    pub rows: u64,
+    #[serde(default)]
+    pub missing: u64,
+}
+
+/// One drift window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftRecord {
+    pub id: u64,
+    pub ts_ms: u64,
+    pub bundle_version: String,
+    pub bundle_digest: String,
+    pub window_start_ms: u64,
+    /// Predictions in the window.
+    pub rows: u64,
+    pub features: Vec<FeatureDrift>,
+    pub drifted_features: u32,
+    pub share: f64,
+    pub dataset_drifted: bool,
+}
+
+/// A sampled input, for retraining.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub id: u64,
+    pub ts_ms: u64,
+    pub bundle_version: String,
+    /// Features as the bundle's preprocessing extracted them (numbers, or
+    /// strings for categorical features; `null` for missing).
+    pub features: BTreeMap<String, serde_json::Value>,
+    /// The raw request, base64, when raw samples are enabled and it fits the cap.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub raw_base64: Option<String>,
+    /// Top-1 output, for labelling.
+    #[serde(default)]
+    pub output: OutputSummary,
+}
+
+/// Something happened on a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: u64,
+    pub ts_ms: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// The events a device reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum Event {
+    /// A new bundle passed every check and serves requests.
+    UpdateInstalled {
+        bundle: BundleRef,
+        previous: Option<BundleRef>,
+    },
+    /// A candidate was refused; the running bundle keeps serving.
+    UpdateRejected {
+        version: String,
+        digest: Option<String>,
+        code: String,
+        reason: String,
+    },
+    /// The device went back to an earlier bundle.
+    RolledBack {
+        from: Option<BundleRef>,
+        to: BundleRef,
+        reason: String,
+        automatic: bool,
+    },
+    /// A feature crossed its drift threshold in a window.
+    DriftAlert {
+        bundle_version: String,
+        features: Vec<String>,
+        share: f64,
+        dataset_drifted: bool,
+    },
+    /// Shadow evaluation finished (or was stopped).
+    ShadowReport(ShadowReport),
+    /// A command was refused.
+    CommandRejected { command_id: String, reason: String },
+    /// The agent started.
+    Started {
+        agent_version: String,
+        bundle: Option<BundleRef>,
+    },
+}
+
+/// How a shadow candidate compared with the active bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowReport {
+    pub candidate: BundleRef,
+    pub active: BundleRef,
+    /// Requests both answered.
+    pub compared: u64,
+    /// Requests the candidate failed on (the active one answered).
+    pub candidate_errors: u64,
+    /// Share of compared requests with the same top-1 class (`null` for
+    /// non-classifiers).
+    pub top1_agreement: Option<f64>,
+    /// Mean absolute difference of the first output, element-wise.
+    pub mean_abs_diff: Option<f64>,
+    pub active_latency_us_p50: u64,
+    pub candidate_latency_us_p50: u64,
+    pub candidate_latency_us_p99: u64,
+    /// True when the report was sent because of `shadow_stop` before `samples`.
+    pub stopped_early: bool,
+}
+
+/// An ed25519 signature by an operator key (one the device trusts for bundles).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorSignature {
+    /// Hex key id (as `ferry inspect` prints).
+    pub key_id: String,
+    /// Base64 of the 64-byte signature over [`Command::signing_bytes`].
+    pub signature: String,
+}
+
+/// A command from the fleet, on `.../<device>/cmd` or `.../all/cmd`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub schema: u32,
+    /// Unique per command; echoed in events about it.
+    pub id: String,
+    /// Unix milliseconds when the operator issued it; signed commands older
+    /// than the agent's `max_command_age` are refused (replay).
+    pub issued_ms: u64,
+    #[serde(flatten)]
+    pub action: Action,
+    #[serde(default)]
+    pub signature: Option<OperatorSignature>,
+}
+
+/// What a command asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum Action {
+    /// Poll the update channel now.
+    CheckUpdate,
+    /// Install this bundle (checked exactly like a channel update). A lower
+    /// sequence than the running bundle's is refused unless the command is
+    /// signed by a trusted key (operator rollback).
+    Install { url: String, digest: String },
+    /// Go back to the previous bundle (needs a signature).
+    Rollback {
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Run a candidate in shadow on live inputs for `samples` requests.
+    ShadowStart {
+        url: String,
+        digest: String,
+        samples: u64,
+    },
+    /// Stop shadowing and report what was measured so far.
+    ShadowStop,
+    /// Publish status now.
+    Ping,
+}
+
+impl Command {
+    pub const SIGNING_CONTEXT: &'static [u8] = b"ferry-command-v1\0";
+
+    /// The bytes an operator signs: context, fleet, target device (or
+    /// `all`), id, time and the action as JSON (serde_json writes struct
+    /// fields in declaration order, so this is stable).
+    pub fn signing_bytes(&self, fleet: &str, device: &str) -> Vec<u8> {
+        let mut out = Self::SIGNING_CONTEXT.to_vec();
+        for part in [fleet, device, &self.id, &self.issued_ms.to_string()] {
+            out.extend_from_slice(part.as_bytes());
+            out.push(0);
+        }
+        out.extend_from_slice(&serde_json::to_vec(&self.action).expect("actions serialise"));
+        out
+    }
+}
+
+/// The index an update channel serves (`index.json` next to the bundles).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelIndex {
+    pub schema: u32,
+    pub fleet: String,
+    pub channel: String,
+    pub latest: IndexEntry,
+}
+
+/// The latest bundle of a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub sequence: u64,
+    /// SHA-256 (hex) of the bundle file.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+    /// Absolute, or relative to the index's own URL / directory.
+    pub url: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        for t in [
+            Topic::Status,
+            Topic::Command,
+            Topic::Stream(Stream::Telemetry),
+            Topic::Stream(Stream::Drift),
+            Topic::Stream(Stream::Samples),
+            Topic::Stream(Stream::Events),
+        ] {
+            let s = topic("plant-7", "dev-1", t);
+            assert_eq!(parse_topic(&s), Some(("plant-7", "dev-1", t)));
+        }
+        assert_eq!(parse_topic("ferry/v1/a/b/c/d"), None);
+        assert_eq!(parse_topic("ferry/v2/a/b/status"), None);
+        assert_eq!(parse_topic("ferry/v1/a/b/other"), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("device id", "dev-1.a_b").is_ok());
+        assert!(validate_name("device id", "").is_err());
+        assert!(validate_name("device id", "a/b").is_err());
+        assert!(validate_name("device id", "a+").is_err());
+        assert!(validate_name("device id", "all").is_err());
+        assert!(validate_name("fleet", &"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn command_json_shape() {
+        let c: Command = serde_json::from_str(
+            r#"{"schema":1,"id":"c1","issued_ms":5,"action":"install","url":"http://x/b.ferry","digest":"ab"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.action,
+            Action::Install {
+                url: "http://x/b.ferry".into(),
+                digest: "ab".into()
+            }
+        );
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["action"], "install");
+        // The signed bytes depend on the target and the action.
+        assert_ne!(c.signing_bytes("f", "d1"), c.signing_bytes("f", "d2"));
+    }
+
+    #[test]
+    fn events_are_tagged() {
+        let e = EventRecord {
+            id: 3,
+            ts_ms: 9,
+            event: Event::CommandRejected {
+                command_id: "c".into(),
+                reason: "r".into(),
+            },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["event"], "command_rejected");
+        assert_eq!(v["id"], 3);
+        let back: EventRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+}

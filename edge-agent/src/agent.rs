@@ -1,0 +1,883 @@
+//! The agent's core: the active bundle, predictions, the update flow,
+//! probation and automatic rollback, shadow runs, commands and status.
+//!
+//! # Update flow
+//! poll (interval, or an MQTT command) → index → skip unless the sequence is
+//! higher than the running one (or the command is operator-signed) and the
+//! digest was not rejected before → download (resumable) → verify signatures,
+//! fleet, channel, sequence → load → golden examples → activate on disk
+//! (atomic) → swap the in-memory session → probation.
+//!
+//! # Probation and rollback
+//! A newly activated bundle is on probation for `probation_s`. It is rolled
+//! back automatically when, within probation, its error rate exceeds
+//! `max_error_rate` (after `min_requests`), or when the agent starts
+//! `max_boot_attempts` times in a row without the bundle completing
+//! probation (a crash loop), or when it fails to load or fails its golden
+//! examples at start. The bad bundle's digest is remembered so the channel
+//! does not reinstall it.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use arc_swap::ArcSwapOption;
+use base64::Engine as _;
+use ferry_protocol::{
+    Action, BundleRef, Command, Event, OutputSummary, SCHEMA_VERSION, SampleRecord, Status, Stream,
+    TelemetryRecord, UpdateState,
+};
+use ferry_runtime::{PublicKey, ReadLimits, Session, TrustPolicy};
+use tokio::sync::watch;
+
+use crate::buffer::{Buffer, BufferOptions};
+use crate::config::Config;
+use crate::metrics::{Metrics, Snapshot};
+use crate::mqtt::{Identity, MqttStats};
+use crate::observe::{DriftMonitor, WindowOwner, append_event, now_ms, row_json, summarize};
+use crate::shadow::{ActiveAnswer, Shadow, first_float};
+use crate::updates::{self, BundleStore, Fetcher, Rejection, Source, Want};
+
+/// Why a prediction failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    /// No bundle is active (first boot without an initial bundle, or every
+    /// bundle failed to load).
+    #[error("no model is loaded")]
+    NoBundle,
+    /// The request is wrong (the caller's fault).
+    #[error("{message}")]
+    BadInput { code: &'static str, message: String },
+    /// The bundle or the host failed.
+    #[error("{message}")]
+    Failed { code: &'static str, message: String },
+}
+
+impl PredictError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            PredictError::NoBundle => "no_bundle",
+            PredictError::BadInput { code, .. } | PredictError::Failed { code, .. } => code,
+        }
+    }
+}
+
+/// The bundle serving requests.
+pub struct Active {
+    pub session: Arc<Session>,
+    pub bundle: BundleRef,
+    pub activated_ms: u64,
+    /// Unix ms when probation ends; 0 when the bundle is trusted.
+    probation_until_ms: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The running agent. Shared as `Arc<Agent>` by the HTTP server and the
+/// background tasks.
+pub struct Agent {
+    pub config: Config,
+    pub identity: Identity,
+    trust: TrustPolicy,
+    limits: ReadLimits,
+    active: ArcSwapOption<Active>,
+    /// Has its own lock; its methods take `&self`.
+    store: BundleStore,
+    fetcher: Fetcher,
+    source: Option<Source>,
+    pub buffer: Arc<Buffer>,
+    pub metrics: Arc<Metrics>,
+    pub mqtt_stats: Arc<MqttStats>,
+    drift: DriftMonitor,
+    shadow: Mutex<Option<Arc<Shadow>>>,
+    update_state: Mutex<UpdateState>,
+    /// One update (or rollback) at a time.
+    update_lock: tokio::sync::Mutex<()>,
+    status_tx: watch::Sender<Status>,
+    predictions: AtomicU64,
+    errors: AtomicU64,
+    started: Instant,
+}
+
+impl Agent {
+    /// Opens the state directory and the buffer, installs the initial bundle
+    /// on first boot, applies the crash-loop rule and loads the active bundle.
+    /// Blocking (bundle verification and compilation): call before starting
+    /// the async runtime's work, or from `spawn_blocking`.
+    pub fn open(config: Config) -> Result<Arc<Agent>> {
+        let identity = Identity {
+            device: config.device.id.clone(),
+            fleet: config.device.fleet.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let trust = load_trust(&config)?;
+        std::fs::create_dir_all(&config.paths.state_dir).with_context(|| {
+            format!(
+                "cannot create state_dir {}",
+                config.paths.state_dir.display()
+            )
+        })?;
+        let buffer = Arc::new(
+            Buffer::open(BufferOptions::from_config(
+                &config.paths.state_dir,
+                &config.buffer,
+            ))
+            .context("cannot open the telemetry buffer")?,
+        );
+        let store =
+            BundleStore::open(&config.paths.state_dir).context("cannot open the bundle store")?;
+        let fetcher = Fetcher::new(config.updates.ca_file.as_deref())
+            .context("cannot set up the update client")?;
+        let source = match config.updates.source.trim() {
+            "" => None,
+            s => Some(Source::parse(s).context("invalid updates.source")?),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let drift = DriftMonitor::start(config.drift.clone(), buffer.clone(), metrics.clone());
+        let status = Status::offline(&identity.fleet, &identity.device, &identity.agent_version);
+        let (status_tx, _) = watch::channel(status);
+        let agent = Arc::new(Agent {
+            limits: ReadLimits::default(),
+            config,
+            identity,
+            trust,
+            active: ArcSwapOption::empty(),
+            store,
+            fetcher,
+            source,
+            buffer,
+            metrics,
+            mqtt_stats: Arc::new(MqttStats::default()),
+            drift,
+            shadow: Mutex::new(None),
+            update_state: Mutex::new(UpdateState::Idle),
+            update_lock: tokio::sync::Mutex::new(()),
+            status_tx,
+            predictions: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        agent.boot()?;
+        agent.refresh_status();
+        append_event(
+            &agent.buffer,
+            Event::Started {
+                agent_version: agent.identity.agent_version.clone(),
+                bundle: agent.active_bundle(),
+            },
+        );
+        Ok(agent)
+    }
+
+    fn want(&self) -> Want {
+        Want {
+            fleet: self.config.device.fleet.clone(),
+            channel: self.config.device.channel.clone(),
+        }
+    }
+
+    /// First boot, crash-loop detection, loading.
+    fn boot(&self) -> Result<()> {
+        let store = &self.store;
+        if store.active().is_none() {
+            if let Some(initial) = &self.config.paths.initial_bundle {
+                self.install_initial(initial)?;
+            } else {
+                tracing::warn!(
+                    "No bundle installed and no paths.initial_bundle: serving nothing until an update arrives"
+                );
+                return Ok(());
+            }
+        }
+        let record = store.record();
+        if !record.healthy {
+            let attempts = store.record_boot_attempt()?;
+            if attempts > self.config.updates.max_boot_attempts && store.previous().is_some() {
+                let from = store.active().map(|s| s.bundle.clone());
+                let reason = format!(
+                    "crash loop: {attempts} starts without the bundle completing probation"
+                );
+                let to = store.rollback()?;
+                // The previous bundle was healthy before the update.
+                store.mark_healthy()?;
+                tracing::error!(%reason, to = %to.bundle.version, "Rolled back");
+                self.metrics.rollbacks.inc();
+                append_event(
+                    &self.buffer,
+                    Event::RolledBack {
+                        from,
+                        to: to.bundle.clone(),
+                        reason,
+                        automatic: true,
+                    },
+                );
+            }
+        }
+        // Load the active bundle; if it fails, fall back to the previous one.
+        for _ in 0..2 {
+            let Some(slot) = store.active() else { break };
+            match self.load_slot(&slot.path, &slot.bundle) {
+                Ok(session) => {
+                    let healthy = store.record().healthy;
+                    let probation =
+                        (!healthy).then(|| now_ms() + self.config.updates.probation_s * 1000);
+                    self.set_active(session, slot.bundle.clone(), probation);
+                    return Ok(());
+                }
+                Err(rejection) => {
+                    tracing::error!(code = rejection.code, reason = %rejection.reason, bundle = %slot.bundle.version, "Active bundle does not load");
+                    if store.previous().is_none() {
+                        return Err(anyhow!(
+                            "the active bundle {} does not load ({}) and there is no previous bundle",
+                            slot.bundle.version,
+                            rejection.reason
+                        ));
+                    }
+                    let to = store.rollback()?;
+                    store.mark_healthy()?;
+                    self.metrics.rollbacks.inc();
+                    append_event(
+                        &self.buffer,
+                        Event::RolledBack {
+                            from: Some(slot.bundle.clone()),
+                            to: to.bundle,
+                            reason: format!("does not load: {}", rejection.reason),
+                            automatic: true,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn install_initial(&self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read initial bundle {}", path.display()))?;
+        let (verified, session) = self
+            .check_and_load(&bytes, None, true)
+            .map_err(|r| anyhow!("initial bundle {} refused: {}", path.display(), r.reason))?;
+        let bundle = updates::bundle_ref(&verified);
+        let store = &self.store;
+        let staged = store.staging_dir().join(format!("{}.ferry", bundle.digest));
+        std::fs::write(&staged, &bytes)
+            .with_context(|| format!("cannot stage {}", staged.display()))?;
+        store.activate(&staged, &bundle)?;
+        // The initial bundle was installed by a person: trusted at once.
+        store.mark_healthy()?;
+        drop(session);
+        tracing::info!(bundle = %bundle.version, digest = %bundle.digest, "Installed the initial bundle");
+        Ok(())
+    }
+
+    /// Verifies a candidate (signatures, fleet, channel, sequence), loads it
+    /// and runs its golden examples.
+    fn check_and_load(
+        &self,
+        bytes: &[u8],
+        running: Option<&BundleRef>,
+        allow_downgrade: bool,
+    ) -> Result<(ferry_runtime::VerifiedBundle, Session), Rejection> {
+        let verified = updates::check_candidate(
+            bytes,
+            &self.trust,
+            &self.limits,
+            &self.want(),
+            running,
+            allow_downgrade,
+        )?;
+        let session = Session::from_verified(verified.clone()).map_err(|e| Rejection {
+            code: "load_failed",
+            reason: e.to_string(),
+        })?;
+        updates::health_check(&session)?;
+        Ok((verified, session))
+    }
+
+    fn load_slot(&self, path: &Path, bundle: &BundleRef) -> Result<Session, Rejection> {
+        let bytes = std::fs::read(path).map_err(|e| Rejection {
+            code: "io",
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let (verified, session) = self.check_and_load(&bytes, None, true)?;
+        if verified.digest != bundle.digest {
+            return Err(Rejection {
+                code: "digest_mismatch",
+                reason: format!(
+                    "{} holds {} instead of {}",
+                    path.display(),
+                    verified.digest,
+                    bundle.digest
+                ),
+            });
+        }
+        Ok(session)
+    }
+
+    fn set_active(&self, session: Session, bundle: BundleRef, probation_until_ms: Option<u64>) {
+        let owner = session.baseline().map(|b| WindowOwner {
+            version: bundle.version.clone(),
+            digest: bundle.digest.clone(),
+            baseline: Arc::new(b.clone()),
+            config: session.manifest().drift.clone(),
+        });
+        self.drift.reset(owner);
+        tracing::info!(bundle = %bundle.version, digest = %bundle.digest, sequence = bundle.sequence, "Serving");
+        self.active.store(Some(Arc::new(Active {
+            session: Arc::new(session),
+            bundle,
+            activated_ms: now_ms(),
+            probation_until_ms: AtomicU64::new(probation_until_ms.unwrap_or(0)),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        })));
+        if probation_until_ms.is_some() {
+            let version = self.active_bundle().map(|b| b.version).unwrap_or_default();
+            self.set_update_state(UpdateState::Probation { version });
+        }
+    }
+
+    /// The active bundle, if any.
+    pub fn active(&self) -> Option<Arc<Active>> {
+        self.active.load_full()
+    }
+
+    pub fn active_bundle(&self) -> Option<BundleRef> {
+        self.active.load().as_ref().map(|a| a.bundle.clone())
+    }
+
+    pub fn previous_bundle(&self) -> Option<BundleRef> {
+        self.store.previous().map(|s| s.bundle)
+    }
+
+    /// Runs one request through the active bundle and records what happened.
+    /// Never waits on the network.
+    pub fn predict(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, PredictError> {
+        let Some(active) = self.active.load_full() else {
+            self.metrics.observe_request(0.0, Some("no_bundle"));
+            return Err(PredictError::NoBundle);
+        };
+        let start = Instant::now();
+        let t = &self.config.telemetry;
+        let sample = t.sample_rate > 0.0 && fastrand::f64() < t.sample_rate;
+        let shadow = self.shadow.lock().unwrap().clone().filter(|s| !s.is_done());
+        let mut summary = OutputSummary::default();
+        let mut rows = 0u32;
+        let mut sample_features = None;
+        let mut shadow_values = None;
+        let result = active.session.infer_with(content_type, body, &mut |obs| {
+            (summary, rows) = summarize(obs.outputs);
+            if let Some(features) = obs.features {
+                self.drift.observe(features);
+                if sample && !features.rows.is_empty() {
+                    sample_features = Some(row_json(features, 0));
+                }
+            }
+            if shadow.is_some() {
+                shadow_values = Some(first_float(obs.outputs));
+            }
+        });
+        let latency = start.elapsed();
+        active.requests.fetch_add(1, Ordering::Relaxed);
+        let outcome = result.map_err(|e| {
+            let message = e.to_string();
+            if e.is_bad_input() {
+                PredictError::BadInput {
+                    code: e.code(),
+                    message,
+                }
+            } else {
+                PredictError::Failed {
+                    code: e.code(),
+                    message,
+                }
+            }
+        });
+        let error_code = outcome.as_ref().err().map(|e| e.code());
+        if error_code.is_some() {
+            active.errors.fetch_add(1, Ordering::Relaxed);
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.predictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics
+            .observe_request(latency.as_secs_f64(), error_code);
+        let version = &active.bundle.version;
+        let appended = self.buffer.append(Stream::Telemetry, |id| {
+            serde_json::to_vec(&TelemetryRecord {
+                id,
+                ts_ms: now_ms(),
+                bundle_version: version.clone(),
+                latency_us: latency.as_micros() as u64,
+                ok: error_code.is_none(),
+                output: summary.clone(),
+                error: error_code.map(str::to_string),
+                rows,
+            })
+            .expect("telemetry serialises")
+        });
+        if let Err(e) = appended {
+            tracing::debug!(error = %e, "Telemetry record not buffered");
+        }
+        if let Some(features) = sample_features {
+            let raw = (t.sample_raw && body.len() <= t.sample_max_bytes)
+                .then(|| base64::engine::general_purpose::STANDARD.encode(body));
+            let _ = self.buffer.append(Stream::Samples, |id| {
+                serde_json::to_vec(&SampleRecord {
+                    id,
+                    ts_ms: now_ms(),
+                    bundle_version: version.clone(),
+                    features,
+                    content_type: raw.as_ref().map(|_| content_type.to_string()),
+                    raw_base64: raw,
+                    output: summary.clone(),
+                })
+                .expect("samples serialise")
+            });
+        }
+        if let (Some(shadow), Some(values), None) = (shadow, shadow_values, error_code) {
+            let answer = ActiveAnswer {
+                summary: summary.clone(),
+                values,
+                latency,
+            };
+            if shadow.offer(content_type, body, answer) {
+                self.metrics.shadow_compared.inc();
+            }
+        }
+        outcome
+    }
+
+    /// The latest drift report of the active bundle.
+    pub fn latest_drift(&self) -> Option<ferry_protocol::DriftRecord> {
+        self.drift.latest()
+    }
+
+    fn set_update_state(&self, state: UpdateState) {
+        *self.update_state.lock().unwrap() = state;
+        self.refresh_status();
+    }
+
+    pub fn update_state(&self) -> UpdateState {
+        self.update_state.lock().unwrap().clone()
+    }
+
+    /// The status as published (retained) over MQTT.
+    pub fn status(&self) -> Status {
+        Status {
+            schema: SCHEMA_VERSION,
+            device: self.identity.device.clone(),
+            fleet: self.identity.fleet.clone(),
+            online: true,
+            agent_version: self.identity.agent_version.clone(),
+            ts_ms: now_ms(),
+            bundle: self.active_bundle(),
+            previous: self.previous_bundle(),
+            update: self.update_state(),
+            buffer: self.buffer.stats(),
+            predictions: self.predictions.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            uptime_s: self.started.elapsed().as_secs(),
+            shadow: self
+                .shadow
+                .lock()
+                .unwrap()
+                .as_ref()
+                .filter(|s| !s.is_done())
+                .map(|s| s.info()),
+        }
+    }
+
+    /// Publishes a fresh status to the MQTT task.
+    pub fn refresh_status(&self) {
+        self.status_tx.send_replace(self.status());
+    }
+
+    pub fn status_receiver(&self) -> watch::Receiver<Status> {
+        self.status_tx.subscribe()
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let state = match self.update_state() {
+            UpdateState::Idle => "idle",
+            UpdateState::Downloading { .. } => "downloading",
+            UpdateState::Verifying { .. } => "verifying",
+            UpdateState::Rejected { .. } => "rejected",
+            UpdateState::Probation { .. } => "probation",
+        };
+        let s = &self.mqtt_stats;
+        self.metrics.encode(&Snapshot {
+            buffer: self.buffer.stats(),
+            update_state: state,
+            bundle: self.active_bundle().map(|b| (b.name, b.version, b.digest)),
+            mqtt_connected: s.connected.load(Ordering::Relaxed),
+            mqtt_published: s.published.load(Ordering::Relaxed),
+            mqtt_acked_records: s.acked_records.load(Ordering::Relaxed),
+            mqtt_reconnects: s.reconnects.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Once a second: drift windows by time, probation verdicts.
+    pub fn tick(&self) {
+        self.drift.tick();
+        let Some(active) = self.active.load_full() else {
+            return;
+        };
+        let until = active.probation_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return;
+        }
+        let u = &self.config.updates;
+        let requests = active.requests.load(Ordering::Relaxed);
+        let errors = active.errors.load(Ordering::Relaxed);
+        if requests >= u.min_requests && errors as f64 > u.max_error_rate * requests as f64 {
+            let reason = format!(
+                "error rate {:.1}% over {requests} requests on probation (limit {:.1}%)",
+                100.0 * errors as f64 / requests as f64,
+                100.0 * u.max_error_rate
+            );
+            if let Err(e) = self.rollback_blocking(&reason, true) {
+                tracing::error!(error = %e, "Automatic rollback failed");
+            }
+        } else if now_ms() >= until {
+            active.probation_until_ms.store(0, Ordering::Relaxed);
+            match self.store.mark_healthy() {
+                Ok(()) => {
+                    tracing::info!(bundle = %active.bundle.version, "Bundle passed probation")
+                }
+                Err(e) => tracing::error!(error = %e, "Cannot record the bundle as healthy"),
+            }
+            self.set_update_state(UpdateState::Idle);
+        }
+    }
+
+    /// Goes back to the previous bundle. Blocking.
+    pub fn rollback_blocking(&self, reason: &str, automatic: bool) -> Result<BundleRef> {
+        let from = self.active_bundle();
+        let store = &self.store;
+        if store.previous().is_none() {
+            return Err(anyhow!("there is no previous bundle to roll back to"));
+        }
+        let to = store.rollback()?;
+        // The previous bundle was healthy before the update.
+        store.mark_healthy()?;
+        let session = self
+            .load_slot(&to.path, &to.bundle)
+            .map_err(|r| anyhow!("previous bundle does not load: {}", r.reason))?;
+        self.set_active(session, to.bundle.clone(), None);
+        self.metrics.rollbacks.inc();
+        tracing::warn!(%reason, from = ?from.as_ref().map(|b| &b.version), to = %to.bundle.version, automatic, "Rolled back");
+        append_event(
+            &self.buffer,
+            Event::RolledBack {
+                from,
+                to: to.bundle.clone(),
+                reason: reason.to_string(),
+                automatic,
+            },
+        );
+        self.set_update_state(UpdateState::Idle);
+        Ok(to.bundle)
+    }
+
+    /// Polls the channel (or installs the bundle a command names) and
+    /// activates what passes every check. Returns the new bundle, if any.
+    pub async fn check_updates(
+        self: &Arc<Self>,
+        explicit: Option<(String, String)>,
+        allow_downgrade: bool,
+    ) -> Result<Option<BundleRef>> {
+        let _one_at_a_time = self.update_lock.lock().await;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.update_blocking(explicit, allow_downgrade))
+            .await
+            .context("update task panicked")?
+    }
+
+    fn update_blocking(
+        &self,
+        explicit: Option<(String, String)>,
+        allow_downgrade: bool,
+    ) -> Result<Option<BundleRef>> {
+        let running = self.active_bundle();
+        let (url, digest, version, size) = match explicit {
+            Some((url, digest)) => (url, digest, String::from("(commanded)"), None),
+            None => {
+                let Some(source) = &self.source else {
+                    return Ok(None);
+                };
+                let index = self.fetcher.fetch_index(source)?;
+                let e = index.latest;
+                if running.as_ref().is_some_and(|r| e.sequence <= r.sequence) {
+                    return Ok(None);
+                }
+                (e.url, e.digest, e.version, Some(e.size))
+            }
+        };
+        if running.as_ref().is_some_and(|r| r.digest == digest) {
+            return Ok(None);
+        }
+        if self.store.is_rejected(&digest) {
+            tracing::debug!(%digest, "Skipping a bundle rejected before");
+            return Ok(None);
+        }
+        let reject = |code: &'static str, reason: String| {
+            tracing::warn!(code, %reason, version = %version, "Rejected update");
+            self.metrics
+                .updates_rejected
+                .get_or_create(&crate::metrics::CodeLabel {
+                    code: code.to_string(),
+                })
+                .inc();
+            append_event(
+                &self.buffer,
+                Event::UpdateRejected {
+                    version: version.clone(),
+                    digest: Some(digest.clone()),
+                    code: code.to_string(),
+                    reason: reason.clone(),
+                },
+            );
+            self.set_update_state(UpdateState::Rejected {
+                version: version.clone(),
+                code: code.to_string(),
+                reason: reason.clone(),
+            });
+            anyhow!("update {version} rejected ({code}): {reason}")
+        };
+        self.set_update_state(UpdateState::Downloading {
+            version: version.clone(),
+            received: 0,
+            total: size.unwrap_or(0),
+        });
+        let staging = self.store.staging_dir();
+        let mut last = Instant::now();
+        let staged = self
+            .fetcher
+            .download(
+                &url,
+                &digest,
+                size,
+                self.config.updates.max_bundle_bytes,
+                &staging,
+                &mut |received, total| {
+                    if last.elapsed() > Duration::from_millis(500) {
+                        last = Instant::now();
+                        *self.update_state.lock().unwrap() = UpdateState::Downloading {
+                            version: version.clone(),
+                            received,
+                            total,
+                        };
+                    }
+                },
+            )
+            .map_err(|e| reject(e.code(), e.to_string()))?;
+        self.set_update_state(UpdateState::Verifying {
+            version: version.clone(),
+        });
+        let bytes = std::fs::read(&staged)
+            .map_err(|e| reject("io", format!("cannot read {}: {e}", staged.display())))?;
+        let (verified, session) =
+            match self.check_and_load(&bytes, running.as_ref(), allow_downgrade) {
+                Ok(v) => v,
+                Err(r) => {
+                    let _ = std::fs::remove_file(&staged);
+                    if r.code != "already_active" && r.code != "downgrade" {
+                        let _ = self.store.reject(&digest);
+                    }
+                    return Err(reject(r.code, r.reason));
+                }
+            };
+        let bundle = updates::bundle_ref(&verified);
+        self.store
+            .activate(&staged, &bundle)
+            .map_err(|e| reject(e.code(), e.to_string()))?;
+        let previous = running;
+        let probation = now_ms() + self.config.updates.probation_s * 1000;
+        self.set_active(session, bundle.clone(), Some(probation));
+        self.metrics.updates_installed.inc();
+        append_event(
+            &self.buffer,
+            Event::UpdateInstalled {
+                bundle: bundle.clone(),
+                previous,
+            },
+        );
+        let _ = self.store.gc(&[]);
+        self.refresh_status();
+        Ok(Some(bundle))
+    }
+
+    /// Acts on a command from the fleet.
+    pub async fn handle_command(self: &Arc<Self>, command: Command) {
+        let id = command.id.clone();
+        let reject = |reason: String| {
+            tracing::warn!(command = %id, %reason, "Command rejected");
+            append_event(
+                &self.buffer,
+                Event::CommandRejected {
+                    command_id: id.clone(),
+                    reason,
+                },
+            );
+        };
+        if command.schema != SCHEMA_VERSION {
+            return reject(format!(
+                "schema {} is not supported (this agent speaks {SCHEMA_VERSION})",
+                command.schema
+            ));
+        }
+        let signed = match &command.signature {
+            None => false,
+            Some(_) => match self.check_signature(&command) {
+                Ok(()) => true,
+                Err(e) => return reject(e),
+            },
+        };
+        if let Action::Install { url, .. } | Action::ShadowStart { url, .. } = &command.action {
+            // A command comes over the network: it may not make the agent read
+            // arbitrary local files (the checks would refuse them, but still).
+            if !url.starts_with("https://") && !url.starts_with("http://") {
+                return reject(format!("{url:?} is not an http(s) URL"));
+            }
+        }
+        tracing::info!(command = %id, action = ?command.action, signed, "Command");
+        match command.action {
+            Action::CheckUpdate => {
+                if let Err(e) = self.check_updates(None, false).await {
+                    tracing::warn!(error = %format!("{e:#}"), "Update check failed");
+                }
+            }
+            Action::Install { url, digest } => {
+                if let Err(e) = self.check_updates(Some((url, digest)), signed).await {
+                    tracing::warn!(error = %format!("{e:#}"), "Commanded install failed");
+                }
+            }
+            Action::Rollback { reason } => {
+                if !signed {
+                    return reject("rollback needs an operator signature".into());
+                }
+                let reason = reason.unwrap_or_else(|| format!("operator command {id}"));
+                let _guard = self.update_lock.lock().await;
+                let this = self.clone();
+                let r = tokio::task::spawn_blocking(move || this.rollback_blocking(&reason, false))
+                    .await;
+                match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => reject(format!("{e:#}")),
+                    Err(e) => reject(format!("rollback task failed: {e}")),
+                }
+            }
+            Action::ShadowStart {
+                url,
+                digest,
+                samples,
+            } => {
+                if let Err(e) = self.start_shadow(url, digest, samples).await {
+                    reject(format!("{e:#}"));
+                }
+            }
+            Action::ShadowStop => {
+                if let Some(s) = self.shadow.lock().unwrap().as_ref() {
+                    s.stop();
+                }
+            }
+            Action::Ping => {}
+        }
+        self.refresh_status();
+    }
+
+    fn check_signature(&self, command: &Command) -> Result<(), String> {
+        let sig = command.signature.as_ref().expect("checked by the caller");
+        let age_ms = now_ms().saturating_sub(command.issued_ms);
+        if age_ms > self.config.updates.max_command_age_s * 1000 {
+            return Err(format!(
+                "signed command is {} s old (limit {} s)",
+                age_ms / 1000,
+                self.config.updates.max_command_age_s
+            ));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(sig.signature.trim())
+            .map_err(|e| format!("signature is not base64: {e}"))?;
+        let fleet = &self.identity.fleet;
+        for target in [self.identity.device.as_str(), ferry_protocol::ALL_DEVICES] {
+            let message = command.signing_bytes(fleet, target);
+            if self
+                .trust
+                .verify_detached(&sig.key_id, &message, &bytes)
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "signature by {} does not verify for this device or fleet",
+            sig.key_id
+        ))
+    }
+
+    async fn start_shadow(
+        self: &Arc<Self>,
+        url: String,
+        digest: String,
+        samples: u64,
+    ) -> Result<()> {
+        let Some(active) = self.active() else {
+            return Err(anyhow!("no active bundle to compare with"));
+        };
+        let this = self.clone();
+        let (bundle, session) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let staging = this.store.staging_dir();
+            let staged = this.fetcher.download(
+                &url,
+                &digest,
+                None,
+                this.config.updates.max_bundle_bytes,
+                &staging,
+                &mut |_, _| {},
+            )?;
+            let bytes = std::fs::read(&staged)?;
+            // A candidate may have any sequence: it only runs in shadow.
+            let (verified, session) = this
+                .check_and_load(&bytes, None, true)
+                .map_err(|r| anyhow!("candidate refused ({}): {}", r.code, r.reason))?;
+            Ok((updates::bundle_ref(&verified), session))
+        })
+        .await
+        .context("shadow task panicked")??;
+        let buffer = self.buffer.clone();
+        let shadow = Shadow::start(
+            Arc::new(session),
+            bundle,
+            active.bundle.clone(),
+            samples,
+            self.config.shadow.queue,
+            Box::new(move |report| {
+                tracing::info!(compared = report.compared, agreement = ?report.top1_agreement, "Shadow run finished");
+                append_event(&buffer, Event::ShadowReport(report));
+            }),
+        );
+        if let Some(old) = self.shadow.lock().unwrap().replace(shadow) {
+            old.stop();
+        }
+        Ok(())
+    }
+}
+
+fn load_trust(config: &Config) -> Result<TrustPolicy> {
+    let mut keys = Vec::new();
+    for path in &config.paths.trusted_keys {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read trusted key {}", path.display()))?;
+        keys.extend(
+            PublicKey::all_from_pem(&text)
+                .with_context(|| format!("invalid trusted key file {}", path.display()))?,
+        );
+    }
+    TrustPolicy::with_threshold(keys, config.paths.key_threshold)
+        .context("invalid trust settings (paths.trusted_keys / key_threshold)")
+}

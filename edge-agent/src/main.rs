@@ -1,0 +1,272 @@
+//! `ferry-agent`: the on-device daemon. Thin: parses the command line, sets
+//! up logging, and runs the agent's tasks until SIGTERM (see the library's
+//! `agent` module for what they do).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_agent::agent::Agent;
+use ferry_agent::config::{Config, DEFAULT_CONFIG};
+use ferry_agent::mqtt::Reporter;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-agent",
+    version,
+    about = "Ferry's on-device agent: local predictions, signed updates, telemetry, drift, MQTT"
+)]
+struct Cli {
+    /// Configuration file (`ferry-agent init` writes a commented default).
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "FERRY_AGENT_CONFIG",
+        default_value = "/etc/ferry/agent.toml"
+    )]
+    config: PathBuf,
+    /// Log format (default: json when stderr is not a terminal, as under systemd).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Run,
+    /// Write a commented default configuration.
+    Init {
+        /// Where to write it.
+        #[arg(short, long, default_value = "agent.toml")]
+        out: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the configuration file and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command.unwrap_or(Cmd::Run) {
+        Cmd::Init { out, force } => init(&out, force),
+        Cmd::CheckConfig => Config::load(&cli.config).map(|_| {
+            eprintln!("{}: ok", cli.config.display());
+        }),
+        Cmd::Run => run(&cli.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "Agent stopped");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn init(out: &std::path::Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!("{} exists (use --force to overwrite)", out.display());
+    }
+    std::fs::write(out, DEFAULT_CONFIG)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "wrote {}: set device.id, device.fleet and paths.trusted_keys, then run `ferry-agent --config {}`",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn run(config_path: &std::path::Path) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // Inference runs on the blocking pool; two async workers are plenty
+        // for HTTP and MQTT on a small device.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let agent = tokio::task::spawn_blocking(move || Agent::open(config))
+        .await
+        .context("agent start panicked")??;
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    // HTTP.
+    let listener = tokio::net::TcpListener::bind(agent.config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", agent.config.http.listen))?;
+    let addr = listener.local_addr()?;
+    let router = ferry_agent::server::router(agent.clone());
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .context("HTTP server failed")
+    });
+    tracing::info!(%addr, "HTTP API listening");
+
+    // MQTT.
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel(32);
+    if !agent.config.mqtt.url.is_empty() {
+        let reporter = Reporter::new(
+            &agent.config.mqtt,
+            agent.identity.clone(),
+            agent.buffer.clone(),
+            agent.mqtt_stats.clone(),
+        )?;
+        let status = agent.status_receiver();
+        let stop = shutdown.clone();
+        tasks.spawn(async move { reporter.run(status, cmd_tx, stop).await });
+    } else {
+        tracing::warn!("mqtt.url is empty: telemetry stays in the local buffer");
+        drop(cmd_tx);
+    }
+
+    // Commands, one at a time, in order.
+    let a = agent.clone();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                cmd = cmd_rx.recv() => match cmd {
+                    Some(cmd) => a.handle_command(cmd).await,
+                    None => stop.cancelled().await,
+                },
+            }
+        }
+        Ok(())
+    });
+
+    // Update polling.
+    if !agent.config.updates.source.is_empty() {
+        let a = agent.clone();
+        let stop = shutdown.clone();
+        let every = agent.config.poll_interval();
+        tasks.spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = interval.tick() => {
+                        if let Err(e) = a.check_updates(None, false).await {
+                            tracing::warn!(error = %format!("{e:#}"), "Update check failed");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+
+    // Once a second: drift windows by time, probation, status; systemd watchdog.
+    let a = agent.clone();
+    let stop = shutdown.clone();
+    let watchdog = sd_watchdog_interval();
+    tasks.spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
+        let status_every = a.config.mqtt.status_interval_s.max(1);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = interval.tick() => {
+                    let agent = a.clone();
+                    // Probation verdicts may roll back (blocking work).
+                    let _ = tokio::task::spawn_blocking(move || agent.tick()).await;
+                    ticks += 1;
+                    if ticks % status_every == 0 {
+                        a.refresh_status();
+                    }
+                    if watchdog.is_some() {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(device = %agent.identity.device, fleet = %agent.identity.fleet, "Agent ready");
+
+    // Run until a signal, or until a task fails.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    let outcome = tokio::select! {
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
+        Some(r) = tasks.join_next() => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
+        },
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    // Give the tasks (the MQTT task publishes an offline status and waits for
+    // in-flight acknowledgements) a bounded time to finish.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("Tasks did not stop within 10 s");
+    }
+    let buffer = agent.buffer.clone();
+    match tokio::task::spawn_blocking(move || buffer.flush()).await {
+        Ok(Ok(())) => tracing::info!("Buffer flushed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "Buffer flush failed"),
+        Err(e) => tracing::error!(error = %e, "Buffer flush panicked"),
+    }
+    drop(Arc::clone(&agent));
+    outcome
+}
+
+/// systemd's watchdog interval when it asked for one (WATCHDOG_USEC).
+fn sd_watchdog_interval() -> Option<Duration> {
+    let mut usec = 0u64;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+}

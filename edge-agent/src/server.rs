@@ -1,0 +1,200 @@
+//! The local HTTP API (axum).
+//!
+//! - `POST /v1/predict`: the request forms of `ferry run` (JSON rows or
+//!   tensors, CSV, PNG, JPEG) by `Content-Type`; answers the bundle's JSON.
+//! - `GET /v1/model`: the active bundle (name, version, digest, sequence...).
+//! - `GET /v1/drift`: the latest drift window of the active bundle.
+//! - `GET /v1/status`: what the agent publishes as its MQTT status.
+//! - `GET /healthz`: 200 while a bundle serves, 503 otherwise.
+//! - `GET /metrics`: Prometheus text format.
+//!
+//! Every error is JSON `{"error": "...", "code": "..."}` with a 4xx status
+//! when the request is at fault (400 bad input, 413 body over
+//! `http.max_body_bytes`, 415 missing content type) and 5xx otherwise (500
+//! the bundle failed, 503 no bundle or too busy).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::agent::{Agent, PredictError};
+
+struct Ctx {
+    agent: Arc<Agent>,
+    /// Bounds requests being processed; waiting ones queue in the runtime.
+    permits: Semaphore,
+}
+
+/// The router, for `axum::serve` (and for tests on `127.0.0.1:0`).
+pub fn router(agent: Arc<Agent>) -> Router {
+    let limit = agent.config.http.max_body_bytes;
+    let permits = Semaphore::new(agent.config.http.max_concurrency);
+    let ctx = Arc::new(Ctx { agent, permits });
+    Router::new()
+        .route("/v1/predict", post(predict))
+        .route("/v1/model", get(model))
+        .route("/v1/drift", get(drift))
+        .route("/v1/status", get(status))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(ctx)
+}
+
+fn too_large(limit: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("request body is over the {limit}-byte limit (http.max_body_bytes)"),
+    )
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": message.into(), "code": code})),
+    )
+        .into_response()
+}
+
+async fn predict(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let limit = ctx.agent.config.http.max_body_bytes;
+    let body = match body {
+        Ok(b) if b.len() <= limit => b,
+        Ok(_) => return too_large(limit),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(limit),
+        Err(e) => return error(e.status(), "bad_body", e.body_text()),
+    };
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|v| !v.is_empty())
+    else {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "no_content_type",
+            "set Content-Type: application/json, text/csv, image/png or image/jpeg",
+        );
+    };
+    if body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "empty_body",
+            "request body is empty",
+        );
+    }
+    let Ok(_permit) = ctx.permits.acquire().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "shutting down",
+        );
+    };
+    let agent = ctx.agent.clone();
+    let result = tokio::task::spawn_blocking(move || agent.predict(&content_type, &body)).await;
+    match result {
+        Ok(Ok(json)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json,
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            let status = match &e {
+                PredictError::NoBundle => StatusCode::SERVICE_UNAVAILABLE,
+                PredictError::BadInput { .. } => StatusCode::BAD_REQUEST,
+                PredictError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e.code(), e.to_string())
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "panic",
+            format!("prediction task failed: {e}"),
+        ),
+    }
+}
+
+async fn model(State(ctx): State<Arc<Ctx>>) -> Response {
+    let Some(active) = ctx.agent.active() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_bundle",
+            "no model is loaded",
+        );
+    };
+    let m = active.session.manifest();
+    let b = &active.bundle;
+    axum::Json(json!({
+        "name": b.name,
+        "version": b.version,
+        "digest": b.digest,
+        "sequence": b.sequence,
+        "fleet": b.fleet,
+        "channel": b.channel,
+        "description": m.description,
+        "activated_ms": active.activated_ms,
+        "inputs": m.model.inputs,
+        "outputs": m.model.outputs,
+        "previous": ctx.agent.previous_bundle(),
+        "update": ctx.agent.update_state(),
+    }))
+    .into_response()
+}
+
+async fn drift(State(ctx): State<Arc<Ctx>>) -> Response {
+    match ctx.agent.latest_drift() {
+        Some(r) => axum::Json(r).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no_drift_report",
+            "no drift window has closed yet (or the bundle has no baseline)",
+        ),
+    }
+}
+
+async fn status(State(ctx): State<Arc<Ctx>>) -> Response {
+    axum::Json(ctx.agent.status()).into_response()
+}
+
+async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
+    match ctx.agent.active_bundle() {
+        Some(b) => axum::Json(json!({"status": "ok", "bundle": b.version})).into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_bundle",
+            "no model is loaded",
+        ),
+    }
+}
+
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ctx.agent.metrics_text(),
+    )
+        .into_response()
+}

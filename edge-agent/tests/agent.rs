@@ -1,0 +1,380 @@
+//! The whole daemon: the real `ferry-agent` binary with real bundles, a real
+//! update channel and (where MQTT is involved) a real mosquitto.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::device::{Device, Setup, iris_batch, iris_request, iris_rows};
+use crate::fixtures::{self, bundles, publish};
+
+/// The digits CNN packed for the iris fleet and channel with sequence 3: it
+/// passes every check and its golden examples, but iris requests fail on it
+/// (a "bad release" for the automatic rollback tests).
+fn bad_release() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let b = bundles();
+        let out = b.path("digits-v3.ferry");
+        let o = fixtures::ferry()
+            .arg("pack")
+            .arg(fixtures::examples().join("digits"))
+            .arg("--key")
+            .arg(b.path("release.key"))
+            .arg("-o")
+            .arg(&out)
+            .args([
+                "--sequence",
+                "3",
+                "--fleet",
+                fixtures::FLEET,
+                "--channel",
+                fixtures::CHANNEL,
+            ])
+            .args(["--level", "3"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    })
+    .clone()
+}
+
+fn setosa() -> Value {
+    iris_request([5.4, 3.4, 1.7, 0.2])
+}
+
+fn label_of(response: &Value) -> String {
+    // The standard classification postprocess: {"predictions": [{"label": ...}]}.
+    let p = &response["predictions"][0];
+    p["label"]
+        .as_str()
+        .or_else(|| p["top"][0]["label"].as_str())
+        .unwrap_or_else(|| panic!("no label in {response}"))
+        .to_string()
+}
+
+#[test]
+fn serves_predictions_and_describes_itself() {
+    let d = Device::start(Setup::new("http-1"));
+    let (status, r) = d.predict_json(&setosa());
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(label_of(&r), "setosa");
+    let (status, m) = d.get("/v1/model");
+    assert_eq!(status, 200);
+    assert_eq!(m["name"], "iris");
+    assert_eq!(m["sequence"], 1);
+    assert_eq!(m["digest"], bundles().digest(fixtures::V1));
+    assert_eq!(d.get("/healthz").0, 200);
+    let metrics = d.metrics();
+    for family in [
+        "ferry_predictions_total 1",
+        "ferry_prediction_latency_seconds_bucket",
+        "ferry_buffer_records",
+        "ferry_buffer_bytes",
+        "ferry_buffer_dropped_records_total",
+        "ferry_update_state{state=\"idle\"} 1",
+        "ferry_mqtt_connected 0",
+        "ferry_bundle_info{",
+    ] {
+        assert!(metrics.contains(family), "missing {family}:\n{metrics}");
+    }
+}
+
+#[test]
+fn bad_requests_get_clear_4xx_and_nothing_breaks() {
+    let d = Device::start(Setup::new("http-2"));
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        ("empty body", Some("application/json"), vec![], 400, "empty"),
+        ("no content type", None, setosa().to_string().into_bytes(), 415, "Content-Type"),
+        ("not JSON", Some("application/json"), b"{not json".to_vec(), 400, ""),
+        ("NaN literal", Some("application/json"),
+            br#"{"record": {"sepal_length": NaN, "sepal_width": 1, "petal_length": 1, "petal_width": 1}}"#.to_vec(), 400, ""),
+        ("wrong feature type", Some("application/json"),
+            br#"{"record": {"sepal_length": "long", "sepal_width": 1, "petal_length": 1, "petal_width": 1}}"#.to_vec(), 400, "sepal_length"),
+        ("wrong tensor shape", Some("application/json"),
+            br#"{"inputs": {"float_input": {"shape": [1, 3], "data": [1, 2, 3]}}}"#.to_vec(), 400, ""),
+        ("image for a tabular model", Some("image/png"), b"\x89PNG\r\n\x1a\nxxxx".to_vec(), 400, ""),
+        ("oversized", Some("application/json"), vec![b' '; 2 * 1024 * 1024], 413, "limit"),
+    ];
+    for (what, ct, body, want, needle) in cases {
+        let (status, r) = d.post_alone(ct, &body);
+        assert_eq!(status, want, "{what}: {r}");
+        let message = r["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no error field in {r}"));
+        assert!(
+            !message.is_empty() && message.contains(needle),
+            "{what}: {message}"
+        );
+        assert!(r["code"].is_string(), "{what}: {r}");
+    }
+    // Still serving, and the failures were counted.
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    assert!(
+        d.metrics()
+            .contains("ferry_prediction_errors_total{code=\"bad_input\"}")
+    );
+}
+
+#[test]
+fn concurrent_requests_are_all_answered_correctly() {
+    let d = Device::start(Setup::new("http-3"));
+    let rows = iris_rows("iris_test.csv");
+    // The expected label of each row, asked one at a time first.
+    let expected: Vec<String> = rows
+        .iter()
+        .map(|r| label_of(&d.predict_json(&iris_request(*r)).1))
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (d, rows, expected) = (&d, &rows, &expected);
+            s.spawn(move || {
+                for round in 0..5 {
+                    for (i, r) in rows.iter().enumerate() {
+                        if (i + t + round) % 3 != 0 {
+                            continue;
+                        }
+                        let (status, resp) = d.predict_json(&iris_request(*r));
+                        assert_eq!(status, 200, "{resp}");
+                        assert_eq!(label_of(&resp), expected[i]);
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn shifted_inputs_are_reported_as_drift() {
+    let mut setup = Setup::new("drift-1");
+    setup.window_predictions = 1000;
+    let d = Device::start(setup);
+    assert_eq!(d.get("/v1/drift").0, 404);
+    let rows = iris_rows("current_shifted.csv");
+    assert_eq!(rows.len(), 1000);
+    for chunk in rows.chunks(50) {
+        let (status, r) = d.predict_json(&iris_batch(chunk));
+        assert_eq!(status, 200, "{r}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (status, r) = d.get("/v1/drift");
+        if status == 200 {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no drift report:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut drifted: Vec<&str> = report["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["drifted"] == true)
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    drifted.sort();
+    // The same verdict as the foundation's `ferry drift` test on this data.
+    assert_eq!(drifted, ["petal_length", "petal_width"], "{report:#}");
+    assert_eq!(report["rows"], 1000);
+    let metrics = d.metrics();
+    assert!(
+        metrics.contains("ferry_drift_drifted{feature=\"petal_length\""),
+        "{metrics}"
+    );
+
+    // The same data from the baseline's distribution: no drift.
+    let mut setup = Setup::new("drift-2");
+    setup.window_predictions = 1000;
+    let d = Device::start(setup);
+    for chunk in iris_rows("current_same.csv").chunks(50) {
+        assert_eq!(d.predict_json(&iris_batch(chunk)).0, 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (status, r) = d.get("/v1/drift");
+        if status == 200 {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no drift report");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(report["drifted_features"], 0, "{report:#}");
+}
+
+/// Publishes `fixture` on the channel and waits until the agent refuses it
+/// with `code`; the old bundle keeps serving throughout.
+fn expect_refused(d: &Device, channel: &std::path::Path, fixture: &str, code: &str) {
+    publish(channel, &bundles().path(fixture));
+    d.wait_status(
+        Duration::from_secs(30),
+        &format!("{fixture} refused"),
+        |s| s["update"]["state"] == "rejected" && s["update"]["code"] == code,
+    );
+    assert_eq!(d.model(), ("1.0.0".to_string(), 1), "{fixture}");
+    let (status, r) = d.predict_json(&setosa());
+    assert_eq!(
+        (status, label_of(&r)),
+        (200, "setosa".to_string()),
+        "{fixture}"
+    );
+}
+
+#[test]
+fn bad_updates_are_refused_while_the_old_bundle_serves_then_a_good_one_installs() {
+    let channel = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new("upd-1");
+    setup.source = Some(channel.path().display().to_string());
+    let d = Device::start(setup);
+    let cases = [
+        (fixtures::TAMPERED_MANIFEST, "bad_signature"),
+        (fixtures::UNSIGNED, "unsigned"),
+        (fixtures::UNTRUSTED, "untrusted_key"),
+        (fixtures::WRONG_FLEET, "wrong_fleet"),
+        (fixtures::WRONG_CHANNEL, "wrong_channel"),
+        (fixtures::GOLDEN_FAILS, "golden_failed"),
+    ];
+    for (fixture, code) in cases {
+        expect_refused(&d, channel.path(), fixture, code);
+    }
+    // A good update installs, keeps the previous bundle for rollback.
+    publish(channel.path(), &bundles().path(fixtures::V2));
+    d.wait_status(Duration::from_secs(30), "v2 installed", |s| {
+        s["bundle"]["sequence"] == 2
+    });
+    let s = d.status();
+    assert_eq!(s["previous"]["sequence"], 1);
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    // Publishing v1 again is a downgrade: ignored by the poller (sequence
+    // not higher), so the state never changes to v1.
+    publish(channel.path(), &bundles().path(fixtures::V1));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.model().1, 2);
+    assert!(d.metrics().contains("ferry_updates_installed_total 1"));
+}
+
+#[test]
+fn a_bundle_with_a_high_error_rate_is_rolled_back_by_itself() {
+    let channel = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new("rb-1");
+    setup.source = Some(channel.path().display().to_string());
+    let d = Device::start(setup);
+    publish(channel.path(), &bad_release());
+    d.wait_status(Duration::from_secs(60), "v3 installed", |s| {
+        s["bundle"]["sequence"] == 3
+    });
+    assert_eq!(d.status()["update"]["state"], "probation");
+    // The fleet's traffic is iris: every request fails on the digits model.
+    for _ in 0..15 {
+        let (status, _) = d.predict_json(&setosa());
+        assert_eq!(status, 400);
+    }
+    let s = d.wait_status(Duration::from_secs(30), "rolled back", |s| {
+        s["bundle"]["sequence"] == 1
+    });
+    assert_eq!(s["update"]["state"], "idle", "{s}");
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    assert!(d.metrics().contains("ferry_rollbacks_total 1"));
+    // The bad release stays refused: the poller does not reinstall it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.model().1, 1);
+}
+
+#[test]
+fn a_crash_looping_agent_rolls_back_its_new_bundle() {
+    let channel = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new("rb-2");
+    setup.source = Some(channel.path().display().to_string());
+    let mut d = Device::start(setup);
+    publish(channel.path(), &bundles().path(fixtures::V2));
+    d.wait_status(Duration::from_secs(30), "v2 installed", |s| {
+        s["bundle"]["sequence"] == 2
+    });
+    // Take the channel away so the poller cannot reinstall v2 by itself.
+    std::fs::remove_file(channel.path().join("index.json")).unwrap();
+    // Crash right after every start while v2 is on probation.
+    for _ in 0..3 {
+        d.kill9();
+        d.spawn();
+        d.wait_ready();
+        assert_eq!(d.model().1, 2);
+    }
+    d.kill9();
+    d.spawn();
+    d.wait_ready();
+    assert_eq!(
+        d.model().1,
+        1,
+        "not rolled back after 4 starts:\n{}",
+        d.log_text()
+    );
+    assert!(d.log_text().contains("crash loop"), "{}", d.log_text());
+}
+
+#[test]
+fn sigterm_stops_cleanly() {
+    let mut d = Device::start(Setup::new("term-1"));
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    let status = d.terminate();
+    assert!(status.success(), "{status}:\n{}", d.log_text());
+    assert!(d.log_text().contains("Buffer flushed"), "{}", d.log_text());
+    // It starts again on the same state, with the same bundle.
+    d.spawn();
+    d.wait_ready();
+    assert_eq!(d.model().1, 1);
+}
+
+#[test]
+fn init_writes_a_config_that_check_config_accepts_after_editing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("agent.toml");
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::device::agent_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["init", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Refuses to overwrite.
+    let o = run(&["init", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    // As written it names a key that does not exist here; point it at ours.
+    let text = std::fs::read_to_string(&out).unwrap().replace(
+        "/etc/ferry/keys/release.pub",
+        bundles().path("release.pub").to_str().unwrap(),
+    );
+    std::fs::write(&out, text).unwrap();
+    let o = run(&["--config", out.to_str().unwrap(), "check-config"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A typo is refused with the key's name.
+    let text = std::fs::read_to_string(&out)
+        .unwrap()
+        .replace("poll_interval_s", "poll_intervall_s");
+    std::fs::write(&out, text).unwrap();
+    let o = run(&["--config", out.to_str().unwrap(), "check-config"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("poll_intervall_s"));
+}
+
+#[test]
+fn no_bundle_means_503_not_a_crash() {
+    let mut setup = Setup::new("empty-1");
+    setup.initial = None;
+    let mut d = Device::create(setup);
+    d.spawn();
+    d.wait_listening();
+    assert_eq!(d.get("/healthz").0, 503);
+    let (status, r) = d.predict_json(&setosa());
+    assert_eq!(status, 503, "{r}");
+    assert_eq!(r["code"], "no_bundle");
+    assert!(d.is_running());
+    let _ = json!({});
+}

@@ -1,0 +1,434 @@
+//! The real `ferry-agent` binary reporting to a real mosquitto: outages,
+//! SIGKILL, the last will, and commands from the fleet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use base64::Engine as _;
+use ferry_protocol::{Action, Command, OperatorSignature, SCHEMA_VERSION, Stream, Topic, topic};
+use ferry_runtime::SecretKey;
+use serde_json::Value;
+
+use crate::broker::{Message, Mosquitto, Subscriber, SubscriberOptions};
+use crate::device::{Device, Setup, iris_request};
+use crate::fixtures::{self, ChannelServer, bundles};
+
+const FLEET: &str = fixtures::FLEET;
+
+fn t(device: &str, which: Topic) -> String {
+    topic(FLEET, device, which)
+}
+
+/// Record ids (with multiplicity) of every batch received on a stream topic.
+fn record_ids(messages: &[Message]) -> Vec<u64> {
+    messages
+        .iter()
+        .flat_map(|m| {
+            let batch = m.json();
+            batch["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn events(messages: &[Message]) -> Vec<Value> {
+    messages
+        .iter()
+        .flat_map(|m| m.json()["records"].as_array().unwrap().clone())
+        .collect()
+}
+
+/// A persistent-session subscriber for a device's streams: the broker
+/// queues what arrives while it is away (broker restarts included).
+async fn watch(broker: &Mosquitto, device: &str) -> Subscriber {
+    let filters = [
+        t(device, Topic::Stream(Stream::Telemetry)),
+        t(device, Topic::Stream(Stream::Events)),
+        t(device, Topic::Status),
+    ];
+    let options = SubscriberOptions {
+        clean_session: false,
+        client_id: format!("watch-{device}"),
+        ..SubscriberOptions::admin(&filters.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    Subscriber::connect(broker, options).await
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_predictions_during_a_broker_outage_all_arrive() {
+    let device = "mq-outage";
+    let mut broker = Mosquitto::start(&[device]);
+    let sub = watch(&broker, device).await;
+    let d = blocking({
+        let setup = Setup::new(device).mqtt(&broker);
+        move || Device::start(setup)
+    })
+    .await;
+    let telemetry = t(device, Topic::Stream(Stream::Telemetry));
+    // Connected and reporting.
+    let d = blocking(move || {
+        assert_eq!(d.predict_json(&iris_request([5.4, 3.4, 1.7, 0.2])).0, 200);
+        d
+    })
+    .await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), |m| m
+            .iter()
+            .any(|m| m.topic == telemetry))
+            .await,
+        "nothing reported before the outage"
+    );
+
+    broker.stop();
+    let d = blocking(move || {
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let d = &d;
+                s.spawn(move || {
+                    for i in 0..1250 {
+                        let x = 4.5 + (i % 30) as f64 * 0.1;
+                        let (status, r) = d.predict_json(&iris_request([x, 3.0, 1.5, 0.2]));
+                        assert_eq!(status, 200, "{r}");
+                    }
+                });
+            }
+        });
+        d
+    })
+    .await;
+    broker.restart();
+
+    let total = 10_001;
+    let arrived = sub
+        .wait_for(Duration::from_secs(120), |m| {
+            let msgs: Vec<Message> = m.iter().filter(|m| m.topic == telemetry).cloned().collect();
+            record_ids(&msgs).into_iter().collect::<BTreeSet<_>>().len() >= total
+        })
+        .await;
+    let ids = record_ids(&sub.on(&telemetry));
+    let distinct: BTreeSet<u64> = ids.iter().copied().collect();
+    assert!(
+        arrived,
+        "only {} of {total} records arrived\n{}",
+        distinct.len(),
+        d.log_text()
+    );
+    assert_eq!(distinct.len(), total);
+    // Duplicates only within the in-flight window (16 batches).
+    let duplicates = ids.len() - distinct.len();
+    let per_batch = ids.len() / sub.on(&telemetry).len().max(1) + 1;
+    assert!(duplicates <= 16 * per_batch * 2, "{duplicates} duplicates");
+    // Everything acknowledged leaves the buffer.
+    blocking(move || {
+        d.wait_status(Duration::from_secs(30), "buffer drained", |s| {
+            s["buffer"]["records"].as_u64() == Some(0)
+        });
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_flushed_before_a_sigkill_are_delivered_after_restart() {
+    let device = "mq-kill";
+    let mut broker = Mosquitto::start(&[device]);
+    let sub = watch(&broker, device).await;
+    let mut d = blocking({
+        let setup = Setup::new(device).mqtt(&broker);
+        move || Device::start(setup)
+    })
+    .await;
+    broker.stop();
+    d = blocking(move || {
+        for i in 0..500 {
+            let x = 4.5 + (i % 30) as f64 * 0.1;
+            assert_eq!(d.predict_json(&iris_request([x, 3.0, 1.5, 0.2])).0, 200);
+        }
+        // flush_interval_ms is 100 in the test config: wait for a few flushes.
+        std::thread::sleep(Duration::from_millis(600));
+        d.kill9();
+        d
+    })
+    .await;
+    broker.restart();
+    d = blocking(move || {
+        d.spawn();
+        d.wait_ready();
+        d
+    })
+    .await;
+    let telemetry = t(device, Topic::Stream(Stream::Telemetry));
+    let ok = sub
+        .wait_for(Duration::from_secs(60), |m| {
+            let msgs: Vec<Message> = m.iter().filter(|m| m.topic == telemetry).cloned().collect();
+            record_ids(&msgs).into_iter().collect::<BTreeSet<_>>().len() >= 500
+        })
+        .await;
+    let distinct: BTreeSet<u64> = record_ids(&sub.on(&telemetry)).into_iter().collect();
+    assert!(
+        ok,
+        "{} of 500 records arrived after the SIGKILL\n{}",
+        distinct.len(),
+        d.log_text()
+    );
+    let ok_records: usize = sub
+        .on(&telemetry)
+        .iter()
+        .flat_map(|m| m.json()["records"].as_array().unwrap().clone())
+        .filter(|r| r["ok"] == true)
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect::<BTreeSet<_>>()
+        .len();
+    assert_eq!(ok_records, 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retained_status_and_last_will() {
+    let device = "mq-will";
+    let broker = Mosquitto::start(&[device]);
+    let status_topic = t(device, Topic::Status);
+    let sub = Subscriber::connect(&broker, SubscriberOptions::admin(&[&status_topic])).await;
+    let mut d = blocking({
+        let setup = Setup::new(device).mqtt(&broker);
+        move || Device::start(setup)
+    })
+    .await;
+    let online = |want: bool| {
+        let status_topic = status_topic.clone();
+        move |m: &[Message]| {
+            m.iter()
+                .rev()
+                .find(|m| m.topic == status_topic)
+                .is_some_and(|m| m.json()["online"] == want)
+        }
+    };
+    assert!(
+        sub.wait_for(Duration::from_secs(30), online(true)).await,
+        "no online status"
+    );
+    let last = sub.on(&status_topic).pop().unwrap().json();
+    assert_eq!(last["bundle"]["sequence"], 1);
+    assert_eq!(last["schema"], SCHEMA_VERSION);
+    // Killed: the broker publishes the last will.
+    d = blocking(move || {
+        d.kill9();
+        d
+    })
+    .await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), online(false)).await,
+        "no last will after SIGKILL"
+    );
+    // A new subscriber sees the retained offline status.
+    let late = Subscriber::connect(&broker, SubscriberOptions::admin(&[&status_topic])).await;
+    assert!(late.wait_for(Duration::from_secs(10), online(false)).await);
+    assert!(late.on(&status_topic)[0].retain);
+    // Back online, then a graceful stop says offline too.
+    d = blocking(move || {
+        d.spawn();
+        d.wait_ready();
+        d
+    })
+    .await;
+    assert!(sub.wait_for(Duration::from_secs(30), online(true)).await);
+    blocking(move || {
+        assert!(d.terminate().success());
+    })
+    .await;
+    assert!(sub.wait_for(Duration::from_secs(30), online(false)).await);
+}
+
+fn command(id: &str, action: Action) -> Command {
+    Command {
+        schema: SCHEMA_VERSION,
+        id: id.into(),
+        issued_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+        action,
+        signature: None,
+    }
+}
+
+fn sign(mut c: Command, device: &str) -> Command {
+    let key = SecretKey::from_pem(&std::fs::read_to_string(bundles().path("release.key")).unwrap())
+        .unwrap();
+    let sig = key.sign_detached(&c.signing_bytes(FLEET, device));
+    c.signature = Some(OperatorSignature {
+        key_id: key.key_id().to_string(),
+        signature: base64::engine::general_purpose::STANDARD.encode(sig),
+    });
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_install_roll_back_and_shadow() {
+    let device = "mq-cmd";
+    let broker = Mosquitto::start(&[device]);
+    let sub = watch(&broker, device).await;
+    let channel_dir = tempfile::tempdir().unwrap();
+    bundles().copy_to(fixtures::V2, channel_dir.path());
+    let server = ChannelServer::start(channel_dir.path());
+    let d = blocking({
+        let setup = Setup::new(device).mqtt(&broker);
+        move || Device::start(setup)
+    })
+    .await;
+    let cmd_topic = t(device, Topic::Command);
+    let all_topic = topic(FLEET, ferry_protocol::ALL_DEVICES, Topic::Command);
+    let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
+    // Wait until the agent is connected (online status seen).
+    let status_topic = t(device, Topic::Status);
+    assert!(
+        sub.wait_for(Duration::from_secs(30), |m| m
+            .iter()
+            .any(|m| m.topic == status_topic && m.json()["online"] == true))
+            .await
+    );
+    let v2 = bundles().digest(fixtures::V2);
+    let install = command(
+        "c-install",
+        Action::Install {
+            url: server.url(fixtures::V2),
+            digest: v2.clone(),
+        },
+    );
+    admin
+        .publish(&all_topic, serde_json::to_vec(&install).unwrap())
+        .await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "v2 installed by command", |s| {
+            s["bundle"]["sequence"] == 2
+        });
+        d
+    })
+    .await;
+
+    // An unsigned rollback is refused; a signed one goes back to v1.
+    let unsigned = command("c-rb-unsigned", Action::Rollback { reason: None });
+    admin
+        .publish(&cmd_topic, serde_json::to_vec(&unsigned).unwrap())
+        .await;
+    let events_topic = t(device, Topic::Stream(Stream::Events));
+    let rejected = |id: &'static str| {
+        let events_topic = events_topic.clone();
+        move |m: &[Message]| {
+            let evs: Vec<Message> = m
+                .iter()
+                .filter(|m| m.topic == events_topic)
+                .cloned()
+                .collect();
+            events(&evs)
+                .iter()
+                .any(|e| e["event"] == "command_rejected" && e["command_id"] == id)
+        }
+    };
+    assert!(
+        sub.wait_for(Duration::from_secs(30), rejected("c-rb-unsigned"))
+            .await
+    );
+    let forged = {
+        let mut c = sign(
+            command("c-rb-forged", Action::Rollback { reason: None }),
+            device,
+        );
+        c.id = "c-rb-forged-2".into(); // the signature no longer matches
+        c
+    };
+    admin
+        .publish(&cmd_topic, serde_json::to_vec(&forged).unwrap())
+        .await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), rejected("c-rb-forged-2"))
+            .await
+    );
+    let signed = sign(
+        command(
+            "c-rb",
+            Action::Rollback {
+                reason: Some("operator test".into()),
+            },
+        ),
+        device,
+    );
+    admin
+        .publish(&cmd_topic, serde_json::to_vec(&signed).unwrap())
+        .await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "rolled back by command", |s| {
+            s["bundle"]["sequence"] == 1
+        });
+        d
+    })
+    .await;
+
+    // Shadow: v2 (the same model) on live traffic agrees completely.
+    let shadow = command(
+        "c-shadow",
+        Action::ShadowStart {
+            url: server.url(fixtures::V2),
+            digest: v2,
+            samples: 20,
+        },
+    );
+    admin
+        .publish(&cmd_topic, serde_json::to_vec(&shadow).unwrap())
+        .await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "shadow running", |s| {
+            !s["shadow"].is_null()
+        });
+        for i in 0..40 {
+            let x = 4.5 + (i % 30) as f64 * 0.1;
+            assert_eq!(
+                d.predict_json(&iris_request([x, 3.0, 1.5 + (i % 5) as f64, 0.2]))
+                    .0,
+                200
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        d
+    })
+    .await;
+    let report = |m: &[Message]| {
+        let evs: Vec<Message> = m
+            .iter()
+            .filter(|m| m.topic == events_topic)
+            .cloned()
+            .collect();
+        events(&evs)
+            .into_iter()
+            .find(|e| e["event"] == "shadow_report")
+    };
+    assert!(
+        sub.wait_for(Duration::from_secs(30), |m| report(m).is_some())
+            .await,
+        "no shadow report\n{}",
+        d.log_text()
+    );
+    let r = report(&sub.messages()).unwrap();
+    assert_eq!(r["compared"], 20, "{r}");
+    assert_eq!(r["top1_agreement"], 1.0, "{r}");
+    assert!(r["mean_abs_diff"].as_f64().unwrap() < 1e-9, "{r}");
+    assert_eq!(r["candidate"]["sequence"], 2);
+    assert_eq!(r["stopped_early"], false);
+    // The event log tells the story, in order.
+    let kinds: Vec<String> = events(&sub.on(&events_topic))
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    let mut counts = BTreeMap::new();
+    for k in &kinds {
+        *counts.entry(k.as_str()).or_insert(0) += 1;
+    }
+    assert!(counts.contains_key("update_installed"), "{kinds:?}");
+    assert!(counts.contains_key("rolled_back"), "{kinds:?}");
+}
