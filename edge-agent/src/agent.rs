@@ -99,7 +99,14 @@ pub struct Agent {
     predictions: AtomicU64,
     errors: AtomicU64,
     started: Instant,
+    /// Ids of the latest commands acted on: QoS 1 with a persistent session
+    /// may deliver a command twice.
+    recent_commands: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Command ids remembered for de-duplication: far more than a broker
+/// redelivers after a reconnect (its in-flight window).
+const RECENT_COMMANDS: usize = 256;
 
 impl Agent {
     /// Opens the state directory and the buffer, installs the initial bundle
@@ -158,6 +165,7 @@ impl Agent {
             predictions: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             started: Instant::now(),
+            recent_commands: Mutex::new(std::collections::VecDeque::new()),
         });
         agent.boot()?;
         agent.refresh_status();
@@ -714,6 +722,17 @@ impl Agent {
     /// Acts on a command from the fleet.
     pub async fn handle_command(self: &Arc<Self>, command: Command) {
         let id = command.id.clone();
+        {
+            let mut recent = self.recent_commands.lock().unwrap();
+            if recent.contains(&id) {
+                tracing::debug!(command = %id, "Duplicate command ignored");
+                return;
+            }
+            if recent.len() == RECENT_COMMANDS {
+                recent.pop_front();
+            }
+            recent.push_back(id.clone());
+        }
         let reject = |reason: String| {
             tracing::warn!(command = %id, %reason, "Command rejected");
             append_event(

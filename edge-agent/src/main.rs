@@ -204,7 +204,11 @@ async fn serve(config: Config) -> Result<()> {
     // Once a second: drift windows by time, probation, status; systemd watchdog.
     let a = agent.clone();
     let stop = shutdown.clone();
+    // Pinged every second: systemd units should give WatchdogSec of 2 s or more.
     let watchdog = sd_watchdog_interval();
+    if let Some(timeout) = watchdog.filter(|t| *t < Duration::from_secs(2)) {
+        tracing::warn!(?timeout, "The systemd watchdog timeout is under 2 s; pings come every second");
+    }
     tasks.spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         let mut ticks = 0u64;
@@ -265,8 +269,14 @@ async fn serve(config: Config) -> Result<()> {
     outcome
 }
 
-/// systemd's watchdog interval when it asked for one (WATCHDOG_USEC).
+/// systemd's watchdog timeout when it asked for pings (WATCHDOG_USEC), with
+/// libsystemd's rule: WATCHDOG_PID, when set, must be this process. (The
+/// sd-notify crate also requires WATCHDOG_PID to be set, which is stricter
+/// than systemd.)
 fn sd_watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => (usec > 0).then(|| Duration::from_micros(usec)),
+    }
 }

@@ -378,3 +378,41 @@ fn no_bundle_means_503_not_a_crash() {
     assert!(d.is_running());
     let _ = json!({});
 }
+
+#[test]
+fn tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut setup = Setup::new("sd-1");
+    setup.env = vec![
+        ("NOTIFY_SOCKET".into(), socket_path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "2000000".into()),
+    ];
+    let mut d = Device::create(setup);
+    d.spawn();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    // READY=1 once serving, then WATCHDOG=1 pings.
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{e}; got {seen:?}\n{}", d.log_text()));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // Ready means ready: the API answers.
+    d.wait_ready();
+    assert!(d.terminate().success());
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM; got {seen:?}");
+}

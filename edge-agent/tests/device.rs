@@ -29,6 +29,8 @@ pub struct Setup {
     pub mqtt_port: Option<u16>,
     /// Extra TOML appended to the generated configuration (sections only).
     pub extra: String,
+    /// Extra environment variables for the process.
+    pub env: Vec<(String, String)>,
     pub probation_s: u64,
     pub window_predictions: u64,
 }
@@ -42,6 +44,7 @@ impl Setup {
             source: None,
             mqtt_port: None,
             extra: String::new(),
+            env: Vec::new(),
             probation_s: 300,
             window_predictions: 1000,
         }
@@ -145,6 +148,7 @@ impl Device {
             .args(["--log-format", "json"])
             .env("FERRY_TEST_MQTT_PASSWORD", password(&self.setup.device))
             .env("FERRY_LOG", "info")
+            .envs(self.setup.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
