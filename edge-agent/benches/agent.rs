@@ -63,7 +63,7 @@ fn start_agent(dir: &Path, bundle: &Path, public: &Path) -> Running {
     let port = free_port();
     let config = format!(
         "[device]\nid = \"bench\"\nfleet = \"demo\"\n\n[paths]\nstate_dir = \"{}\"\ninitial_bundle = \"{}\"\ntrusted_keys = [\"{}\"]\n\n\
-         [http]\nlisten = \"127.0.0.1:{port}\"\n\n[telemetry]\nsample_rate = 0.0\n",
+         [http]\nlisten = \"127.0.0.1:{port}\"\n\n[telemetry]\nsample_rate = 0.0\n[drift]\nwindow_predictions = 100000000\n",
         dir.join("state").display(),
         bundle.display(),
         public.display()
@@ -173,10 +173,39 @@ fn main() {
             }
             over_http.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
         }
+        // The transport alone: a request that does no inference.
+        let mut health = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            for _ in 0..n {
+                let mut r = http.get(format!("{}/healthz", agent.url)).call().unwrap();
+                r.body_mut().read_to_vec().unwrap();
+            }
+            health.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
+        }
+        let floor = median(health);
+        // A POST with a body that the server refuses before inference.
+        let mut refused = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            for _ in 0..n {
+                let r = http
+                    .post(format!("{}/v1/predict", agent.url))
+                    .header("Content-Type", *content_type)
+                    .config()
+                    .http_status_as_error(false)
+                    .build()
+                    .send(&b""[..])
+                    .unwrap();
+                assert_eq!(r.status(), 400);
+            }
+            refused.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
+        }
+        let post_floor = median(refused);
         let (i, h) = (median(inproc), median(over_http));
         let busy = rss_kib(agent.child.id());
         println!(
-            "{name}: idle RSS {:.1} MiB (after {} requests: {:.1} MiB); in-process infer {i:.1} us; HTTP predict {h:.1} us; HTTP layer adds {:.1} us ({:.2}x)",
+            "{name}: idle RSS {:.1} MiB (after {} requests: {:.1} MiB); in-process infer {i:.1} us; HTTP predict {h:.1} us; HTTP layer adds {:.1} us ({:.2}x); GET /healthz round trip {floor:.1} us; refused POST {post_floor:.1} us",
             idle as f64 / 1024.0,
             200 + 10 * n,
             busy as f64 / 1024.0,

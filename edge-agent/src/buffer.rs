@@ -267,10 +267,9 @@ impl std::error::Error for StorageError {
     }
 }
 
-impl From<sled::Error> for StorageError {
-    fn from(e: sled::Error) -> Self {
-        StorageError(Box::new(e))
-    }
+/// Not `From`: the public surface does not name sled.
+fn sled_err(e: sled::Error) -> StorageError {
+    StorageError(Box::new(e))
 }
 
 fn storage_err(op: &'static str) -> impl FnOnce(StorageError) -> BufferError {
@@ -417,12 +416,12 @@ impl SledStorage {
                 Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                     return Err(BufferError::Locked { path: path.clone() });
                 }
-                Err(e) => return Err(storage_err("open")(e.into())),
+                Err(e) => return Err(storage_err("open")(sled_err(e))),
             }
         };
         let tree = |name: &str| {
             db.open_tree(name)
-                .map_err(|e| storage_err("open")(e.into()))
+                .map_err(|e| storage_err("open")(sled_err(e)))
         };
         Ok(SledStorage {
             streams: [
@@ -457,25 +456,37 @@ fn tree_name(stream: Stream) -> &'static str {
 
 impl Storage for SledStorage {
     fn insert(&self, space: Space, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
-        self.tree(space).insert(key, value)?;
+        self.tree(space).insert(key, value).map_err(sled_err)?;
         Ok(())
     }
 
     fn remove(&self, space: Space, key: &[u8]) -> Result<Option<usize>, StorageError> {
-        Ok(self.tree(space).remove(key)?.map(|v| v.len()))
+        Ok(self
+            .tree(space)
+            .remove(key)
+            .map_err(sled_err)?
+            .map(|v| v.len()))
     }
 
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.tree(space).get(key)?.map(|v| v.to_vec()))
+        Ok(self
+            .tree(space)
+            .get(key)
+            .map_err(sled_err)?
+            .map(|v| v.to_vec()))
     }
 
     fn first_key(&self, space: Space) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.tree(space).first()?.map(|(k, _)| k.to_vec()))
+        Ok(self
+            .tree(space)
+            .first()
+            .map_err(sled_err)?
+            .map(|(k, _)| k.to_vec()))
     }
 
     fn scan(&self, space: Space, from: &[u8], visit: &mut Visit<'_>) -> Result<(), StorageError> {
         for entry in self.tree(space).range(from..) {
-            let (k, v) = entry?;
+            let (k, v) = entry.map_err(sled_err)?;
             if visit(&k, &v).is_break() {
                 break;
             }
@@ -484,15 +495,18 @@ impl Storage for SledStorage {
     }
 
     fn add(&self, space: Space, key: &[u8], delta: u64) -> Result<u64, StorageError> {
-        let new = self.tree(space).update_and_fetch(key, |old| {
-            let old = old.and_then(read_u64).unwrap_or(0);
-            Some(old.saturating_add(delta).to_be_bytes().to_vec())
-        })?;
+        let new = self
+            .tree(space)
+            .update_and_fetch(key, |old| {
+                let old = old.and_then(read_u64).unwrap_or(0);
+                Some(old.saturating_add(delta).to_be_bytes().to_vec())
+            })
+            .map_err(sled_err)?;
         Ok(new.as_deref().and_then(read_u64).unwrap_or(0))
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush()?;
+        self.db.flush().map_err(sled_err)?;
         Ok(())
     }
 }
