@@ -149,8 +149,9 @@ pub struct BufferConfig {
     /// lowest-priority records go first: samples, then predictions, then
     /// drift reports and events.
     pub max_bytes: u64,
-    /// Milliseconds between fsyncs: the window of records a power loss can
-    /// take (a process crash loses nothing already appended).
+    /// Milliseconds between flushes (fsync): the window of records a crash
+    /// (SIGKILL, power cut) can take. Everything appended before a flush
+    /// survives. 0 flushes every append (slow).
     pub flush_interval_ms: u64,
     /// sled's page cache. sled defaults to 1 GiB, far too much for a device.
     pub cache_bytes: u64,

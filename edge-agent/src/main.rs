@@ -213,7 +213,10 @@ async fn serve(config: Config) -> Result<()> {
     // Pinged every second: systemd units should give WatchdogSec of 2 s or more.
     let watchdog = sd_watchdog_interval();
     if let Some(timeout) = watchdog.filter(|t| *t < Duration::from_secs(2)) {
-        tracing::warn!(?timeout, "The systemd watchdog timeout is under 2 s; pings come every second");
+        tracing::warn!(
+            ?timeout,
+            "The systemd watchdog timeout is under 2 s; pings come every second"
+        );
     }
     tasks.spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
@@ -227,7 +230,7 @@ async fn serve(config: Config) -> Result<()> {
                     // Probation verdicts may roll back (blocking work).
                     let _ = tokio::task::spawn_blocking(move || agent.tick()).await;
                     ticks += 1;
-                    if ticks % status_every == 0 {
+                    if ticks.is_multiple_of(status_every) {
                         a.refresh_status();
                     }
                     if watchdog.is_some() {

@@ -86,7 +86,9 @@ fn serves_predictions_and_describes_itself() {
 #[test]
 fn bad_requests_get_clear_4xx_and_nothing_breaks() {
     let d = Device::start(Setup::new("http-2"));
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    /// (what, content type, body, expected status, text the error must contain)
+    type Case = (&'static str, Option<&'static str>, Vec<u8>, u16, &'static str);
+    let cases: Vec<Case> = vec![
         ("empty body", Some("application/json"), vec![], 400, "empty"),
         ("no content type", None, setosa().to_string().into_bytes(), 415, "Content-Type"),
         ("not JSON", Some("application/json"), b"{not json".to_vec(), 400, ""),
@@ -385,7 +387,9 @@ fn tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops() {
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let mut setup = Setup::new("sd-1");
     setup.env = vec![
         ("NOTIFY_SOCKET".into(), socket_path.display().to_string()),
