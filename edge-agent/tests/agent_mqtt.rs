@@ -312,6 +312,29 @@ async fn commands_install_roll_back_and_shadow() {
     })
     .await;
 
+    // Installing v1 over v2 is a downgrade: refused unless an operator signs it.
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(10), "v2 serving", |s| s["bundle"]["sequence"] == 2);
+        d
+    })
+    .await;
+    let v1_url = server.url(fixtures::V1);
+    let v1 = bundles().digest(fixtures::V1);
+    bundles().copy_to(fixtures::V1, channel_dir.path());
+    let downgrade = command(
+        "c-downgrade",
+        Action::Install { url: v1_url.clone(), digest: v1.clone() },
+    );
+    admin.publish(&cmd_topic, serde_json::to_vec(&downgrade).unwrap()).await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "downgrade refused", |s| {
+            s["update"]["state"] == "rejected" && s["update"]["code"] == "downgrade"
+        });
+        assert_eq!(d.model().1, 2);
+        d
+    })
+    .await;
+
     // An unsigned rollback is refused; a signed one goes back to v1.
     let unsigned = command("c-rb-unsigned", Action::Rollback { reason: None });
     admin
