@@ -87,7 +87,13 @@ fn serves_predictions_and_describes_itself() {
 fn bad_requests_get_clear_4xx_and_nothing_breaks() {
     let d = Device::start(Setup::new("http-2"));
     /// (what, content type, body, expected status, text the error must contain)
-    type Case = (&'static str, Option<&'static str>, Vec<u8>, u16, &'static str);
+    type Case = (
+        &'static str,
+        Option<&'static str>,
+        Vec<u8>,
+        u16,
+        &'static str,
+    );
     let cases: Vec<Case> = vec![
         ("empty body", Some("application/json"), vec![], 400, "empty"),
         ("no content type", None, setosa().to_string().into_bytes(), 415, "Content-Type"),

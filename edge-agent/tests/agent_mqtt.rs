@@ -314,7 +314,9 @@ async fn commands_install_roll_back_and_shadow() {
 
     // Installing v1 over v2 is a downgrade: refused unless an operator signs it.
     let d = blocking(move || {
-        d.wait_status(Duration::from_secs(10), "v2 serving", |s| s["bundle"]["sequence"] == 2);
+        d.wait_status(Duration::from_secs(10), "v2 serving", |s| {
+            s["bundle"]["sequence"] == 2
+        });
         d
     })
     .await;
@@ -323,9 +325,14 @@ async fn commands_install_roll_back_and_shadow() {
     bundles().copy_to(fixtures::V1, channel_dir.path());
     let downgrade = command(
         "c-downgrade",
-        Action::Install { url: v1_url.clone(), digest: v1.clone() },
+        Action::Install {
+            url: v1_url.clone(),
+            digest: v1.clone(),
+        },
     );
-    admin.publish(&cmd_topic, serde_json::to_vec(&downgrade).unwrap()).await;
+    admin
+        .publish(&cmd_topic, serde_json::to_vec(&downgrade).unwrap())
+        .await;
     let d = blocking(move || {
         d.wait_status(Duration::from_secs(30), "downgrade refused", |s| {
             s["update"]["state"] == "rejected" && s["update"]["code"] == "downgrade"

@@ -75,7 +75,7 @@ fn free_port() -> u16 {
 }
 
 pub fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ferry-agent"))
+    crate::fixtures::workspace_bin("ferry-agent")
 }
 
 impl Device {

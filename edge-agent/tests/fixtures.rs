@@ -60,9 +60,17 @@ pub fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// A binary of the workspace build, next to this test binary's `deps/`
+/// directory (works for every crate that includes this harness).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    dir.join(name)
+}
+
 /// The `ferry` packager, built by the same workspace build as the agent.
 pub fn ferry() -> Command {
-    let path = Path::new(env!("CARGO_BIN_EXE_ferry-agent")).with_file_name("ferry");
+    let path = workspace_bin("ferry");
     assert!(
         path.exists(),
         "{} is missing: run the workspace's tests (cargo test --workspace), which build the packager too",
