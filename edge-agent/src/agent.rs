@@ -191,7 +191,10 @@ impl Agent {
         let store = &self.store;
         if store.active().is_none() {
             if let Some(initial) = &self.config.paths.initial_bundle {
-                self.install_initial(initial)?;
+                // Serve the session the checks loaded: no second compile.
+                let (session, bundle) = self.install_initial(initial)?;
+                self.set_active(session, bundle, None);
+                return Ok(());
             } else {
                 tracing::warn!(
                     "No bundle installed and no paths.initial_bundle: serving nothing until an update arrives"
@@ -261,7 +264,7 @@ impl Agent {
         Ok(())
     }
 
-    fn install_initial(&self, path: &Path) -> Result<()> {
+    fn install_initial(&self, path: &Path) -> Result<(Session, BundleRef)> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read initial bundle {}", path.display()))?;
         let (verified, session) = self
@@ -275,9 +278,8 @@ impl Agent {
         store.activate(&staged, &bundle)?;
         // The initial bundle was installed by a person: trusted at once.
         store.mark_healthy()?;
-        drop(session);
         tracing::info!(bundle = %bundle.version, digest = %bundle.digest, "Installed the initial bundle");
-        Ok(())
+        Ok((session, bundle))
     }
 
     /// Verifies a candidate (signatures, fleet, channel, sequence), loads it
@@ -332,7 +334,14 @@ impl Agent {
             config: session.manifest().drift.clone(),
         });
         self.drift.reset(owner);
-        tracing::info!(bundle = %bundle.version, digest = %bundle.digest, sequence = bundle.sequence, "Serving");
+        tracing::info!(
+            bundle = %bundle.version,
+            digest = %bundle.digest,
+            sequence = bundle.sequence,
+            precompiled_guest = session.used_precompiled_guest(),
+            load_ms = session.timings().total.as_millis() as u64,
+            "Serving"
+        );
         self.active.store(Some(Arc::new(Active {
             session: Arc::new(session),
             bundle,

@@ -153,6 +153,7 @@ async fn model(State(ctx): State<Arc<Ctx>>) -> Response {
         "channel": b.channel,
         "description": m.description,
         "activated_ms": active.activated_ms,
+        "precompiled_guest": active.session.used_precompiled_guest(),
         "inputs": m.model.inputs,
         "outputs": m.model.outputs,
         "previous": ctx.agent.previous_bundle(),

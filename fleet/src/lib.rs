@@ -9,8 +9,18 @@
 //!   de-duplication, change notifications.
 //! - `ingest`: the MQTT subscription that feeds the store.
 //! - `server`: the dashboard and its JSON API (axum, SSE).
+//! - `rollout`: canary rollouts as a state machine without I/O.
 
 pub mod ingest;
 pub mod model;
+pub mod rollout;
 pub mod server;
 pub mod store;
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
