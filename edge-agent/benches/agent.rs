@@ -202,10 +202,33 @@ fn main() {
             refused.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
         }
         let post_floor = median(refused);
+        // The agent's own bookkeeping (telemetry append, drift window,
+        // metrics) without HTTP: Agent::predict in this process.
+        let agent_dir = tempfile::tempdir().unwrap();
+        let in_proc_agent = {
+            let text = format!(
+                "[device]\nid = \"bench-inproc\"\nfleet = \"demo\"\n[paths]\nstate_dir = \"{}\"\ninitial_bundle = \"{}\"\ntrusted_keys = [\"{}\"]\n[telemetry]\nsample_rate = 0.0\n",
+                agent_dir.path().join("state").display(),
+                bundle.display(),
+                public.display()
+            );
+            let path = agent_dir.path().join("agent.toml");
+            std::fs::write(&path, text).unwrap();
+            ferry_agent::agent::Agent::open(ferry_agent::config::Config::load(&path).unwrap()).unwrap()
+        };
+        let mut agent_calls = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            for _ in 0..n {
+                in_proc_agent.predict(content_type, body).unwrap();
+            }
+            agent_calls.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
+        }
+        let a = median(agent_calls);
         let (i, h) = (median(inproc), median(over_http));
         let busy = rss_kib(agent.child.id());
         println!(
-            "{name}: idle RSS {:.1} MiB (after {} requests: {:.1} MiB); in-process infer {i:.1} us; HTTP predict {h:.1} us; HTTP layer adds {:.1} us ({:.2}x); GET /healthz round trip {floor:.1} us; refused POST {post_floor:.1} us",
+            "{name}: idle RSS {:.1} MiB (after {} requests: {:.1} MiB); in-process Session::infer {i:.1} us; in-process Agent::predict {a:.1} us; HTTP predict {h:.1} us; HTTP layer adds {:.1} us over Session::infer ({:.2}x); GET /healthz round trip {floor:.1} us; refused POST {post_floor:.1} us",
             idle as f64 / 1024.0,
             200 + 10 * n,
             busy as f64 / 1024.0,
