@@ -214,7 +214,8 @@ fn main() {
             );
             let path = agent_dir.path().join("agent.toml");
             std::fs::write(&path, text).unwrap();
-            ferry_agent::agent::Agent::open(ferry_agent::config::Config::load(&path).unwrap()).unwrap()
+            ferry_agent::agent::Agent::open(ferry_agent::config::Config::load(&path).unwrap())
+                .unwrap()
         };
         let mut agent_calls = Vec::new();
         for _ in 0..10 {

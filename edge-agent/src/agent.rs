@@ -662,6 +662,7 @@ impl Agent {
                 version: version.clone(),
                 code: code.to_string(),
                 reason: reason.clone(),
+                digest: Some(digest.clone()),
             });
             anyhow!("update {version} rejected ({code}): {reason}")
         };

@@ -14,6 +14,7 @@
 pub mod ingest;
 pub mod model;
 pub mod rollout;
+pub mod rollouts;
 pub mod server;
 pub mod store;
 

@@ -51,6 +51,15 @@ pub struct DeviceState {
     /// ids increase strictly per device, and a device re-sends in order).
     #[serde(default)]
     pub watermarks: BTreeMap<Stream, u64>,
+    /// `ts_ms` of the latest status applied (the device's clock): a status
+    /// with the same `ts_ms` is the same message delivered again (a
+    /// retained status re-sent when the console subscribes).
+    #[serde(default)]
+    pub status_ts_ms: u64,
+    /// Samples the console keeps for this device (at most
+    /// [`crate::store::MAX_SAMPLES_PER_DEVICE`], oldest dropped first).
+    #[serde(default)]
+    pub samples: u64,
 }
 
 /// Telemetry counted over one bucket of [`RATE_BUCKET_MS`].
@@ -88,6 +97,17 @@ impl DeviceState {
             },
             requests: n + e,
         }
+    }
+
+    /// Names of the features over their threshold in the latest drift
+    /// window (empty without one).
+    pub fn drifted_features(&self) -> Vec<String> {
+        self.drift
+            .iter()
+            .flat_map(|d| &d.features)
+            .filter(|f| f.drifted)
+            .map(|f| f.name.clone())
+            .collect()
     }
 
     /// The drift statistic of `feature` in the latest window, if any.

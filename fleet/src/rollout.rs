@@ -211,6 +211,10 @@ pub enum Target {
     },
     Installing {
         at_ms: u64,
+        /// When the install command was last re-sent after a transient
+        /// failure (network) on the device.
+        #[serde(default)]
+        resent_ms: u64,
     },
     /// Runs the bundle; requests/errors are the device's totals at install
     /// time, to compute its error rate since.
@@ -232,6 +236,14 @@ pub enum Target {
     },
     RolledBack,
 }
+
+/// Refusal codes that say the device could not fetch the bundle, not that
+/// the bundle is bad: the install is asked for again (until the timeout).
+pub const TRANSIENT_CODES: [&str; 4] = ["network", "http_status", "interrupted", "io"];
+
+/// Time between two install commands to a device that could not fetch the
+/// bundle: long enough for the agent to have finished its previous attempt.
+pub const RESEND_AFTER_MS: u64 = 10_000;
 
 /// Requests a device must have answered on the new bundle before its error
 /// rate is judged: fewer say nothing (one failure in three requests is not
@@ -383,11 +395,11 @@ impl Rollout {
             return actions;
         }
         self.track_targets(now_ms, fleet, &mut actions);
-        if !matches!(self.phase, Phase::Aborting { .. }) {
-            if let Some(reason) = self.check_rules(now_ms, fleet) {
-                self.abort(reason, now_ms, fleet, &mut actions);
-                return actions;
-            }
+        if !matches!(self.phase, Phase::Aborting { .. })
+            && let Some(reason) = self.check_rules(now_ms, fleet)
+        {
+            self.abort(reason, now_ms, fleet, &mut actions);
+            return actions;
         }
         match self.phase.clone() {
             Phase::Shadow { .. } => {
@@ -524,8 +536,13 @@ impl Rollout {
                     );
                     continue;
                 }
-                self.targets
-                    .insert(d.clone(), Target::Installing { at_ms: now_ms });
+                self.targets.insert(
+                    d.clone(),
+                    Target::Installing {
+                        at_ms: now_ms,
+                        resent_ms: 0,
+                    },
+                );
                 actions.push(Action::Install { device: d });
             }
         }
@@ -543,7 +560,7 @@ impl Rollout {
         for (device, target) in self.targets.iter_mut() {
             let state = fleet(device);
             match target.clone() {
-                Target::Installing { at_ms } => {
+                Target::Installing { at_ms, resent_ms } => {
                     if let Some(s) = state.as_ref().filter(|s| {
                         s.bundle
                             .as_ref()
@@ -555,13 +572,38 @@ impl Rollout {
                             base_errors: s.errors,
                         };
                     } else if let Some(UpdateState::Rejected { code, reason, .. }) =
-                        state.as_ref().map(|s| &s.update).filter(|u| {
-                            matches!(u, UpdateState::Rejected { version: v, .. } if *v == version || v == "(commanded)")
+                        state.as_ref().map(|s| &s.update).filter(|u| match u {
+                            UpdateState::Rejected {
+                                digest: Some(d), ..
+                            } => *d == self.spec.bundle.digest,
+                            // Agents that do not report the digest.
+                            UpdateState::Rejected { version: v, .. } => *v == version,
+                            _ => false,
                         })
+                        && now_ms < at_ms + timeout
                     {
-                        let why = format!("{device} refused the bundle ({code}): {reason}");
-                        actions.push(Action::Audit { what: why.clone() });
-                        *target = Target::Failed { reason: why };
+                        if TRANSIENT_CODES.contains(&code.as_str()) {
+                            // The device could not fetch it (the console was
+                            // away, a network blip): ask again, now and then.
+                            if now_ms >= resent_ms.max(at_ms) + RESEND_AFTER_MS {
+                                actions.push(Action::Audit {
+                                    what: format!(
+                                        "{device} could not fetch the bundle ({code}); asking again"
+                                    ),
+                                });
+                                actions.push(Action::Install {
+                                    device: device.clone(),
+                                });
+                                *target = Target::Installing {
+                                    at_ms,
+                                    resent_ms: now_ms,
+                                };
+                            }
+                        } else {
+                            let why = format!("{device} refused the bundle ({code}): {reason}");
+                            actions.push(Action::Audit { what: why.clone() });
+                            *target = Target::Failed { reason: why };
+                        }
                     } else if now_ms >= at_ms + timeout {
                         let why = format!(
                             "{device} did not report the bundle within {} s",
@@ -588,9 +630,9 @@ impl Rollout {
                 }
                 Target::RollingBack { at_ms } => {
                     let back = state.as_ref().is_some_and(|s| {
-                        !s.bundle
+                        s.bundle
                             .as_ref()
-                            .is_some_and(|b| b.digest == self.spec.bundle.digest)
+                            .is_none_or(|b| b.digest != self.spec.bundle.digest)
                     });
                     if back {
                         *target = Target::RolledBack;
@@ -951,9 +993,10 @@ mod tests {
         let mut r = Rollout::new("r".into(), s, &devices, 0).unwrap();
         run(&mut r, &fleet, 0);
         fleet.get_mut(&devices[0]).unwrap().update = UpdateState::Rejected {
-            version: "1.2.0".into(),
+            version: "(commanded)".into(),
             code: "wrong_fleet".into(),
             reason: "bundle is for another fleet".into(),
+            digest: Some("new".into()),
         };
         run(&mut r, &fleet, 1000);
         match &r.phase {

@@ -1,6 +1,10 @@
 //! ferry-fleet's integration tests, with a real mosquitto and real
 //! `ferry-agent` processes.
 //!
+//! - `rollouts`: canary rollouts against real agents: promote, abort on
+//!   drift with rollback, resume after a console restart.
+//! - `state`: the store fed by the MQTT ingest from mosquitto and real
+//!   agents; `ferry-fleet serve` and `status`.
 //! - `broker`, `fixtures`, `device`: the edge agent's test harnesses
 //!   (mosquitto, bundles, agent processes), shared by path.
 
@@ -10,6 +14,9 @@ mod broker;
 #[path = "../../edge-agent/tests/device.rs"]
 #[allow(dead_code)]
 mod device;
+// fixtures.rs allows dead code itself.
+mod dashboard;
 #[path = "../../edge-agent/tests/fixtures.rs"]
-#[allow(dead_code)]
 mod fixtures;
+mod rollouts;
+mod state;

@@ -184,6 +184,10 @@ pub enum UpdateState {
         version: String,
         code: String,
         reason: String,
+        /// SHA-256 of the refused bundle, when known (added after schema 1
+        /// shipped: absent from older agents).
+        #[serde(default)]
+        digest: Option<String>,
     },
     /// Activated recently; being watched for errors before it counts as good.
     Probation {

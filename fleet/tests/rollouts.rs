@@ -1,0 +1,327 @@
+//! Canary rollouts against real agents: a console (store + MQTT + rollouts +
+//! the HTTP routes devices download from) in this process, mosquitto, and
+//! three `ferry-agent` processes.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_fleet::ingest::{Console, IngestOptions};
+use ferry_fleet::rollout::{Phase, Rollout};
+use ferry_fleet::rollouts::{CommandSink, NewRollout, Rollouts};
+use ferry_fleet::store::Store;
+use ferry_runtime::{PublicKey, SecretKey, TrustPolicy};
+
+use crate::broker::{ADMIN, Mosquitto, password};
+use crate::device::{Device, Setup, iris_batch, iris_request, iris_rows};
+use crate::fixtures::{self, FLEET, bundles};
+
+const DEVICES: [&str; 3] = ["ro-a", "ro-b", "ro-c"];
+
+/// A console in this process: its store, MQTT connection, rollouts, and an
+/// HTTP server for the bundle downloads.
+struct TestConsole {
+    store: Arc<Store>,
+    console: Arc<Console>,
+    rollouts: Arc<Rollouts>,
+    http: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Starts a console; `http` is the address to serve on (a restarted console
+/// keeps its address: rollouts persist the download URLs they give out).
+fn start_console(
+    rt: &tokio::runtime::Runtime,
+    broker: &Mosquitto,
+    state: &Path,
+    http: Option<&str>,
+) -> TestConsole {
+    rt.block_on(async {
+        let store = Arc::new(Store::open(&state.join("store")).unwrap());
+        let mut options = IngestOptions::new(broker.url(), FLEET);
+        options.client_id = "rollout-console".into();
+        options.username = Some(ADMIN.into());
+        options.password = Some(password(ADMIN));
+        let console = Arc::new(Console::start(&options, store.clone()).unwrap());
+        assert!(console.wait_connected(Duration::from_secs(30)).await);
+        let addr = http
+            .map(|h| h.trim_start_matches("http://").to_string())
+            .unwrap_or_else(|| "127.0.0.1:0".into());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("rebinding {addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot bind {addr}: {e}"),
+            }
+        };
+        let http = format!("http://{}", listener.local_addr().unwrap());
+        let b = bundles();
+        let trust = TrustPolicy::new(
+            PublicKey::all_from_pem(&std::fs::read_to_string(b.path("release.pub")).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let key =
+            SecretKey::from_pem(&std::fs::read_to_string(b.path("release.key")).unwrap()).unwrap();
+        let sink: Arc<dyn CommandSink> = console.clone();
+        let rollouts = Arc::new(
+            Rollouts::open(state, FLEET, &http, trust, Some(key), store.clone(), sink).unwrap(),
+        );
+        let app = ferry_fleet::rollouts::routes(rollouts.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        TestConsole {
+            store,
+            console,
+            rollouts,
+            http,
+            server,
+        }
+    })
+}
+
+impl TestConsole {
+    /// Steps the rollouts every 200 ms until `done` holds (or panics).
+    fn drive(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Rollout) -> bool,
+    ) -> Rollout {
+        let deadline = Instant::now() + timeout;
+        loop {
+            rt.block_on(self.rollouts.tick(ferry_fleet::now_ms()))
+                .unwrap();
+            let r = self.rollouts.list().pop().expect("a rollout");
+            if done(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:#?}\naudit: {:#?}",
+                r,
+                self.rollouts.audit_log().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(self, rt: &tokio::runtime::Runtime) {
+        self.server.abort();
+        rt.block_on(async { self.console.stop().await.unwrap() });
+        self.store.flush().unwrap();
+    }
+
+    /// Waits until the store knows every device with `sequence`.
+    fn wait_fleet_on(&self, sequence: u64, devices: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !devices.iter().all(|d| {
+            self.store
+                .device(d)
+                .and_then(|s| s.bundle)
+                .is_some_and(|b| b.sequence == sequence)
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "devices not on sequence {sequence}: {:#?}",
+                self.store.devices()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn params(canary: &str, bake: &str, abort_if: &str) -> NewRollout {
+    NewRollout {
+        canary: canary.into(),
+        bake: bake.into(),
+        abort_if: abort_if.into(),
+        waves: None,
+        shadow: 0,
+        install_timeout: Some("60s".into()),
+        operator: Some("test-operator".into()),
+    }
+}
+
+fn fleet_of_agents(broker: &Mosquitto, window: u64) -> Vec<Device> {
+    DEVICES
+        .iter()
+        .map(|id| {
+            let mut setup = Setup::new(id).mqtt(broker);
+            setup.window_predictions = window;
+            Device::start(setup)
+        })
+        .collect()
+}
+
+#[test]
+fn healthy_canaries_promote_to_everyone_and_a_restart_mid_rollout_resumes() {
+    let rt = runtime();
+    let broker = Mosquitto::start(&DEVICES);
+    let state = tempfile::tempdir().unwrap();
+    let c = start_console(&rt, &broker, state.path(), None);
+    let agents = fleet_of_agents(&broker, 1000);
+    c.wait_fleet_on(1, &DEVICES);
+
+    let v2 = bundles().bytes(fixtures::V2);
+    let rollout = c
+        .rollouts
+        .create(
+            &v2,
+            &params("34%", "3s", "error_rate>20%;failed_installs>0"),
+            ferry_fleet::now_ms(),
+        )
+        .unwrap();
+    assert_eq!(rollout.canaries, 2, "34% of 3 rounds up to 2");
+    // Canaries install; the others wait.
+    let r = c.drive(&rt, "bake", Duration::from_secs(90), |r| {
+        matches!(r.phase, Phase::Bake { .. })
+    });
+    let canaries = &r.order[..r.canaries];
+    let rest = &r.order[r.canaries..];
+    for d in canaries {
+        assert_eq!(
+            agents[DEVICES.iter().position(|x| x == d).unwrap()]
+                .model()
+                .1,
+            2,
+            "{d}"
+        );
+    }
+    for d in rest {
+        assert_eq!(
+            agents[DEVICES.iter().position(|x| x == d).unwrap()]
+                .model()
+                .1,
+            1,
+            "{d}"
+        );
+    }
+    // Traffic during the bake, all good.
+    for a in &agents {
+        for _ in 0..5 {
+            assert_eq!(a.predict_json(&iris_request([5.4, 3.4, 1.7, 0.2])).0, 200);
+        }
+    }
+
+    // The console restarts mid-rollout: the rollout resumes from disk.
+    let http = c.http.clone();
+    c.stop(&rt);
+    let c = start_console(&rt, &broker, state.path(), Some(&http));
+    assert!(matches!(c.rollouts.list()[0].phase, Phase::Bake { .. }));
+    let r = c.drive(&rt, "done", Duration::from_secs(120), |r| {
+        r.phase == Phase::Done
+    });
+    assert_eq!(r.id, rollout.id);
+    c.wait_fleet_on(2, &DEVICES);
+    for a in &agents {
+        assert_eq!(a.model().1, 2);
+    }
+    // The audit trail says who did what with which bundle.
+    let audit = c.rollouts.audit_log().unwrap();
+    let digest = bundles().digest(fixtures::V2);
+    assert!(
+        audit
+            .iter()
+            .all(|e| e.bundle_digest == digest && e.operator == "test-operator")
+    );
+    let text: Vec<&str> = audit.iter().map(|e| e.what.as_str()).collect();
+    assert!(text[0].starts_with("created"), "{text:#?}");
+    assert_eq!(
+        text.iter()
+            .filter(|t| t.starts_with("sent install"))
+            .count(),
+        3,
+        "{text:#?}"
+    );
+    assert!(text.iter().any(|t| t.contains("promoting")), "{text:#?}");
+    assert!(
+        text.last()
+            .unwrap()
+            .contains("every device (3) runs the bundle"),
+        "{text:#?}"
+    );
+    c.stop(&rt);
+}
+
+#[test]
+fn drifting_canaries_abort_the_rollout_and_go_back() {
+    let rt = runtime();
+    let broker = Mosquitto::start(&DEVICES);
+    let state = tempfile::tempdir().unwrap();
+    let c = start_console(&rt, &broker, state.path(), None);
+    let agents = fleet_of_agents(&broker, 200);
+    c.wait_fleet_on(1, &DEVICES);
+
+    let v2 = bundles().bytes(fixtures::V2);
+    let rollout = c
+        .rollouts
+        .create(
+            &v2,
+            &params("1%", "10m", "drift.psi>0.25"),
+            ferry_fleet::now_ms(),
+        )
+        .unwrap();
+    assert_eq!(rollout.canaries, 1);
+    let r = c.drive(&rt, "bake", Duration::from_secs(90), |r| {
+        matches!(r.phase, Phase::Bake { .. })
+    });
+    let canary = r.order[0].clone();
+    let agent = &agents[DEVICES.iter().position(|x| *x == canary).unwrap()];
+    assert_eq!(agent.model().1, 2);
+    // The canary's inputs shift: its drift window on v2 crosses the rule.
+    for chunk in iris_rows("current_shifted.csv")[..400].chunks(50) {
+        assert_eq!(agent.predict_json(&iris_batch(chunk)).0, 200);
+    }
+    let r = c.drive(&rt, "aborted", Duration::from_secs(120), |r| {
+        matches!(r.phase, Phase::Aborted { .. })
+    });
+    let Phase::Aborted { reason } = &r.phase else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("drift.psi>0.25") && reason.contains(&canary),
+        "{reason}"
+    );
+    // The canary is back on v1 (a signed rollback command); nobody else
+    // was ever told to install.
+    assert_eq!(agent.model().1, 1);
+    for a in &agents {
+        assert_eq!(a.model().1, 1);
+    }
+    let audit = c.rollouts.audit_log().unwrap();
+    let text: Vec<&str> = audit.iter().map(|e| e.what.as_str()).collect();
+    assert_eq!(
+        text.iter()
+            .filter(|t| t.starts_with("sent install"))
+            .count(),
+        1,
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with(&format!("sent rollback to {canary}"))),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter().any(|t| t.starts_with("abort: drift.psi>0.25")),
+        "{text:#?}"
+    );
+    // Only one rollout at a time, and a finished one does not block.
+    assert!(!c.rollouts.running());
+    c.stop(&rt);
+}

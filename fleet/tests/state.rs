@@ -1,0 +1,727 @@
+//! The fleet state: `Store` fed by the MQTT ingest (`ingest::Console`) from
+//! a real mosquitto, with real `ferry-agent` processes where devices are
+//! under test, and the real `ferry-fleet` binary where its commands are.
+//!
+//! - `agents_report_status_and_drift_and_a_killed_agent_goes_offline`: two
+//!   agents, one fed shifted iris data and one fed data like the baseline:
+//!   statuses, rates, drift windows (petal_length / petal_width drifted for
+//!   the first only), drift alert and samples reach the store; the
+//!   `ferry-fleet status` command lists both with their bundle (JSON and
+//!   table); a command published through the console reaches an agent and
+//!   its answer (an event) comes back into the store; SIGKILL of one agent
+//!   marks it offline through its last will.
+//! - `duplicates_are_dropped`: the same batch twice and a re-sent batch cut
+//!   differently (as the admin) count each record once.
+//! - `garbage_is_counted_not_fatal`: payloads that are not JSON, of another
+//!   schema, of another device, on an unknown topic, or 200 KiB of junk are
+//!   counted; the console stays connected and applies what follows.
+//! - `state_survives_a_restart_and_what_came_meanwhile_arrives`: a console
+//!   stopped while an agent keeps predicting: reopened, the store still has
+//!   the device; reconnected with the same client id, it receives what the
+//!   broker queued for its session: every prediction once.
+//! - `serve_killed_mid_stream_loses_nothing`: `ferry-fleet serve` SIGKILLed
+//!   while 1000 records stream in, restarted: each record counted exactly
+//!   once (acknowledged only after a flush), visible through the JSON API,
+//!   and on disk after a SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_fleet::ingest::{Console, IngestOptions};
+use ferry_fleet::model::{Change, DeviceState};
+use ferry_fleet::store::Store;
+use ferry_protocol::{
+    Batch, BufferInfo, SCHEMA_VERSION, Status, Stream, TelemetryRecord, Topic, message_id, topic,
+};
+use serde_json::Value;
+
+use crate::broker::{ADMIN, Mosquitto, Subscriber, SubscriberOptions, password};
+use crate::device::{Device, Setup, iris_batch, iris_rows};
+use crate::fixtures::{self, FLEET, V1, bundles};
+
+/// Generous: two cores shared by agents, mosquitto and the tests.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The environment variable the `ferry-fleet` binary reads the admin's
+/// password from in these tests.
+const PASSWORD_ENV: &str = "FERRY_TEST_FLEET_PASSWORD";
+
+fn t(device: &str, which: Topic) -> String {
+    topic(FLEET, device, which)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn now_ms() -> u64 {
+    ferry_fleet::now_ms()
+}
+
+/// Waits until `done` holds (polling), or panics with `what` and `context()`.
+fn wait_until(what: &str, context: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn admin_options(broker: &Mosquitto, client_id: &str) -> IngestOptions {
+    let mut o = IngestOptions::new(broker.url(), FLEET);
+    o.client_id = client_id.to_string();
+    o.username = Some(ADMIN.into());
+    o.password = Some(password(ADMIN));
+    o
+}
+
+/// A store and the ingest that feeds it, on a runtime of their own.
+struct Fleet {
+    store: Arc<Store>,
+    console: Console,
+}
+
+impl Fleet {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        broker: &Mosquitto,
+        state: &Path,
+        client_id: &str,
+    ) -> Fleet {
+        let store = Arc::new(Store::open(state).unwrap());
+        let console = {
+            let _in = rt.enter();
+            Console::start(&admin_options(broker, client_id), store.clone()).unwrap()
+        };
+        assert!(
+            rt.block_on(console.wait_connected(WAIT)),
+            "the console did not subscribe: {:?}\n{}",
+            console.stats().last_error(),
+            broker.log()
+        );
+        Fleet { store, console }
+    }
+
+    /// A graceful stop: PUBACKs for what is on disk, DISCONNECT, flush.
+    fn stop(self, rt: &tokio::runtime::Runtime) {
+        rt.block_on(self.console.stop()).unwrap();
+        let Fleet { store, console } = self;
+        drop(console);
+        assert_eq!(
+            Arc::strong_count(&store),
+            1,
+            "someone still holds the store"
+        );
+    }
+
+    fn device(&self, id: &str) -> Option<DeviceState> {
+        self.store.device(id)
+    }
+
+    fn dump(&self) -> String {
+        format!(
+            "devices: {:#?}\nstats: {:?}\ningest error: {:?}",
+            self.store.devices(),
+            self.store.stats(),
+            self.console.stats().last_error()
+        )
+    }
+}
+
+/// Requests (telemetry records) counted in the store's rate buckets.
+fn requests(d: &DeviceState) -> u64 {
+    d.rate(now_ms(), 3_600_000).requests
+}
+
+fn ferry_fleet_bin() -> Command {
+    let path = fixtures::workspace_bin("ferry-fleet");
+    assert!(path.exists(), "{} is missing", path.display());
+    let mut c = Command::new(path);
+    c.env(PASSWORD_ENV, password(ADMIN))
+        .env("FERRY_LOG", "info");
+    c
+}
+
+/// `ferry-fleet status` against the broker, as the admin.
+fn status_command(broker: &Mosquitto, json: bool) -> String {
+    let mut c = ferry_fleet_bin();
+    c.args(["status", "--broker", &broker.url(), "--fleet", FLEET])
+        .args(["--username", ADMIN, "--password-env", PASSWORD_ENV])
+        .args(["--wait-ms", "1500", "--log-format", "text"]);
+    if json {
+        c.arg("--json");
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "ferry-fleet status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The devices `ferry-fleet status --json` lists, by id.
+fn listed(broker: &Mosquitto) -> Vec<Value> {
+    let out: Value = serde_json::from_str(&status_command(broker, true)).unwrap();
+    assert_eq!(out["fleet"], FLEET);
+    out["devices"].as_array().unwrap().clone()
+}
+
+fn drifted(d: &DeviceState) -> Vec<String> {
+    let mut names = d.drifted_features();
+    names.sort();
+    names
+}
+
+#[test]
+fn agents_report_status_and_drift_and_a_killed_agent_goes_offline() {
+    let (shifted_id, same_id) = ("fl-shift", "fl-same");
+    let broker = Mosquitto::start(&[shifted_id, same_id]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(&rt, &broker, &dir.path().join("state"), "console-drift");
+    let mut changes = fleet.store.subscribe();
+
+    // Both agents at once: each takes seconds to verify and warm up.
+    let (shifted, mut same) = std::thread::scope(|s| {
+        let start = |id: &str| {
+            let mut setup = Setup::new(id).mqtt(&broker);
+            setup.window_predictions = 200;
+            s.spawn(move || Device::start(setup))
+        };
+        let (a, b) = (start(shifted_id), start(same_id));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let v1_digest = bundles().digest(V1);
+    wait_until(
+        "both agents online in the store",
+        || fleet.dump(),
+        || {
+            [shifted_id, same_id].iter().all(|id| {
+                fleet.device(id).is_some_and(|d| {
+                    d.online && d.bundle.as_ref().is_some_and(|b| b.digest == v1_digest)
+                })
+            })
+        },
+    );
+    let d = fleet.device(shifted_id).unwrap();
+    assert_eq!(d.fleet, FLEET);
+    assert_eq!(d.bundle.as_ref().unwrap().sequence, 1);
+    assert!(!d.agent_version.is_empty());
+    assert!(d.last_seen_ms > 0);
+
+    // 200 rows in 4 requests each: one drift window closes per device.
+    let feed = |d: &Device, file: &str| {
+        for chunk in iris_rows(file)[..200].chunks(50) {
+            let (status, body) = d.predict_json(&iris_batch(chunk));
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    feed(&shifted, "current_shifted.csv");
+    feed(&same, "current_same.csv");
+    wait_until(
+        "a drift window and 4 requests from each agent",
+        || fleet.dump(),
+        || {
+            [shifted_id, same_id].iter().all(|id| {
+                fleet
+                    .device(id)
+                    .is_some_and(|d| d.drift.is_some() && requests(&d) == 4)
+            })
+        },
+    );
+    let d = fleet.device(shifted_id).unwrap();
+    assert_eq!(
+        drifted(&d),
+        ["petal_length", "petal_width"],
+        "{:#?}",
+        d.drift
+    );
+    assert_eq!(d.drift.as_ref().unwrap().rows, 200);
+    let d = fleet.device(same_id).unwrap();
+    assert!(drifted(&d).is_empty(), "{:#?}", d.drift);
+    assert_eq!(d.rate(now_ms(), 3_600_000).error_rate, 0.0);
+
+    // The drift history, the drift alert and the samples that came with it.
+    let history = fleet.store.drift_history(Some(shifted_id), 10);
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].device, shifted_id);
+    assert_eq!(fleet.store.drift_history(None, 10).len(), 2);
+    wait_until(
+        "the drift alert and the drifted samples",
+        || fleet.dump(),
+        || {
+            fleet
+                .store
+                .events(Some(shifted_id), 50)
+                .iter()
+                .any(|e| matches!(e.record.event, ferry_protocol::Event::DriftAlert { .. }))
+                && !fleet.store.samples(shifted_id).is_empty()
+        },
+    );
+    assert!(
+        !fleet
+            .store
+            .events(Some(same_id), 50)
+            .iter()
+            .any(|e| matches!(e.record.event, ferry_protocol::Event::DriftAlert { .. }))
+    );
+    let sample = &fleet.store.samples(shifted_id)[0];
+    assert!(sample.features.contains_key("petal_length"), "{sample:?}");
+    let mut seen = Vec::new();
+    while let Ok(c) = changes.try_recv() {
+        seen.push(c);
+    }
+    assert!(seen.contains(&Change::Drift {
+        device: shifted_id.into()
+    }));
+    assert!(seen.contains(&Change::Event {
+        device: shifted_id.into(),
+        event: "drift_alert".into()
+    }));
+
+    // `ferry-fleet status` needs no console: the retained statuses.
+    let devices = listed(&broker);
+    let ids: Vec<&str> = devices
+        .iter()
+        .map(|d| d["device"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [same_id, shifted_id]);
+    for d in &devices {
+        assert_eq!(d["online"], true, "{d:#}");
+        assert_eq!(d["bundle"]["digest"], v1_digest.as_str(), "{d:#}");
+        assert_eq!(d["bundle"]["sequence"], 1, "{d:#}");
+        assert_eq!(d["schema"], SCHEMA_VERSION);
+    }
+
+    // A command through the console's connection, and the agent's answer
+    // back through it: an unknown action comes back as `command_rejected`.
+    let command = br#"{"schema":1,"id":"probe-1","issued_ms":0,"action":"explode"}"#;
+    rt.block_on(
+        fleet
+            .console
+            .publish(&t(shifted_id, Topic::Command), command.to_vec()),
+    )
+    .expect("the broker acknowledged the command");
+    assert_eq!(fleet.console.stats().commands.load(Relaxed), 1);
+    wait_until(
+        "the agent's answer to the command",
+        || fleet.dump(),
+        || {
+            fleet.store.events(Some(shifted_id), 50).iter().any(|e| {
+            matches!(&e.record.event, ferry_protocol::Event::CommandRejected { command_id, .. } if command_id == "probe-1")
+        })
+        },
+    );
+    // The console hears its own command on the fleet's topics, and ignores it.
+    assert!(fleet.store.stats().ignored >= 1);
+
+    // SIGKILL: no goodbye; the broker publishes the last will.
+    same.kill9();
+    wait_until(
+        "the killed agent offline",
+        || fleet.dump(),
+        || fleet.device(same_id).is_some_and(|d| !d.online),
+    );
+    let d = fleet.device(same_id).unwrap();
+    assert_eq!(
+        d.bundle.as_ref().map(|b| b.digest.as_str()),
+        Some(v1_digest.as_str()),
+        "what was known of the device is kept"
+    );
+    assert!(fleet.device(shifted_id).unwrap().online);
+    let devices = listed(&broker);
+    let gone = devices.iter().find(|d| d["device"] == same_id).unwrap();
+    assert_eq!(gone["online"], false, "{gone:#}");
+    let table = status_command(&broker, false);
+    let row = table.lines().find(|l| l.starts_with(same_id)).unwrap();
+    assert!(row.split_whitespace().nth(1) == Some("no"), "{table}");
+    let row = table.lines().find(|l| l.starts_with(shifted_id)).unwrap();
+    assert!(row.contains("yes") && row.contains(" #1 "), "{table}");
+
+    drop(shifted);
+    fleet.stop(&rt);
+}
+
+fn batch_of(device: &str, ids: std::ops::RangeInclusive<u64>, ts_ms: u64) -> Vec<u8> {
+    let records: Vec<TelemetryRecord> = ids
+        .clone()
+        .map(|id| TelemetryRecord {
+            id,
+            ts_ms,
+            bundle_version: "1.0.0".into(),
+            latency_us: 50,
+            ok: true,
+            output: Default::default(),
+            error: None,
+            rows: 1,
+        })
+        .collect();
+    serde_json::to_vec(&Batch {
+        schema: SCHEMA_VERSION,
+        stream: Stream::Telemetry,
+        message_id: message_id(device, Stream::Telemetry, *ids.start(), *ids.end()),
+        device: device.into(),
+        fleet: FLEET.into(),
+        sent_ms: ts_ms,
+        records,
+    })
+    .unwrap()
+}
+
+fn status_of(device: &str) -> Vec<u8> {
+    let mut s = Status::offline(FLEET, device, "0.1.0");
+    s.online = true;
+    s.ts_ms = now_ms();
+    s.buffer = BufferInfo {
+        records: 3,
+        ..BufferInfo::default()
+    };
+    s.predictions = 42;
+    serde_json::to_vec(&s).unwrap()
+}
+
+fn admin(rt: &tokio::runtime::Runtime, broker: &Mosquitto) -> Subscriber {
+    rt.block_on(Subscriber::connect(broker, SubscriberOptions::admin(&[])))
+}
+
+#[test]
+fn duplicates_are_dropped() {
+    let broker = Mosquitto::start(&[]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(&rt, &broker, &dir.path().join("state"), "console-dups");
+    let admin = admin(&rt, &broker);
+    let device = "sim-dup";
+    let telemetry = t(device, Topic::Stream(Stream::Telemetry));
+    let now = now_ms();
+    rt.block_on(async {
+        admin
+            .publish(&t(device, Topic::Status), status_of(device))
+            .await;
+        admin
+            .publish(&telemetry, batch_of(device, 1..=5, now))
+            .await;
+        // The same batch again (a PUBACK lost), then a re-send cut differently.
+        admin
+            .publish(&telemetry, batch_of(device, 1..=5, now))
+            .await;
+        admin
+            .publish(&telemetry, batch_of(device, 4..=8, now))
+            .await;
+    });
+    wait_until(
+        "four messages applied",
+        || fleet.dump(),
+        || fleet.store.stats().messages >= 4,
+    );
+    let d = fleet.device(device).unwrap();
+    assert_eq!(requests(&d), 8, "{}", fleet.dump());
+    assert_eq!(d.watermarks[&Stream::Telemetry], 8);
+    assert_eq!((d.predictions, d.backlog), (42, 3));
+    let stats = fleet.store.stats();
+    assert_eq!((stats.records, stats.duplicates), (8, 5 + 2), "{stats:?}");
+    assert_eq!(stats.rejected_total(), 0);
+    fleet.stop(&rt);
+}
+
+#[test]
+fn garbage_is_counted_not_fatal() {
+    let broker = Mosquitto::start(&[]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(&rt, &broker, &dir.path().join("state"), "console-garbage");
+    let admin = admin(&rt, &broker);
+    let device = "sim-junk";
+    let status = t(device, Topic::Status);
+    let junk: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    rt.block_on(async {
+        admin.publish(&status, &b"{not json"[..]).await;
+        admin
+            .publish(&status, &br#"{"schema": 99, "device": "sim-junk"}"#[..])
+            .await;
+        admin.publish(&status, status_of("someone-else")).await;
+        admin
+            .publish(
+                &format!("ferry/v1/{FLEET}/{device}/diary"),
+                status_of(device),
+            )
+            .await;
+        admin
+            .publish(&t(device, Topic::Stream(Stream::Samples)), junk)
+            .await;
+        // Commands (the console's own included) are not data: ignored.
+        admin
+            .publish(&t("all", Topic::Command), &br#"{"schema":1}"#[..])
+            .await;
+        // What follows the garbage is applied.
+        admin.publish(&status, status_of(device)).await;
+    });
+    wait_until(
+        "the good status after the garbage",
+        || fleet.dump(),
+        || fleet.device(device).is_some(),
+    );
+    let stats = fleet.store.stats();
+    assert_eq!(stats.rejected.get("not_json"), Some(&2), "{stats:?}");
+    assert_eq!(
+        stats.rejected.get("unsupported_schema"),
+        Some(&1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.rejected.get("wrong_topic"), Some(&1), "{stats:?}");
+    assert_eq!(stats.rejected.get("unknown_topic"), Some(&1), "{stats:?}");
+    assert_eq!(stats.ignored, 1, "{stats:?}");
+    assert_eq!(fleet.store.devices().len(), 1);
+    assert!(fleet.console.is_connected());
+    assert_eq!(fleet.console.stats().disconnects.load(Relaxed), 0);
+    fleet.stop(&rt);
+}
+
+#[test]
+fn state_survives_a_restart_and_what_came_meanwhile_arrives() {
+    let id = "fl-restart";
+    let broker = Mosquitto::start(&[id]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let client_id = "console-restart";
+    // Watches what the agent sends, to know when the broker has it all.
+    let watch = rt.block_on(Subscriber::connect(
+        &broker,
+        SubscriberOptions::admin(&[&t(id, Topic::Stream(Stream::Telemetry))]),
+    ));
+    let sent = || -> usize {
+        let mut ids: Vec<u64> = watch
+            .messages()
+            .iter()
+            .flat_map(|m| {
+                m.json()["records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["id"].as_u64().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+
+    let fleet = Fleet::start(&rt, &broker, &state, client_id);
+    let agent = Device::start(Setup::new(id).mqtt(&broker));
+    let rows = iris_rows("current_same.csv");
+    for row in &rows[..3] {
+        assert_eq!(agent.predict_json(&iris_batch(&[*row])).0, 200);
+    }
+    wait_until(
+        "3 requests in the store",
+        || fleet.dump(),
+        || {
+            fleet
+                .device(id)
+                .is_some_and(|d| d.online && requests(&d) == 3)
+        },
+    );
+    fleet.stop(&rt);
+
+    // The console is away; the agent keeps serving and reporting.
+    for row in &rows[3..10] {
+        assert_eq!(agent.predict_json(&iris_batch(&[*row])).0, 200);
+    }
+    wait_until(
+        "the broker to have all 10 telemetry records",
+        || format!("seen {}", sent()),
+        || sent() == 10,
+    );
+
+    // Reopened: the state is there before any message arrives.
+    let store = Store::open(&state).unwrap();
+    let d = store.device(id).expect("the device survived the restart");
+    assert!(d.online);
+    assert_eq!(requests(&d), 3);
+    assert_eq!(d.bundle.as_ref().unwrap().digest, bundles().digest(V1));
+    drop(store);
+
+    // Same session: the broker delivers what it queued meanwhile, once.
+    let fleet = Fleet::start(&rt, &broker, &state, client_id);
+    wait_until(
+        "the 7 queued requests",
+        || fleet.dump(),
+        || fleet.device(id).is_some_and(|d| requests(&d) == 10),
+    );
+    // Nothing more trickles in later (no double counting).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(requests(&fleet.device(id).unwrap()), 10);
+    drop(agent);
+    fleet.stop(&rt);
+}
+
+/// A `ferry-fleet serve` process; killed on drop.
+struct Serve {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    fn start(broker: &Mosquitto, state: &Path) -> Serve {
+        let mut child = ferry_fleet_bin()
+            .args(["serve", "--broker", &broker.url(), "--fleet", FLEET])
+            .args(["--username", ADMIN, "--password-env", PASSWORD_ENV])
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--state")
+            .arg(state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn({
+            let log = log.clone();
+            move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("Dashboard: ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}: {:?}", log.lock().unwrap()))
+            .trim_end_matches('/')
+            .to_string();
+        let serve = Serve { child, url, log };
+        wait_until(
+            "serve to subscribe",
+            || serve.log_text(),
+            || serve.log_text().contains("\"Subscribed\""),
+        );
+        serve
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The device as `GET /api/devices/{id}` shows it (its state is
+    /// flattened into the answer).
+    fn device(&self, id: &str) -> Option<DeviceState> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let mut r = agent
+            .get(format!("{}/api/devices/{id}", self.url))
+            .call()
+            .ok()?;
+        let text = r.body_mut().read_to_string().ok()?;
+        (r.status() == 200).then(|| serde_json::from_str(&text).unwrap())
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve ignored SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_killed_mid_stream_loses_nothing() {
+    let broker = Mosquitto::start(&[]);
+    let rt = runtime();
+    let admin = admin(&rt, &broker);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let device = "sim-crash";
+
+    let serve = Serve::start(&broker, &state);
+    rt.block_on(admin.publish(&t(device, Topic::Status), status_of(device)));
+    // 50 batches of 20 records over about a second, while the console is
+    // killed and restarted.
+    let publisher = rt.spawn(async move {
+        let telemetry = t(device, Topic::Stream(Stream::Telemetry));
+        let now = now_ms();
+        for b in 0..50u64 {
+            admin
+                .publish(&telemetry, batch_of(device, b * 20 + 1..=b * 20 + 20, now))
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        admin
+    });
+    wait_until(
+        "the first records in the console",
+        || serve.log_text(),
+        || serve.device(device).is_some_and(|d| requests(&d) > 0),
+    );
+    serve.kill9();
+    // What is sent while no console runs waits in its broker session.
+    let serve = Serve::start(&broker, &state);
+    let _admin = rt.block_on(publisher).unwrap();
+    wait_until(
+        "all 1000 records through the API",
+        || serve.log_text(),
+        || {
+            serve
+                .device(device)
+                .is_some_and(|d| d.watermarks.get(&Stream::Telemetry) == Some(&1000))
+        },
+    );
+    let d = serve.device(device).unwrap();
+    assert_eq!(requests(&d), 1000, "each record exactly once");
+    assert!(d.online);
+    let status = serve.terminate();
+    assert!(status.success(), "serve exited with {status}");
+
+    let store = Store::open(&state.join(ferry_fleet::store::DIR)).unwrap();
+    let d = store.device(device).unwrap();
+    assert_eq!(requests(&d), 1000);
+    assert_eq!(store.stats().messages, 0, "a fresh handle applied nothing");
+}
