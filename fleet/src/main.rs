@@ -435,8 +435,8 @@ impl RolloutsCmd {
             return Ok(());
         }
         println!(
-            "{:<28} {:<10} {:<18} {:>8}  {}",
-            "ROLLOUT", "PHASE", "BUNDLE", "RUNNING", "DETAIL"
+            "{:<28} {:<10} {:<18} {:>8}  DETAIL",
+            "ROLLOUT", "PHASE", "BUNDLE", "RUNNING"
         );
         for r in &list {
             let targets = r["targets"].as_object().cloned().unwrap_or_default();
