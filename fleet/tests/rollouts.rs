@@ -325,3 +325,132 @@ fn drifting_canaries_abort_the_rollout_and_go_back() {
     assert!(!c.rollouts.running());
     c.stop(&rt);
 }
+
+#[test]
+fn the_rollout_commands_drive_a_real_console() {
+    let broker = Mosquitto::start(&DEVICES[..2]);
+    let state = tempfile::tempdir().unwrap();
+    let b = bundles();
+    let public = b.path("release.pub");
+    let key = b.path("release.key");
+    let serve = crate::state::Serve::start_with(
+        &broker,
+        state.path(),
+        &[
+            "--trust",
+            public.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let agents: Vec<Device> = DEVICES[..2]
+        .iter()
+        .map(|id| Device::start(Setup::new(id).mqtt(&broker)))
+        .collect();
+    let cli = |args: &[&str]| {
+        let o = crate::state::ferry_fleet_bin()
+            .args(args)
+            .args(["--console", &serve.url])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // Wait until the console knows both devices.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !DEVICES[..2].iter().all(|d| {
+        ureq::get(format!("{}/api/devices/{d}", serve.url))
+            .call()
+            .is_ok()
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "devices unknown:\n{}",
+            serve.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A bundle the console does not trust is refused with the reason.
+    let (code, _, err) = cli(&[
+        "rollout",
+        b.path(fixtures::UNTRUSTED).to_str().unwrap(),
+        "--canary",
+        "50%",
+        "--bake",
+        "1s",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("untrusted_key"), "{err}");
+    // A bad rule is refused before anything is sent.
+    let (code, _, err) = cli(&[
+        "rollout",
+        b.path(fixtures::V2).to_str().unwrap(),
+        "--canary",
+        "50%",
+        "--bake",
+        "1s",
+        "--abort-if",
+        "latency>5",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("unknown metric"), "{err}");
+
+    let (code, out, err) = cli(&[
+        "rollout",
+        b.path(fixtures::V2).to_str().unwrap(),
+        "--canary",
+        "50%",
+        "--bake",
+        "2s",
+        "--abort-if",
+        "error_rate>20%",
+        "--abort-if",
+        "failed_installs>0",
+        "--operator",
+        "alice",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("rollout r") && out.contains("canaries: "),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let listing = loop {
+        let (code, out, err) = cli(&["rollouts", "--json"]);
+        assert_eq!(code, Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v["rollouts"][0]["phase"]["phase"] == "done" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rollout not done: {v:#}\n{}",
+            serve.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for a in &agents {
+        assert_eq!(a.model().1, 2);
+    }
+    let audit = listing["audit"].as_array().unwrap();
+    assert!(audit.iter().all(|e| e["operator"] == "alice"), "{audit:#?}");
+    let (_, table, _) = cli(&["rollouts"]);
+    assert!(
+        table.contains("done") && table.contains("audit trail:"),
+        "{table}"
+    );
+    // The dashboard's API shows the rollout too.
+    let r: serde_json::Value = serde_json::from_str(
+        &ureq::get(format!("{}/api/rollouts", serve.url))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r[0]["phase"]["phase"], "done");
+}

@@ -145,7 +145,7 @@ fn requests(d: &DeviceState) -> u64 {
     d.rate(now_ms(), 3_600_000).requests
 }
 
-fn ferry_fleet_bin() -> Command {
+pub(crate) fn ferry_fleet_bin() -> Command {
     let path = fixtures::workspace_bin("ferry-fleet");
     assert!(path.exists(), "{} is missing", path.display());
     let mut c = Command::new(path);
@@ -571,20 +571,26 @@ fn state_survives_a_restart_and_what_came_meanwhile_arrives() {
 }
 
 /// A `ferry-fleet serve` process; killed on drop.
-struct Serve {
+pub(crate) struct Serve {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Serve {
     fn start(broker: &Mosquitto, state: &Path) -> Serve {
+        Serve::start_with(broker, state, &[])
+    }
+
+    /// With extra `serve` arguments.
+    pub(crate) fn start_with(broker: &Mosquitto, state: &Path, extra: &[&str]) -> Serve {
         let mut child = ferry_fleet_bin()
             .args(["serve", "--broker", &broker.url(), "--fleet", FLEET])
             .args(["--username", ADMIN, "--password-env", PASSWORD_ENV])
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--state")
             .arg(state)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -618,7 +624,7 @@ impl Serve {
         serve
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
 
