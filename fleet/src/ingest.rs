@@ -467,7 +467,12 @@ impl Console {
         })
         .await;
         match outcome {
-            Ok(result) => result.with_context(|| format!("publishing to {topic}")),
+            Ok(result) => {
+                if result.is_ok() {
+                    IngestStats::add(&self.stats.commands, 1);
+                }
+                result.with_context(|| format!("publishing to {topic}"))
+            }
             Err(_) => {
                 IngestStats::add(&self.stats.commands_failed, 1);
                 bail!(
@@ -764,8 +769,9 @@ impl Session {
                 self.outbox.on_await_ack(pkid);
             }
             Event::Incoming(Incoming::PubAck(ack)) => {
-                let was_command = self.outbox.on_puback(ack.pkid);
-                IngestStats::add(&self.stats.commands, u64::from(was_command));
+                // `Console::publish` counts the command when its caller
+                // learns of the PUBACK (counting here would race the caller).
+                let _was_command = self.outbox.on_puback(ack.pkid);
             }
             Event::Outgoing(Outgoing::Disconnect) => {
                 self.connected = false;
