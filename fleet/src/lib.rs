@@ -10,9 +10,12 @@
 //! - `ingest`: the MQTT subscription that feeds the store.
 //! - `server`: the dashboard and its JSON API (axum, SSE).
 //! - `rollout`: canary rollouts as a state machine without I/O.
+//! - `retrain`: the retraining loop: fleet-wide drift shares, the rule,
+//!   episodes (fire once), data sets, requests and hooks, and its routes.
 
 pub mod ingest;
 pub mod model;
+pub mod retrain;
 pub mod rollout;
 pub mod rollouts;
 pub mod server;
@@ -24,4 +27,26 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Writes a file so that a crash leaves the old or the new content, never a
+/// torn one: a temporary file, fsync, rename over the target, fsync of the
+/// directory.
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }

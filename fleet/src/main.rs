@@ -9,6 +9,8 @@
 //! - `rollout` / `rollouts`: start a canary rollout on a running console,
 //!   and show rollouts with their audit trail (both over the console's
 //!   HTTP API).
+//! - `retrain`: show the retraining episodes, or `--export DIR` the
+//!   drifting devices' samples and a request from a running console.
 //!
 //! Exit codes: 0 ok, 1 error, 2 usage.
 
@@ -37,7 +39,8 @@ const HTTP_GRACE: Duration = Duration::from_secs(3);
   ferry-fleet serve --broker mqtt://broker:1883 --fleet plant-7\n\
   ferry-fleet status --broker mqtt://broker:1883 --fleet plant-7 [--json]\n\
   ferry-fleet rollout iris-v2.ferry --canary 10% --bake 10m --abort-if 'error_rate>1%' --abort-if 'drift.psi>0.25'\n\
-  ferry-fleet rollouts [--json]\n\n\
+  ferry-fleet rollouts [--json]\n\
+  ferry-fleet retrain [--export DIR] [--json]\n\n\
 Exit codes: 0 ok, 1 error, 2 usage."
 )]
 struct Cli {
@@ -57,13 +60,15 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Cmd {
     /// Follow the fleet, keep its state and serve the dashboard.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Print every device's retained status (works without a console).
     Status(StatusCmd),
     /// Start a canary rollout of a bundle on a running console.
     Rollout(RolloutCmd),
     /// Show the console's rollouts (progress, history) and the audit trail.
     Rollouts(RolloutsCmd),
+    /// Show retraining episodes, or export the drifting devices' samples.
+    Retrain(RetrainCmd),
 }
 
 /// Where the broker is and who we are on it.
@@ -132,19 +137,89 @@ struct Serve {
     /// address as the devices reach it; default http://<listen>).
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    #[command(flatten)]
+    retrain: RetrainArgs,
+}
+
+/// The retraining loop of `serve` (see `ferry_fleet::retrain`).
+#[derive(Args)]
+struct RetrainArgs {
+    /// When a feature counts as drifting on the fleet: its share of the
+    /// traffic of devices with a recent drift window, `share>=30%` or
+    /// `share>0.3`.
+    #[arg(long, value_name = "RULE", default_value = ferry_fleet::retrain::DEFAULT_RULE)]
+    retrain_if: String,
+    /// Devices that must drift on a feature for the rule to hold.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    retrain_min_devices: usize,
+    /// Drift windows older than this (by the device's clock) do not count.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    retrain_max_age: String,
+    /// An episode ends when the rule has not held for this long; the next
+    /// time it holds fires again.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    retrain_calm: String,
+    /// Command run once per episode: "<program> [args]", never through a
+    /// shell; gets request.json's path as last argument and in
+    /// FERRY_RETRAIN_REQUEST.
+    #[arg(long, value_name = "COMMAND", conflicts_with = "retrain_webhook")]
+    retrain_hook_cmd: Option<String>,
+    /// URL request.json is POSTed to once per episode (retried on 5xx and
+    /// connection errors).
+    #[arg(long, value_name = "URL")]
+    retrain_webhook: Option<String>,
+    /// Limit on the hook command's run, and on each webhook attempt.
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    retrain_hook_timeout: String,
+}
+
+impl RetrainArgs {
+    fn options(&self) -> Result<ferry_fleet::retrain::Options> {
+        use ferry_fleet::retrain::{Hook, Options};
+        use ferry_fleet::rollouts::parse_duration_ms;
+        let hook = match (&self.retrain_hook_cmd, &self.retrain_webhook) {
+            (Some(cmd), _) => Hook::command(cmd).context("--retrain-hook-cmd")?,
+            (None, Some(url)) => Hook::webhook(url)?,
+            (None, None) => Hook::None,
+        };
+        Ok(Options {
+            rule: self
+                .retrain_if
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("--retrain-if")?,
+            min_devices: self.retrain_min_devices,
+            max_age_ms: parse_duration_ms(&self.retrain_max_age).context("--retrain-max-age")?,
+            calm_ms: parse_duration_ms(&self.retrain_calm).context("--retrain-calm")?,
+            hook,
+            hook_timeout: Duration::from_millis(
+                parse_duration_ms(&self.retrain_hook_timeout).context("--retrain-hook-timeout")?,
+            ),
+        })
+    }
 }
 
 impl Serve {
     fn run(self) -> Result<()> {
         let options = self.broker.options(self.client_id.clone())?;
+        // Parse and validate before anything starts.
+        let retrain = self.retrain.options()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        runtime.block_on(self.serve(options))
+        let result = runtime.block_on(self.serve(options, retrain));
+        // A retraining hook still running (up to its timeout) must not hold
+        // the exit: its episode is marked interrupted at the next start.
+        runtime.shutdown_timeout(HTTP_GRACE);
+        result
     }
 
-    async fn serve(self, options: IngestOptions) -> Result<()> {
+    async fn serve(
+        self,
+        options: IngestOptions,
+        retrain: ferry_fleet::retrain::Options,
+    ) -> Result<()> {
         let path = self.state.join(ferry_fleet::store::DIR);
         let store = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -184,6 +259,28 @@ impl Serve {
         } else {
             tracing::warn!("No --trust keys: rollouts are off");
         }
+        let retrainer = Arc::new(
+            ferry_fleet::retrain::Retrainer::open(&self.state, store.clone(), retrain)
+                .context("cannot open the retraining state")?,
+        );
+        router = router.merge(ferry_fleet::retrain::routes(retrainer.clone()));
+        // The retraining rule is evaluated once a second, off the async
+        // threads (a hook blocks its tick up to its timeout).
+        let retrain_ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let r = retrainer.clone();
+                match tokio::task::spawn_blocking(move || r.tick(ferry_fleet::now_ms())).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "Retraining step failed")
+                    }
+                    Err(e) => tracing::error!(error = %e, "Retraining step panicked"),
+                }
+            }
+        });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut http = tokio::spawn(async move {
             axum::serve(listener, router)
@@ -211,6 +308,7 @@ impl Serve {
         if let Some(t) = ticker {
             t.abort();
         }
+        retrain_ticker.abort();
         let _ = stop_tx.send(());
         if tokio::time::timeout(HTTP_GRACE, &mut http).await.is_err() {
             tracing::info!("Closing the dashboards still open");
@@ -470,6 +568,161 @@ impl RolloutsCmd {
     }
 }
 
+#[derive(Args)]
+struct RetrainCmd {
+    /// Write the drifting devices' samples (samples.csv) and a retraining
+    /// request (request.json) into this directory.
+    #[arg(long, value_name = "DIR")]
+    export: Option<PathBuf>,
+    /// With --export: these devices (comma-separated) instead of the
+    /// drifting ones.
+    #[arg(long, requires = "export")]
+    devices: Option<String>,
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// Print JSON: the request written, or {"fleet_drift", "retrain"}.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RetrainCmd {
+    fn run(self) -> Result<()> {
+        let agent = self.console.agent();
+        let reach = || format!("cannot reach the console at {}", self.console.console);
+        match &self.export {
+            Some(dir) => self.export(&agent, dir, &reach),
+            None => {
+                let get = |path: &str| -> Result<serde_json::Value> {
+                    let r = agent
+                        .get(self.console.url(path))
+                        .call()
+                        .with_context(reach)?;
+                    answer(r, path)
+                };
+                let drift = get("/api/fleet-drift")?;
+                let retrain = get("/api/retrain")?;
+                if self.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"fleet_drift": drift, "retrain": retrain})
+                    );
+                    return Ok(());
+                }
+                println!(
+                    "rule: {} (at least {} device(s)); {} device(s) with recent drift windows",
+                    retrain["rule"].as_str().unwrap_or("?"),
+                    retrain["min_devices"],
+                    drift["devices"]
+                );
+                for f in drift["features"].as_array().into_iter().flatten() {
+                    let devices: Vec<&str> = f["devices"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|d| d.as_str())
+                        .collect();
+                    println!(
+                        "  {:<24} {:>5.1}%  {}",
+                        f["name"].as_str().unwrap_or("?"),
+                        f["share"].as_f64().unwrap_or(0.0) * 100.0,
+                        devices.join(", ")
+                    );
+                }
+                let episodes = retrain["episodes"].as_array().cloned().unwrap_or_default();
+                if episodes.is_empty() {
+                    println!("no retraining episodes");
+                }
+                for e in &episodes {
+                    let features: Vec<&str> = e["features"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|f| f["name"].as_str())
+                        .collect();
+                    println!(
+                        "{} {} hook {} rows {} features {}",
+                        e["id"].as_str().unwrap_or("?"),
+                        if e["ended_ms"].is_null() {
+                            "open "
+                        } else {
+                            "ended"
+                        },
+                        e["hook"]["state"].as_str().unwrap_or("?"),
+                        e["rows"],
+                        features.join(", ")
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn export(
+        &self,
+        agent: &ureq::Agent,
+        dir: &std::path::Path,
+        reach: &dyn Fn() -> String,
+    ) -> Result<()> {
+        let mut req = agent.get(self.console.url("/api/retrain/request"));
+        if let Some(d) = &self.devices {
+            req = req.query("devices", d);
+        }
+        let mut request = answer(
+            req.call().with_context(reach)?,
+            "the console refused the export",
+        )?;
+        // The CSV of exactly the devices the request names.
+        let devices: Vec<String> = request["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["device"].as_str().map(str::to_string))
+            .collect();
+        let mut r = agent
+            .get(self.console.url("/api/retrain/export"))
+            .query("devices", devices.join(","))
+            .call()
+            .with_context(reach)?;
+        if r.status().as_u16() >= 400 {
+            answer(r, "the console refused the export")?;
+            unreachable!("an error status is an error");
+        }
+        let rows: u64 = r
+            .headers()
+            .get(ferry_fleet::retrain::ROWS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .context("the console's export has no row count")?;
+        let csv = r
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_string()
+            .context("cannot read the export")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let csv_path = dir.join("samples.csv");
+        std::fs::write(&csv_path, &csv)
+            .with_context(|| format!("cannot write {}", csv_path.display()))?;
+        let csv_path = std::fs::canonicalize(&csv_path).unwrap_or(csv_path);
+        request["rows"] = rows.into();
+        request["samples_csv"] = csv_path.display().to_string().into();
+        let request_path = dir.join("request.json");
+        std::fs::write(&request_path, serde_json::to_vec_pretty(&request)?)
+            .with_context(|| format!("cannot write {}", request_path.display()))?;
+        if self.json {
+            println!("{request}");
+        } else {
+            println!(
+                "{rows} samples of {} written to {}",
+                devices.join(", "),
+                csv_path.display()
+            );
+            println!("request: {}", request_path.display());
+        }
+        Ok(())
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C, with the signal's name.
 async fn shutdown_signal() -> &'static str {
     let ctrl_c = async {
@@ -625,10 +878,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Cmd::Serve(c) => c.run(),
+        Cmd::Serve(c) => (*c).run(),
         Cmd::Status(c) => c.run(),
         Cmd::Rollout(c) => c.run(),
         Cmd::Rollouts(c) => c.run(),
+        Cmd::Retrain(c) => c.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

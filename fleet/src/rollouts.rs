@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::Change;
 use crate::rollout::{Action, Canary, Phase, Rollout, Rule, Spec};
 use crate::store::Store;
+use crate::write_atomically;
 
 /// Where commands go: the console's MQTT connection (QoS 1).
 pub trait CommandSink: Send + Sync {
@@ -603,23 +604,6 @@ pub fn phase_name(p: &Phase) -> &'static str {
         Phase::Done => "done",
         Phase::Aborted { .. } => "aborted",
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]

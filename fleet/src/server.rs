@@ -17,11 +17,9 @@
 //! [`router`] returns a `Router` whose state is already applied, so other
 //! parts of the console add their routes with `router(store).merge(...)`.
 //! Their live changes reach `/api/stream` either through the store
-//! (`Store::notify`) or, from a channel of their own, through [`router_with`]:
-//! ```ignore
-//! let r = rollouts.clone();
-//! server::router_with(store, vec![Arc::new(move || r.subscribe())]).merge(rollouts::routes(rollouts))
-//! ```
+//! (`Store::notify`, which rollouts use) or, from a channel of their own,
+//! through [`router_with`] (a list of functions returning a
+//! `broadcast::Receiver<Change>`).
 //! The page reads `GET /api/rollouts` (a JSON list) when it exists and says
 //! "no rollouts" when it answers 404.
 //!

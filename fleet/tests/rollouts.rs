@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_fleet::ingest::{Console, IngestOptions};
+use ferry_fleet::ingest::Console;
 use ferry_fleet::rollout::{Phase, Rollout};
 use ferry_fleet::rollouts::{CommandSink, NewRollout, Rollouts};
 use ferry_fleet::store::Store;
 use ferry_runtime::{PublicKey, SecretKey, TrustPolicy};
 
-use crate::broker::{ADMIN, Mosquitto, password};
+use crate::broker::Mosquitto;
 use crate::device::{Device, Setup, iris_batch, iris_request, iris_rows};
 use crate::fixtures::{self, FLEET, bundles};
 
@@ -28,14 +28,6 @@ struct TestConsole {
     server: tokio::task::JoinHandle<()>,
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Starts a console; `http` is the address to serve on (a restarted console
 /// keeps its address: rollouts persist the download URLs they give out).
 fn start_console(
@@ -45,13 +37,7 @@ fn start_console(
     http: Option<&str>,
 ) -> TestConsole {
     rt.block_on(async {
-        let store = Arc::new(Store::open(&state.join("store")).unwrap());
-        let mut options = IngestOptions::new(broker.url(), FLEET);
-        options.client_id = "rollout-console".into();
-        options.username = Some(ADMIN.into());
-        options.password = Some(password(ADMIN));
-        let console = Arc::new(Console::start(&options, store.clone()).unwrap());
-        assert!(console.wait_connected(Duration::from_secs(30)).await);
+        let (store, console) = crate::state::connect(broker, state, "rollout-console").await;
         let addr = http
             .map(|h| h.trim_start_matches("http://").to_string())
             .unwrap_or_else(|| "127.0.0.1:0".into());
@@ -170,7 +156,7 @@ fn fleet_of_agents(broker: &Mosquitto, window: u64) -> Vec<Device> {
 
 #[test]
 fn healthy_canaries_promote_to_everyone_and_a_restart_mid_rollout_resumes() {
-    let rt = runtime();
+    let rt = crate::state::runtime();
     let broker = Mosquitto::start(&DEVICES);
     let state = tempfile::tempdir().unwrap();
     let c = start_console(&rt, &broker, state.path(), None);
@@ -260,7 +246,7 @@ fn healthy_canaries_promote_to_everyone_and_a_restart_mid_rollout_resumes() {
 
 #[test]
 fn drifting_canaries_abort_the_rollout_and_go_back() {
-    let rt = runtime();
+    let rt = crate::state::runtime();
     let broker = Mosquitto::start(&DEVICES);
     let state = tempfile::tempdir().unwrap();
     let c = start_console(&rt, &broker, state.path(), None);

@@ -54,7 +54,7 @@ fn t(device: &str, which: Topic) -> String {
     topic(FLEET, device, which)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,12 +79,26 @@ fn wait_until(what: &str, context: impl Fn() -> String, mut done: impl FnMut() -
     }
 }
 
-fn admin_options(broker: &Mosquitto, client_id: &str) -> IngestOptions {
+pub(crate) fn admin_options(broker: &Mosquitto, client_id: &str) -> IngestOptions {
     let mut o = IngestOptions::new(broker.url(), FLEET);
     o.client_id = client_id.to_string();
     o.username = Some(ADMIN.into());
     o.password = Some(password(ADMIN));
     o
+}
+
+/// Opens the store under `state` and follows the fleet as the admin;
+/// returns once subscribed.
+pub(crate) async fn connect(
+    broker: &Mosquitto,
+    state: &Path,
+    client_id: &str,
+) -> (Arc<Store>, Arc<Console>) {
+    let store = Arc::new(Store::open(&state.join("store")).unwrap());
+    let console =
+        Arc::new(Console::start(&admin_options(broker, client_id), store.clone()).unwrap());
+    assert!(console.wait_connected(Duration::from_secs(30)).await);
+    (store, console)
 }
 
 /// A store and the ingest that feeds it, on a runtime of their own.

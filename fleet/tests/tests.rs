@@ -1,6 +1,9 @@
 //! ferry-fleet's integration tests, with a real mosquitto and real
 //! `ferry-agent` processes.
 //!
+//! - `retrain`: the retraining loop against real agents: the hook fires
+//!   once per episode (also across a console restart) with the drifted
+//!   samples; the export CLI; a webhook retried.
 //! - `rollouts`: canary rollouts against real agents: promote, abort on
 //!   drift with rollback, resume after a console restart.
 //! - `state`: the store fed by the MQTT ingest from mosquitto and real
@@ -18,5 +21,6 @@ mod device;
 mod dashboard;
 #[path = "../../edge-agent/tests/fixtures.rs"]
 mod fixtures;
+mod retrain;
 mod rollouts;
 mod state;
