@@ -4,6 +4,8 @@
 //! retraining triggers.
 //!
 //! # Layout
+//! - `broker`: the embedded MQTT broker (rumqttd) of `serve
+//!   --embedded-broker`, for demos: no authentication.
 //! - `model`: the per-device state and the other values the API shows.
 //! - `store`: the sled store: devices, drift history, events, samples,
 //!   de-duplication, change notifications.
@@ -13,6 +15,7 @@
 //! - `retrain`: the retraining loop: fleet-wide drift shares, the rule,
 //!   episodes (fire once), data sets, requests and hooks, and its routes.
 
+pub mod broker;
 pub mod ingest;
 pub mod model;
 pub mod retrain;

@@ -37,6 +37,7 @@ const HTTP_GRACE: Duration = Duration::from_secs(3);
     about = "Ferry's fleet console: device state over MQTT and a live dashboard",
     long_about = "Ferry's fleet console: device state over MQTT and a live dashboard.\n\n\
   ferry-fleet serve --broker mqtt://broker:1883 --fleet plant-7\n\
+  ferry-fleet serve --embedded-broker --fleet demo    (demos: a broker with NO authentication)\n\
   ferry-fleet status --broker mqtt://broker:1883 --fleet plant-7 [--json]\n\
   ferry-fleet rollout iris-v2.ferry --canary 10% --bake 10m --abort-if 'error_rate>1%' --abort-if 'drift.psi>0.25'\n\
   ferry-fleet rollouts [--json]\n\
@@ -74,9 +75,10 @@ enum Cmd {
 /// Where the broker is and who we are on it.
 #[derive(Args)]
 struct BrokerArgs {
-    /// The broker: mqtt://host[:port] or mqtts://host[:port].
+    /// The broker: mqtt://host[:port] or mqtts://host[:port] (`serve
+    /// --embedded-broker`: default mqtt://<its address>).
     #[arg(long, env = "FERRY_FLEET_BROKER")]
-    broker: String,
+    broker: Option<String>,
     /// The fleet (the <fleet> of ferry/v1/<fleet>/...).
     #[arg(long, env = "FERRY_FLEET")]
     fleet: String,
@@ -94,8 +96,24 @@ struct BrokerArgs {
 }
 
 impl BrokerArgs {
-    fn options(&self, client_id: Option<String>) -> Result<IngestOptions> {
-        let mut o = IngestOptions::new(&self.broker, &self.fleet);
+    /// `default_broker`: the URL used without `--broker` (the embedded
+    /// broker's); without either, a usage error (exit code 2).
+    fn options(
+        &self,
+        client_id: Option<String>,
+        default_broker: Option<String>,
+    ) -> Result<IngestOptions> {
+        use clap::CommandFactory;
+        let Some(broker) = self.broker.clone().or(default_broker) else {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "--broker <BROKER> (or FERRY_FLEET_BROKER) is required \
+                     (`serve --embedded-broker` needs none)",
+                )
+                .exit()
+        };
+        let mut o = IngestOptions::new(&broker, &self.fleet);
         if let Some(id) = client_id {
             o.client_id = id;
         }
@@ -137,6 +155,17 @@ struct Serve {
     /// address as the devices reach it; default http://<listen>).
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    /// Start an MQTT broker (rumqttd) in this process on ADDR (default
+    /// 127.0.0.1:1883), for demos and small trusted networks: NO
+    /// authentication, NO ACL, state in memory only. `--broker` then
+    /// defaults to mqtt://ADDR. Production: mosquitto, EMQX, AWS IoT Core.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        num_args = 0..=1,
+        default_missing_value = ferry_fleet::broker::DEFAULT_ADDR
+    )]
+    embedded_broker: Option<SocketAddr>,
     #[command(flatten)]
     retrain: RetrainArgs,
 }
@@ -201,9 +230,17 @@ impl RetrainArgs {
 
 impl Serve {
     fn run(self) -> Result<()> {
-        let options = self.broker.options(self.client_id.clone())?;
         // Parse and validate before anything starts.
         let retrain = self.retrain.options()?;
+        // The embedded broker accepts connections before the console
+        // connects to it.
+        let embedded = self
+            .embedded_broker
+            .map(ferry_fleet::broker::EmbeddedBroker::start)
+            .transpose()?;
+        let options = self
+            .broker
+            .options(self.client_id.clone(), embedded.as_ref().map(|b| b.url()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -772,7 +809,7 @@ impl StatusCmd {
             self.broker.fleet,
             fastrand::u32(..)
         );
-        let options = self.broker.options(Some(client_id))?;
+        let options = self.broker.options(Some(client_id), None)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -897,7 +934,8 @@ fn main() -> ExitCode {
 fn init_logging(format: Option<LogFormat>) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // rumqttd (the embedded broker) logs every connection at info.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
     let json = match format {
         Some(LogFormat::Json) => true,
         Some(LogFormat::Text) => false,

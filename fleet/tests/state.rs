@@ -67,7 +67,7 @@ fn now_ms() -> u64 {
 }
 
 /// Waits until `done` holds (polling), or panics with `what` and `context()`.
-fn wait_until(what: &str, context: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, context: impl Fn() -> String, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !done() {
         assert!(
@@ -598,13 +598,22 @@ impl Serve {
 
     /// With extra `serve` arguments.
     pub(crate) fn start_with(broker: &Mosquitto, state: &Path, extra: &[&str]) -> Serve {
+        let url = broker.url();
+        let mut args = vec!["--broker", &url];
+        args.extend(["--username", ADMIN, "--password-env", PASSWORD_ENV]);
+        args.extend(extra);
+        Serve::start_args(state, &args)
+    }
+
+    /// `serve --fleet FLEET --listen 127.0.0.1:0 --state <state>` with
+    /// `args` (the broker's among them).
+    pub(crate) fn start_args(state: &Path, args: &[&str]) -> Serve {
         let mut child = ferry_fleet_bin()
-            .args(["serve", "--broker", &broker.url(), "--fleet", FLEET])
-            .args(["--username", ADMIN, "--password-env", PASSWORD_ENV])
+            .args(["serve", "--fleet", FLEET])
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--state")
             .arg(state)
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

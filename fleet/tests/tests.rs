@@ -1,6 +1,9 @@
 //! ferry-fleet's integration tests, with a real mosquitto and real
 //! `ferry-agent` processes.
 //!
+//! - `embedded`: `serve --embedded-broker` (rumqttd, no mosquitto) with
+//!   real agents: statuses, counts, retained statuses, a persistent
+//!   session, the last will.
 //! - `retrain`: the retraining loop against real agents: the hook fires
 //!   once per episode (also across a console restart) with the drifted
 //!   samples; the export CLI; a webhook retried.
@@ -19,6 +22,7 @@ mod broker;
 mod device;
 // fixtures.rs allows dead code itself.
 mod dashboard;
+mod embedded;
 #[path = "../../edge-agent/tests/fixtures.rs"]
 mod fixtures;
 mod retrain;
