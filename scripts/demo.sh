@@ -2,8 +2,10 @@
 # The main job on embedded defaults: build ferry, make a key, pack both
 # examples, verify, inspect and run them, and measure drift; then run the edge
 # agent on the iris bundle: predictions over HTTP, drift measured on the
-# device, a signed update pulled from a local channel. No setup, no broker, no
-# network, nothing outside a temporary directory (kept, and printed, at the end).
+# device, a signed update pulled from a local channel; then the fleet demo
+# (scripts/fleet-demo.sh: console + embedded broker + dashboard, three agents,
+# drift, the retraining trigger, a canary rollout). No setup, no external
+# broker, no network, nothing outside temporary directories (kept, and printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
@@ -98,3 +100,8 @@ wait "$agent_pid" || true
 trap - EXIT
 printf '\nagent log: %s\n' "$work/agent.log"
 printf 'bundles, keys, the channel and the agent state are in %s\n' "$work"
+
+# --- The fleet ---------------------------------------------------------------
+# A console with its embedded broker and dashboard, three agents, drift on one
+# device, the retraining trigger, a canary rollout (scripts/fleet-demo.sh).
+bash scripts/fleet-demo.sh
