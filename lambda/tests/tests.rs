@@ -189,6 +189,21 @@ fn direct_and_http_invocations_answer_like_ferry_run_and_reuse_one_session() {
     assert_eq!(*api.served.lock().unwrap(), 3);
     assert!(api.first_next.lock().unwrap().is_some());
     // One init for all invocations; EMF metrics with the cold-start flag on the first only.
+    // The function logs its metrics after it posted the response: wait for the
+    // third invocation's line rather than race it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while f
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("CloudWatchMetrics"))
+        .count()
+        < 3
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let lines = f.lines.lock().unwrap().clone();
     let logs: Vec<Value> = lines
         .iter()
