@@ -982,6 +982,65 @@ mod tests {
         );
     }
 
+    fn shadow_report(agreement: f64, compared: u64) -> ferry_protocol::ShadowReport {
+        ferry_protocol::ShadowReport {
+            candidate: bundle("new", 2),
+            active: bundle("old", 1),
+            compared,
+            candidate_errors: 0,
+            top1_agreement: Some(agreement),
+            mean_abs_diff: Some(0.01),
+            active_latency_us_p50: 40,
+            candidate_latency_us_p50: 42,
+            candidate_latency_us_p99: 90,
+            stopped_early: false,
+        }
+    }
+
+    #[test]
+    fn a_shadow_stage_gates_the_canaries() {
+        let devices: Vec<String> = fleet_of(4).keys().cloned().collect();
+        let mut s = spec(&["shadow.agreement<0.97"]);
+        s.shadow_samples = 100;
+        // Agreeing candidate: shadow first, then the canary installs.
+        let mut fleet = fleet_of(4);
+        let mut r = Rollout::new("r".into(), s.clone(), &devices, 0).unwrap();
+        let actions = run(&mut r, &fleet, 0);
+        let canary = r.order[0].clone();
+        assert_eq!(
+            actions,
+            vec![Action::ShadowStart {
+                device: canary.clone()
+            }]
+        );
+        assert!(
+            installs(&run(&mut r, &fleet, 1000)).is_empty(),
+            "no install before the report"
+        );
+        fleet.get_mut(&canary).unwrap().shadow = Some(shadow_report(0.99, 100));
+        run(&mut r, &fleet, 2000);
+        assert!(matches!(r.phase, Phase::Canary { .. }), "{:?}", r.phase);
+        assert_eq!(installs(&run(&mut r, &fleet, 3000)), vec![canary.clone()]);
+        // Disagreeing candidate: aborted before anything is installed.
+        let mut fleet = fleet_of(4);
+        let mut r = Rollout::new("r".into(), s, &devices, 0).unwrap();
+        run(&mut r, &fleet, 0);
+        fleet.get_mut(&canary).unwrap().shadow = Some(shadow_report(0.80, 100));
+        let actions = run(&mut r, &fleet, 1000);
+        assert!(installs(&actions).is_empty());
+        assert!(
+            actions.contains(&Action::ShadowStop {
+                device: canary.clone()
+            }),
+            "{actions:?}"
+        );
+        run(&mut r, &fleet, 2000);
+        match &r.phase {
+            Phase::Aborted { reason } => assert!(reason.contains("80.0%"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn refused_and_silent_installs_count_as_failures() {
         let mut fleet = fleet_of(2);
