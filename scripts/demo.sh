@@ -104,4 +104,4 @@ printf 'bundles, keys, the channel and the agent state are in %s\n' "$work"
 # --- The fleet ---------------------------------------------------------------
 # A console with its embedded broker and dashboard, three agents, drift on one
 # device, the retraining trigger, a canary rollout (scripts/fleet-demo.sh).
-bash scripts/fleet-demo.sh
+FERRY_DEMO_BIN_DIR="$bin_dir" bash scripts/fleet-demo.sh

@@ -9,9 +9,15 @@
 # directory (kept, and printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
-cargo build --release --workspace --bins
-bin_dir="${CARGO_TARGET_DIR:-target}/release"
+# FERRY_DEMO_BIN_DIR: use binaries already built there (the fleet's tests run
+# this script that way); otherwise build them.
+if [ -n "${FERRY_DEMO_BIN_DIR:-}" ]; then
+    bin_dir="$FERRY_DEMO_BIN_DIR"
+else
+    rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
+    cargo build --release --workspace --bins
+    bin_dir="${CARGO_TARGET_DIR:-target}/release"
+fi
 ferry="$bin_dir/ferry"
 agent="$bin_dir/ferry-agent"
 fleet="$bin_dir/ferry-fleet"

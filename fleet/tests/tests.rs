@@ -7,6 +7,7 @@
 //! - `retrain`: the retraining loop against real agents: the hook fires
 //!   once per episode (also across a console restart) with the drifted
 //!   samples; the export CLI; a webhook retried.
+//! - `demo`: `scripts/fleet-demo.sh` runs to the end.
 //! - `rollouts`: canary rollouts against real agents: promote, abort on
 //!   drift with rollback, resume after a console restart.
 //! - `state`: the store fed by the MQTT ingest from mosquitto and real
@@ -22,6 +23,7 @@ mod broker;
 mod device;
 // fixtures.rs allows dead code itself.
 mod dashboard;
+mod demo;
 mod embedded;
 #[path = "../../edge-agent/tests/fixtures.rs"]
 mod fixtures;
