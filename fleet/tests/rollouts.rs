@@ -440,3 +440,63 @@ fn the_rollout_commands_drive_a_real_console() {
     .unwrap();
     assert_eq!(r[0]["phase"]["phase"], "done");
 }
+
+#[test]
+fn a_canary_refusing_the_bundle_aborts_the_rollout_and_nobody_changes() {
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&DEVICES);
+    let state = tempfile::tempdir().unwrap();
+    let c = start_console(&rt, &broker, state.path(), None);
+    let agents = fleet_of_agents(&broker, 1000);
+    c.wait_fleet_on(1, &DEVICES);
+    // Signed by the trusted key (the console accepts it), but its golden
+    // examples fail on the device: the agent refuses to activate it.
+    let bad = bundles().bytes(fixtures::GOLDEN_FAILS);
+    let rollout = c
+        .rollouts
+        .create(
+            &bad,
+            &params("1%", "10m", "failed_installs>0"),
+            ferry_fleet::now_ms(),
+        )
+        .unwrap();
+    let r = c.drive(&rt, "aborted", Duration::from_secs(120), |r| {
+        matches!(r.phase, Phase::Aborted { .. })
+    });
+    assert_eq!(r.id, rollout.id);
+    let Phase::Aborted { reason } = &r.phase else {
+        unreachable!()
+    };
+    assert!(reason.contains("failed_installs>0"), "{reason}");
+    let audit: Vec<String> = c
+        .rollouts
+        .audit_log()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.what)
+        .collect();
+    assert!(
+        audit
+            .iter()
+            .any(|t| t.contains("refused the bundle (golden_failed)")),
+        "{audit:#?}"
+    );
+    // One install command (the canary), no rollback needed, every device
+    // still on v1.
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|t| t.starts_with("sent install"))
+            .count(),
+        1,
+        "{audit:#?}"
+    );
+    assert!(
+        !audit.iter().any(|t| t.starts_with("sent rollback")),
+        "{audit:#?}"
+    );
+    for a in &agents {
+        assert_eq!(a.model().1, 1);
+    }
+    c.stop(&rt);
+}
