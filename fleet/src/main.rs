@@ -34,8 +34,8 @@ const HTTP_GRACE: Duration = Duration::from_secs(3);
 #[command(
     name = "ferry-fleet",
     version,
-    about = "Ferry's fleet console: device state over MQTT and a live dashboard",
-    long_about = "Ferry's fleet console: device state over MQTT and a live dashboard.\n\n\
+    about = "Ferry's fleet console: device state over MQTT, a live dashboard, canary rollouts, retraining triggers",
+    long_about = "Ferry's fleet console: device state over MQTT, a live dashboard, canary rollouts, retraining triggers.\n\n\
   ferry-fleet serve --broker mqtt://broker:1883 --fleet plant-7\n\
   ferry-fleet serve --embedded-broker --fleet demo    (demos: a broker with NO authentication)\n\
   ferry-fleet status --broker mqtt://broker:1883 --fleet plant-7 [--json]\n\
