@@ -188,6 +188,11 @@ struct RetrainArgs {
     /// time it holds fires again.
     #[arg(long, value_name = "DURATION", default_value = "10m")]
     retrain_calm: String,
+    /// Wait this long after the rule starts holding before assembling the
+    /// data set and calling the hook (drifting windows' samples arrive on
+    /// their own topic, a little after the drift records).
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    retrain_settle: String,
     /// Command run once per episode: "<program> [args]", never through a
     /// shell; gets request.json's path as last argument and in
     /// FERRY_RETRAIN_REQUEST.
@@ -220,6 +225,7 @@ impl RetrainArgs {
             min_devices: self.retrain_min_devices,
             max_age_ms: parse_duration_ms(&self.retrain_max_age).context("--retrain-max-age")?,
             calm_ms: parse_duration_ms(&self.retrain_calm).context("--retrain-calm")?,
+            settle_ms: parse_duration_ms(&self.retrain_settle).context("--retrain-settle")?,
             hook,
             hook_timeout: Duration::from_millis(
                 parse_duration_ms(&self.retrain_hook_timeout).context("--retrain-hook-timeout")?,

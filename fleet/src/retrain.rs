@@ -572,6 +572,10 @@ pub struct Options {
     pub max_age_ms: u64,
     /// How long the rule must not hold for an episode to end.
     pub calm_ms: u64,
+    /// Time between an episode opening and its data set and hook: the
+    /// samples of a drifting window travel on their own topic and may reach
+    /// the console a little after the window's drift record.
+    pub settle_ms: u64,
     pub hook: Hook,
     /// Limit on a hook command's run, and on each webhook attempt.
     pub hook_timeout: Duration,
@@ -584,6 +588,7 @@ impl Default for Options {
             min_devices: 1,
             max_age_ms: 3_600_000,
             calm_ms: 10 * 60_000,
+            settle_ms: 0,
             hook: Hook::None,
             hook_timeout: Duration::from_secs(300),
         }
@@ -743,6 +748,7 @@ impl Retrainer {
         }
         if let Some(mut e) = current
             && e.hook == HookState::Pending
+            && now_ms >= e.started_ms.saturating_add(self.options.settle_ms)
         {
             self.fire(&mut e, now_ms)?;
         }

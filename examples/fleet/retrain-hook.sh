@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The retraining hook of the iris example: retrain -> ferry pack -> ferry-fleet rollout.
+#
+#   ferry-fleet serve ... --retrain-hook-cmd "examples/fleet/retrain-hook.sh"
+#   examples/fleet/retrain-hook.sh REQUEST_JSON        # or by hand, e.g. after `ferry-fleet retrain --export DIR`
+#
+# REQUEST_JSON: the episode's request.json (the console passes its path as the last argument,
+# and in FERRY_RETRAIN_REQUEST). Steps:
+#   1. examples/iris/retrain.py REQUEST_JSON --out <dir next to the request>/retrained-<time>
+#   2. ferry pack <dir> --key $FERRY_KEY --sequence N -o <dir>.ferry
+#   3. ferry-fleet rollout <dir>.ferry --console $FERRY_CONSOLE --canary 34% --bake 30s
+#        --abort-if 'error_rate>5%' --abort-if 'drift.psi>0.25'
+#
+# Environment:
+#   FERRY_KEY            signing key file (from `ferry keygen`; the devices must trust its .pub)  [required]
+#   FERRY_CONSOLE        the console's URL                              [default: http://127.0.0.1:8080]
+#   FERRY_NEXT_SEQUENCE  [release] sequence of the new bundle  [default: highest sequence in the request + 1]
+#   FERRY_BIN_DIR        where ferry and ferry-fleet are                [default: PATH]
+#   PYTHON               the Python with examples/requirements.txt       [default: python3]
+#
+# The rollout command returns once the rollout has started; the console runs it (canaries, bake,
+# abort rules) and `ferry-fleet rollouts` / the console page follow it. Exit status: non-zero
+# if any step fails (the console records the hook's output in the episode).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+examples="$(dirname "$here")"
+request="${1:-${FERRY_RETRAIN_REQUEST:-}}"
+[[ -n "$request" ]] || { echo "usage: $0 REQUEST_JSON" >&2; exit 2; }
+[[ -f "$request" ]] || { echo "retrain-hook: no such request: $request" >&2; exit 1; }
+request="$(cd "$(dirname "$request")" && pwd)/$(basename "$request")"
+: "${FERRY_KEY:?retrain-hook: set FERRY_KEY to the signing key file (ferry keygen -o KEYS/release)}"
+[[ -r "$FERRY_KEY" ]] || { echo "retrain-hook: cannot read FERRY_KEY=$FERRY_KEY" >&2; exit 1; }
+console="${FERRY_CONSOLE:-http://127.0.0.1:8080}"
+python="${PYTHON:-python3}"
+
+bin() {
+    if [[ -n "${FERRY_BIN_DIR:-}" ]]; then echo "$FERRY_BIN_DIR/$1"; else command -v "$1" || echo "$1"; fi
+}
+ferry="$(bin ferry)"
+fleet="$(bin ferry-fleet)"
+for b in "$ferry" "$fleet"; do
+    command -v "$b" >/dev/null || { echo "retrain-hook: $b not found (set FERRY_BIN_DIR or PATH)" >&2; exit 1; }
+done
+
+if ! missing="$("$python" - <<'EOF' 2>&1
+import importlib.util, sys
+need = ["numpy", "onnx", "onnxruntime", "sklearn", "skl2onnx"]
+gone = [m for m in need if importlib.util.find_spec(m) is None]
+if gone:
+    print(" ".join(gone)); sys.exit(1)
+EOF
+)"; then
+    echo "retrain-hook: $python lacks Python package(s): $missing" >&2
+    echo "retrain-hook: install them with: $python -m pip install -r $examples/requirements.txt" >&2
+    exit 1
+fi
+
+if [[ -n "${FERRY_NEXT_SEQUENCE:-}" ]]; then
+    sequence="$FERRY_NEXT_SEQUENCE"
+else
+    sequence="$("$python" -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+print(max([int(b.get("sequence", 0)) for b in r.get("bundles", [])] or [0]) + 1)' "$request")"
+fi
+
+out="$(dirname "$request")/retrained-$(date -u +%Y%m%dT%H%M%SZ)"
+bundle="$out.ferry"
+echo "retrain-hook: retraining from $request into $out (sequence $sequence)"
+"$python" "$examples/iris/retrain.py" "$request" --out "$out" --sequence "$sequence"
+"$ferry" pack "$out" --key "$FERRY_KEY" --sequence "$sequence" -o "$bundle"
+echo "retrain-hook: rolling out $bundle on $console"
+"$fleet" rollout "$bundle" --console "$console" --canary 34% --bake 30s \
+    --abort-if 'error_rate>5%' --abort-if 'drift.psi>0.25'
