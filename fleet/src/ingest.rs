@@ -79,7 +79,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use ferry_protocol::{
-    MAX_MESSAGE_BYTES, SCHEMA_VERSION, Status, TOPIC_ROOT, Topic, fleet_filter, parse_topic,
+    BrokerUrl, BrokerUrlError, MAX_MESSAGE_BYTES, SCHEMA_VERSION, Status, TOPIC_ROOT, Topic,
+    fleet_filter, parse_topic,
 };
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
@@ -177,48 +178,13 @@ pub fn default_client_id(fleet: &str) -> String {
     format!("ferry-fleet-{fleet}")
 }
 
-/// Where the broker is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct BrokerUrl {
-    tls: bool,
-    host: String,
-    port: u16,
-}
-
-/// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
+/// Parses `--broker` (see [`BrokerUrl::parse`]).
 fn parse_url(url: &str) -> Result<BrokerUrl> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("mqtt://") {
-        (false, rest)
-    } else {
-        bail!("the broker URL must start with mqtt:// or mqtts://, got {url:?}");
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('@') {
-        bail!("the broker URL must not hold credentials: use --username and --password-env");
-    }
-    if rest.contains(['/', '?', '#']) || rest.starts_with('[') {
-        bail!("the broker URL takes a host name or IPv4 address and a port only, got {url:?}");
-    }
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => {
-            let port = port
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .with_context(|| format!("the broker URL has an invalid port: {url:?}"))?;
-            (host, port)
+    BrokerUrl::parse(url).map_err(|e| match e {
+        BrokerUrlError::Credentials => {
+            anyhow!("the broker URL {e}: use --username and --password-env")
         }
-        None => (rest, if tls { 8883 } else { 1883 }),
-    };
-    if host.is_empty() {
-        bail!("the broker URL has no host: {url:?}");
-    }
-    Ok(BrokerUrl {
-        tls,
-        host: host.to_string(),
-        port,
+        e => anyhow!("the broker URL {e}"),
     })
 }
 
@@ -297,11 +263,11 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig>
 /// minimum, capped, uniform in the upper half of the ceiling so a console
 /// and its fleet do not come back in lockstep.
 fn backoff(attempt: u32, unit: f64) -> Duration {
-    let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-    let ceiling = BACKOFF_MIN.saturating_mul(factor).min(BACKOFF_MAX);
-    ceiling
-        .mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
-        .clamp(BACKOFF_MIN, BACKOFF_MAX)
+    ferry_protocol::Backoff {
+        min: BACKOFF_MIN,
+        max: BACKOFF_MAX,
+    }
+    .delay(attempt, unit)
 }
 
 /// Counters of the ingest; they only grow.

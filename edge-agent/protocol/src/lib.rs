@@ -9,6 +9,8 @@
 //!   [`DriftRecord`], [`SampleRecord`] or [`EventRecord`].
 //! - fleet → device: [`Command`].
 //! - update channels: [`ChannelIndex`].
+//! - connecting: [`BrokerUrl`] (the broker URLs both sides take) and
+//!   [`Backoff`] (their reconnect delays).
 //!
 //! # Changing these types
 //! Every payload is JSON with a `schema` field ([`SCHEMA_VERSION`]).
@@ -151,6 +153,121 @@ pub fn parse_topic(t: &str) -> Option<(&str, &str, Topic)> {
         _ => return None,
     };
     Some((fleet, device, topic))
+}
+
+/// Where a broker is: the `mqtt://host[:port]` / `mqtts://host[:port]` URLs
+/// the agent (`mqtt.url`) and the console (`--broker`) take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Why a broker URL was refused. Displays as the end of a sentence about
+/// the URL ("... must start with mqtt:// or mqtts://"): callers name the
+/// setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerUrlError {
+    /// Not `mqtt://` or `mqtts://`.
+    Scheme(String),
+    /// `user:password@` in the URL (credentials belong elsewhere).
+    Credentials,
+    /// A path, query or fragment.
+    NotHostPort(String),
+    /// `[::1]`-style hosts.
+    Ipv6(String),
+    /// Not 1..=65535.
+    Port(String),
+    NoHost(String),
+}
+
+impl std::fmt::Display for BrokerUrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerUrlError::Scheme(u) => {
+                write!(f, "must start with mqtt:// or mqtts://, got {u:?}")
+            }
+            BrokerUrlError::Credentials => write!(f, "must not hold credentials"),
+            BrokerUrlError::NotHostPort(u) => write!(
+                f,
+                "takes a host and a port only (a host name or IPv4 address), got {u:?}"
+            ),
+            BrokerUrlError::Ipv6(u) => write!(
+                f,
+                "holds an IPv6 literal, which is not supported: use a host name (got {u:?})"
+            ),
+            BrokerUrlError::Port(u) => write!(f, "has an invalid port: {u:?}"),
+            BrokerUrlError::NoHost(u) => write!(f, "has no host: {u:?}"),
+        }
+    }
+}
+
+impl std::error::Error for BrokerUrlError {}
+
+impl BrokerUrl {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (default ports
+    /// 1883 and 8883; a trailing `/` is allowed). No credentials, paths or
+    /// IPv6 literals.
+    pub fn parse(url: &str) -> Result<BrokerUrl, BrokerUrlError> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(BrokerUrlError::Scheme(url.to_string()));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('@') {
+            return Err(BrokerUrlError::Credentials);
+        }
+        if rest.contains(['/', '?', '#']) {
+            return Err(BrokerUrlError::NotHostPort(url.to_string()));
+        }
+        if rest.starts_with('[') {
+            return Err(BrokerUrlError::Ipv6(url.to_string()));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| BrokerUrlError::Port(url.to_string()))?;
+                (host, port)
+            }
+            None => (rest, if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() {
+            return Err(BrokerUrlError::NoHost(url.to_string()));
+        }
+        Ok(BrokerUrl {
+            tls,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// Reconnect delays: doubling from `min`, capped at `max`, with "equal
+/// jitter" (uniform in the upper half) so a fleet that lost its broker at
+/// once does not come back in lockstep. Used by the agent and the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub min: std::time::Duration,
+    pub max: std::time::Duration,
+}
+
+impl Backoff {
+    /// The delay before reconnect attempt `attempt` (0 for the first retry);
+    /// `unit` is uniform in `[0, 1)`.
+    pub fn delay(&self, attempt: u32, unit: f64) -> std::time::Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        ceiling
+            .mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+            .clamp(self.min, self.max)
+    }
 }
 
 /// Identity of a bundle.

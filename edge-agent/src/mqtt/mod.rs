@@ -214,26 +214,7 @@ impl MqttStats {
     }
 }
 
-/// Reconnect delays: doubling from `min`, capped at `max`, with "equal
-/// jitter" (uniform in the upper half) so a fleet that lost its broker at
-/// once does not come back in lockstep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub min: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The delay before reconnect attempt `attempt` (0 for the first retry);
-    /// `unit` is uniform in `[0, 1)`.
-    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        let ceiling = self.min.saturating_mul(factor).min(self.max);
-        ceiling
-            .mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
-            .clamp(self.min, self.max)
-    }
-}
+pub use ferry_protocol::Backoff;
 
 /// Ships the buffer and the status, takes commands in. Build it with
 /// [`Reporter::new`] (all configuration errors surface there), then `run`.

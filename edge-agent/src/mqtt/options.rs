@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ferry_protocol::{Status, Topic, topic};
+use ferry_protocol::{BrokerUrl, BrokerUrlError, Status, Topic, topic};
 use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -21,52 +21,13 @@ use crate::config::MqttConfig;
 /// and device names). Generous so the limit that bites is always ours.
 pub const PACKET_HEADROOM: usize = 4096;
 
-/// Where the broker is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct BrokerUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-}
-
-/// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (default ports 1883
-/// and 8883).
+/// Parses `mqtt.url` (see [`BrokerUrl::parse`]).
 pub(crate) fn parse_url(url: &str) -> Result<BrokerUrl> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("mqtt://") {
-        (false, rest)
-    } else {
-        bail!("mqtt.url must start with mqtt:// or mqtts://, got {url:?}");
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('@') {
-        bail!("mqtt.url must not hold credentials: use mqtt.username and mqtt.password_env");
-    }
-    if rest.contains(['/', '?', '#']) {
-        bail!("mqtt.url takes a host and a port only, got {url:?}");
-    }
-    if rest.starts_with('[') {
-        bail!("mqtt.url: IPv6 literals are not supported, use a host name (got {url:?})");
-    }
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => {
-            let port = port
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .with_context(|| format!("mqtt.url has an invalid port: {url:?}"))?;
-            (host, port)
+    BrokerUrl::parse(url).map_err(|e| match e {
+        BrokerUrlError::Credentials => {
+            anyhow::anyhow!("mqtt.url {e}: use mqtt.username and mqtt.password_env")
         }
-        None => (rest, if tls { 8883 } else { 1883 }),
-    };
-    if host.is_empty() {
-        bail!("mqtt.url has no host: {url:?}");
-    }
-    Ok(BrokerUrl {
-        tls,
-        host: host.to_string(),
-        port,
+        e => anyhow::anyhow!("mqtt.url {e}"),
     })
 }
 
