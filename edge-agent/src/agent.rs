@@ -267,10 +267,9 @@ impl Agent {
     fn install_initial(&self, path: &Path) -> Result<(Session, BundleRef)> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read initial bundle {}", path.display()))?;
-        let (verified, session) = self
+        let (bundle, session) = self
             .check_and_load(&bytes, None, true)
             .map_err(|r| anyhow!("initial bundle {} refused: {}", path.display(), r.reason))?;
-        let bundle = updates::bundle_ref(&verified);
         let store = &self.store;
         let staged = store.staging_dir().join(format!("{}.ferry", bundle.digest));
         std::fs::write(&staged, &bytes)
@@ -283,13 +282,14 @@ impl Agent {
     }
 
     /// Verifies a candidate (signatures, fleet, channel, sequence), loads it
-    /// and runs its golden examples.
+    /// and runs its golden examples. The verified contents move into the
+    /// session (no copy of the decompressed artifacts).
     fn check_and_load(
         &self,
         bytes: &[u8],
         running: Option<&BundleRef>,
         allow_downgrade: bool,
-    ) -> Result<(ferry_runtime::VerifiedBundle, Session), Rejection> {
+    ) -> Result<(BundleRef, Session), Rejection> {
         let verified = updates::check_candidate(
             bytes,
             &self.trust,
@@ -298,12 +298,10 @@ impl Agent {
             running,
             allow_downgrade,
         )?;
-        let session = Session::from_verified(verified.clone()).map_err(|e| Rejection {
-            code: "load_failed",
-            reason: e.to_string(),
-        })?;
+        let bundle = updates::bundle_ref(&verified);
+        let session = updates::load_session(verified)?;
         updates::health_check(&session)?;
-        Ok((verified, session))
+        Ok((bundle, session))
     }
 
     fn load_slot(&self, path: &Path, bundle: &BundleRef) -> Result<Session, Rejection> {
@@ -311,14 +309,14 @@ impl Agent {
             code: "io",
             reason: format!("cannot read {}: {e}", path.display()),
         })?;
-        let (verified, session) = self.check_and_load(&bytes, None, true)?;
-        if verified.digest != bundle.digest {
+        let (loaded, session) = self.check_and_load(&bytes, None, true)?;
+        if loaded.digest != bundle.digest {
             return Err(Rejection {
                 code: "digest_mismatch",
                 reason: format!(
                     "{} holds {} instead of {}",
                     path.display(),
-                    verified.digest,
+                    loaded.digest,
                     bundle.digest
                 ),
             });
@@ -698,18 +696,17 @@ impl Agent {
         });
         let bytes = std::fs::read(&staged)
             .map_err(|e| reject("io", format!("cannot read {}: {e}", staged.display())))?;
-        let (verified, session) =
-            match self.check_and_load(&bytes, running.as_ref(), allow_downgrade) {
-                Ok(v) => v,
-                Err(r) => {
-                    let _ = std::fs::remove_file(&staged);
-                    if r.code != "already_active" && r.code != "downgrade" {
-                        let _ = self.store.reject(&digest);
-                    }
-                    return Err(reject(r.code, r.reason));
+        let (bundle, session) = match self.check_and_load(&bytes, running.as_ref(), allow_downgrade)
+        {
+            Ok(v) => v,
+            Err(r) => {
+                let _ = std::fs::remove_file(&staged);
+                if r.code != "already_active" && r.code != "downgrade" {
+                    let _ = self.store.reject(&digest);
                 }
-            };
-        let bundle = updates::bundle_ref(&verified);
+                return Err(reject(r.code, r.reason));
+            }
+        };
         self.store
             .activate(&staged, &bundle)
             .map_err(|e| reject(e.code(), e.to_string()))?;
@@ -871,10 +868,8 @@ impl Agent {
             )?;
             let bytes = std::fs::read(&staged)?;
             // A candidate may have any sequence: it only runs in shadow.
-            let (verified, session) = this
-                .check_and_load(&bytes, None, true)
-                .map_err(|r| anyhow!("candidate refused ({}): {}", r.code, r.reason))?;
-            Ok((updates::bundle_ref(&verified), session))
+            this.check_and_load(&bytes, None, true)
+                .map_err(|r| anyhow!("candidate refused ({}): {}", r.code, r.reason))
         })
         .await
         .context("shadow task panicked")??;
