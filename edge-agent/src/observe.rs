@@ -80,11 +80,18 @@ pub fn summarize(outputs: &[Tensor]) -> (OutputSummary, u32) {
 
 /// Features of one row as JSON (numbers, strings, `null` for missing).
 pub fn row_json(features: &Features, row: usize) -> BTreeMap<String, serde_json::Value> {
-    features
-        .names
-        .iter()
-        .zip(&features.rows[row])
-        .map(|((name, _), v)| {
+    values_json(features.names.iter().map(|(n, _)| n), &features.rows[row])
+}
+
+/// Feature values with their names as JSON (numbers, strings, `null` for
+/// missing).
+fn values_json<'a>(
+    names: impl Iterator<Item = &'a String>,
+    row: &[Value],
+) -> BTreeMap<String, serde_json::Value> {
+    names
+        .zip(row)
+        .map(|(name, v)| {
             let json = match v {
                 Value::Num(x) if x.is_finite() => serde_json::json!(x),
                 Value::Num(_) => serde_json::Value::Null,
@@ -112,7 +119,10 @@ struct Window {
     seen: u64,
     /// Guest feature names → baseline order, for the last seen name list.
     mapping: Option<(Vec<String>, Vec<Option<usize>>)>,
-    recent: VecDeque<BTreeMap<String, serde_json::Value>>,
+    /// The latest rows as the guest gave them (in the order of the names
+    /// in `mapping`), turned into JSON only if the window drifts: the
+    /// request path only copies values.
+    recent: VecDeque<Vec<Value>>,
 }
 
 impl Window {
@@ -200,7 +210,7 @@ impl DriftMonitor {
         let order = &w.mapping.as_ref().expect("set above").1;
         let missing = Value::Num(f64::NAN);
         let keep = self.config.samples_on_drift;
-        for (r, row) in features.rows.iter().enumerate() {
+        for row in &features.rows {
             let ordered: Vec<DriftValue<'_>> = order
                 .iter()
                 .map(|i| ferry_runtime::drift_value(i.map_or(&missing, |i| &row[i])))
@@ -212,7 +222,7 @@ impl DriftMonitor {
                 if w.recent.len() == keep {
                     w.recent.pop_front();
                 }
-                w.recent.push_back(row_json(features, r));
+                w.recent.push_back(row.clone());
             }
         }
         if w.seen >= self.config.window_predictions {
@@ -335,13 +345,15 @@ fn worker(
             };
             append_event(&buffer, event);
             if config.upload_samples_on_drift {
+                let names: &[String] = w.mapping.as_ref().map_or(&[], |(names, _)| names);
                 for row in &w.recent {
+                    let features = values_json(names.iter(), row);
                     let r = buffer.append(Stream::Samples, |id| {
                         serde_json::to_vec(&SampleRecord {
                             id,
                             ts_ms,
                             bundle_version: w.owner.version.clone(),
-                            features: row.clone(),
+                            features,
                             content_type: None,
                             raw_base64: None,
                             output: OutputSummary::default(),
