@@ -21,7 +21,7 @@
 //! - `server`: the HTTP API (axum): predict, model, healthz, metrics.
 //!
 //! The MQTT topics and payloads live in the `ferry-protocol` crate
-//! (`edge-agent/protocol`), shared with the fleet console.
+//! (`protocol/`), shared with the fleet console.
 //!
 //! # Invariants
 //! - Inference never waits on the network: a prediction appends to the local
