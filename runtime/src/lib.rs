@@ -1,14 +1,12 @@
-//! Ferry's runtime: the bundle format, the WASM sandbox, model execution, the
-//! inference pipeline and drift statistics.
+//! Ferry's runtime: the WASM sandbox, model execution and the inference
+//! pipeline. The bundle format and keys are `ferry-format`'s, the drift
+//! statistics `ferry-drift`'s; both are re-exported here.
 //!
 //! # Layout
-//! - `bundle`: the bundle format v1 (write, frame, verify, extract). No I/O.
-//! - `keys`: ed25519 keys in PEM, key ids, the trust policy (keys + threshold).
 //! - `sandbox`: the only module naming wasmtime: engine, limits, instance pool.
 //! - `model`: the only module naming tract: ONNX loading, optimisation, runs.
 //! - `session`: the pipeline (guest → model → guest), observers, golden checks.
 //! - `golden`: comparing responses with expected outputs.
-//! - `drift`: drift baselines and statistics (PSI, KS, Wasserstein, JS, chi²).
 //! - `error`: one error enum per subsystem, each with a stable `code()`.
 //!
 //! # Loading, step by step
@@ -17,25 +15,17 @@
 //! a compatible precompiled one) and optimises the model; [`Session::infer`]
 //! serves requests. [`Session::load`] does both.
 
-mod bundle;
-mod drift;
 mod error;
 mod golden;
-mod keys;
 mod model;
 mod sandbox;
 mod session;
 
-pub use bundle::{
-    Artifact, ArtifactInput, Encoding, FORMAT_VERSION, Framing, GoldenExample, GuestLimits,
-    HEADER_LEN, Lineage, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest,
-    ModelInfo, Pipeline, RUNTIME_VERSION, ReadLimits, Release, SIGNATURE_ENTRY_LEN,
-    SIGNING_CONTEXT, TensorSpec, VerifiedBundle, check_signatures, compress, extract_artifact,
-    frame, from_cbor, inspect_unverified, lineage_training, parse_framing, parse_manifest, role,
-    shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only, write_bundle,
-};
-pub use drift::*;
-pub use error::{BundleError, Error, GuestError, KeyError, ModelError};
+// The format and drift crates, re-exported so that a program built on the
+// runtime names one crate.
+pub use error::{Error, GuestError, ModelError};
+pub use ferry_drift::*;
+pub use ferry_format::*;
 pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value};
 pub use golden::{Mismatch, compare_json};
 pub use keys::{KeyId, PublicKey, SecretKey, TrustPolicy};
@@ -45,5 +35,6 @@ pub use sandbox::{
     compatibility_key, precompile, validate,
 };
 pub use session::{
-    GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_value,
+    GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_kind,
+    drift_value,
 };

@@ -23,6 +23,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::error::GuestError;
+use ferry_format::PrecompiledGuest;
 use ferry_guest_abi::{ABI_VERSION, STATUS_BAD_INPUT, STATUS_OK};
 
 /// Period of the epoch ticker. Deadlines are enforced to this resolution;
@@ -186,14 +187,14 @@ impl std::fmt::Debug for GuestRuntime {
 }
 
 impl GuestRuntime {
-    /// Compiles `wasm` (or loads one of `precompiled`, `(key, bytes)`, when
-    /// its key matches this host; pass none unless the bytes come from a
-    /// bundle whose signature was verified), links WASI, and creates and configures a
-    /// first instance, so configuration errors surface here, not on the
-    /// first request.
+    /// Compiles `wasm` (or loads one of `precompiled` whose compatibility
+    /// key matches this host: each is a token that only a signed, verified
+    /// bundle hands out), links WASI, and creates and configures a first
+    /// instance, so configuration errors surface here, not on the first
+    /// request.
     pub fn new(
         wasm: &[u8],
-        precompiled: &[(&str, &[u8])],
+        precompiled: &[PrecompiledGuest<'_>],
         config_json: &[u8],
         limits: SandboxLimits,
     ) -> Result<GuestRuntime, GuestError> {
@@ -201,10 +202,12 @@ impl GuestRuntime {
         let own_key = compatibility_key(None);
         let mut used_precompiled = false;
         let mut module = None;
-        for (key, bytes) in precompiled {
-            if *key == own_key && Engine::detect_precompiled(bytes).is_some() {
-                // SAFETY: the bytes come from a bundle whose signature and
-                // digests were verified: they are the output of
+        for guest in precompiled {
+            let bytes = guest.bytes();
+            if guest.target() == own_key && Engine::detect_precompiled(bytes).is_some() {
+                // SAFETY: a `PrecompiledGuest` is only made by the format
+                // crate from a bundle whose signatures and digests were
+                // verified against trusted keys: the bytes are the output of
                 // `Engine::precompile_module` by a packager the operator
                 // trusts, and the compatibility key matches this engine.
                 // wasmtime additionally checks its own version and settings

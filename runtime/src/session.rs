@@ -6,16 +6,18 @@ use std::time::{Duration, Instant};
 
 use ferry_guest_abi::{FeatureKind, Features, Tensor, TensorSet, Value};
 
-use crate::bundle::{self, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
-use crate::drift::{DriftKind, DriftValue};
-use crate::error::{BundleError, Error, GuestError};
+use ferry_drift::{DriftKind, DriftValue};
+use ferry_format::{BundleError, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
+
+use crate::error::{Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
-use crate::keys::TrustPolicy;
+use ferry_format::TrustPolicy;
 use crate::model::Model;
 use crate::sandbox::{GuestRuntime, SandboxLimits};
 
-impl From<FeatureKind> for DriftKind {
-    fn from(kind: FeatureKind) -> DriftKind {
+/// The drift statistics' kind of a guest's feature kind.
+pub fn drift_kind(kind: FeatureKind) -> DriftKind {
+    {
         match kind {
             FeatureKind::Numeric => DriftKind::Numeric,
             FeatureKind::Categorical => DriftKind::Categorical,
@@ -63,7 +65,7 @@ pub struct Session {
     manifest: Manifest,
     digest: String,
     golden: Vec<GoldenExample>,
-    baseline: Option<crate::drift::Baseline>,
+    baseline: Option<ferry_drift::Baseline>,
     guest: GuestRuntime,
     model: Model,
     observer: Option<Arc<dyn Observer>>,
@@ -122,20 +124,14 @@ impl Preprocessor {
 }
 
 fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
-    let m = &bundle.manifest;
+    let m = bundle.manifest();
     let wasm = bundle
         .content(role::GUEST)
         .ok_or(BundleError::MissingArtifact(role::GUEST))?;
-    // Precompiled guests are native code: only from a bundle whose signature
-    // was checked (not from `verify_integrity_only`, nor a packager's draft).
-    let precompiled: Vec<(&str, &[u8])> = if bundle.signed_by.is_empty() {
-        Vec::new()
-    } else {
-        bundle
-            .all(role::GUEST_PRECOMPILED)
-            .filter_map(|(a, c)| a.target.as_deref().map(|t| (t, c)))
-            .collect()
-    };
+    // Precompiled guests are native code: the format crate hands them out
+    // only from a bundle whose signature was checked (not from
+    // `verify_integrity_only`, nor a packager's draft).
+    let precompiled = bundle.precompiled_guests();
     let limits = SandboxLimits {
         memory_bytes: m.limits.memory_bytes,
         timeout_ms: m.limits.timeout_ms,
@@ -158,7 +154,7 @@ impl Session {
     /// Verifies a bundle and loads it.
     pub fn load(bytes: &[u8], trust: &TrustPolicy) -> Result<Session, Error> {
         let start = Instant::now();
-        let bundle = bundle::verify(bytes, trust, &ReadLimits::default())?;
+        let bundle = ferry_format::verify(bytes, trust, &ReadLimits::default())?;
         let verify = start.elapsed();
         let mut session = Session::from_verified(bundle)?;
         session.timings.verify = verify;
@@ -188,9 +184,10 @@ impl Session {
         let guest = guest?;
         let golden = bundle.golden()?;
         let baseline = bundle.baseline()?;
+        let (manifest, digest) = bundle.into_identity();
         Ok(Session {
-            manifest: bundle.manifest,
-            digest: bundle.digest,
+            manifest,
+            digest,
             golden,
             baseline,
             guest,
@@ -222,7 +219,7 @@ impl Session {
     }
 
     /// The drift baseline carried by the bundle.
-    pub fn baseline(&self) -> Option<&crate::drift::Baseline> {
+    pub fn baseline(&self) -> Option<&ferry_drift::Baseline> {
         self.baseline.as_ref()
     }
 

@@ -39,7 +39,7 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::drift::DriftConfig;
+use ferry_drift::DriftConfig;
 use crate::error::BundleError;
 use crate::keys::{KEY_ID_LEN, KeyId, SecretKey, TrustPolicy};
 
@@ -427,38 +427,98 @@ pub struct Framing<'a> {
     pub payload: &'a [u8],
 }
 
+/// The fixed header at the start of every bundle, checked: the magic, a
+/// version this code reads, and declared sizes within their limits. Reading
+/// it needs only the first [`HEADER_LEN`] bytes of a file, so a store can
+/// name a bundle on disk without reading it whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The format version (always [`FORMAT_VERSION`] once parsed).
+    pub version: u16,
+    /// Number of signature entries after the manifest.
+    pub signature_count: usize,
+    /// Length of the CBOR manifest, at most [`MAX_MANIFEST_LEN`].
+    pub manifest_len: usize,
+    /// Length of the payload (the compressed artifacts).
+    pub payload_len: u64,
+}
+
+impl Header {
+    /// Parses the header from the first bytes of a file (`prefix` may be
+    /// longer than [`HEADER_LEN`]; only the header is read).
+    pub fn parse(prefix: &[u8]) -> Result<Header, BundleError> {
+        if prefix.len() < MAGIC.len() {
+            return Err(if MAGIC.starts_with(prefix) {
+                BundleError::Truncated("header")
+            } else {
+                BundleError::BadMagic
+            });
+        }
+        if prefix[..8] != MAGIC {
+            return Err(BundleError::BadMagic);
+        }
+        if prefix.len() < HEADER_LEN {
+            return Err(BundleError::Truncated("header"));
+        }
+        let version = u16::from_le_bytes([prefix[8], prefix[9]]);
+        if version != FORMAT_VERSION {
+            return Err(BundleError::UnsupportedVersion(version));
+        }
+        let signature_count = u16::from_le_bytes([prefix[10], prefix[11]]) as usize;
+        let manifest_len = u32::from_le_bytes(prefix[12..16].try_into().unwrap()) as usize;
+        let payload_len = u64::from_le_bytes(prefix[16..24].try_into().unwrap());
+        if signature_count > MAX_SIGNATURES {
+            return Err(BundleError::BadSize(format!(
+                "{signature_count} signatures declared, at most {MAX_SIGNATURES}"
+            )));
+        }
+        if manifest_len > MAX_MANIFEST_LEN {
+            return Err(BundleError::BadSize(format!(
+                "manifest of {manifest_len} bytes declared, at most {MAX_MANIFEST_LEN}"
+            )));
+        }
+        Ok(Header {
+            version,
+            signature_count,
+            manifest_len,
+            payload_len,
+        })
+    }
+
+    /// Where the manifest lies in the file.
+    pub fn manifest_range(&self) -> std::ops::Range<usize> {
+        HEADER_LEN..HEADER_LEN + self.manifest_len
+    }
+
+    /// Length of header, manifest and signatures: where the payload starts.
+    pub fn fixed_len(&self) -> usize {
+        HEADER_LEN + self.manifest_len + self.signature_count * SIGNATURE_ENTRY_LEN
+    }
+}
+
+/// Reads the manifest of a bundle from its header and the manifest's bytes
+/// (`bytes[header.manifest_range()]`) *without* checking signatures: for
+/// naming a bundle found on disk, never for running it.
+pub fn manifest_unverified(
+    header: &Header,
+    manifest_bytes: &[u8],
+    limits: &ReadLimits,
+) -> Result<Manifest, BundleError> {
+    if manifest_bytes.len() != header.manifest_len {
+        return Err(BundleError::Truncated("manifest or signatures"));
+    }
+    manifest_checked(manifest_bytes, header.payload_len, limits)
+}
+
 /// Checks magic, version and that the header's sizes fit the file exactly.
 pub fn parse_framing(bytes: &[u8]) -> Result<Framing<'_>, BundleError> {
-    if bytes.len() < MAGIC.len() {
-        return Err(if MAGIC.starts_with(bytes) {
-            BundleError::Truncated("header")
-        } else {
-            BundleError::BadMagic
-        });
-    }
-    if bytes[..8] != MAGIC {
-        return Err(BundleError::BadMagic);
-    }
-    if bytes.len() < HEADER_LEN {
-        return Err(BundleError::Truncated("header"));
-    }
-    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != FORMAT_VERSION {
-        return Err(BundleError::UnsupportedVersion(version));
-    }
-    let sig_count = u16::from_le_bytes([bytes[10], bytes[11]]) as usize;
-    let manifest_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-    let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
-    if sig_count > MAX_SIGNATURES {
-        return Err(BundleError::BadSize(format!(
-            "{sig_count} signatures declared, at most {MAX_SIGNATURES}"
-        )));
-    }
-    if manifest_len > MAX_MANIFEST_LEN {
-        return Err(BundleError::BadSize(format!(
-            "manifest of {manifest_len} bytes declared, at most {MAX_MANIFEST_LEN}"
-        )));
-    }
+    let header = Header::parse(bytes)?;
+    let Header {
+        signature_count: sig_count,
+        manifest_len,
+        payload_len,
+        ..
+    } = header;
     let fixed = HEADER_LEN + manifest_len + sig_count * SIGNATURE_ENTRY_LEN;
     let expected = (fixed as u64)
         .checked_add(payload_len)
@@ -535,7 +595,16 @@ pub fn check_signatures(
 /// Parses the manifest and checks every artifact's declared sizes and
 /// offsets against the payload and the limits. Nothing is decompressed.
 pub fn parse_manifest(framing: &Framing<'_>, limits: &ReadLimits) -> Result<Manifest, BundleError> {
-    let manifest: Manifest = from_cbor(framing.manifest_bytes).map_err(BundleError::BadManifest)?;
+    manifest_checked(framing.manifest_bytes, framing.payload.len() as u64, limits)
+}
+
+/// [`parse_manifest`] given the manifest's bytes and the payload's length.
+fn manifest_checked(
+    manifest_bytes: &[u8],
+    payload_len: u64,
+    limits: &ReadLimits,
+) -> Result<Manifest, BundleError> {
+    let manifest: Manifest = from_cbor(manifest_bytes).map_err(BundleError::BadManifest)?;
     if manifest.format_version != FORMAT_VERSION {
         return Err(BundleError::BadManifest(format!(
             "manifest says format version {}, header says {FORMAT_VERSION}",
@@ -569,10 +638,9 @@ pub fn parse_manifest(framing: &Framing<'_>, limits: &ReadLimits) -> Result<Mani
         }
         total = total.saturating_add(a.size);
     }
-    if expected_offset != framing.payload.len() as u64 {
+    if expected_offset != payload_len {
         return Err(BundleError::BadSize(format!(
-            "artifacts cover {expected_offset} bytes, payload is {} bytes",
-            framing.payload.len()
+            "artifacts cover {expected_offset} bytes, payload is {payload_len} bytes"
         )));
     }
     if total > limits.max_total_bytes {
@@ -627,18 +695,91 @@ pub fn extract_artifact(
 }
 
 /// A bundle whose signatures, sizes and digests have all been checked.
+///
+/// Its fields are private: a `VerifiedBundle` with signatures can only come
+/// out of [`verify`], so what it hands out (in particular
+/// [`VerifiedBundle::precompiled_guests`]) is known to be signed bytes.
 #[derive(Debug, Clone)]
 pub struct VerifiedBundle {
-    pub manifest: Manifest,
-    /// SHA-256 (hex) of the whole bundle file: its identity.
-    pub digest: String,
-    /// Keys whose signatures verified.
-    pub signed_by: Vec<KeyId>,
-    /// Decompressed artifacts, by index in `manifest.artifacts`.
-    pub contents: Vec<Vec<u8>>,
+    manifest: Manifest,
+    digest: String,
+    signed_by: Vec<KeyId>,
+    contents: Vec<Vec<u8>>,
+}
+
+/// Precompiled guest code (native machine code for one target) from a
+/// bundle whose signatures verified: the token that lets the sandbox
+/// deserialize it. Only this crate makes one, and only from a
+/// [`VerifiedBundle`] signed by trusted keys.
+#[derive(Debug, Clone, Copy)]
+pub struct PrecompiledGuest<'a> {
+    target: &'a str,
+    bytes: &'a [u8],
+}
+
+impl<'a> PrecompiledGuest<'a> {
+    /// The compatibility key it was compiled for (target and engine).
+    pub fn target(&self) -> &'a str {
+        self.target
+    }
+
+    /// The serialized module.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
 }
 
 impl VerifiedBundle {
+    /// An unsigned bundle assembled in memory from contents that were never
+    /// framed (the packager's draft, to run golden examples before signing).
+    /// It never yields precompiled guests.
+    pub fn draft(manifest: Manifest, contents: Vec<Vec<u8>>) -> VerifiedBundle {
+        VerifiedBundle {
+            manifest,
+            digest: String::new(),
+            signed_by: Vec::new(),
+            contents,
+        }
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// SHA-256 (hex) of the whole bundle file: its identity.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Keys whose signatures verified (empty for integrity-only checks and
+    /// drafts).
+    pub fn signed_by(&self) -> &[KeyId] {
+        &self.signed_by
+    }
+
+    /// Decompressed artifacts, by index in the manifest's artifacts.
+    pub fn contents(&self) -> &[Vec<u8>] {
+        &self.contents
+    }
+
+    /// Takes the manifest and the digest, dropping the contents.
+    pub fn into_identity(self) -> (Manifest, String) {
+        (self.manifest, self.digest)
+    }
+
+    /// The precompiled guests, if (and only if) trusted signatures verified.
+    pub fn precompiled_guests(&self) -> Vec<PrecompiledGuest<'_>> {
+        if self.signed_by.is_empty() {
+            return Vec::new();
+        }
+        self.all(role::GUEST_PRECOMPILED)
+            .filter_map(|(a, c)| {
+                a.target.as_deref().map(|target| PrecompiledGuest { target, bytes: c })
+            })
+            .collect()
+    }
+
     /// The content of the first artifact with this role.
     pub fn content(&self, role: &str) -> Option<&[u8]> {
         self.manifest
@@ -667,7 +808,7 @@ impl VerifiedBundle {
     }
 
     /// The drift baseline, if the bundle has one.
-    pub fn baseline(&self) -> Result<Option<crate::drift::Baseline>, BundleError> {
+    pub fn baseline(&self) -> Result<Option<ferry_drift::Baseline>, BundleError> {
         self.content(role::DRIFT_BASELINE)
             .map(|b| from_cbor(b).map_err(BundleError::BadManifest))
             .transpose()
