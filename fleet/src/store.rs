@@ -373,6 +373,8 @@ pub fn event_name(event: &Event) -> &'static str {
         Event::ShadowReport(_) => "shadow_report",
         Event::CommandRejected { .. } => "command_rejected",
         Event::Started { .. } => "started",
+        Event::BufferRecovered { .. } => "buffer_recovered",
+        Event::Unknown => "unknown",
     }
 }
 

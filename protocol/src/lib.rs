@@ -543,6 +543,14 @@ pub enum Event {
         agent_version: String,
         bundle: Option<BundleRef>,
     },
+    /// The telemetry buffer could not be opened (its files are damaged): it
+    /// was moved aside to `moved_to` (kept for inspection) and an empty one
+    /// created. What it held is not sent; predictions never stopped.
+    BufferRecovered { moved_to: String, reason: String },
+    /// An event this reader does not know (from a newer agent): readers
+    /// ignore what they do not know instead of refusing the whole batch.
+    #[serde(other)]
+    Unknown,
 }
 
 /// How a shadow candidate compared with the active bundle.
