@@ -51,16 +51,17 @@
 //! [`PUBLISH_TIMEOUT`]. At most [`MAX_COMMANDS_IN_FLIGHT`] are outstanding;
 //! PUBACKs are matched to commands in the order rumqttc reports
 //! `Outgoing::Publish` (FIFO; a packet id collision parks one publish, and
-//! that case is tracked too: `ferry_link::Tracker`). After a lost connection rumqttc's own re-sends
-//! are cleared (as in the agent): every outstanding command fails, and one
-//! path (the caller's retry) covers every case.
+//! that case is tracked too: `ferry_link::Tracker`). After a lost
+//! connection rumqttc's own re-sends are cleared (as in the agent): every
+//! outstanding command fails, and one path (the caller's retry) covers
+//! every case.
 //!
 //! # Never blocking the event loop
 //! The task never awaits rumqttc's request channel (`try_*` only, with
 //! [`REQUEST_CAPACITY`] far above what can be outstanding), and it never
 //! cancels `EventLoop::poll` midway: the poll future owns the event loop and
-//! lives across `select!` rounds (see `ferry_link::drive`). Callers of `publish` wait on
-//! a channel of their own, never on rumqttc's.
+//! lives across `select!` rounds (see `ferry_link::drive`). Callers of
+//! `publish` wait on a channel of their own, never on rumqttc's.
 //!
 //! # Limits
 //! - Incoming packets up to [`MAX_INCOMING_PACKET`]: devices send at most
@@ -327,7 +328,7 @@ impl Console {
             stats: stats.clone(),
             following: following_tx,
             connected: false,
-            reconnect: Reconnect::new(BACKOFF, STABLE_AFTER),
+            retry: Reconnect::new(BACKOFF, STABLE_AFTER),
             generation: 0,
             applied: Vec::new(),
             ready: VecDeque::new(),
@@ -481,7 +482,7 @@ struct Session {
     following: watch::Sender<bool>,
     connected: bool,
     /// The reconnect backoff's attempts; reset by a stable connection.
-    reconnect: Reconnect,
+    retry: Reconnect,
     /// Bumped when a connection ends: acknowledgements of an older one are dropped.
     generation: u64,
     /// Applied since the last flush started.
@@ -599,7 +600,7 @@ impl Session {
             Event::Incoming(Incoming::ConnAck(ack)) => {
                 info!(session_present = ack.session_present, "MQTT connected");
                 self.connected = true;
-                self.reconnect.connected(Instant::now());
+                self.retry.connected(Instant::now());
                 IngestStats::add(&self.stats.connects, 1);
                 if let Err(error) = self
                     .client
@@ -768,7 +769,7 @@ impl Session {
         // Commands are re-sent by their callers, not by rumqttc (see the
         // module header); a parked publish would block the next connection.
         ferry_link::forget_resends(el);
-        self.reconnect.failed(Instant::now(), fastrand::f64())
+        self.retry.failed(Instant::now(), fastrand::f64())
     }
 }
 

@@ -1056,12 +1056,24 @@ mod tests {
             url: "http://x/b.ferry".into(),
             digest: "ab".into(),
         });
-        let expected: &[u8] = b"ferry-command-v1\0plant\0dev-1\0c1\05\0\
-{\"action\":\"install\",\"url\":\"http://x/b.ferry\",\"digest\":\"ab\"}";
+        // Context, then fleet, device, id and time, each NUL-terminated,
+        // then the action's JSON.
+        let expected = [
+            &b"ferry-command-v1\0"[..],
+            b"plant\0dev-1\0c1\0",
+            b"5\0",
+            br#"{"action":"install","url":"http://x/b.ferry","digest":"ab"}"#,
+        ]
+        .concat();
         assert_eq!(c.signing_bytes("plant", "dev-1"), expected);
         assert_eq!(
             command(Action::Ping).signing_bytes("plant", ALL_DEVICES),
-            b"ferry-command-v1\0plant\0all\0c1\05\0{\"action\":\"ping\"}"
+            [
+                &b"ferry-command-v1\0plant\0all\0c1\0"[..],
+                b"5\0",
+                br#"{"action":"ping"}"#,
+            ]
+            .concat()
         );
         // The signature itself is not signed; everything else is.
         let mut signed = c.clone();
