@@ -508,13 +508,13 @@ impl Command {
     /// Domain separation: the prefix of every signed command, so that a
     /// command signature can never pass for a bundle signature (whose
     /// context, `ferry-bundle-v1`, is ferry-format's) or the reverse.
-    pub const SIGNATURE_DOMAIN: &'static [u8] = b"ferry-command-v1\0";
+    pub const SIGNING_CONTEXT: &'static [u8] = b"ferry-command-v1\0";
 
     /// The bytes an operator signs: context, fleet, target device (or
     /// `all`), id, time and the action as JSON (serde_json writes struct
     /// fields in declaration order, so this is stable).
     pub fn signing_bytes(&self, fleet: &str, device: &str) -> Vec<u8> {
-        let mut out = Self::SIGNATURE_DOMAIN.to_vec();
+        let mut out = Self::SIGNING_CONTEXT.to_vec();
         for part in [fleet, device, &self.id, &self.issued_ms.to_string()] {
             out.extend_from_slice(part.as_bytes());
             out.push(0);
@@ -1069,7 +1069,7 @@ mod tests {
         ]
         .concat();
         assert_eq!(c.signing_bytes("plant", "dev-1"), expected);
-        assert_eq!(Command::SIGNATURE_DOMAIN, b"ferry-command-v1\0");
+        assert_eq!(Command::SIGNING_CONTEXT, b"ferry-command-v1\0");
         assert_eq!(
             command(Action::Ping).signing_bytes("plant", ALL_DEVICES),
             [
