@@ -47,7 +47,6 @@ pub const FRAMING_NAMES: &[&str] = &[
     "extract_artifact",
     "check_signatures",
     "SIGNATURE_ENTRY_LEN",
-    "SIGNING_CONTEXT",
 ];
 
 /// The crate allowed to parse bundle bytes.
