@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use ferry_fleet::ingest::{Console, IngestOptions};
 use ferry_fleet::store::Store;
+use ferry_link::{AsyncClient, MqttOptions, QoS};
 use ferry_protocol::{
     Batch, BufferInfo, SCHEMA_VERSION, Status, Stream, TelemetryRecord, Topic, message_id, topic,
 };
-use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 const FLEET: &str = "bench";
 const PUBLISHERS: usize = 4;
