@@ -108,11 +108,7 @@ impl EmbeddedBroker {
                 let _ = ended_tx.send(());
             })
             .context("cannot start the embedded broker's thread")?;
-        let probe = if addr.ip().is_unspecified() {
-            SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        } else {
-            addr
-        };
+        let probe = probe_addr(addr);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if ended_rx.try_recv().is_ok() {
@@ -137,6 +133,21 @@ impl EmbeddedBroker {
     /// The URL clients on this machine use: `mqtt://<addr>`.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
+    }
+
+    /// The URL clients on this machine use for a broker started on `addr`
+    /// (an unspecified address is reached on loopback).
+    pub fn url_of(addr: SocketAddr) -> String {
+        format!("mqtt://{}", probe_addr(addr))
+    }
+}
+
+/// Where a broker listening on `addr` is reached from this machine.
+fn probe_addr(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
     }
 }
 
