@@ -13,7 +13,7 @@ use ferry_format::{PublicKey, SecretKey, TrustPolicy};
 
 use crate::broker::Mosquitto;
 use crate::device::{Device, Setup, iris_batch, iris_request, iris_rows};
-use crate::fixtures::{self, FLEET, bundles};
+use crate::fixtures::{self, bundles};
 use crate::state::{RunningConsole, console_config};
 
 const DEVICES: [&str; 3] = ["ro-a", "ro-b", "ro-c"];

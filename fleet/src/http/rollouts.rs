@@ -153,7 +153,7 @@ mod tests {
     const DIGEST: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
     /// GET /bundles/{file} with `range`: status, headers, body.
-    fn get(base: &str, file: &str, range: Option<&str>) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    fn fetch(base: &str, file: &str, range: Option<&str>) -> (u16, Vec<(String, String)>, Vec<u8>) {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
@@ -214,7 +214,7 @@ mod tests {
         let file = format!("{DIGEST}.ferry");
         let total = bytes.len();
 
-        let (status, headers, body) = get(&base, &file, None);
+        let (status, headers, body) = fetch(&base, &file, None);
         assert_eq!(status, 200);
         assert_eq!(body, bytes);
         assert_eq!(header(&headers, "accept-ranges"), Some("bytes"));
@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(header(&headers, "content-range"), None);
 
         for from in [1, CHUNK_BYTES - 1, CHUNK_BYTES, total - 1] {
-            let (status, headers, body) = get(&base, &file, Some(&format!("bytes={from}-")));
+            let (status, headers, body) = fetch(&base, &file, Some(&format!("bytes={from}-")));
             assert_eq!(status, 206, "from {from}");
             assert_eq!(body, bytes[from..], "from {from}");
             assert_eq!(
@@ -237,7 +237,7 @@ mod tests {
                 Some((total - from).to_string().as_str())
             );
         }
-        let (status, headers, body) = get(&base, &file, Some(&format!("bytes={total}-")));
+        let (status, headers, body) = fetch(&base, &file, Some(&format!("bytes={total}-")));
         assert_eq!(status, 416);
         assert!(body.is_empty());
         assert_eq!(
@@ -245,14 +245,14 @@ mod tests {
             Some(format!("bytes */{total}").as_str())
         );
         // Other forms of Range are not honoured: the whole file.
-        let (status, _, body) = get(&base, &file, Some("bytes=0-9"));
+        let (status, _, body) = fetch(&base, &file, Some("bytes=0-9"));
         assert_eq!((status, body.len()), (200, total));
         // Names that are not a digest, and digests without a file.
-        let (status, _, _) = get(&base, "../secret.ferry", None);
+        let (status, _, _) = fetch(&base, "../secret.ferry", None);
         assert_eq!(status, 404);
-        let (status, _, _) = get(&base, &format!("{}.ferry", "a".repeat(64)), None);
+        let (status, _, _) = fetch(&base, &format!("{}.ferry", "a".repeat(64)), None);
         assert_eq!(status, 404);
-        let (status, _, _) = get(&base, &format!("{DIGEST}.zip"), None);
+        let (status, _, _) = fetch(&base, &format!("{DIGEST}.zip"), None);
         assert_eq!(status, 404);
     }
 }
