@@ -31,6 +31,7 @@
 //!   `retrain`), bundle downloads streamed from disk.
 //! - `client`: the typed client of the HTTP API ([`Client`]), used by the
 //!   CLI and the tests.
+//! - `text`: the CLI's human-readable tables (`status`).
 //!
 //! # Invariants
 //! - Only `store` names sled, only `http` names axum, only `ingest` and
@@ -48,6 +49,7 @@ pub mod rollout;
 pub mod rollouts;
 mod serve;
 pub mod store;
+pub mod text;
 
 pub use client::{Client, ClientError};
 pub use retrain::RetrainError;
