@@ -244,7 +244,6 @@ pub async fn run(
             Err(_) => ServeError::Panicked("the HTTP server"),
         }),
     };
-    tracing::info!("Stopping");
     for task in &loops {
         task.abort();
     }
@@ -265,4 +264,32 @@ pub async fn run(
     flushed?;
     tracing::info!("Stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_of_an_unknown_layout_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(&dir.path().join(store::DIR))
+            .unwrap()
+            .set_layout_version(store::LAYOUT_VERSION + 1);
+        let config = ServeConfig {
+            state: dir.path().to_path_buf(),
+            listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            // Never reached: the store is refused first.
+            mqtt: IngestOptions::new("mqtt://127.0.0.1:9", "plant"),
+            embedded_broker: None,
+            rollouts: None,
+            retrain: retrain::Options::default(),
+        };
+        let e = run(config, std::future::pending()).await.unwrap_err();
+        assert_eq!(e.code(), "unknown_layout", "{e}");
+        assert!(
+            matches!(e, ServeError::Store(StoreError::UnknownLayout { .. })),
+            "{e:?}"
+        );
+    }
 }

@@ -948,6 +948,16 @@ impl Store {
         &self.path
     }
 
+    /// Writes another layout version (what a newer console would leave
+    /// behind), for tests of the refusal.
+    #[cfg(test)]
+    pub(crate) fn set_layout_version(&self, version: u32) {
+        self.tree
+            .insert(LAYOUT_KEY, &version.to_be_bytes())
+            .unwrap();
+        self.handle.db.flush().unwrap();
+    }
+
     /// What `apply` saw since the store was opened.
     pub fn stats(&self) -> StoreStats {
         self.writer
