@@ -30,7 +30,7 @@ use ferry_format::{SecretKey, TrustPolicy};
 use ferry_host::now_ms;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::EmbeddedBroker;
+use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::ingest::{Console, IngestOptions};
 use crate::retrain::{self, RetrainError, Retrainer};
 use crate::rollouts::{CommandSink, RolloutError, Rollouts};
@@ -78,8 +78,8 @@ pub struct RolloutsConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The embedded broker did not start.
-    #[error("{0:#}")]
-    Broker(anyhow::Error),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     /// The state could not be opened (in use, unknown layout, damaged).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -107,7 +107,7 @@ impl ServeError {
     /// A stable code for logs.
     pub fn code(&self) -> &'static str {
         match self {
-            ServeError::Broker(_) => "broker",
+            ServeError::Broker(e) => e.code(),
             ServeError::Store(e) => e.code(),
             ServeError::Mqtt(_) => "mqtt",
             ServeError::Rollouts(e) => e.code(),
@@ -138,8 +138,7 @@ pub async fn run(
         Some(addr) => Some(
             tokio::task::spawn_blocking(move || EmbeddedBroker::start(addr))
                 .await
-                .map_err(|_| ServeError::Panicked("starting the embedded broker"))?
-                .map_err(ServeError::Broker)?,
+                .map_err(|_| ServeError::Panicked("starting the embedded broker"))??,
         ),
         None => None,
     };
