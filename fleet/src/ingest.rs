@@ -662,7 +662,7 @@ impl Session {
             return;
         }
         IngestStats::add(&self.stats.messages, 1);
-        match self.store.apply(&p.topic, &p.payload, crate::now_ms()) {
+        match self.store.apply(&p.topic, &p.payload, ferry_host::now_ms()) {
             Ok(_) => self.applied.push(Ack {
                 pkid: p.pkid,
                 qos: p.qos,
