@@ -406,6 +406,7 @@ impl BaselineBuilder {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

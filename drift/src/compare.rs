@@ -285,6 +285,7 @@ fn categorical_metrics(
         chi2_pvalue,
     })
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,6 +164,7 @@ fn default_rule(kind: DriftKind, n_ref: u64) -> (DriftMethod, f64) {
     };
     (method, method.default_threshold())
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

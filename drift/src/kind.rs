@@ -92,6 +92,7 @@ pub(crate) fn check_row(
     }
     Ok(())
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

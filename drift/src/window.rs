@@ -205,6 +205,7 @@ impl CurrentSample {
         *self = CurrentSample::build(std::mem::take(&mut self.features), self.max_rows);
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 /// Floor applied to proportions in the PSI.
 pub const PSI_FLOOR: f64 = 1e-4;
 
+/// Neumaier's compensated sum (the rounding error does not grow with the count).
 pub(crate) fn neumaier_sum(values: impl Iterator<Item = f64>) -> f64 {
     let (mut sum, mut comp) = (0.0f64, 0.0f64);
     for x in values {

@@ -80,6 +80,7 @@ fn gamma_q(a: f64, x: f64) -> f64 {
 pub(crate) fn chi2_sf(df: f64, x: f64) -> f64 {
     gamma_q(df / 2.0, x / 2.0)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,6 +129,7 @@ pub(crate) fn wasserstein_sketch(q: &[f64], cur: &[f64]) -> f64 {
     }
     total
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

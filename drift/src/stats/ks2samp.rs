@@ -127,6 +127,7 @@ fn prob_outside_band(m: u64, n: u64, g: u64, h: u64) -> Option<f64> {
     }
     a.get((maxj - minj - 1) as usize).copied()
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -437,6 +437,7 @@ fn stirling_error(k: u64) -> f64 {
     let r2 = r * r;
     r * (1.0 / 12.0 - r2 * (1.0 / 360.0 - r2 * (1.0 / 1260.0 - r2 * (1.0 / 1680.0 - r2 / 1188.0))))
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
