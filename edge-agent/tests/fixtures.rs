@@ -179,10 +179,10 @@ impl Bundles {
         expected["predictions"][0]["label"] = "virginica".into();
         example.expected_json = expected.to_string();
         let inputs: Vec<ArtifactInput> = v
-            .manifest
+            .manifest()
             .artifacts
             .iter()
-            .zip(&v.contents)
+            .zip(v.contents())
             .map(|(a, content)| ArtifactInput {
                 role: a.role.clone(),
                 media_type: a.media_type.clone(),
@@ -195,7 +195,7 @@ impl Bundles {
                 try_shuffle: a.encoding == Encoding::Shuffle4Zstd,
             })
             .collect();
-        let mut manifest = v.manifest.clone();
+        let mut manifest = v.manifest().clone();
         manifest.release.sequence = 3;
         let key = SecretKey::from_pem(&std::fs::read_to_string(self.path("release.key")).unwrap())
             .unwrap();

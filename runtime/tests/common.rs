@@ -63,30 +63,6 @@ pub const TEST_GUEST: &str = r#"
 )
 "#;
 
-/// Builds a small signed bundle with the test guest and the iris model.
-pub fn small_bundle(signers: &[&rt::SecretKey]) -> Vec<u8> {
-    let onnx = std::fs::read(examples().join("iris/model.onnx")).unwrap();
-    let artifacts = vec![
-        rt::ArtifactInput {
-            role: rt::role::MODEL.into(),
-            media_type: "application/onnx".into(),
-            content: onnx,
-            target: None,
-            try_shuffle: true,
-        },
-        rt::ArtifactInput {
-            role: rt::role::GUEST.into(),
-            media_type: "application/wasm".into(),
-            content: TEST_GUEST.as_bytes().to_vec(),
-            target: None,
-            try_shuffle: false,
-        },
-    ];
-    rt::write_bundle(manifest(), &artifacts, signers, 3)
-        .unwrap()
-        .1
-}
-
 pub fn manifest() -> rt::Manifest {
     rt::Manifest {
         format_version: rt::FORMAT_VERSION,

@@ -1,9 +1,7 @@
 //! Integration tests of ferry-runtime. Modules:
-//! - `bundle`: the format against tampering, truncation, size lies, zstd bombs and key policies.
 //! - `sandbox`: runaway, greedy and nosy guests are stopped; the host keeps serving.
 //! - `model`: tract runs the example models like onnxruntime.
 
-mod bundle;
 mod common;
 mod model;
 mod sandbox;
