@@ -144,7 +144,7 @@ impl Bundles {
         let sig_count = u16::from_le_bytes([v2[10], v2[11]]) as usize;
         let sigs_end = ferry_runtime::HEADER_LEN
             + manifest_len
-            + sig_count * ferry_runtime::SIGNATURE_ENTRY_LEN;
+            + sig_count * ferry_format::SIGNATURE_ENTRY_LEN;
 
         let mut tampered = v2.clone();
         tampered[ferry_runtime::HEADER_LEN + manifest_len / 2] ^= 0x01;
