@@ -54,5 +54,5 @@ pub mod text;
 pub use client::{Client, ClientError};
 pub use retrain::RetrainError;
 pub use rollouts::RolloutError;
-pub use serve::{HTTP_GRACE, RolloutsConfig, ServeConfig, ServeError, TICK, run};
+pub use serve::{HTTP_GRACE, RolloutsConfig, ServeConfig, ServeError, TICK, run, run_notify};
 pub use store::{Store, StoreError};

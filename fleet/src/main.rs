@@ -244,7 +244,6 @@ impl Serve {
             .options(self.client_id.clone(), default_broker)?;
         let listener = std::net::TcpListener::bind(self.listen)
             .with_context(|| format!("cannot listen on {}", self.listen))?;
-        let addr = listener.local_addr()?;
         let config = ferry_fleet::ServeConfig {
             state: self.state,
             listener,
@@ -257,11 +256,14 @@ impl Serve {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        println!("Dashboard: http://{addr}/");
-        let result = runtime.block_on(ferry_fleet::run(config, async {
-            let signal = shutdown_signal().await;
-            tracing::info!(signal, "Stopping");
-        }));
+        let result = runtime.block_on(ferry_fleet::run_notify(
+            config,
+            async {
+                let signal = shutdown_signal().await;
+                tracing::info!(signal, "Stopping");
+            },
+            |addr| println!("Dashboard: http://{addr}/"),
+        ));
         // A retraining hook still running (up to its timeout) must not hold
         // the exit: its episode is marked interrupted at the next start.
         runtime.shutdown_timeout(HTTP_GRACE);

@@ -125,6 +125,17 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_notify(config, shutdown, |_| {}).await
+}
+
+/// [`run`], calling `ready` with the dashboard's address once everything is
+/// started and the HTTP server accepts requests (the CLI prints the URL
+/// then, so scripts waiting for it never race the start).
+pub async fn run_notify(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), ServeError> {
     let ServeConfig {
         state,
         listener,
@@ -234,6 +245,7 @@ pub async fn run(
         HTTP_GRACE,
     ));
     tracing::info!(%addr, broker = %mqtt.broker, fleet = %mqtt.fleet, "Serving the dashboard");
+    ready(addr);
 
     let outcome = tokio::select! {
         () = shutdown => Ok(()),
