@@ -4,20 +4,16 @@
 //! `cargo bench --workspace --bench drain` (needs `/usr/sbin/mosquitto`).
 //! `FERRY_BENCH_RECORDS` sets the records per run (default 100,000).
 
-#[allow(dead_code)]
-#[path = "../tests/broker.rs"]
-mod broker;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use broker::{Mosquitto, Subscriber, SubscriberOptions};
 use ferry_agent::buffer::{Buffer, BufferOptions};
 use ferry_agent::config::MqttConfig;
 use ferry_agent::mqtt::{Identity, MqttStats, Reporter};
 use ferry_protocol::{OutputSummary, Status, Stream, TelemetryRecord, Topic, topic};
 use tokio::sync::{mpsc, watch};
+use ferry_testkit::broker::{Mosquitto, Subscriber, SubscriberOptions};
 use tokio_util::sync::CancellationToken;
 
 const DEVICE: &str = "bench-dev";

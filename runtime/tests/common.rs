@@ -1,12 +1,8 @@
-//! Shared helpers: example paths, a minimal valid bundle.
-
-use std::path::PathBuf;
+//! The runtime's own test material: a guest that misbehaves on request, and
+//! a minimal valid bundle holding it. (Example paths come from ferry-testkit.)
 
 use ferry_runtime as rt;
-
-pub fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
+use ferry_testkit::fixtures::examples;
 
 /// A guest written in WAT that implements the ABI. `ferry_preprocess`
 /// dispatches on the first byte of the content type:

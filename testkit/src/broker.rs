@@ -8,7 +8,7 @@
 //! [`Subscriber`] is a plain rumqttc client that records what it receives.
 
 use std::fmt::Write as _;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +19,8 @@ use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, SubAck, SubscribeR
 use tempfile::TempDir;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+
+use crate::free_port;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const MOSQUITTO_PASSWD: &str = "mosquitto_passwd";
@@ -357,14 +359,6 @@ impl Drop for Mosquitto {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One message as a subscriber saw it.
