@@ -12,8 +12,8 @@ use ferry_agent::buffer::{Buffer, BufferOptions};
 use ferry_agent::config::MqttConfig;
 use ferry_agent::mqtt::{Identity, MqttStats, Reporter};
 use ferry_protocol::{OutputSummary, Status, Stream, TelemetryRecord, Topic, topic};
-use tokio::sync::{mpsc, watch};
 use ferry_testkit::broker::{Mosquitto, Subscriber, SubscriberOptions};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 const DEVICE: &str = "bench-dev";

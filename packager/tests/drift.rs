@@ -33,7 +33,11 @@ fn drifted(report: &Value) -> Vec<String> {
 #[test]
 fn shifted_iris_features_are_flagged_and_only_those() {
     let f = bundles();
-    let (o, r) = drift(&f.bundle("iris"), &example("iris/data/current_shifted.csv"), &[]);
+    let (o, r) = drift(
+        &f.bundle("iris"),
+        &example("iris/data/current_shifted.csv"),
+        &[],
+    );
     assert_exit(&o, 0);
     let r = r.unwrap();
     assert_eq!(drifted(&r), ["petal_length", "petal_width"]);
@@ -80,7 +84,11 @@ fn brighter_digits_are_flagged() {
     );
     assert_exit(&o, 6);
     assert_eq!(drifted(&r.unwrap()), ["brightness", "contrast"]);
-    let (o, r) = drift(&f.bundle("digits"), &example("digits/data/current_same"), &[]);
+    let (o, r) = drift(
+        &f.bundle("digits"),
+        &example("digits/data/current_same"),
+        &[],
+    );
     assert_exit(&o, 0);
     assert!(drifted(&r.unwrap()).is_empty());
 }
@@ -111,7 +119,11 @@ fn drift_without_a_key_warns_and_bad_data_is_explained() {
     let (o, _) = drift(&f.bundle("iris"), p.to_str().unwrap(), &[]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("petal_width"), "{}", stderr(&o));
-    let (o, _) = drift(&f.bundle("digits"), &example("iris/data/current_same.csv"), &[]);
+    let (o, _) = drift(
+        &f.bundle("digits"),
+        &example("iris/data/current_same.csv"),
+        &[],
+    );
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("directory"), "{}", stderr(&o));
 }
