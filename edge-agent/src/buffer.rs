@@ -81,7 +81,6 @@
 //! ordered key-value store with trees, a counter and flush), so a store with
 //! durable commits (redb) can replace it if measurements demand it.
 
-use std::fs::{File, OpenOptions, TryLockError};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,8 +107,9 @@ pub const RECORD_OVERHEAD: u64 = 16;
 /// largest integer JSON readers in JavaScript keep exactly.
 pub const ID_BLOCK: u64 = 1 << 16;
 
-/// The lock file inside the buffer's directory.
-pub const LOCK_FILE: &str = "ferry-buffer.lock";
+/// The lock file inside the buffer's directory (taken by
+/// [`ferry_host::open_sled`]).
+pub const LOCK_FILE: &str = ferry_host::LOCK_FILE;
 
 /// Bytes before the payload in a stored value: version (1) and CRC-32 (4).
 const HEADER_LEN: usize = 5;
@@ -370,7 +370,8 @@ struct SledStorage {
     streams: [sled::Tree; 4],
     meta: sled::Tree,
     db: sled::Db,
-    _lock: File,
+    /// Holds the lock file for as long as the storage lives.
+    _handle: ferry_host::SledHandle,
 }
 
 impl SledStorage {
@@ -380,45 +381,22 @@ impl SledStorage {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(path).map_err(io)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path.join(LOCK_FILE))
-            .map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(BufferError::Locked { path: path.clone() });
-            }
-            Err(TryLockError::Error(e)) => return Err(io(e)),
-        }
         let config = sled::Config::new()
-            .path(path)
             .cache_capacity(opts.cache_bytes)
             .mode(sled::Mode::LowSpace)
             // This buffer flushes on its own schedule (to know what is durable).
             .flush_every_ms(None);
-        let started = std::time::Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                // We hold our lock, so sled's is held by a handle of this
-                // process that is still closing (or by an agent too old to
-                // take ours): wait a little.
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && started.elapsed() < SLED_LOCK_RETRY =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                    return Err(BufferError::Locked { path: path.clone() });
-                }
-                Err(e) => return Err(storage_err("open")(sled_err(e))),
+        let handle = match ferry_host::open_sled(path, config, SLED_LOCK_RETRY) {
+            Ok(h) => h,
+            Err(ferry_host::OpenError::Locked { .. }) => {
+                return Err(BufferError::Locked { path: path.clone() });
+            }
+            Err(ferry_host::OpenError::Io { source, .. }) => return Err(io(source)),
+            Err(ferry_host::OpenError::Sled { source, .. }) => {
+                return Err(storage_err("open")(sled_err(source)));
             }
         };
+        let db = handle.db.clone();
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| storage_err("open")(sled_err(e)))
@@ -432,7 +410,7 @@ impl SledStorage {
             ],
             meta: tree("meta")?,
             db,
-            _lock: lock,
+            _handle: handle,
         })
     }
 

@@ -138,17 +138,10 @@ async fn serve(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", agent.config.http.listen))?;
     let addr = listener.local_addr()?;
-    let router = ferry_agent::server::router(agent.clone());
-    // Answers are small and written at once: no Nagle delay on them.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "Cannot set TCP_NODELAY");
-        }
-    });
     let stop = shutdown.clone();
+    let http_agent = agent.clone();
     tasks.spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
+        ferry_agent::server::serve(listener, http_agent, async move { stop.cancelled().await })
             .await
             .context("HTTP server failed")
     });

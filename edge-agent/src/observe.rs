@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ferry_protocol::{
     DriftRecord, Event, EventRecord, FeatureDrift, OutputSummary, SampleRecord, Stream,
@@ -28,13 +28,7 @@ use crate::buffer::Buffer;
 use crate::config::DriftWindowConfig;
 use crate::metrics::{FeatureLabel, Metrics};
 
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use ferry_host::now_ms;
 
 /// The summary kept per prediction: the first floating-point output's first
 /// row (argmax and max for a vector, the value for a scalar), and the batch

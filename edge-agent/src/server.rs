@@ -33,7 +33,25 @@ struct Ctx {
     permits: Semaphore,
 }
 
-/// The router, for `axum::serve` (and for tests on `127.0.0.1:0`).
+/// Serves the HTTP API on `listener` until `shutdown` resolves, then stops
+/// taking connections and finishes the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // Answers are small and written at once: no Nagle delay on them.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "Cannot set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The router, for [`serve`] (and for tests on `127.0.0.1:0`).
 pub fn router(agent: Arc<Agent>) -> Router {
     let limit = agent.config.http.max_body_bytes;
     let permits = Semaphore::new(agent.config.http.max_concurrency);

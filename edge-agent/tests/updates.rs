@@ -647,7 +647,7 @@ fn assert_active_is_complete(store: &BundleStore) -> BundleRef {
     let bytes = std::fs::read(&active.path).unwrap();
     let b = bundles();
     let v = verify(&bytes, &b.trust(), &ReadLimits::default()).unwrap();
-    assert_eq!(v.digest, active.bundle.digest);
+    assert_eq!(v.digest(), active.bundle.digest);
     assert_eq!(bundle_ref(&v), active.bundle);
     active.bundle
 }

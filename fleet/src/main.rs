@@ -378,14 +378,14 @@ impl Serve {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             keys.extend(
-                ferry_runtime::PublicKey::all_from_pem(&text)
+                ferry_format::PublicKey::all_from_pem(&text)
                     .with_context(|| format!("{} holds no valid public key", path.display()))?,
             );
         }
-        let trust = ferry_runtime::TrustPolicy::new(keys)?;
+        let trust = ferry_format::TrustPolicy::new(keys)?;
         let key = match &self.key {
             Some(path) => Some(
-                ferry_runtime::SecretKey::from_pem(
+                ferry_format::SecretKey::from_pem(
                     &std::fs::read_to_string(path)
                         .with_context(|| format!("cannot read {}", path.display()))?,
                 )

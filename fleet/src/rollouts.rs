@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
+use ferry_format::{ReadLimits, SecretKey, TrustPolicy};
 use ferry_protocol::{Action as Cmd, Command, OperatorSignature, SCHEMA_VERSION, Topic, topic};
-use ferry_runtime::{ReadLimits, SecretKey, TrustPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Change;
@@ -202,9 +202,9 @@ impl Rollouts {
 
     /// Starts a rollout of `bundle` (its bytes) as `params` say.
     pub fn create(&self, bundle: &[u8], params: &NewRollout, now_ms: u64) -> Result<Rollout> {
-        let verified = ferry_runtime::verify(bundle, &self.trust, &ReadLimits::default())
+        let verified = ferry_format::verify(bundle, &self.trust, &ReadLimits::default())
             .map_err(|e| anyhow!("bundle refused ({}): {e}", e.code()))?;
-        let m = &verified.manifest;
+        let m = verified.manifest();
         if m.release.fleet != self.fleet {
             bail!(
                 "the bundle is for fleet {:?}; this console follows {:?}",
@@ -240,7 +240,7 @@ impl Rollouts {
             .filter(|r| !r.is_empty())
             .map(|r| r.parse::<Rule>().map_err(anyhow::Error::msg))
             .collect::<Result<Vec<_>>>()?;
-        let digest = verified.digest.clone();
+        let digest = verified.digest().to_string();
         let path = self.bundles.join(format!("{digest}.ferry"));
         write_atomically(&path, bundle)?;
         let spec = Spec {

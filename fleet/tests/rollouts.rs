@@ -10,7 +10,7 @@ use ferry_fleet::ingest::Console;
 use ferry_fleet::rollout::{Phase, Rollout};
 use ferry_fleet::rollouts::{CommandSink, NewRollout, Rollouts};
 use ferry_fleet::store::Store;
-use ferry_runtime::{PublicKey, SecretKey, TrustPolicy};
+use ferry_format::{PublicKey, SecretKey, TrustPolicy};
 
 use crate::broker::Mosquitto;
 use crate::device::{Device, Setup, iris_batch, iris_request, iris_rows};

@@ -39,9 +39,9 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use ferry_drift::DriftConfig;
 use crate::error::BundleError;
 use crate::keys::{KEY_ID_LEN, KeyId, SecretKey, TrustPolicy};
+use ferry_drift::DriftConfig;
 
 /// First bytes of every bundle. The `\0` stops text tools, `\x01` is the
 /// major format generation, `\n` catches newline translation.
@@ -775,7 +775,9 @@ impl VerifiedBundle {
         }
         self.all(role::GUEST_PRECOMPILED)
             .filter_map(|(a, c)| {
-                a.target.as_deref().map(|target| PrecompiledGuest { target, bytes: c })
+                a.target
+                    .as_deref()
+                    .map(|target| PrecompiledGuest { target, bytes: c })
             })
             .collect()
     }

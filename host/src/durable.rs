@@ -118,7 +118,11 @@ mod tests {
         assert_eq!(e.step, "rename", "{e}");
         assert_eq!(e.code(), "write_failed");
         assert_eq!(std::fs::read(target.join("inside")).unwrap(), b"old");
-        assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! Two processes must never share one database. Before sled opens, the
 //! caller's process takes an exclusive lock on [`LOCK_FILE`] in the
 //! database's directory, held as long as the [`SledHandle`] lives: a second
-//! process gets [`OpenError::Locked`] at once. sled also locks its own `db`
-//! file; when sled's open fails while we hold our lock, a handle of this
-//! same process is still closing, and we wait for it (up to `lock_wait`).
+//! process (or a second open in this one) gets [`OpenError::Locked`] at
+//! once. sled also locks its own `db` file, and sled's background threads
+//! may keep a closed database's lock a moment after its last handle is
+//! dropped: when sled's open fails while we hold our lock and sled's lock
+//! is busy, we wait for it (up to `lock_wait`).
 //! Whether sled's lock is what failed is learnt by probing that lock, not by
 //! reading sled's error message.
 
@@ -70,7 +72,9 @@ pub struct SledHandle {
 
 /// Opens the sled database in `path` (created if absent) with `config`
 /// (whose path is set here), holding [`LOCK_FILE`] for as long as the
-/// returned handle lives.
+/// returned handle lives. `lock_wait` bounds the wait for sled's own lock
+/// (a handle of this process still closing); [`LOCK_FILE`] held elsewhere
+/// is refused at once.
 pub fn open_sled(
     path: &Path,
     config: sled::Config,
@@ -87,21 +91,16 @@ pub fn open_sled(
         .write(true)
         .open(path.join(LOCK_FILE))
         .map_err(io)?;
-    let started = Instant::now();
-    loop {
-        match lock.try_lock() {
-            Ok(()) => break,
-            Err(TryLockError::WouldBlock) if started.elapsed() < lock_wait => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(TryLockError::WouldBlock) => {
-                return Err(OpenError::Locked {
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(TryLockError::Error(e)) => return Err(io(e)),
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(OpenError::Locked {
+                path: path.to_path_buf(),
+            });
         }
+        Err(TryLockError::Error(e)) => return Err(io(e)),
     }
+    let started = Instant::now();
     let config = config.path(path);
     loop {
         match config.open() {

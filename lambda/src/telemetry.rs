@@ -8,16 +8,11 @@ use serde_json::{Value, json};
 /// CloudWatch namespace of Ferry's metrics.
 pub const NAMESPACE: &str = "Ferry";
 
-fn now_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
+use ferry_host::now_ms;
 
 /// A structured log line: `{"timestamp", "level", "message", ...fields}`.
 pub fn log(level: &str, message: &str, fields: Value) {
-    let mut line = json!({ "timestamp": now_ms() as u64, "level": level, "message": message });
+    let mut line = json!({ "timestamp": now_ms(), "level": level, "message": message });
     if let (Some(obj), Value::Object(extra)) = (line.as_object_mut(), fields) {
         obj.extend(extra);
     }
@@ -41,7 +36,7 @@ pub struct Invocation<'a> {
 /// The EMF lines for one invocation: latency, predictions, errors and the
 /// cold-start flag by model; and predictions per class by model and class.
 pub fn emf_lines(i: &Invocation<'_>) -> Vec<Value> {
-    let ts = now_ms() as u64;
+    let ts = now_ms();
     let mut lines = vec![json!({
         "_aws": {
             "Timestamp": ts,

@@ -121,7 +121,7 @@ impl LambdaPackageArgs {
             ),
         }
         let bundle_bytes = std::fs::read(&self.bundle)?;
-        let bundle_name = format!("{}.ferry", bundle.manifest.name);
+        let bundle_name = format!("{}.ferry", bundle.manifest().name);
         let mut keys = Vec::new();
         for (i, path) in self.trust.public_keys.iter().enumerate() {
             let text =
@@ -133,7 +133,7 @@ impl LambdaPackageArgs {
             keys.push((format!("keys/{i:02}-{name}"), text));
         }
         let zip = build_zip(&bootstrap, &bundle_name, &bundle_bytes, &keys)?;
-        crate::project::write_atomically(&self.out, &zip)?;
+        ferry_host::write_durably(&self.out, &zip)?;
         println!(
             "wrote {} ({} bytes): bootstrap ({}), {bundle_name}, {} key(s)",
             self.out.display(),

@@ -284,17 +284,17 @@ fn verified(path: &std::path::Path, trust: &TrustArgs) -> Result<rt::VerifiedBun
 
 fn verify(a: VerifyArgs) -> Result<()> {
     let b = verified(&a.bundle, &a.trust)?;
-    let m = &b.manifest;
+    let m = b.manifest();
     if a.json {
         let summary = json!({
             "ok": true,
-            "digest": b.digest,
+            "digest": b.digest(),
             "name": m.name,
             "version": m.version,
             "fleet": m.release.fleet,
             "channel": m.release.channel,
             "sequence": m.release.sequence,
-            "signed_by": b.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            "signed_by": b.signed_by().iter().map(|k| k.to_string()).collect::<Vec<_>>(),
         });
         println!("{summary}");
     } else {
@@ -305,13 +305,13 @@ fn verify(a: VerifyArgs) -> Result<()> {
             m.release.sequence,
             m.release.fleet,
             m.release.channel,
-            b.signed_by
+            b.signed_by()
                 .iter()
                 .map(|k| k.to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        println!("digest sha256:{}", b.digest);
+        println!("digest sha256:{}", b.digest());
     }
     Ok(())
 }
@@ -385,12 +385,12 @@ fn drift(a: DriftArgs) -> Result<()> {
         )
     })?;
     let pre = rt::Preprocessor::from_verified(&bundle)?;
-    let kind = inputs::pipeline_kind(&bundle.manifest);
+    let kind = inputs::pipeline_kind(bundle.manifest());
     let current = inputs::collect_features(
         &|ct, body| pre.preprocess(ct, body),
         &a.data,
         &kind,
-        &bundle.manifest,
+        bundle.manifest(),
     )?;
     let mut sample = rt::CurrentSample::new(&baseline, usize::MAX);
     let order = current.order_for(sample.features())?;
@@ -399,7 +399,7 @@ fn drift(a: DriftArgs) -> Result<()> {
             order.iter().map(|&i| rt::drift_value(&row[i])).collect();
         sample.push_row(&ordered)?;
     }
-    let report = rt::compare(&baseline, &sample, &bundle.manifest.drift)?;
+    let report = rt::compare(&baseline, &sample, &bundle.manifest().drift)?;
     output::print_drift(&report, a.json);
     if a.fail_on_drift && report.dataset_drifted {
         return Err(fail(exit::DRIFT, anyhow::anyhow!("data set drifted")));

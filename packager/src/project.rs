@@ -488,7 +488,7 @@ impl PackArgs {
                     let mut builder = rt::BaselineBuilder::new(
                         rows.names
                             .iter()
-                            .map(|(n, k)| (n.clone(), rt::DriftKind::from(*k))),
+                            .map(|(n, k)| (n.clone(), rt::drift_kind(*k))),
                     )?;
                     for row in &rows.rows {
                         builder.push_row(&row.iter().map(rt::drift_value).collect::<Vec<_>>())?;
@@ -535,19 +535,19 @@ impl PackArgs {
         let trust = rt::TrustPolicy::new(signers.iter().map(|k| k.public()).collect())?;
         let verified = rt::verify(&bytes, &trust, &rt::ReadLimits::default())
             .context("the bundle just written does not verify")?;
-        write_atomically(&self.out, &bytes)?;
+        ferry_host::write_durably(&self.out, &bytes)?;
         steps.bar.finish_and_clear();
 
         let model_art = manifest.artifact(rt::role::MODEL).expect("model artifact");
         if self.json {
             let summary = json!({
                 "bundle": self.out,
-                "digest": verified.digest,
+                "digest": verified.digest(),
                 "size": bytes.len(),
                 "name": manifest.name,
                 "version": manifest.version,
                 "release": manifest.release,
-                "signed_by": verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                "signed_by": verified.signed_by().iter().map(|k| k.to_string()).collect::<Vec<_>>(),
                 "model": {"size": model_art.size, "compressed_size": model_art.compressed_size, "encoding": model_art.encoding},
                 "artifacts": manifest.artifacts.iter().map(|a| json!({
                     "role": a.role, "size": a.size, "compressed_size": a.compressed_size, "encoding": a.encoding, "sha256": a.sha256, "target": a.target,
@@ -573,7 +573,7 @@ impl PackArgs {
             if let Some(b) = &baseline {
                 println!("  drift baseline: {} feature(s)", b.features.len());
             }
-            println!("  digest sha256:{}", verified.digest);
+            println!("  digest sha256:{}", verified.digest());
         }
         Ok(())
     }
@@ -613,12 +613,7 @@ fn draft_session(manifest: &rt::Manifest, artifacts: &[rt::ArtifactInput]) -> Re
             target: a.target.clone(),
         })
         .collect();
-    let draft = rt::VerifiedBundle {
-        manifest: m,
-        digest: String::new(),
-        signed_by: Vec::new(),
-        contents: artifacts.iter().map(|a| a.content.clone()).collect(),
-    };
+    let draft = rt::VerifiedBundle::draft(m, artifacts.iter().map(|a| a.content.clone()).collect());
     rt::Session::from_verified(draft).map_err(|e| {
         if matches!(e, rt::Error::Guest(rt::GuestError::Config(_))) {
             anyhow::anyhow!("the pipeline configuration ([preprocess]/[postprocess] in ferry.toml) is invalid: {e}")
@@ -697,30 +692,4 @@ fn check_golden(plan: &Plan, session: &rt::Session) -> Result<Vec<rt::GoldenExam
         ));
     }
     Ok(examples)
-}
-
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {}", path.display()))
 }

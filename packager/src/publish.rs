@@ -9,7 +9,6 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_protocol::{ChannelIndex, IndexEntry, SCHEMA_VERSION};
 
-use crate::project::write_atomically;
 use crate::{TrustArgs, exit, fail, verified};
 
 /// Largest index.json read back: the format is a few hundred bytes.
@@ -38,7 +37,7 @@ impl PublishArgs {
         // Devices verify against their keys; publishing what they would
         // refuse is a mistake worth catching here.
         let bundle = verified(&self.bundle, &self.trust)?;
-        let m = &bundle.manifest;
+        let m = bundle.manifest();
         std::fs::create_dir_all(&self.to)
             .with_context(|| format!("cannot create {}", self.to.display()))?;
         let index_path = self.to.join("index.json");
@@ -54,7 +53,7 @@ impl PublishArgs {
                 );
             }
             if current.latest.sequence >= m.release.sequence
-                && current.latest.digest != bundle.digest
+                && current.latest.digest != bundle.digest()
                 && !self.force
             {
                 return Err(fail(
@@ -78,7 +77,7 @@ impl PublishArgs {
         let bytes = std::fs::read(&self.bundle)
             .with_context(|| format!("cannot read {}", self.bundle.display()))?;
         let target = self.to.join(&file_name);
-        write_atomically(&target, &bytes)?;
+        ferry_host::write_durably(&target, &bytes)?;
         let index = ChannelIndex {
             schema: SCHEMA_VERSION,
             fleet: m.release.fleet.clone(),
@@ -87,7 +86,7 @@ impl PublishArgs {
                 name: m.name.clone(),
                 version: m.version.clone(),
                 sequence: m.release.sequence,
-                digest: bundle.digest.clone(),
+                digest: bundle.digest().to_string(),
                 size: bytes.len() as u64,
                 url: file_name,
             },
@@ -96,7 +95,7 @@ impl PublishArgs {
         text.push(b'\n');
         // The bundle is in place before the index names it: a device never
         // sees an index pointing at a missing file.
-        write_atomically(&index_path, &text)?;
+        ferry_host::write_durably(&index_path, &text)?;
         if self.json {
             println!(
                 "{}",

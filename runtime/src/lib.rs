@@ -28,7 +28,6 @@ pub use ferry_drift::*;
 pub use ferry_format::*;
 pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value};
 pub use golden::{Mismatch, compare_json};
-pub use keys::{KeyId, PublicKey, SecretKey, TrustPolicy};
 pub use model::{BATCH_SYMBOL, Model, fmt_shape};
 pub use sandbox::{
     EPOCH_TICK, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, SandboxLimits, WASMTIME_VERSION,

@@ -13,8 +13,8 @@ use tract_onnx::pb::tensor_shape_proto::dimension;
 use tract_onnx::pb::type_proto;
 use tract_onnx::prelude::*;
 
-use crate::bundle::TensorSpec;
 use crate::error::ModelError;
+use ferry_format::TensorSpec;
 
 /// Name of the symbolic batch dimension.
 pub const BATCH_SYMBOL: &str = "N";
@@ -279,11 +279,19 @@ fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tract_onnx::prelude::Tensor
     }
     // SAFETY: the element types above are plain numbers, valid for any bit
     // pattern; `from_raw_dt` checks the byte length against the shape and
-    // copies into an aligned buffer. Little-endian bytes equal native ones on
-    // every supported target (x86_64, aarch64, wasm32).
+    // copies into an aligned buffer. The guest ABI's little-endian bytes are
+    // native ones: a `const` assertion below refuses to build elsewhere.
     unsafe { tract_onnx::prelude::Tensor::from_raw_dt(datum_of(t.dtype), &shape, &t.data) }
         .map_err(|e| ModelError::BadInput(format!("input `{}`: {e}", spec.name)))
 }
+
+/// Tensors cross the guest ABI as little-endian bytes and are copied as
+/// native ones (above and in [`from_tract`]): a big-endian build would
+/// silently swap every number, so it does not compile.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "ferry-runtime copies little-endian tensor bytes as native ones"
+);
 
 fn from_tract(v: &TValue, spec: &TensorSpec) -> Result<Tensor, ModelError> {
     let dtype = DType::from_name(&spec.dtype).unwrap_or(DType::F32);

@@ -11,9 +11,9 @@ use ferry_format::{BundleError, GoldenExample, Manifest, ReadLimits, VerifiedBun
 
 use crate::error::{Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
-use ferry_format::TrustPolicy;
 use crate::model::Model;
 use crate::sandbox::{GuestRuntime, SandboxLimits};
+use ferry_format::TrustPolicy;
 
 /// The drift statistics' kind of a guest's feature kind.
 pub fn drift_kind(kind: FeatureKind) -> DriftKind {

@@ -1,8 +1,7 @@
-//! The runtime's own test material: a guest that misbehaves on request, and
-//! a minimal valid bundle holding it. (Example paths come from ferry-testkit.)
+//! The runtime's own test material: a guest that misbehaves on request,
+//! and a manifest for bundles holding it.
 
 use ferry_runtime as rt;
-use ferry_testkit::fixtures::examples;
 
 /// A guest written in WAT that implements the ABI. `ferry_preprocess`
 /// dispatches on the first byte of the content type:
@@ -58,30 +57,6 @@ pub const TEST_GUEST: &str = r#"
     unreachable)
 )
 "#;
-
-/// Builds a small signed bundle with the test guest and the iris model.
-pub fn small_bundle(signers: &[&rt::SecretKey]) -> Vec<u8> {
-    let onnx = std::fs::read(examples().join("iris/model.onnx")).unwrap();
-    let artifacts = vec![
-        rt::ArtifactInput {
-            role: rt::role::MODEL.into(),
-            media_type: "application/onnx".into(),
-            content: onnx,
-            target: None,
-            try_shuffle: true,
-        },
-        rt::ArtifactInput {
-            role: rt::role::GUEST.into(),
-            media_type: "application/wasm".into(),
-            content: TEST_GUEST.as_bytes().to_vec(),
-            target: None,
-            try_shuffle: false,
-        },
-    ];
-    rt::write_bundle(manifest(), &artifacts, signers, 3)
-        .unwrap()
-        .1
-}
 
 pub fn manifest() -> rt::Manifest {
     rt::Manifest {

@@ -77,8 +77,13 @@ fn opening_files_is_denied() {
 
 #[test]
 fn environment_and_arguments_are_empty() {
-    // SAFETY: set before any thread of this test reads the environment.
-    unsafe { std::env::set_var("FERRY_TEST_SECRET", "hunter2") };
+    // The host's environment is not empty (the test runner always passes
+    // some: PATH, HOME, CARGO_*), yet the guest must see none of it. Nothing
+    // is set here: `set_var` is unsound while other test threads run.
+    assert!(
+        std::env::vars_os().next().is_some(),
+        "the host has an environment"
+    );
     let g = guest(1_000, 16 << 20);
     let err = g.preprocess("env", b"").unwrap_err();
     assert!(
@@ -155,6 +160,48 @@ fn a_guest_refusing_its_configuration_fails_at_load() {
     );
 }
 
+/// A signed bundle whose precompiled guests are `(target key, bytes)`, and
+/// the same bundle read without checking signatures.
+fn bundle_with_precompiled(
+    precompiled: &[(&str, &[u8])],
+) -> (ferry_runtime::VerifiedBundle, ferry_runtime::VerifiedBundle) {
+    use ferry_runtime::{self as rt, ArtifactInput, ReadLimits, SecretKey, TrustPolicy, role};
+    let mut artifacts = vec![ArtifactInput {
+        role: role::GUEST.into(),
+        media_type: "application/wasm".into(),
+        content: TEST_GUEST.as_bytes().to_vec(),
+        target: None,
+        try_shuffle: false,
+    }];
+    for (key, bytes) in precompiled {
+        artifacts.push(ArtifactInput {
+            role: role::GUEST_PRECOMPILED.into(),
+            media_type: "application/x-wasmtime-cwasm".into(),
+            content: bytes.to_vec(),
+            target: Some(key.to_string()),
+            try_shuffle: false,
+        });
+    }
+    let signer = SecretKey::generate().unwrap();
+    let bytes = rt::write_bundle(crate::common::manifest(), &artifacts, &[&signer], 1)
+        .unwrap()
+        .1;
+    let trust = TrustPolicy::new(vec![signer.public()]).unwrap();
+    let verified = rt::verify(&bytes, &trust, &ReadLimits::default()).unwrap();
+    let unsigned = rt::verify_integrity_only(&bytes, &ReadLimits::default()).unwrap();
+    (verified, unsigned)
+}
+
+fn from_bundle(b: &ferry_runtime::VerifiedBundle, limits: SandboxLimits) -> GuestRuntime {
+    GuestRuntime::new(
+        TEST_GUEST.as_bytes(),
+        &b.precompiled_guests(),
+        b"{}",
+        limits,
+    )
+    .unwrap()
+}
+
 #[test]
 fn precompiled_guests_are_used_only_when_compatible() {
     let limits = SandboxLimits {
@@ -162,17 +209,19 @@ fn precompiled_guests_are_used_only_when_compatible() {
         timeout_ms: 100,
     };
     let (bytes, key) = ferry_runtime::precompile(TEST_GUEST.as_bytes(), None).unwrap();
-    let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[(&key, &bytes)], b"{}", limits).unwrap();
+    let (signed, unsigned) = bundle_with_precompiled(&[(&key, &bytes)]);
+    let g = from_bundle(&signed, limits);
     assert!(g.used_precompiled);
     still_serves(&g);
+    // Native code only from a bundle whose signatures were checked: read
+    // without them, the bundle hands out no precompiled guest at all.
+    assert!(unsigned.precompiled_guests().is_empty());
+    let g = from_bundle(&unsigned, limits);
+    assert!(!g.used_precompiled);
+    still_serves(&g);
     // Another key (another target or wasmtime): compiled from the portable module.
-    let g = GuestRuntime::new(
-        TEST_GUEST.as_bytes(),
-        &[("aarch64-unknown-linux-gnu:other", &bytes)],
-        b"{}",
-        limits,
-    )
-    .unwrap();
+    let (other, _) = bundle_with_precompiled(&[("aarch64-unknown-linux-gnu:other", &bytes)]);
+    let g = from_bundle(&other, limits);
     assert!(!g.used_precompiled);
     still_serves(&g);
     // Compiled for the host's triple explicitly (what `ferry pack --precompile
@@ -180,16 +229,13 @@ fn precompiled_guests_are_used_only_when_compatible() {
     let host = env!("FERRY_TARGET");
     let (bytes2, key2) = ferry_runtime::precompile(TEST_GUEST.as_bytes(), Some(host)).unwrap();
     assert_eq!(key2, key);
-    let g = GuestRuntime::new(TEST_GUEST.as_bytes(), &[(&key2, &bytes2)], b"{}", limits).unwrap();
+    let (explicit, _) = bundle_with_precompiled(&[(&key2, &bytes2)]);
+    let g = from_bundle(&explicit, limits);
     assert!(g.used_precompiled);
     still_serves(&g);
-    // Right key, corrupt bytes: refused by wasmtime, portable module used.
-    let g = GuestRuntime::new(
-        TEST_GUEST.as_bytes(),
-        &[(&key, b"not an ELF")],
-        b"{}",
-        limits,
-    )
-    .unwrap();
+    // Right key, corrupt bytes (signed all the same): refused by wasmtime,
+    // portable module used.
+    let (corrupt, _) = bundle_with_precompiled(&[(&key, b"not an ELF")]);
+    let g = from_bundle(&corrupt, limits);
     assert!(!g.used_precompiled);
 }

@@ -44,8 +44,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ferry_format::{
-    ArtifactInput, Encoding, HEADER_LEN, Header, PublicKey, ReadLimits, SIGNATURE_ENTRY_LEN,
-    SecretKey, TrustPolicy, role, to_cbor, verify, write_bundle,
+    ArtifactInput, Encoding, HEADER_LEN, Header, PublicKey, ReadLimits, SecretKey, TrustPolicy,
+    role, to_cbor, verify, write_bundle,
 };
 use sha2::{Digest, Sha256};
 
@@ -339,7 +339,7 @@ impl Bundles {
         let v2 = std::fs::read(self.raw(V2)).unwrap();
         let header = Header::parse(&v2).unwrap();
         let manifest_end = HEADER_LEN + header.manifest_len;
-        let sigs_end = manifest_end + header.signature_count * SIGNATURE_ENTRY_LEN;
+        let payload_start = v2.len() - header.payload_len as usize;
 
         let mut tampered = v2.clone();
         tampered[HEADER_LEN + header.manifest_len / 2] ^= 0x01;
@@ -353,7 +353,7 @@ impl Bundles {
         // the u16 at bytes 10..12 of the header), then the payload.
         let mut unsigned = v2[..manifest_end].to_vec();
         unsigned[10..12].copy_from_slice(&0u16.to_le_bytes());
-        unsigned.extend_from_slice(&v2[sigs_end..]);
+        unsigned.extend_from_slice(&v2[payload_start..]);
         self.write(UNSIGNED, &unsigned);
 
         self.write(TRUNCATED, &v2[..v2.len() / 2]);

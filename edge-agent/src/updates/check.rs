@@ -88,7 +88,7 @@ pub fn check_candidate(
         }
     }
     let bundle = verify(bytes, trust, limits)?;
-    let release = &bundle.manifest.release;
+    let release = &bundle.manifest().release;
     if release.fleet != want.fleet {
         return Err(Rejection::new(
             "wrong_fleet",
@@ -180,11 +180,11 @@ fn describe(o: &GoldenOutcome) -> String {
 
 /// The identity of a verified bundle.
 pub fn bundle_ref(v: &VerifiedBundle) -> BundleRef {
-    let m = &v.manifest;
+    let m = v.manifest();
     BundleRef {
         name: m.name.clone(),
         version: m.version.clone(),
-        digest: v.digest.clone(),
+        digest: v.digest().to_string(),
         fleet: m.release.fleet.clone(),
         channel: m.release.channel.clone(),
         sequence: m.release.sequence,

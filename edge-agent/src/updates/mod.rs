@@ -171,12 +171,7 @@ fn sync_dir(dir: &Path) -> Result<(), UpdateError> {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use ferry_host::now_ms;
 
 #[cfg(test)]
 mod tests {

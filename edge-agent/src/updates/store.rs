@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use ferry_format::{HEADER_LEN, Header, Manifest, ReadLimits, manifest_unverified};
 use ferry_protocol::BundleRef;
-use ferry_runtime::{HEADER_LEN, MAGIC, MAX_MANIFEST_LEN, Manifest, from_cbor};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -819,18 +819,18 @@ fn read_record(path: &Path) -> Result<ActivationRecord, ReadFailure> {
 /// signature check: for naming a bundle found on disk, never for running it).
 fn read_manifest(path: &Path) -> Result<Manifest, String> {
     let mut file = File::open(path).map_err(|e| e.to_string())?;
-    let mut header = [0u8; HEADER_LEN];
-    file.read_exact(&mut header).map_err(|e| e.to_string())?;
-    if header[..MAGIC.len()] != MAGIC {
-        return Err("not a Ferry bundle".into());
-    }
-    let len = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize;
-    if len > MAX_MANIFEST_LEN {
-        return Err(format!("manifest of {len} bytes declared"));
-    }
-    let mut manifest = vec![0u8; len];
+    let mut prefix = [0u8; HEADER_LEN];
+    file.read_exact(&mut prefix).map_err(|e| e.to_string())?;
+    let header = Header::parse(&prefix).map_err(|e| e.to_string())?;
+    let mut manifest = vec![0u8; header.manifest_len];
     file.read_exact(&mut manifest).map_err(|e| e.to_string())?;
-    from_cbor(&manifest)
+    // Only naming the file: the limits that matter were applied when it was
+    // verified before being stored.
+    let limits = ReadLimits {
+        max_artifact_bytes: u64::MAX,
+        max_total_bytes: u64::MAX,
+    };
+    manifest_unverified(&header, &manifest, &limits).map_err(|e| e.to_string())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), UpdateError> {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate runtime/tests/data/drift_reference.json for runtime/src/drift.rs.
+"""Generate drift/tests/data/drift_reference.json for the ferry-drift crate (drift/src).
 
 Every expected value comes from numpy/scipy (plus Evidently's formula for the
 normalised Wasserstein distance), computed on the very arrays written to the
