@@ -141,7 +141,7 @@ async fn drain(broker: &Mosquitto, records: u64, run: &Run) {
         identity,
         buffer.clone(),
         stats.clone(),
-        Some(broker::password(DEVICE)),
+        Some(ferry_testkit::broker::password(DEVICE)),
     )
     .unwrap();
     let (_status_tx, status_rx) = watch::channel(Status::offline(FLEET, DEVICE, "bench"));
