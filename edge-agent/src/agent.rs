@@ -126,13 +126,20 @@ impl Agent {
                 config.paths.state_dir.display()
             )
         })?;
-        let buffer = Arc::new(
-            Buffer::open(BufferOptions::from_config(
-                &config.paths.state_dir,
-                &config.buffer,
-            ))
-            .context("cannot open the telemetry buffer")?,
-        );
+        let (buffer, recovery) = Buffer::open_or_recover(BufferOptions::from_config(
+            &config.paths.state_dir,
+            &config.buffer,
+        ))
+        .context("cannot open the telemetry buffer")?;
+        let buffer = Arc::new(buffer);
+        if let Some(r) = &recovery {
+            tracing::error!(
+                code = "buffer_recovered",
+                moved_to = %r.moved_to.display(),
+                reason = %r.reason,
+                "Telemetry buffer damaged: moved aside and recreated; predictions go on"
+            );
+        }
         let store =
             BundleStore::open(&config.paths.state_dir).context("cannot open the bundle store")?;
         let fetcher = Fetcher::new(config.updates.ca_file.as_deref())
@@ -169,6 +176,16 @@ impl Agent {
         });
         agent.boot()?;
         agent.refresh_status();
+        if let Some(r) = recovery {
+            agent.metrics.buffer_recovered.inc();
+            append_event(
+                &agent.buffer,
+                Event::BufferRecovered {
+                    moved_to: r.moved_to.display().to_string(),
+                    reason: r.reason,
+                },
+            );
+        }
         append_event(
             &agent.buffer,
             Event::Started {

@@ -542,12 +542,60 @@ impl std::fmt::Debug for Buffer {
     }
 }
 
+/// A damaged buffer that [`Buffer::open_or_recover`] moved aside.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// Where the damaged directory now is (a sibling of the buffer's).
+    pub moved_to: PathBuf,
+    /// Why it could not be opened.
+    pub reason: String,
+}
+
 impl Buffer {
     /// Opens (or creates) the buffer at `opts.path`, checks every stored
     /// record and starts the flusher thread.
     pub fn open(opts: BufferOptions) -> Result<Buffer, BufferError> {
         let storage = SledStorage::open(&opts)?;
         Buffer::with_storage(Box::new(storage), &opts)
+    }
+
+    /// [`Buffer::open`], and when the store's files are damaged (sled
+    /// refuses them, or panics on them), moves the directory aside to
+    /// `<name>.damaged-<unix ms>` next to it, kept for inspection, and
+    /// opens a new, empty buffer. The buffer holds telemetry only: losing
+    /// what it held is better than not serving predictions. A buffer in use
+    /// by another process, or a directory that cannot be read at all, is
+    /// still an error (moving it would not help).
+    pub fn open_or_recover(opts: BufferOptions) -> Result<(Buffer, Option<Recovery>), BufferError> {
+        let attempt =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Buffer::open(opts.clone())));
+        let reason = match attempt {
+            Ok(Ok(buffer)) => return Ok((buffer, None)),
+            Ok(Err(e @ BufferError::Storage { .. })) => e.to_string(),
+            Ok(Err(e)) => return Err(e),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                format!("the store panicked while opening: {what}")
+            }
+        };
+        let name = opts
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "buffer".into());
+        let moved_to = opts
+            .path
+            .with_file_name(format!("{name}.damaged-{}", crate::observe::now_ms()));
+        std::fs::rename(&opts.path, &moved_to).map_err(|source| BufferError::Io {
+            path: opts.path.clone(),
+            source,
+        })?;
+        let buffer = Buffer::open(opts)?;
+        Ok((buffer, Some(Recovery { moved_to, reason })))
     }
 
     fn with_storage(

@@ -7,8 +7,10 @@
 //! # Layout
 //! - `config`: the TOML configuration and its commented default (`ferry-agent init`).
 //! - `buffer`: the telemetry buffer on sled; its header states the durability contract.
-//! - `mqtt`: the only module naming rumqttc: connection, TLS, batching, PUBACK
-//!   bookkeeping, retained status and last will, commands in.
+//! - `mqtt`: reporting over MQTT through `ferry-link` (the only crate that
+//!   depends on rumqttc; the rumqttc types named here are its re-exports):
+//!   batching, the in-flight window, retained status and last will,
+//!   commands in.
 //! - `updates`: update channels (HTTP with resumable downloads, or a directory),
 //!   the checks a candidate must pass, and the on-disk bundle store with atomic
 //!   activation and rollback.

@@ -55,6 +55,8 @@ pub struct Metrics {
     buffer_budget: Gauge,
     buffer_dropped: Family<StreamLabel, Counter>,
     buffer_corrupt: Counter,
+    /// Damaged buffers moved aside at start (0 or 1 per process).
+    pub buffer_recovered: Counter,
     /// Latest drift statistic per feature (the one its rule uses).
     pub drift_score: Family<FeatureLabel, Gauge<f64, AtomicU64>>,
     /// 1 while a feature is over its threshold in the latest window.
@@ -105,6 +107,7 @@ impl Metrics {
             buffer_budget: Gauge::default(),
             buffer_dropped: Family::default(),
             buffer_corrupt: Counter::default(),
+            buffer_recovered: Counter::default(),
             drift_score: Family::default(),
             drift_drifted: Family::default(),
             drift_windows: Counter::default(),
@@ -154,6 +157,11 @@ impl Metrics {
             "buffer_dropped_records",
             "Records dropped because the buffer was full, by stream",
             m.buffer_dropped.clone(),
+        );
+        r.register(
+            "buffer_recovered",
+            "Damaged telemetry buffers moved aside and recreated at start",
+            m.buffer_recovered.clone(),
         );
         r.register(
             "buffer_corrupt_records",

@@ -356,6 +356,66 @@ fn init_writes_a_config_that_check_config_accepts_after_editing() {
 }
 
 #[test]
+fn a_damaged_telemetry_buffer_is_moved_aside_and_the_model_keeps_serving() {
+    // Issue 10: random bytes in the sled directory's `conf` file made the
+    // agent exit ("cannot open the telemetry buffer"): a store that only
+    // holds telemetry took the model down.
+    let mut d = Device::start(Setup::new("damaged-1"));
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    assert!(d.terminate().success());
+    let state = d.dir.path().join("state");
+    let garbage: Vec<u8> = (0..512u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(state.join("buffer/conf"), &garbage).unwrap();
+
+    d.spawn();
+    d.wait_ready();
+    let (status, r) = d.predict_json(&setosa());
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(label_of(&r), "setosa");
+    // Kept for inspection, exactly as it was.
+    let moved: Vec<PathBuf> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("buffer.damaged-")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(std::fs::read(moved[0].join("conf")).unwrap(), garbage);
+    // Counted, and visible to an operator: metric, log and a queued event.
+    let metrics = d.metrics();
+    assert!(
+        metrics.contains("ferry_buffer_recovered_total 1"),
+        "{metrics}"
+    );
+    let log = d.log_text();
+    assert!(log.contains("buffer_recovered"), "{log}");
+    // The new buffer works: telemetry of this prediction is in it.
+    assert!(!metrics.contains("ferry_buffer_records 0\n"), "{metrics}");
+    // A clean restart does not move the new buffer again.
+    assert!(d.terminate().success());
+    d.spawn();
+    d.wait_ready();
+    assert!(d.metrics().contains("ferry_buffer_recovered_total 0"));
+    let again = std::fs::read_dir(&state)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("buffer.damaged-")
+        })
+        .count();
+    assert_eq!(again, 1);
+}
+
+#[test]
 fn no_bundle_means_503_not_a_crash() {
     let mut setup = Setup::new("empty-1");
     setup.initial = None;

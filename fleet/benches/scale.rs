@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use ferry_fleet::ingest::{Console, IngestOptions};
 use ferry_fleet::store::Store;
+use ferry_link::{AsyncClient, MqttOptions, QoS};
 use ferry_protocol::{
     Batch, BufferInfo, SCHEMA_VERSION, Status, Stream, TelemetryRecord, Topic, message_id, topic,
 };
-use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 const FLEET: &str = "bench";
 const PUBLISHERS: usize = 4;
@@ -160,7 +160,7 @@ fn run(devices: usize) {
 fn status(device: &str) -> Vec<u8> {
     let s = Status {
         online: true,
-        ts_ms: ferry_fleet::now_ms(),
+        ts_ms: ferry_host::now_ms(),
         buffer: BufferInfo {
             records: 3,
             ..BufferInfo::default()
@@ -174,7 +174,7 @@ fn status(device: &str) -> Vec<u8> {
 
 fn batch(device: &str, first: u64) -> Vec<u8> {
     let last = first + RECORDS_PER_BATCH - 1;
-    let now = ferry_fleet::now_ms();
+    let now = ferry_host::now_ms();
     let records: Vec<TelemetryRecord> = (first..=last)
         .map(|id| TelemetryRecord {
             id,

@@ -25,7 +25,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 /// The default address of `--embedded-broker` given without a value.
@@ -80,6 +79,43 @@ pub fn config(addr: SocketAddr) -> Config {
     }
 }
 
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Port 0: agents must be configured with the broker's port.
+    #[error("the embedded broker needs a fixed port (agents are configured with it)")]
+    NeedsFixedPort,
+    /// The address cannot be bound (taken, not local, no permission).
+    #[error("the embedded broker cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker's thread could not be started.
+    #[error("cannot start the embedded broker's thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The broker stopped before it accepted connections.
+    #[error("the embedded broker could not listen on {addr} (see the log)")]
+    Stopped { addr: SocketAddr },
+    /// It did not answer an MQTT handshake within the start timeout.
+    #[error("the embedded broker did not accept connections on {addr} in time")]
+    Timeout { addr: SocketAddr },
+}
+
+impl BrokerError {
+    /// A stable code for logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BrokerError::NeedsFixedPort => "needs_fixed_port",
+            BrokerError::Bind { .. } => "bind",
+            BrokerError::Thread(_) => "thread",
+            BrokerError::Stopped { .. } => "stopped",
+            BrokerError::Timeout { .. } => "timeout",
+        }
+    }
+}
+
 /// A running embedded broker. It runs until the process exits.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
@@ -89,16 +125,13 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts rumqttd on `addr` and returns once the port accepts
     /// connections. Fails when the port is taken or the broker stops.
-    pub fn start(addr: SocketAddr) -> Result<EmbeddedBroker> {
+    pub fn start(addr: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
         if addr.port() == 0 {
-            bail!("the embedded broker needs a fixed port (agents are configured with it)");
+            return Err(BrokerError::NeedsFixedPort);
         }
         // rumqttd only logs a failed bind: check first, for a clear error
         // (and not to mistake another broker on that port for ours).
-        drop(
-            TcpListener::bind(addr)
-                .with_context(|| format!("the embedded broker cannot listen on {addr}"))?,
-        );
+        drop(TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?);
         let (ended_tx, ended_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("mqtt-broker".into())
@@ -107,22 +140,18 @@ impl EmbeddedBroker {
                 tracing::error!(?result, "The embedded MQTT broker stopped");
                 let _ = ended_tx.send(());
             })
-            .context("cannot start the embedded broker's thread")?;
-        let probe = if addr.ip().is_unspecified() {
-            SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        } else {
-            addr
-        };
+            .map_err(BrokerError::Thread)?;
+        let probe = probe_addr(addr);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if ended_rx.try_recv().is_ok() {
-                bail!("the embedded broker could not listen on {addr} (see the log)");
+                return Err(BrokerError::Stopped { addr });
             }
             if mqtt_handshake(probe).is_ok() {
                 break;
             }
             if Instant::now() >= deadline {
-                bail!("the embedded broker did not accept connections on {addr} in time");
+                return Err(BrokerError::Timeout { addr });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -137,6 +166,21 @@ impl EmbeddedBroker {
     /// The URL clients on this machine use: `mqtt://<addr>`.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
+    }
+
+    /// The URL clients on this machine use for a broker started on `addr`
+    /// (an unspecified address is reached on loopback).
+    pub fn url_of(addr: SocketAddr) -> String {
+        format!("mqtt://{}", probe_addr(addr))
+    }
+}
+
+/// Where a broker listening on `addr` is reached from this machine.
+fn probe_addr(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
     }
 }
 

@@ -1,5 +1,7 @@
-//! Following the fleet over MQTT: the only module that names rumqttc. One
-//! task, started by [`Console::start`], owns the connection: it subscribes to
+//! Following the fleet over MQTT, through `ferry-link` (options and TLS,
+//! the event-loop driver, backoff, PUBACK attribution; the only crate that
+//! depends on rumqttc, whose types it re-exports). One task, started by
+//! [`Console::start`], owns the connection: it subscribes to
 //! `ferry/v1/<fleet>/#`, feeds every message to [`Store::apply`], and
 //! publishes the commands handed to [`Console::publish`].
 //!
@@ -49,16 +51,17 @@
 //! [`PUBLISH_TIMEOUT`]. At most [`MAX_COMMANDS_IN_FLIGHT`] are outstanding;
 //! PUBACKs are matched to commands in the order rumqttc reports
 //! `Outgoing::Publish` (FIFO; a packet id collision parks one publish, and
-//! that case is tracked too). After a lost connection rumqttc's own re-sends
-//! are cleared (as in the agent): every outstanding command fails, and one
-//! path (the caller's retry) covers every case.
+//! that case is tracked too: `ferry_link::Tracker`). After a lost
+//! connection rumqttc's own re-sends are cleared (as in the agent): every
+//! outstanding command fails, and one path (the caller's retry) covers
+//! every case.
 //!
 //! # Never blocking the event loop
 //! The task never awaits rumqttc's request channel (`try_*` only, with
 //! [`REQUEST_CAPACITY`] far above what can be outstanding), and it never
 //! cancels `EventLoop::poll` midway: the poll future owns the event loop and
-//! lives across `select!` rounds (see `drive`). Callers of `publish` wait on
-//! a channel of their own, never on rumqttc's.
+//! lives across `select!` rounds (see `ferry_link::drive`). Callers of
+//! `publish` wait on a channel of their own, never on rumqttc's.
 //!
 //! # Limits
 //! - Incoming packets up to [`MAX_INCOMING_PACKET`]: devices send at most
@@ -71,20 +74,20 @@
 //!   and [`BACKOFF_MAX`], reset after a connection that lasted
 //!   [`STABLE_AFTER`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use ferry_protocol::{
-    BrokerUrl, BrokerUrlError, MAX_MESSAGE_BYTES, SCHEMA_VERSION, Status, TOPIC_ROOT, Topic,
-    fleet_filter, parse_topic,
+use ferry_link::{
+    AsyncClient, Backoff, BrokerUrl, BrokerUrlError, ConnectionError, Event, EventLoop, FileNames,
+    Incoming, MqttOptions, Outgoing, Publish, QoS, Reconnect, Settings, SettingsError,
+    SubscribeReasonCode, TlsError, TlsFiles, Tracker, drive,
 };
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
-    SubscribeReasonCode, TlsConfiguration, Transport,
+use ferry_protocol::{
+    MAX_MESSAGE_BYTES, SCHEMA_VERSION, Status, TOPIC_ROOT, Topic, fleet_filter, parse_topic,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -102,7 +105,7 @@ pub const MAX_INCOMING_PACKET: usize = 1 << 20;
 
 /// Added to [`MAX_MESSAGE_BYTES`] for the outgoing packet limit: fixed
 /// header, packet id and topic.
-pub const PACKET_HEADROOM: usize = 4096;
+pub use ferry_link::PACKET_HEADROOM;
 
 /// Commands waiting for their PUBACK at once.
 pub const MAX_COMMANDS_IN_FLIGHT: usize = 16;
@@ -121,6 +124,14 @@ pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reconnect backoff bounds.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Reconnect delays: doubling from [`BACKOFF_MIN`], capped at
+/// [`BACKOFF_MAX`], with jitter so a console and its fleet do not come back
+/// in lockstep.
+const BACKOFF: Backoff = Backoff {
+    min: BACKOFF_MIN,
+    max: BACKOFF_MAX,
+};
 
 /// A connection that lasted this long resets the backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
@@ -188,6 +199,13 @@ fn parse_url(url: &str) -> Result<BrokerUrl> {
     })
 }
 
+/// How TLS errors name the files (the console takes a CA file only: `--ca`).
+const FILE_NAMES: FileNames = FileNames {
+    ca_file: "the CA file",
+    client_cert: "the client certificate",
+    client_key: "the client key",
+};
+
 /// Checked connection options. `console`: the persistent session with
 /// manual acknowledgements; otherwise a clean, short-lived session.
 fn mqtt_options(o: &IngestOptions, console: bool) -> Result<MqttOptions> {
@@ -196,78 +214,30 @@ fn mqtt_options(o: &IngestOptions, console: bool) -> Result<MqttOptions> {
         bail!("the MQTT client id must be 1 to 128 characters");
     }
     let url = parse_url(&o.broker)?;
-    let mut m = MqttOptions::new(o.client_id.clone(), url.host.clone(), url.port);
-    m.set_clean_session(!console);
-    m.set_manual_acks(console);
-    m.set_keep_alive(KEEP_ALIVE);
-    m.set_max_packet_size(MAX_INCOMING_PACKET, MAX_MESSAGE_BYTES + PACKET_HEADROOM);
-    m.set_inflight(RUMQTTC_INFLIGHT);
-    m.set_request_channel_capacity(REQUEST_CAPACITY);
-    match (&o.username, &o.password) {
-        (Some(user), password) => {
-            m.set_credentials(user.clone(), password.clone().unwrap_or_default());
-        }
-        (None, Some(_)) => bail!("a password is set but no user name"),
-        (None, None) => {}
-    }
-    if url.tls {
-        m.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls_config(o.ca_file.as_deref())?),
-        )));
-    } else if o.ca_file.is_some() {
-        bail!("a CA file is set but the broker URL is plain mqtt://; use mqtts://");
-    }
-    Ok(m)
-}
-
-/// System CA bundles, in the order tried (Debian/Ubuntu/Alpine, then
-/// Fedora/RHEL), after `SSL_CERT_FILE`.
-const SYSTEM_CA_FILES: [&str; 2] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-];
-
-/// rustls on ring (no C build), trusting `ca_file` or the system's roots.
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-
-    let path = match ca_file {
-        Some(p) => p.to_path_buf(),
-        None => std::env::var_os("SSL_CERT_FILE")
-            .map(PathBuf::from)
-            .into_iter()
-            .chain(SYSTEM_CA_FILES.iter().map(PathBuf::from))
-            .find(|p| p.exists())
-            .context("no system CA certificates found for mqtts://: install ca-certificates or pass --ca")?,
+    let tls = TlsFiles {
+        ca_file: o.ca_file.clone(),
+        ..TlsFiles::none(FILE_NAMES)
     };
-    let pem = std::fs::read(&path)
-        .with_context(|| format!("cannot read the CA file {}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: invalid PEM", path.display()))?;
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        bail!("{} holds no usable CA certificate", path.display());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("rustls refused its default protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-/// Reconnect delay for attempt `attempt` (0 first): doubling from the
-/// minimum, capped, uniform in the upper half of the ceiling so a console
-/// and its fleet do not come back in lockstep.
-fn backoff(attempt: u32, unit: f64) -> Duration {
-    ferry_protocol::Backoff {
-        min: BACKOFF_MIN,
-        max: BACKOFF_MAX,
-    }
-    .delay(attempt, unit)
+    let mut s = Settings::new(url, o.client_id.clone(), tls);
+    s.clean_session = !console;
+    s.manual_acks = console;
+    s.keep_alive = KEEP_ALIVE;
+    s.max_incoming_packet = MAX_INCOMING_PACKET;
+    s.max_outgoing_packet = MAX_MESSAGE_BYTES + PACKET_HEADROOM;
+    s.inflight = RUMQTTC_INFLIGHT;
+    s.request_capacity = if console { REQUEST_CAPACITY } else { 16 };
+    s.username = o.username.clone();
+    s.password = o.password.clone();
+    s.options().map_err(|e| match e {
+        SettingsError::TlsFilesWithoutTls => {
+            anyhow!("a CA file is set but the broker URL is plain mqtt://; use mqtts://")
+        }
+        SettingsError::Tls(TlsError::NoSystemRoots { detail, .. }) => anyhow!(
+            "no system CA certificates found for mqtts://: install ca-certificates or pass --ca{}",
+            detail.map(|d| format!(" ({d})")).unwrap_or_default()
+        ),
+        e => anyhow::Error::new(e),
+    })
 }
 
 /// Counters of the ingest; they only grow.
@@ -346,7 +316,7 @@ impl Console {
     pub fn start(options: &IngestOptions, store: Arc<Store>) -> Result<Console> {
         let m = mqtt_options(options, true)
             .with_context(|| format!("invalid MQTT settings for {}", options.broker))?;
-        let (client, eventloop) = AsyncClient::new(m, REQUEST_CAPACITY);
+        let (client, eventloop) = ferry_link::client(m);
         let (requests_tx, requests) = mpsc::channel(MAX_COMMANDS_IN_FLIGHT * 4);
         let (following_tx, following) = watch::channel(false);
         let stats = Arc::new(IngestStats::default());
@@ -358,14 +328,13 @@ impl Console {
             stats: stats.clone(),
             following: following_tx,
             connected: false,
-            connected_at: None,
-            attempt: 0,
+            retry: Reconnect::new(BACKOFF, STABLE_AFTER),
             generation: 0,
             applied: Vec::new(),
             ready: VecDeque::new(),
             halted: false,
             reconnect: false,
-            outbox: Outbox::default(),
+            outbox: Tracker::default(),
         };
         info!(broker = %options.broker, fleet = %options.fleet, client_id = %options.client_id, "Following the fleet");
         let task = tokio::spawn(run(session, eventloop, requests, shutdown.clone()));
@@ -491,71 +460,17 @@ struct Flush {
     generation: u64,
 }
 
-/// Commands between `try_publish` and their PUBACK.
-#[derive(Default)]
-struct Outbox {
-    /// Handed to rumqttc, packet id not yet known (FIFO).
-    handed: VecDeque<oneshot::Sender<Result<(), String>>>,
-    /// Parked by rumqttc on a packet id collision.
-    parked: Option<(u16, oneshot::Sender<Result<(), String>>)>,
-    in_flight: HashMap<u16, oneshot::Sender<Result<(), String>>>,
-}
+/// Where a command's outcome goes.
+type Reply = oneshot::Sender<Result<(), String>>;
 
-impl Outbox {
-    fn outstanding(&self) -> usize {
-        self.handed.len() + usize::from(self.parked.is_some()) + self.in_flight.len()
+/// Fails every command not acknowledged yet; returns how many.
+fn fail_all(outbox: &mut Tracker<Reply>, why: &str) -> u64 {
+    let mut n = 0;
+    for reply in outbox.drain() {
+        n += 1;
+        let _ = reply.send(Err(why.to_string()));
     }
-
-    fn on_publish(&mut self, pkid: u16) {
-        if pkid == 0 {
-            return;
-        }
-        let reply = match self.parked.take() {
-            Some((parked, reply)) if parked == pkid => Some(reply),
-            other => {
-                self.parked = other;
-                self.handed.pop_front()
-            }
-        };
-        match reply {
-            Some(reply) => {
-                self.in_flight.insert(pkid, reply);
-            }
-            None => warn!(pkid, "A publish nobody waits for (bookkeeping out of step)"),
-        }
-    }
-
-    fn on_await_ack(&mut self, pkid: u16) {
-        if let Some(reply) = self.handed.pop_front() {
-            self.parked = Some((pkid, reply));
-        }
-    }
-
-    /// True when the PUBACK was for a command.
-    fn on_puback(&mut self, pkid: u16) -> bool {
-        match self.in_flight.remove(&pkid) {
-            Some(reply) => {
-                let _ = reply.send(Ok(()));
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn fail_all(&mut self, why: &str) -> u64 {
-        let mut n = 0;
-        let parked = self.parked.take().map(|(_, r)| r);
-        for reply in self
-            .handed
-            .drain(..)
-            .chain(parked)
-            .chain(self.in_flight.drain().map(|(_, r)| r))
-        {
-            n += 1;
-            let _ = reply.send(Err(why.to_string()));
-        }
-        n
-    }
+    n
 }
 
 /// The task's state.
@@ -566,9 +481,8 @@ struct Session {
     stats: Arc<IngestStats>,
     following: watch::Sender<bool>,
     connected: bool,
-    connected_at: Option<Instant>,
-    /// Consecutive failed attempts, for the backoff.
-    attempt: u32,
+    /// The reconnect backoff's attempts; reset by a stable connection.
+    retry: Reconnect,
     /// Bumped when a connection ends: acknowledgements of an older one are dropped.
     generation: u64,
     /// Applied since the last flush started.
@@ -579,21 +493,8 @@ struct Session {
     halted: bool,
     /// Drop the connection at the next poll result (store failure).
     reconnect: bool,
-    outbox: Outbox,
-}
-
-/// Polls the event loop once, after an optional delay. The future owns
-/// the event loop so that it lives across `select!` rounds and is never
-/// dropped midway (rumqttc's poll is not cancel-safe while it writes).
-async fn drive(
-    mut el: EventLoop,
-    delay: Option<Duration>,
-) -> (EventLoop, Result<Event, ConnectionError>) {
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
-    let result = el.poll().await;
-    (el, result)
+    /// Commands between `try_publish` and their PUBACK.
+    outbox: Tracker<Reply>,
 }
 
 async fn join_flush(
@@ -625,7 +526,7 @@ async fn run(
                 let f = flush.take().expect("a flush was running");
                 s.on_flushed(f.acks, f.generation, joined);
             }
-            Some(request) = requests.recv(), if s.connected && s.outbox.outstanding() < MAX_COMMANDS_IN_FLIGHT => {
+            Some(request) = requests.recv(), if s.connected && s.outbox.len() < MAX_COMMANDS_IN_FLIGHT => {
                 s.publish(request);
             }
         }
@@ -647,7 +548,7 @@ async fn run(
         s.on_flushed(f.acks, f.generation, joined);
     }
     s.send_acks();
-    s.outbox.fail_all("the console is stopping");
+    fail_all(&mut s.outbox, "the console is stopping");
     // Messages still arriving are left to the broker for the next start.
     s.halted = true;
     if s.connected && s.client.try_disconnect().is_ok() {
@@ -685,7 +586,7 @@ impl Session {
                 self.on_event(event);
                 if self.reconnect {
                     // Drop the connection without acknowledging anything.
-                    el.clean();
+                    ferry_link::drop_connection(el);
                     return Some(self.connection_lost(el, "the store cannot write".into()));
                 }
                 None
@@ -699,7 +600,7 @@ impl Session {
             Event::Incoming(Incoming::ConnAck(ack)) => {
                 info!(session_present = ack.session_present, "MQTT connected");
                 self.connected = true;
-                self.connected_at = Some(Instant::now());
+                self.retry.connected(Instant::now());
                 IngestStats::add(&self.stats.connects, 1);
                 if let Err(error) = self
                     .client
@@ -726,18 +627,26 @@ impl Session {
                 }
             }
             Event::Incoming(Incoming::Publish(p)) => self.on_message(p),
-            Event::Outgoing(Outgoing::Publish(pkid)) => self.outbox.on_publish(pkid),
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Err(anomaly) = self.outbox.on_publish(pkid) {
+                    warn!(%anomaly, code = anomaly.code(), "A publish nobody waits for (bookkeeping out of step)");
+                }
+            }
             Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
                 debug!(
                     pkid,
                     "A command waits for a packet id (broker acks out of order)"
                 );
-                self.outbox.on_await_ack(pkid);
+                if let Err(anomaly) = self.outbox.on_await_ack(pkid) {
+                    debug!(%anomaly, "A parked publish nobody waits for");
+                }
             }
             Event::Incoming(Incoming::PubAck(ack)) => {
                 // `Console::publish` counts the command when its caller
                 // learns of the PUBACK (counting here would race the caller).
-                let _was_command = self.outbox.on_puback(ack.pkid);
+                if let Some(reply) = self.outbox.on_puback(ack.pkid) {
+                    let _ = reply.send(Ok(()));
+                }
             }
             Event::Outgoing(Outgoing::Disconnect) => {
                 self.connected = false;
@@ -753,7 +662,7 @@ impl Session {
             return;
         }
         IngestStats::add(&self.stats.messages, 1);
-        match self.store.apply(&p.topic, &p.payload, crate::now_ms()) {
+        match self.store.apply(&p.topic, &p.payload, ferry_host::now_ms()) {
             Ok(_) => self.applied.push(Ack {
                 pkid: p.pkid,
                 qos: p.qos,
@@ -827,7 +736,7 @@ impl Session {
             .client
             .try_publish(r.topic.clone(), QoS::AtLeastOnce, false, r.payload)
         {
-            Ok(()) => self.outbox.handed.push_back(r.reply),
+            Ok(()) => self.outbox.handed_over(r.reply),
             Err(e) => {
                 IngestStats::add(&self.stats.commands_failed, 1);
                 let _ = r
@@ -846,30 +755,21 @@ impl Session {
         self.stats.set_last_error(error);
         IngestStats::add(&self.stats.disconnects, 1);
         self.following.send_replace(false);
-        if self
-            .connected_at
-            .take()
-            .is_some_and(|at| at.elapsed() >= STABLE_AFTER)
-        {
-            self.attempt = 0;
-        }
         self.connected = false;
         self.generation += 1;
         self.applied.clear();
         self.ready.clear();
         self.halted = false;
         self.reconnect = false;
-        let failed = self.outbox.fail_all(
+        let failed = fail_all(
+            &mut self.outbox,
             "the connection to the broker was lost before it acknowledged the command; it may or may not have been delivered",
         );
         IngestStats::add(&self.stats.commands_failed, failed);
         // Commands are re-sent by their callers, not by rumqttc (see the
         // module header); a parked publish would block the next connection.
-        el.pending.clear();
-        el.state.collision = None;
-        let delay = backoff(self.attempt, fastrand::f64());
-        self.attempt = self.attempt.saturating_add(1);
-        delay
+        ferry_link::forget_resends(el);
+        self.retry.failed(Instant::now(), fastrand::f64())
     }
 }
 
@@ -880,7 +780,7 @@ impl Session {
 pub async fn read_statuses(options: &IngestOptions, wait: Duration) -> Result<Vec<Status>> {
     let m = mqtt_options(options, false)
         .with_context(|| format!("invalid MQTT settings for {}", options.broker))?;
-    let (client, mut el) = AsyncClient::new(m, 16);
+    let (client, mut el) = ferry_link::client(m);
     let filter = format!("{TOPIC_ROOT}/{}/+/status", options.fleet);
     let mut statuses = BTreeMap::new();
     let connect_deadline = Instant::now() + CONNECT_TIMEOUT;
@@ -949,26 +849,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls() {
-        let u = parse_url("mqtt://broker.local").unwrap();
-        assert_eq!(
-            (u.tls, u.host.as_str(), u.port),
-            (false, "broker.local", 1883)
-        );
+    fn url_errors_name_the_setting() {
+        // The parser's cases are tested in ferry-link; here: the wording.
         let u = parse_url("mqtts://10.0.0.1:8884/").unwrap();
         assert_eq!((u.tls, u.host.as_str(), u.port), (true, "10.0.0.1", 8884));
-        assert_eq!(parse_url("mqtts://h").unwrap().port, 8883);
-        for (bad, says) in [
-            ("tcp://x", "mqtt://"),
-            ("mqtt://u:p@x", "credentials"),
-            ("mqtt://x:0", "port"),
-            ("mqtt://x/path", "host name"),
-            ("mqtt://:1883", "no host"),
-            ("mqtt://[::1]:1883", "host name"),
-        ] {
-            let e = parse_url(bad).unwrap_err().to_string();
-            assert!(e.contains(says), "{bad}: {e}");
-        }
+        let e = parse_url("tcp://x").unwrap_err().to_string();
+        assert!(
+            e.starts_with("the broker URL must start with mqtt://"),
+            "{e}"
+        );
+        let e = parse_url("mqtt://u:p@x").unwrap_err().to_string();
+        assert!(
+            e.contains("credentials") && e.contains("--username and --password-env"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1003,41 +897,56 @@ mod tests {
     }
 
     #[test]
-    fn backoff_stays_within_bounds() {
-        for attempt in 0..64 {
-            for unit in [0.0, 0.5, 1.0, -3.0, 9.0] {
-                let d = backoff(attempt, unit);
-                assert!(
-                    (BACKOFF_MIN..=BACKOFF_MAX).contains(&d),
-                    "{attempt} {unit}: {d:?}"
-                );
-            }
-        }
-        assert_eq!(backoff(0, 0.0), BACKOFF_MIN);
-        assert_eq!(backoff(40, 1.0), BACKOFF_MAX);
+    fn options_keep_the_console_limits() {
+        let o = IngestOptions::new("mqtt://127.0.0.1:1999", "plant-7");
+        let m = mqtt_options(&o, true).unwrap();
+        assert_eq!(m.keep_alive(), KEEP_ALIVE);
+        assert_eq!(m.max_packet_size(), MAX_INCOMING_PACKET);
+        assert_eq!(m.inflight(), RUMQTTC_INFLIGHT);
+        assert_eq!(m.request_channel_capacity(), REQUEST_CAPACITY);
+        assert!(m.credentials().is_none());
+        assert!(m.last_will().is_none());
+        let mut long = o.clone();
+        long.client_id = "x".repeat(129);
+        assert!(
+            mqtt_options(&long, true)
+                .unwrap_err()
+                .to_string()
+                .contains("client id")
+        );
     }
 
     #[test]
     fn commands_are_matched_to_their_pubacks() {
-        let mut o = Outbox::default();
+        // The packet-id cases are ferry-link's (`Tracker`); here: every
+        // command's caller learns its outcome.
+        let mut o = Tracker::default();
         let mut answers = Vec::new();
         for _ in 0..3 {
             let (tx, rx) = oneshot::channel();
-            o.handed.push_back(tx);
+            o.handed_over(tx);
             answers.push(rx);
         }
-        o.on_publish(1);
+        o.on_publish(1).unwrap();
         // The second collides on packet id 3 and is parked.
-        o.on_await_ack(3);
-        o.on_publish(2);
-        assert_eq!(o.outstanding(), 3);
-        assert!(o.on_puback(2));
-        assert!(!o.on_puback(9));
+        o.on_await_ack(3).unwrap();
+        o.on_publish(2).unwrap();
+        assert_eq!(o.len(), 3);
+        let ack = |o: &mut Tracker<Reply>, pkid| match o.on_puback(pkid) {
+            Some(reply) => {
+                reply.send(Ok(())).unwrap();
+                true
+            }
+            None => false,
+        };
+        assert!(ack(&mut o, 2));
+        assert!(!ack(&mut o, 9));
         // The parked one goes out when its id is free.
-        o.on_publish(3);
-        assert!(o.on_puback(3));
-        assert_eq!(o.outstanding(), 1);
-        assert_eq!(o.fail_all("lost"), 1);
+        o.on_publish(3).unwrap();
+        assert!(ack(&mut o, 3));
+        assert_eq!(o.len(), 1);
+        assert_eq!(fail_all(&mut o, "lost"), 1);
+        assert!(o.is_empty());
         let got: Vec<_> = answers.iter_mut().map(|a| a.try_recv().unwrap()).collect();
         assert_eq!(got, [Err("lost".into()), Ok(()), Ok(())]);
     }

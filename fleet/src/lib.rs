@@ -3,53 +3,56 @@
 //! restarts, serves a live dashboard, runs canary rollouts and fires
 //! retraining triggers.
 //!
+//! The console is a library: [`run`] takes a [`ServeConfig`] and a shutdown
+//! future and does everything `ferry-fleet serve` does; the binary only
+//! parses arguments and calls it, and the tests call the same function
+//! (the shape of tokio-rs/mini-redis).
+//!
 //! # Layout
+//! - `serve`: [`run`], [`ServeConfig`], [`ServeError`]: the console
+//!   assembled once (store, MQTT, embedded broker, rollouts, retraining,
+//!   HTTP), and its orderly stop.
+//! - `store`: the one owner of the sled database: devices, drift history,
+//!   events, samples, de-duplication, change notifications, retraining
+//!   episodes, and the key layout version it refuses when unknown.
+//! - `model`: the per-device state and the other values the API shows.
+//! - `ingest`: the MQTT subscription that feeds the store, and `publish`
+//!   for commands.
 //! - `broker`: the embedded MQTT broker (rumqttd) of `serve
 //!   --embedded-broker`, for demos: no authentication.
-//! - `model`: the per-device state and the other values the API shows.
-//! - `store`: the sled store: devices, drift history, events, samples,
-//!   de-duplication, change notifications.
-//! - `ingest`: the MQTT subscription that feeds the store.
-//! - `server`: the dashboard and its JSON API (axum, SSE).
 //! - `rollout`: canary rollouts as a state machine without I/O.
+//! - `rollouts`: running rollouts: persistence, the audit log, signed
+//!   commands, the bundles devices download ([`RolloutError`]).
 //! - `retrain`: the retraining loop: fleet-wide drift shares, the rule,
-//!   episodes (fire once), data sets, requests and hooks, and its routes.
+//!   episodes (fire once), data sets, requests and hooks
+//!   ([`RetrainError`]).
+//! - `http`: the only module naming axum: one error type mapped to status
+//!   codes (`ApiError`), the routes per area (`dashboard`, `rollouts`,
+//!   `retrain`), bundle downloads streamed from disk.
+//! - `client`: the typed client of the HTTP API ([`Client`]), used by the
+//!   CLI and the tests.
+//! - `text`: the CLI's human-readable tables (`status`).
+//!
+//! # Invariants
+//! - Only `store` names sled, only `http` names axum, only `ingest` and
+//!   `broker` name the MQTT crates.
+//! - `rollouts` and `retrain` return typed errors with a stable `code()`;
+//!   their HTTP status is decided in `http` alone.
 
 pub mod broker;
+pub mod client;
+pub mod http;
 pub mod ingest;
 pub mod model;
 pub mod retrain;
 pub mod rollout;
 pub mod rollouts;
-pub mod server;
+mod serve;
 pub mod store;
+pub mod text;
 
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Writes a file so that a crash leaves the old or the new content, never a
-/// torn one: a temporary file, fsync, rename over the target, fsync of the
-/// directory.
-pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
+pub use client::{Client, ClientError};
+pub use retrain::RetrainError;
+pub use rollouts::RolloutError;
+pub use serve::{HTTP_GRACE, RolloutsConfig, ServeConfig, ServeError, TICK, run};
+pub use store::{Store, StoreError};

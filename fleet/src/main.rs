@@ -1,6 +1,7 @@
 //! `ferry-fleet`: the operator's console for a fleet of `ferry-agent`s.
 //! Thin: parses the command line, sets up logging, and runs one
-//! subcommand; the work is in the library (`store`, `ingest`, `server`).
+//! subcommand; the work is in the library (`ferry_fleet::run` for `serve`,
+//! `ferry_fleet::Client` for the commands that talk to a console).
 //!
 //! - `serve`: follows the fleet (MQTT, persistent session), keeps its state
 //!   in a directory, serves the dashboard; stops cleanly on SIGTERM/Ctrl-C.
@@ -17,18 +18,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_fleet::ingest::{self, Console, IngestOptions};
-use ferry_fleet::store::Store;
-use ferry_protocol::{Status, UpdateState};
-
-/// How long a stopping `serve` waits for open HTTP responses (dashboards
-/// hold an event stream open forever) before it closes them.
-const HTTP_GRACE: Duration = Duration::from_secs(3);
+use ferry_fleet::ingest::{self, IngestOptions};
+use ferry_fleet::rollout::{Phase, Target};
+use ferry_fleet::{Client, ClientError, HTTP_GRACE};
 
 #[derive(Parser)]
 #[command(
@@ -235,144 +231,48 @@ impl RetrainArgs {
 }
 
 impl Serve {
+    /// Parses and checks everything, binds the listener, then runs the
+    /// console (`ferry_fleet::run`) until SIGTERM or Ctrl-C.
     fn run(self) -> Result<()> {
-        // Parse and validate before anything starts.
         let retrain = self.retrain.options()?;
-        // The embedded broker accepts connections before the console
-        // connects to it.
-        let embedded = self
+        let rollouts = self.rollouts()?;
+        let default_broker = self
             .embedded_broker
-            .map(ferry_fleet::broker::EmbeddedBroker::start)
-            .transpose()?;
-        let options = self
+            .map(ferry_fleet::broker::EmbeddedBroker::url_of);
+        let mqtt = self
             .broker
-            .options(self.client_id.clone(), embedded.as_ref().map(|b| b.url()))?;
+            .options(self.client_id.clone(), default_broker)?;
+        let listener = std::net::TcpListener::bind(self.listen)
+            .with_context(|| format!("cannot listen on {}", self.listen))?;
+        let addr = listener.local_addr()?;
+        let config = ferry_fleet::ServeConfig {
+            state: self.state,
+            listener,
+            mqtt,
+            embedded_broker: self.embedded_broker,
+            rollouts,
+            retrain,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        let result = runtime.block_on(self.serve(options, retrain));
+        println!("Dashboard: http://{addr}/");
+        let result = runtime.block_on(ferry_fleet::run(config, async {
+            let signal = shutdown_signal().await;
+            tracing::info!(signal, "Stopping");
+        }));
         // A retraining hook still running (up to its timeout) must not hold
         // the exit: its episode is marked interrupted at the next start.
         runtime.shutdown_timeout(HTTP_GRACE);
-        result
+        Ok(result?)
     }
 
-    async fn serve(
-        self,
-        options: IngestOptions,
-        retrain: ferry_fleet::retrain::Options,
-    ) -> Result<()> {
-        let path = self.state.join(ferry_fleet::store::DIR);
-        let store = tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || Store::open(&path)
-        })
-        .await
-        .context("opening the state panicked")?
-        .with_context(|| format!("cannot open the state in {}", path.display()))?;
-        let store = Arc::new(store);
-        tracing::info!(state = %self.state.display(), devices = store.devices().len(), "State opened");
-        let console = Arc::new(Console::start(&options, store.clone())?);
-
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", self.listen))?;
-        let addr = listener.local_addr()?;
-        let mut router = ferry_fleet::server::router(store.clone());
-        let mut ticker = None;
-        if !self.trust.is_empty() {
-            let public_url = self
-                .public_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{addr}"));
-            let rollouts = Arc::new(self.rollouts(store.clone(), console.clone(), &public_url)?);
-            router = router.merge(ferry_fleet::rollouts::routes(rollouts.clone()));
-            // Rollouts advance once a second.
-            ticker = Some(tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    every.tick().await;
-                    if let Err(e) = rollouts.tick(ferry_fleet::now_ms()).await {
-                        tracing::error!(error = %format!("{e:#}"), "Rollout step failed");
-                    }
-                }
-            }));
-            tracing::info!(%public_url, "Rollouts enabled");
-        } else {
-            tracing::warn!("No --trust keys: rollouts are off");
+    /// The rollouts' settings: none without `--trust`.
+    fn rollouts(&self) -> Result<Option<ferry_fleet::RolloutsConfig>> {
+        if self.trust.is_empty() {
+            return Ok(None);
         }
-        let retrainer = Arc::new(
-            ferry_fleet::retrain::Retrainer::open(&self.state, store.clone(), retrain)
-                .context("cannot open the retraining state")?,
-        );
-        router = router.merge(ferry_fleet::retrain::routes(retrainer.clone()));
-        // The retraining rule is evaluated once a second, off the async
-        // threads (a hook blocks its tick up to its timeout).
-        let retrain_ticker = tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let r = retrainer.clone();
-                match tokio::task::spawn_blocking(move || r.tick(ferry_fleet::now_ms())).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %format!("{e:#}"), "Retraining step failed")
-                    }
-                    Err(e) => tracing::error!(error = %e, "Retraining step panicked"),
-                }
-            }
-        });
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut http = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.await;
-                })
-                .await
-        });
-        println!("Dashboard: http://{addr}/");
-        tracing::info!(%addr, broker = %options.broker, fleet = %options.fleet, "Serving the dashboard");
-
-        tokio::select! {
-            signal = shutdown_signal() => {
-                tracing::info!(signal, "Stopping");
-            }
-            ended = &mut http => {
-                console.stop().await.ok();
-                return match ended {
-                    Ok(Ok(())) => bail!("the HTTP server stopped unexpectedly"),
-                    Ok(Err(e)) => Err(e).context("the HTTP server failed"),
-                    Err(e) => Err(e).context("the HTTP server panicked"),
-                };
-            }
-        }
-        if let Some(t) = ticker {
-            t.abort();
-        }
-        retrain_ticker.abort();
-        let _ = stop_tx.send(());
-        if tokio::time::timeout(HTTP_GRACE, &mut http).await.is_err() {
-            tracing::info!("Closing the dashboards still open");
-            http.abort();
-        }
-        console
-            .stop()
-            .await
-            .context("cannot flush the state at shutdown")?;
-        tracing::info!("Stopped");
-        Ok(())
-    }
-}
-
-impl Serve {
-    fn rollouts(
-        &self,
-        store: Arc<Store>,
-        console: Arc<Console>,
-        public_url: &str,
-    ) -> Result<ferry_fleet::rollouts::Rollouts> {
         let mut keys = Vec::new();
         for path in &self.trust {
             let text = std::fs::read_to_string(path)
@@ -391,21 +291,13 @@ impl Serve {
                 )
                 .with_context(|| format!("{} is not a signing key", path.display()))?,
             ),
-            None => {
-                tracing::warn!("No --key: rollouts cannot sign rollbacks and will refuse to start");
-                None
-            }
+            None => None,
         };
-        let sink: Arc<dyn ferry_fleet::rollouts::CommandSink> = console;
-        ferry_fleet::rollouts::Rollouts::open(
-            &self.state,
-            &self.broker.fleet,
-            public_url,
+        Ok(Some(ferry_fleet::RolloutsConfig {
             trust,
             key,
-            store,
-            sink,
-        )
+            public_url: self.public_url.clone(),
+        }))
     }
 }
 
@@ -422,33 +314,17 @@ struct ConsoleArgs {
 }
 
 impl ConsoleArgs {
-    fn agent(&self) -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.console.trim_end_matches('/'))
+    fn client(&self) -> Client {
+        Client::new(&self.console)
     }
 }
 
-/// The JSON body of an answer, or its error message as an error.
-fn answer(mut r: ureq::http::Response<ureq::Body>, what: &str) -> Result<serde_json::Value> {
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap_or_default();
-    let value: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-    if status >= 400 {
-        let message = value["error"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or(value.to_string());
-        bail!("{what}: {status} {message}");
+/// A client error as the CLI says it: a refusal prefixed with `what`.
+fn refused(what: &str) -> impl FnOnce(ClientError) -> anyhow::Error + '_ {
+    move |e| match e {
+        ClientError::Refused { .. } => anyhow::anyhow!("{what}: {e}"),
+        e => e.into(),
     }
-    Ok(value)
 }
 
 #[derive(Args)]
@@ -500,41 +376,35 @@ impl RolloutCmd {
             .clone()
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "operator".into());
-        let mut req = self
+        let params = ferry_fleet::rollouts::NewRollout {
+            canary: self.canary.clone(),
+            bake: self.bake.clone(),
+            abort_if: self.abort_if.join(";"),
+            waves: self.waves.clone(),
+            shadow: self.shadow,
+            install_timeout: Some(self.install_timeout.clone()),
+            operator: Some(operator),
+        };
+        let rollout = self
             .console
-            .agent()
-            .post(self.console.url("/api/rollouts"))
-            .query("canary", &self.canary)
-            .query("bake", &self.bake)
-            .query("abort_if", self.abort_if.join(";"))
-            .query("shadow", self.shadow.to_string())
-            .query("install_timeout", &self.install_timeout)
-            .query("operator", &operator)
-            .header("Content-Type", "application/octet-stream");
-        if let Some(w) = &self.waves {
-            req = req.query("waves", w);
-        }
-        let r = req
-            .send(&bytes[..])
-            .with_context(|| format!("cannot reach the console at {}", self.console.console))?;
-        let rollout = answer(r, "the console refused the rollout")?;
+            .client()
+            .create_rollout(&bytes, &params)
+            .map_err(refused("the console refused the rollout"))?;
         if self.json {
-            println!("{rollout}");
+            println!("{}", serde_json::to_string(&rollout)?);
         } else {
-            let order = rollout["order"].as_array().cloned().unwrap_or_default();
-            let canaries = rollout["canaries"].as_u64().unwrap_or(0) as usize;
+            let bundle = &rollout.spec.bundle;
             println!(
                 "rollout {} started: {} {} (sequence {}) to {} devices",
-                rollout["id"].as_str().unwrap_or("?"),
-                rollout["spec"]["bundle"]["name"].as_str().unwrap_or("?"),
-                rollout["spec"]["bundle"]["version"].as_str().unwrap_or("?"),
-                rollout["spec"]["bundle"]["sequence"],
-                order.len()
+                rollout.id,
+                bundle.name,
+                bundle.version,
+                bundle.sequence,
+                rollout.order.len()
             );
-            let names: Vec<&str> = order.iter().filter_map(|d| d.as_str()).collect();
             println!(
                 "canaries: {}",
-                names[..canaries.min(names.len())].join(", ")
+                rollout.order[..rollout.canaries.min(rollout.order.len())].join(", ")
             );
             println!("follow it with `ferry-fleet rollouts` or on the dashboard");
         }
@@ -553,16 +423,9 @@ struct RolloutsCmd {
 
 impl RolloutsCmd {
     fn run(self) -> Result<()> {
-        let agent = self.console.agent();
-        let get = |path: &str| -> Result<serde_json::Value> {
-            let r = agent
-                .get(self.console.url(path))
-                .call()
-                .with_context(|| format!("cannot reach the console at {}", self.console.console))?;
-            answer(r, path)
-        };
-        let rollouts = get("/api/rollouts")?;
-        let audit = get("/api/audit")?;
+        let client = self.console.client();
+        let rollouts = client.rollouts().map_err(refused("/api/rollouts"))?;
+        let audit = client.audit().map_err(refused("/api/audit"))?;
         if self.json {
             println!(
                 "{}",
@@ -570,8 +433,7 @@ impl RolloutsCmd {
             );
             return Ok(());
         }
-        let list = rollouts.as_array().cloned().unwrap_or_default();
-        if list.is_empty() {
+        if rollouts.is_empty() {
             println!("no rollouts");
             return Ok(());
         }
@@ -579,33 +441,28 @@ impl RolloutsCmd {
             "{:<28} {:<10} {:<18} {:>8}  DETAIL",
             "ROLLOUT", "PHASE", "BUNDLE", "RUNNING"
         );
-        for r in &list {
-            let targets = r["targets"].as_object().cloned().unwrap_or_default();
-            let running = targets.values().filter(|t| t["state"] == "running").count();
-            let phase = r["phase"]["phase"].as_str().unwrap_or("?");
-            let detail = r["phase"]["reason"].as_str().unwrap_or("");
+        for r in &rollouts {
+            let running = r
+                .targets
+                .values()
+                .filter(|t| matches!(t, Target::Running { .. }))
+                .count();
+            let detail = match &r.phase {
+                Phase::Aborting { reason, .. } | Phase::Aborted { reason } => reason.as_str(),
+                _ => "",
+            };
             println!(
                 "{:<28} {:<10} {:<18} {:>8}  {}",
-                r["id"].as_str().unwrap_or("?"),
-                phase,
-                format!(
-                    "{} {}",
-                    r["spec"]["bundle"]["name"].as_str().unwrap_or("?"),
-                    r["spec"]["bundle"]["version"].as_str().unwrap_or("?")
-                ),
-                format!("{running}/{}", targets.len()),
+                r.id,
+                ferry_fleet::rollouts::phase_name(&r.phase),
+                format!("{} {}", r.spec.bundle.name, r.spec.bundle.version),
+                format!("{running}/{}", r.targets.len()),
                 detail
             );
         }
         println!("\naudit trail:");
-        for e in audit.as_array().cloned().unwrap_or_default() {
-            println!(
-                "  {} {} {} {}",
-                e["ts_ms"],
-                e["rollout"].as_str().unwrap_or("?"),
-                e["operator"].as_str().unwrap_or("?"),
-                e["what"].as_str().unwrap_or("?")
-            );
+        for e in &audit {
+            println!("  {} {} {} {}", e.ts_ms, e.rollout, e.operator, e.what);
         }
         Ok(())
     }
@@ -630,130 +487,75 @@ struct RetrainCmd {
 
 impl RetrainCmd {
     fn run(self) -> Result<()> {
-        let agent = self.console.agent();
-        let reach = || format!("cannot reach the console at {}", self.console.console);
-        match &self.export {
-            Some(dir) => self.export(&agent, dir, &reach),
-            None => {
-                let get = |path: &str| -> Result<serde_json::Value> {
-                    let r = agent
-                        .get(self.console.url(path))
-                        .call()
-                        .with_context(reach)?;
-                    answer(r, path)
-                };
-                let drift = get("/api/fleet-drift")?;
-                let retrain = get("/api/retrain")?;
-                if self.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"fleet_drift": drift, "retrain": retrain})
-                    );
-                    return Ok(());
-                }
-                println!(
-                    "rule: {} (at least {} device(s)); {} device(s) with recent drift windows",
-                    retrain["rule"].as_str().unwrap_or("?"),
-                    retrain["min_devices"],
-                    drift["devices"]
-                );
-                for f in drift["features"].as_array().into_iter().flatten() {
-                    let devices: Vec<&str> = f["devices"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|d| d.as_str())
-                        .collect();
-                    println!(
-                        "  {:<24} {:>5.1}%  {}",
-                        f["name"].as_str().unwrap_or("?"),
-                        f["share"].as_f64().unwrap_or(0.0) * 100.0,
-                        devices.join(", ")
-                    );
-                }
-                let episodes = retrain["episodes"].as_array().cloned().unwrap_or_default();
-                if episodes.is_empty() {
-                    println!("no retraining episodes");
-                }
-                for e in &episodes {
-                    let features: Vec<&str> = e["features"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|f| f["name"].as_str())
-                        .collect();
-                    println!(
-                        "{} {} hook {} rows {} features {}",
-                        e["id"].as_str().unwrap_or("?"),
-                        if e["ended_ms"].is_null() {
-                            "open "
-                        } else {
-                            "ended"
-                        },
-                        e["hook"]["state"].as_str().unwrap_or("?"),
-                        e["rows"],
-                        features.join(", ")
-                    );
-                }
-                Ok(())
-            }
+        let client = self.console.client();
+        if let Some(dir) = &self.export {
+            return self.export(&client, dir);
         }
+        let drift = client.fleet_drift().map_err(refused("/api/fleet-drift"))?;
+        let retrain = client.retrain().map_err(refused("/api/retrain"))?;
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({"fleet_drift": drift, "retrain": retrain})
+            );
+            return Ok(());
+        }
+        println!(
+            "rule: {} (at least {} device(s)); {} device(s) with recent drift windows",
+            retrain.rule, retrain.min_devices, drift.drift.devices
+        );
+        for f in &drift.drift.features {
+            println!(
+                "  {:<24} {:>5.1}%  {}",
+                f.name,
+                f.share * 100.0,
+                f.devices.join(", ")
+            );
+        }
+        if retrain.episodes.is_empty() {
+            println!("no retraining episodes");
+        }
+        for e in &retrain.episodes {
+            let features: Vec<&str> = e.features.iter().map(|f| f.name.as_str()).collect();
+            let hook = serde_json::to_value(&e.hook)?;
+            println!(
+                "{} {} hook {} rows {} features {}",
+                e.id,
+                if e.ended_ms.is_none() {
+                    "open "
+                } else {
+                    "ended"
+                },
+                hook["state"].as_str().unwrap_or("?"),
+                e.rows,
+                features.join(", ")
+            );
+        }
+        Ok(())
     }
 
-    fn export(
-        &self,
-        agent: &ureq::Agent,
-        dir: &std::path::Path,
-        reach: &dyn Fn() -> String,
-    ) -> Result<()> {
-        let mut req = agent.get(self.console.url("/api/retrain/request"));
-        if let Some(d) = &self.devices {
-            req = req.query("devices", d);
-        }
-        let mut request = answer(
-            req.call().with_context(reach)?,
-            "the console refused the export",
-        )?;
+    fn export(&self, client: &Client, dir: &std::path::Path) -> Result<()> {
+        let refusal = "the console refused the export";
+        let mut request = client
+            .retrain_request(self.devices.as_deref())
+            .map_err(refused(refusal))?;
         // The CSV of exactly the devices the request names.
-        let devices: Vec<String> = request["devices"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|d| d["device"].as_str().map(str::to_string))
-            .collect();
-        let mut r = agent
-            .get(self.console.url("/api/retrain/export"))
-            .query("devices", devices.join(","))
-            .call()
-            .with_context(reach)?;
-        if r.status().as_u16() >= 400 {
-            answer(r, "the console refused the export")?;
-            unreachable!("an error status is an error");
-        }
-        let rows: u64 = r
-            .headers()
-            .get(ferry_fleet::retrain::ROWS_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .context("the console's export has no row count")?;
-        let csv = r
-            .body_mut()
-            .with_config()
-            .limit(u64::MAX)
-            .read_to_string()
-            .context("cannot read the export")?;
+        let devices: Vec<String> = request.devices.iter().map(|d| d.device.clone()).collect();
+        let (rows, csv) = client
+            .retrain_export(&devices.join(","))
+            .map_err(refused(refusal))?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let csv_path = dir.join("samples.csv");
         std::fs::write(&csv_path, &csv)
             .with_context(|| format!("cannot write {}", csv_path.display()))?;
         let csv_path = std::fs::canonicalize(&csv_path).unwrap_or(csv_path);
-        request["rows"] = rows.into();
-        request["samples_csv"] = csv_path.display().to_string().into();
+        request.rows = rows;
+        request.samples_csv = csv_path.display().to_string();
         let request_path = dir.join("request.json");
         std::fs::write(&request_path, serde_json::to_vec_pretty(&request)?)
             .with_context(|| format!("cannot write {}", request_path.display()))?;
         if self.json {
-            println!("{request}");
+            println!("{}", serde_json::to_string(&request)?);
         } else {
             println!(
                 "{rows} samples of {} written to {}",
@@ -828,92 +630,12 @@ impl StatusCmd {
             let out = serde_json::json!({"fleet": options.fleet, "devices": statuses});
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
-            print!("{}", table(&statuses, ferry_fleet::now_ms()));
+            print!(
+                "{}",
+                ferry_fleet::text::status_table(&statuses, ferry_host::now_ms())
+            );
         }
         Ok(())
-    }
-}
-
-/// The human table of `status`.
-fn table(statuses: &[Status], now_ms: u64) -> String {
-    let header = [
-        "DEVICE",
-        "ONLINE",
-        "BUNDLE",
-        "BACKLOG",
-        "DROPPED",
-        "PREDICTIONS",
-        "ERRORS",
-        "UPDATE",
-        "STATUS AGE",
-    ];
-    let rows: Vec<[String; 9]> = statuses
-        .iter()
-        .map(|s| {
-            [
-                s.device.clone(),
-                if s.online { "yes" } else { "no" }.to_string(),
-                s.bundle.as_ref().map_or("-".to_string(), |b| {
-                    format!("{} #{}", b.version, b.sequence)
-                }),
-                s.buffer.records.to_string(),
-                s.buffer.dropped.values().sum::<u64>().to_string(),
-                s.predictions.to_string(),
-                s.errors.to_string(),
-                update_text(&s.update),
-                if s.ts_ms == 0 {
-                    "-".to_string()
-                } else {
-                    age(now_ms.saturating_sub(s.ts_ms))
-                },
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let text: Vec<String> = cells.zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(text.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(&mut header.iter().copied());
-    for row in &rows {
-        line(&mut row.iter().map(String::as_str));
-    }
-    if rows.is_empty() {
-        out.push_str("(no device has published a status on this fleet)\n");
-    }
-    out
-}
-
-fn update_text(u: &UpdateState) -> String {
-    match u {
-        UpdateState::Idle => "idle".into(),
-        UpdateState::Downloading {
-            version,
-            received,
-            total,
-        } => format!(
-            "downloading {version} {}%",
-            received * 100 / (*total).max(1)
-        ),
-        UpdateState::Verifying { version } => format!("verifying {version}"),
-        UpdateState::Rejected { version, code, .. } => format!("rejected {version} ({code})"),
-        UpdateState::Probation { version } => format!("probation {version}"),
-    }
-}
-
-fn age(ms: u64) -> String {
-    match ms / 1000 {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
     }
 }
 
@@ -954,52 +676,5 @@ fn init_logging(format: Option<LogFormat>) {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_protocol::{BufferInfo, BundleRef};
-
-    #[test]
-    fn the_status_table() {
-        let mut s = Status::offline("demo", "dev-2", "0.1.0");
-        let mut t = s.clone();
-        t.device = "dev-1".into();
-        t.online = true;
-        t.ts_ms = 1_000_000;
-        t.bundle = Some(BundleRef {
-            name: "iris".into(),
-            version: "1.1.0".into(),
-            digest: "ab".into(),
-            fleet: "demo".into(),
-            channel: "stable".into(),
-            sequence: 2,
-        });
-        t.buffer = BufferInfo {
-            records: 12,
-            dropped: [(ferry_protocol::Stream::Samples, 3)].into(),
-            ..BufferInfo::default()
-        };
-        t.update = UpdateState::Downloading {
-            version: "1.2.0".into(),
-            received: 50,
-            total: 200,
-        };
-        s.errors = 0;
-        let text = table(&[t, s], 1_090_000);
-        let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("DEVICE  ONLINE  BUNDLE"), "{text}");
-        assert!(
-            lines[1].contains("dev-1   yes     1.1.0 #2  12       3"),
-            "{text}"
-        );
-        assert!(
-            lines[1].contains("downloading 1.2.0 25%") && lines[1].ends_with("90s"),
-            "{text}"
-        );
-        assert!(lines[2].starts_with("dev-2   no      -"), "{text}");
-        assert!(table(&[], 0).contains("no device"));
     }
 }

@@ -23,8 +23,9 @@
 //! held for `calm_ms` in a row; the next time the rule holds opens a new
 //! episode.
 //!
-//! Episodes live in the sled tree [`TREE`] of the console's store, so a
-//! restarted console knows the open episode and does not fire again. The
+//! Episodes live in the console's store ([`Store::save_episode`], flushed
+//! on every save), so a restarted console knows the open episode and does
+//! not fire again. The
 //! hook is called at most once per episode: the episode is persisted (and
 //! flushed) as `running` before the hook starts, and a console that finds
 //! an episode still `running` when it opens records it as `interrupted`
@@ -39,7 +40,8 @@
 //! retrain/<episode>/request.json  the request ([`Request`], schema 1), written last
 //! retrain/log.jsonl               what happened ([`LogEntry`]), appended, never rewritten
 //! ```
-//! Both files of an episode are written atomically (write, fsync, rename).
+//! Both files of an episode are written durably ([`ferry_host::write_durably`]:
+//! a unique temporary file, fsync, rename, directory fsync).
 //! Parquet is not offered: no well-kept Rust crate writes it without
 //! pulling in the Arrow stack, and every training pipeline reads CSV.
 //!
@@ -51,6 +53,11 @@
 //! the request as a JSON `POST` body and must answer 2xx; connection
 //! errors, 408, 429 and 5xx are retried [`WEBHOOK_ATTEMPTS`] times in all
 //! with doubling backoff. The outcome goes into the episode and the log.
+//!
+//! # Errors
+//! [`RetrainError`], with a stable `code()`. A failing hook is not an
+//! error of the loop: its outcome is recorded in the episode. The HTTP
+//! routes are in `http::retrain`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -60,17 +67,14 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use ferry_host::now_ms;
 use ferry_protocol::{BundleRef, DriftRecord, SampleRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::DeviceState;
-use crate::store::Store;
-use crate::write_atomically;
+use crate::store::{Store, StoreError};
 
-/// The sled tree of episodes (in the store's database).
-pub const TREE: &str = "retrain";
 /// The directory of data sets and the log, in the console's state directory.
 pub const DIR: &str = "retrain";
 /// Traffic that weighs a device: its requests over the last hour (the
@@ -87,6 +91,51 @@ pub const WEBHOOK_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_HOOK_OUTPUT: usize = 4096;
 /// The default rule: a feature drifting on 30% of the traffic.
 pub const DEFAULT_RULE: &str = "share>=30%";
+
+/// What can go wrong in the retraining loop (not in a hook: a hook's
+/// failure is its episode's outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum RetrainError {
+    /// A setting (rule, hook command, webhook URL) is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Reading or saving an episode failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file of the retraining directory cannot be read, created or
+    /// appended to.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A data set or request could not be written.
+    #[error(transparent)]
+    Write(#[from] ferry_host::WriteError),
+    /// An export was asked for the drifting devices, and none drifts.
+    #[error("no device is drifting (in windows of the last {max_age_s} s)")]
+    NoDriftingDevices { max_age_s: u64 },
+}
+
+impl RetrainError {
+    /// A stable code for logs and API answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RetrainError::Invalid(_) => "invalid",
+            RetrainError::Store(e) => e.code(),
+            RetrainError::Io { .. } => "io",
+            RetrainError::Write(e) => e.code(),
+            RetrainError::NoDriftingDevices { .. } => "no_drifting_devices",
+        }
+    }
+
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RetrainError {
+        let path = path.to_path_buf();
+        move |source| RetrainError::Io { what, path, source }
+    }
+}
 
 /// One feature over the fleet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,8 +324,9 @@ pub enum HookState {
     Error { error: String },
 }
 
-/// One retraining episode, stored as JSON in [`TREE`] under `e/<id>`. Do
-/// not rename or remove fields; add new ones with `#[serde(default)]`.
+/// One retraining episode, stored as JSON by the store
+/// ([`Store::save_episode`]). Do not rename or remove fields; add new ones
+/// with `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Episode {
     /// `rt-<unix ms, 13 digits>`: sorts by time.
@@ -534,8 +584,8 @@ pub enum Hook {
 
 impl Hook {
     /// From `--retrain-hook-cmd`.
-    pub fn command(line: &str) -> Result<Hook> {
-        let mut words = split_command(line).map_err(anyhow::Error::msg)?;
+    pub fn command(line: &str) -> Result<Hook, RetrainError> {
+        let mut words = split_command(line).map_err(RetrainError::Invalid)?;
         let program = words.remove(0);
         Ok(Hook::Command {
             program,
@@ -544,16 +594,19 @@ impl Hook {
     }
 
     /// From `--retrain-webhook`.
-    pub fn webhook(url: &str) -> Result<Hook> {
+    pub fn webhook(url: &str) -> Result<Hook, RetrainError> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            bail!("--retrain-webhook {url:?} must be an http:// or https:// URL");
+            return Err(RetrainError::Invalid(format!(
+                "--retrain-webhook {url:?} must be an http:// or https:// URL"
+            )));
         }
         Ok(Hook::Webhook {
             url: url.to_string(),
         })
     }
 
-    fn kind(&self) -> &'static str {
+    /// `none`, `command` or `webhook`.
+    pub fn kind(&self) -> &'static str {
         match self {
             Hook::None => "none",
             Hook::Command { .. } => "command",
@@ -609,7 +662,6 @@ pub struct LogEntry {
 /// The retraining loop of one console.
 pub struct Retrainer {
     store: Arc<Store>,
-    tree: sled::Tree,
     dir: PathBuf,
     options: Options,
     /// The open episode, as last saved.
@@ -620,22 +672,19 @@ pub struct Retrainer {
     log_lock: Mutex<()>,
 }
 
-fn episode_key(id: &str) -> Vec<u8> {
-    [b"e/", id.as_bytes()].concat()
-}
-
 impl Retrainer {
-    /// Loads the episodes (the tree [`TREE`] of `store`); the data sets go
-    /// under `state_dir/retrain`. An episode whose hook was running is
-    /// recorded as interrupted (never called again).
-    pub fn open(state_dir: &Path, store: Arc<Store>, options: Options) -> Result<Retrainer> {
+    /// Loads the episodes (kept by `store`); the data sets go under
+    /// `state_dir/retrain`. An episode whose hook was running is recorded as
+    /// interrupted (never called again).
+    pub fn open(
+        state_dir: &Path,
+        store: Arc<Store>,
+        options: Options,
+    ) -> Result<Retrainer, RetrainError> {
         let dir = state_dir.join(DIR);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let tree = store.tree(TREE)?;
+        std::fs::create_dir_all(&dir).map_err(RetrainError::io("create", &dir))?;
         let r = Retrainer {
             store,
-            tree,
             dir,
             options,
             current: Mutex::new(None),
@@ -645,7 +694,7 @@ impl Retrainer {
         let open = r.episodes()?.into_iter().rfind(|e| e.ended_ms.is_none());
         if let Some(mut e) = open {
             if let HookState::Running { .. } = e.hook {
-                let now = crate::now_ms();
+                let now = now_ms();
                 e.hook = HookState::Interrupted { noticed_ms: now };
                 r.save(&e)?;
                 r.log(
@@ -670,18 +719,8 @@ impl Retrainer {
     }
 
     /// Every episode, oldest first.
-    pub fn episodes(&self) -> Result<Vec<Episode>> {
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(b"e/") {
-            let (k, v) = kv?;
-            match serde_json::from_slice(&v) {
-                Ok(e) => out.push(e),
-                Err(error) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(&k), %error, "Skipped an unreadable episode")
-                }
-            }
-        }
-        Ok(out)
+    pub fn episodes(&self) -> Result<Vec<Episode>, RetrainError> {
+        Ok(self.store.episodes()?)
     }
 
     /// The open episode.
@@ -690,7 +729,7 @@ impl Retrainer {
     }
 
     /// The log, oldest first (a torn last line is skipped).
-    pub fn log_entries(&self) -> Result<Vec<LogEntry>> {
+    pub fn log_entries(&self) -> Result<Vec<LogEntry>, RetrainError> {
         let path = self.dir.join("log.jsonl");
         match std::fs::read_to_string(&path) {
             Ok(t) => Ok(t
@@ -698,13 +737,13 @@ impl Retrainer {
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+            Err(e) => Err(RetrainError::io("read", &path)(e)),
         }
     }
 
     /// Evaluates the rule and moves the episode on; fires a new episode
     /// (blocking: writes files and runs the hook up to its timeout).
-    pub fn tick(&self, now_ms: u64) -> Result<()> {
+    pub fn tick(&self, now_ms: u64) -> Result<(), RetrainError> {
         let _ticking = self.ticking.lock().unwrap();
         let mut current = self.current();
         let fleet = self.fleet_drift(now_ms);
@@ -756,11 +795,10 @@ impl Retrainer {
     }
 
     /// Writes the episode's data set and request, then calls the hook.
-    fn fire(&self, e: &mut Episode, now_ms: u64) -> Result<()> {
+    fn fire(&self, e: &mut Episode, now_ms: u64) -> Result<(), RetrainError> {
         let dir = self.dir.join(&e.id);
-        let written = (|| -> Result<(PathBuf, u64)> {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+        let written = (|| -> Result<(PathBuf, u64), RetrainError> {
+            std::fs::create_dir_all(&dir).map_err(RetrainError::io("create", &dir))?;
             let csv_path = dir.join("samples.csv");
             let (request, csv) = self.request(
                 e.features.clone(),
@@ -769,9 +807,9 @@ impl Retrainer {
                 now_ms,
                 &csv_path.display().to_string(),
             );
-            write_atomically(&csv_path, csv.as_bytes())?;
+            ferry_host::write_durably(&csv_path, csv.as_bytes())?;
             let request_path = dir.join("request.json");
-            write_atomically(
+            ferry_host::write_durably(
                 &request_path,
                 &serde_json::to_vec_pretty(&request).expect("requests serialise"),
             )?;
@@ -780,7 +818,7 @@ impl Retrainer {
         let (request_path, rows) = match written {
             Ok(w) => w,
             Err(error) => {
-                let error = format!("{error:#}");
+                let error = error.to_string();
                 tracing::error!(episode = %e.id, %error, "Cannot write the retraining data set");
                 e.hook = HookState::Error {
                     error: error.clone(),
@@ -805,7 +843,7 @@ impl Retrainer {
             return self.save(e);
         }
         e.hook = HookState::Running {
-            started_ms: crate::now_ms(),
+            started_ms: ferry_host::now_ms(),
         };
         self.save(e)?;
         let outcome = match &self.options.hook {
@@ -815,7 +853,7 @@ impl Retrainer {
             }
             Hook::Webhook { url } => post_webhook(url, &request_path, self.options.hook_timeout),
         };
-        let finished_ms = crate::now_ms();
+        let finished_ms = ferry_host::now_ms();
         match outcome {
             Ok(detail) => {
                 tracing::info!(episode = %e.id, hook = self.options.hook.kind(), %detail, "Retraining hook succeeded");
@@ -826,7 +864,6 @@ impl Retrainer {
                 };
             }
             Err(error) => {
-                let error = format!("{error:#}");
                 tracing::error!(episode = %e.id, hook = self.options.hook.kind(), %error, "Retraining hook failed");
                 self.log(&e.id, "hook_failed", error.clone())?;
                 e.hook = HookState::Failed { finished_ms, error };
@@ -910,12 +947,8 @@ impl Retrainer {
 
     /// Persists `e` (flushed before this returns) and makes it the open
     /// episode, or none if it ended.
-    fn save(&self, e: &Episode) -> Result<()> {
-        self.tree.insert(
-            episode_key(&e.id),
-            serde_json::to_vec(e).expect("episodes serialise"),
-        )?;
-        self.tree.flush().context("cannot flush the episode")?;
+    fn save(&self, e: &Episode) -> Result<(), RetrainError> {
+        self.store.save_episode(&e.id, e)?;
         let mut current = self.current.lock().unwrap();
         if e.ended_ms.is_none() {
             *current = Some(e.clone());
@@ -925,9 +958,9 @@ impl Retrainer {
         Ok(())
     }
 
-    fn log(&self, episode: &str, what: &str, detail: String) -> Result<()> {
+    fn log(&self, episode: &str, what: &str, detail: String) -> Result<(), RetrainError> {
         let entry = LogEntry {
-            ts_ms: crate::now_ms(),
+            ts_ms: now_ms(),
             episode: episode.to_string(),
             what: what.to_string(),
             detail,
@@ -938,12 +971,12 @@ impl Retrainer {
             .create(true)
             .append(true)
             .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .map_err(RetrainError::io("open", &path))?;
         let mut line = serde_json::to_vec(&entry).expect("log entries serialise");
         line.push(b'\n');
-        f.write_all(&line)?;
-        f.sync_data()?;
-        Ok(())
+        f.write_all(&line)
+            .and_then(|()| f.sync_data())
+            .map_err(RetrainError::io("append to", &path))
     }
 }
 
@@ -963,7 +996,7 @@ fn run_command(
     args: &[String],
     request: &Path,
     timeout: Duration,
-) -> Result<String> {
+) -> Result<String, String> {
     let mut child = Command::new(program)
         .args(args)
         .arg(request)
@@ -972,7 +1005,7 @@ fn run_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start {program}"))?;
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
     // Both pipes are drained while the child runs (a full pipe would stop it).
     let read = |mut pipe: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
@@ -985,7 +1018,10 @@ fn run_command(
     let err = read(Box::new(child.stderr.take().expect("piped")));
     let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| format!("cannot wait for {program}: {e}"))?
+        {
             break Some(status);
         }
         if Instant::now() >= deadline {
@@ -1016,26 +1052,26 @@ fn run_command(
         (false, false) => format!("; stdout: {stdout}; stderr: {stderr}"),
     };
     match status {
-        None => bail!(
+        None => Err(format!(
             "{program} did not finish within {} s and was killed{output}",
             timeout.as_secs_f64()
-        ),
+        )),
         Some(s) if s.success() => Ok(format!("{program} exited 0{output}")),
-        Some(s) => bail!("{program} failed ({s}){output}"),
+        Some(s) => Err(format!("{program} failed ({s}){output}")),
     }
 }
 
 /// POSTs the request to `url`, retrying transient failures.
-fn post_webhook(url: &str, request: &Path, timeout: Duration) -> Result<String> {
+fn post_webhook(url: &str, request: &Path, timeout: Duration) -> Result<String, String> {
     let body =
-        std::fs::read(request).with_context(|| format!("cannot read {}", request.display()))?;
+        std::fs::read(request).map_err(|e| format!("cannot read {}: {e}", request.display()))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
         .build()
         .into();
     let mut backoff = WEBHOOK_BACKOFF;
-    let mut last = anyhow!("no attempt");
+    let mut last = "no attempt".to_string();
     for attempt in 1..=WEBHOOK_ATTEMPTS {
         if attempt > 1 {
             std::thread::sleep(backoff);
@@ -1060,12 +1096,12 @@ fn post_webhook(url: &str, request: &Path, timeout: Duration) -> Result<String> 
                         text.trim()
                     ));
                 }
-                last = anyhow!("{url} answered {status}: {}", text.trim());
+                last = format!("{url} answered {status}: {}", text.trim());
                 if !(status == 408 || status == 429 || status >= 500) {
                     break;
                 }
             }
-            Err(e) => last = anyhow!("cannot reach {url}: {e}"),
+            Err(e) => last = format!("cannot reach {url}: {e}"),
         }
         tracing::warn!(url, attempt, error = %last, "Retraining webhook attempt failed");
     }
@@ -1073,7 +1109,7 @@ fn post_webhook(url: &str, request: &Path, timeout: Duration) -> Result<String> 
 }
 
 /// The JSON of `GET /api/fleet-drift`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FleetDriftView {
     #[serde(flatten)]
     pub drift: FleetDrift,
@@ -1083,157 +1119,72 @@ pub struct FleetDriftView {
     pub firing: Vec<String>,
 }
 
-/// Query of the export routes.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ExportQuery {
-    /// Comma-separated devices (default: the drifting ones).
-    #[serde(default)]
-    pub devices: Option<String>,
+/// The JSON of `GET /api/retrain`: the loop's settings, the open episode,
+/// every episode and the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Overview {
+    pub rule: String,
+    pub min_devices: usize,
+    /// `none`, `command` or `webhook`.
+    pub hook: String,
+    pub current: Option<Episode>,
+    pub episodes: Vec<Episode>,
+    pub log: Vec<LogEntry>,
 }
 
 /// Header of `GET /api/retrain/export` with the number of data rows.
 pub const ROWS_HEADER: &str = "x-ferry-rows";
 
-/// `GET /api/fleet-drift` ([`FleetDriftView`]), `GET /api/retrain`
-/// (`{"rule", "min_devices", "hook", "current", "episodes", "log"}`),
-/// `GET /api/retrain/request?devices=` (a [`Request`] for the drifting
-/// devices or those named, `samples_csv: "samples.csv"`), and
-/// `GET /api/retrain/export?devices=` (their samples as CSV, the row count
-/// in [`ROWS_HEADER`]). Merge into the dashboard's router.
-pub fn routes(r: Arc<Retrainer>) -> axum::Router {
-    use axum::extract::{Query, State};
-    use axum::http::{StatusCode, header};
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::get;
-
-    /// An error answer: `{"error": message}`.
-    struct ApiError(StatusCode, String);
-
-    impl IntoResponse for ApiError {
-        fn into_response(self) -> Response {
-            (self.0, axum::Json(serde_json::json!({ "error": self.1 }))).into_response()
+impl Retrainer {
+    /// [`FleetDriftView`] now.
+    pub fn fleet_drift_view(&self, now_ms: u64) -> FleetDriftView {
+        let drift = self.fleet_drift(now_ms);
+        let firing = names(&self.options.rule.firing(&drift, self.options.min_devices))
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        FleetDriftView {
+            drift,
+            rule: self.options.rule.text.clone(),
+            min_devices: self.options.min_devices,
+            firing,
         }
     }
 
-    fn error(status: StatusCode, message: String) -> ApiError {
-        ApiError(status, message)
+    /// [`Overview`] now.
+    pub fn overview(&self) -> Result<Overview, RetrainError> {
+        Ok(Overview {
+            rule: self.options.rule.text.clone(),
+            min_devices: self.options.min_devices,
+            hook: self.options.hook.kind().to_string(),
+            current: self.current(),
+            episodes: self.episodes()?,
+            log: self.log_entries()?,
+        })
     }
 
-    /// Runs `f` off the async threads (sled scans, CSV building).
-    async fn blocking<T: Send + 'static>(
-        f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        tokio::task::spawn_blocking(f)
-            .await
-            .unwrap_or_else(|e| Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
-    }
-
-    fn chosen(r: &Retrainer, q: &ExportQuery, now: u64) -> Result<Vec<String>, ApiError> {
-        let devices: Vec<String> = match &q.devices {
+    /// The devices of an export: those of the comma-separated `devices`
+    /// when it names any, else the drifting ones (none is an error).
+    pub fn export_devices(
+        &self,
+        devices: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Vec<String>, RetrainError> {
+        let devices: Vec<String> = match devices {
             Some(list) if !list.trim().is_empty() => list
                 .split(',')
                 .map(|d| d.trim().to_string())
                 .filter(|d| !d.is_empty())
                 .collect(),
-            _ => r.drifting_devices(&r.fleet_drift(now)),
+            _ => self.drifting_devices(&self.fleet_drift(now_ms)),
         };
         if devices.is_empty() {
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no device is drifting (in windows of the last {} s)",
-                    r.options.max_age_ms / 1000
-                ),
-            ));
+            return Err(RetrainError::NoDriftingDevices {
+                max_age_s: self.options.max_age_ms / 1000,
+            });
         }
         Ok(devices)
     }
-
-    async fn fleet_drift(State(r): State<Arc<Retrainer>>) -> Response {
-        let result = blocking(move || {
-            let drift = r.fleet_drift(crate::now_ms());
-            let firing = names(&r.options.rule.firing(&drift, r.options.min_devices))
-                .into_iter()
-                .map(str::to_string)
-                .collect();
-            Ok(FleetDriftView {
-                drift,
-                rule: r.options.rule.text.clone(),
-                min_devices: r.options.min_devices,
-                firing,
-            })
-        })
-        .await;
-        match result {
-            Ok(v) => axum::Json(v).into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
-
-    async fn overview(State(r): State<Arc<Retrainer>>) -> Response {
-        let result = blocking(move || {
-            let fail =
-                |e: anyhow::Error| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
-            Ok(serde_json::json!({
-                "rule": r.options.rule.text,
-                "min_devices": r.options.min_devices,
-                "hook": r.options.hook.kind(),
-                "current": r.current(),
-                "episodes": r.episodes().map_err(fail)?,
-                "log": r.log_entries().map_err(fail)?,
-            }))
-        })
-        .await;
-        match result {
-            Ok(v) => axum::Json(v).into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
-
-    async fn request(State(r): State<Arc<Retrainer>>, Query(q): Query<ExportQuery>) -> Response {
-        let result = blocking(move || {
-            let now = crate::now_ms();
-            let devices = chosen(&r, &q, now)?;
-            Ok(r.request(Vec::new(), &devices, None, now, "samples.csv").0)
-        })
-        .await;
-        match result {
-            Ok(v) => axum::Json(v).into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
-
-    async fn export(State(r): State<Arc<Retrainer>>, Query(q): Query<ExportQuery>) -> Response {
-        let result = blocking(move || {
-            let now = crate::now_ms();
-            let devices = chosen(&r, &q, now)?;
-            let (request, csv) = r.request(Vec::new(), &devices, None, now, "samples.csv");
-            Ok((request.rows, csv))
-        })
-        .await;
-        match result {
-            Ok((rows, csv)) => (
-                StatusCode::OK,
-                [
-                    (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
-                    (
-                        header::HeaderName::from_static(ROWS_HEADER),
-                        rows.to_string(),
-                    ),
-                ],
-                csv,
-            )
-                .into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
-
-    axum::Router::new()
-        .route("/api/fleet-drift", get(fleet_drift))
-        .route("/api/retrain", get(overview))
-        .route("/api/retrain/request", get(request))
-        .route("/api/retrain/export", get(export))
-        .with_state(r)
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! Running rollouts: persistence, the audit log, commands to devices, and
-//! the HTTP routes behind `ferry-fleet rollout` / `rollouts`.
+//! the bundles devices download. The HTTP routes behind `ferry-fleet
+//! rollout` / `rollouts` are in `http::rollouts`; errors are
+//! [`RolloutError`]s with a stable `code()`.
 //!
 //! # Files (under the console's state directory)
 //! ```text
-//! rollouts/<id>.json      one rollout (`rollout::Rollout`), replaced atomically
-//!                         (write, fsync, rename) after every step that changed it
+//! rollouts/<id>.json      one rollout (`rollout::Rollout`), replaced durably
+//!                         (`ferry_host::write_durably`) after every step that changed it
 //! rollouts/audit.jsonl    the audit log: one JSON object per line, appended and
 //!                         fsynced, never rewritten
 //! bundles/<digest>.ferry  the bundles rollouts install, served to devices at
-//!                         GET /bundles/<digest>.ferry (with Range, so an
-//!                         interrupted device download resumes)
+//!                         GET /bundles/<digest>.ferry (streamed from the file,
+//!                         with Range, so an interrupted device download resumes)
 //! ```
 //! A console restarted mid-rollout reloads every unfinished rollout and
 //! steps it again: what was sent is recorded per device, so nothing is sent
@@ -22,24 +24,93 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use ferry_format::{ReadLimits, SecretKey, TrustPolicy};
+use ferry_host::{WriteError, write_durably};
 use ferry_protocol::{Action as Cmd, Command, OperatorSignature, SCHEMA_VERSION, Topic, topic};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Change;
 use crate::rollout::{Action, Canary, Phase, Rollout, Rule, Spec};
 use crate::store::Store;
-use crate::write_atomically;
 
-/// Where commands go: the console's MQTT connection (QoS 1).
+/// What can go wrong with a rollout.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// The bundle failed verification against the trusted keys (`code` is
+    /// the bundle error's code, e.g. `untrusted_key`).
+    #[error("bundle refused ({code}): {message}")]
+    BundleRefused { code: &'static str, message: String },
+    /// The bundle is released for another fleet.
+    #[error("the bundle is for fleet {bundle:?}; this console follows {console:?}")]
+    WrongFleet { bundle: String, console: String },
+    /// `serve` was started without `--key`: rollbacks could not be signed.
+    #[error("the console has no operator key (serve --key): rollbacks could not be signed")]
+    NoOperatorKey,
+    /// A parameter (share, duration, rule, canary group) is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Another rollout is still running.
+    #[error("rollout {id} ({name} {version}) is still running; one rollout at a time")]
+    Busy {
+        id: String,
+        name: String,
+        version: String,
+    },
+    /// No rollout has this id.
+    #[error("no rollout {0}")]
+    NotFound(String),
+    /// A file of the rollouts directory cannot be read, created or
+    /// appended to.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A rollout or a bundle could not be written.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// A command could not be handed to the broker (retried next tick).
+    #[error("cannot send {what} to {device}: {message}")]
+    Send {
+        what: &'static str,
+        device: String,
+        message: String,
+    },
+}
+
+impl RolloutError {
+    /// A stable code for logs and API answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RolloutError::BundleRefused { .. } => "bundle_refused",
+            RolloutError::WrongFleet { .. } => "wrong_fleet",
+            RolloutError::NoOperatorKey => "no_operator_key",
+            RolloutError::Invalid(_) => "invalid",
+            RolloutError::Busy { .. } => "busy",
+            RolloutError::NotFound(_) => "not_found",
+            RolloutError::Io { .. } => "io",
+            RolloutError::Write(e) => e.code(),
+            RolloutError::Send { .. } => "send_failed",
+        }
+    }
+
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RolloutError {
+        let path = path.to_path_buf();
+        move |source| RolloutError::Io { what, path, source }
+    }
+}
+
+/// Where commands go: the console's MQTT connection (QoS 1). An error is
+/// the reason the command was not acknowledged by the broker.
 pub trait CommandSink: Send + Sync {
     fn send(
         &self,
         topic: String,
         payload: Vec<u8>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 impl CommandSink for crate::ingest::Console {
@@ -47,8 +118,12 @@ impl CommandSink for crate::ingest::Console {
         &self,
         topic: String,
         payload: Vec<u8>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> {
-        Box::pin(async move { self.publish(&topic, payload).await })
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.publish(&topic, payload)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
     }
 }
 
@@ -88,7 +163,7 @@ pub struct NewRollout {
 }
 
 /// Parses `30s`, `10m`, `2h`, `1500ms` or bare milliseconds.
-pub fn parse_duration_ms(s: &str) -> Result<u64> {
+pub fn parse_duration_ms(s: &str) -> Result<u64, RolloutError> {
     let s = s.trim();
     let (num, mult) = if let Some(v) = s.strip_suffix("ms") {
         (v, 1)
@@ -101,26 +176,27 @@ pub fn parse_duration_ms(s: &str) -> Result<u64> {
     } else {
         (s, 1)
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| anyhow!("{s:?} is not a duration (e.g. 30s, 10m, 2h)"))?;
+    let n: f64 = num.trim().parse().map_err(|_| {
+        RolloutError::Invalid(format!("{s:?} is not a duration (e.g. 30s, 10m, 2h)"))
+    })?;
     if !(n >= 0.0 && n.is_finite()) {
-        bail!("{s:?} is not a duration");
+        return Err(RolloutError::Invalid(format!("{s:?} is not a duration")));
     }
     Ok((n * mult as f64).round() as u64)
 }
 
 /// Parses `10%` or `0.1` into a share.
-pub fn parse_share(s: &str) -> Result<f64> {
+pub fn parse_share(s: &str) -> Result<f64, RolloutError> {
     let s = s.trim();
     let v = match s.strip_suffix('%') {
         Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
         None => s.parse::<f64>(),
     }
-    .map_err(|_| anyhow!("{s:?} is not a share (e.g. 10% or 0.1)"))?;
+    .map_err(|_| RolloutError::Invalid(format!("{s:?} is not a share (e.g. 10% or 0.1)")))?;
     if !(v > 0.0 && v <= 1.0) {
-        bail!("{s:?} must be more than 0% and at most 100%");
+        return Err(RolloutError::Invalid(format!(
+            "{s:?} must be more than 0% and at most 100%"
+        )));
     }
     Ok(v)
 }
@@ -152,17 +228,17 @@ impl Rollouts {
         key: Option<SecretKey>,
         store: Arc<Store>,
         sink: Arc<dyn CommandSink>,
-    ) -> Result<Rollouts> {
+    ) -> Result<Rollouts, RolloutError> {
         let dir = state_dir.join("rollouts");
         let bundles = state_dir.join("bundles");
         for d in [&dir, &bundles] {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(RolloutError::io("create", d))?;
         }
         let mut all = Vec::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
+        for entry in std::fs::read_dir(&dir).map_err(RolloutError::io("read", &dir))? {
+            let path = entry.map_err(RolloutError::io("read", &dir))?.path();
             if path.extension().is_some_and(|e| e == "json") {
-                let text = std::fs::read(&path)?;
+                let text = std::fs::read(&path).map_err(RolloutError::io("read", &path))?;
                 match serde_json::from_slice::<Rollout>(&text) {
                     Ok(r) => all.push(r),
                     Err(e) => {
@@ -191,6 +267,7 @@ impl Rollouts {
         })
     }
 
+    /// The directory of the bundles devices download.
     pub fn bundles_dir(&self) -> &Path {
         &self.bundles
     }
@@ -200,20 +277,40 @@ impl Rollouts {
         self.active.lock().unwrap().clone()
     }
 
+    /// One rollout.
+    pub fn get(&self, id: &str) -> Result<Rollout, RolloutError> {
+        self.active
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .ok_or_else(|| RolloutError::NotFound(id.to_string()))
+    }
+
     /// Starts a rollout of `bundle` (its bytes) as `params` say.
-    pub fn create(&self, bundle: &[u8], params: &NewRollout, now_ms: u64) -> Result<Rollout> {
-        let verified = ferry_format::verify(bundle, &self.trust, &ReadLimits::default())
-            .map_err(|e| anyhow!("bundle refused ({}): {e}", e.code()))?;
+    pub fn create(
+        &self,
+        bundle: &[u8],
+        params: &NewRollout,
+        now_ms: u64,
+    ) -> Result<Rollout, RolloutError> {
+        let verified =
+            ferry_format::verify(bundle, &self.trust, &ReadLimits::default()).map_err(|e| {
+                RolloutError::BundleRefused {
+                    code: e.code(),
+                    message: e.to_string(),
+                }
+            })?;
         let m = verified.manifest();
         if m.release.fleet != self.fleet {
-            bail!(
-                "the bundle is for fleet {:?}; this console follows {:?}",
-                m.release.fleet,
-                self.fleet
-            );
+            return Err(RolloutError::WrongFleet {
+                bundle: m.release.fleet.clone(),
+                console: self.fleet.clone(),
+            });
         }
         if self.key.is_none() {
-            bail!("the console has no operator key (serve --key): rollbacks could not be signed");
+            return Err(RolloutError::NoOperatorKey);
         }
         let canary = if params.canary.contains('%') || params.canary.trim().parse::<f64>().is_ok() {
             Canary::Share {
@@ -230,7 +327,10 @@ impl Rollouts {
             }
         };
         let waves = match &params.waves {
-            Some(w) => w.split(',').map(parse_share).collect::<Result<Vec<_>>>()?,
+            Some(w) => w
+                .split(',')
+                .map(parse_share)
+                .collect::<Result<Vec<_>, _>>()?,
             None => vec![1.0],
         };
         let abort_if = params
@@ -238,11 +338,11 @@ impl Rollouts {
             .split(';')
             .map(str::trim)
             .filter(|r| !r.is_empty())
-            .map(|r| r.parse::<Rule>().map_err(anyhow::Error::msg))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|r| r.parse::<Rule>().map_err(RolloutError::Invalid))
+            .collect::<Result<Vec<_>, _>>()?;
         let digest = verified.digest().to_string();
         let path = self.bundles.join(format!("{digest}.ferry"));
-        write_atomically(&path, bundle)?;
+        write_durably(&path, bundle)?;
         let spec = Spec {
             bundle: ferry_protocol::BundleRef {
                 name: m.name.clone(),
@@ -272,16 +372,15 @@ impl Rollouts {
             .map(|d| d.device)
             .collect();
         let id = format!("r{now_ms}-{}", &digest[..8]);
-        let rollout = Rollout::new(id, spec, &devices, now_ms).map_err(anyhow::Error::msg)?;
+        let rollout = Rollout::new(id, spec, &devices, now_ms).map_err(RolloutError::Invalid)?;
         {
             let mut active = self.active.lock().unwrap();
             if let Some(running) = active.iter().find(|r| !r.phase.is_finished()) {
-                bail!(
-                    "rollout {} ({} {}) is still running; one rollout at a time",
-                    running.id,
-                    running.spec.bundle.name,
-                    running.spec.bundle.version
-                );
+                return Err(RolloutError::Busy {
+                    id: running.id.clone(),
+                    name: running.spec.bundle.name.clone(),
+                    version: running.spec.bundle.version.clone(),
+                });
             }
             active.push(rollout.clone());
         }
@@ -314,7 +413,7 @@ impl Rollouts {
     }
 
     /// Steps every unfinished rollout once and sends what it asks for.
-    pub async fn tick(&self, now_ms: u64) -> Result<()> {
+    pub async fn tick(&self, now_ms: u64) -> Result<(), RolloutError> {
         let mut work = Vec::new();
         {
             let mut active = self.active.lock().unwrap();
@@ -331,14 +430,14 @@ impl Rollouts {
         let retry: Vec<(Rollout, Action)> = std::mem::take(&mut *self.retry.lock().unwrap());
         for (rollout, action) in retry {
             if let Err(e) = self.execute(&rollout, action.clone(), now_ms).await {
-                tracing::warn!(error = %format!("{e:#}"), "Command still not sent; retrying");
+                tracing::warn!(error = %e, "Command still not sent; retrying");
                 self.retry.lock().unwrap().push((rollout, action));
             }
         }
         for (rollout, actions) in work {
             for action in actions {
                 if let Err(e) = self.execute(&rollout, action.clone(), now_ms).await {
-                    tracing::warn!(error = %format!("{e:#}"), "Command not sent; retrying");
+                    tracing::warn!(error = %e, "Command not sent; retrying");
                     self.retry.lock().unwrap().push((rollout.clone(), action));
                 }
             }
@@ -350,7 +449,7 @@ impl Rollouts {
         Ok(())
     }
 
-    async fn execute(&self, r: &Rollout, action: Action, now_ms: u64) -> Result<()> {
+    async fn execute(&self, r: &Rollout, action: Action, now_ms: u64) -> Result<(), RolloutError> {
         let spec = &r.spec;
         let (device, cmd, what) = match action {
             Action::Audit { what } => return self.audit(r, now_ms, what),
@@ -398,7 +497,11 @@ impl Rollouts {
         self.sink
             .send(topic(&self.fleet, &device, Topic::Command), payload)
             .await
-            .with_context(|| format!("cannot send {what} to {device}"))?;
+            .map_err(|message| RolloutError::Send {
+                what,
+                device: device.clone(),
+                message,
+            })?;
         self.audit(
             r,
             now_ms,
@@ -408,7 +511,7 @@ impl Rollouts {
 
     /// Writes the rollout's current state (the in-memory one, which may be
     /// newer than `r`).
-    fn persist(&self, r: &Rollout) -> Result<()> {
+    fn persist(&self, r: &Rollout) -> Result<(), RolloutError> {
         let path = self.dir.join(format!("{}.json", r.id));
         let current = self
             .active
@@ -418,13 +521,13 @@ impl Rollouts {
             .find(|x| x.id == r.id)
             .cloned()
             .unwrap_or_else(|| r.clone());
-        write_atomically(
+        Ok(write_durably(
             &path,
             &serde_json::to_vec_pretty(&current).expect("rollouts serialise"),
-        )
+        )?)
     }
 
-    fn audit(&self, r: &Rollout, now_ms: u64, what: String) -> Result<()> {
+    fn audit(&self, r: &Rollout, now_ms: u64, what: String) -> Result<(), RolloutError> {
         let entry = AuditEntry {
             ts_ms: now_ms,
             rollout: r.id.clone(),
@@ -439,21 +542,21 @@ impl Rollouts {
             .create(true)
             .append(true)
             .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .map_err(RolloutError::io("open", &path))?;
         let mut line = serde_json::to_vec(&entry).expect("audit entries serialise");
         line.push(b'\n');
-        f.write_all(&line)?;
-        f.sync_data()?;
-        Ok(())
+        f.write_all(&line)
+            .and_then(|()| f.sync_data())
+            .map_err(RolloutError::io("append to", &path))
     }
 
     /// The audit log, oldest first.
-    pub fn audit_log(&self) -> Result<Vec<AuditEntry>> {
+    pub fn audit_log(&self) -> Result<Vec<AuditEntry>, RolloutError> {
         let path = self.dir.join("audit.jsonl");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(RolloutError::io("read", &path)(e)),
         };
         // A torn last line (power cut mid-append) is skipped, not fatal.
         Ok(text
@@ -472,125 +575,16 @@ impl Rollouts {
     }
 }
 
-/// `POST /api/rollouts` (query: [`NewRollout`], body: the bundle),
-/// `GET /api/rollouts`, `GET /api/rollouts/{id}`, `GET /api/audit`, and
-/// `GET /bundles/{digest}.ferry` (what devices download; honours
-/// `Range: bytes=N-` so an interrupted download resumes). Merge into the
-/// dashboard's router.
-pub fn routes(rollouts: Arc<Rollouts>) -> axum::Router {
-    use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
-    use axum::http::{HeaderMap, StatusCode, header};
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::get;
-
-    fn error(status: StatusCode, message: String) -> Response {
-        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
-    }
-
-    async fn create(
-        State(r): State<Arc<Rollouts>>,
-        Query(params): Query<NewRollout>,
-        body: axum::body::Bytes,
-    ) -> Response {
-        if body.is_empty() {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "the request body must be the bundle".into(),
-            );
-        }
-        let now = crate::now_ms();
-        let r2 = r.clone();
-        match tokio::task::spawn_blocking(move || r2.create(&body, &params, now)).await {
-            Ok(Ok(rollout)) => (StatusCode::CREATED, axum::Json(rollout)).into_response(),
-            Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
-    }
-
-    async fn list(State(r): State<Arc<Rollouts>>) -> Response {
-        axum::Json(r.list()).into_response()
-    }
-
-    async fn one(State(r): State<Arc<Rollouts>>, UrlPath(id): UrlPath<String>) -> Response {
-        match r.list().into_iter().find(|x| x.id == id) {
-            Some(x) => axum::Json(x).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no rollout {id}")),
-        }
-    }
-
-    async fn audit(State(r): State<Arc<Rollouts>>) -> Response {
-        match r.audit_log() {
-            Ok(log) => axum::Json(log).into_response(),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        }
-    }
-
-    async fn bundle(
-        State(r): State<Arc<Rollouts>>,
-        UrlPath(file): UrlPath<String>,
-        headers: HeaderMap,
-    ) -> Response {
-        let Some(digest) = file.strip_suffix(".ferry").filter(|d| {
-            d.len() == 64
-                && d.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        }) else {
-            return error(StatusCode::NOT_FOUND, format!("no bundle {file}"));
-        };
-        let path = r.bundles_dir().join(format!("{digest}.ferry"));
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(_) => return error(StatusCode::NOT_FOUND, format!("no bundle {file}")),
-        };
-        let total = bytes.len();
-        let start = headers
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("bytes="))
-            .and_then(|v| v.strip_suffix('-'))
-            .and_then(|v| v.parse::<usize>().ok());
-        match start {
-            Some(s) if s >= total => (
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                [(header::CONTENT_RANGE, format!("bytes */{total}"))],
-            )
-                .into_response(),
-            Some(s) => (
-                StatusCode::PARTIAL_CONTENT,
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                    (
-                        header::CONTENT_RANGE,
-                        format!("bytes {s}-{}/{total}", total - 1),
-                    ),
-                    (header::ACCEPT_RANGES, "bytes".to_string()),
-                ],
-                bytes[s..].to_vec(),
-            )
-                .into_response(),
-            None => (
-                StatusCode::OK,
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                    (header::ACCEPT_RANGES, "bytes".to_string()),
-                ],
-                bytes,
-            )
-                .into_response(),
-        }
-    }
-
-    axum::Router::new()
-        .route(
-            "/api/rollouts",
-            get(list)
-                .post(create)
-                .layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES)),
-        )
-        .route("/api/rollouts/{id}", get(one))
-        .route("/api/audit", get(audit))
-        .route("/bundles/{file}", get(bundle))
-        .with_state(rollouts)
+/// The file of the bundle a device asks for as `<digest>.ferry` (64
+/// lower-case hex digits), if the name is one; whether it exists is the
+/// caller's question.
+pub fn bundle_path(bundles_dir: &Path, file: &str) -> Option<PathBuf> {
+    let digest = file.strip_suffix(".ferry").filter(|d| {
+        d.len() == 64
+            && d.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })?;
+    Some(bundles_dir.join(format!("{digest}.ferry")))
 }
 
 /// Phase name for tables.

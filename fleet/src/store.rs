@@ -47,15 +47,31 @@
 //! again (the broker re-sends retained statuses whenever the console
 //! subscribes) and changes nothing.
 //!
-//! # What is kept (one sled tree, [`TREE`], keys by prefix)
+//! # What is kept (keys by prefix)
+//! The store owns every sled tree of the console's database; nothing else
+//! names sled. The tree [`TREE`] holds the fleet's state:
+//!
 //! | key | value |
 //! |---|---|
+//! | `m/layout` | [`LAYOUT_VERSION`] (u32 big-endian): the version of this key layout |
 //! | `d/<device>` | [`DeviceState`] (JSON) |
 //! | `D/<seq>` | [`DriftPoint`] (JSON); `seq`: u64 big-endian, store-wide arrival order |
 //! | `Dx/<device>\0<seq>` | empty: index of a device's drift windows |
 //! | `E/<seq>`, `Ex/<device>\0<seq>` | [`DeviceEvent`], the same way |
 //! | `S/<device>\0<record id>` | [`ferry_protocol::SampleRecord`] (JSON) |
 //! | `m/seq` | the last `seq` used |
+//!
+//! The tree [`EPISODES_TREE`] holds the retraining episodes (`e/<id>`, JSON,
+//! written by [`Store::save_episode`], read by [`Store::episodes`]; the
+//! type is the retraining module's).
+//!
+//! # Layout version
+//! A new database gets `m/layout` = [`LAYOUT_VERSION`] when it is created;
+//! a database without it (written before the key existed, in the same
+//! layout) gets it on its first open. A database with any other version is
+//! refused ([`StoreError::UnknownLayout`]) and left untouched: a console
+//! never reads or rewrites keys it does not understand. Changing the layout
+//! means a new version and a migration here.
 //!
 //! Device ids are checked ([`ferry_protocol::validate_name`]: no `\0`, no
 //! `/`), so a device's prefix never matches another device's keys. Bounds
@@ -117,31 +133,47 @@ pub const WARN_EVERY: Duration = Duration::from_secs(10);
 /// (`--state`); other parts of the console use sibling directories.
 pub const DIR: &str = "store";
 
-/// The sled tree this module owns. Others ([`Store::tree`]) must use other names.
+/// The sled tree of the fleet's state.
 pub const TREE: &str = "fleet-state";
+
+/// The sled tree of the retraining episodes.
+pub const EPISODES_TREE: &str = "retrain";
+
+/// The version of the key layout this console reads and writes (see the
+/// module header).
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// How long `open` waits for a handle of this process that is still closing
 /// (sled releases its lock when its last handle and flusher are gone).
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 const SEQ_KEY: &[u8] = b"m/seq";
+const LAYOUT_KEY: &[u8] = b"m/layout";
+const EPISODE_PREFIX: &[u8] = b"e/";
 
 /// What can go wrong with the store itself (never with what devices send:
 /// see the module header).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Another process (another console, or a `ferry-fleet` command) has the
-    /// state directory open; sled allows one process at a time.
-    #[error("the state directory {path} is in use by another process")]
+    /// state directory open; one process at a time.
+    #[error("the state directory {} is in use by another process", path.display())]
     Locked { path: PathBuf },
     /// The state directory cannot be created or opened (permissions, not a
     /// sled database, damaged beyond sled's recovery).
-    #[error("cannot open the state directory {path}: {source}")]
+    #[error("cannot open the state directory {}: {source}", path.display())]
     Open {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: ferry_host::OpenError,
     },
+    /// The database was written in a key layout this console does not know
+    /// (a newer console's, or damaged): refused, left untouched.
+    #[error(
+        "the state directory {} has key layout version {found}; this console reads version {LAYOUT_VERSION}",
+        path.display()
+    )]
+    UnknownLayout { path: PathBuf, found: String },
     /// A read, write or flush of the database failed (disk full, I/O error).
     #[error("state storage failed: {0}")]
     Storage(#[from] sled::Error),
@@ -153,6 +185,7 @@ impl StoreError {
         match self {
             StoreError::Locked { .. } => "locked",
             StoreError::Open { .. } => "open",
+            StoreError::UnknownLayout { .. } => "unknown_layout",
             StoreError::Storage(_) => "storage",
         }
     }
@@ -189,12 +222,15 @@ impl StoreStats {
 
 /// The fleet's state in sled. See the module header.
 pub struct Store {
-    db: sled::Db,
     tree: sled::Tree,
+    episodes: sled::Tree,
     path: PathBuf,
     /// Serialises writers: `apply` reads, modifies and writes a device.
     writer: Mutex<Writer>,
     changes: broadcast::Sender<Change>,
+    /// The database and the lock file that keeps other processes out.
+    /// Last, so it is dropped (and the lock released) after the trees.
+    handle: ferry_host::SledHandle,
 }
 
 impl std::fmt::Debug for Store {
@@ -373,6 +409,8 @@ pub fn event_name(event: &Event) -> &'static str {
         Event::ShadowReport(_) => "shadow_report",
         Event::CommandRejected { .. } => "command_rejected",
         Event::Started { .. } => "started",
+        Event::BufferRecovered { .. } => "buffer_recovered",
+        Event::Unknown => "unknown",
     }
 }
 
@@ -429,47 +467,58 @@ struct Fresh {
 }
 
 impl Store {
-    /// Opens (or creates) the state in the directory `path`.
+    /// Opens (or creates) the state in the directory `path`. Refuses a
+    /// directory another process holds ([`StoreError::Locked`]; a handle of
+    /// this process still closing is waited for) and a database of another
+    /// key layout ([`StoreError::UnknownLayout`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let config = sled::Config::new()
-            .path(path)
             .cache_capacity(CACHE_BYTES)
             .flush_every_ms(Some(FLUSH_EVERY_MS));
-        let started = Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                    if started.elapsed() >= LOCK_WAIT {
-                        return Err(StoreError::Locked {
-                            path: path.to_path_buf(),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(StoreError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    });
-                }
+        let handle = ferry_host::open_sled(path, config, LOCK_WAIT).map_err(|e| match e {
+            ferry_host::OpenError::Locked { .. } => StoreError::Locked {
+                path: path.to_path_buf(),
+            },
+            source => StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        let tree = handle.db.open_tree(TREE)?;
+        match tree.get(LAYOUT_KEY)? {
+            Some(v) if v.as_ref() == LAYOUT_VERSION.to_be_bytes() => {}
+            // New, or written before the key existed (the same layout).
+            None => {
+                tree.insert(LAYOUT_KEY, &LAYOUT_VERSION.to_be_bytes())?;
+                handle.db.flush()?;
             }
-        };
-        let tree = db.open_tree(TREE)?;
+            Some(v) => {
+                let found = match <[u8; 4]>::try_from(v.as_ref()) {
+                    Ok(b) => u32::from_be_bytes(b).to_string(),
+                    Err(_) => format!("(unreadable: {} bytes)", v.len()),
+                };
+                return Err(StoreError::UnknownLayout {
+                    path: path.to_path_buf(),
+                    found,
+                });
+            }
+        }
+        let episodes = handle.db.open_tree(EPISODES_TREE)?;
         let seq = tree
             .get(SEQ_KEY)?
             .and_then(|v| key_tail(&v))
             .unwrap_or_default();
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         Ok(Store {
-            db,
             tree,
+            episodes,
             path: path.to_path_buf(),
             writer: Mutex::new(Writer {
                 seq,
                 ..Writer::default()
             }),
             changes,
+            handle,
         })
     }
 
@@ -870,21 +919,45 @@ impl Store {
 
     /// Writes everything applied so far to disk (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.handle.db.flush()?;
         Ok(())
     }
 
-    /// A tree of the same database for other parts of the console (rollout
-    /// state), so that one directory and one flush hold everything. Any
-    /// name but [`TREE`].
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        assert_ne!(name, TREE, "the tree {TREE} belongs to the store");
-        Ok(self.db.open_tree(name)?)
+    /// Stores a retraining episode under its id (replacing the previous
+    /// version) and flushes it to disk before returning: the retraining
+    /// loop relies on a `running` episode being durable before its hook
+    /// starts.
+    pub fn save_episode<T: Serialize>(&self, id: &str, episode: &T) -> Result<(), StoreError> {
+        self.episodes
+            .insert([EPISODE_PREFIX, id.as_bytes()].concat(), to_json(episode))?;
+        self.handle.db.flush()?;
+        Ok(())
+    }
+
+    /// Every retraining episode, by id (oldest first: ids sort by time); an
+    /// unreadable one is skipped with a warning.
+    pub fn episodes<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.episodes.scan_prefix(EPISODE_PREFIX) {
+            let (k, v) = kv?;
+            out.extend(from_json(&k, &v));
+        }
+        Ok(out)
     }
 
     /// The state directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Writes another layout version (what a newer console would leave
+    /// behind), for tests of the refusal.
+    #[cfg(test)]
+    pub(crate) fn set_layout_version(&self, version: u32) {
+        self.tree
+            .insert(LAYOUT_KEY, &version.to_be_bytes())
+            .unwrap();
+        self.handle.db.flush().unwrap();
     }
 
     /// What `apply` saw since the store was opened.
@@ -899,7 +972,7 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if let Err(error) = self.db.flush() {
+        if let Err(error) = self.handle.db.flush() {
             warn!(%error, path = %self.path.display(), "Cannot flush the state at close");
         }
     }
@@ -1420,5 +1493,67 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+    #[test]
+    fn an_unknown_layout_version_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        {
+            let store = Store::open(&path).unwrap();
+            let v = store.tree.get(LAYOUT_KEY).unwrap().unwrap();
+            assert_eq!(
+                v.as_ref(),
+                LAYOUT_VERSION.to_be_bytes(),
+                "written on creation"
+            );
+            store
+                .apply(&t("d1", Topic::Status), &to_json(&status("d1", 10)), NOW)
+                .unwrap();
+            // What a newer console would leave behind.
+            store
+                .tree
+                .insert(LAYOUT_KEY, &(LAYOUT_VERSION + 1).to_be_bytes())
+                .unwrap();
+        }
+        let e = Store::open(&path).unwrap_err();
+        assert_eq!(e.code(), "unknown_layout", "{e}");
+        assert!(
+            matches!(&e, StoreError::UnknownLayout { found, .. } if *found == (LAYOUT_VERSION + 1).to_string()),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("key layout version 2"), "{e}");
+        // Left as it was; a database from before the key existed (same
+        // layout, no key) opens and gets the key.
+        {
+            let db = sled::Config::new().path(&path).open().unwrap();
+            let tree = db.open_tree(TREE).unwrap();
+            let v = tree.get(LAYOUT_KEY).unwrap().unwrap();
+            assert_eq!(v.as_ref(), (LAYOUT_VERSION + 1).to_be_bytes());
+            assert!(tree.get(device_key("d1")).unwrap().is_some());
+            tree.remove(LAYOUT_KEY).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(store.device("d1").unwrap().online);
+        let v = store.tree.get(LAYOUT_KEY).unwrap().unwrap();
+        assert_eq!(v.as_ref(), LAYOUT_VERSION.to_be_bytes());
+    }
+
+    #[test]
+    fn episodes_are_kept_in_their_own_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        {
+            let store = Store::open(&path).unwrap();
+            store.save_episode("rt-2", &json!({"id": "rt-2"})).unwrap();
+            store.save_episode("rt-1", &json!({"id": "rt-1"})).unwrap();
+            store
+                .save_episode("rt-1", &json!({"id": "rt-1", "v": 2}))
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let all: Vec<Value> = store.episodes().unwrap();
+        assert_eq!(all, [json!({"id": "rt-1", "v": 2}), json!({"id": "rt-2"})]);
+        assert!(store.devices().is_empty());
     }
 }

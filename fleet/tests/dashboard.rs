@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse as _;
 use base64::Engine as _;
+use ferry_fleet::http::{ChangeSource, router, router_with};
 use ferry_fleet::ingest::{Console as Ingest, IngestOptions};
 use ferry_fleet::model::Change;
-use ferry_fleet::server::{ChangeSource, router, router_with};
 use ferry_fleet::store::Store;
 use ferry_protocol::{
     Batch, BufferInfo, BundleRef, DriftRecord, Event, EventRecord, FeatureDrift, SCHEMA_VERSION,
@@ -118,7 +118,7 @@ impl Console {
             .apply(
                 &topic(FLEET, device, t),
                 &serde_json::to_vec(payload).unwrap(),
-                ferry_fleet::now_ms(),
+                ferry_host::now_ms(),
             )
             .unwrap()
     }
@@ -141,7 +141,7 @@ fn bundle(version: &str, sequence: u64) -> BundleRef {
 fn status(device: &str, online: bool, version: &str) -> Status {
     Status {
         online,
-        ts_ms: ferry_fleet::now_ms(),
+        ts_ms: ferry_host::now_ms(),
         bundle: Some(bundle(version, 1)),
         update: UpdateState::Idle,
         buffer: BufferInfo {
@@ -162,7 +162,7 @@ fn batch<T>(device: &str, stream: Stream, records: Vec<T>, first: u64, last: u64
         message_id: message_id(device, stream, first, last),
         device: device.into(),
         fleet: FLEET.into(),
-        sent_ms: ferry_fleet::now_ms(),
+        sent_ms: ferry_host::now_ms(),
         records,
     }
 }
@@ -187,7 +187,7 @@ fn drift_record(id: u64, petal_length: f64) -> DriftRecord {
         feature("petal_length", petal_length),
     ];
     let drifted = features.iter().filter(|f| f.drifted).count() as u32;
-    let now = ferry_fleet::now_ms();
+    let now = ferry_host::now_ms();
     DriftRecord {
         id,
         ts_ms: now,
@@ -206,7 +206,7 @@ fn telemetry(first_id: u64, n: u64, failed: u64) -> Vec<TelemetryRecord> {
     (0..n)
         .map(|i| TelemetryRecord {
             id: first_id + i,
-            ts_ms: ferry_fleet::now_ms(),
+            ts_ms: ferry_host::now_ms(),
             bundle_version: "1.0.0".into(),
             latency_us: 40,
             ok: i >= failed,
@@ -276,7 +276,7 @@ fn small_fleet(c: &Console) {
                 Stream::Events,
                 vec![EventRecord {
                     id,
-                    ts_ms: ferry_fleet::now_ms(),
+                    ts_ms: ferry_host::now_ms(),
                     event,
                 }],
                 id,
@@ -992,7 +992,7 @@ fn the_dashboard_in_a_browser_shows_the_fleet_and_highlights_drift() {
     wait_until(
         "both devices' drift windows and telemetry in the store",
         || {
-            let now = ferry_fleet::now_ms();
+            let now = ferry_host::now_ms();
             [DRIFTING, CALM]
                 .iter()
                 .all(|d| c.store.drift_history(Some(d), 100).len() == windows)

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use ferry_testkit::free_port;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use ferry_link::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
 use crate::device::{Device, Setup, iris_batch, iris_rows};
@@ -37,7 +37,7 @@ fn device(fleet: &Value, id: &str) -> Option<Value> {
 }
 
 /// Polls until the CONNACK: its `session_present`.
-async fn connack(el: &mut rumqttc::EventLoop) -> bool {
+async fn connack(el: &mut ferry_link::EventLoop) -> bool {
     loop {
         if let Event::Incoming(Packet::ConnAck(a)) = el.poll().await.unwrap() {
             return a.session_present;

@@ -2,7 +2,9 @@
 //!
 //! - `the_hook_fires_once_per_episode_with_the_drifted_samples`: mosquitto,
 //!   three real agents (two fed shifted iris data, one data like the
-//!   baseline) and a console in this process whose hook is a real command.
+//!   baseline) and the console (`ferry_fleet::run`, which evaluates the
+//!   rule every second) in this process, whose hook is a real command,
+//!   watched through its HTTP API (`ferry_fleet::Client`).
 //!   The hook runs exactly once while drift windows keep arriving and after
 //!   a console restart; samples.csv holds the drifting devices' samples
 //!   (the shifted petal lengths) and nothing of the calm one; request.json
@@ -21,9 +23,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_fleet::ingest::Console;
 use ferry_fleet::retrain::{Episode, HookState, Options, Request, Retrainer};
 use ferry_fleet::store::Store;
+use ferry_host::now_ms;
 use ferry_protocol::{
     Batch, DriftRecord, FeatureDrift, OutputSummary, SCHEMA_VERSION, SampleRecord, Status, Stream,
     TelemetryRecord, Topic, message_id, topic,
@@ -34,70 +36,38 @@ use serde_json::Value;
 use crate::broker::Mosquitto;
 use crate::device::{Device, Setup, iris_batch, iris_rows};
 use crate::fixtures::{self, FLEET, V1, bundles};
+use crate::state::{RunningConsole, console_config};
 
 const DEVICES: [&str; 3] = ["rt-a", "rt-b", "rt-c"];
 /// Generous: two cores shared by agents, mosquitto and the tests.
 const WAIT: Duration = Duration::from_secs(90);
-
-/// A console in this process: store, MQTT, the retrainer and its routes.
-struct TestConsole {
-    store: Arc<Store>,
-    console: Arc<Console>,
-    retrainer: Arc<Retrainer>,
-    http: String,
-    server: tokio::task::JoinHandle<()>,
-}
+/// Several of the console's ticks (one a second).
+const TICKS: Duration = Duration::from_millis(3500);
 
 fn start_console(
     rt: &tokio::runtime::Runtime,
     broker: &Mosquitto,
     state: &Path,
     options: Options,
-) -> TestConsole {
-    rt.block_on(async {
-        let (store, console) = crate::state::connect(broker, state, "retrain-console").await;
-        let retrainer = Arc::new(Retrainer::open(state, store.clone(), options).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = format!("http://{}", listener.local_addr().unwrap());
-        let app = ferry_fleet::server::router(store.clone())
-            .merge(ferry_fleet::retrain::routes(retrainer.clone()));
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        TestConsole {
-            store,
-            console,
-            retrainer,
-            http,
-            server,
-        }
-    })
+) -> RunningConsole {
+    let mut config = console_config(broker, state, "retrain-console", None);
+    config.retrain = options;
+    RunningConsole::start(rt, config)
 }
 
-impl TestConsole {
-    fn stop(self, rt: &tokio::runtime::Runtime) {
-        self.server.abort();
-        rt.block_on(async { self.console.stop().await.unwrap() });
-        let TestConsole {
-            store, retrainer, ..
-        } = self;
-        drop(retrainer);
-        store.flush().unwrap();
-    }
-
-    fn tick(&self) {
-        self.retrainer.tick(ferry_fleet::now_ms()).unwrap();
-    }
-
+impl RunningConsole {
     fn episodes(&self) -> Vec<Episode> {
-        self.retrainer.episodes().unwrap()
+        self.client.retrain().unwrap().episodes
     }
 
-    /// Ticks every 200 ms until `done` holds (or panics).
-    fn tick_until(&self, what: &str, done: impl Fn(&TestConsole) -> bool) {
+    fn current(&self) -> Option<Episode> {
+        self.client.retrain().unwrap().current
+    }
+
+    /// Polls every 200 ms until `done` holds (or panics).
+    fn wait_for(&self, what: &str, done: impl Fn(&RunningConsole) -> bool) {
         let deadline = Instant::now() + WAIT;
         loop {
-            self.tick();
             if done(self) {
                 return;
             }
@@ -105,7 +75,7 @@ impl TestConsole {
                 Instant::now() < deadline,
                 "timed out waiting for {what}\nepisodes: {:#?}\nfleet drift: {:#?}",
                 self.episodes(),
-                self.retrainer.fleet_drift(ferry_fleet::now_ms())
+                self.client.fleet_drift().unwrap()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -118,24 +88,31 @@ impl TestConsole {
         loop {
             let ids: Vec<u64> = devices
                 .iter()
-                .filter_map(|d| self.store.device(d)?.drift.map(|w| w.id))
+                .filter_map(|d| self.client.device(d).unwrap()?.drift.map(|w| w.id))
                 .collect();
             if ids.len() == devices.len() && ids.iter().all(|id| *id > after) {
                 return ids.into_iter().min().unwrap();
             }
             assert!(
                 Instant::now() < deadline,
-                "no new drift windows from {devices:?}: {:#?}",
-                self.store.devices()
+                "no new drift windows from {devices:?}: {:#}",
+                self.client.devices().unwrap()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     fn get(&self, path: &str) -> Value {
-        let mut r = ureq::get(format!("{}{path}", self.http)).call().unwrap();
+        let mut r = ureq::get(format!("{}{path}", self.client.base()))
+            .call()
+            .unwrap();
         serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
     }
+}
+
+/// Whether `e`'s hook has finished (or could not run).
+fn hook_done(e: &Episode) -> bool {
+    !matches!(e.hook, HookState::Pending | HookState::Running { .. })
 }
 
 /// Lines the hook script appended.
@@ -226,9 +203,12 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
         ),
     )
     .unwrap();
+    // The data set waits 10 s after the rule holds, so the drifting
+    // windows' samples (their own topic) are in (`--retrain-settle`).
     let options = || Options {
         min_devices: 2,
         calm_ms: 3000,
+        settle_ms: 10_000,
         hook: ferry_fleet::retrain::Hook::command(&format!("/bin/sh {}", script.display()))
             .unwrap(),
         hook_timeout: Duration::from_secs(30),
@@ -252,14 +232,19 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     let v1 = bundles().digest(V1);
     let deadline = Instant::now() + WAIT;
     while !DEVICES.iter().all(|d| {
-        c.store
+        c.client
             .device(d)
+            .unwrap()
             .is_some_and(|s| s.online && s.bundle.is_some_and(|b| b.digest == v1))
     }) {
-        assert!(Instant::now() < deadline, "{:#?}", c.store.devices());
+        assert!(
+            Instant::now() < deadline,
+            "{:#}",
+            c.client.devices().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    c.tick();
+    std::thread::sleep(TICKS);
     assert!(c.episodes().is_empty(), "no drift, no episode");
 
     let shifted_rows = iris_rows("current_shifted.csv");
@@ -281,11 +266,16 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     // sampled requests (one sample per request) are in.
     let deadline = Instant::now() + WAIT;
     while !DEVICES.iter().enumerate().all(|(i, d)| {
-        c.store
+        c.client
             .device(d)
+            .unwrap()
             .is_some_and(|s| s.samples >= if i < 2 { 200 } else { 4 })
     }) {
-        assert!(Instant::now() < deadline, "{:#?}", c.store.devices());
+        assert!(
+            Instant::now() < deadline,
+            "{:#}",
+            c.client.devices().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -310,7 +300,9 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     assert!(!firing.contains(&"sepal_width".into()), "{drift:#}");
 
     // The rule fires: one episode, one hook run.
-    c.tick();
+    c.wait_for("the episode's hook", |c| {
+        c.episodes().first().is_some_and(hook_done)
+    });
     let episodes = c.episodes();
     assert_eq!(episodes.len(), 1, "{episodes:#?}");
     let e = &episodes[0];
@@ -356,17 +348,14 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     feed(&agents[0], &shifted_rows[200..400]);
     feed(&agents[1], &shifted_rows[200..400]);
     c.wait_windows(&DEVICES[..2], first);
-    for _ in 0..5 {
-        c.tick();
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    std::thread::sleep(TICKS);
     assert_eq!(calls(&called).len(), 1);
     assert_eq!(c.episodes().len(), 1);
 
     // The export on demand, through the CLI and the console's API.
     let export = dir.path().join("export");
     let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
-        .args(["retrain", "--console", &c.http, "--export"])
+        .args(["retrain", "--console", c.client.base(), "--export"])
         .arg(&export)
         .output()
         .unwrap();
@@ -385,7 +374,7 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     assert_eq!(exported.rows, rows as u64);
     assert!(exported.samples_csv.ends_with("samples.csv"));
     let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
-        .args(["retrain", "--console", &c.http])
+        .args(["retrain", "--console", c.client.base()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -395,11 +384,8 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     // A console restart: the open episode is known, nothing fires again.
     c.stop(&rt);
     let c = start_console(&rt, &broker, &state, options());
-    assert_eq!(c.retrainer.current().unwrap().id, e.id);
-    for _ in 0..5 {
-        c.tick();
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_eq!(c.current().unwrap().id, e.id);
+    std::thread::sleep(TICKS);
     assert_eq!(calls(&called).len(), 1);
     assert_eq!(c.episodes().len(), 1);
 
@@ -408,17 +394,21 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     feed(&agents[0], &same_rows[200..400]);
     feed(&agents[1], &same_rows[200..400]);
     c.wait_windows(&DEVICES[..2], second);
-    c.tick_until("the episode's end", |c| c.retrainer.current().is_none());
+    c.wait_for("the episode's end", |c| c.current().is_none());
     assert!(c.episodes()[0].ended_ms.is_some());
     // A new shift is a new episode, and the hook runs again.
     feed(&agents[0], &shifted_rows[400..600]);
     feed(&agents[1], &shifted_rows[400..600]);
-    c.tick_until("a second episode", |c| c.episodes().len() == 2);
+    c.wait_for("a second episode and its hook", |c| {
+        let episodes = c.episodes();
+        episodes.len() == 2 && hook_done(&episodes[1])
+    });
     assert_eq!(calls(&called).len(), 2);
     let log: Vec<String> = c
-        .retrainer
-        .log_entries()
+        .client
+        .retrain()
         .unwrap()
+        .log
         .into_iter()
         .map(|l| l.what)
         .collect();
@@ -442,7 +432,7 @@ fn payload<T: Serialize + Clone>(device: &str, stream: Stream, records: &[T]) ->
         message_id: message_id(device, stream, 1, records.len() as u64),
         device: device.into(),
         fleet: FLEET.into(),
-        sent_ms: ferry_fleet::now_ms(),
+        sent_ms: now_ms(),
         records: records.to_vec(),
     })
     .unwrap()
@@ -451,7 +441,7 @@ fn payload<T: Serialize + Clone>(device: &str, stream: Stream, records: &[T]) ->
 /// A device with 10 requests, a drift window (petal_length drifted or not)
 /// and 3 samples.
 fn feed_store(store: &Store, device: &str, drifted: bool) {
-    let now = ferry_fleet::now_ms();
+    let now = now_ms();
     let t = |which| topic(FLEET, device, which);
     let mut status = Status::offline(FLEET, device, "0.1.0");
     status.online = true;
@@ -584,8 +574,8 @@ fn webhook_episode(statuses: Vec<u16>) -> (Episode, Vec<Vec<u8>>, tempfile::Temp
         ..Options::default()
     };
     let r = Retrainer::open(&dir, store, options).unwrap();
-    r.tick(ferry_fleet::now_ms()).unwrap();
-    r.tick(ferry_fleet::now_ms()).unwrap();
+    r.tick(now_ms()).unwrap();
+    r.tick(now_ms()).unwrap();
     let episodes = r.episodes().unwrap();
     assert_eq!(episodes.len(), 1, "{episodes:#?}");
     let bodies = bodies.lock().unwrap().clone();

@@ -1,98 +1,55 @@
-//! Canary rollouts against real agents: a console (store + MQTT + rollouts +
-//! the HTTP routes devices download from) in this process, mosquitto, and
-//! three `ferry-agent` processes.
+//! Canary rollouts against real agents: the console (`ferry_fleet::run`:
+//! store, MQTT, rollouts, the HTTP routes devices download from) in this
+//! process, driven through its HTTP API with `ferry_fleet::Client`,
+//! mosquitto, and three `ferry-agent` processes.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_fleet::ingest::Console;
 use ferry_fleet::rollout::{Phase, Rollout};
-use ferry_fleet::rollouts::{CommandSink, NewRollout, Rollouts};
-use ferry_fleet::store::Store;
+use ferry_fleet::rollouts::NewRollout;
+use ferry_fleet::{Client, RolloutsConfig};
 use ferry_format::{PublicKey, SecretKey, TrustPolicy};
 
 use crate::broker::Mosquitto;
 use crate::device::{Device, Setup, iris_batch, iris_request, iris_rows};
-use crate::fixtures::{self, FLEET, bundles};
+use crate::fixtures::{self, bundles};
+use crate::state::{RunningConsole, console_config};
 
 const DEVICES: [&str; 3] = ["ro-a", "ro-b", "ro-c"];
 
-/// A console in this process: its store, MQTT connection, rollouts, and an
-/// HTTP server for the bundle downloads.
-struct TestConsole {
-    store: Arc<Store>,
-    console: Arc<Console>,
-    rollouts: Arc<Rollouts>,
-    http: String,
-    server: tokio::task::JoinHandle<()>,
-}
-
-/// Starts a console; `http` is the address to serve on (a restarted console
-/// keeps its address: rollouts persist the download URLs they give out).
+/// Starts a console with rollouts (the fixtures' release key trusted and
+/// signing); `http` is the address to serve on (a restarted console keeps
+/// its address: rollouts persist the download URLs they give out).
 fn start_console(
     rt: &tokio::runtime::Runtime,
     broker: &Mosquitto,
     state: &Path,
     http: Option<&str>,
-) -> TestConsole {
-    rt.block_on(async {
-        let (store, console) = crate::state::connect(broker, state, "rollout-console").await;
-        let addr = http
-            .map(|h| h.trim_start_matches("http://").to_string())
-            .unwrap_or_else(|| "127.0.0.1:0".into());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match tokio::net::TcpListener::bind(&addr).await {
-                Ok(l) => break l,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("rebinding {addr}: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("cannot bind {addr}: {e}"),
-            }
-        };
-        let http = format!("http://{}", listener.local_addr().unwrap());
-        let b = bundles();
-        let trust = TrustPolicy::new(
-            PublicKey::all_from_pem(&std::fs::read_to_string(b.path("release.pub")).unwrap())
-                .unwrap(),
-        )
-        .unwrap();
-        let key =
-            SecretKey::from_pem(&std::fs::read_to_string(b.path("release.key")).unwrap()).unwrap();
-        let sink: Arc<dyn CommandSink> = console.clone();
-        let rollouts = Arc::new(
-            Rollouts::open(state, FLEET, &http, trust, Some(key), store.clone(), sink).unwrap(),
-        );
-        let app = ferry_fleet::rollouts::routes(rollouts.clone());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        TestConsole {
-            store,
-            console,
-            rollouts,
-            http,
-            server,
-        }
-    })
+) -> RunningConsole {
+    let b = bundles();
+    let trust = TrustPolicy::new(
+        PublicKey::all_from_pem(&std::fs::read_to_string(b.path("release.pub")).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let key =
+        SecretKey::from_pem(&std::fs::read_to_string(b.path("release.key")).unwrap()).unwrap();
+    let mut config = console_config(broker, state, "rollout-console", http);
+    config.rollouts = Some(RolloutsConfig {
+        trust,
+        key: Some(key),
+        public_url: None,
+    });
+    RunningConsole::start(rt, config)
 }
 
-impl TestConsole {
-    /// Steps the rollouts every 200 ms until `done` holds (or panics).
-    fn drive(
-        &self,
-        rt: &tokio::runtime::Runtime,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&Rollout) -> bool,
-    ) -> Rollout {
+impl RunningConsole {
+    /// Waits (the console steps its rollouts every second) until `done`
+    /// holds for the latest rollout (or panics).
+    fn drive(&self, what: &str, timeout: Duration, done: impl Fn(&Rollout) -> bool) -> Rollout {
         let deadline = Instant::now() + timeout;
         loop {
-            rt.block_on(self.rollouts.tick(ferry_fleet::now_ms()))
-                .unwrap();
-            let r = self.rollouts.list().pop().expect("a rollout");
+            let r = self.client.rollouts().unwrap().pop().expect("a rollout");
             if done(&r) {
                 return r;
             }
@@ -100,34 +57,38 @@ impl TestConsole {
                 Instant::now() < deadline,
                 "timed out waiting for {what}: {:#?}\naudit: {:#?}",
                 r,
-                self.rollouts.audit_log().unwrap()
+                self.client.audit().unwrap()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    fn stop(self, rt: &tokio::runtime::Runtime) {
-        self.server.abort();
-        rt.block_on(async { self.console.stop().await.unwrap() });
-        self.store.flush().unwrap();
-    }
-
-    /// Waits until the store knows every device with `sequence`.
+    /// Waits until the console knows every device with `sequence`.
     fn wait_fleet_on(&self, sequence: u64, devices: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !devices.iter().all(|d| {
-            self.store
+            self.client
                 .device(d)
+                .unwrap()
                 .and_then(|s| s.bundle)
                 .is_some_and(|b| b.sequence == sequence)
         }) {
             assert!(
                 Instant::now() < deadline,
-                "devices not on sequence {sequence}: {:#?}",
-                self.store.devices()
+                "devices not on sequence {sequence}: {:#}",
+                self.client.devices().unwrap()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Whether some rollout is not finished.
+    fn running(&self) -> bool {
+        self.client
+            .rollouts()
+            .unwrap()
+            .iter()
+            .any(|r| !r.phase.is_finished())
     }
 }
 
@@ -164,17 +125,17 @@ fn healthy_canaries_promote_to_everyone_and_a_restart_mid_rollout_resumes() {
     c.wait_fleet_on(1, &DEVICES);
 
     let v2 = bundles().bytes(fixtures::V2);
+    // A bake long enough that the console restarted below is still baking.
     let rollout = c
-        .rollouts
-        .create(
+        .client
+        .create_rollout(
             &v2,
-            &params("34%", "3s", "error_rate>20%;failed_installs>0"),
-            ferry_fleet::now_ms(),
+            &params("34%", "8s", "error_rate>20%;failed_installs>0"),
         )
         .unwrap();
     assert_eq!(rollout.canaries, 2, "34% of 3 rounds up to 2");
     // Canaries install; the others wait.
-    let r = c.drive(&rt, "bake", Duration::from_secs(90), |r| {
+    let r = c.drive("bake", Duration::from_secs(90), |r| {
         matches!(r.phase, Phase::Bake { .. })
     });
     let canaries = &r.order[..r.canaries];
@@ -205,20 +166,21 @@ fn healthy_canaries_promote_to_everyone_and_a_restart_mid_rollout_resumes() {
     }
 
     // The console restarts mid-rollout: the rollout resumes from disk.
-    let http = c.http.clone();
+    let http = c.client.base().to_string();
     c.stop(&rt);
     let c = start_console(&rt, &broker, state.path(), Some(&http));
-    assert!(matches!(c.rollouts.list()[0].phase, Phase::Bake { .. }));
-    let r = c.drive(&rt, "done", Duration::from_secs(120), |r| {
-        r.phase == Phase::Done
-    });
+    assert!(matches!(
+        c.client.rollouts().unwrap()[0].phase,
+        Phase::Bake { .. }
+    ));
+    let r = c.drive("done", Duration::from_secs(120), |r| r.phase == Phase::Done);
     assert_eq!(r.id, rollout.id);
     c.wait_fleet_on(2, &DEVICES);
     for a in &agents {
         assert_eq!(a.model().1, 2);
     }
     // The audit trail says who did what with which bundle.
-    let audit = c.rollouts.audit_log().unwrap();
+    let audit = c.client.audit().unwrap();
     let digest = bundles().digest(fixtures::V2);
     assert!(
         audit
@@ -255,15 +217,11 @@ fn drifting_canaries_abort_the_rollout_and_go_back() {
 
     let v2 = bundles().bytes(fixtures::V2);
     let rollout = c
-        .rollouts
-        .create(
-            &v2,
-            &params("1%", "10m", "drift.psi>0.25"),
-            ferry_fleet::now_ms(),
-        )
+        .client
+        .create_rollout(&v2, &params("1%", "10m", "drift.psi>0.25"))
         .unwrap();
     assert_eq!(rollout.canaries, 1);
-    let r = c.drive(&rt, "bake", Duration::from_secs(90), |r| {
+    let r = c.drive("bake", Duration::from_secs(90), |r| {
         matches!(r.phase, Phase::Bake { .. })
     });
     let canary = r.order[0].clone();
@@ -273,7 +231,7 @@ fn drifting_canaries_abort_the_rollout_and_go_back() {
     for chunk in iris_rows("current_shifted.csv")[..400].chunks(50) {
         assert_eq!(agent.predict_json(&iris_batch(chunk)).0, 200);
     }
-    let r = c.drive(&rt, "aborted", Duration::from_secs(120), |r| {
+    let r = c.drive("aborted", Duration::from_secs(120), |r| {
         matches!(r.phase, Phase::Aborted { .. })
     });
     let Phase::Aborted { reason } = &r.phase else {
@@ -289,7 +247,7 @@ fn drifting_canaries_abort_the_rollout_and_go_back() {
     for a in &agents {
         assert_eq!(a.model().1, 1);
     }
-    let audit = c.rollouts.audit_log().unwrap();
+    let audit = c.client.audit().unwrap();
     let text: Vec<&str> = audit.iter().map(|e| e.what.as_str()).collect();
     assert_eq!(
         text.iter()
@@ -308,7 +266,7 @@ fn drifting_canaries_abort_the_rollout_and_go_back() {
         "{text:#?}"
     );
     // Only one rollout at a time, and a finished one does not block.
-    assert!(!c.rollouts.running());
+    assert!(!c.running());
     c.stop(&rt);
 }
 
@@ -429,16 +387,8 @@ fn the_rollout_commands_drive_a_real_console() {
         "{table}"
     );
     // The dashboard's API shows the rollout too.
-    let r: serde_json::Value = serde_json::from_str(
-        &ureq::get(format!("{}/api/rollouts", serve.url))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(r[0]["phase"]["phase"], "done");
+    let r = Client::new(&serve.url).rollouts().unwrap();
+    assert_eq!(r[0].phase, Phase::Done);
 }
 
 #[test]
@@ -453,14 +403,10 @@ fn a_canary_refusing_the_bundle_aborts_the_rollout_and_nobody_changes() {
     // examples fail on the device: the agent refuses to activate it.
     let bad = bundles().bytes(fixtures::GOLDEN_FAILS);
     let rollout = c
-        .rollouts
-        .create(
-            &bad,
-            &params("1%", "10m", "failed_installs>0"),
-            ferry_fleet::now_ms(),
-        )
+        .client
+        .create_rollout(&bad, &params("1%", "10m", "failed_installs>0"))
         .unwrap();
-    let r = c.drive(&rt, "aborted", Duration::from_secs(120), |r| {
+    let r = c.drive("aborted", Duration::from_secs(120), |r| {
         matches!(r.phase, Phase::Aborted { .. })
     });
     assert_eq!(r.id, rollout.id);
@@ -469,8 +415,8 @@ fn a_canary_refusing_the_bundle_aborts_the_rollout_and_nobody_changes() {
     };
     assert!(reason.contains("failed_installs>0"), "{reason}");
     let audit: Vec<String> = c
-        .rollouts
-        .audit_log()
+        .client
+        .audit()
         .unwrap()
         .into_iter()
         .map(|e| e.what)

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use ferry_fleet::ingest::{Console, IngestOptions};
 use ferry_fleet::model::{Change, DeviceState};
 use ferry_fleet::store::Store;
+use ferry_fleet::{Client, ServeConfig, ServeError};
 use ferry_protocol::{
     Batch, BufferInfo, SCHEMA_VERSION, Status, Stream, TelemetryRecord, Topic, message_id, topic,
 };
@@ -63,7 +64,7 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn now_ms() -> u64 {
-    ferry_fleet::now_ms()
+    ferry_host::now_ms()
 }
 
 /// Waits until `done` holds (polling), or panics with `what` and `context()`.
@@ -87,18 +88,76 @@ pub(crate) fn admin_options(broker: &Mosquitto, client_id: &str) -> IngestOption
     o
 }
 
-/// Opens the store under `state` and follows the fleet as the admin;
-/// returns once subscribed.
-pub(crate) async fn connect(
+/// The configuration of a console in this process (`ferry_fleet::run`)
+/// following the fleet as the admin with `client_id`, its state in
+/// `state`, serving HTTP on `http` (an `http://addr` a restarted console
+/// keeps) or on a free port; no rollouts, the default retraining options.
+pub(crate) fn console_config(
     broker: &Mosquitto,
     state: &Path,
     client_id: &str,
-) -> (Arc<Store>, Arc<Console>) {
-    let store = Arc::new(Store::open(&state.join("store")).unwrap());
-    let console =
-        Arc::new(Console::start(&admin_options(broker, client_id), store.clone()).unwrap());
-    assert!(console.wait_connected(Duration::from_secs(30)).await);
-    (store, console)
+    http: Option<&str>,
+) -> ServeConfig {
+    let addr = http
+        .map(|h| h.trim_start_matches("http://").to_string())
+        .unwrap_or_else(|| "127.0.0.1:0".into());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match std::net::TcpListener::bind(&addr) {
+            Ok(l) => break l,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("rebinding {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("cannot bind {addr}: {e}"),
+        }
+    };
+    ServeConfig {
+        state: state.to_path_buf(),
+        listener,
+        mqtt: admin_options(broker, client_id),
+        embedded_broker: None,
+        rollouts: None,
+        retrain: ferry_fleet::retrain::Options::default(),
+    }
+}
+
+/// A console running in this process (`ferry_fleet::run` on the test's
+/// runtime), reached through its HTTP API. Dropping it stops it.
+pub(crate) struct RunningConsole {
+    pub(crate) client: Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningConsole {
+    /// Starts `run(config)` and returns once its HTTP API answers.
+    pub(crate) fn start(rt: &tokio::runtime::Runtime, config: ServeConfig) -> RunningConsole {
+        let addr = config.listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut task = rt.spawn(ferry_fleet::run(config, async {
+            let _ = stopped.await;
+        }));
+        let client = Client::new(&format!("http://{addr}"));
+        let deadline = Instant::now() + WAIT;
+        while client.devices().is_err() {
+            if task.is_finished() {
+                let ended = rt.block_on(&mut task).unwrap();
+                panic!("the console stopped at start: {ended:?}");
+            }
+            assert!(Instant::now() < deadline, "the console did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RunningConsole { client, stop, task }
+    }
+
+    /// Stops it as SIGTERM stops `serve`, and checks it stopped cleanly.
+    pub(crate) fn stop(self, rt: &tokio::runtime::Runtime) {
+        let _ = self.stop.send(());
+        rt.block_on(self.task)
+            .unwrap()
+            .expect("the console stopped cleanly");
+    }
 }
 
 /// A store and the ingest that feeds it, on a runtime of their own.

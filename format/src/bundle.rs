@@ -880,23 +880,30 @@ pub fn inspect_unverified(
 /// This runtime's version.
 pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// `MAJOR[.MINOR[.PATCH]]` in decimal, missing parts 0 (the rule written in
+/// `docs/bundle-format.md`). Anything else, a pre-release or build suffix
+/// included, is not a version.
 fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
-    // A pre-release or build suffix (`1.2.0-beta.1`, `1.2.0+abc`) does not
-    // change which features the runtime has: compare the numbers only.
-    let core = v.trim().split(['-', '+']).next()?;
-    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
-    Some((
-        parts.next()??,
-        parts.next().unwrap_or(Some(0))?,
-        parts.next().unwrap_or(Some(0))?,
-    ))
+    let parts: Vec<&str> = v.split('.').collect();
+    if parts.len() > 3 {
+        return None;
+    }
+    let mut numbers = [0u64; 3];
+    for (slot, part) in numbers.iter_mut().zip(&parts) {
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *slot = part.parse().ok()?;
+    }
+    Some((numbers[0], numbers[1], numbers[2]))
 }
 
 fn check_runtime_version(required: &str) -> Result<(), BundleError> {
     let need = parse_version(required).ok_or_else(|| {
         BundleError::BadManifest(format!("min_runtime `{required}` is not a version"))
     })?;
-    let have = parse_version(RUNTIME_VERSION).expect("crate version is valid");
+    let core = RUNTIME_VERSION.split(['-', '+']).next().unwrap_or_default();
+    let have = parse_version(core).expect("the crate version is MAJOR.MINOR.PATCH");
     if need > have {
         return Err(BundleError::RuntimeTooOld {
             required: required.to_string(),
@@ -935,5 +942,26 @@ mod tests {
             check_runtime_version("x"),
             Err(BundleError::BadManifest(_))
         ));
+    }
+
+    #[test]
+    fn min_runtime_is_major_minor_patch_in_decimal_as_documented() {
+        // docs/bundle-format.md: `MAJOR[.MINOR[.PATCH]]`, missing parts 0;
+        // a pre-release or build suffix does not parse (`bad_manifest`).
+        assert!(check_runtime_version("0").is_ok());
+        assert!(check_runtime_version("0.1").is_ok());
+        for bad in [
+            "0.1.0-beta.1",
+            "0.0.1+abc",
+            "0.1.0.0",
+            "0..1",
+            "",
+            " ",
+            "-1",
+            "0.1.x",
+        ] {
+            let e = check_runtime_version(bad).unwrap_err();
+            assert_eq!(e.code(), "bad_manifest", "{bad:?}: {e}");
+        }
     }
 }

@@ -66,10 +66,15 @@ impl SecretKey {
             .map_err(|e| KeyError::BadPrivateKey(e.to_string()))
     }
 
-    /// The key as PKCS#8 PEM.
+    /// The key as PKCS#8 v1 PEM (RFC 8410: the seed only, no public key
+    /// field), the form OpenSSL writes and reads (`openssl pkey`); v2 keys
+    /// (with the public key, as older Ferry versions wrote) still parse.
     pub fn to_pem(&self) -> String {
-        self.0
-            .to_pkcs8_pem(LineEnding::LF)
+        let v1 = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        };
+        v1.to_pkcs8_pem(LineEnding::LF)
             .expect("ed25519 keys always encode")
             .to_string()
     }
@@ -218,5 +223,49 @@ impl TrustPolicy {
             KeyError::BadSignature(format!("signature by {key_id} does not verify"))
         })?;
         Ok(key.key_id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_written_as_pkcs8_v1_and_both_versions_read_back() {
+        let key = SecretKey::generate().unwrap();
+        let pem = key.to_pem();
+        // PKCS#8 v1 of an ed25519 key (RFC 8410) is 48 bytes of DER:
+        // version 0, the algorithm, the 32-byte seed; v2 adds the public key.
+        let der = pem_body(&pem);
+        assert_eq!(der.len(), 48, "{pem}");
+        assert_eq!(&der[2..5], &[0x02, 0x01, 0x00], "version 0 (v1)");
+        let back = SecretKey::from_pem(&pem).unwrap();
+        assert_eq!(back.key_id(), key.key_id());
+        // The v2 form older Ferry versions wrote still parses.
+        let v2 = key.0.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
+        assert!(pem_body(&v2).len() > 48);
+        assert_eq!(SecretKey::from_pem(&v2).unwrap().key_id(), key.key_id());
+    }
+
+    fn pem_body(pem: &str) -> Vec<u8> {
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        decode_base64(&b64)
+    }
+
+    fn decode_base64(s: &str) -> Vec<u8> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = Vec::new();
+        let mut acc = 0u32;
+        let mut bits = 0;
+        for c in s.bytes().filter(|c| *c != b'=') {
+            let v = ALPHABET.iter().position(|a| *a == c).unwrap() as u32;
+            acc = (acc << 6) | v;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+            }
+        }
+        out
     }
 }

@@ -267,6 +267,53 @@ fn keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites() {
     assert_eq!(std::fs::read(&key).unwrap(), before);
 }
 
+fn openssl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl runs (scripts/test.sh installs it)")
+}
+
+#[test]
+fn keys_are_exchanged_with_openssl_both_ways() {
+    // Issue 10: `ferry keygen` wrote PKCS#8 v2, which `openssl pkey` refused.
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel).to_string_lossy().into_owned();
+    assert_exit(&ferry(&["keygen", "-o", &p("ferry")]), 0);
+    let o = openssl(&["pkey", "-in", &p("ferry.key"), "-pubout"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        std::fs::read_to_string(p("ferry.pub")).unwrap().trim(),
+        "openssl derives the same public key"
+    );
+    // And a key made by openssl signs a bundle that verifies with the
+    // public key openssl derived.
+    let o = openssl(&["genpkey", "-algorithm", "ed25519", "-out", &p("ossl.key")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = openssl(&[
+        "pkey",
+        "-in",
+        &p("ossl.key"),
+        "-pubout",
+        "-out",
+        &p("ossl.pub"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bundle = p("ossl.ferry");
+    let o = ferry(&[
+        "pack",
+        "--model",
+        &ex("iris/model.onnx"),
+        "--key",
+        &p("ossl.key"),
+        "-o",
+        &bundle,
+    ]);
+    assert_exit(&o, 0);
+    assert_exit(&ferry(&["verify", &bundle, "--pub", &p("ossl.pub")]), 0);
+}
+
 #[test]
 fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_runs() {
     let f = bundles();

@@ -9,8 +9,10 @@
 //!   [`DriftRecord`], [`SampleRecord`] or [`EventRecord`].
 //! - fleet → device: [`Command`].
 //! - update channels: [`ChannelIndex`].
-//! - connecting: [`BrokerUrl`] (the broker URLs both sides take) and
-//!   [`Backoff`] (their reconnect delays).
+//! - limits: [`MAX_MESSAGE_BYTES`], [`MAX_NAME_LEN`] ([`validate_name`]).
+//!
+//! Only the wire format lives here: connecting (broker URLs, TLS,
+//! reconnects, PUBACK bookkeeping) is `ferry-link`'s.
 //!
 //! # Changing these types
 //! Every payload is JSON with a `schema` field ([`SCHEMA_VERSION`]).
@@ -153,121 +155,6 @@ pub fn parse_topic(t: &str) -> Option<(&str, &str, Topic)> {
         _ => return None,
     };
     Some((fleet, device, topic))
-}
-
-/// Where a broker is: the `mqtt://host[:port]` / `mqtts://host[:port]` URLs
-/// the agent (`mqtt.url`) and the console (`--broker`) take.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-}
-
-/// Why a broker URL was refused. Displays as the end of a sentence about
-/// the URL ("... must start with mqtt:// or mqtts://"): callers name the
-/// setting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BrokerUrlError {
-    /// Not `mqtt://` or `mqtts://`.
-    Scheme(String),
-    /// `user:password@` in the URL (credentials belong elsewhere).
-    Credentials,
-    /// A path, query or fragment.
-    NotHostPort(String),
-    /// `[::1]`-style hosts.
-    Ipv6(String),
-    /// Not 1..=65535.
-    Port(String),
-    NoHost(String),
-}
-
-impl std::fmt::Display for BrokerUrlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BrokerUrlError::Scheme(u) => {
-                write!(f, "must start with mqtt:// or mqtts://, got {u:?}")
-            }
-            BrokerUrlError::Credentials => write!(f, "must not hold credentials"),
-            BrokerUrlError::NotHostPort(u) => write!(
-                f,
-                "takes a host and a port only (a host name or IPv4 address), got {u:?}"
-            ),
-            BrokerUrlError::Ipv6(u) => write!(
-                f,
-                "holds an IPv6 literal, which is not supported: use a host name (got {u:?})"
-            ),
-            BrokerUrlError::Port(u) => write!(f, "has an invalid port: {u:?}"),
-            BrokerUrlError::NoHost(u) => write!(f, "has no host: {u:?}"),
-        }
-    }
-}
-
-impl std::error::Error for BrokerUrlError {}
-
-impl BrokerUrl {
-    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (default ports
-    /// 1883 and 8883; a trailing `/` is allowed). No credentials, paths or
-    /// IPv6 literals.
-    pub fn parse(url: &str) -> Result<BrokerUrl, BrokerUrlError> {
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("mqtt://") {
-            (false, rest)
-        } else {
-            return Err(BrokerUrlError::Scheme(url.to_string()));
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains('@') {
-            return Err(BrokerUrlError::Credentials);
-        }
-        if rest.contains(['/', '?', '#']) {
-            return Err(BrokerUrlError::NotHostPort(url.to_string()));
-        }
-        if rest.starts_with('[') {
-            return Err(BrokerUrlError::Ipv6(url.to_string()));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) => {
-                let port = port
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| BrokerUrlError::Port(url.to_string()))?;
-                (host, port)
-            }
-            None => (rest, if tls { 8883 } else { 1883 }),
-        };
-        if host.is_empty() {
-            return Err(BrokerUrlError::NoHost(url.to_string()));
-        }
-        Ok(BrokerUrl {
-            tls,
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-/// Reconnect delays: doubling from `min`, capped at `max`, with "equal
-/// jitter" (uniform in the upper half) so a fleet that lost its broker at
-/// once does not come back in lockstep. Used by the agent and the console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub min: std::time::Duration,
-    pub max: std::time::Duration,
-}
-
-impl Backoff {
-    /// The delay before reconnect attempt `attempt` (0 for the first retry);
-    /// `unit` is uniform in `[0, 1)`.
-    pub fn delay(&self, attempt: u32, unit: f64) -> std::time::Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        let ceiling = self.min.saturating_mul(factor).min(self.max);
-        ceiling
-            .mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
-            .clamp(self.min, self.max)
-    }
 }
 
 /// Identity of a bundle.
@@ -543,6 +430,14 @@ pub enum Event {
         agent_version: String,
         bundle: Option<BundleRef>,
     },
+    /// The telemetry buffer could not be opened (its files are damaged): it
+    /// was moved aside to `moved_to` (kept for inspection) and an empty one
+    /// created. What it held is not sent; predictions never stopped.
+    BufferRecovered { moved_to: String, reason: String },
+    /// An event this reader does not know (from a newer agent): readers
+    /// ignore what they do not know instead of refusing the whole batch.
+    #[serde(other)]
+    Unknown,
 }
 
 /// How a shadow candidate compared with the active bundle.
@@ -618,6 +513,9 @@ pub enum Action {
 }
 
 impl Command {
+    /// Domain separation: the prefix of every signed command, so that a
+    /// command signature can never pass for a bundle signature (whose
+    /// context, `ferry-bundle-v1`, is ferry-format's) or the reverse.
     pub const SIGNING_CONTEXT: &'static [u8] = b"ferry-command-v1\0";
 
     /// The bytes an operator signs: context, fleet, target device (or
@@ -660,6 +558,7 @@ pub struct IndexEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn topics_round_trip() {
@@ -677,6 +576,48 @@ mod tests {
         assert_eq!(parse_topic("ferry/v1/a/b/c/d"), None);
         assert_eq!(parse_topic("ferry/v2/a/b/status"), None);
         assert_eq!(parse_topic("ferry/v1/a/b/other"), None);
+        assert_eq!(parse_topic("ferry/v1/a/b"), None);
+        assert_eq!(parse_topic("ferry/v1a/b/status"), None);
+        assert_eq!(parse_topic(""), None);
+    }
+
+    #[test]
+    fn topic_names_are_fixed() {
+        // The wire names: changing one is a protocol break (see the header).
+        assert_eq!(
+            topic("plant", "dev-1", Topic::Status),
+            "ferry/v1/plant/dev-1/status"
+        );
+        assert_eq!(
+            topic("plant", "dev-1", Topic::Command),
+            "ferry/v1/plant/dev-1/cmd"
+        );
+        let streams: Vec<_> = Stream::ALL
+            .iter()
+            .map(|s| topic("p", "d", Topic::Stream(*s)))
+            .collect();
+        assert_eq!(
+            streams,
+            [
+                "ferry/v1/p/d/telemetry",
+                "ferry/v1/p/d/drift",
+                "ferry/v1/p/d/samples",
+                "ferry/v1/p/d/events"
+            ]
+        );
+        for s in Stream::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+            assert_eq!(Topic::Stream(s).suffix(), s.as_str());
+        }
+        assert_eq!(
+            command_topics("plant", "dev-1"),
+            ["ferry/v1/plant/dev-1/cmd", "ferry/v1/plant/all/cmd"]
+        );
+        assert_eq!(fleet_filter("plant"), "ferry/v1/plant/#");
+        assert_eq!(
+            parse_topic("ferry/v1/plant/all/cmd"),
+            Some(("plant", ALL_DEVICES, Topic::Command))
+        );
     }
 
     #[test]
@@ -685,8 +626,357 @@ mod tests {
         assert!(validate_name("device id", "").is_err());
         assert!(validate_name("device id", "a/b").is_err());
         assert!(validate_name("device id", "a+").is_err());
+        assert!(validate_name("device id", "a#").is_err());
+        assert!(validate_name("device id", "a b").is_err());
+        assert!(validate_name("device id", "é").is_err());
         assert!(validate_name("device id", "all").is_err());
+        // `all` is reserved for devices only.
+        assert!(validate_name("fleet", "all").is_ok());
         assert!(validate_name("fleet", &"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn name_limits_are_exact() {
+        assert_eq!(MAX_NAME_LEN, 128);
+        assert!(validate_name("fleet", &"x".repeat(MAX_NAME_LEN)).is_ok());
+        assert!(validate_name("device id", &"x".repeat(MAX_NAME_LEN)).is_ok());
+        let e = validate_name("fleet", &"x".repeat(MAX_NAME_LEN + 1)).unwrap_err();
+        assert!(e.starts_with("fleet must be 1 to 128 characters"), "{e}");
+        let e = validate_name("device id", "").unwrap_err();
+        assert!(e.starts_with("device id must be 1 to 128"), "{e}");
+        let e = validate_name("device id", "a/b").unwrap_err();
+        assert!(e.contains("contains '/'"), "{e}");
+        let e = validate_name("device id", "all").unwrap_err();
+        assert!(e.contains("reserved"), "{e}");
+        // The longest topic stays far below MQTT's limits.
+        let long = "x".repeat(MAX_NAME_LEN);
+        assert!(topic(&long, &long, Topic::Stream(Stream::Telemetry)).len() < 300);
+        assert_eq!(MAX_MESSAGE_BYTES, 131_072);
+    }
+
+    #[test]
+    fn message_ids_name_device_stream_and_range() {
+        assert_eq!(
+            message_id("dev-1", Stream::Telemetry, 1, 20),
+            "dev-1:telemetry:1-20"
+        );
+        assert_eq!(message_id("d", Stream::Events, 7, 7), "d:events:7-7");
+        assert_eq!(
+            message_id("d", Stream::Samples, 0, u64::MAX),
+            format!("d:samples:0-{}", u64::MAX)
+        );
+    }
+
+    fn bundle(version: &str) -> BundleRef {
+        BundleRef {
+            name: "iris".into(),
+            version: version.into(),
+            digest: "ab".repeat(32),
+            fleet: "plant".into(),
+            channel: "stable".into(),
+            sequence: 3,
+        }
+    }
+
+    fn round_trip<T>(value: &T) -> serde_json::Value
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let v = serde_json::to_value(value).unwrap();
+        let back: T = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(&back, value);
+        v
+    }
+
+    /// Adds a field no reader knows, at the top level.
+    fn with_unknown(mut v: serde_json::Value) -> serde_json::Value {
+        v.as_object_mut()
+            .unwrap()
+            .insert("added_later".into(), json!({"x": [1, 2]}));
+        v
+    }
+
+    fn status() -> Status {
+        let mut s = Status::offline("plant", "dev-1", "0.1.0");
+        s.online = true;
+        s.ts_ms = 1_700_000_000_000;
+        s.bundle = Some(bundle("1.1.0"));
+        s.previous = Some(bundle("1.0.0"));
+        s.update = UpdateState::Rejected {
+            version: "1.2.0".into(),
+            code: "signature".into(),
+            reason: "no trusted key".into(),
+            digest: Some("cd".into()),
+        };
+        s.buffer = BufferInfo {
+            records: 5,
+            bytes: 500,
+            budget_bytes: 1 << 20,
+            dropped: BTreeMap::from([(Stream::Samples, 2)]),
+            corrupt: 1,
+        };
+        s.predictions = 9;
+        s.errors = 1;
+        s.uptime_s = 60;
+        s.shadow = Some(ShadowInfo {
+            candidate: bundle("1.2.0"),
+            compared: 4,
+            target: 100,
+        });
+        s
+    }
+
+    #[test]
+    fn status_round_trips_and_ignores_unknown_fields() {
+        let s = status();
+        let v = round_trip(&s);
+        assert_eq!(v["update"]["state"], "rejected");
+        assert_eq!(v["buffer"]["dropped"]["samples"], 2);
+        let back: Status = serde_json::from_value(with_unknown(v)).unwrap();
+        assert_eq!(back, s);
+        // The last will: only the identity fields matter.
+        let will = Status::offline("plant", "dev-1", "0.1.0");
+        assert!(!will.online);
+        assert_eq!(will.schema, SCHEMA_VERSION);
+        round_trip(&will);
+        for u in [
+            UpdateState::Idle,
+            UpdateState::Downloading {
+                version: "2".into(),
+                received: 1,
+                total: 2,
+            },
+            UpdateState::Verifying {
+                version: "2".into(),
+            },
+            UpdateState::Probation {
+                version: "2".into(),
+            },
+        ] {
+            round_trip(&u);
+        }
+    }
+
+    #[test]
+    fn old_statuses_read_with_defaults() {
+        // What a minimal (or older) agent sends: every defaulted field absent,
+        // and a rejection without the digest added after schema 1 shipped.
+        let v = json!({
+            "schema": 1, "device": "dev-1", "fleet": "plant", "online": true,
+            "agent_version": "0.0.9", "ts_ms": 5,
+        });
+        let s: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(s.update, UpdateState::Idle);
+        assert_eq!(s.buffer, BufferInfo::default());
+        assert_eq!((s.bundle, s.shadow, s.predictions), (None, None, 0));
+        let u: UpdateState = serde_json::from_value(json!({
+            "state": "rejected", "version": "1", "code": "c", "reason": "r",
+        }))
+        .unwrap();
+        assert!(matches!(u, UpdateState::Rejected { digest: None, .. }));
+    }
+
+    #[test]
+    fn batches_round_trip_and_ignore_unknown_fields() {
+        let telemetry = Batch {
+            schema: SCHEMA_VERSION,
+            stream: Stream::Telemetry,
+            message_id: message_id("dev-1", Stream::Telemetry, 1, 2),
+            device: "dev-1".into(),
+            fleet: "plant".into(),
+            sent_ms: 10,
+            records: vec![
+                TelemetryRecord {
+                    id: 1,
+                    ts_ms: 9,
+                    bundle_version: "1.0.0".into(),
+                    latency_us: 120,
+                    ok: true,
+                    output: OutputSummary {
+                        top1: Some(2),
+                        score: Some(0.9),
+                        value: None,
+                    },
+                    error: None,
+                    rows: 1,
+                },
+                TelemetryRecord {
+                    id: 2,
+                    ts_ms: 9,
+                    bundle_version: "1.0.0".into(),
+                    latency_us: 80,
+                    ok: false,
+                    output: OutputSummary::default(),
+                    error: Some("input_shape".into()),
+                    rows: 0,
+                },
+            ],
+        };
+        let mut v = round_trip(&telemetry);
+        assert_eq!(v["stream"], "telemetry");
+        v["records"][0]["future"] = json!(1);
+        let back: Batch<TelemetryRecord> = serde_json::from_value(with_unknown(v)).unwrap();
+        assert_eq!(back, telemetry);
+        // A record with only the required fields.
+        let r: TelemetryRecord = serde_json::from_value(json!({
+            "id": 3, "ts_ms": 1, "bundle_version": "1", "latency_us": 5, "ok": true,
+        }))
+        .unwrap();
+        assert_eq!(
+            (r.output, r.error, r.rows),
+            (OutputSummary::default(), None, 0)
+        );
+
+        let drift = DriftRecord {
+            id: 4,
+            ts_ms: 5,
+            bundle_version: "1.0.0".into(),
+            bundle_digest: "ab".into(),
+            window_start_ms: 1,
+            rows: 500,
+            features: vec![FeatureDrift {
+                name: "petal_length".into(),
+                kind: "numeric".into(),
+                method: "psi".into(),
+                value: Some(0.3),
+                threshold: 0.2,
+                drifted: true,
+                psi: Some(0.3),
+                rows: 500,
+                missing: 0,
+            }],
+            drifted_features: 1,
+            share: 0.25,
+            dataset_drifted: false,
+        };
+        let v = round_trip(&drift);
+        assert_eq!(
+            serde_json::from_value::<DriftRecord>(with_unknown(v)).unwrap(),
+            drift
+        );
+
+        let sample = SampleRecord {
+            id: 6,
+            ts_ms: 7,
+            bundle_version: "1.0.0".into(),
+            features: BTreeMap::from([
+                ("a".to_string(), json!(1.5)),
+                ("colour".to_string(), json!("red")),
+                ("gap".to_string(), serde_json::Value::Null),
+            ]),
+            content_type: Some("application/json".into()),
+            raw_base64: Some("e30=".into()),
+            output: OutputSummary {
+                top1: None,
+                score: None,
+                value: Some(3.5),
+            },
+        };
+        let v = round_trip(&sample);
+        assert_eq!(
+            serde_json::from_value::<SampleRecord>(with_unknown(v)).unwrap(),
+            sample
+        );
+    }
+
+    #[test]
+    fn events_are_tagged() {
+        let e = EventRecord {
+            id: 3,
+            ts_ms: 9,
+            event: Event::CommandRejected {
+                command_id: "c".into(),
+                reason: "r".into(),
+            },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["event"], "command_rejected");
+        assert_eq!(v["id"], 3);
+        let back: EventRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn every_event_round_trips_and_ignores_unknown_fields() {
+        let events = [
+            (
+                Event::UpdateInstalled {
+                    bundle: bundle("2"),
+                    previous: Some(bundle("1")),
+                },
+                "update_installed",
+            ),
+            (
+                Event::UpdateRejected {
+                    version: "2".into(),
+                    digest: None,
+                    code: "signature".into(),
+                    reason: "r".into(),
+                },
+                "update_rejected",
+            ),
+            (
+                Event::RolledBack {
+                    from: Some(bundle("2")),
+                    to: bundle("1"),
+                    reason: "errors".into(),
+                    automatic: true,
+                },
+                "rolled_back",
+            ),
+            (
+                Event::DriftAlert {
+                    bundle_version: "1".into(),
+                    features: vec!["a".into()],
+                    share: 0.5,
+                    dataset_drifted: true,
+                },
+                "drift_alert",
+            ),
+            (
+                Event::ShadowReport(ShadowReport {
+                    candidate: bundle("2"),
+                    active: bundle("1"),
+                    compared: 10,
+                    candidate_errors: 0,
+                    top1_agreement: Some(0.9),
+                    mean_abs_diff: None,
+                    active_latency_us_p50: 100,
+                    candidate_latency_us_p50: 110,
+                    candidate_latency_us_p99: 300,
+                    stopped_early: false,
+                }),
+                "shadow_report",
+            ),
+            (
+                Event::CommandRejected {
+                    command_id: "c".into(),
+                    reason: "r".into(),
+                },
+                "command_rejected",
+            ),
+            (
+                Event::Started {
+                    agent_version: "0.1.0".into(),
+                    bundle: None,
+                },
+                "started",
+            ),
+        ];
+        for (i, (event, tag)) in events.into_iter().enumerate() {
+            let record = EventRecord {
+                id: i as u64 + 1,
+                ts_ms: 5,
+                event,
+            };
+            let v = round_trip(&record);
+            assert_eq!(v["event"], tag);
+            assert_eq!(
+                serde_json::from_value::<EventRecord>(with_unknown(v)).unwrap(),
+                record,
+                "{tag}"
+            );
+        }
     }
 
     #[test]
@@ -708,20 +998,131 @@ mod tests {
         assert_ne!(c.signing_bytes("f", "d1"), c.signing_bytes("f", "d2"));
     }
 
+    fn command(action: Action) -> Command {
+        Command {
+            schema: SCHEMA_VERSION,
+            id: "c1".into(),
+            issued_ms: 5,
+            action,
+            signature: None,
+        }
+    }
+
     #[test]
-    fn events_are_tagged() {
-        let e = EventRecord {
-            id: 3,
-            ts_ms: 9,
-            event: Event::CommandRejected {
-                command_id: "c".into(),
-                reason: "r".into(),
+    fn every_command_round_trips_and_ignores_unknown_fields() {
+        let actions = [
+            (Action::CheckUpdate, "check_update"),
+            (
+                Action::Install {
+                    url: "u".into(),
+                    digest: "d".into(),
+                },
+                "install",
+            ),
+            (
+                Action::Rollback {
+                    reason: Some("bad".into()),
+                },
+                "rollback",
+            ),
+            (
+                Action::ShadowStart {
+                    url: "u".into(),
+                    digest: "d".into(),
+                    samples: 100,
+                },
+                "shadow_start",
+            ),
+            (Action::ShadowStop, "shadow_stop"),
+            (Action::Ping, "ping"),
+        ];
+        for (action, tag) in actions {
+            let mut c = command(action);
+            c.signature = Some(OperatorSignature {
+                key_id: "k".into(),
+                signature: "s".into(),
+            });
+            let v = round_trip(&c);
+            assert_eq!(v["action"], tag);
+            assert_eq!(
+                serde_json::from_value::<Command>(with_unknown(v)).unwrap(),
+                c,
+                "{tag}"
+            );
+        }
+        // Optional parts may be absent.
+        let c: Command = serde_json::from_value(json!({
+            "schema": 1, "id": "c", "issued_ms": 1, "action": "rollback",
+        }))
+        .unwrap();
+        assert_eq!(c.action, Action::Rollback { reason: None });
+        assert_eq!(c.signature, None);
+    }
+
+    #[test]
+    fn signing_bytes_are_stable() {
+        // Operators' signatures are made over exactly these bytes: any
+        // change here invalidates every signed command in flight.
+        let c = command(Action::Install {
+            url: "http://x/b.ferry".into(),
+            digest: "ab".into(),
+        });
+        // Context, then fleet, device, id and time, each NUL-terminated,
+        // then the action's JSON.
+        let expected = [
+            &b"ferry-command-v1\0"[..],
+            b"plant\0dev-1\0c1\0",
+            b"5\0",
+            br#"{"action":"install","url":"http://x/b.ferry","digest":"ab"}"#,
+        ]
+        .concat();
+        assert_eq!(c.signing_bytes("plant", "dev-1"), expected);
+        assert_eq!(Command::SIGNING_CONTEXT, b"ferry-command-v1\0");
+        assert_eq!(
+            command(Action::Ping).signing_bytes("plant", ALL_DEVICES),
+            [
+                &b"ferry-command-v1\0plant\0all\0c1\0"[..],
+                b"5\0",
+                br#"{"action":"ping"}"#,
+            ]
+            .concat()
+        );
+        // The signature itself is not signed; everything else is.
+        let mut signed = c.clone();
+        signed.signature = Some(OperatorSignature {
+            key_id: "k".into(),
+            signature: "s".into(),
+        });
+        assert_eq!(signed.signing_bytes("plant", "dev-1"), expected);
+        let mut later = c.clone();
+        later.issued_ms = 6;
+        assert_ne!(later.signing_bytes("plant", "dev-1"), expected);
+        let mut other = c.clone();
+        other.id = "c2".into();
+        assert_ne!(other.signing_bytes("plant", "dev-1"), expected);
+        assert_ne!(c.signing_bytes("plant2", "dev-1"), expected);
+    }
+
+    #[test]
+    fn channel_index_round_trips_and_ignores_unknown_fields() {
+        let index = ChannelIndex {
+            schema: SCHEMA_VERSION,
+            fleet: "plant".into(),
+            channel: "stable".into(),
+            latest: IndexEntry {
+                name: "iris".into(),
+                version: "1.0.0".into(),
+                sequence: 3,
+                digest: "ab".into(),
+                size: 1234,
+                url: "iris-1.0.0.ferry".into(),
             },
         };
-        let v = serde_json::to_value(&e).unwrap();
-        assert_eq!(v["event"], "command_rejected");
-        assert_eq!(v["id"], 3);
-        let back: EventRecord = serde_json::from_value(v).unwrap();
-        assert_eq!(back, e);
+        let mut v = round_trip(&index);
+        v["latest"]["mirrors"] = json!(["a"]);
+        assert_eq!(
+            serde_json::from_value::<ChannelIndex>(with_unknown(v)).unwrap(),
+            index
+        );
     }
 }

@@ -7,17 +7,22 @@
 //! out or ran out of memory is dropped, never reused, so one bad request
 //! cannot poison the next.
 //!
-//! What the guest gets from WASI preview 1: nothing it could use to escape.
-//! No preopened directories (every path operation fails), no environment
-//! variables, no arguments, an empty stdin, and stdout/stderr discarded.
-//! Clocks and random numbers are available (Rust's std needs them).
+//! What the guest gets from WASI preview 1: nothing it could use to escape
+//! or to wait. Only the functions in [`WASI_LINKED`] are real: no preopened
+//! directories (every path operation fails), no environment variables, no
+//! arguments, an empty stdin, stdout/stderr discarded; clocks and random
+//! numbers are available (Rust's std needs them). Every other WASI function
+//! a guest imports (`poll_oneoff`, sockets, paths...) is linked to a stub
+//! that answers `ENOSYS` at once, so a guest still loads but nothing it
+//! calls can block: the epoch deadline interrupts WebAssembly code only,
+//! never a host call in progress.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::{
-    Config, Engine, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter, Store, Trap,
-    TypedFunc,
+    Config, Engine, ExternType, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter,
+    Store, Trap, TypedFunc, Val, ValType,
 };
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -36,6 +41,36 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub const MAX_POOLED_INSTANCES: usize = 8;
 /// Cap on wasm tables (function pointers); generous for any real guest.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// The WASI preview-1 module name.
+const WASI_MODULE: &str = "wasi_snapshot_preview1";
+/// The WASI functions a guest gets for real: what Rust's std and wasi-libc
+/// need to start, print (discarded), read the clocks and random numbers,
+/// and exit. None of them can block: stdin is empty, stdout and stderr are
+/// sinks, no descriptor beyond them exists.
+pub const WASI_LINKED: &[&str] = &[
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_close",
+    "fd_fdstat_get",
+    "fd_fdstat_set_flags",
+    "fd_filestat_get",
+    "fd_prestat_get",
+    "fd_prestat_dir_name",
+    "fd_read",
+    "fd_seek",
+    "fd_tell",
+    "fd_write",
+    "proc_exit",
+    "random_get",
+    "sched_yield",
+];
+/// WASI's "function not supported" errno, answered by every other function.
+const ERRNO_NOSYS: i32 = 52;
 
 /// The wasmtime configuration every guest runs under. The packager uses the
 /// same one to precompile, so precompiled artifacts are compatible.
@@ -227,6 +262,7 @@ impl GuestRuntime {
         let mut linker: Linker<StoreState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s| &mut s.wasi)
             .map_err(|e| GuestError::Compile(e.to_string()))?;
+        stub_unlisted_wasi(&mut linker, &module)?;
         let pre = linker
             .instantiate_pre(&module)
             .map_err(|e| GuestError::Abi(format!("cannot link the guest's imports: {e}")))?;
@@ -438,6 +474,36 @@ impl GuestRuntime {
             this.finish(inst, status)
         })
     }
+}
+
+/// Replaces every WASI function the module imports that is not in
+/// [`WASI_LINKED`] with one that returns [`ERRNO_NOSYS`] immediately.
+fn stub_unlisted_wasi(linker: &mut Linker<StoreState>, module: &Module) -> Result<(), GuestError> {
+    linker.allow_shadowing(true);
+    for import in module.imports() {
+        if import.module() != WASI_MODULE || WASI_LINKED.contains(&import.name()) {
+            continue;
+        }
+        let ExternType::Func(ty) = import.ty() else {
+            continue;
+        };
+        let results: Vec<ValType> = ty.results().collect();
+        linker
+            .func_new(WASI_MODULE, import.name(), ty, move |_, _, out| {
+                for (slot, t) in out.iter_mut().zip(&results) {
+                    *slot = match t {
+                        ValType::I64 => Val::I64(i64::from(ERRNO_NOSYS)),
+                        ValType::F32 => Val::F32(0),
+                        ValType::F64 => Val::F64(0),
+                        _ => Val::I32(ERRNO_NOSYS),
+                    };
+                }
+                Ok(())
+            })
+            .map_err(|e| GuestError::Abi(format!("cannot link `{}`: {e}", import.name())))?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Starts a thread that advances the engine's epoch every [`EPOCH_TICK`]

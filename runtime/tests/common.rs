@@ -6,7 +6,8 @@ use ferry_runtime as rt;
 /// A guest written in WAT that implements the ABI. `ferry_preprocess`
 /// dispatches on the first byte of the content type:
 /// `o` ok (an empty tensor set), `l` loop forever, `m` grow memory without
-/// bound, `f` try to open a file, `e` read the environment, `t` trap.
+/// bound, `f` try to open a file, `e` read the environment, `p` sleep 3 s in
+/// WASI `poll_oneoff`, `t` trap.
 pub const TEST_GUEST: &str = r#"
 (module
   (import "wasi_snapshot_preview1" "path_open"
@@ -14,6 +15,7 @@ pub const TEST_GUEST: &str = r#"
   (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   (global $rptr (mut i32) (i32.const 0))
   (global $rlen (mut i32) (i32.const 0))
@@ -46,6 +48,19 @@ pub const TEST_GUEST: &str = r#"
       (if (i32.eqz (call $path_open (i32.const 3) (i32.const 0) (i32.const 112) (i32.const 11)
                     (i32.const 0) (i64.const 2) (i64.const 2) (i32.const 0) (i32.const 2048)))
         (then unreachable))
+      (call $result (i32.const 80) (i32.const 6)) (return (i32.const 2))))
+    ;; p: sleep 3 s in WASI poll_oneoff (one relative monotonic-clock
+    ;; subscription): a host call must not outlive the deadline. Answers ok
+    ;; if the sleep happened, "denied" if the call was refused.
+    (if (i32.eq (local.get $c) (i32.const 112)) (then
+      (i64.store (i32.const 1024) (i64.const 0))
+      (i64.store (i32.const 1032) (i64.const 0))
+      (i64.store (i32.const 1040) (i64.const 1))
+      (i64.store (i32.const 1048) (i64.const 3000000000))
+      (i64.store (i32.const 1056) (i64.const 0))
+      (i64.store (i32.const 1064) (i64.const 0))
+      (if (i32.eqz (call $poll (i32.const 1024) (i32.const 1536) (i32.const 1) (i32.const 2000)))
+        (then (call $result (i32.const 64) (i32.const 8)) (return (i32.const 0))))
       (call $result (i32.const 80) (i32.const 6)) (return (i32.const 2))))
     ;; e: environment and arguments must be empty
     (if (i32.eq (local.get $c) (i32.const 101)) (then

@@ -94,6 +94,25 @@ fn environment_and_arguments_are_empty() {
 }
 
 #[test]
+fn a_guest_cannot_sleep_in_a_host_call_past_its_deadline() {
+    // Found by the attack in issue 10: a guest calling WASI `poll_oneoff`
+    // for 3 s with `timeout_ms = 100` held the worker 3 s, because the
+    // epoch deadline only interrupts WebAssembly code, not a host call.
+    let g = guest(100, 16 << 20);
+    let start = Instant::now();
+    let outcome = g.preprocess("poll", b"");
+    let held = start.elapsed();
+    assert!(
+        matches!(&outcome, Err(GuestError::Failed(m)) if m == "denied"),
+        "the 3 s sleep must be refused, got {outcome:?} after {held:?}"
+    );
+    // Not a speed assertion: the sleep asked for is 3 s; refused, the call
+    // returns at once, far below it even on a loaded machine.
+    assert!(held < Duration::from_millis(2_500), "held {held:?}");
+    still_serves(&g);
+}
+
+#[test]
 fn a_trap_is_a_typed_error() {
     let g = guest(1_000, 16 << 20);
     let err = g.preprocess("trap", b"").unwrap_err();

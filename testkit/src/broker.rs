@@ -5,7 +5,8 @@
 //! temporary directory: devices may only use their own topics (plus the
 //! fleet's command topic, read-only), `admin` may use everything under
 //! `ferry/v1/`. Sessions and retained messages survive [`Mosquitto::restart`].
-//! [`Subscriber`] is a plain rumqttc client that records what it receives.
+//! [`Subscriber`] is a plain MQTT client (rumqttc, through ferry-link's
+//! re-exports) that records what it receives.
 
 use std::fmt::Write as _;
 use std::net::TcpStream;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, SubAck, SubscribeReasonCode};
+use ferry_link::{AsyncClient, Event, Incoming, MqttOptions, QoS, SubAck, SubscribeReasonCode};
 use tempfile::TempDir;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;

@@ -67,6 +67,10 @@ fn every_engine_stays_in_its_room_and_only_the_format_crate_parses_bundles() {
             .unwrap()
             .to_string_lossy()
             .replace('\\', "/");
+        if rel.starts_with("tidy/") {
+            // The checker's own tests plant violations on purpose.
+            continue;
+        }
         let text = std::fs::read_to_string(file).unwrap();
         violations.extend(ferry_tidy::check_file(&rel, &text));
     }

@@ -1,4 +1,6 @@
-//! Reporting over MQTT: the only module that names rumqttc. One task, the
+//! Reporting over MQTT, through `ferry-link` (options and TLS, the
+//! event-loop driver, backoff, PUBACK attribution; it is the only crate that
+//! depends on rumqttc, whose types it re-exports). One task, the
 //! [`Reporter`], owns the connection: it drains the telemetry buffer in
 //! batches, keeps the retained status fresh, and takes commands in.
 //!
@@ -43,9 +45,10 @@
 //! `Outgoing::Publish(pkid)` when its event loop takes the publish off the
 //! request channel, in FIFO order. Only this task publishes QoS 1, so the
 //! n-th report belongs to the n-th publish handed over; `Incoming::PubAck`
-//! then names the batch whose records are deleted. The module `tracker`
+//! then names the batch whose records are deleted. `ferry_link::Tracker`
 //! holds this state machine (with rumqttc's packet-id collision case) apart
-//! from any I/O, with its own tests.
+//! from any I/O, with its own tests; the module `inflight` adds the
+//! per-stream cursors and the counts of batches and statuses in flight.
 //!
 //! # Limits
 //! - `max_inflight` batches unacknowledged at once: bounds duplicates after a
@@ -65,7 +68,7 @@
 //! (`try_publish` only, within a window sized to fit it), and it never
 //! cancels `EventLoop::poll` midway: a cancelled poll can lose a packet
 //! rumqttc already counted as written. The poll future owns the event loop
-//! and lives across `select!` rounds (see `drive`).
+//! and lives across `select!` rounds (see `ferry_link::drive`).
 //!
 //! # Status and last will
 //! On every connection the reporter publishes the latest status from the
@@ -106,21 +109,21 @@
 //! at the minimum delay forever.
 
 mod batch;
+mod inflight;
 mod options;
-mod tracker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use ferry_link::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
+    Reconnect, SubscribeFilter, SubscribeReasonCode, drive, forget_resends,
+};
 use ferry_protocol::{
     Command, Event as AgentEvent, EventRecord, SCHEMA_VERSION, Status, Stream, Topic,
     command_topics, topic,
-};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
-    SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -132,7 +135,7 @@ pub use options::PACKET_HEADROOM;
 use crate::buffer::Buffer;
 use crate::config::MqttConfig;
 use batch::{Envelope, Plan};
-use tracker::{Sent, Tracker};
+use inflight::{InFlight, Sent};
 
 /// How often the buffer is checked for new records when nothing else wakes
 /// the reporter: the added latency of a record, and the idle cost (one small
@@ -214,7 +217,7 @@ impl MqttStats {
     }
 }
 
-pub use ferry_protocol::Backoff;
+pub use ferry_link::Backoff;
 
 /// Ships the buffer and the status, takes commands in. Build it with
 /// [`Reporter::new`] (all configuration errors surface there), then `run`.
@@ -304,8 +307,7 @@ impl Reporter {
         commands: mpsc::Sender<Command>,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let cap = self.options.request_channel_capacity();
-        let (client, eventloop) = AsyncClient::new(self.options.clone(), cap);
+        let (client, eventloop) = ferry_link::client(self.options.clone());
         let mut s = Session::new(self, client, commands);
         let conn = drive(eventloop, None);
         tokio::pin!(conn);
@@ -376,21 +378,6 @@ impl Reporter {
     }
 }
 
-/// Polls the event loop once, after an optional reconnect delay. The
-/// future owns the event loop so that it can live across `select!` rounds
-/// and is never dropped midway (rumqttc's poll is not cancel-safe while it
-/// writes).
-async fn drive(
-    mut el: EventLoop,
-    delay: Option<Duration>,
-) -> (EventLoop, Result<Event, ConnectionError>) {
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
-    let result = el.poll().await;
-    (el, result)
-}
-
 /// The reporter's state while it runs.
 struct Session {
     identity: Identity,
@@ -401,15 +388,13 @@ struct Session {
     command_topics: [String; 2],
     envelopes: [Envelope; 4],
     max_inflight: usize,
-    backoff: Backoff,
     status_interval: Duration,
-    tracker: Tracker,
+    tracker: InFlight,
     /// Streams that may hold records past their cursor.
     dirty: [bool; 4],
     connected: bool,
-    connected_at: Option<Instant>,
-    /// Consecutive failed attempts, for the backoff.
-    attempt: u32,
+    /// The reconnect backoff's attempts; reset by a stable connection.
+    reconnect: Reconnect,
     latest: Status,
     status_due: bool,
     last_status: Option<Instant>,
@@ -462,13 +447,11 @@ impl Session {
             client,
             commands,
             max_inflight: r.max_inflight,
-            backoff: r.backoff,
             status_interval: r.status_interval,
-            tracker: Tracker::default(),
+            tracker: InFlight::default(),
             dirty: [true; 4],
             connected: false,
-            connected_at: None,
-            attempt: 0,
+            reconnect: Reconnect::new(r.backoff, STABLE_AFTER),
             latest,
             status_due: true,
             last_status: None,
@@ -498,7 +481,7 @@ impl Session {
             Event::Incoming(Incoming::ConnAck(ack)) => {
                 info!(session_present = ack.session_present, "MQTT connected");
                 self.connected = true;
-                self.connected_at = Some(Instant::now());
+                self.reconnect.connected(Instant::now());
                 self.stats.connected.store(true, Ordering::Relaxed);
                 let filters = self
                     .command_topics
@@ -513,7 +496,7 @@ impl Session {
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Err(anomaly) = self.tracker.on_publish(pkid) {
-                    warn!(?anomaly, "MQTT packet id bookkeeping out of step");
+                    warn!(%anomaly, code = anomaly.code(), "MQTT packet id bookkeeping out of step");
                 }
             }
             Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
@@ -522,7 +505,7 @@ impl Session {
                     "Publish waits for a packet id (broker acks out of order)"
                 );
                 if let Err(anomaly) = self.tracker.on_await_ack(pkid) {
-                    warn!(?anomaly, "MQTT packet id bookkeeping out of step");
+                    warn!(%anomaly, code = anomaly.code(), "MQTT packet id bookkeeping out of step");
                 }
             }
             Event::Incoming(Incoming::PubAck(ack)) => match self.tracker.on_puback(ack.pkid) {
@@ -568,22 +551,12 @@ impl Session {
         self.stats.set_last_error(message);
         self.stats.connected.store(false, Ordering::Relaxed);
         MqttStats::add(&self.stats.reconnects, 1);
-        if self
-            .connected_at
-            .take()
-            .is_some_and(|at| at.elapsed() >= STABLE_AFTER)
-        {
-            self.attempt = 0;
-        }
         self.connected = false;
         // The buffer re-sends; rumqttc must not (see the module header). Its
         // `clean()` also keeps a parked (collided) publish, which would stop
         // it from taking any request on the next connection.
-        el.pending.clear();
-        el.state.collision = None;
-        let delay = self.backoff.delay(self.attempt, fastrand::f64());
-        self.attempt = self.attempt.saturating_add(1);
-        delay
+        forget_resends(el);
+        self.reconnect.failed(Instant::now(), fastrand::f64())
     }
 
     /// Publishes whatever is due, within the in-flight window.
@@ -778,34 +751,6 @@ pub fn parse_command(payload: &[u8]) -> Result<Command, Rejected> {
 mod tests {
     use super::*;
     use ferry_protocol::Action;
-
-    #[test]
-    fn backoff_stays_within_bounds_and_grows() {
-        let b = Backoff {
-            min: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-        };
-        for attempt in 0..100 {
-            for unit in [0.0, 0.25, 0.5, 0.999_999, 1.0, -1.0, 7.0] {
-                let d = b.delay(attempt, unit);
-                assert!(
-                    d >= b.min && d <= b.max,
-                    "attempt {attempt} unit {unit}: {d:?}"
-                );
-            }
-        }
-        assert_eq!(b.delay(0, 0.0), b.min);
-        // Upper half of a doubling ceiling: 4 s at attempt 3.
-        assert_eq!(b.delay(3, 0.0), Duration::from_secs(2));
-        assert_eq!(b.delay(3, 1.0), Duration::from_secs(4));
-        assert_eq!(b.delay(40, 1.0), b.max);
-        assert!(b.delay(40, 0.0) >= b.max / 2);
-        let tight = Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(100),
-        };
-        assert_eq!(tight.delay(9, 0.3), Duration::from_millis(100));
-    }
 
     #[test]
     fn commands_are_checked() {

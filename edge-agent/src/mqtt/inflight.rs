@@ -1,18 +1,12 @@
-//! PUBACK bookkeeping: which batch each packet id stands for, per-stream
-//! cursors, and what a lost connection undoes. A state machine without I/O:
-//! the reporter feeds it rumqttc's events and acts on what it returns.
-//!
-//! How packet ids reach us: rumqttc assigns the id when its event loop takes
-//! a publish off the request channel, and reports it as
-//! `Outgoing::Publish(pkid)`. The channel is FIFO and only this module's
-//! owner publishes QoS 1, so the n-th such event belongs to the n-th publish
-//! handed over ([`Tracker::handed_over`]). One exception: when the next id
-//! is still taken (a broker acking out of order), rumqttc parks the publish
-//! and reports `Outgoing::AwaitAck(pkid)`; it sends it, with a second
-//! `Outgoing::Publish(pkid)`, right after the PUBACK that frees the id.
+//! The reporter's window of publishes in flight: per-stream cursors (where
+//! the next batch starts) and counts of batches and statuses not yet
+//! acknowledged, over `ferry-link`'s [`Tracker`], which attributes packet
+//! ids and PUBACKs. A state machine without I/O: the reporter feeds it
+//! rumqttc's events and acts on what it returns.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
+use ferry_link::{Anomaly, Tracker};
 use ferry_protocol::Stream;
 
 /// One QoS 1 publish handed to rumqttc.
@@ -24,28 +18,16 @@ pub(crate) enum Sent {
     Status,
 }
 
-/// What the tracker noticed that its owner should log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Anomaly {
-    /// A publish id was reported but nothing was waiting for one.
-    UnexpectedPublish(u16),
-}
-
 #[derive(Debug, Default)]
-pub(crate) struct Tracker {
-    /// Handed over, no packet id yet (FIFO, as the request channel).
-    waiting: VecDeque<Sent>,
-    /// Parked by rumqttc behind an id still in flight.
-    parked: Option<(u16, Sent)>,
-    /// Written with this id, waiting for its PUBACK.
-    on_wire: HashMap<u16, Sent>,
+pub(crate) struct InFlight {
+    pubacks: Tracker<Sent>,
     /// Last record id handed over, per stream.
     cursors: HashMap<Stream, u64>,
     batches: usize,
     statuses: usize,
 }
 
-impl Tracker {
+impl InFlight {
     /// Records a publish just handed to rumqttc; moves the stream's cursor
     /// past a batch's records.
     pub(crate) fn handed_over(&mut self, sent: Sent) {
@@ -58,7 +40,7 @@ impl Tracker {
             }
             Sent::Status => self.statuses += 1,
         }
-        self.waiting.push_back(sent);
+        self.pubacks.handed_over(sent);
     }
 
     /// Moves a stream's cursor to `id` (records up to it are in flight or
@@ -68,35 +50,19 @@ impl Tracker {
         *cursor = (*cursor).max(id);
     }
 
-    /// `Outgoing::Publish(pkid)`: the publish is on the wire under `pkid`.
+    /// `Outgoing::Publish(pkid)`.
     pub(crate) fn on_publish(&mut self, pkid: u16) -> Result<(), Anomaly> {
-        let sent = match self.parked.take() {
-            Some((parked, sent)) if parked == pkid => sent,
-            other => {
-                self.parked = other;
-                self.waiting
-                    .pop_front()
-                    .ok_or(Anomaly::UnexpectedPublish(pkid))?
-            }
-        };
-        self.on_wire.insert(pkid, sent);
-        Ok(())
+        self.pubacks.on_publish(pkid)
     }
 
-    /// `Outgoing::AwaitAck(pkid)`: the next publish waits for `pkid` to be freed.
+    /// `Outgoing::AwaitAck(pkid)`.
     pub(crate) fn on_await_ack(&mut self, pkid: u16) -> Result<(), Anomaly> {
-        let sent = self
-            .waiting
-            .pop_front()
-            .ok_or(Anomaly::UnexpectedPublish(pkid))?;
-        self.parked = Some((pkid, sent));
-        Ok(())
+        self.pubacks.on_await_ack(pkid)
     }
 
-    /// `Incoming::PubAck(pkid)`: what the broker just acknowledged (`None`
-    /// for an id we do not know, which rumqttc reports as an error anyway).
+    /// `Incoming::PubAck(pkid)`: what the broker just acknowledged.
     pub(crate) fn on_puback(&mut self, pkid: u16) -> Option<Sent> {
-        let sent = self.on_wire.remove(&pkid)?;
+        let sent = self.pubacks.on_puback(pkid)?;
         match sent {
             Sent::Batch { .. } => self.batches -= 1,
             Sent::Status => self.statuses -= 1,
@@ -110,7 +76,7 @@ impl Tracker {
     /// batches were in flight.
     pub(crate) fn connection_lost(&mut self) -> usize {
         let batches = self.batches;
-        *self = Tracker::default();
+        *self = InFlight::default();
         batches
     }
 
@@ -131,7 +97,7 @@ impl Tracker {
 
     /// Nothing handed over is waiting for a PUBACK.
     pub(crate) fn is_idle(&self) -> bool {
-        self.batches == 0 && self.statuses == 0
+        self.pubacks.is_empty()
     }
 }
 
@@ -147,31 +113,34 @@ mod tests {
     }
 
     #[test]
-    fn ids_map_in_order_and_acks_free_them() {
-        let mut t = Tracker::default();
+    fn cursors_and_counts_follow_publishes_and_acks() {
+        let mut t = InFlight::default();
         t.handed_over(batch(Stream::Telemetry, 1..=3));
         t.handed_over(Sent::Status);
         t.handed_over(batch(Stream::Events, 1..=1));
         assert_eq!(t.cursor(Stream::Telemetry), 3);
         assert_eq!(t.cursor(Stream::Events), 1);
+        assert_eq!(t.cursor(Stream::Drift), 0);
         assert_eq!((t.batches_in_flight(), t.statuses_in_flight()), (2, 1));
         t.on_publish(1).unwrap();
         t.on_publish(2).unwrap();
-        // An ack can arrive before later publishes are even written.
         assert_eq!(t.on_puback(1), Some(batch(Stream::Telemetry, 1..=3)));
         t.on_publish(3).unwrap();
         assert_eq!(t.on_puback(3), Some(batch(Stream::Events, 1..=1)));
+        assert_eq!((t.batches_in_flight(), t.statuses_in_flight()), (0, 1));
+        assert!(!t.is_idle());
         assert_eq!(t.on_puback(2), Some(Sent::Status));
         assert_eq!(t.on_puback(2), None, "a second PUBACK acknowledges nothing");
         assert!(t.is_idle());
+        assert_eq!((t.batches_in_flight(), t.statuses_in_flight()), (0, 0));
+        // Cursors stay where they were: those records are gone.
+        assert_eq!(t.cursor(Stream::Telemetry), 3);
         assert_eq!(t.on_publish(4), Err(Anomaly::UnexpectedPublish(4)));
     }
 
     #[test]
     fn packet_ids_are_reused_after_their_ack() {
-        // rumqttc cycles ids 1..=inflight: the same id stands for different
-        // batches over time.
-        let mut t = Tracker::default();
+        let mut t = InFlight::default();
         for round in 0..3u64 {
             let ids = round * 10 + 1..=round * 10 + 10;
             t.handed_over(batch(Stream::Samples, ids.clone()));
@@ -182,29 +151,29 @@ mod tests {
     }
 
     #[test]
-    fn a_collision_parks_the_publish_until_its_id_is_free() {
-        let mut t = Tracker::default();
-        t.handed_over(batch(Stream::Telemetry, 1..=1)); // pkid 1
-        t.handed_over(batch(Stream::Telemetry, 2..=2)); // pkid 2
+    fn a_collision_is_counted_until_its_ack() {
+        let mut t = InFlight::default();
+        t.handed_over(batch(Stream::Telemetry, 1..=1));
+        t.handed_over(batch(Stream::Telemetry, 2..=2));
         t.on_publish(1).unwrap();
         t.on_publish(2).unwrap();
-        // Broker acks 2 first; the next publish wraps to id 1, still taken.
         assert_eq!(t.on_puback(2), Some(batch(Stream::Telemetry, 2..=2)));
         t.handed_over(batch(Stream::Telemetry, 3..=3));
         t.handed_over(batch(Stream::Drift, 1..=1));
         t.on_await_ack(1).unwrap();
-        // PUBACK(1) is the old batch; rumqttc then sends the parked one as 1.
+        assert_eq!(t.batches_in_flight(), 3);
         assert_eq!(t.on_puback(1), Some(batch(Stream::Telemetry, 1..=1)));
         t.on_publish(1).unwrap();
         t.on_publish(2).unwrap();
         assert_eq!(t.on_puback(1), Some(batch(Stream::Telemetry, 3..=3)));
         assert_eq!(t.on_puback(2), Some(batch(Stream::Drift, 1..=1)));
         assert!(t.is_idle());
+        assert_eq!(t.batches_in_flight(), 0);
     }
 
     #[test]
     fn a_lost_connection_rewinds_everything() {
-        let mut t = Tracker::default();
+        let mut t = InFlight::default();
         t.handed_over(batch(Stream::Telemetry, 1..=5));
         t.handed_over(batch(Stream::Telemetry, 6..=9));
         t.handed_over(Sent::Status);
@@ -213,6 +182,7 @@ mod tests {
         t.on_publish(2).unwrap();
         assert_eq!(t.connection_lost(), 1);
         assert!(t.is_idle());
+        assert_eq!((t.batches_in_flight(), t.statuses_in_flight()), (0, 0));
         // Records 6..=9 were never acknowledged: read again from the start
         // (the buffer no longer holds 1..=5).
         assert_eq!(t.cursor(Stream::Telemetry), 0);
@@ -226,7 +196,7 @@ mod tests {
 
     #[test]
     fn skipping_only_moves_cursors_forward() {
-        let mut t = Tracker::default();
+        let mut t = InFlight::default();
         t.skip_to(Stream::Events, 7);
         t.skip_to(Stream::Events, 3);
         assert_eq!(t.cursor(Stream::Events), 7);

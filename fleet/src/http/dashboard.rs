@@ -1,4 +1,5 @@
-//! The dashboard and the JSON API behind it (axum).
+//! The dashboard and the JSON API behind it: devices, drift, events, the
+//! live stream.
 //!
 //! # Routes
 //! | route | answer |
@@ -25,7 +26,9 @@
 //!
 //! # Shutdown
 //! An SSE response never ends by itself: a graceful shutdown that waits for
-//! open connections waits for every open dashboard. Bound it with a timeout.
+//! open connections would wait for every open dashboard. The streams end
+//! when the router's stop token ([`Router::with_stop`] of `http`) is
+//! cancelled; `run` also bounds the wait with a timeout.
 //!
 //! # Invariants
 //! The page is self-contained (no CDN, fonts or scripts from elsewhere: it
@@ -39,13 +42,16 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use ferry_host::now_ms;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
+use super::ApiError;
 use crate::model::{Change, DeviceEvent, DeviceState, DriftPoint, Rate};
 use crate::store::Store;
 
@@ -71,9 +77,9 @@ const STREAM_QUEUE: usize = 256;
 /// How long the browser waits before reconnecting a dropped stream.
 const RETRY_MS: u64 = 3000;
 
-const INDEX_HTML: &str = include_str!("dashboard/index.html");
-const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
-const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const INDEX_HTML: &str = include_str!("../dashboard/index.html");
+const DASHBOARD_CSS: &str = include_str!("../dashboard/dashboard.css");
+const DASHBOARD_JS: &str = include_str!("../dashboard/dashboard.js");
 
 /// Nothing but this origin: the page must work without any network but the
 /// console's (and any injected content cannot call out).
@@ -87,6 +93,8 @@ pub type ChangeSource = Arc<dyn Fn() -> broadcast::Receiver<Change> + Send + Syn
 struct App {
     store: Arc<Store>,
     sources: Vec<ChangeSource>,
+    /// Ends every open `/api/stream` when cancelled (shutdown).
+    stop: CancellationToken,
 }
 
 /// The dashboard and its API over `store`, streaming the store's changes.
@@ -96,7 +104,20 @@ pub fn router(store: Arc<Store>) -> Router {
 
 /// [`router`], also streaming the changes of `sources` on `/api/stream`.
 pub fn router_with(store: Arc<Store>, sources: Vec<ChangeSource>) -> Router {
-    let app = Arc::new(App { store, sources });
+    routes(store, sources, CancellationToken::new())
+}
+
+/// The dashboard's routes; open event streams end when `stop` is cancelled.
+pub(super) fn routes(
+    store: Arc<Store>,
+    sources: Vec<ChangeSource>,
+    stop: CancellationToken,
+) -> Router {
+    let app = Arc::new(App {
+        store,
+        sources,
+        stop,
+    });
     Router::new()
         .route("/", get(index))
         .route("/dashboard.css", get(css))
@@ -203,10 +224,6 @@ impl HistoryQuery {
     }
 }
 
-fn error(status: StatusCode, message: String) -> Response {
-    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
-}
-
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     let mut r = ([(header::CONTENT_TYPE, content_type)], body).into_response();
     // Served from the binary: a new console version must not meet a
@@ -237,30 +254,31 @@ async fn js() -> Response {
 async fn read<T: Send + 'static>(
     app: &Arc<App>,
     f: impl FnOnce(&Store) -> T + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     let store = app.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    super::blocking(move || Ok(f(&store))).await
 }
 
-async fn devices(State(app): State<Arc<App>>) -> Response {
-    match read(&app, |s| s.devices()).await {
-        Ok(devices) => axum::Json(Fleet::new(devices, crate::now_ms())).into_response(),
-        Err(r) => r,
-    }
+async fn devices(State(app): State<Arc<App>>) -> Result<axum::Json<Fleet>, ApiError> {
+    let devices = read(&app, |s| s.devices()).await?;
+    Ok(axum::Json(Fleet::new(devices, now_ms())))
 }
 
-async fn device(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+async fn device(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<DeviceView>, ApiError> {
     let lookup = id.clone();
-    match read(&app, move |s| s.device(&lookup)).await {
-        Ok(Some(d)) => axum::Json(DeviceView::new(d, crate::now_ms())).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no device {id:?}")),
-        Err(r) => r,
+    match read(&app, move |s| s.device(&lookup)).await? {
+        Some(d) => Ok(axum::Json(DeviceView::new(d, now_ms()))),
+        None => Err(ApiError::not_found(format!("no device {id:?}"))),
     }
 }
 
-async fn drift(State(app): State<Arc<App>>, Query(q): Query<HistoryQuery>) -> Response {
+async fn drift(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<axum::Json<Vec<DriftPoint>>, ApiError> {
     let limit = q.limit(DEFAULT_DRIFT_WINDOWS);
     let device = q.device().map(str::to_string);
     let points = read(&app, move |s| -> Vec<DriftPoint> {
@@ -275,24 +293,21 @@ async fn drift(State(app): State<Arc<App>>, Query(q): Query<HistoryQuery>) -> Re
                 .collect(),
         }
     })
-    .await;
-    match points {
-        Ok(p) => axum::Json(p).into_response(),
-        Err(r) => r,
-    }
+    .await?;
+    Ok(axum::Json(points))
 }
 
-async fn events(State(app): State<Arc<App>>, Query(q): Query<HistoryQuery>) -> Response {
+async fn events(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<axum::Json<Vec<DeviceEvent>>, ApiError> {
     let limit = q.limit(DEFAULT_EVENTS);
     let device = q.device().map(str::to_string);
-    match read(&app, move |s| -> Vec<DeviceEvent> {
+    let events = read(&app, move |s| -> Vec<DeviceEvent> {
         s.events(device.as_deref(), limit)
     })
-    .await
-    {
-        Ok(e) => axum::Json(e).into_response(),
-        Err(r) => r,
-    }
+    .await?;
+    Ok(axum::Json(events))
 }
 
 /// What a change source sends one SSE client.
@@ -327,7 +342,7 @@ async fn stream(State(app): State<Arc<App>>) -> Response {
     // crate needed (tokio-util's `codec`, which rumqttc needs too), and a
     // client that reads slowly makes `pump` wait.
     let (reader, writer) = tokio::io::duplex(STREAM_BUFFER);
-    tokio::spawn(pump(rx, client.missed, writer));
+    tokio::spawn(pump(rx, client.missed, writer, app.stop.clone()));
     let body = Body::from_stream(tokio_util::codec::FramedRead::new(
         reader,
         tokio_util::codec::BytesCodec::new(),
@@ -370,6 +385,7 @@ async fn pump(
     mut queue: mpsc::Receiver<Live>,
     missed: Arc<AtomicBool>,
     mut out: tokio::io::DuplexStream,
+    stop: CancellationToken,
 ) {
     let mut text = format!("retry: {RETRY_MS}\n: ferry-fleet\n\n");
     let start = tokio::time::Instant::now() + KEEP_ALIVE;
@@ -390,6 +406,8 @@ async fn pump(
                 None => return,
             },
             _ = keep_alive.tick() => ": keep-alive\n\n".to_string(),
+            // Shutdown: the stream ends, so the connection can close.
+            () = stop.cancelled() => return,
         };
     }
 }

@@ -1,0 +1,234 @@
+//! A typed client of a running console's HTTP API (blocking, over ureq):
+//! what `ferry-fleet rollout`, `rollouts` and `retrain` use, and what the
+//! tests drive a console with. The answers are the types the console
+//! serialises (`Rollout`, `AuditEntry`, `DeviceState`, `FleetDriftView`,
+//! `Overview`, `Request`), so both sides change together.
+
+use std::time::Duration;
+
+use crate::model::DeviceState;
+use crate::retrain::{FleetDriftView, Overview, ROWS_HEADER, Request};
+use crate::rollout::Rollout;
+use crate::rollouts::{AuditEntry, NewRollout};
+
+/// How long one call may take in all (an upload of a large bundle, which
+/// the console verifies before it answers, included).
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a call did not get the answer it wanted.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No HTTP answer (connection refused, timeout, DNS).
+    #[error("cannot reach the console at {base}: {source}")]
+    Unreachable {
+        base: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    /// The console answered with an error status; `message` is its
+    /// `error` field (or the body).
+    #[error("{status} {message}")]
+    Refused { status: u16, message: String },
+    /// An answer that is not what the route promises.
+    #[error("unexpected answer to {path}: {message}")]
+    BadAnswer { path: String, message: String },
+}
+
+impl ClientError {
+    /// A stable code for logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::Unreachable { .. } => "unreachable",
+            ClientError::Refused { .. } => "refused",
+            ClientError::BadAnswer { .. } => "bad_answer",
+        }
+    }
+
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A console at a base URL (`http://127.0.0.1:8080`).
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+type Answer = ureq::http::Response<ureq::Body>;
+
+impl Client {
+    /// A client of the console at `base`.
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(TIMEOUT))
+                .build()
+                .into(),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn unreachable(&self) -> impl FnOnce(ureq::Error) -> ClientError + '_ {
+        |source| ClientError::Unreachable {
+            base: self.base.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The body of a successful answer, or the console's error.
+    fn text(path: &str, mut r: Answer) -> Result<String, ClientError> {
+        let status = r.status().as_u16();
+        let text = r
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_string()
+            .map_err(|e| ClientError::BadAnswer {
+                path: path.to_string(),
+                message: e.to_string(),
+            })?;
+        if status >= 400 {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(ClientError::Refused { status, message });
+        }
+        Ok(text)
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(path: &str, r: Answer) -> Result<T, ClientError> {
+        let text = Self::text(path, r)?;
+        serde_json::from_str(&text).map_err(|e| ClientError::BadAnswer {
+            path: path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let r = self
+            .agent
+            .get(self.url(path))
+            .call()
+            .map_err(self.unreachable())?;
+        Self::json(path, r)
+    }
+
+    /// `POST /api/rollouts`: starts a rollout of `bundle` (its bytes).
+    pub fn create_rollout(
+        &self,
+        bundle: &[u8],
+        params: &NewRollout,
+    ) -> Result<Rollout, ClientError> {
+        let mut req = self
+            .agent
+            .post(self.url("/api/rollouts"))
+            .query("canary", &params.canary)
+            .query("bake", &params.bake)
+            .query("abort_if", &params.abort_if)
+            .query("shadow", params.shadow.to_string())
+            .header("Content-Type", "application/octet-stream");
+        if let Some(w) = &params.waves {
+            req = req.query("waves", w);
+        }
+        if let Some(t) = &params.install_timeout {
+            req = req.query("install_timeout", t);
+        }
+        if let Some(o) = &params.operator {
+            req = req.query("operator", o);
+        }
+        let r = req.send(bundle).map_err(self.unreachable())?;
+        Self::json("/api/rollouts", r)
+    }
+
+    /// `GET /api/rollouts`: every rollout, oldest first.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>, ClientError> {
+        self.get("/api/rollouts")
+    }
+
+    /// `GET /api/rollouts/{id}`.
+    pub fn rollout(&self, id: &str) -> Result<Rollout, ClientError> {
+        self.get(&format!("/api/rollouts/{id}"))
+    }
+
+    /// `GET /api/audit`: the audit log, oldest first.
+    pub fn audit(&self) -> Result<Vec<AuditEntry>, ClientError> {
+        self.get("/api/audit")
+    }
+
+    /// `GET /api/devices/{id}`: the device's stored state; `None` when the
+    /// console does not know it.
+    pub fn device(&self, id: &str) -> Result<Option<DeviceState>, ClientError> {
+        match self.get(&format!("/api/devices/{id}")) {
+            Ok(d) => Ok(Some(d)),
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /api/devices`: the fleet as the dashboard shows it.
+    pub fn devices(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/api/devices")
+    }
+
+    /// `GET /api/fleet-drift`.
+    pub fn fleet_drift(&self) -> Result<FleetDriftView, ClientError> {
+        self.get("/api/fleet-drift")
+    }
+
+    /// `GET /api/retrain`: the rule, the episodes and the log.
+    pub fn retrain(&self) -> Result<Overview, ClientError> {
+        self.get("/api/retrain")
+    }
+
+    /// `GET /api/retrain/request`: a retraining request for `devices`
+    /// (comma-separated), or the drifting devices.
+    pub fn retrain_request(&self, devices: Option<&str>) -> Result<Request, ClientError> {
+        let path = "/api/retrain/request";
+        let mut req = self.agent.get(self.url(path));
+        if let Some(d) = devices {
+            req = req.query("devices", d);
+        }
+        let r = req.call().map_err(self.unreachable())?;
+        Self::json(path, r)
+    }
+
+    /// `GET /api/retrain/export`: the samples of `devices` (comma-separated)
+    /// as CSV, and its number of data rows.
+    pub fn retrain_export(&self, devices: &str) -> Result<(u64, String), ClientError> {
+        let path = "/api/retrain/export";
+        let r = self
+            .agent
+            .get(self.url(path))
+            .query("devices", devices)
+            .call()
+            .map_err(self.unreachable())?;
+        let rows = r
+            .headers()
+            .get(ROWS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let csv = Self::text(path, r)?;
+        let rows = rows.ok_or_else(|| ClientError::BadAnswer {
+            path: path.to_string(),
+            message: "no row count".into(),
+        })?;
+        Ok((rows, csv))
+    }
+}

@@ -1,0 +1,177 @@
+//! The console's HTTP layer: the only module naming axum.
+//!
+//! # Layout
+//! - `dashboard`: the page, the device/drift/event API and the live stream
+//!   (`/`, `/api/devices`, `/api/drift`, `/api/events`, `/api/stream`,
+//!   `/healthz`).
+//! - `rollouts`: `/api/rollouts`, `/api/audit`, and the bundle downloads
+//!   devices make (`/bundles/<digest>.ferry`, streamed from disk, with
+//!   Range).
+//! - `retrain`: `/api/fleet-drift`, `/api/retrain`, `/api/retrain/request`,
+//!   `/api/retrain/export`.
+//!
+//! # Errors
+//! Every route answers an error as [`ApiError`]: a status and
+//! `{"error": message, "code": code}`, the code being the domain error's
+//! stable `code()`. The status of each domain error is chosen here, in one
+//! place (`From<RolloutError>`, `From<RetrainError>`).
+
+pub mod dashboard;
+pub mod retrain;
+pub mod rollouts;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tokio_util::sync::CancellationToken;
+
+pub use dashboard::{ChangeSource, Counts, DeviceView, Fleet, router, router_with};
+
+use crate::retrain::{RetrainError, Retrainer};
+use crate::rollouts::{RolloutError, Rollouts};
+use crate::store::Store;
+
+/// An error answer: a status, a message and a stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// 404 with `message`.
+    pub fn not_found(message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message,
+        }
+    }
+
+    /// 400 with `message`.
+    pub fn bad_request(message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message,
+        }
+    }
+
+    /// 500 with `message` (a failure of the console itself).
+    pub fn internal(code: &'static str, message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code,
+            message,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message, "code": self.code })),
+        )
+            .into_response()
+    }
+}
+
+impl From<RolloutError> for ApiError {
+    fn from(e: RolloutError) -> ApiError {
+        let status = match &e {
+            RolloutError::BundleRefused { .. }
+            | RolloutError::WrongFleet { .. }
+            | RolloutError::NoOperatorKey
+            | RolloutError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RolloutError::Busy { .. } => StatusCode::CONFLICT,
+            RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
+            RolloutError::Send { .. } => StatusCode::BAD_GATEWAY,
+            RolloutError::Io { .. } | RolloutError::Write(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<RetrainError> for ApiError {
+    fn from(e: RetrainError) -> ApiError {
+        let status = match &e {
+            RetrainError::NoDriftingDevices { .. } => StatusCode::NOT_FOUND,
+            RetrainError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RetrainError::Store(_) | RetrainError::Io { .. } | RetrainError::Write(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError {
+            status,
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Runs `f` off the async workers (sled scans, CSV building, bundle
+/// verification).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal("panicked", e.to_string())))
+}
+
+/// Everything the console serves: the dashboard over `store`, and the
+/// rollouts and retraining routes when they run. Open event streams end
+/// when `stop` is cancelled.
+pub(crate) fn console_router(
+    store: Arc<Store>,
+    rollouts: Option<Arc<Rollouts>>,
+    retrainer: Arc<Retrainer>,
+    stop: CancellationToken,
+) -> axum::Router {
+    let mut router = dashboard::routes(store, Vec::new(), stop);
+    if let Some(r) = rollouts {
+        router = router.merge(rollouts::routes(r));
+    }
+    router.merge(retrain::routes(retrainer))
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then waits for
+/// open responses up to `grace` before closing them.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: CancellationToken,
+    grace: std::time::Duration,
+) -> std::io::Result<()> {
+    let graceful = stop.clone();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { graceful.cancelled().await })
+            .await
+    });
+    tokio::select! {
+        ended = &mut server => return ended.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        () = stop.cancelled() => {}
+    }
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(ended) => ended.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        Err(_) => {
+            tracing::info!("Closing the HTTP responses still open");
+            server.abort();
+            let _ = server.await;
+            Ok(())
+        }
+    }
+}

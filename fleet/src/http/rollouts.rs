@@ -1,0 +1,258 @@
+//! The rollouts' routes: `POST /api/rollouts` (query: [`NewRollout`],
+//! body: the bundle), `GET /api/rollouts`, `GET /api/rollouts/{id}`,
+//! `GET /api/audit`, and `GET /bundles/{digest}.ferry`, what devices
+//! download.
+//!
+//! # Bundle downloads
+//! Streamed from the file in `<state>/bundles/` in chunks of
+//! [`CHUNK_BYTES`], never read whole into memory (eight devices resuming a
+//! 256 MiB bundle at once must not cost eight copies of it). `Range:
+//! bytes=N-` answers 206 with `Content-Range: bytes N-<last>/<total>` and
+//! the bytes from N (an interrupted download resumes); N at or past the end
+//! answers 416 with `Content-Range: bytes */<total>`; any other or no
+//! `Range` answers 200 with the whole file. Every answer has
+//! `Accept-Ranges: bytes` and its exact `Content-Length`.
+
+use std::io::SeekFrom;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::ApiError;
+use crate::rollout::Rollout;
+use crate::rollouts::{AuditEntry, MAX_BUNDLE_BYTES, NewRollout, Rollouts, bundle_path};
+
+/// Bytes read from a bundle file per chunk of a download.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The routes over `rollouts`; merged into the console's router.
+pub fn routes(rollouts: Arc<Rollouts>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/api/rollouts",
+            get(list)
+                .post(create)
+                .layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES)),
+        )
+        .route("/api/rollouts/{id}", get(one))
+        .route("/api/audit", get(audit))
+        .route("/bundles/{file}", get(bundle))
+        .with_state(rollouts)
+}
+
+async fn create(
+    State(r): State<Arc<Rollouts>>,
+    Query(params): Query<NewRollout>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, axum::Json<Rollout>), ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "the request body must be the bundle".into(),
+        ));
+    }
+    let now = ferry_host::now_ms();
+    let rollout = super::blocking(move || Ok(r.create(&body, &params, now)?)).await?;
+    Ok((StatusCode::CREATED, axum::Json(rollout)))
+}
+
+async fn list(State(r): State<Arc<Rollouts>>) -> axum::Json<Vec<Rollout>> {
+    axum::Json(r.list())
+}
+
+async fn one(
+    State(r): State<Arc<Rollouts>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<axum::Json<Rollout>, ApiError> {
+    Ok(axum::Json(r.get(&id)?))
+}
+
+async fn audit(State(r): State<Arc<Rollouts>>) -> Result<axum::Json<Vec<AuditEntry>>, ApiError> {
+    let log = super::blocking(move || Ok(r.audit_log()?)).await?;
+    Ok(axum::Json(log))
+}
+
+async fn bundle(
+    State(r): State<Arc<Rollouts>>,
+    UrlPath(file): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    serve_bundle(r.bundles_dir(), &file, &headers).await
+}
+
+/// The answer to `GET /bundles/{file}` from the bundles in `dir` (see the
+/// module header).
+pub async fn serve_bundle(
+    dir: &Path,
+    file: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found(format!("no bundle {file}"));
+    let path = bundle_path(dir, file).ok_or_else(not_found)?;
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| not_found())?;
+    let io = |e: std::io::Error| ApiError::internal("io", format!("cannot read {file}: {e}"));
+    let total = f.metadata().await.map_err(io)?.len();
+    let start = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<u64>().ok());
+    let (status, from) = match start {
+        Some(s) if s >= total => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{total}"))],
+            )
+                .into_response());
+        }
+        Some(s) => (StatusCode::PARTIAL_CONTENT, s),
+        None => (StatusCode::OK, 0),
+    };
+    if from > 0 {
+        f.seek(SeekFrom::Start(from)).await.map_err(io)?;
+    }
+    let length = total - from;
+    // `take`: exactly the length announced, even if the file changed.
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        f.take(length),
+        CHUNK_BYTES,
+    ));
+    let mut response = (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::ACCEPT_RANGES, "bytes".to_string()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response();
+    if status == StatusCode::PARTIAL_CONTENT {
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            format!("bytes {from}-{}/{total}", total - 1)
+                .parse()
+                .expect("a valid header value"),
+        );
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    /// GET /bundles/{file} with `range`: status, headers, body.
+    fn fetch(base: &str, file: &str, range: Option<&str>) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut req = agent.get(format!("{base}/bundles/{file}"));
+        if let Some(r) = range {
+            req = req.header("Range", r);
+        }
+        let mut r = req.call().unwrap();
+        let headers = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()
+            .unwrap();
+        (r.status().as_u16(), headers, body)
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn downloads_are_streamed_with_range() {
+        let dir = tempfile::tempdir().unwrap();
+        // Several chunks and a partial one.
+        let bytes: Vec<u8> = (0..(3 * CHUNK_BYTES + 1234))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(dir.path().join(format!("{DIGEST}.ferry")), &bytes).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let base = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let dir = dir.path().to_path_buf();
+            let app = axum::Router::new().route(
+                "/bundles/{file}",
+                get(move |UrlPath(file): UrlPath<String>, headers: HeaderMap| {
+                    let dir = dir.clone();
+                    async move { serve_bundle(&dir, &file, &headers).await }
+                }),
+            );
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            format!("http://{addr}")
+        });
+        let file = format!("{DIGEST}.ferry");
+        let total = bytes.len();
+
+        let (status, headers, body) = fetch(&base, &file, None);
+        assert_eq!(status, 200);
+        assert_eq!(body, bytes);
+        assert_eq!(header(&headers, "accept-ranges"), Some("bytes"));
+        assert_eq!(
+            header(&headers, "content-length"),
+            Some(total.to_string().as_str())
+        );
+        assert_eq!(header(&headers, "content-range"), None);
+
+        for from in [1, CHUNK_BYTES - 1, CHUNK_BYTES, total - 1] {
+            let (status, headers, body) = fetch(&base, &file, Some(&format!("bytes={from}-")));
+            assert_eq!(status, 206, "from {from}");
+            assert_eq!(body, bytes[from..], "from {from}");
+            assert_eq!(
+                header(&headers, "content-range"),
+                Some(format!("bytes {from}-{}/{total}", total - 1).as_str())
+            );
+            assert_eq!(
+                header(&headers, "content-length"),
+                Some((total - from).to_string().as_str())
+            );
+        }
+        let (status, headers, body) = fetch(&base, &file, Some(&format!("bytes={total}-")));
+        assert_eq!(status, 416);
+        assert!(body.is_empty());
+        assert_eq!(
+            header(&headers, "content-range"),
+            Some(format!("bytes */{total}").as_str())
+        );
+        // Other forms of Range are not honoured: the whole file.
+        let (status, _, body) = fetch(&base, &file, Some("bytes=0-9"));
+        assert_eq!((status, body.len()), (200, total));
+        // Names that are not a digest, and digests without a file.
+        let (status, _, _) = fetch(&base, "../secret.ferry", None);
+        assert_eq!(status, 404);
+        let (status, _, _) = fetch(&base, &format!("{}.ferry", "a".repeat(64)), None);
+        assert_eq!(status, 404);
+        let (status, _, _) = fetch(&base, &format!("{DIGEST}.zip"), None);
+        assert_eq!(status, 404);
+    }
+}
