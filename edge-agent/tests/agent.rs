@@ -1,6 +1,7 @@
 //! The whole daemon: the real `ferry-agent` binary with real bundles, a real
 //! update channel and (where MQTT is involved) a real mosquitto.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};

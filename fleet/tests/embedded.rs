@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
-use ferry_testkit::free_port;
 use ferry_link::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use ferry_testkit::free_port;
 use serde_json::Value;
 
 use crate::device::{Device, Setup, iris_batch, iris_rows};

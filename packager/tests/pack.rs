@@ -304,7 +304,7 @@ fn keys_are_exchanged_with_openssl_both_ways() {
     let o = ferry(&[
         "pack",
         "--model",
-        &ex("iris/model.onnx"),
+        &example("iris/model.onnx"),
         "--key",
         &p("ossl.key"),
         "-o",
