@@ -127,6 +127,11 @@ fn run(config_path: &std::path::Path) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
+    // Installed before anything is served: a SIGTERM that arrives while the
+    // agent starts must take the orderly path (flush, offline status), not
+    // the default action, which kills the process on the spot.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
     let agent = tokio::task::spawn_blocking(move || Agent::open(config))
         .await
         .context("agent start panicked")??;
@@ -240,8 +245,6 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(device = %agent.identity.device, fleet = %agent.identity.fleet, "Agent ready");
 
     // Run until a signal, or until a task fails.
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot handle SIGTERM")?;
     let outcome = tokio::select! {
         _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); Ok(()) }

@@ -399,7 +399,8 @@ fn a_damaged_telemetry_buffer_is_moved_aside_and_the_model_keeps_serving() {
     // The new buffer works: telemetry of this prediction is in it.
     assert!(!metrics.contains("ferry_buffer_records 0\n"), "{metrics}");
     // A clean restart does not move the new buffer again.
-    assert!(d.terminate().success());
+    let stopped = d.terminate();
+    assert!(stopped.success(), "{stopped:?}\n{}", d.log_text());
     d.spawn();
     d.wait_ready();
     assert!(d.metrics().contains("ferry_buffer_recovered_total 0"));

@@ -132,8 +132,9 @@ fn direct_and_http_invocations_answer_like_ferry_run_and_reuse_one_session() {
     assert!(api.first_next.lock().unwrap().is_some());
     // One init for all invocations; EMF metrics with the cold-start flag on the first only.
     // The function logs its metrics after it posted the response: wait for the
-    // third invocation's line rather than race it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // third invocation's line rather than race it (a bound, not a timing
+    // assertion: a loaded 2-core CI machine has taken more than 10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while f
         .lines
         .lock()

@@ -24,8 +24,21 @@ mod session;
 // The format and drift crates, re-exported so that a program built on the
 // runtime names one crate.
 pub use error::{Error, GuestError, ModelError};
-pub use ferry_drift::*;
-pub use ferry_format::*;
+pub use ferry_drift::{
+    BASELINE_VERSION, Baseline, BaselineBuilder, CategoricalBaseline, CurrentSample,
+    DEFAULT_DRIFT_SHARE, DriftConfig, DriftError, DriftKind, DriftMethod, DriftReport, DriftRule,
+    DriftValue, FeatureBaseline, FeatureReport, FeatureStats, LARGE_REFERENCE, NumericBaseline,
+    PSI_FLOOR, QuantileSketch, REFERENCE_BINS, SKETCH_EXACT_MAX, SKETCH_INTERVALS, compare,
+};
+pub use ferry_format::{
+    Artifact, ArtifactInput, BundleError, Encoding, FORMAT_VERSION, GoldenExample, GuestLimits,
+    HEADER_LEN, Header, KEY_ID_LEN, KeyError, KeyId, Lineage, MAGIC, MAX_ARTIFACTS,
+    MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline,
+    PrecompiledGuest, PublicKey, RUNTIME_VERSION, ReadLimits, Release, SecretKey, TensorSpec,
+    TrustPolicy, VerifiedBundle, compress, from_cbor, inspect_unverified, lineage_training,
+    manifest_unverified, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only,
+    write_bundle,
+};
 pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value};
 pub use golden::{Mismatch, compare_json};
 pub use model::{BATCH_SYMBOL, Model, fmt_shape};
