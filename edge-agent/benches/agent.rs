@@ -11,30 +11,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_runtime::{PublicKey, Session, TrustPolicy};
+use ferry_testkit::cli::assert_exit;
+use ferry_testkit::fixtures::examples;
+use ferry_testkit::free_port;
 
 fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry-agent"))
 }
 
 fn ferry(args: &[&str]) {
-    let bin = agent_bin().with_file_name("ferry");
-    let o = Command::new(&bin)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (build the workspace first)", bin.display()));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    assert_exit(&ferry_testkit::cli::ferry(args), 0);
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -4,19 +4,15 @@
 //! `cargo bench --workspace --bench drain` (needs `/usr/sbin/mosquitto`).
 //! `FERRY_BENCH_RECORDS` sets the records per run (default 100,000).
 
-#[allow(dead_code)]
-#[path = "../tests/broker.rs"]
-mod broker;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use broker::{Mosquitto, Subscriber, SubscriberOptions};
 use ferry_agent::buffer::{Buffer, BufferOptions};
 use ferry_agent::config::MqttConfig;
 use ferry_agent::mqtt::{Identity, MqttStats, Reporter};
 use ferry_protocol::{OutputSummary, Status, Stream, TelemetryRecord, Topic, topic};
+use ferry_testkit::broker::{Mosquitto, Subscriber, SubscriberOptions};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -145,7 +141,7 @@ async fn drain(broker: &Mosquitto, records: u64, run: &Run) {
         identity,
         buffer.clone(),
         stats.clone(),
-        Some(broker::password(DEVICE)),
+        Some(ferry_testkit::broker::password(DEVICE)),
     )
     .unwrap();
     let (_status_tx, status_rx) = watch::channel(Status::offline(FLEET, DEVICE, "bench"));

@@ -2,45 +2,13 @@
 //! update channel and (where MQTT is involved) a real mosquitto.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::device::{Device, Setup, iris_batch, iris_request, iris_rows};
-use crate::fixtures::{self, bundles, publish};
-
-/// The digits CNN packed for the iris fleet and channel with sequence 3: it
-/// passes every check and its golden examples, but iris requests fail on it
-/// (a "bad release" for the automatic rollback tests).
-fn bad_release() -> PathBuf {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let b = bundles();
-        let out = b.path("digits-v3.ferry");
-        let o = fixtures::ferry()
-            .arg("pack")
-            .arg(fixtures::examples().join("digits"))
-            .arg("--key")
-            .arg(b.path("release.key"))
-            .arg("-o")
-            .arg(&out)
-            .args([
-                "--sequence",
-                "3",
-                "--fleet",
-                fixtures::FLEET,
-                "--channel",
-                fixtures::CHANNEL,
-            ])
-            .args(["--level", "3"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        out
-    })
-    .clone()
-}
+use ferry_testkit::channel::publish;
+use ferry_testkit::device::{Device, Setup, iris_batch, iris_request, iris_rows};
+use ferry_testkit::fixtures::{self, bundles};
 
 fn setosa() -> Value {
     iris_request([5.4, 3.4, 1.7, 0.2])
@@ -289,7 +257,7 @@ fn a_bundle_with_a_high_error_rate_is_rolled_back_by_itself() {
     let mut setup = Setup::new("rb-1");
     setup.source = Some(channel.path().display().to_string());
     let d = Device::start(setup);
-    publish(channel.path(), &bad_release());
+    publish(channel.path(), &bundles().path(fixtures::BAD_RELEASE));
     d.wait_status(Duration::from_secs(60), "v3 installed", |s| {
         s["bundle"]["sequence"] == 3
     });
@@ -359,7 +327,7 @@ fn init_writes_a_config_that_check_config_accepts_after_editing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("agent.toml");
     let run = |args: &[&str]| {
-        std::process::Command::new(crate::device::agent_bin())
+        std::process::Command::new(ferry_testkit::device::agent_bin())
             .args(args)
             .output()
             .unwrap()

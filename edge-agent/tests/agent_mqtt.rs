@@ -9,9 +9,10 @@ use ferry_protocol::{Action, Command, OperatorSignature, SCHEMA_VERSION, Stream,
 use ferry_runtime::SecretKey;
 use serde_json::Value;
 
-use crate::broker::{Message, Mosquitto, Subscriber, SubscriberOptions};
-use crate::device::{Device, Setup, iris_request};
-use crate::fixtures::{self, ChannelServer, bundles};
+use ferry_testkit::broker::{Message, Mosquitto, Subscriber, SubscriberOptions};
+use ferry_testkit::channel::ChannelServer;
+use ferry_testkit::device::{Device, Setup, iris_request};
+use ferry_testkit::fixtures::{self, bundles};
 
 const FLEET: &str = fixtures::FLEET;
 

@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Message, Mosquitto, Pki, Relay, Subscriber, SubscriberOptions, password};
+use ferry_testkit::broker::{
+    Message, Mosquitto, Pki, Relay, Subscriber, SubscriberOptions, password,
+};
 
 const FLEET: &str = "plant";
 

@@ -1,6 +1,7 @@
 //! ferry-agent's integration tests: real mosquitto, real bundles packed by
 //! the real `ferry`, the real `ferry-agent` binary where the whole daemon is
-//! under test.
+//! under test. The harnesses (mosquitto, bundles, agent processes, update
+//! channels) are in ferry-testkit.
 //!
 //! - `buffer`: the sled telemetry buffer (budget, priorities, checksums, ids).
 //! - `mqtt`: the reporter against mosquitto (outages, ACLs, will, commands, TLS).
@@ -8,13 +9,9 @@
 //!   store's atomic activation and recovery.
 //! - `agent`: the `ferry-agent` binary: HTTP API, drift, updates, rollbacks.
 //! - `agent_mqtt`: the binary with mosquitto: outages, SIGKILL, will, commands.
-//! - `broker`, `fixtures`, `device`: harnesses (mosquitto, bundles, agent processes).
 
 mod agent;
 mod agent_mqtt;
-mod broker;
 mod buffer;
-mod device;
-mod fixtures;
 mod mqtt;
 mod updates;

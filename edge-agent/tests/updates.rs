@@ -14,7 +14,8 @@ use ferry_agent::updates::{
 use ferry_protocol::BundleRef;
 use ferry_runtime::{ReadLimits, verify};
 
-use crate::fixtures::{self, ChannelServer, bundles};
+use ferry_testkit::channel::{ChannelServer, publish};
+use ferry_testkit::fixtures::{self, bundles};
 
 const MAX: u64 = 64 * 1024 * 1024;
 
@@ -143,7 +144,7 @@ fn golden_examples_failing_on_the_device_are_refused_by_the_health_check() {
 #[test]
 fn the_index_alone_can_say_a_download_is_pointless() {
     let dir = tempfile::tempdir().unwrap();
-    let index = fixtures::publish(dir.path(), &bundles().path(fixtures::V2));
+    let index = publish(dir.path(), &bundles().path(fixtures::V2));
     let v1 = identity(fixtures::V1);
     let v2 = identity(fixtures::V2);
     assert_eq!(skip_reason(&index, &want(), Some(&v1), &[]), None);
@@ -179,7 +180,7 @@ fn the_index_alone_can_say_a_download_is_pointless() {
 #[test]
 fn http_channel_index_and_download() {
     let channel = tempfile::tempdir().unwrap();
-    let published = fixtures::publish(channel.path(), &bundles().path(fixtures::V2));
+    let published = publish(channel.path(), &bundles().path(fixtures::V2));
     let server = ChannelServer::start(channel.path());
     let fetcher = Fetcher::new(None).unwrap();
     let source = Source::parse(&server.url("index.json")).unwrap();
@@ -237,7 +238,7 @@ fn http_channel_index_and_download() {
 #[test]
 fn a_broken_download_resumes_with_a_range_request() {
     let channel = tempfile::tempdir().unwrap();
-    let index = fixtures::publish(channel.path(), &bundles().path(fixtures::V2));
+    let index = publish(channel.path(), &bundles().path(fixtures::V2));
     let server = ChannelServer::start(channel.path());
     let fetcher = Fetcher::new(None).unwrap();
     let staging = tempfile::tempdir().unwrap();
@@ -296,7 +297,7 @@ fn a_broken_download_resumes_with_a_range_request() {
 #[test]
 fn a_server_without_ranges_or_a_stale_part_restarts_cleanly() {
     let channel = tempfile::tempdir().unwrap();
-    let index = fixtures::publish(channel.path(), &bundles().path(fixtures::V2));
+    let index = publish(channel.path(), &bundles().path(fixtures::V2));
     let server = ChannelServer::start(channel.path());
     let fetcher = Fetcher::new(None).unwrap();
     let (url, digest, size) = (
@@ -382,7 +383,7 @@ fn a_server_without_ranges_or_a_stale_part_restarts_cleanly() {
 #[test]
 fn a_digest_mismatch_is_refused_and_the_part_removed() {
     let channel = tempfile::tempdir().unwrap();
-    let index = fixtures::publish(channel.path(), &bundles().path(fixtures::V2));
+    let index = publish(channel.path(), &bundles().path(fixtures::V2));
     let server = ChannelServer::start(channel.path());
     let fetcher = Fetcher::new(None).unwrap();
     let staging = tempfile::tempdir().unwrap();
@@ -447,7 +448,7 @@ fn a_digest_mismatch_is_refused_and_the_part_removed() {
 #[test]
 fn the_size_cap_holds_whatever_the_server_says() {
     let channel = tempfile::tempdir().unwrap();
-    let index = fixtures::publish(channel.path(), &bundles().path(fixtures::V2));
+    let index = publish(channel.path(), &bundles().path(fixtures::V2));
     let server = ChannelServer::start(channel.path());
     let fetcher = Fetcher::new(None).unwrap();
     let staging = tempfile::tempdir().unwrap();
@@ -545,7 +546,7 @@ fn the_size_cap_holds_whatever_the_server_says() {
 #[test]
 fn a_directory_channel_works_like_a_server() {
     let channel = tempfile::tempdir().unwrap();
-    let published = fixtures::publish(channel.path(), &bundles().path(fixtures::V2));
+    let published = publish(channel.path(), &bundles().path(fixtures::V2));
     let source = Source::parse(channel.path().to_str().unwrap()).unwrap();
     assert_eq!(source, Source::Dir(channel.path().to_path_buf()));
     let fetcher = Fetcher::new(None).unwrap();
@@ -589,7 +590,7 @@ fn a_directory_channel_works_like_a_server() {
 fn bad_indexes_are_refused() {
     let fetcher = Fetcher::new(None).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let good = fixtures::publish(dir.path(), &bundles().path(fixtures::V2));
+    let good = publish(dir.path(), &bundles().path(fixtures::V2));
     let source = Source::Dir(dir.path().to_path_buf());
     let write = |v: serde_json::Value| {
         std::fs::write(dir.path().join("index.json"), v.to_string()).unwrap();
@@ -1007,7 +1008,7 @@ fn rejections_are_remembered_and_gc_keeps_what_matters() {
 fn an_update_from_an_http_channel_end_to_end() {
     let b = bundles();
     let channel = tempfile::tempdir().unwrap();
-    fixtures::publish(channel.path(), &b.path(fixtures::V2));
+    publish(channel.path(), &b.path(fixtures::V2));
     let server = ChannelServer::start(channel.path());
     let state = tempfile::tempdir().unwrap();
     let store = BundleStore::open(state.path()).unwrap();

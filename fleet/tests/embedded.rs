@@ -9,23 +9,15 @@
 //!   gets, after reconnecting, what was published while it was away;
 //!   SIGKILL of one agent marks it offline through its last will.
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use ferry_link::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use ferry_testkit::free_port;
 use serde_json::Value;
 
 use crate::device::{Device, Setup, iris_batch, iris_rows};
 use crate::fixtures::{FLEET, V1, bundles};
 use crate::state::{Serve, ferry_fleet_bin, runtime, wait_until};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `GET /api/devices`.
 fn devices(serve: &Serve) -> Value {

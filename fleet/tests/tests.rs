@@ -12,21 +12,16 @@
 //!   drift with rollback, resume after a console restart.
 //! - `state`: the store fed by the MQTT ingest from mosquitto and real
 //!   agents; `ferry-fleet serve` and `status`.
-//! - `broker`, `fixtures`, `device`: the edge agent's test harnesses
-//!   (mosquitto, bundles, agent processes), shared by path.
+//!
+//! The harnesses (mosquitto, bundles, agent processes) are ferry-testkit's
+//! `broker`, `fixtures` and `device`, imported here so the modules name
+//! them `crate::broker` and so on.
 
-#[path = "../../edge-agent/tests/broker.rs"]
-#[allow(dead_code)]
-mod broker;
-#[path = "../../edge-agent/tests/device.rs"]
-#[allow(dead_code)]
-mod device;
-// fixtures.rs allows dead code itself.
+use ferry_testkit::{broker, device, fixtures};
+
 mod dashboard;
 mod demo;
 mod embedded;
-#[path = "../../edge-agent/tests/fixtures.rs"]
-mod fixtures;
 mod retrain;
 mod rollouts;
 mod state;

@@ -33,7 +33,7 @@ fn round_trip_keeps_every_artifact() {
     assert_eq!(b.signed_by(), &[key.key_id()]);
     assert_eq!(
         b.content(rt::role::MODEL).unwrap(),
-        std::fs::read(crate::common::examples().join("iris/model.onnx")).unwrap()
+        std::fs::read(ferry_testkit::fixtures::examples().join("iris/model.onnx")).unwrap()
     );
     assert_eq!(b.content(rt::role::GUEST).unwrap(), crate::common::GUEST);
     assert_eq!(b.manifest().name, "test");

@@ -1,12 +1,7 @@
-//! Shared helpers: example paths, a minimal valid bundle.
-
-use std::path::PathBuf;
+//! Shared helpers: a minimal valid bundle.
 
 use ferry_format as rt;
-
-pub fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
+use ferry_testkit::fixtures::examples;
 
 /// The guest artifact's bytes: the format does not look inside them.
 pub const GUEST: &[u8] = b"\0asm\x01\0\0\0 a guest the format never runs";

@@ -7,20 +7,12 @@
 //! (needs `ferry` built beside `bootstrap`, and `pip install onnxruntime`
 //! for the Python side). Prints Markdown for docs/PERFORMANCE.md.
 
-// The tests use all of it; the benchmark only part.
-#[allow(dead_code)]
-#[path = "../tests/runtime_api.rs"]
-mod runtime_api;
-
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use runtime_api::{Outcome, RuntimeApi};
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
+use ferry_testkit::cli::assert_exit;
+use ferry_testkit::fixtures::examples;
+use ferry_testkit::lambda::{Outcome, RuntimeApi};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -32,12 +24,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn ferry(args: &[&str]) {
-    let path = Path::new(env!("CARGO_BIN_EXE_bootstrap")).with_file_name("ferry");
-    let o = Command::new(&path)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_exit(&ferry_testkit::cli::ferry(args), 0);
 }
 
 /// Starts `bootstrap` as Lambda would, against `api`.

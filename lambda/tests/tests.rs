@@ -4,74 +4,16 @@
 //! `POST .../invocation/{id}/error`, `POST /2018-06-01/runtime/init/error`.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use ferry_runtime::compare_json;
+use ferry_testkit::cli::ferry;
+use ferry_testkit::fixtures::{bundles, examples, read_json};
+use ferry_testkit::lambda::{Outcome, RuntimeApi, WAIT};
 use serde_json::{Value, json};
-
-mod runtime_api;
-use runtime_api::{Outcome, RuntimeApi, WAIT};
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-/// The packager, built by the same workspace build as `bootstrap`.
-fn ferry() -> Command {
-    let path = Path::new(env!("CARGO_BIN_EXE_bootstrap")).with_file_name("ferry");
-    assert!(
-        path.exists(),
-        "{} is missing: run the workspace tests (cargo test --workspace)",
-        path.display()
-    );
-    Command::new(path)
-}
-
-struct Bundles {
-    dir: tempfile::TempDir,
-}
-
-impl Bundles {
-    fn path(&self, rel: &str) -> String {
-        self.dir.path().join(rel).to_string_lossy().into_owned()
-    }
-}
-
-fn bundles() -> &'static Bundles {
-    static B: OnceLock<Bundles> = OnceLock::new();
-    B.get_or_init(|| {
-        let b = Bundles {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        assert!(
-            ferry()
-                .args(["keygen", "-o", &b.path("release")])
-                .output()
-                .unwrap()
-                .status
-                .success()
-        );
-        for name in ["iris", "digits"] {
-            let project = examples().join(name);
-            let o = ferry()
-                .args([
-                    "pack",
-                    project.to_str().unwrap(),
-                    "--key",
-                    &b.path("release.key"),
-                    "-o",
-                    &b.path(&format!("{name}.ferry")),
-                ])
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        }
-        b
-    })
-}
 
 /// A running `bootstrap`, its stdout lines collected.
 struct Function {
@@ -119,14 +61,14 @@ fn iris(api: &RuntimeApi) -> Function {
     start(
         api,
         &[
-            ("FERRY_BUNDLE", &b.path("iris.ferry")),
-            ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+            ("FERRY_BUNDLE", &b.file("iris.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
         ],
     )
 }
 
 fn read(rel: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(examples().join(rel)).unwrap()).unwrap()
+    read_json(&examples().join(rel))
 }
 
 fn http_v2(body: &str, content_type: &str, base64: bool) -> Value {
@@ -244,8 +186,8 @@ fn bad_inputs_are_400s_or_function_errors_and_the_function_keeps_serving() {
     let _f = start(
         &api,
         &[
-            ("FERRY_BUNDLE", &b.path("iris.ferry")),
-            ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+            ("FERRY_BUNDLE", &b.file("iris.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
             ("FERRY_MAX_BODY_BYTES", "4096"),
         ],
     );
@@ -306,8 +248,8 @@ fn images_arrive_base64_through_function_urls() {
     let _f = start(
         &api,
         &[
-            ("FERRY_BUNDLE", &b.path("digits.ferry")),
-            ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+            ("FERRY_BUNDLE", &b.file("digits.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
         ],
     );
     let png = std::fs::read(examples().join("digits/golden/digit_7.png")).unwrap();
@@ -348,14 +290,14 @@ fn init_error(env: &[(&str, &str)]) -> (String, String, Option<i32>) {
 #[test]
 fn a_corrupt_missing_or_untrusted_bundle_fails_init_with_a_clear_message() {
     let b = bundles();
-    let mut bytes = std::fs::read(b.path("iris.ferry")).unwrap();
+    let mut bytes = std::fs::read(b.file("iris.ferry")).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
-    let corrupt = b.path("corrupt.ferry");
+    let corrupt = b.scratch("corrupt.ferry");
     std::fs::write(&corrupt, bytes).unwrap();
     let (kind, message, status) = init_error(&[
         ("FERRY_BUNDLE", &corrupt),
-        ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+        ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
     ]);
     assert_eq!(kind, "Ferry.digest_mismatch");
     assert!(
@@ -366,26 +308,23 @@ fn a_corrupt_missing_or_untrusted_bundle_fails_init_with_a_clear_message() {
 
     let (kind, message, _) = init_error(&[
         ("FERRY_BUNDLE", "/nonexistent.ferry"),
-        ("FERRY_PUBLIC_KEYS", &b.path("release.pub")),
+        ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
     ]);
     assert_eq!(kind, "Ferry.BundleUnreadable");
     assert!(message.contains("/nonexistent.ferry"), "{message}");
 
-    let (kind, message, _) = init_error(&[("FERRY_BUNDLE", &b.path("iris.ferry"))]);
+    let (kind, message, _) = init_error(&[("FERRY_BUNDLE", &b.file("iris.ferry"))]);
     assert_eq!(kind, "Ferry.NoTrustedKey");
     assert!(message.contains("FERRY_PUBLIC_KEYS"), "{message}");
 
     assert!(
-        ferry()
-            .args(["keygen", "-o", &b.path("stranger")])
-            .output()
-            .unwrap()
+        ferry(&["keygen", "-o", &b.scratch("stranger")])
             .status
             .success()
     );
     let (kind, message, _) = init_error(&[
-        ("FERRY_BUNDLE", &b.path("iris.ferry")),
-        ("FERRY_PUBLIC_KEYS", &b.path("stranger.pub")),
+        ("FERRY_BUNDLE", &b.file("iris.ferry")),
+        ("FERRY_PUBLIC_KEYS", &b.scratch("stranger.pub")),
     ]);
     assert_eq!(kind, "Ferry.untrusted_key");
     assert!(message.contains("untrusted"), "{message}");
@@ -415,9 +354,7 @@ fn outside_lambda_it_says_so_instead_of_panicking() {
 }
 
 fn lambda_package(args: &[&str]) -> std::process::Output {
-    let mut cmd = ferry();
-    cmd.arg("lambda-package").args(args);
-    cmd.output().unwrap()
+    ferry(&[&["lambda-package"][..], args].concat())
 }
 
 #[test]
@@ -432,21 +369,21 @@ fn a_packaged_function_finds_its_bundle_and_keys_next_to_bootstrap() {
     };
     let args = [
         "--pub",
-        &b.path("release.pub"),
+        &b.file("release.pub"),
         "--arch",
         arch,
         "-o",
         zip_path.to_str().unwrap(),
     ];
-    let o = lambda_package(&[&[b.path("iris.ferry").as_str()][..], &args[..]].concat());
+    let o = lambda_package(&[&[b.file("iris.ferry").as_str()][..], &args[..]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(&zip_path).unwrap();
     // Deterministic: the same inputs give the same zip.
     let again = dir.path().join("again.zip");
     let o = lambda_package(&[
-        b.path("iris.ferry").as_str(),
+        b.file("iris.ferry").as_str(),
         "--pub",
-        &b.path("release.pub"),
+        &b.file("release.pub"),
         "--arch",
         arch,
         "-o",
@@ -505,9 +442,9 @@ fn lambda_package_refuses_the_wrong_architecture_and_unverified_bundles() {
         "arm64"
     };
     let o = lambda_package(&[
-        b.path("iris.ferry").as_str(),
+        b.file("iris.ferry").as_str(),
         "--pub",
-        &b.path("release.pub"),
+        &b.file("release.pub"),
         "--arch",
         other,
         "-o",
@@ -520,9 +457,9 @@ fn lambda_package_refuses_the_wrong_architecture_and_unverified_bundles() {
         String::from_utf8_lossy(&o.stderr)
     );
     let o = lambda_package(&[
-        b.path("iris.ferry").as_str(),
+        b.file("iris.ferry").as_str(),
         "--pub",
-        &b.path("release.pub"),
+        &b.file("release.pub"),
         "--arch",
         other,
         "--bootstrap",
@@ -537,17 +474,14 @@ fn lambda_package_refuses_the_wrong_architecture_and_unverified_bundles() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
-        ferry()
-            .args(["keygen", "-o", &b.path("someone")])
-            .output()
-            .unwrap()
+        ferry(&["keygen", "-o", &b.scratch("someone")])
             .status
             .success()
     );
     let o = lambda_package(&[
-        b.path("iris.ferry").as_str(),
+        b.file("iris.ferry").as_str(),
         "--pub",
-        &b.path("someone.pub"),
+        &b.scratch("someone.pub"),
         "-o",
         out.to_str().unwrap(),
     ]);

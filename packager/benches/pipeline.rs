@@ -5,27 +5,15 @@
 //! Every comparison is a ratio of numbers measured in the same run, with
 //! the two sides interleaved, because this machine is shared and noisy.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_runtime::{self as rt, Session, TrustPolicy};
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
+use ferry_testkit::cli::assert_exit;
+use ferry_testkit::fixtures::examples;
 
 fn ferry(args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env("SOURCE_DATE_EPOCH", "0")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_exit(&ferry_testkit::cli::ferry(args), 0);
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

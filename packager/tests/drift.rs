@@ -1,9 +1,10 @@
 use serde_json::Value;
 
-use crate::common::*;
+use ferry_testkit::cli::{assert_exit, ferry, stderr, stdout};
+use ferry_testkit::fixtures::{bundles, example};
 
 fn drift(bundle: &str, data: &str, extra: &[&str]) -> (std::process::Output, Option<Value>) {
-    let f = fixture();
+    let f = bundles();
     let mut args = vec![
         "drift",
         bundle,
@@ -31,8 +32,12 @@ fn drifted(report: &Value) -> Vec<String> {
 
 #[test]
 fn shifted_iris_features_are_flagged_and_only_those() {
-    let f = fixture();
-    let (o, r) = drift(&f.bundle("iris"), &ex("iris/data/current_shifted.csv"), &[]);
+    let f = bundles();
+    let (o, r) = drift(
+        &f.bundle("iris"),
+        &example("iris/data/current_shifted.csv"),
+        &[],
+    );
     assert_exit(&o, 0);
     let r = r.unwrap();
     assert_eq!(drifted(&r), ["petal_length", "petal_width"]);
@@ -57,10 +62,10 @@ fn shifted_iris_features_are_flagged_and_only_those() {
 
 #[test]
 fn same_distribution_iris_flags_nothing() {
-    let f = fixture();
+    let f = bundles();
     let (o, r) = drift(
         &f.bundle("iris"),
-        &ex("iris/data/current_same.csv"),
+        &example("iris/data/current_same.csv"),
         &["--fail-on-drift"],
     );
     assert_exit(&o, 0);
@@ -71,27 +76,31 @@ fn same_distribution_iris_flags_nothing() {
 
 #[test]
 fn brighter_digits_are_flagged() {
-    let f = fixture();
+    let f = bundles();
     let (o, r) = drift(
         &f.bundle("digits"),
-        &ex("digits/data/current_shifted"),
+        &example("digits/data/current_shifted"),
         &["--fail-on-drift"],
     );
     assert_exit(&o, 6);
     assert_eq!(drifted(&r.unwrap()), ["brightness", "contrast"]);
-    let (o, r) = drift(&f.bundle("digits"), &ex("digits/data/current_same"), &[]);
+    let (o, r) = drift(
+        &f.bundle("digits"),
+        &example("digits/data/current_same"),
+        &[],
+    );
     assert_exit(&o, 0);
     assert!(drifted(&r.unwrap()).is_empty());
 }
 
 #[test]
 fn drift_without_a_key_warns_and_bad_data_is_explained() {
-    let f = fixture();
+    let f = bundles();
     let o = ferry(&[
         "drift",
         &f.bundle("iris"),
         "--data",
-        &ex("iris/data/current_same.csv"),
+        &example("iris/data/current_same.csv"),
     ]);
     assert_exit(&o, 0);
     assert!(
@@ -110,7 +119,11 @@ fn drift_without_a_key_warns_and_bad_data_is_explained() {
     let (o, _) = drift(&f.bundle("iris"), p.to_str().unwrap(), &[]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("petal_width"), "{}", stderr(&o));
-    let (o, _) = drift(&f.bundle("digits"), &ex("iris/data/current_same.csv"), &[]);
+    let (o, _) = drift(
+        &f.bundle("digits"),
+        &example("iris/data/current_same.csv"),
+        &[],
+    );
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("directory"), "{}", stderr(&o));
 }

@@ -1,18 +1,19 @@
 use ferry_runtime::compare_json;
 
-use crate::common::*;
+use ferry_testkit::cli::{assert_exit, ferry, ferry_env, stderr, stdout};
+use ferry_testkit::fixtures::{bundles, example, examples, read_json};
 
 /// Every golden example of a project, run through `ferry run`, equals the
 /// response computed with onnxruntime (examples/*/train.py) within 1e-5.
 fn goldens_match(name: &str) {
-    let f = fixture();
+    let f = bundles();
     let project: toml::Table =
         toml::from_str(&std::fs::read_to_string(examples().join(name).join("ferry.toml")).unwrap())
             .unwrap();
     let goldens = project["golden"].as_array().unwrap();
     assert!(!goldens.is_empty());
     for g in goldens {
-        let input = ex(&format!("{name}/{}", g["input"].as_str().unwrap()));
+        let input = example(&format!("{name}/{}", g["input"].as_str().unwrap()));
         let expected = read_json(&examples().join(name).join(g["expected"].as_str().unwrap()));
         let o = ferry(&[
             "run",
@@ -48,14 +49,14 @@ fn digits_round_trip_matches_onnxruntime() {
 
 #[test]
 fn bare_model_round_trip_matches_onnxruntime() {
-    let f = fixture();
+    let f = bundles();
     let o = ferry(&[
         "run",
         &f.bundle("raw"),
         "--pub",
         &f.public(),
         "--input",
-        &ex("iris/golden/tensor_request.json"),
+        &example("iris/golden/tensor_request.json"),
         "--json",
     ]);
     assert_exit(&o, 0);
@@ -66,14 +67,14 @@ fn bare_model_round_trip_matches_onnxruntime() {
 
 #[test]
 fn human_output_names_the_class() {
-    let f = fixture();
+    let f = bundles();
     let o = ferry(&[
         "run",
         &f.bundle("iris"),
         "--pub",
         &f.public(),
         "--input",
-        &ex("iris/golden/setosa.json"),
+        &example("iris/golden/setosa.json"),
     ]);
     assert_exit(&o, 0);
     assert!(stdout(&o).starts_with("0: setosa ("), "{}", stdout(&o));
@@ -84,7 +85,7 @@ fn human_output_names_the_class() {
         "--pub",
         &f.public(),
         "--input",
-        &ex("digits/golden/digit_7.png"),
+        &example("digits/golden/digit_7.png"),
         "--json",
     ]);
     assert_exit(&o, 0);
@@ -95,7 +96,7 @@ fn human_output_names_the_class() {
         "--pub",
         &f.public(),
         "--input",
-        &ex("iris/data/iris_test.csv"),
+        &example("iris/data/iris_test.csv"),
         "--json",
     ]);
     assert_exit(&o, 0);
@@ -103,10 +104,10 @@ fn human_output_names_the_class() {
 
 #[test]
 fn two_packs_of_the_same_inputs_are_byte_identical() {
-    let f = fixture();
-    let again = f.path("iris-again.ferry");
+    let f = bundles();
+    let again = f.scratch("iris-again.ferry");
     assert_exit(
-        &ferry(&["pack", &ex("iris"), "--key", &f.key(), "-o", &again]),
+        &ferry(&["pack", &example("iris"), "--key", &f.key(), "-o", &again]),
         0,
     );
     assert_eq!(
@@ -117,7 +118,7 @@ fn two_packs_of_the_same_inputs_are_byte_identical() {
 
 #[test]
 fn verify_and_inspect_describe_the_bundle() {
-    let f = fixture();
+    let f = bundles();
     let o = ferry(&[
         "verify",
         &f.bundle("digits"),
@@ -152,13 +153,13 @@ fn verify_and_inspect_describe_the_bundle() {
 
 #[test]
 fn pack_json_summary_and_key_from_environment() {
-    let f = fixture();
+    let f = bundles();
     let pem = std::fs::read_to_string(f.key()).unwrap();
-    let out = f.path("env.ferry");
+    let out = f.scratch("env.ferry");
     let o = ferry_env(
         &[
             "pack",
-            &ex("iris"),
+            &example("iris"),
             "--key-env",
             "MY_KEY",
             "-o",
@@ -176,7 +177,7 @@ fn pack_json_summary_and_key_from_environment() {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
     let o = ferry_env(
-        &["pack", &ex("iris"), "--key-env", "MY_KEY", "-o", &out],
+        &["pack", &example("iris"), "--key-env", "MY_KEY", "-o", &out],
         &[("MY_KEY", &b64)],
     );
     assert_exit(&o, 0);
@@ -185,7 +186,7 @@ fn pack_json_summary_and_key_from_environment() {
 
 #[test]
 fn a_golden_example_off_beyond_tolerance_fails_the_pack_with_a_diff() {
-    let f = fixture();
+    let f = bundles();
     let dir = tempfile::tempdir().unwrap();
     for entry in ["ferry.toml", "model.onnx"] {
         std::fs::copy(examples().join("iris").join(entry), dir.path().join(entry)).unwrap();
@@ -303,7 +304,7 @@ fn keys_are_exchanged_with_openssl_both_ways() {
     let o = ferry(&[
         "pack",
         "--model",
-        &ex("iris/model.onnx"),
+        &example("iris/model.onnx"),
         "--key",
         &p("ossl.key"),
         "-o",
@@ -315,11 +316,11 @@ fn keys_are_exchanged_with_openssl_both_ways() {
 
 #[test]
 fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_runs() {
-    let f = fixture();
-    let out = f.path("pre.ferry");
+    let f = bundles();
+    let out = f.scratch("pre.ferry");
     let o = ferry(&[
         "pack",
-        &ex("iris"),
+        &example("iris"),
         "--key",
         &f.key(),
         "-o",
@@ -350,7 +351,7 @@ fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_run
         "--pub",
         &f.public(),
         "--input",
-        &ex("iris/golden/setosa.json"),
+        &example("iris/golden/setosa.json"),
         "--json",
     ]);
     assert_exit(&o, 0);
@@ -362,7 +363,7 @@ fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_run
     );
     let o = ferry(&[
         "pack",
-        &ex("iris"),
+        &example("iris"),
         "--key",
         &f.key(),
         "-o",
@@ -395,7 +396,7 @@ impl ferry_runtime::Observer for Recorder {
 #[test]
 fn an_observer_sees_features_and_outputs_and_sessions_serve_threads() {
     use std::sync::Arc;
-    let f = fixture();
+    let f = bundles();
     let bytes = std::fs::read(f.bundle("iris")).unwrap();
     let trust = ferry_runtime::TrustPolicy::new(
         ferry_runtime::PublicKey::all_from_pem(&std::fs::read_to_string(f.public()).unwrap())

@@ -1,10 +1,11 @@
 //! `ferry publish`: channel directories that `ferry-agent` polls.
 
-use crate::common::*;
+use ferry_testkit::cli::{assert_exit, ferry, stderr, stdout};
+use ferry_testkit::fixtures::{bundles, example, read_json};
 
 #[test]
 fn publishes_a_bundle_and_refuses_to_go_backwards() {
-    let f = fixture();
+    let f = bundles();
     let channel = tempfile::tempdir().unwrap();
     let to = channel.path().to_str().unwrap();
     let o = ferry(&[
@@ -59,11 +60,11 @@ fn publishes_a_bundle_and_refuses_to_go_backwards() {
 
     // A bundle with a lower or equal sequence but other bytes is refused
     // (exit 3) unless forced; the index is untouched.
-    let older = f.path("iris-older.ferry");
+    let older = f.scratch("iris-older.ferry");
     assert_exit(
         &ferry(&[
             "pack",
-            &ex("iris"),
+            &example("iris"),
             "--key",
             &f.key(),
             "-o",
@@ -93,11 +94,11 @@ fn publishes_a_bundle_and_refuses_to_go_backwards() {
     );
 
     // Another fleet's bundle does not go into this channel.
-    let other = f.path("iris-other-fleet.ferry");
+    let other = f.scratch("iris-other-fleet.ferry");
     assert_exit(
         &ferry(&[
             "pack",
-            &ex("iris"),
+            &example("iris"),
             "--key",
             &f.key(),
             "-o",
@@ -116,7 +117,7 @@ fn publishes_a_bundle_and_refuses_to_go_backwards() {
 
 #[test]
 fn refuses_bundles_the_devices_would_refuse() {
-    let f = fixture();
+    let f = bundles();
     let channel = tempfile::tempdir().unwrap();
     let to = channel.path().to_str().unwrap();
     let other = tempfile::tempdir().unwrap();

@@ -1,17 +1,18 @@
-use crate::common::*;
+use ferry_testkit::cli::{assert_exit, ferry, stderr, stdout};
+use ferry_testkit::fixtures::{bundles, example};
 
 #[test]
 fn a_tampered_bundle_is_rejected_with_exit_code_3() {
-    let f = fixture();
+    let f = bundles();
     let mut bytes = std::fs::read(f.bundle("iris")).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
-    let path = f.path("tampered.ferry");
+    let path = f.scratch("tampered.ferry");
     std::fs::write(&path, &bytes).unwrap();
     for cmd in ["verify", "run"] {
         let mut args = vec![cmd, path.as_str(), "--pub", f.public().leak()];
         if cmd == "run" {
-            args.extend(["--input", ex("iris/golden/setosa.json").leak()]);
+            args.extend(["--input", example("iris/golden/setosa.json").leak()]);
         }
         let o = ferry(&args);
         assert_exit(&o, 3);
@@ -21,7 +22,7 @@ fn a_tampered_bundle_is_rejected_with_exit_code_3() {
             stderr(&o)
         );
     }
-    let truncated = f.path("truncated.ferry");
+    let truncated = f.scratch("truncated.ferry");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let o = ferry(&["verify", &truncated, "--pub", &f.public()]);
     assert_exit(&o, 3);
@@ -30,8 +31,8 @@ fn a_tampered_bundle_is_rejected_with_exit_code_3() {
 
 #[test]
 fn a_bundle_signed_by_another_key_is_rejected() {
-    let f = fixture();
-    let other = f.path("keys/other");
+    let f = bundles();
+    let other = f.scratch("keys/other");
     assert_exit(&ferry(&["keygen", "-o", &other]), 0);
     let o = ferry(&[
         "verify",
@@ -65,7 +66,7 @@ fn a_bundle_signed_by_another_key_is_rejected() {
 
 #[test]
 fn bad_inputs_get_exit_code_4_and_say_what_is_wrong() {
-    let f = fixture();
+    let f = bundles();
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, &str, &str)] = &[
         (
@@ -141,7 +142,7 @@ fn bad_inputs_get_exit_code_4_and_say_what_is_wrong() {
 
 #[test]
 fn bad_project_files_are_explained() {
-    let f = fixture();
+    let f = bundles();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.ferry");
     let pack = |d: &std::path::Path| {
@@ -159,7 +160,7 @@ fn bad_project_files_are_explained() {
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("ferry.toml"), "{}", stderr(&o));
     // A typo in a key.
-    std::fs::copy(ex("iris/model.onnx"), dir.path().join("model.onnx")).unwrap();
+    std::fs::copy(example("iris/model.onnx"), dir.path().join("model.onnx")).unwrap();
     std::fs::write(
         dir.path().join("ferry.toml"),
         "[model]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\nverison = 2\n",
@@ -183,7 +184,7 @@ fn bad_project_files_are_explained() {
         stderr(&o)
     );
     // A pipeline configuration the guest refuses.
-    std::fs::copy(ex("iris/model.onnx"), dir.path().join("model.onnx")).unwrap();
+    std::fs::copy(example("iris/model.onnx"), dir.path().join("model.onnx")).unwrap();
     std::fs::write(
         dir.path().join("ferry.toml"),
         "[model]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\n[preprocess]\nkind = \"spreadsheet\"\n",
@@ -196,7 +197,7 @@ fn bad_project_files_are_explained() {
     // A missing signing key.
     let o = ferry(&[
         "pack",
-        &ex("iris"),
+        &example("iris"),
         "--key",
         "/nonexistent.key",
         "-o",

@@ -4,7 +4,6 @@
 //! - `drift`: `ferry drift` flags shifted features and only those.
 //! - `publish`: update channel directories for `ferry-agent`.
 
-mod common;
 mod drift;
 mod pack;
 mod publish;

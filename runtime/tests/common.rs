@@ -1,12 +1,7 @@
-//! Shared helpers: example paths, a minimal valid bundle.
-
-use std::path::PathBuf;
+//! The runtime's own test material: a guest that misbehaves on request,
+//! and a manifest for bundles holding it.
 
 use ferry_runtime as rt;
-
-pub fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
 
 /// A guest written in WAT that implements the ABI. `ferry_preprocess`
 /// dispatches on the first byte of the content type:

@@ -1,7 +1,7 @@
 use ferry_runtime::{DType, Model, ModelError, Tensor};
 use serde_json::Value;
 
-use crate::common::examples;
+use ferry_testkit::fixtures::examples;
 
 fn tensor_from_json(name: &str, v: &Value) -> Tensor {
     let shape: Vec<u64> = v["shape"]

@@ -1,6 +1,7 @@
 //! Integration tests of ferry-runtime. Modules:
 //! - `sandbox`: runaway, greedy and nosy guests are stopped; the host keeps serving.
 //! - `model`: tract runs the example models like onnxruntime.
+//! - `common`: a guest that misbehaves on request and a manifest for it.
 
 mod common;
 mod model;

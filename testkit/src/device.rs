@@ -2,7 +2,6 @@
 //! directory, HTTP client, and ways to stop it (SIGTERM, SIGKILL).
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -11,7 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::broker::{Mosquitto, password};
-use crate::fixtures::bundles;
+use crate::fixtures::{self, bundles};
+use crate::free_port;
 
 /// How long a device gets to become ready (it verifies, compiles the
 /// guest and runs the golden examples).
@@ -39,8 +39,8 @@ impl Setup {
     pub fn new(device: &str) -> Setup {
         Setup {
             device: device.into(),
-            fleet: crate::fixtures::FLEET.into(),
-            initial: Some(crate::fixtures::V1.into()),
+            fleet: fixtures::FLEET.into(),
+            initial: Some(fixtures::V1.into()),
             source: None,
             mqtt_port: None,
             extra: String::new(),
@@ -66,16 +66,8 @@ pub struct Device {
     client: ureq::Agent,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub fn agent_bin() -> PathBuf {
-    crate::fixtures::workspace_bin("ferry-agent")
+    fixtures::workspace_bin("ferry-agent")
 }
 
 impl Device {
@@ -364,7 +356,7 @@ pub fn iris_request(row: [f64; 4]) -> Value {
 
 /// Rows of an example CSV file of iris measurements.
 pub fn iris_rows(file: &str) -> Vec<[f64; 4]> {
-    let path = crate::fixtures::examples().join("iris/data").join(file);
+    let path = fixtures::examples().join("iris/data").join(file);
     let text = std::fs::read_to_string(path).unwrap();
     text.lines()
         .skip(1)

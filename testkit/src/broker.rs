@@ -9,7 +9,7 @@
 //! re-exports) that records what it receives.
 
 use std::fmt::Write as _;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +20,8 @@ use ferry_link::{AsyncClient, Event, Incoming, MqttOptions, QoS, SubAck, Subscri
 use tempfile::TempDir;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+
+use crate::free_port;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const MOSQUITTO_PASSWD: &str = "mosquitto_passwd";
@@ -358,14 +360,6 @@ impl Drop for Mosquitto {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One message as a subscriber saw it.

@@ -1,6 +1,7 @@
-//! A Runtime API server on 127.0.0.1:0 that follows AWS's documented
-//! protocol, serving queued events and recording what the function sends
-//! back. Shared by the tests and the cold-start benchmark.
+//! AWS Lambda's Runtime API on 127.0.0.1:0, following AWS's documented
+//! protocol: it serves queued events to the real `bootstrap` and records
+//! what the function sends back. Used by ferry-lambda's tests and its
+//! cold-start benchmark.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
