@@ -136,6 +136,8 @@
 //! silently misread (new semantics, a new [`FeatureStats`] variant);
 //! [`compare`](compare()) rejects versions it does not know.
 
+#![forbid(unsafe_code)]
+
 mod baseline;
 mod compare;
 mod config;

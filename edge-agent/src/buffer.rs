@@ -114,9 +114,10 @@ pub const LOCK_FILE: &str = ferry_host::LOCK_FILE;
 /// Bytes before the payload in a stored value: version (1) and CRC-32 (4).
 const HEADER_LEN: usize = 5;
 
-/// How long `open` retries sled's own lock after taking ours: a sled handle
-/// dropped by this process a moment ago keeps it until its background
-/// threads finish (seen in tests: reopening right after a close).
+/// How long `open` waits for the buffer's locks (ours, then sled's own): a
+/// sled handle dropped by this process a moment ago keeps sled's lock until
+/// its background threads finish (seen in tests: reopening right after a
+/// close). A second agent on the same directory is refused after it.
 const SLED_LOCK_RETRY: Duration = Duration::from_secs(5);
 
 /// Corrupt records logged one by one per scan before only a summary is.

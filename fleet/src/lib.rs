@@ -39,6 +39,8 @@
 //! - `rollouts` and `retrain` return typed errors with a stable `code()`;
 //!   their HTTP status is decided in `http` alone.
 
+#![forbid(unsafe_code)]
+
 pub mod broker;
 pub mod client;
 pub mod http;

@@ -386,9 +386,16 @@ fn the_rollout_commands_drive_a_real_console() {
         table.contains("done") && table.contains("audit trail:"),
         "{table}"
     );
-    // The dashboard's API shows the rollout too.
+    // The dashboard's API shows the rollout too, in the JSON shape other
+    // clients read (pinned raw, not only through the typed client).
     let r = Client::new(&serve.url).rollouts().unwrap();
     assert_eq!(r[0].phase, Phase::Done);
+    let mut answer = ureq::get(format!("{}/api/rollouts", serve.url))
+        .call()
+        .unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(raw[0]["phase"]["phase"], "done", "{raw}");
 }
 
 #[test]

@@ -23,6 +23,8 @@
 //!   [`PrecompiledGuest`], which only [`VerifiedBundle::precompiled_guests`]
 //!   makes, and only for a bundle whose signatures verified.
 
+#![forbid(unsafe_code)]
+
 mod bundle;
 mod error;
 mod keys;

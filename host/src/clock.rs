@@ -1,4 +1,6 @@
-//! The wall clock, behind a seam.
+//! The wall clock. Code whose decisions depend on time (rollouts,
+//! retraining, probation) takes `now_ms` as an argument, so tests pass the
+//! time they want; only the callers at the edge read this clock.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -10,23 +12,6 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A source of wall-clock time. Production code uses [`SystemClock`]; tests
-/// pass a clock they move by hand.
-pub trait Clock: Send + Sync {
-    /// Unix time in milliseconds.
-    fn now_ms(&self) -> u64;
-}
-
-/// The operating system's clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        now_ms()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,7 +19,7 @@ mod tests {
     #[test]
     fn now_is_after_2020_and_monotone_enough() {
         let a = now_ms();
-        let b = SystemClock.now_ms();
+        let b = now_ms();
         assert!(a > 1_577_836_800_000, "{a}");
         assert!(b >= a);
     }

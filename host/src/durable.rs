@@ -11,13 +11,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A durable write that did not happen; the target is unchanged.
+/// A durable write that failed. For every step but `fsync-dir` the target
+/// is unchanged; after `fsync-dir` it holds the new content, but the rename
+/// may not survive a power cut.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {step} {}: {source}", path.display())]
 pub struct WriteError {
     /// The file (or directory) the failing step worked on.
     pub path: PathBuf,
-    /// The step that failed: "create", "write", "fsync", "rename".
+    /// The step that failed: "create", "write", "fsync", "rename",
+    /// "fsync-dir".
     pub step: &'static str,
     /// What the operating system said.
     #[source]
@@ -71,11 +74,19 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
         let _ = std::fs::remove_file(&tmp);
         return result;
     }
-    sync_dir(dir)
+    // The new content is in place; only the rename's durability is at stake.
+    sync_dir(dir).map_err(|e| WriteError {
+        step: "fsync-dir",
+        ..e
+    })
 }
 
-/// Fsyncs a directory, so renames and creations in it are durable.
+/// Fsyncs a directory, so renames and creations in it are durable. (On
+/// systems other than Unix a directory cannot be opened for this: a no-op.)
 pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
+    if cfg!(not(unix)) {
+        return Ok(());
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| WriteError {

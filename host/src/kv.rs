@@ -3,11 +3,14 @@
 //! Two processes must never share one database. Before sled opens, the
 //! caller's process takes an exclusive lock on [`LOCK_FILE`] in the
 //! database's directory, held as long as the [`SledHandle`] lives: a second
-//! process (or a second open in this one) gets [`OpenError::Locked`] at
-//! once. sled also locks its own `db` file, and sled's background threads
-//! may keep a closed database's lock a moment after its last handle is
-//! dropped: when sled's open fails while we hold our lock and sled's lock
-//! is busy, we wait for it (up to `lock_wait`).
+//! process (or a second open in this one) gets [`OpenError::Locked`] once
+//! `lock_wait` has passed. The wait is for a handle of this same process
+//! that is still closing (a console restarting in-process while a blocking
+//! task still holds its store). sled also locks its own `db` file, and
+//! sled's background threads may keep a closed database's lock a moment
+//! after its last handle is dropped: when sled's open fails while we hold
+//! our lock and sled's lock is busy, we wait for it too, within the same
+//! `lock_wait`.
 //! Whether sled's lock is what failed is learnt by probing that lock, not by
 //! reading sled's error message.
 
@@ -72,9 +75,8 @@ pub struct SledHandle {
 
 /// Opens the sled database in `path` (created if absent) with `config`
 /// (whose path is set here), holding [`LOCK_FILE`] for as long as the
-/// returned handle lives. `lock_wait` bounds the wait for sled's own lock
-/// (a handle of this process still closing); [`LOCK_FILE`] held elsewhere
-/// is refused at once.
+/// returned handle lives. `lock_wait` bounds the wait for either lock (a
+/// handle still closing); past it the answer is [`OpenError::Locked`].
 pub fn open_sled(
     path: &Path,
     config: sled::Config,
@@ -91,16 +93,21 @@ pub fn open_sled(
         .write(true)
         .open(path.join(LOCK_FILE))
         .map_err(io)?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            return Err(OpenError::Locked {
-                path: path.to_path_buf(),
-            });
-        }
-        Err(TryLockError::Error(e)) => return Err(io(e)),
-    }
     let started = Instant::now();
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) if started.elapsed() < lock_wait => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+    }
     let config = config.path(path);
     loop {
         match config.open() {

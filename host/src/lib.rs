@@ -5,7 +5,7 @@
 //! # Layout
 //! - `durable`: [`write_durably`] — unique temporary name, fsync, rename,
 //!   directory fsync, cleanup on failure — and [`sync_dir`].
-//! - `clock`: [`now_ms`] and the [`Clock`] seam tests can drive.
+//! - `clock`: [`now_ms`], the one reading of the wall clock.
 //! - `kv` (feature `sled`): `open_sled`, the only place in this crate naming sled: a lock
 //!   file taken before sled opens, and a busy sled lock told apart from a
 //!   real failure by probing the lock (never by matching error text).
@@ -17,12 +17,14 @@
 //! - No function here panics on I/O errors: every failure is a typed error
 //!   that names the path and the step.
 
+#![forbid(unsafe_code)]
+
 mod clock;
 mod durable;
 #[cfg(feature = "sled")]
 mod kv;
 
-pub use clock::{Clock, SystemClock, now_ms};
+pub use clock::now_ms;
 pub use durable::{WriteError, sync_dir, write_durably};
 #[cfg(feature = "sled")]
 pub use kv::{LOCK_FILE, OpenError, SledHandle, open_sled};

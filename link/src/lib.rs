@@ -44,6 +44,8 @@
 //!   [`Settings::max_incoming_packet`] and [`Settings::max_outgoing_packet`].
 //! - TLS: rumqttc's `use-rustls-no-provider` feature; ring is chosen here.
 
+#![forbid(unsafe_code)]
+
 mod backoff;
 mod driver;
 mod options;

@@ -407,7 +407,12 @@ impl PackArgs {
                 .release
                 .min_runtime
                 .clone()
-                .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+                // The bundle format's `min_runtime` is MAJOR.MINOR.PATCH without
+                // a pre-release suffix: a `-rc.1` build needs what its release has.
+                .unwrap_or_else(|| {
+                    let v = env!("CARGO_PKG_VERSION");
+                    v.split(['-', '+']).next().unwrap_or(v).to_string()
+                }),
             packager: format!("ferry {}", env!("CARGO_PKG_VERSION")),
             release,
             model: rt::ModelInfo {

@@ -22,6 +22,8 @@
 //! these rules bumps [`SCHEMA_VERSION`] *and* the `v1` in the topic prefix,
 //! so old and new devices can share a broker during a migration.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

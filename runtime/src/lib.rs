@@ -32,12 +32,11 @@ pub use ferry_drift::{
 };
 pub use ferry_format::{
     Artifact, ArtifactInput, BundleError, Encoding, FORMAT_VERSION, GoldenExample, GuestLimits,
-    HEADER_LEN, Header, KEY_ID_LEN, KeyError, KeyId, Lineage, MAGIC, MAX_ARTIFACTS,
-    MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline,
-    PrecompiledGuest, PublicKey, RUNTIME_VERSION, ReadLimits, Release, SecretKey, TensorSpec,
-    TrustPolicy, VerifiedBundle, compress, from_cbor, inspect_unverified, lineage_training,
-    manifest_unverified, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only,
-    write_bundle,
+    HEADER_LEN, Header, KEY_ID_LEN, KeyError, KeyId, Lineage, MAX_ARTIFACTS, MAX_SIGNATURES,
+    MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline, PrecompiledGuest, PublicKey,
+    RUNTIME_VERSION, ReadLimits, Release, SecretKey, TensorSpec, TrustPolicy, VerifiedBundle,
+    compress, inspect_unverified, lineage_training, manifest_unverified, role, shuffle4, to_cbor,
+    unshuffle4, verify, verify_integrity_only, write_bundle,
 };
 pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value};
 pub use golden::{Mismatch, compare_json};

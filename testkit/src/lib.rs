@@ -29,6 +29,8 @@
 //! directory belongs to a value that kills or removes it on drop. Helpers
 //! panic with the output or log of what failed: they are for tests only.
 
+#![forbid(unsafe_code)]
+
 pub mod broker;
 pub mod channel;
 pub mod cli;

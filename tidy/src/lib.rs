@@ -1,24 +1,35 @@
 //! ferry-tidy: the architecture's invariants as a test, in the spirit of
 //! rust-analyzer's tidy checks. `cargo test` runs `tests/tidy.rs`, which
-//! scans every crate's `src/` and fails, naming file and line, when
+//! reads every crate's manifest and `src/`, and fails, naming file and line,
+//! when
 //!
-//! - a file outside its room names an engine in code (`wasmtime::`,
-//!   `tract_onnx::`, `sled::`, `rumqttc::`, `rumqttd::`, `axum::`, or a
-//!   `use` of one): each engine has the few files listed in [`ROOMS`];
+//! - a crate depends on an engine it has no room for (its `Cargo.toml`
+//!   names `wasmtime`, `tract-*`, `sled`, `rumqttc`, `rumqttd` or `axum`
+//!   outside [`DEPENDENCY_ROOMS`]);
+//! - a source file outside its room names an engine in code (`sled::`,
+//!   `sled :: Db`, `::sled`, `use sled`, any `tract_*` crate...): each
+//!   engine has the few files listed in [`ROOMS`];
 //! - a crate other than `ferry-format` parses bundle bytes: names the
-//!   framing primitives ([`FRAMING_NAMES`]) or the bundle magic.
+//!   framing primitives ([`FRAMING_NAMES`]) or spells the bundle magic.
 //!
-//! Comments and doc comments may name anything; only code is checked.
-//! The checker is a plain function over (path, text) so its own tests can
-//! plant violations and see them reported.
+//! Comments, doc comments and the contents of string and character
+//! literals may name anything; only code is checked. Tests, benches and
+//! the test kit may name engines (to corrupt a sled file, to drive a
+//! broker): the rooms are about the code that ships. The checker is a
+//! plain function over (path, text) so its own tests plant violations and
+//! see them reported.
 
-/// Where each engine may be named: path prefixes relative to the
-/// workspace root. A prefix ending in `/` is a directory.
+#![forbid(unsafe_code)]
+
+/// Where each engine may be named in `src/`: path prefixes relative to the
+/// workspace root. A prefix ending in `/` is a directory. An engine whose
+/// name ends in `_` covers every crate starting so (`tract_` = `tract_onnx`,
+/// `tract_core`, `tract_hir`, ...).
 pub const ROOMS: &[(&str, &[&str])] = &[
     ("wasmtime", &["runtime/src/sandbox.rs"]),
-    ("wasmtime_wasi", &["runtime/src/sandbox.rs"]),
-    ("tract_onnx", &["runtime/src/model.rs"]),
-    ("tract_core", &["runtime/src/model.rs"]),
+    ("wasmtime_", &["runtime/src/sandbox.rs"]),
+    ("cranelift_", &["runtime/src/sandbox.rs"]),
+    ("tract_", &["runtime/src/model.rs"]),
     (
         "sled",
         &[
@@ -40,13 +51,32 @@ pub const ROOMS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Names of the bundle format's framing primitives: only `format/` uses them.
+/// Which crates (directories) may depend on each engine in their
+/// `Cargo.toml` (any dependency table). `-` stands for a name prefix, as
+/// in [`ROOMS`].
+pub const DEPENDENCY_ROOMS: &[(&str, &[&str])] = &[
+    ("wasmtime", &["runtime"]),
+    ("wasmtime-", &["runtime"]),
+    ("cranelift-", &["packager"]),
+    ("tract-", &["runtime"]),
+    ("sled", &["host", "edge-agent", "fleet"]),
+    ("rumqttc", &["link"]),
+    ("rumqttd", &["fleet"]),
+    ("axum", &["edge-agent", "fleet"]),
+];
+
+/// Names of the bundle format's framing primitives: only `format/` uses
+/// them. (`MAGIC` is checked with its crate path, since the tensor-set
+/// format has a `MAGIC` of its own.)
 pub const FRAMING_NAMES: &[&str] = &[
     "parse_framing",
     "Framing",
     "extract_artifact",
     "check_signatures",
+    "parse_manifest",
+    "from_cbor",
     "SIGNATURE_ENTRY_LEN",
+    "MAX_MANIFEST_LEN",
 ];
 
 /// The crate allowed to parse bundle bytes.
@@ -73,42 +103,88 @@ impl std::fmt::Display for Violation {
 /// separators) and returns what it breaks.
 pub fn check_file(path: &str, text: &str) -> Vec<Violation> {
     let mut found = Vec::new();
-    let mut in_block_comment = false;
+    let mut state = LexState::default();
     for (i, raw) in text.lines().enumerate() {
-        let code = strip_comments(raw, &mut in_block_comment);
-        if code.trim().is_empty() {
-            continue;
-        }
-        for (engine, rooms) in ROOMS {
-            if names_crate(&code, engine) && !rooms.iter().any(|r| in_room(path, r)) {
-                found.push(Violation {
-                    path: path.to_string(),
-                    line: i + 1,
-                    what: format!("names `{engine}` outside its room ({})", rooms.join(", ")),
-                });
+        let (code, strings) = strip(raw, &mut state);
+        let mut report = |what: String| {
+            found.push(Violation {
+                path: path.to_string(),
+                line: i + 1,
+                what,
+            })
+        };
+        if !code.trim().is_empty() {
+            for (engine, rooms) in ROOMS {
+                if names_crate(&code, engine) && !rooms.iter().any(|r| in_room(path, r)) {
+                    report(format!(
+                        "names `{engine}` outside its room ({})",
+                        rooms.join(", ")
+                    ));
+                }
             }
         }
-        if !path.starts_with(FORMAT_CRATE) {
-            for name in FRAMING_NAMES {
-                if has_word(&code, name) {
+        if path.starts_with(FORMAT_CRATE) {
+            continue;
+        }
+        for name in FRAMING_NAMES {
+            if has_word(&code, name) {
+                report(format!(
+                    "uses the bundle framing primitive `{name}`: only ferry-format parses bundle bytes"
+                ));
+            }
+        }
+        let squeezed: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+        if ["ferry_format::MAGIC", "ferry_runtime::MAGIC", "rt::MAGIC"]
+            .iter()
+            .any(|p| squeezed.contains(p))
+            || (has_word(&code, "MAGIC")
+                && (squeezed.contains("ferry_format::{") || squeezed.contains("ferry_runtime::{")))
+            || strings.contains("FERRY\\0")
+        {
+            report("uses the bundle magic: only ferry-format parses bundle bytes".into());
+        }
+    }
+    found
+}
+
+/// Checks a crate's `Cargo.toml` (`crate_dir` relative to the workspace
+/// root, e.g. `fleet`): engines it depends on without a room for them.
+pub fn check_manifest(crate_dir: &str, manifest: &str) -> Vec<Violation> {
+    let mut found = Vec::new();
+    let mut in_deps = false;
+    for (i, line) in manifest.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_deps = t.contains("dependencies");
+            continue;
+        }
+        if !in_deps || t.starts_with('#') || t.is_empty() {
+            continue;
+        }
+        let key = t.split(['=', '.', ' ']).next().unwrap_or_default();
+        let package = t
+            .split("package")
+            .nth(1)
+            .and_then(|rest| rest.split('"').nth(1))
+            .unwrap_or(key);
+        for name in [key, package] {
+            for (engine, crates) in DEPENDENCY_ROOMS {
+                let hit = if let Some(prefix) = engine.strip_suffix('-') {
+                    name.starts_with(&format!("{prefix}-"))
+                } else {
+                    name == *engine
+                };
+                if hit && !crates.contains(&crate_dir) {
                     found.push(Violation {
-                        path: path.to_string(),
+                        path: format!("{crate_dir}/Cargo.toml"),
                         line: i + 1,
-                        what: format!(
-                            "uses the bundle framing primitive `{name}`: only ferry-format parses bundle bytes"
-                        ),
+                        what: format!("depends on `{name}`, which only {} may", crates.join(", ")),
                     });
                 }
             }
-            if code.contains("b\"FERRY\\0") || code.contains("*b\"FERRY") {
-                found.push(Violation {
-                    path: path.to_string(),
-                    line: i + 1,
-                    what: "spells the bundle magic: only ferry-format parses bundle bytes".into(),
-                });
-            }
         }
     }
+    found.dedup();
     found
 }
 
@@ -120,22 +196,34 @@ fn in_room(path: &str, room: &str) -> bool {
     }
 }
 
-/// Whether `code` names the crate `name` as a path (`name::`) or in a
-/// `use`/`extern crate` item.
+fn is_ident(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// Whether `code` names the crate `name` (or, for a name ending in `_`, a
+/// crate starting with it) as a path (`name::`, `name :: x`, `::name`) or
+/// in a `use`/`extern crate` item.
 fn names_crate(code: &str, name: &str) -> bool {
+    let prefix = name.ends_with('_');
     let mut rest = code;
     while let Some(pos) = rest.find(name) {
         let before = rest[..pos].chars().next_back();
-        let after = &rest[pos + name.len()..];
-        let boundary_before = before.is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
-        if boundary_before && after.starts_with("::") {
-            return true;
+        let mut end = pos + name.len();
+        if prefix {
+            end += rest[end..]
+                .find(|c: char| !is_ident(c))
+                .unwrap_or(rest.len() - end);
         }
-        if boundary_before {
+        let after = &rest[end..];
+        let word_start = before.is_none_or(|c| !is_ident(c));
+        let word_end = after.chars().next().is_none_or(|c| !is_ident(c));
+        if word_start && word_end {
             let head = rest[..pos].trim_end();
-            let next = after.chars().next();
-            let ends_word = next.is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
-            if ends_word && (head.ends_with("use") || head.ends_with("extern crate")) {
+            if after.trim_start().starts_with("::")
+                || head.ends_with("::")
+                || head.ends_with("use")
+                || head.ends_with("extern crate")
+            {
                 return true;
             }
         }
@@ -149,7 +237,6 @@ fn has_word(code: &str, word: &str) -> bool {
     while let Some(pos) = rest.find(word) {
         let before = rest[..pos].chars().next_back();
         let after = rest[pos + word.len()..].chars().next();
-        let is_ident = |c: char| c.is_alphanumeric() || c == '_';
         if !before.is_some_and(is_ident) && !after.is_some_and(is_ident) {
             return true;
         }
@@ -158,46 +245,112 @@ fn has_word(code: &str, word: &str) -> bool {
     false
 }
 
-/// The line without comments and string contents that could confuse the
-/// check (`//`, `/* */` across lines); strings are kept, since the magic
-/// check looks for a byte-string literal.
-fn strip_comments(line: &str, in_block: &mut bool) -> String {
-    let mut out = String::new();
-    let mut chars = line.char_indices().peekable();
-    let mut in_str = false;
-    while let Some((_, c)) = chars.next() {
-        if *in_block {
-            if c == '*' && chars.peek().is_some_and(|(_, n)| *n == '/') {
-                chars.next();
-                *in_block = false;
+/// What the lexer carries from one line to the next.
+#[derive(Debug, Default)]
+struct LexState {
+    /// Nesting depth of `/* */` comments.
+    block: usize,
+    /// Inside a (multi-line) string literal; `Some(n)` for a raw string
+    /// closed by `"` and `n` hashes.
+    string: Option<Option<usize>>,
+}
+
+/// Splits a line into its code, with comments removed and the contents of
+/// string and character literals blanked, and the text of its string
+/// literals (for the magic check).
+fn strip(line: &str, st: &mut LexState) -> (String, String) {
+    let chars: Vec<char> = line.chars().collect();
+    let mut code = String::new();
+    let mut strings = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        if let Some(raw) = st.string {
+            match raw {
+                None if c == '\\' => {
+                    strings.push(c);
+                    if let Some(n) = next {
+                        strings.push(n);
+                    }
+                    i += 2;
+                    continue;
+                }
+                None if c == '"' => {
+                    st.string = None;
+                    code.push('"');
+                }
+                Some(hashes)
+                    if c == '"'
+                        && chars[i + 1..].iter().take_while(|h| **h == '#').count() >= hashes =>
+                {
+                    st.string = None;
+                    code.push('"');
+                    i += 1 + hashes;
+                    continue;
+                }
+                _ => strings.push(c),
             }
+            i += 1;
             continue;
         }
-        if in_str {
-            out.push(c);
-            if c == '\\' {
-                if let Some((_, n)) = chars.next() {
-                    out.push(n);
-                }
-            } else if c == '"' {
-                in_str = false;
+        if st.block > 0 {
+            if c == '*' && next == Some('/') {
+                st.block -= 1;
+                i += 2;
+            } else if c == '/' && next == Some('*') {
+                st.block += 1;
+                i += 2;
+            } else {
+                i += 1;
             }
             continue;
         }
         match c {
+            '/' if next == Some('/') => break,
+            '/' if next == Some('*') => {
+                st.block += 1;
+                i += 2;
+            }
             '"' => {
-                in_str = true;
-                out.push(c);
+                st.string = Some(None);
+                code.push('"');
+                i += 1;
             }
-            '/' if chars.peek().is_some_and(|(_, n)| *n == '/') => break,
-            '/' if chars.peek().is_some_and(|(_, n)| *n == '*') => {
-                chars.next();
-                *in_block = true;
+            'r' if !code.chars().next_back().is_some_and(is_ident)
+                && matches!(next, Some('"') | Some('#')) =>
+            {
+                let hashes = chars[i + 1..].iter().take_while(|h| **h == '#').count();
+                if chars.get(i + 1 + hashes) == Some(&'"') {
+                    st.string = Some(Some(hashes));
+                    code.push('"');
+                    i += 2 + hashes;
+                } else {
+                    code.push(c);
+                    i += 1;
+                }
             }
-            _ => out.push(c),
+            '\'' => {
+                // A character literal ('x', '\n', '\'', '"') or a lifetime.
+                if next == Some('\\') {
+                    let close = chars[i + 2..].iter().position(|c| *c == '\'');
+                    code.push_str("' '");
+                    i += close.map_or(chars.len(), |p| i + 3 + p) - i;
+                } else if chars.get(i + 2) == Some(&'\'') {
+                    code.push_str("' '");
+                    i += 3;
+                } else {
+                    code.push(c);
+                    i += 1;
+                }
+            }
+            _ => {
+                code.push(c);
+                i += 1;
+            }
         }
     }
-    out
+    (code, strings)
 }
 
 #[cfg(test)]
@@ -215,26 +368,88 @@ mod tests {
     }
 
     #[test]
+    fn spaced_rooted_and_prefixed_paths_are_caught() {
+        for planted in [
+            "let d: sled :: Db = todo!();",
+            "pub use ::sled;",
+            "use sled;",
+            "extern crate sled;",
+            "let t = tract_hir::prelude::Tensor::default();",
+            "tract_data::prelude::f16::from_f32(1.0)",
+            "use rumqttc as mqtt;",
+        ] {
+            assert_eq!(
+                check_file("edge-agent/src/agent.rs", planted).len(),
+                1,
+                "{planted}"
+            );
+        }
+    }
+
+    #[test]
     fn the_same_code_inside_its_room_is_fine() {
         assert!(check_file("fleet/src/store.rs", "use sled::Db;\n").is_empty());
         assert!(check_file("host/src/kv.rs", "let c = sled::Config::new();\n").is_empty());
         assert!(check_file("link/src/driver.rs", "use rumqttc::{AsyncClient};\n").is_empty());
         assert!(check_file("fleet/src/http/routes.rs", "axum::Router::new()\n").is_empty());
+        assert!(check_file("runtime/src/model.rs", "use tract_onnx::prelude::*;\n").is_empty());
     }
 
     #[test]
-    fn comments_and_lookalike_names_are_not_code() {
-        let text = "//! Only this module names sled::Db.\n/* wasmtime::Engine\n still a comment */\nlet ferry_sled = 1; let my_axum::x = 2;\n";
-        assert!(check_file("edge-agent/src/agent.rs", text).is_empty());
+    fn comments_strings_and_lookalike_names_are_not_code() {
+        let text = "//! Only this module names sled::Db.\n\
+                    /* wasmtime::Engine\n /* nested */ still a comment */\n\
+                    let ferry_sled = 1; let my_axum::x = 2;\n\
+                    let msg = \"axum::Router is not here\"; let q = '\"'; // sled::Db\n\
+                    let raw = r#\"sled::Db \"quoted\" \"#;\n\
+                    let multi = \"first line\n sled::Db in a string\";\n\
+                    fn f<'a>(x: &'a str) -> &'a str { x }\n";
+        let v = check_file("edge-agent/src/agent.rs", text);
+        assert!(v.is_empty(), "{v:?}");
     }
 
     #[test]
     fn parsing_bundle_bytes_outside_the_format_crate_is_reported() {
-        let planted = "let f = ferry_format::parse_framing(&bytes)?;\nif bytes[..8] == *b\"FERRY\\0\\x01\\n\" {}\n";
+        // What edge-agent/src/updates/store.rs did before the format crate
+        // had a header reader.
+        let planted = "use ferry_runtime::{HEADER_LEN, MAGIC, MAX_MANIFEST_LEN, Manifest, from_cbor};\n\
+                       if header[..MAGIC.len()] != MAGIC { }\n\
+                       let f = ferry_format::parse_framing(&bytes)?;\n\
+                       if bytes[..8] == *b\"FERRY\\0\\x01\\n\" {}\n";
         let v = check_file("edge-agent/src/updates/store.rs", planted);
-        assert_eq!(v.len(), 2, "{v:?}");
-        assert!(v[0].what.contains("parse_framing"));
-        assert!(v[1].what.contains("magic"));
+        let lines: Vec<usize> = v.iter().map(|v| v.line).collect();
+        assert!(
+            lines.contains(&1) && lines.contains(&3) && lines.contains(&4),
+            "{v:?}"
+        );
+        assert!(v.iter().any(|v| v.what.contains("from_cbor")), "{v:?}");
+        assert!(v.iter().any(|v| v.what.contains("magic")), "{v:?}");
         assert!(check_file("format/src/bundle.rs", planted).is_empty());
+        // The tensor-set format's own magic is not the bundle's.
+        assert!(
+            check_file(
+                "guest-abi/src/lib.rs",
+                "pub const MAGIC: &[u8; 4] = b\"FTS1\";\n"
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn manifests_depend_on_engines_only_in_their_rooms() {
+        let m = "[package]\nname = \"x\"\n\n[dependencies]\nsled.workspace = true\n\
+                 kv = { package = \"sled\", version = \"0.34\" }\n\
+                 tract-hir = \"0.23\"\n# rumqttc = \"1\"\n\n[dev-dependencies]\naxum = \"0.8\"\n";
+        let v = check_manifest("packager", m);
+        let what: Vec<&str> = v.iter().map(|v| v.what.as_str()).collect();
+        assert_eq!(v.len(), 4, "{what:?}");
+        assert!(
+            check_manifest(
+                "host",
+                "[dependencies]\nsled = { workspace = true, optional = true }\n"
+            )
+            .is_empty()
+        );
+        assert!(check_manifest("link", "[dependencies]\nrumqttc.workspace = true\n").is_empty());
     }
 }

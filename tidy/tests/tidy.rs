@@ -1,5 +1,6 @@
-//! The tidy check over the whole workspace: every crate's `src/` keeps each
-//! engine in its room, and only ferry-format parses bundle bytes. On a
+//! The tidy check over the whole workspace: every crate's manifest and
+//! `src/` keep each engine in its room, and only ferry-format parses bundle
+//! bytes. On a
 //! failure the message lists `path:line: what` for every violation.
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,19 @@ fn every_engine_stays_in_its_room_and_only_the_format_crate_parses_bundles() {
         rust_files(d, &mut files);
     }
     let mut violations = Vec::new();
+    for src in &dirs {
+        let crate_dir = src.parent().unwrap();
+        let rel = crate_dir
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel == "tidy" {
+            continue;
+        }
+        let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+        violations.extend(ferry_tidy::check_manifest(&rel, &manifest));
+    }
     for file in &files {
         let rel = file
             .strip_prefix(&root)

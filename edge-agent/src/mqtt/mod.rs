@@ -114,7 +114,7 @@ mod options;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_link::{
@@ -411,11 +411,7 @@ fn index(stream: Stream) -> usize {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use ferry_host::now_ms;
 
 impl Session {
     fn new(r: Reporter, client: AsyncClient, commands: mpsc::Sender<Command>) -> Session {

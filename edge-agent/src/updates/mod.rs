@@ -158,17 +158,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
 
 /// Makes a directory's entries (creations, renames) durable.
 fn sync_dir(dir: &Path) -> Result<(), UpdateError> {
-    #[cfg(unix)]
-    {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| UpdateError::io("fsync", dir, e))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
-    }
+    ferry_host::sync_dir(dir).map_err(|e| UpdateError::io("fsync", dir, e.source))
 }
 
 use ferry_host::now_ms;

@@ -27,7 +27,7 @@
 //! # Shutdown
 //! An SSE response never ends by itself: a graceful shutdown that waits for
 //! open connections would wait for every open dashboard. The streams end
-//! when the router's stop token ([`Router::with_stop`] of `http`) is
+//! when the stop token given to `http::console_router` is
 //! cancelled; `run` also bounds the wait with a timeout.
 //!
 //! # Invariants

@@ -175,3 +175,77 @@ pub(crate) async fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(e: impl Into<ApiError>) -> (u16, &'static str) {
+        let e = e.into();
+        (e.status(), e.code)
+    }
+
+    #[test]
+    fn each_domain_error_has_its_status_and_code() {
+        // The one place statuses are decided: pinned here so a change is a
+        // decision, not an accident.
+        let io = || std::io::Error::other("disk");
+        let rollouts = [
+            (
+                RolloutError::BundleRefused {
+                    code: "bad_signature",
+                    message: "x".into(),
+                },
+                400,
+            ),
+            (
+                RolloutError::WrongFleet {
+                    bundle: "a".into(),
+                    console: "b".into(),
+                },
+                400,
+            ),
+            (RolloutError::NoOperatorKey, 400),
+            (RolloutError::Invalid("canary".into()), 400),
+            (
+                RolloutError::Busy {
+                    id: "r1".into(),
+                    name: "iris".into(),
+                    version: "1".into(),
+                },
+                409,
+            ),
+            (RolloutError::NotFound("r9".into()), 404),
+            (
+                RolloutError::Io {
+                    what: "write",
+                    path: "x".into(),
+                    source: io(),
+                },
+                500,
+            ),
+        ];
+        for (e, status) in rollouts {
+            let code = e.code();
+            assert_eq!(answer(e), (status, code));
+        }
+        let retrain = [
+            (RetrainError::Invalid("rule".into()), 400),
+            (RetrainError::NoDriftingDevices { max_age_s: 60 }, 404),
+            (
+                RetrainError::Io {
+                    what: "write",
+                    path: "x".into(),
+                    source: io(),
+                },
+                500,
+            ),
+        ];
+        for (e, status) in retrain {
+            let code = e.code();
+            assert_eq!(answer(e), (status, code));
+        }
+        assert_eq!(ApiError::not_found("x".into()).status(), 404);
+        assert_eq!(ApiError::bad_request("x".into()).status(), 400);
+    }
+}
