@@ -30,35 +30,4 @@ pub fn small_bundle(signers: &[&rt::SecretKey]) -> Vec<u8> {
         .1
 }
 
-pub fn manifest() -> rt::Manifest {
-    rt::Manifest {
-        format_version: rt::FORMAT_VERSION,
-        name: "test".into(),
-        version: "1".into(),
-        description: None,
-        created: 0,
-        min_runtime: "0.1.0".into(),
-        packager: "tests".into(),
-        release: rt::Release {
-            fleet: "f".into(),
-            channel: "c".into(),
-            sequence: 1,
-        },
-        model: rt::ModelInfo {
-            format: "onnx".into(),
-            inputs: vec![],
-            outputs: vec![],
-        },
-        pipeline: rt::Pipeline {
-            guest: "custom".into(),
-            config_json: "{}".into(),
-        },
-        limits: rt::GuestLimits {
-            memory_bytes: 16 << 20,
-            timeout_ms: 100,
-        },
-        drift: ferry_drift::DriftConfig::default(),
-        lineage: rt::Lineage::default(),
-        artifacts: vec![],
-    }
-}
+pub use ferry_testkit::fixtures::minimal_manifest as manifest;

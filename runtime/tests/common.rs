@@ -1,8 +1,6 @@
 //! The runtime's own test material: a guest that misbehaves on request,
 //! and a manifest for bundles holding it.
 
-use ferry_runtime as rt;
-
 /// A guest written in WAT that implements the ABI. `ferry_preprocess`
 /// dispatches on the first byte of the content type:
 /// `o` ok (an empty tensor set), `l` loop forever, `m` grow memory without
@@ -73,35 +71,4 @@ pub const TEST_GUEST: &str = r#"
 )
 "#;
 
-pub fn manifest() -> rt::Manifest {
-    rt::Manifest {
-        format_version: rt::FORMAT_VERSION,
-        name: "test".into(),
-        version: "1".into(),
-        description: None,
-        created: 0,
-        min_runtime: "0.1.0".into(),
-        packager: "tests".into(),
-        release: rt::Release {
-            fleet: "f".into(),
-            channel: "c".into(),
-            sequence: 1,
-        },
-        model: rt::ModelInfo {
-            format: "onnx".into(),
-            inputs: vec![],
-            outputs: vec![],
-        },
-        pipeline: rt::Pipeline {
-            guest: "custom".into(),
-            config_json: "{}".into(),
-        },
-        limits: rt::GuestLimits {
-            memory_bytes: 16 << 20,
-            timeout_ms: 100,
-        },
-        drift: rt::DriftConfig::default(),
-        lineage: rt::Lineage::default(),
-        artifacts: vec![],
-    }
-}
+pub use ferry_testkit::fixtures::minimal_manifest as manifest;

@@ -468,3 +468,38 @@ impl Bundles {
         to
     }
 }
+
+/// A minimal manifest (no artifacts yet) for tests that build bundles by
+/// hand with `write_bundle`.
+pub fn minimal_manifest() -> ferry_format::Manifest {
+    ferry_format::Manifest {
+        format_version: ferry_format::FORMAT_VERSION,
+        name: "test".into(),
+        version: "1".into(),
+        description: None,
+        created: 0,
+        min_runtime: "0.1.0".into(),
+        packager: "tests".into(),
+        release: ferry_format::Release {
+            fleet: "f".into(),
+            channel: "c".into(),
+            sequence: 1,
+        },
+        model: ferry_format::ModelInfo {
+            format: "onnx".into(),
+            inputs: vec![],
+            outputs: vec![],
+        },
+        pipeline: ferry_format::Pipeline {
+            guest: "custom".into(),
+            config_json: "{}".into(),
+        },
+        limits: ferry_format::GuestLimits {
+            memory_bytes: 16 << 20,
+            timeout_ms: 100,
+        },
+        drift: Default::default(),
+        lineage: ferry_format::Lineage::default(),
+        artifacts: vec![],
+    }
+}
