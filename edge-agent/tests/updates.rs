@@ -612,6 +612,34 @@ fn bad_indexes_are_refused() {
         write(serde_json::json!([1, 2])).unwrap_err().code(),
         "bad_index"
     );
+    // Issue 10: a directory channel's `url` could be absolute or climb out
+    // of the channel with `..`, or send the device to a URL nobody signed.
+    let outside = dir.path().parent().unwrap().join("elsewhere.ferry");
+    for url in [
+        outside.display().to_string(),
+        "../elsewhere.ferry".to_string(),
+        "sub/../../elsewhere.ferry".to_string(),
+        format!("file://{}", outside.display()),
+        "https://attacker.invalid/x.ferry".to_string(),
+        "http://127.0.0.1:9/x.ferry".to_string(),
+    ] {
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["latest"]["url"] = url.clone().into();
+        let err = write(v).unwrap_err();
+        assert_eq!(err.code(), "bad_index", "{url}: {err}");
+        assert!(
+            err.to_string().contains("channel directory"),
+            "{url}: {err}"
+        );
+    }
+    // A file in a subdirectory of the channel is fine.
+    let mut v = serde_json::to_value(&good).unwrap();
+    v["latest"]["url"] = "bundles/x.ferry".into();
+    let index = write(v).unwrap();
+    assert_eq!(
+        Path::new(&index.latest.url),
+        dir.path().join("bundles/x.ferry")
+    );
     let missing = Source::Dir(dir.path().join("nope"));
     assert_eq!(fetcher.fetch_index(&missing).unwrap_err().code(), "io");
 }

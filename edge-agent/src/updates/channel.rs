@@ -113,6 +113,20 @@ impl Source {
     }
 }
 
+/// Whether a directory channel's `url` names a file inside the channel
+/// directory: a relative path of plain components (no root, no `..`, no
+/// scheme such as `file://` or `https://`). A directory index never sends
+/// the device anywhere else.
+fn is_inside_channel(url: &str) -> bool {
+    use std::path::Component;
+    let path = Path::new(url);
+    !url.contains("://")
+        && path.components().count() > 0
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
 fn is_http(s: &str) -> bool {
     let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
     lower.starts_with("http://") || lower.starts_with("https://")
@@ -238,6 +252,15 @@ impl Fetcher {
         check_digest(&index.latest.digest).map_err(|e| bad(e.to_string()))?;
         if index.latest.url.trim().is_empty() {
             return Err(bad("`latest.url` is empty".into()));
+        }
+        if let Source::Dir(_) = source
+            && !is_inside_channel(&index.latest.url)
+        {
+            return Err(bad(format!(
+                "`latest.url` {:?} is not a file in the channel directory (a relative path \
+                 without `..`; what `ferry publish` writes)",
+                index.latest.url
+            )));
         }
         index.latest.url = source.resolve(&index.latest.url);
         debug!(
