@@ -101,7 +101,10 @@ pub struct Agent {
     started: Instant,
     /// Ids of the latest commands acted on: QoS 1 with a persistent session
     /// may deliver a command twice.
+    /// Ids of recent unsigned commands (MQTT redelivers at least once).
     recent_commands: Mutex<std::collections::VecDeque<String>>,
+    /// Signed commands already obeyed, persisted (see `replay.rs`).
+    replay: crate::replay::ReplayGuard,
 }
 
 /// Command ids remembered for de-duplication: far more than a broker
@@ -142,6 +145,19 @@ impl Agent {
         }
         let store =
             BundleStore::open(&config.paths.state_dir).context("cannot open the bundle store")?;
+        let (replay, replay_moved) = crate::replay::ReplayGuard::open(
+            &config.paths.state_dir,
+            config.updates.max_command_age_s,
+            now_ms(),
+        )
+        .map_err(anyhow::Error::msg)
+        .context("cannot open the record of signed commands")?;
+        if let Some(moved) = &replay_moved {
+            tracing::error!(
+                moved_to = %moved.display(),
+                "Record of signed commands damaged: moved aside; signed commands issued before now are refused"
+            );
+        }
         let fetcher = Fetcher::new(config.updates.ca_file.as_deref())
             .context("cannot set up the update client")?;
         let source = match config.updates.source.trim() {
@@ -173,6 +189,7 @@ impl Agent {
             errors: AtomicU64::new(0),
             started: Instant::now(),
             recent_commands: Mutex::new(std::collections::VecDeque::new()),
+            replay,
         });
         agent.boot()?;
         agent.refresh_status();
@@ -746,7 +763,11 @@ impl Agent {
     /// Acts on a command from the fleet.
     pub async fn handle_command(self: &Arc<Self>, command: Command) {
         let id = command.id.clone();
-        {
+        // Unsigned commands are de-duplicated in a ring of their own: they
+        // can neither push a signed command's id out nor claim it first.
+        // Signed ones are checked (signature, then the persisted replay
+        // record) below.
+        if command.signature.is_none() {
             let mut recent = self.recent_commands.lock().unwrap();
             if recent.contains(&id) {
                 tracing::debug!(command = %id, "Duplicate command ignored");
@@ -776,7 +797,10 @@ impl Agent {
         let signed = match &command.signature {
             None => false,
             Some(_) => match self.check_signature(&command) {
-                Ok(()) => true,
+                Ok(()) => match self.replay.accept(&id, command.issued_ms, now_ms()) {
+                    Ok(()) => true,
+                    Err(e) => return reject(e),
+                },
                 Err(e) => return reject(e),
             },
         };
@@ -834,15 +858,9 @@ impl Agent {
     }
 
     fn check_signature(&self, command: &Command) -> Result<(), String> {
+        // Age, clock skew and replays are the replay record's to judge,
+        // after the signature verified.
         let sig = command.signature.as_ref().expect("checked by the caller");
-        let age_ms = now_ms().saturating_sub(command.issued_ms);
-        if age_ms > self.config.updates.max_command_age_s * 1000 {
-            return Err(format!(
-                "signed command is {} s old (limit {} s)",
-                age_ms / 1000,
-                self.config.updates.max_command_age_s
-            ));
-        }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(sig.signature.trim())
             .map_err(|e| format!("signature is not base64: {e}"))?;

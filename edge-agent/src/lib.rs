@@ -40,6 +40,7 @@ pub mod config;
 pub mod metrics;
 pub mod mqtt;
 pub mod observe;
+pub mod replay;
 pub mod server;
 pub mod shadow;
 pub mod updates;

@@ -258,10 +258,11 @@ fn a_bundle_with_a_high_error_rate_is_rolled_back_by_itself() {
     setup.source = Some(channel.path().display().to_string());
     let d = Device::start(setup);
     publish(channel.path(), &bundles().path(fixtures::BAD_RELEASE));
-    d.wait_status(Duration::from_secs(60), "v3 installed", |s| {
-        s["bundle"]["sequence"] == 3
+    // The status names the new bundle a moment before it says "probation"
+    // (seen failing under load when read right after): wait for both.
+    d.wait_status(Duration::from_secs(60), "v3 installed, on probation", |s| {
+        s["bundle"]["sequence"] == 3 && s["update"]["state"] == "probation"
     });
-    assert_eq!(d.status()["update"]["state"], "probation");
     // The fleet's traffic is iris: every request fails on the digits model.
     for _ in 0..15 {
         let (status, _) = d.predict_json(&setosa());

@@ -463,3 +463,147 @@ async fn commands_install_roll_back_and_shadow() {
     assert!(counts.contains_key("update_installed"), "{kinds:?}");
     assert!(counts.contains_key("rolled_back"), "{kinds:?}");
 }
+
+/// Events `command_rejected` for `id` whose reason contains `why`.
+fn rejections(messages: &[Message], events_topic: &str, id: &str, why: &str) -> usize {
+    let evs: Vec<Message> = messages
+        .iter()
+        .filter(|m| m.topic == events_topic)
+        .cloned()
+        .collect();
+    events(&evs)
+        .iter()
+        .filter(|e| {
+            e["event"] == "command_rejected"
+                && e["command_id"] == id
+                && e["reason"].as_str().is_some_and(|r| r.contains(why))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
+    // Issue 10, item 3: duplicate ids were kept in one in-memory ring filled
+    // by unsigned commands too: an unsigned command sent first with the id
+    // of a later signed one made the signed one be dropped silently; after
+    // 256 unsigned pings, or any restart, a captured signed rollback ran
+    // again; `issued_ms` in the future was accepted.
+    let device = "mq-replay";
+    let broker = Mosquitto::start(&[device]);
+    let sub = watch(&broker, device).await;
+    let channel_dir = tempfile::tempdir().unwrap();
+    bundles().copy_to(fixtures::V2, channel_dir.path());
+    let server = ChannelServer::start(channel_dir.path());
+    let d = blocking({
+        let setup = Setup::new(device).mqtt(&broker);
+        move || Device::start(setup)
+    })
+    .await;
+    let cmd_topic = t(device, Topic::Command);
+    let events_topic = t(device, Topic::Stream(Stream::Events));
+    let status_topic = t(device, Topic::Status);
+    let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), |m| m
+            .iter()
+            .any(|m| m.topic == status_topic && m.json()["online"] == true))
+            .await
+    );
+    // v2 by an (unsigned) install, so a rollback has somewhere to go.
+    let install = command(
+        "r-install",
+        Action::Install {
+            url: server.url(fixtures::V2),
+            digest: bundles().digest(fixtures::V2),
+        },
+    );
+    admin
+        .publish(&cmd_topic, serde_json::to_vec(&install).unwrap())
+        .await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "v2 installed", |s| {
+            s["bundle"]["sequence"] == 2
+        });
+        d
+    })
+    .await;
+
+    // Pre-emption: an unsigned ping claims the signed rollback's id first.
+    admin
+        .publish(
+            &cmd_topic,
+            serde_json::to_vec(&command("r-rb", Action::Ping)).unwrap(),
+        )
+        .await;
+    let rollback = sign(
+        command(
+            "r-rb",
+            Action::Rollback {
+                reason: Some("replay test".into()),
+            },
+        ),
+        device,
+    );
+    let captured = serde_json::to_vec(&rollback).unwrap();
+    admin.publish(&cmd_topic, captured.clone()).await;
+    let mut d = blocking(move || {
+        d.wait_status(
+            Duration::from_secs(30),
+            "rolled back by the signed command",
+            |s| s["bundle"]["sequence"] == 1,
+        );
+        d
+    })
+    .await;
+
+    // A replay of the captured command, in the same process: refused, visibly.
+    admin.publish(&cmd_topic, captured.clone()).await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), {
+            let topic = events_topic.clone();
+            move |m| rejections(m, &topic, "r-rb", "replay") >= 1
+        })
+        .await
+    );
+
+    // Dated an hour ahead of the device's clock: refused.
+    let mut ahead = command("r-ahead", Action::Ping);
+    ahead.issued_ms += 3_600_000;
+    admin
+        .publish(
+            &cmd_topic,
+            serde_json::to_vec(&sign(ahead, device)).unwrap(),
+        )
+        .await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), {
+            let topic = events_topic.clone();
+            move |m| rejections(m, &topic, "r-ahead", "future") >= 1
+        })
+        .await
+    );
+
+    // After a restart the record is still there: the replay is refused again
+    // and v1 keeps serving.
+    d = blocking(move || {
+        assert!(d.terminate().success());
+        d.spawn();
+        d.wait_ready();
+        d
+    })
+    .await;
+    admin.publish(&cmd_topic, captured).await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), {
+            let topic = events_topic.clone();
+            move |m| rejections(m, &topic, "r-rb", "replay") >= 2
+        })
+        .await
+    );
+    blocking(move || {
+        assert_eq!(d.model().1, 1);
+        let metrics = d.metrics();
+        assert!(metrics.contains("ferry_predictions_total"), "{metrics}");
+    })
+    .await;
+}
