@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_agent::updates::{
     ActivationStep, BundleStore, Crash, Fetcher, RecoveryAction, Rejection, Source, UpdateError,
@@ -292,6 +293,55 @@ fn a_broken_download_resumes_with_a_range_request() {
     )
     .unwrap();
     assert!(!part.exists());
+}
+
+#[test]
+fn a_server_trickling_bytes_cannot_stall_a_download() {
+    // Issue 10, item 5: a server sending one byte every 2 s never tripped
+    // the read timeout, and the single command worker waited forever.
+    let channel = tempfile::tempdir().unwrap();
+    let index = publish(channel.path(), &bundles().path(fixtures::V2));
+    let server = ChannelServer::start(channel.path());
+    server.trickle(Some(Duration::from_millis(300)));
+    // The read timeout (5 s) never trips: a byte comes every 0.3 s.
+    let fetcher = Fetcher::with_timeouts(None, Duration::from_secs(5), Duration::from_secs(5))
+        .unwrap()
+        .with_min_rate(1024, Duration::from_secs(2));
+    let staging = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let err = fetcher
+        .download(
+            &server.url("v2.ferry"),
+            &index.latest.digest,
+            Some(index.latest.size),
+            MAX,
+            staging.path(),
+            &mut no_progress(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), "too_slow", "{err}");
+    assert!(err.is_transient(), "retried later, from where it stopped");
+    assert!(err.to_string().contains("bytes/s"), "{err}");
+    // Not a speed assertion: the bundle would take a day at this rate;
+    // the guard ends the attempt about one window (2 s) in.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    // At full speed again, the download completes (resuming what arrived).
+    server.trickle(None);
+    let path = fetcher
+        .download(
+            &server.url("v2.ferry"),
+            &index.latest.digest,
+            Some(index.latest.size),
+            MAX,
+            staging.path(),
+            &mut no_progress(),
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), bundles().bytes(fixtures::V2));
 }
 
 #[test]

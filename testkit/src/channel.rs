@@ -70,6 +70,9 @@ struct Plan {
     omit_length: bool,
     /// The next request gets this status and an empty body.
     fail_next: Option<u16>,
+    /// Send bodies one byte at a time, this long apart (a slow-retrieval
+    /// attacker: never silent long enough for a read timeout).
+    trickle: Option<std::time::Duration>,
 }
 
 struct Shared {
@@ -153,6 +156,12 @@ impl ChannelServer {
         self.shared.plan.lock().unwrap().fail_next = Some(status);
     }
 
+    /// Send every body one byte at a time, `every` apart, until the client
+    /// goes away (`None`: at full speed again).
+    pub fn trickle(&self, every: Option<std::time::Duration>) {
+        self.shared.plan.lock().unwrap().trickle = every;
+    }
+
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<Seen> {
         self.shared.seen.lock().unwrap().clone()
@@ -198,13 +207,14 @@ fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
         }
     }
     let path = target.split(['?', '#']).next().unwrap_or("/").to_string();
-    let (cut_after, ignore_ranges, omit_length, fail) = {
+    let (cut_after, ignore_ranges, omit_length, fail, trickle) = {
         let mut plan = shared.plan.lock().unwrap();
         (
             plan.cut_after.take(),
             plan.ignore_ranges,
             plan.omit_length,
             plan.fail_next.take(),
+            plan.trickle,
         )
     };
 
@@ -260,6 +270,13 @@ fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
         body_bytes: sent as u64,
     });
     stream.write_all(head.as_bytes())?;
+    if let Some(every) = trickle {
+        for byte in &body[..sent] {
+            stream.write_all(std::slice::from_ref(byte))?;
+            stream.flush()?;
+            std::thread::sleep(every);
+        }
+    }
     stream.write_all(&body[..sent])?;
     stream.flush()?;
     stream.shutdown(Shutdown::Both)

@@ -45,6 +45,17 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes read per chunk while streaming a download.
 const CHUNK: usize = 64 * 1024;
 
+/// Slowest transfer accepted, averaged over [`MIN_RATE_WINDOW`]: a server
+/// that trickles bytes (one every few seconds never trips
+/// [`READ_TIMEOUT`]) would otherwise hold the update worker for days. 1 KiB/s
+/// is below any working link a device uses (2G EDGE manages ~20 KiB/s).
+pub const MIN_RATE_BYTES_PER_S: u64 = 1024;
+
+/// The window the minimum rate is averaged over: long enough for a slow
+/// start or a short radio stall, short enough that an attacker holds the
+/// worker for seconds, not hours. The attempt ends resumable.
+pub const MIN_RATE_WINDOW: Duration = Duration::from_secs(30);
+
 /// Where updates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -156,6 +167,8 @@ fn resolve_url(base: &str, reference: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     agent: ureq::Agent,
+    /// Slowest accepted transfer: bytes per second over a window.
+    min_rate: (u64, Duration),
 }
 
 impl Fetcher {
@@ -202,7 +215,17 @@ impl Fetcher {
             .user_agent(concat!("ferry-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .new_agent();
-        Ok(Fetcher { agent })
+        Ok(Fetcher {
+            agent,
+            min_rate: (MIN_RATE_BYTES_PER_S, MIN_RATE_WINDOW),
+        })
+    }
+
+    /// The same fetcher with another minimum transfer rate (tests use a
+    /// short window).
+    pub fn with_min_rate(mut self, bytes_per_s: u64, window: Duration) -> Fetcher {
+        self.min_rate = (bytes_per_s, window);
+        self
     }
 
     /// A fetcher configured from `[updates]`.
@@ -520,7 +543,24 @@ impl Fetcher {
         let mut received = start;
         let mut buf = vec![0u8; CHUNK];
         (job.progress)(received, job.total);
+        let (min_rate, window) = self.min_rate;
+        let mut window_start = (std::time::Instant::now(), received);
         loop {
+            let elapsed = window_start.0.elapsed();
+            if elapsed >= window {
+                let got = received - window_start.1;
+                let rate = got as f64 / elapsed.as_secs_f64();
+                if rate < min_rate as f64 {
+                    // What arrived is on disk: the next attempt resumes.
+                    return Err(UpdateError::TooSlow {
+                        url: job.url.to_string(),
+                        received,
+                        rate: rate as u64,
+                        min_rate,
+                    });
+                }
+                window_start = (std::time::Instant::now(), received);
+            }
             let n = match body.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,

@@ -41,6 +41,17 @@ pub enum UpdateError {
         received: u64,
         detail: String,
     },
+    /// The server sends slower than the minimum rate (a stalled link or a
+    /// slow-retrieval attack); what arrived is kept for a resumed download.
+    #[error(
+        "fetching {url} is too slow: {rate} bytes/s after {received} byte(s), at least {min_rate} bytes/s required"
+    )]
+    TooSlow {
+        url: String,
+        received: u64,
+        rate: u64,
+        min_rate: u64,
+    },
     /// The file is larger than allowed (`max_bundle_bytes`, or the size the
     /// index announced). The partial file is deleted.
     #[error(
@@ -92,6 +103,7 @@ impl UpdateError {
             UpdateError::BadIndex { .. } => "bad_index",
             UpdateError::HttpStatus { .. } => "http_status",
             UpdateError::Network { .. } => "network",
+            UpdateError::TooSlow { .. } => "too_slow",
             UpdateError::TooLarge { .. } => "too_large",
             UpdateError::DigestMismatch { .. } => "download_digest_mismatch",
             UpdateError::Io { .. } => "io",
@@ -106,7 +118,10 @@ impl UpdateError {
     /// error) as opposed to a refusal that will repeat (too large, digest).
     pub fn is_transient(&self) -> bool {
         match self {
-            UpdateError::Network { .. } | UpdateError::Io { .. } | UpdateError::Locked(_) => true,
+            UpdateError::Network { .. }
+            | UpdateError::TooSlow { .. }
+            | UpdateError::Io { .. }
+            | UpdateError::Locked(_) => true,
             UpdateError::HttpStatus { status, .. } => {
                 *status >= 500 || *status == 408 || *status == 429
             }
