@@ -270,9 +270,19 @@ fn sign(mut c: Command, device: &str) -> Command {
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn commands_install_roll_back_and_shadow() {
-    let device = "mq-cmd";
+/// A device on mosquitto, commanded by an admin client, with a channel
+/// server holding v2; returns once the device reported itself online.
+struct Commanded {
+    broker: Mosquitto,
+    sub: Subscriber,
+    admin: Subscriber,
+    channel_dir: tempfile::TempDir,
+    server: ChannelServer,
+    device: Device,
+    cmd_topic: String,
+}
+
+async fn commanded(device: &'static str) -> Commanded {
     let broker = Mosquitto::start(&[device]);
     let sub = watch(&broker, device).await;
     let channel_dir = tempfile::tempdir().unwrap();
@@ -283,8 +293,6 @@ async fn commands_install_roll_back_and_shadow() {
         move || Device::start(setup)
     })
     .await;
-    let cmd_topic = t(device, Topic::Command);
-    let all_topic = topic(FLEET, ferry_protocol::ALL_DEVICES, Topic::Command);
     let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
     // Wait until the agent is connected (online status seen).
     let status_topic = t(device, Topic::Status);
@@ -294,6 +302,30 @@ async fn commands_install_roll_back_and_shadow() {
             .any(|m| m.topic == status_topic && m.json()["online"] == true))
             .await
     );
+    Commanded {
+        broker,
+        sub,
+        admin,
+        channel_dir,
+        server,
+        device: d,
+        cmd_topic: t(device, Topic::Command),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_install_roll_back_and_shadow() {
+    let device = "mq-cmd";
+    let Commanded {
+        broker: _broker,
+        sub,
+        admin,
+        channel_dir,
+        server,
+        device: d,
+        cmd_topic,
+    } = commanded(device).await;
+    let all_topic = topic(FLEET, ferry_protocol::ALL_DEVICES, Topic::Command);
     let v2 = bundles().digest(fixtures::V2);
     let install = command(
         "c-install",
@@ -489,26 +521,16 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
     // 256 unsigned pings, or any restart, a captured signed rollback ran
     // again; `issued_ms` in the future was accepted.
     let device = "mq-replay";
-    let broker = Mosquitto::start(&[device]);
-    let sub = watch(&broker, device).await;
-    let channel_dir = tempfile::tempdir().unwrap();
-    bundles().copy_to(fixtures::V2, channel_dir.path());
-    let server = ChannelServer::start(channel_dir.path());
-    let d = blocking({
-        let setup = Setup::new(device).mqtt(&broker);
-        move || Device::start(setup)
-    })
-    .await;
-    let cmd_topic = t(device, Topic::Command);
+    let Commanded {
+        broker: _broker,
+        sub,
+        admin,
+        channel_dir: _channel_dir,
+        server,
+        device: d,
+        cmd_topic,
+    } = commanded(device).await;
     let events_topic = t(device, Topic::Stream(Stream::Events));
-    let status_topic = t(device, Topic::Status);
-    let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
-    assert!(
-        sub.wait_for(Duration::from_secs(30), |m| m
-            .iter()
-            .any(|m| m.topic == status_topic && m.json()["online"] == true))
-            .await
-    );
     // v2 by an (unsigned) install, so a rollback has somewhere to go.
     let install = command(
         "r-install",

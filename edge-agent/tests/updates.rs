@@ -308,9 +308,8 @@ fn a_server_trickling_bytes_cannot_stall_a_download() {
         .unwrap()
         .with_min_rate(1024, Duration::from_secs(2));
     let staging = tempfile::tempdir().unwrap();
-    let started = std::time::Instant::now();
-    let err = fetcher
-        .download(
+    let download = || {
+        fetcher.download(
             &server.url("v2.ferry"),
             &index.latest.digest,
             Some(index.latest.size),
@@ -318,7 +317,9 @@ fn a_server_trickling_bytes_cannot_stall_a_download() {
             staging.path(),
             &mut no_progress(),
         )
-        .unwrap_err();
+    };
+    let started = std::time::Instant::now();
+    let err = download().unwrap_err();
     assert_eq!(err.code(), "too_slow", "{err}");
     assert!(err.is_transient(), "retried later, from where it stopped");
     assert!(err.to_string().contains("bytes/s"), "{err}");
@@ -331,16 +332,7 @@ fn a_server_trickling_bytes_cannot_stall_a_download() {
     );
     // At full speed again, the download completes (resuming what arrived).
     server.trickle(None);
-    let path = fetcher
-        .download(
-            &server.url("v2.ferry"),
-            &index.latest.digest,
-            Some(index.latest.size),
-            MAX,
-            staging.path(),
-            &mut no_progress(),
-        )
-        .unwrap();
+    let path = download().unwrap();
     assert_eq!(std::fs::read(path).unwrap(), bundles().bytes(fixtures::V2));
 }
 
