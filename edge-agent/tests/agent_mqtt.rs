@@ -313,6 +313,34 @@ async fn commanded(device: &'static str) -> Commanded {
     }
 }
 
+/// Publishes an unsigned install of v2 on `topic` and waits until the device
+/// serves it.
+async fn install_v2(
+    admin: &Subscriber,
+    topic: &str,
+    server: &ChannelServer,
+    id: &str,
+    d: Device,
+) -> Device {
+    let install = command(
+        id,
+        Action::Install {
+            url: server.url(fixtures::V2),
+            digest: bundles().digest(fixtures::V2),
+        },
+    );
+    admin
+        .publish(topic, serde_json::to_vec(&install).unwrap())
+        .await;
+    blocking(move || {
+        d.wait_status(Duration::from_secs(30), "v2 installed by command", |s| {
+            s["bundle"]["sequence"] == 2
+        });
+        d
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_install_roll_back_and_shadow() {
     let device = "mq-cmd";
@@ -327,23 +355,7 @@ async fn commands_install_roll_back_and_shadow() {
     } = commanded(device).await;
     let all_topic = topic(FLEET, ferry_protocol::ALL_DEVICES, Topic::Command);
     let v2 = bundles().digest(fixtures::V2);
-    let install = command(
-        "c-install",
-        Action::Install {
-            url: server.url(fixtures::V2),
-            digest: v2.clone(),
-        },
-    );
-    admin
-        .publish(&all_topic, serde_json::to_vec(&install).unwrap())
-        .await;
-    let d = blocking(move || {
-        d.wait_status(Duration::from_secs(30), "v2 installed by command", |s| {
-            s["bundle"]["sequence"] == 2
-        });
-        d
-    })
-    .await;
+    let d = install_v2(&admin, &all_topic, &server, "c-install", d).await;
 
     // Installing v1 over v2 is a downgrade: refused unless an operator signs it.
     let d = blocking(move || {
@@ -532,23 +544,7 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
     } = commanded(device).await;
     let events_topic = t(device, Topic::Stream(Stream::Events));
     // v2 by an (unsigned) install, so a rollback has somewhere to go.
-    let install = command(
-        "r-install",
-        Action::Install {
-            url: server.url(fixtures::V2),
-            digest: bundles().digest(fixtures::V2),
-        },
-    );
-    admin
-        .publish(&cmd_topic, serde_json::to_vec(&install).unwrap())
-        .await;
-    let d = blocking(move || {
-        d.wait_status(Duration::from_secs(30), "v2 installed", |s| {
-            s["bundle"]["sequence"] == 2
-        });
-        d
-    })
-    .await;
+    let d = install_v2(&admin, &cmd_topic, &server, "r-install", d).await;
 
     // Pre-emption: an unsigned ping claims the signed rollback's id first.
     admin

@@ -664,6 +664,7 @@ fn bad_indexes_are_refused() {
         format!("file://{}", outside.display()),
         "https://attacker.invalid/x.ferry".to_string(),
         "http://127.0.0.1:9/x.ferry".to_string(),
+        ".".to_string(),
     ] {
         let mut v = serde_json::to_value(&good).unwrap();
         v["latest"]["url"] = url.clone().into();

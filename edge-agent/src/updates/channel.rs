@@ -125,14 +125,15 @@ impl Source {
 }
 
 /// Whether a directory channel's `url` names a file inside the channel
-/// directory: a relative path of plain components (no root, no `..`, no
-/// scheme such as `file://` or `https://`). A directory index never sends
+/// directory: a relative path of plain components, at least one of them a
+/// name (no root, no `..`, not `.` alone, no scheme such as `file://` or
+/// `https://`). A directory index never sends
 /// the device anywhere else.
 fn is_inside_channel(url: &str) -> bool {
     use std::path::Component;
     let path = Path::new(url);
     !url.contains("://")
-        && path.components().count() > 0
+        && path.components().any(|c| matches!(c, Component::Normal(_)))
         && path
             .components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
