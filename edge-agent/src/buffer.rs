@@ -370,9 +370,9 @@ trait Storage: Send + Sync {
 struct SledStorage {
     streams: [sled::Tree; 4],
     meta: sled::Tree,
-    db: sled::Db,
-    /// Holds the lock file for as long as the storage lives.
-    _handle: ferry_host::SledHandle,
+    /// The database and the lock file, held as long as the storage lives
+    /// (`SledHandle` drops its database before its lock).
+    handle: ferry_host::SledHandle,
 }
 
 impl SledStorage {
@@ -397,9 +397,10 @@ impl SledStorage {
                 return Err(storage_err("open")(sled_err(source)));
             }
         };
-        let db = handle.db.clone();
         let tree = |name: &str| {
-            db.open_tree(name)
+            handle
+                .db
+                .open_tree(name)
                 .map_err(|e| storage_err("open")(sled_err(e)))
         };
         Ok(SledStorage {
@@ -410,8 +411,7 @@ impl SledStorage {
                 tree(tree_name(Stream::Events))?,
             ],
             meta: tree("meta")?,
-            db,
-            _handle: handle,
+            handle,
         })
     }
 
@@ -485,7 +485,7 @@ impl Storage for SledStorage {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush().map_err(sled_err)?;
+        self.handle.db.flush().map_err(sled_err)?;
         Ok(())
     }
 }
