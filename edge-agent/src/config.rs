@@ -59,9 +59,14 @@ pub struct PathsConfig {
     pub state_dir: PathBuf,
     /// The bundle installed when `state_dir` holds none yet (first boot).
     pub initial_bundle: Option<PathBuf>,
-    /// PEM files of the keys bundles (and signed commands) must be signed with.
+    /// The root of trust installed at provisioning (`ferry root init`): the
+    /// keys and thresholds of each role. Takes precedence over
+    /// `trusted_keys`.
+    pub root: Option<PathBuf>,
+    /// Without `root`: PEM files of the keys that sign bundles, commands and
+    /// roots (a root derived from them, version 0).
     pub trusted_keys: Vec<PathBuf>,
-    /// Distinct trusted signatures a bundle needs.
+    /// Without `root`: distinct trusted signatures a bundle or command needs.
     pub key_threshold: usize,
 }
 
@@ -70,6 +75,7 @@ impl Default for PathsConfig {
         PathsConfig {
             state_dir: PathBuf::from("/var/lib/ferry-agent"),
             initial_bundle: None,
+            root: None,
             trusted_keys: Vec::new(),
             key_threshold: 1,
         }
@@ -306,6 +312,9 @@ impl Config {
         if let Some(p) = &mut self.paths.initial_bundle {
             fix(p);
         }
+        if let Some(p) = &mut self.paths.root {
+            fix(p);
+        }
         self.paths.trusted_keys.iter_mut().for_each(fix);
         for p in [
             &mut self.updates.ca_file,
@@ -330,8 +339,10 @@ impl Config {
         ferry_protocol::validate_name("fleet", &self.device.fleet).map_err(anyhow::Error::msg)?;
         ferry_protocol::validate_name("channel", &self.device.channel)
             .map_err(anyhow::Error::msg)?;
-        if self.paths.trusted_keys.is_empty() {
-            bail!("paths.trusted_keys is empty: the agent only runs signed bundles");
+        if self.paths.trusted_keys.is_empty() && self.paths.root.is_none() {
+            bail!(
+                "neither paths.root nor paths.trusted_keys is set: the agent only runs signed bundles"
+            );
         }
         if self.paths.key_threshold == 0 {
             bail!("paths.key_threshold must be at least 1");

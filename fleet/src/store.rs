@@ -1001,6 +1001,7 @@ mod tests {
             fleet: FLEET.into(),
             channel: "stable".into(),
             sequence,
+            release: String::new(),
         }
     }
 

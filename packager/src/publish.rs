@@ -89,6 +89,7 @@ impl PublishArgs {
                 digest: bundle.digest().to_string(),
                 size: bytes.len() as u64,
                 url: file_name,
+                release: bundle.release_id().to_string(),
             },
         };
         let mut text = serde_json::to_vec_pretty(&index).expect("indexes serialise");

@@ -164,11 +164,28 @@ pub fn parse_topic(t: &str) -> Option<(&str, &str, Topic)> {
 pub struct BundleRef {
     pub name: String,
     pub version: String,
-    /// SHA-256 (hex) of the bundle file.
+    /// SHA-256 (hex) of the bundle file: what a download is checked against.
     pub digest: String,
     pub fleet: String,
     pub channel: String,
     pub sequence: u64,
+    /// SHA-256 (hex) of the signed manifest: the release's identity, which
+    /// re-signing or adding signatures does not change. Empty from agents
+    /// older than 0.4.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release: String,
+}
+
+impl BundleRef {
+    /// Whether two refs name the same release (by manifest hash when both
+    /// know it, else by file digest).
+    pub fn same_release(&self, other: &BundleRef) -> bool {
+        if !self.release.is_empty() && !other.release.is_empty() {
+            self.release == other.release
+        } else {
+            self.digest == other.digest
+        }
+    }
 }
 
 /// What the update machinery is doing.
@@ -463,7 +480,8 @@ pub struct ShadowReport {
     pub stopped_early: bool,
 }
 
-/// An ed25519 signature by an operator key (one the device trusts for bundles).
+/// An ed25519 signature by an operator key (the root's `operator` role; with
+/// a root derived from `trusted_keys`, a key the device trusts for bundles).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperatorSignature {
     /// Hex key id (as `ferry inspect` prints).
@@ -483,8 +501,13 @@ pub struct Command {
     pub issued_ms: u64,
     #[serde(flatten)]
     pub action: Action,
+    /// One signature (the form of agents before 0.4; still accepted).
     #[serde(default)]
     pub signature: Option<OperatorSignature>,
+    /// Signatures by distinct operator keys, up to the root's `operator`
+    /// threshold. Each signs [`Command::signing_bytes`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<OperatorSignature>,
 }
 
 /// What a command asks for.
@@ -493,15 +516,22 @@ pub struct Command {
 pub enum Action {
     /// Poll the update channel now.
     CheckUpdate,
-    /// Install this bundle (checked exactly like a channel update). A lower
-    /// sequence than the running bundle's is refused unless the command is
-    /// signed by a trusted key (operator rollback).
+    /// Install this bundle (checked like a channel update, but it may go
+    /// below the running sequence or a rollback's floor; a downgrade pins the
+    /// device until `unpin`). Needs operator signatures.
     Install { url: String, digest: String },
-    /// Go back to the previous bundle (needs a signature).
+    /// Go back to the previous bundle. Needs operator signatures and names
+    /// the release it leaves (`from`: its manifest hash, or its file digest),
+    /// so a captured rollback cannot undo a later release.
     Rollback {
         #[serde(default)]
         reason: Option<String>,
+        #[serde(default)]
+        from: Option<String>,
     },
+    /// Lift the pin an operator's downgrade set: the channel may update the
+    /// device again. Needs operator signatures.
+    Unpin,
     /// Run a candidate in shadow on live inputs for `samples` requests.
     ShadowStart {
         url: String,
@@ -519,6 +549,18 @@ impl Command {
     /// command signature can never pass for a bundle signature (whose
     /// context, `ferry-bundle-v1`, is ferry-format's) or the reverse.
     pub const SIGNING_CONTEXT: &'static [u8] = b"ferry-command-v1\0";
+
+    /// Every signature the command carries (`signature` and `signatures`).
+    pub fn all_signatures(&self) -> Vec<&OperatorSignature> {
+        self.signature.iter().chain(self.signatures.iter()).collect()
+    }
+
+    /// Whether the action changes the device or makes it fetch from a URL
+    /// the command names: such commands need operator signatures. `ping`
+    /// and `check_update` (a poll of the configured channel) do not.
+    pub fn needs_signature(&self) -> bool {
+        !matches!(self.action, Action::Ping | Action::CheckUpdate)
+    }
 
     /// The bytes an operator signs: context, fleet, target device (or
     /// `all`), id, time and the action as JSON (serde_json writes struct
@@ -555,6 +597,10 @@ pub struct IndexEntry {
     pub size: u64,
     /// Absolute, or relative to the index's own URL / directory.
     pub url: String,
+    /// SHA-256 (hex) of the release's signed manifest (its identity; see
+    /// [`BundleRef::release`]). Empty in indexes written before 0.4.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release: String,
 }
 
 #[cfg(test)]
@@ -677,6 +723,7 @@ mod tests {
             fleet: "plant".into(),
             channel: "stable".into(),
             sequence: 3,
+            release: String::new(),
         }
     }
 
@@ -1007,6 +1054,7 @@ mod tests {
             issued_ms: 5,
             action,
             signature: None,
+            signatures: Vec::new(),
         }
     }
 
@@ -1024,6 +1072,7 @@ mod tests {
             (
                 Action::Rollback {
                     reason: Some("bad".into()),
+                    from: Some("ab".repeat(32)),
                 },
                 "rollback",
             ),
@@ -1057,7 +1106,13 @@ mod tests {
             "schema": 1, "id": "c", "issued_ms": 1, "action": "rollback",
         }))
         .unwrap();
-        assert_eq!(c.action, Action::Rollback { reason: None });
+        assert_eq!(
+            c.action,
+            Action::Rollback {
+                reason: None,
+                from: None
+            }
+        );
         assert_eq!(c.signature, None);
     }
 
@@ -1118,6 +1173,7 @@ mod tests {
                 digest: "ab".into(),
                 size: 1234,
                 url: "iris-1.0.0.ferry".into(),
+                release: "cd".repeat(32),
             },
         };
         let mut v = round_trip(&index);

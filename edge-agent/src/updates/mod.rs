@@ -20,14 +20,15 @@
 //! ```text
 //! fetch_index → skip_reason? → download → check_candidate → load_session
 //!     → health_check → store.activate → swap the session
-//!   (a refusal: store.reject(digest), so the same bundle is not fetched again)
+//!   (a refusal: store.refuse(release, digest), so the same release is not fetched again)
 //! ```
 //!
 //! # The state directory
 //! ```text
 //! store.lock                 flock held while a BundleStore is open (one agent per directory)
 //! active.json                the activation record: active, previous, boot_attempts,
-//!                            healthy, activated_ms, rejected_digests
+//!                            healthy, activated_ms, rejected_digests, rejected_releases,
+//!                            floor (a rolled-back sequence), pin (an operator's downgrade)
 //! active.json.prev           the record as it was before its last change
 //! bundles/<digest>.ferry     activated bundles (the active and the previous one;
 //!                            anything else is garbage for gc)
@@ -98,9 +99,14 @@
 //!
 //! # Rollback
 //! [`BundleStore::rollback`] makes the previous bundle active again (its file
-//! checked first), and adds the abandoned bundle's digest to
-//! `rejected_digests` (bounded, oldest forgotten first) so the channel poller
-//! does not install it again. There is no previous after a rollback.
+//! checked first), adds the abandoned bundle's digest to `rejected_digests`
+//! and its release (manifest hash) to `rejected_releases` (bounded, oldest
+//! forgotten first) so the channel poller does not install it again, however
+//! its file is re-signed, and raises the sequence `floor` of its fleet and
+//! channel to its sequence: the channel installs only releases above it.
+//! Only an operator-signed install goes below; when it is a downgrade it
+//! sets `pin`, and the channel installs nothing until an operator-signed
+//! `unpin`. There is no previous after a rollback.
 
 mod channel;
 mod check;
@@ -120,7 +126,7 @@ pub use check::{
 pub use error::UpdateError;
 pub use store::{
     ActivationRecord, ActivationStep, BundleStore, Crash, GcReport, MAX_REJECTED, PART_KEEP,
-    RECORD_SCHEMA, Recovery, RecoveryAction, Slot, SlotRecord,
+    Pin, RECORD_SCHEMA, Recovery, RecoveryAction, SequenceFloor, Slot, SlotRecord,
 };
 
 /// Checks that a digest is a SHA-256 in lowercase hex: it becomes a file
