@@ -868,7 +868,9 @@ impl Agent {
         if let Some(c) = &commanded {
             // An operator's downgrade pins the device: the channel would
             // otherwise reinstall the newer release at its next poll.
-            let downgrade = running.as_ref().is_some_and(|r| bundle.sequence <= r.sequence);
+            let downgrade = running
+                .as_ref()
+                .is_some_and(|r| bundle.sequence <= r.sequence);
             let pin = if downgrade {
                 Some(updates::Pin {
                     release: bundle.release.clone(),
@@ -1008,7 +1010,9 @@ impl Agent {
                 }
             }
             Action::Unpin => match self.store.set_operator_choice(None, None) {
-                Ok(()) => tracing::warn!(command = %id, "Pin lifted: the channel may update this device again"),
+                Ok(()) => {
+                    tracing::warn!(command = %id, "Pin lifted: the channel may update this device again")
+                }
                 Err(e) => reject(format!("cannot lift the pin: {e}")),
             },
             Action::ShadowStart {
@@ -1104,7 +1108,6 @@ impl Agent {
         Ok(())
     }
 }
-
 
 /// A command's action as its wire name.
 fn action_name(action: &Action) -> &'static str {

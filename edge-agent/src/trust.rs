@@ -86,8 +86,7 @@ impl Roots {
     /// and puts it in force.
     pub fn apply(&self, bytes: &[u8]) -> Result<Arc<Root>, ApplyError> {
         let next = self.current().update(bytes).map_err(ApplyError::Refused)?;
-        ferry_host::write_durably(&self.path, bytes)
-            .map_err(|e| ApplyError::Io(e.to_string()))?;
+        ferry_host::write_durably(&self.path, bytes).map_err(|e| ApplyError::Io(e.to_string()))?;
         let next = Arc::new(next);
         self.current.store(next.clone());
         tracing::warn!(version = next.version(), "Root of trust rotated");

@@ -762,8 +762,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     // still verifies (unknown keys are skipped) and its file digest is new;
     // its release (the signed manifest) is the same, and stays refused.
     let junk = SecretKey::generate().unwrap();
-    let resigned =
-        ferry_format::add_signatures(&bundles().bytes(fixtures::V2), &[&junk]).unwrap();
+    let resigned = ferry_format::add_signatures(&bundles().bytes(fixtures::V2), &[&junk]).unwrap();
     assert_ne!(
         fixtures::sha256_hex(&resigned),
         bundles().digest(fixtures::V2)
@@ -783,9 +782,165 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
             metrics.contains("ferry_updates_rejected_total{code=\"rejected_before\"} 2"),
             "{metrics}"
         );
-        assert!(metrics.contains("ferry_commands_rejected_total 1"), "{metrics}");
+        assert!(
+            metrics.contains("ferry_commands_rejected_total 1"),
+            "{metrics}"
+        );
         d
     })
     .await;
     drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_root_of_trust_requires_a_builder_and_an_approver_and_two_operators() {
+    // Issue 10, item 2: with `key_threshold = 2` a rollback signed by one key
+    // was obeyed, and the keys that sign bundles also signed commands. A
+    // root with roles: builder + approver for releases, 2 of 2 operators
+    // for commands, made with the real `ferry` tools.
+    use ferry_testkit::cli::{assert_exit, ferry, stdout};
+    let keys = tempfile::tempdir().unwrap();
+    let k = |name: &str| keys.path().join(name).display().to_string();
+    for name in ["root", "builder", "approver", "op1", "op2"] {
+        assert_exit(&ferry(&["keygen", "-o", &k(name)]), 0);
+    }
+    let root_file = k("root.json");
+    let o = ferry(&[
+        "root",
+        "init",
+        "--root",
+        &k("root.pub"),
+        "--builder",
+        &k("builder.pub"),
+        "--approver",
+        &k("approver.pub"),
+        "--operator",
+        &k("op1.pub"),
+        "--operator",
+        &k("op2.pub"),
+        "--operator-threshold",
+        "2",
+        "--key",
+        &k("root.key"),
+        "-o",
+        &root_file,
+    ]);
+    assert_exit(&o, 0);
+    assert_exit(&ferry(&["root", "verify", &root_file]), 0);
+    // Releases: the fixtures' manifests countersigned by builder (and approver).
+    let secret = |name: &str| {
+        SecretKey::from_pem(&std::fs::read_to_string(k(&format!("{name}.key"))).unwrap()).unwrap()
+    };
+    let (builder, approver) = (secret("builder"), secret("approver"));
+    let v1 = keys.path().join("v1-approved.ferry");
+    std::fs::write(
+        &v1,
+        ferry_format::add_signatures(&bundles().bytes(fixtures::V1), &[&builder, &approver])
+            .unwrap(),
+    )
+    .unwrap();
+    let channel = tempfile::tempdir().unwrap();
+    let v2 = channel.path().join("v2.ferry");
+    std::fs::write(
+        &v2,
+        ferry_format::add_signatures(&bundles().bytes(fixtures::V2), &[&builder]).unwrap(),
+    )
+    .unwrap();
+    // The builder alone is not enough, for `ferry verify` as for the device.
+    let o = ferry(&["verify", &v2.display().to_string(), "--root", &root_file]);
+    assert_exit(&o, 3);
+
+    let device = "mq-root";
+    let broker = Mosquitto::start(&[device]);
+    let sub = watch(&broker, device).await;
+    let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
+    let events_topic = t(device, Topic::Stream(Stream::Events));
+    let cmd_topic = t(device, Topic::Command);
+    let d = blocking({
+        let mut setup = Setup::new(device).mqtt(&broker);
+        setup.initial = Some(v1.display().to_string());
+        setup.root = Some(root_file.clone().into());
+        setup.source = Some(channel.path().display().to_string());
+        move || Device::start(setup)
+    })
+    .await;
+    ferry_testkit::channel::publish(channel.path(), &v2);
+    let d = blocking(move || wait_refusal(d, "below_threshold")).await;
+    assert_eq!(d.model().1, 1);
+    // The approver reviews and adds their signature: now it installs.
+    let o = ferry(&[
+        "approve",
+        &v2.display().to_string(),
+        "--key",
+        &k("approver.key"),
+    ]);
+    assert_exit(&o, 0);
+    assert_exit(
+        &ferry(&["verify", &v2.display().to_string(), "--root", &root_file]),
+        0,
+    );
+    ferry_testkit::channel::publish(channel.path(), &v2);
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "approved v2", |s| {
+            s["bundle"]["sequence"] == 2
+        });
+        d
+    })
+    .await;
+
+    // Commands: one operator, or a release key, is not enough.
+    let signed = |id: &str, keys: &[&str]| {
+        let mut args = vec![
+            "command".to_string(),
+            "rollback".into(),
+            "--fleet".into(),
+            FLEET.into(),
+            "--device".into(),
+            device.into(),
+            "--from".into(),
+            v2.display().to_string(),
+            "--id".into(),
+            id.into(),
+        ];
+        for key in keys {
+            args.push("--key".into());
+            args.push(k(&format!("{key}.key")));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = ferry(&args);
+        assert_exit(&o, 0);
+        stdout(&o).trim().to_string()
+    };
+    for (id, by) in [
+        ("rb-op1", vec!["op1"]),
+        ("rb-builder", vec!["builder", "op1"]),
+    ] {
+        admin.publish(&cmd_topic, signed(id, &by)).await;
+        assert!(
+            sub.wait_for(Duration::from_secs(30), {
+                let topic = events_topic.clone();
+                let id = id.to_string();
+                move |m| rejections(m, &topic, &id, "operator") >= 1
+            })
+            .await,
+            "{id} not refused"
+        );
+    }
+    let d = blocking(move || {
+        assert_eq!(d.model().1, 2);
+        d
+    })
+    .await;
+    admin
+        .publish(&cmd_topic, signed("rb-both", &["op1", "op2"]))
+        .await;
+    blocking(move || {
+        d.wait_status(
+            Duration::from_secs(30),
+            "rolled back by two operators",
+            |s| s["bundle"]["sequence"] == 1,
+        );
+        assert!(d.metrics().contains("ferry_commands_rejected_total 2"));
+    })
+    .await;
 }

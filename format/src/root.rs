@@ -111,10 +111,7 @@ impl Root {
         for (id, pem) in &document.keys {
             let key = PublicKey::from_pem(pem).map_err(|e| bad(format!("key {id}: {e}")))?;
             if !key.key_id().to_string().eq_ignore_ascii_case(id) {
-                return Err(bad(format!(
-                    "key listed as {id} has id {}",
-                    key.key_id()
-                )));
+                return Err(bad(format!("key listed as {id} has id {}", key.key_id())));
             }
             keys.insert(id.to_ascii_lowercase(), key);
         }
@@ -145,7 +142,11 @@ impl Root {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if members.len() != spec.keys.len()
-                || spec.keys.iter().collect::<std::collections::BTreeSet<_>>().len()
+                || spec
+                    .keys
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
                     != spec.keys.len()
             {
                 return Err(bad(format!("role {name} lists a key twice")));
@@ -359,7 +360,17 @@ mod tests {
         assert_eq!(root2.version(), 2);
         // Skipping or repeating a version is refused.
         let err = root1
-            .update(&sealed(&document(3, &[("root", &[&r1, &r2], 2), ("builder", &[&b], 1), ("operator", &[&o], 1)]), &[&r1, &r2]))
+            .update(&sealed(
+                &document(
+                    3,
+                    &[
+                        ("root", &[&r1, &r2], 2),
+                        ("builder", &[&b], 1),
+                        ("operator", &[&o], 1),
+                    ],
+                ),
+                &[&r1, &r2],
+            ))
             .unwrap_err();
         assert_eq!(err.code(), "root_version");
         let err = root2.update(&sealed(&v2, &[&r1, &r2, &r3])).unwrap_err();
@@ -386,7 +397,11 @@ mod tests {
         assert!(release.check_threshold(&[b.key_id(), a.key_id()]).is_ok());
         // The operator's key is not a release key, nor the reverse.
         assert!(release.check_threshold(&[o.key_id(), a.key_id()]).is_err());
-        assert!(root.operator_policy().check_threshold(&[b.key_id()]).is_err());
+        assert!(
+            root.operator_policy()
+                .check_threshold(&[b.key_id()])
+                .is_err()
+        );
 
         let shared = document(
             1,
@@ -407,7 +422,11 @@ mod tests {
         let (r, b, o) = (key(), key(), key());
         let good = document(
             1,
-            &[("root", &[&r], 1), ("builder", &[&b], 1), ("operator", &[&o], 1)],
+            &[
+                ("root", &[&r], 1),
+                ("builder", &[&b], 1),
+                ("operator", &[&o], 1),
+            ],
         );
         let mut missing = good.clone();
         missing.roles.remove("operator");

@@ -17,6 +17,7 @@ mod lambda_package;
 mod output;
 mod project;
 mod publish;
+mod trust_cmds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,6 +100,13 @@ enum Command {
     LambdaPackage(lambda_package::LambdaPackageArgs),
     /// Put a verified bundle on an update channel directory and point its index.json at it.
     Publish(publish::PublishArgs),
+    /// Create, sign and check roots of trust (which keys sign what, with thresholds).
+    #[command(subcommand)]
+    Root(trust_cmds::RootCommand),
+    /// Add an approver's signature to a packed bundle (two-person release).
+    Approve(trust_cmds::ApproveArgs),
+    /// Write an operator command signed offline (JSON for `mosquitto_pub`).
+    Command(trust_cmds::CommandArgs),
 }
 
 #[derive(Args)]
@@ -126,10 +134,21 @@ pub struct TrustArgs {
     /// Signatures by distinct trusted keys required.
     #[arg(long, default_value_t = 1)]
     pub threshold: usize,
+    /// A root of trust (`ferry root init`): check against its release policy
+    /// (builder, and approver when it has one) instead of --pub.
+    #[arg(long, value_name = "FILE", conflicts_with = "threshold")]
+    pub root: Option<PathBuf>,
 }
 
 impl TrustArgs {
     fn policy(&self) -> Result<rt::TrustPolicy> {
+        if let Some(path) = &self.root {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let root = ferry_format::Root::from_envelope(&bytes)
+                .with_context(|| format!("{} is not a valid root", path.display()))?;
+            return Ok(root.release_policy().clone());
+        }
         if self.public_keys.is_empty() {
             bail!(
                 "no trusted key given: pass --pub <FILE> (the .pub file written by `ferry keygen`)"
@@ -229,6 +248,9 @@ fn main() -> ExitCode {
         Command::Drift(a) => drift(a),
         Command::LambdaPackage(a) => a.run(),
         Command::Publish(a) => a.run(),
+        Command::Root(c) => trust_cmds::root(c),
+        Command::Approve(a) => trust_cmds::approve(a),
+        Command::Command(a) => trust_cmds::command(a),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -326,6 +348,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         let trust = TrustArgs {
             public_keys: a.public_keys.clone(),
             threshold: 1,
+            root: None,
         };
         Some(verify_bytes(&a.bundle, &bytes, &trust)?)
     };
@@ -375,6 +398,7 @@ fn drift(a: DriftArgs) -> Result<()> {
         let trust = TrustArgs {
             public_keys: a.public_keys.clone(),
             threshold: 1,
+            root: None,
         };
         verify_bytes(&a.bundle, &bytes, &trust)?
     };

@@ -552,7 +552,10 @@ impl Command {
 
     /// Every signature the command carries (`signature` and `signatures`).
     pub fn all_signatures(&self) -> Vec<&OperatorSignature> {
-        self.signature.iter().chain(self.signatures.iter()).collect()
+        self.signature
+            .iter()
+            .chain(self.signatures.iter())
+            .collect()
     }
 
     /// Whether the action changes the device or makes it fetch from a URL

@@ -10,8 +10,8 @@
 //! (`golden_failed`): the packager ran them on the build machine, this run
 //! proves the device's runtime gives the same answers.
 
-use ferry_protocol::{BundleRef, ChannelIndex};
 use ferry_format::{parse_framing, release_id};
+use ferry_protocol::{BundleRef, ChannelIndex};
 use ferry_runtime::{
     BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle, verify,
 };

@@ -125,8 +125,8 @@ pub use check::{
 };
 pub use error::UpdateError;
 pub use store::{
-    ActivationRecord, ActivationStep, BundleStore, Crash, GcReport, MAX_REJECTED, PART_KEEP,
-    Pin, RECORD_SCHEMA, Recovery, RecoveryAction, SequenceFloor, Slot, SlotRecord,
+    ActivationRecord, ActivationStep, BundleStore, Crash, GcReport, MAX_REJECTED, PART_KEEP, Pin,
+    RECORD_SCHEMA, Recovery, RecoveryAction, SequenceFloor, Slot, SlotRecord,
 };
 
 /// Checks that a digest is a SHA-256 in lowercase hex: it becomes a file
