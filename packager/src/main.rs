@@ -106,7 +106,8 @@ enum Command {
     /// Add an approver's signature to a packed bundle (two-person release).
     Approve(trust_cmds::ApproveArgs),
     /// Write an operator command signed offline (JSON for `mosquitto_pub`).
-    Command(trust_cmds::CommandArgs),
+    #[command(name = "command")]
+    SignCommand(trust_cmds::CommandArgs),
 }
 
 #[derive(Args)]
@@ -250,7 +251,7 @@ fn main() -> ExitCode {
         Command::Publish(a) => a.run(),
         Command::Root(c) => trust_cmds::root(c),
         Command::Approve(a) => trust_cmds::approve(a),
-        Command::Command(a) => trust_cmds::command(a),
+        Command::SignCommand(a) => trust_cmds::command(a),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
