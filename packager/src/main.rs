@@ -107,7 +107,7 @@ enum Command {
     Approve(trust_cmds::ApproveArgs),
     /// Write an operator command signed offline (JSON for `mosquitto_pub`).
     #[command(name = "command")]
-    SignCommand(trust_cmds::CommandArgs),
+    Order(trust_cmds::CommandArgs),
 }
 
 #[derive(Args)]
@@ -251,7 +251,7 @@ fn main() -> ExitCode {
         Command::Publish(a) => a.run(),
         Command::Root(c) => trust_cmds::root(c),
         Command::Approve(a) => trust_cmds::approve(a),
-        Command::SignCommand(a) => trust_cmds::command(a),
+        Command::Order(a) => trust_cmds::command(a),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
