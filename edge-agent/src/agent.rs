@@ -26,8 +26,8 @@ use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use ferry_protocol::{
-    Action, BundleRef, Command, Event, OutputSummary, SCHEMA_VERSION, SampleRecord, Status, Stream,
-    TelemetryRecord, UpdateState,
+    Action, BundleRef, ChannelIndex, Command, Event, OutputSummary, SCHEMA_VERSION, SampleRecord,
+    Status, Stream, TelemetryRecord, UpdateState,
 };
 use ferry_runtime::{ReadLimits, Session};
 use tokio::sync::watch;
@@ -81,6 +81,9 @@ pub struct Agent {
     pub config: Config,
     pub identity: Identity,
     roots: crate::trust::Roots,
+    freshness: updates::Freshness,
+    /// The last metadata refusal reported (an event per new one).
+    metadata_refusal: Mutex<std::collections::BTreeMap<&'static str, (String, String)>>,
     limits: ReadLimits,
     active: ArcSwapOption<Active>,
     /// Has its own lock; its methods take `&self`.
@@ -137,6 +140,7 @@ impl Agent {
             )
         })?;
         let roots = crate::trust::Roots::open(&config)?;
+        let state_dir_for_freshness = config.paths.state_dir.clone();
         let (buffer, recovery) = Buffer::open_or_recover(BufferOptions::from_config(
             &config.paths.state_dir,
             &config.buffer,
@@ -181,6 +185,8 @@ impl Agent {
             config,
             identity,
             roots,
+            freshness: updates::Freshness::open(&state_dir_for_freshness),
+            metadata_refusal: Mutex::new(Default::default()),
             active: ArcSwapOption::empty(),
             store,
             fetcher,
@@ -390,6 +396,118 @@ impl Agent {
             ));
         }
         Ok(())
+    }
+
+    /// Reads the channel: first any newer roots beside it (`root/<n>.json`,
+    /// applied in order), then the index, opened as signed metadata when the
+    /// root has a channel role and checked for freshness. `None` when the
+    /// metadata was refused (reported; the running release stays).
+    fn fetch_channel(&self, source: &Source) -> Result<Option<ChannelIndex>> {
+        self.walk_roots(source);
+        let bytes = self.fetcher.fetch_index_bytes(source)?;
+        let root = self.roots.current();
+        let (payload, signed) = match updates::open_index(&bytes, &root) {
+            Ok(v) => v,
+            Err(r) => {
+                self.note_metadata_refused("index", r);
+                return Ok(None);
+            }
+        };
+        let index = updates::parse_index(source, &payload)?;
+        if signed && let Err(r) = self.freshness.check(&index, now_ms()) {
+            self.note_metadata_refused("index", r);
+            return Ok(None);
+        }
+        if self
+            .metadata_refusal
+            .lock()
+            .unwrap()
+            .remove("index")
+            .is_some()
+        {
+            tracing::info!("Channel metadata accepted again");
+            if matches!(
+                self.update_state(),
+                UpdateState::Rejected { digest: None, .. }
+            ) {
+                self.set_update_state(UpdateState::Idle);
+            }
+        }
+        Ok(Some(index))
+    }
+
+    /// Applies the roots the channel offers after the current one, in order.
+    fn walk_roots(&self, source: &Source) {
+        // A device offline through many rotations catches up over a few polls.
+        const MAX_STEPS: usize = 16;
+        for _ in 0..MAX_STEPS {
+            let next = self.roots.current().version() + 1;
+            let relative = format!("root/{next}.json");
+            match self.fetcher.fetch_beside(
+                source,
+                &relative,
+                ferry_format::MAX_ENVELOPE_BYTES as u64,
+            ) {
+                Ok(None) => {
+                    self.metadata_refusal.lock().unwrap().remove("root");
+                    return;
+                }
+                Ok(Some(bytes)) => match self.roots.apply(&bytes) {
+                    Ok(root) => {
+                        self.metrics.root_version.set(root.version() as i64);
+                        append_event(
+                            &self.buffer,
+                            Event::RootRotated {
+                                version: root.version(),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        self.note_metadata_refused(
+                            "root",
+                            Rejection::new(e.code(), format!("{relative}: {e}")),
+                        );
+                        return;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(file = %relative, error = %e, "Cannot read the channel's next root");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Counts a refused piece of channel metadata, `what` being `index` or
+    /// `root` (metric at every poll; status and event when its reason changes).
+    fn note_metadata_refused(&self, what: &'static str, r: Rejection) {
+        self.metrics
+            .metadata_rejected
+            .get_or_create(&crate::metrics::CodeLabel {
+                code: r.code.to_string(),
+            })
+            .inc();
+        let key = (r.code.to_string(), r.reason.clone());
+        let mut last = self.metadata_refusal.lock().unwrap();
+        if last.get(what) == Some(&key) {
+            return;
+        }
+        last.insert(what, key);
+        drop(last);
+        tracing::error!(code = r.code, reason = %r.reason, "Channel metadata refused; keeping the running release");
+        append_event(
+            &self.buffer,
+            Event::MetadataRejected {
+                code: r.code.to_string(),
+                reason: r.reason.clone(),
+            },
+        );
+        self.set_update_state(UpdateState::Rejected {
+            version: "channel metadata".into(),
+            code: r.code.to_string(),
+            reason: r.reason,
+            digest: None,
+        });
     }
 
     /// Makes a channel candidate skipped for the device's history visible
@@ -749,7 +867,9 @@ impl Agent {
                 let Some(source) = &self.source else {
                     return Ok(None);
                 };
-                let index = self.fetcher.fetch_index(source)?;
+                let Some(index) = self.fetch_channel(source)? else {
+                    return Ok(None);
+                };
                 let e = index.latest;
                 if running.as_ref().is_some_and(|r| e.sequence <= r.sequence) {
                     return Ok(None);

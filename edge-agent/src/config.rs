@@ -130,6 +130,9 @@ pub struct UpdatesConfig {
     pub max_boot_attempts: u32,
     /// Signed commands older than this are refused (replay protection).
     pub max_command_age_s: u64,
+    /// Accept a plain `http://` channel (a lab without TLS). Off by default:
+    /// on plain HTTP anyone on the path can hold back or replay the index.
+    pub allow_http: bool,
 }
 
 impl Default for UpdatesConfig {
@@ -144,6 +147,7 @@ impl Default for UpdatesConfig {
             min_requests: 20,
             max_boot_attempts: 3,
             max_command_age_s: 24 * 3600,
+            allow_http: false,
         }
     }
 }
@@ -347,6 +351,19 @@ impl Config {
         if self.paths.key_threshold == 0 {
             bail!("paths.key_threshold must be at least 1");
         }
+        if self
+            .updates
+            .source
+            .trim()
+            .to_ascii_lowercase()
+            .starts_with("http://")
+            && !self.updates.allow_http
+        {
+            bail!(
+                "updates.source {:?} is plain http: use https, or set updates.allow_http = true for a lab",
+                self.updates.source
+            );
+        }
         if !(0.0..=1.0).contains(&self.telemetry.sample_rate) {
             bail!("telemetry.sample_rate must be within 0..=1");
         }
@@ -428,6 +445,16 @@ mod tests {
         assert!(bad("[mqtt]\nurl = \"tcp://x\"\n").contains("mqtt://"));
         assert!(bad("[telemetry]\nsample_rate = 2.0\n").contains("sample_rate"));
         assert!(bad("[mqtt]\nmax_message_bytes = 1000000\n").contains("max_message_bytes"));
+        // A plain-http channel only when explicitly allowed (a lab).
+        assert!(bad("[updates]\nsource = \"http://h/index.json\"\n").contains("allow_http"));
+        let lab: Config = toml::from_str(&format!(
+            "{base}[updates]\nsource = \"http://h/index.json\"\nallow_http = true\n"
+        ))
+        .unwrap();
+        lab.validate().unwrap();
+        // Neither a root nor trusted keys: nothing could be verified.
+        let keyless: Config = toml::from_str("[device]\nid = \"d\"\nfleet = \"f\"\n").unwrap();
+        assert!(keyless.validate().unwrap_err().to_string().contains("paths.root"));
         let c: Config = toml::from_str(&base.replace("id = \"d\"", "id = \"a/b\"")).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("device id"));
     }

@@ -453,6 +453,13 @@ pub enum Event {
     /// was moved aside to `moved_to` (kept for inspection) and an empty one
     /// created. What it held is not sent; predictions never stopped.
     BufferRecovered { moved_to: String, reason: String },
+    /// Channel metadata or a root from the channel was refused
+    /// (`metadata_expired`, `metadata_rollback`, `metadata_signature`,
+    /// `unsigned_metadata`, `root_version`...); the running release stays.
+    /// Sent once per new reason, not at every poll.
+    MetadataRejected { code: String, reason: String },
+    /// The root of trust was replaced by the next version from the channel.
+    RootRotated { version: u64 },
     /// An event this reader does not know (from a newer agent): readers
     /// ignore what they do not know instead of refusing the whole batch.
     #[serde(other)]
@@ -586,7 +593,27 @@ pub struct ChannelIndex {
     pub fleet: String,
     pub channel: String,
     pub latest: IndexEntry,
+    /// Signed channel metadata: grows with every publish; a device refuses
+    /// a version below the highest it has seen (0 in unsigned indexes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+    /// Signed channel metadata: Unix ms when it was signed. A device never
+    /// believes a time earlier than the newest it has seen.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub issued_ms: u64,
+    /// Signed channel metadata: Unix ms after which a device refuses it
+    /// (`metadata_expired`) and keeps its current release.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires_ms: u64,
 }
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// The envelope type of signed channel metadata (a DSSE envelope whose
+/// payload is a [`ChannelIndex`] as JSON).
+pub const CHANNEL_PAYLOAD_TYPE: &str = "application/vnd.ferry.channel+json";
 
 /// The latest bundle of a channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1167,6 +1194,9 @@ mod tests {
     fn channel_index_round_trips_and_ignores_unknown_fields() {
         let index = ChannelIndex {
             schema: SCHEMA_VERSION,
+            version: 0,
+            issued_ms: 0,
+            expires_ms: 0,
             fleet: "plant".into(),
             channel: "stable".into(),
             latest: IndexEntry {

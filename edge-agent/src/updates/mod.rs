@@ -9,6 +9,8 @@
 //!   channel, sequence), [`load_session`], [`health_check`] (golden examples
 //!   on this device), [`skip_reason`] (judging an index before downloading).
 //!   Refusals are [`Rejection`]s with stable codes.
+//! - `metadata`: signed channel metadata ([`open_index`]) and its
+//!   [`Freshness`] (versions only grow, expired metadata is refused).
 //! - `store`: [`BundleStore`], the bundles on disk, the activation record,
 //!   atomic activation, rollback, boot attempts, garbage collection.
 //! - `error`: [`UpdateError`], failures of the machinery itself (network,
@@ -111,6 +113,7 @@
 mod channel;
 mod check;
 mod error;
+mod metadata;
 mod store;
 
 use std::fs::File;
@@ -119,11 +122,12 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-pub use channel::{CONNECT_TIMEOUT, Fetcher, MAX_INDEX_BYTES, READ_TIMEOUT, Source};
+pub use channel::{CONNECT_TIMEOUT, Fetcher, MAX_INDEX_BYTES, READ_TIMEOUT, Source, parse_index};
 pub use check::{
     Rejection, Want, bundle_ref, check_candidate, health_check, load_session, skip_reason,
 };
 pub use error::UpdateError;
+pub use metadata::{FRESHNESS_FILE, Freshness, Seen, open_index};
 pub use store::{
     ActivationRecord, ActivationStep, BundleStore, Crash, GcReport, MAX_REJECTED, PART_KEEP, Pin,
     RECORD_SCHEMA, Recovery, RecoveryAction, SequenceFloor, Slot, SlotRecord,
