@@ -169,7 +169,9 @@ async fn serve(config: Config) -> Result<()> {
         drop(cmd_tx);
     }
 
-    // Commands, one at a time, in order.
+    // Commands: admitted one at a time, in order (signatures, replays);
+    // each admitted one runs in a task of its own, so a rollback is admitted
+    // (and pre-empts a download) while an install is still downloading.
     let a = agent.clone();
     let stop = shutdown.clone();
     tasks.spawn(async move {
@@ -177,7 +179,12 @@ async fn serve(config: Config) -> Result<()> {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 cmd = cmd_rx.recv() => match cmd {
-                    Some(cmd) => a.handle_command(cmd).await,
+                    Some(cmd) => {
+                        if let Some(admitted) = a.admit(cmd) {
+                            let a = a.clone();
+                            tokio::spawn(async move { a.execute(admitted).await });
+                        }
+                    }
                     None => stop.cancelled().await,
                 },
             }
@@ -255,6 +262,7 @@ async fn serve(config: Config) -> Result<()> {
         },
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    agent.begin_shutdown();
     shutdown.cancel();
     // Give the tasks (the MQTT task publishes an offline status and waits for
     // in-flight acknowledgements) a bounded time to finish.
