@@ -107,7 +107,7 @@ fn init(out: &std::path::Path, force: bool) -> Result<()> {
     std::fs::write(out, DEFAULT_CONFIG)
         .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!(
-        "wrote {}: set device.id, device.fleet and paths.trusted_keys, then run `ferry-agent --config {}`",
+        "wrote {}: set device.id, device.fleet and paths.root (or paths.trusted_keys), then run `ferry-agent --config {}`",
         out.display(),
         out.display()
     );
@@ -123,7 +123,12 @@ fn run(config_path: &std::path::Path) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
+    let outcome = runtime.block_on(serve(config));
+    // The buffer is flushed and the tasks have stopped; a blocking download
+    // waiting on a silent server (up to its read timeout) must not hold the
+    // exit: it is resumable from its partial file.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    outcome
 }
 
 async fn serve(config: Config) -> Result<()> {

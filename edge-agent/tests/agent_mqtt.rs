@@ -1010,7 +1010,9 @@ async fn a_rollback_preempts_a_stalled_download_staging_holds_one_bundle_and_sig
         d
     })
     .await;
-    // A second slow download: the first one's partial file is gone.
+    // A second download, from a server gone silent (a byte every two
+    // minutes): the first one's partial file is gone.
+    server.trickle(Some(Duration::from_secs(120)));
     send(install("s-slow-2", fixtures::GOLDEN_FAILS)).await;
     let mut d = blocking(move || {
         d.wait_status(Duration::from_secs(30), "downloading again", |s| {
@@ -1028,7 +1030,8 @@ async fn a_rollback_preempts_a_stalled_download_staging_holds_one_bundle_and_sig
         names.iter().all(|n| n.starts_with(&golden)),
         "staging holds only the current download: {names:?}"
     );
-    // SIGTERM in the middle of it: the process ends promptly, cleanly.
+    // SIGTERM in the middle of it (the download blocked in a read): the
+    // process ends promptly, cleanly.
     let started = std::time::Instant::now();
     let status = blocking(move || {
         let s = d.terminate();
