@@ -271,6 +271,27 @@ fn sign(mut c: Command, device: &str) -> Command {
     c
 }
 
+/// Signs `c` for `device` and publishes it on the device's command topic.
+async fn send_signed(admin: &Subscriber, device: &str, c: Command) {
+    admin
+        .publish(
+            &t(device, Topic::Command),
+            serde_json::to_vec(&sign(c, device)).unwrap(),
+        )
+        .await
+}
+
+/// A signed-to-be rollback that leaves v2.
+fn leave_v2(id: &str, reason: &str) -> Command {
+    command(
+        id,
+        Action::Rollback {
+            reason: Some(reason.into()),
+            from: Some(bundles().release(fixtures::V2)),
+        },
+    )
+}
+
 /// A device on mosquitto, commanded by an admin client, with a channel
 /// server holding v2; returns once the device reported itself online.
 struct Commanded {
@@ -670,7 +691,6 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
     let channel = tempfile::tempdir().unwrap();
     let server = ChannelServer::start(channel.path());
-    let cmd_topic = t(device, Topic::Command);
     let events_topic = t(device, Topic::Stream(Stream::Events));
     let d = blocking({
         let mut setup = Setup::new(device).mqtt(&broker);
@@ -686,15 +706,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
         d
     })
     .await;
-    let send = |c: Command| {
-        let admin = &admin;
-        let topic = cmd_topic.clone();
-        async move {
-            admin
-                .publish(&topic, serde_json::to_vec(&sign(c, device)).unwrap())
-                .await
-        }
-    };
+    let send = |c: Command| send_signed(&admin, device, c);
 
     // An operator's signed downgrade to v1 installs and pins: the channel,
     // still offering v2, does not undo it.
@@ -743,14 +755,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
         .await
     );
     // The operator rolls v2 back.
-    send(command(
-        "p-rb",
-        Action::Rollback {
-            reason: Some("bad release".into()),
-            from: Some(bundles().release(fixtures::V2)),
-        },
-    ))
-    .await;
+    send(leave_v2("p-rb", "bad release")).await;
     let d = blocking(move || {
         d.wait_status(Duration::from_secs(30), "rolled back to v1", |s| {
             s["bundle"]["sequence"] == 1
@@ -963,15 +968,7 @@ async fn a_rollback_preempts_a_stalled_download_staging_holds_one_bundle_and_sig
     } = commanded(device).await;
     let d = install_v2(&admin, &cmd_topic, &server, "s-install", d).await;
     let staging = d.dir.path().join("state/staging");
-    let send = |c: Command| {
-        let admin = &admin;
-        let topic = cmd_topic.clone();
-        async move {
-            admin
-                .publish(&topic, serde_json::to_vec(&sign(c, device)).unwrap())
-                .await
-        }
-    };
+    let send = |c: Command| send_signed(&admin, device, c);
     let install = |id: &str, fixture: &str| {
         bundles().copy_to(fixture, channel_dir.path());
         command(
@@ -992,14 +989,7 @@ async fn a_rollback_preempts_a_stalled_download_staging_holds_one_bundle_and_sig
         d
     })
     .await;
-    send(command(
-        "s-rb",
-        Action::Rollback {
-            reason: Some("pre-empts the download".into()),
-            from: Some(bundles().release(fixtures::V2)),
-        },
-    ))
-    .await;
+    send(leave_v2("s-rb", "pre-empts the download")).await;
     let d = blocking(move || {
         // Well before the 30 s the stalled download alone would hold it.
         d.wait_status(
