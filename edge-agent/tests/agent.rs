@@ -717,3 +717,44 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
     assert!(d.metrics().contains("ferry_root_version 2"));
     assert_eq!(d.model().1, 2);
 }
+
+#[test]
+fn a_lying_index_cannot_send_endless_data_or_mix_releases() {
+    // TUF's endless-data and mix-and-match attacks against the real binary:
+    // an index announcing a small size for a large file, and an index whose
+    // digest names one release while its URL serves another.
+    let channel = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new("lying-1");
+    setup.source = Some(channel.path().display().to_string());
+    let d = Device::start(setup);
+    let write_index = |file: &str, digest: &str, size: usize| {
+        let index = json!({
+            "schema": 1, "fleet": fixtures::FLEET, "channel": fixtures::CHANNEL,
+            "latest": {"name": "iris", "version": "2.0.0", "sequence": 2,
+                       "digest": digest, "size": size, "url": file}
+        });
+        std::fs::write(channel.path().join("index.json"), index.to_string()).unwrap();
+    };
+    bundles().copy_to(fixtures::V2, channel.path());
+    bundles().copy_to(fixtures::BAD_RELEASE, channel.path());
+    // Endless data: the file is far larger than announced; the download
+    // stops at the announced size.
+    write_index(fixtures::V2, &bundles().digest(fixtures::V2), 1000);
+    wait_refused(&d, "too_large");
+    // Mix-and-match: v2's digest, another release's bytes.
+    write_index(
+        fixtures::BAD_RELEASE,
+        &bundles().digest(fixtures::V2),
+        bundles().bytes(fixtures::BAD_RELEASE).len(),
+    );
+    wait_refused(&d, "download_digest_mismatch");
+    assert_eq!(d.model().1, 1);
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    let metrics = d.metrics();
+    for code in ["too_large", "download_digest_mismatch"] {
+        assert!(
+            metrics.contains(&format!("ferry_updates_rejected_total{{code=\"{code}\"}}")),
+            "{metrics}"
+        );
+    }
+}
