@@ -14,9 +14,11 @@
 mod inputs;
 mod keyfile;
 mod lambda_package;
+mod mlflow;
 mod output;
 mod project;
 mod publish;
+mod scaffold;
 mod trust_cmds;
 
 use std::path::PathBuf;
@@ -100,6 +102,8 @@ enum Command {
     LambdaPackage(lambda_package::LambdaPackageArgs),
     /// Put a verified bundle on an update channel directory and point its index.json at it.
     Publish(publish::PublishArgs),
+    /// Write a ferry.toml for a model (ONNX file or MLflow model directory).
+    Init(scaffold::InitArgs),
     /// Create, sign and check roots of trust (which keys sign what, with thresholds).
     #[command(subcommand)]
     Root(trust_cmds::RootCommand),
@@ -249,6 +253,7 @@ fn main() -> ExitCode {
         Command::Drift(a) => drift(a),
         Command::LambdaPackage(a) => a.run(),
         Command::Publish(a) => a.run(),
+        Command::Init(a) => a.run(),
         Command::Root(c) => trust_cmds::root(c),
         Command::Approve(a) => trust_cmds::approve(a),
         Command::Order(a) => trust_cmds::command(a),

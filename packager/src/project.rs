@@ -39,9 +39,16 @@ pub struct PackArgs {
         conflicts_with = "model"
     )]
     dir: Option<PathBuf>,
-    /// Pack a bare ONNX model instead of a project: tensors in, tensors out.
-    #[arg(long, value_name = "FILE")]
+    /// Pack a bare ONNX model (or a local MLflow model directory with the
+    /// onnx flavor) instead of a project: tensors in, tensors out.
+    #[arg(long, value_name = "FILE|DIR")]
     model: Option<PathBuf>,
+    /// The MLflow registered model name, recorded in the lineage.
+    #[arg(long, value_name = "NAME")]
+    registered_model: Option<String>,
+    /// The MLflow registered model version, recorded in the lineage.
+    #[arg(long, value_name = "VERSION", requires = "registered_model")]
+    registered_version: Option<String>,
     /// With --model: bundle name (default: the file name).
     #[arg(long, requires = "model")]
     name: Option<String>,
@@ -208,7 +215,7 @@ fn load_project(dir: &Path) -> Result<Plan> {
 }
 
 fn bare_model_plan(model: &Path, a: &PackArgs) -> Result<Plan> {
-    let name = match &a.name {
+    let name = match a.name.as_ref().or(a.registered_model.as_ref()) {
         Some(n) => n.clone(),
         None => model
             .file_stem()
@@ -218,7 +225,11 @@ fn bare_model_plan(model: &Path, a: &PackArgs) -> Result<Plan> {
     let file = ProjectFile {
         model: ModelSection {
             name,
-            version: a.model_version.clone(),
+            // An MLflow registered version stands in for the default.
+            version: match (&a.registered_version, a.model_version.as_str()) {
+                (Some(v), "0.0.0") => v.clone(),
+                _ => a.model_version.clone(),
+            },
             path: model.to_path_buf(),
             description: None,
         },
@@ -329,10 +340,30 @@ impl PackArgs {
         let f = &plan.file;
         let mut steps = Steps::new(self.json);
 
-        // 1. The model: tract must load and optimise it.
-        let model_path = plan.dir.join(&f.model.path);
+        // 1. The model: tract must load and optimise it. An MLflow model
+        // directory names its ONNX file; weights in external-data files
+        // beside it are inlined (a bundle carries one self-contained model).
+        let mut model_path = plan.dir.join(&f.model.path);
+        let mlflow = if crate::mlflow::is_model_dir(&model_path) {
+            let m = crate::mlflow::MlflowModel::open(&model_path)?;
+            model_path = m.model_file.clone();
+            Some(m)
+        } else {
+            None
+        };
         let onnx = std::fs::read(&model_path)
             .with_context(|| format!("cannot read model {}", model_path.display()))?;
+        let model_dir = model_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let onnx = match rt::inline_external_data(&onnx, &|location| {
+            std::fs::read(model_dir.join(location))
+        }) {
+            Ok(Some(inlined)) => inlined,
+            Ok(None) => onnx,
+            Err(e) => bail!("{} cannot be packed: {e}", model_path.display()),
+        };
         let model = steps.run("model_load", "loading the model with tract", || {
             rt::Model::load(&onnx)
                 .with_context(|| format!("{} cannot be packed", model_path.display()))
@@ -432,7 +463,19 @@ impl PackArgs {
             lineage: rt::Lineage {
                 source_commit: source_commit(f.lineage.source_commit.as_ref()),
                 dataset_sha256,
-                training_json: rt::lineage_training(&f.lineage.training),
+                training_json: {
+                    let mut training = f.lineage.training.clone();
+                    if let Some(m) = &mlflow {
+                        training.insert(
+                            "mlflow".into(),
+                            m.lineage(
+                                self.registered_model.as_deref(),
+                                self.registered_version.as_deref(),
+                            ),
+                        );
+                    }
+                    rt::lineage_training(&training)
+                },
             },
             artifacts: Vec::new(),
         };

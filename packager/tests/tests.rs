@@ -3,8 +3,10 @@
 //! - `reject`: tampered bundles, wrong keys, bad inputs and bad project files give clear errors and exit codes.
 //! - `drift`: `ferry drift` flags shifted features and only those.
 //! - `publish`: update channel directories for `ferry-agent`.
+//! - `mlflow`: MLflow model directories in (lineage, external weights, `ferry init`).
 
 mod drift;
+mod mlflow;
 mod pack;
 mod publish;
 mod reject;

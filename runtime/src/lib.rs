@@ -16,6 +16,7 @@
 //! serves requests. [`Session::load`] does both.
 
 mod error;
+mod external;
 mod golden;
 mod model;
 mod sandbox;
@@ -24,6 +25,7 @@ mod session;
 // The format and drift crates, re-exported so that a program built on the
 // runtime names one crate.
 pub use error::{Error, GuestError, ModelError};
+pub use external::inline_external_data;
 pub use ferry_drift::{
     BASELINE_VERSION, Baseline, BaselineBuilder, CategoricalBaseline, CurrentSample,
     DEFAULT_DRIFT_SHARE, DriftConfig, DriftError, DriftKind, DriftMethod, DriftReport, DriftRule,

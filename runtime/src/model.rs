@@ -13,6 +13,9 @@ use tract_onnx::pb::tensor_shape_proto::dimension;
 use tract_onnx::pb::type_proto;
 use tract_onnx::prelude::*;
 
+/// ONNX's protobuf types, for `external.rs` (tract stays named in this file).
+pub(crate) use tract_onnx::pb as onnx_pb;
+
 use crate::error::ModelError;
 use ferry_format::TensorSpec;
 
