@@ -10,7 +10,9 @@
 //! - `lambda_package.rs`: the deterministic Lambda deployment zip.
 //! - `publish.rs`: update channels (a directory with the bundles and index.json).
 //! - `output.rs`: human and `--json` output.
+//! - `bench.rs`: `ferry bench`, cold and warm measurements of a bundle.
 
+mod bench;
 mod inputs;
 mod keyfile;
 mod lambda_package;
@@ -99,6 +101,8 @@ enum Command {
     LambdaPackage(lambda_package::LambdaPackageArgs),
     /// Put a verified bundle on an update channel directory and point its index.json at it.
     Publish(publish::PublishArgs),
+    /// Measure a bundle on this machine: cold start, warm latency, throughput.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -229,6 +233,7 @@ fn main() -> ExitCode {
         Command::Drift(a) => drift(a),
         Command::LambdaPackage(a) => a.run(),
         Command::Publish(a) => a.run(),
+        Command::Bench(a) => a.run(),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -3,7 +3,9 @@
 //! - `reject`: tampered bundles, wrong keys, bad inputs and bad project files give clear errors and exit codes.
 //! - `drift`: `ferry drift` flags shifted features and only those.
 //! - `publish`: update channel directories for `ferry-agent`.
+//! - `bench`: `ferry bench`'s report (shape and consistency, not speed).
 
+mod bench;
 mod drift;
 mod pack;
 mod publish;
