@@ -177,7 +177,8 @@ struct RunArgs {
     #[command(flatten)]
     trust: TrustArgs,
     /// The request: a .json file (tensor, record or image form), a .png/.jpg
-    /// image, a .csv file (rows become records), or - for standard input.
+    /// image, a .csv file (rows become records), a .npy array (tensor
+    /// pipelines), or - for standard input.
     #[arg(short, long, value_name = "FILE")]
     input: PathBuf,
     /// Content type of the input, when its extension does not say it.

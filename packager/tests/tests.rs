@@ -4,8 +4,10 @@
 //! - `drift`: `ferry drift` flags shifted features and only those.
 //! - `publish`: update channel directories for `ferry-agent`.
 //! - `bench`: `ferry bench`'s report (shape and consistency, not speed).
+//! - `binary`: binary tensor requests (`.npy`, tensor sets) through `ferry run`.
 
 mod bench;
+mod binary;
 mod drift;
 mod pack;
 mod publish;
