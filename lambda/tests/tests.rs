@@ -488,3 +488,54 @@ fn lambda_package_refuses_the_wrong_architecture_and_unverified_bundles() {
     assert_eq!(o.status.code(), Some(3));
     assert!(!out.exists());
 }
+
+#[test]
+fn binary_tensors_arrive_base64_and_malformed_ones_are_400s() {
+    use ferry_testkit::tensors::{iris_tensor, npy, npy_f32, tensor_set_f32};
+    let api = RuntimeApi::start();
+    let b = bundles();
+    let _f = start(
+        &api,
+        &[
+            ("FERRY_BUNDLE", &b.file("raw.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
+        ],
+    );
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let json = std::fs::read_to_string(examples().join("iris/golden/tensor_request.json")).unwrap();
+    let (status, want) = response_body(&api.invoke(http_v2(&json, "application/json", false)));
+    assert_eq!(status, 200, "{want}");
+    let (shape, values) = iris_tensor();
+    let good = npy_f32(&shape, &values);
+    for (ct, body) in [
+        ("application/x-npy", good.clone()),
+        (
+            "application/x-ferry-tensors",
+            tensor_set_f32("float_input", &shape, &values),
+        ),
+    ] {
+        let (status, got) = response_body(&api.invoke(http_v2(&b64(&body), ct, true)));
+        assert_eq!((status, &got), (200, &want), "{ct}");
+    }
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "application/x-npy",
+            good[..good.len() - 1].to_vec(),
+            "holds 31 bytes",
+        ),
+        ("application/x-npy", npy("<f8", &shape, &[0; 64]), "astype"),
+        ("application/x-npy", b"garbage".to_vec(), "not a .npy array"),
+        ("application/x-ferry-tensors", good.clone(), "not a valid"),
+    ];
+    for (ct, body, needle) in cases {
+        let (status, r) = response_body(&api.invoke(http_v2(&b64(&body), ct, true)));
+        assert_eq!(status, 400, "{needle}: {r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains(needle),
+            "{needle}: {r}"
+        );
+    }
+    // Still serving.
+    let (status, got) = response_body(&api.invoke(http_v2(&b64(&good), "application/x-npy", true)));
+    assert_eq!((status, got), (200, want));
+}

@@ -1,5 +1,6 @@
 //! Ferry against onnxruntime, model by model: the plans tract runs
-//! (symbolic batch vs specialised for batch 1), the whole pipeline, and
+//! (symbolic batch vs specialised for batch 1), the whole pipeline (JSON
+//! tensor request and `.npy` request), and
 //! onnxruntime called from Python, one thread, in the same run. Prints
 //! Markdown for docs/PERFORMANCE.md.
 //!
@@ -120,9 +121,9 @@ fn main() {
 
     println!("## Ferry vs onnxruntime, one thread, batch 1 (same run)\n");
     println!(
-        "| model | onnxruntime (Python) µs | tract, symbolic plan µs | tract, batch-1 plan µs | Ferry pipeline (JSON tensor request) µs | plan speed-up | pipeline / onnxruntime |"
+        "| model | onnxruntime (Python) µs | tract, symbolic plan µs | tract, batch-1 plan µs | Ferry pipeline, JSON tensor µs | Ferry pipeline, .npy µs | plan speed-up | pipeline (.npy) / onnxruntime | pipeline (.npy) − tract µs |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (i, c) in cases.iter().enumerate() {
         let heavy = c.shape.iter().product::<u64>() > 10_000;
         let (rounds, per_round) = match (quick, heavy) {
@@ -152,11 +153,17 @@ fn main() {
             "inputs": { c.input: { "shape": c.shape, "data": data } }
         }))
         .unwrap();
+        let npy = ferry_testkit::tensors::npy_f32(&c.shape, &data);
         // Both plans made before timing.
         model.run_with(&tensors, PlanChoice::Symbolic).unwrap();
         model.run(&tensors).unwrap();
         session.infer("application/json", &request).unwrap();
-        let (mut symbolic, mut batch1, mut pipeline) = (Vec::new(), Vec::new(), Vec::new());
+        assert_eq!(
+            session.infer("application/x-npy", &npy).unwrap(),
+            session.infer("application/json", &request).unwrap()
+        );
+        let (mut symbolic, mut batch1, mut pipeline, mut binary) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             symbolic.push(round(per_round, &mut || {
                 std::hint::black_box(model.run_with(&tensors, PlanChoice::Symbolic).unwrap());
@@ -167,23 +174,28 @@ fn main() {
             pipeline.push(round(per_round, &mut || {
                 std::hint::black_box(session.infer("application/json", &request).unwrap());
             }));
+            binary.push(round(per_round, &mut || {
+                std::hint::black_box(session.infer("application/x-npy", &npy).unwrap());
+            }));
         }
-        let (s, b, p) = (
+        let (s, b, p, bin) = (
             us(median(symbolic)),
             us(median(batch1)),
             us(median(pipeline)),
+            us(median(binary)),
         );
         let (ort, ratio) = match onnxruntime(c, rounds, per_round) {
-            Ok((version, t)) => (format!("{t:.1} ({version})"), format!("{:.2}", p / t)),
+            Ok((version, t)) => (format!("{t:.1} ({version})"), format!("{:.2}", bin / t)),
             Err(why) => {
                 eprintln!("onnxruntime column skipped for {}: {why}", c.name);
                 ("(skipped)".into(), "".into())
             }
         };
         println!(
-            "| {} | {ort} | {s:.1} | {b:.1} | {p:.1} | {:.2}x | {ratio} |",
+            "| {} | {ort} | {s:.1} | {b:.1} | {p:.1} | {bin:.1} | {:.2}x | {ratio} | {:.1} |",
             c.name,
-            s / b
+            s / b,
+            bin - b
         );
     }
 }
