@@ -377,6 +377,12 @@ fn a_packaged_function_finds_its_bundle_and_keys_next_to_bootstrap() {
     ];
     let o = lambda_package(&[&[b.file("iris.ferry").as_str()][..], &args[..]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The fixture is portable: its guest would be compiled at every cold start.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("no guest precompiled for") && stderr.contains("--precompile"),
+        "{stderr}"
+    );
     let bytes = std::fs::read(&zip_path).unwrap();
     // Deterministic: the same inputs give the same zip.
     let again = dir.path().join("again.zip");
@@ -538,4 +544,40 @@ fn binary_tensors_arrive_base64_and_malformed_ones_are_400s() {
     // Still serving.
     let (status, got) = response_body(&api.invoke(http_v2(&b64(&good), "application/x-npy", true)));
     assert_eq!((status, got), (200, want));
+}
+
+#[test]
+fn lambda_package_is_quiet_about_a_bundle_precompiled_for_its_architecture() {
+    let b = bundles();
+    let dir = tempfile::tempdir().unwrap();
+    let (arch, machine) = if cfg!(target_arch = "aarch64") {
+        ("arm64", "aarch64")
+    } else {
+        ("x86_64", "x86_64")
+    };
+    let bundle = dir.path().join("pre.ferry");
+    let o = ferry(&[
+        "pack",
+        examples().join("iris").to_str().unwrap(),
+        "--key",
+        &b.key(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--precompile",
+        machine,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let zip = dir.path().join("f.zip");
+    let o = lambda_package(&[
+        bundle.to_str().unwrap(),
+        "--pub",
+        &b.public(),
+        "--arch",
+        arch,
+        "-o",
+        zip.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
 }

@@ -45,8 +45,8 @@ pub use model::{
     SPECIALISED_PLANS_BUDGET, fmt_shape,
 };
 pub use sandbox::{
-    EPOCH_TICK, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, SandboxLimits, WASMTIME_VERSION,
-    compatibility_key, precompile, validate,
+    EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, ON_DEVICE_COMPILER,
+    SandboxLimits, WASMTIME_VERSION, compatibility_key, precompile, validate,
 };
 pub use session::{
     GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_kind,
