@@ -198,4 +198,109 @@ fn main() {
             bin - b
         );
     }
+
+    // The image path on mobilenet: JPEG/PNG decoded, resized to 224x224 and
+    // normalised in the guest, then the model, then a classification response.
+    let mobilenet = models.join("mobilenet_v3_small.onnx");
+    if !mobilenet.exists() {
+        return;
+    }
+    let project = dir.path().join("mobilenet-image");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::copy(&mobilenet, project.join("model.onnx")).unwrap();
+    std::fs::write(
+        project.join("ferry.toml"),
+        r#"[model]
+name = "mobilenet-image"
+version = "1.0.0"
+path = "model.onnx"
+
+[preprocess]
+kind = "image"
+width = 224
+height = 224
+color = "rgb"
+layout = "nchw"
+resize = "triangle"
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+
+[postprocess]
+kind = "classification"
+activation = "softmax"
+top_k = 5
+include_outputs = false
+"#,
+    )
+    .unwrap();
+    let bundle = d("mobilenet-image.ferry");
+    ferry(&[
+        "pack",
+        project.to_str().unwrap(),
+        "--key",
+        &d("k.key"),
+        "-o",
+        &bundle,
+        "--precompile",
+        std::env::consts::ARCH,
+    ]);
+    let session = Session::load(&std::fs::read(&bundle).unwrap(), &trust).unwrap();
+    let photo = |w: u32, h: u32| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            let n = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 7;
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, (n & 0xff) as u8])
+        })
+    };
+    let encode = |img: &image::RgbImage, format: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let requests = [
+        (
+            "JPEG 224x224",
+            "image/jpeg",
+            encode(&photo(224, 224), image::ImageFormat::Jpeg),
+        ),
+        (
+            "JPEG 640x480 (resized)",
+            "image/jpeg",
+            encode(&photo(640, 480), image::ImageFormat::Jpeg),
+        ),
+        (
+            "PNG 224x224",
+            "image/png",
+            encode(&photo(224, 224), image::ImageFormat::Png),
+        ),
+    ];
+    println!(
+        "\n## The image path on mobilenet_v3_small (224x224 RGB, ImageNet normalisation, top-5 classification; same run)\n"
+    );
+    println!(
+        "| request | body bytes | preprocess µs | tract µs | whole pipeline µs | pipeline − tract µs |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let (rounds, per_round) = if quick { (2, 1) } else { (30, 5) };
+    for (label, ct, body) in &requests {
+        let tensors = session.preprocess(ct, body).unwrap().tensors;
+        session.infer(ct, body).unwrap();
+        let (mut pre, mut model, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            pre.push(round(per_round, &mut || {
+                std::hint::black_box(session.preprocess(ct, body).unwrap());
+            }));
+            model.push(round(per_round, &mut || {
+                std::hint::black_box(session.run_model(&tensors).unwrap());
+            }));
+            whole.push(round(per_round, &mut || {
+                std::hint::black_box(session.infer(ct, body).unwrap());
+            }));
+        }
+        let (p, m, w) = (us(median(pre)), us(median(model)), us(median(whole)));
+        println!(
+            "| {label} | {} | {p:.0} | {m:.0} | {w:.0} | {:.0} |",
+            body.len(),
+            w - m
+        );
+    }
 }
