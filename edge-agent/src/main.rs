@@ -196,7 +196,7 @@ async fn serve(config: Config) -> Result<()> {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = interval.tick() => {
-                        if let Err(e) = a.check_updates(None, false).await {
+                        if let Err(e) = a.check_updates(None).await {
                             tracing::warn!(error = %format!("{e:#}"), "Update check failed");
                         }
                     }

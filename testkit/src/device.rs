@@ -33,6 +33,9 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     pub probation_s: u64,
     pub window_predictions: u64,
+    /// `paths.root`: a root of trust file (else the root is derived from
+    /// `release.pub`).
+    pub root: Option<PathBuf>,
 }
 
 impl Setup {
@@ -47,6 +50,7 @@ impl Setup {
             env: Vec::new(),
             probation_s: 300,
             window_predictions: 1000,
+            root: None,
         }
     }
 
@@ -91,6 +95,9 @@ impl Device {
             setup.fleet,
             b.path("release.pub").display()
         );
+        if let Some(root) = &setup.root {
+            toml += &format!("root = \"{}\"\n", root.display());
+        }
         if let Some(initial) = &setup.initial {
             toml += &format!("initial_bundle = \"{}\"\n", b.path(initial).display());
         }

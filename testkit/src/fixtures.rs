@@ -454,6 +454,11 @@ impl Bundles {
         sha256_hex(&self.bytes(name))
     }
 
+    /// The release id of a fixture bundle: SHA-256 of its signed manifest.
+    pub fn release(&self, name: &str) -> String {
+        ferry_format::release_id(&ferry_format::parse_framing(&self.bytes(name)).unwrap())
+    }
+
     /// Trusts `release.pub` only.
     pub fn trust(&self) -> TrustPolicy {
         let pem = std::fs::read_to_string(self.path("release.pub")).unwrap();

@@ -139,6 +139,13 @@ fn is_inside_channel(url: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// `scheme://authority` of a URL, lowercased.
+fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    format!("{}://{}", scheme, &rest[..end]).to_ascii_lowercase()
+}
+
 fn is_http(s: &str) -> bool {
     let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
     lower.starts_with("http://") || lower.starts_with("https://")
@@ -238,6 +245,13 @@ impl Fetcher {
     /// `latest.url` comes back resolved: an absolute URL or path that
     /// [`Fetcher::download`] takes as is.
     pub fn fetch_index(&self, source: &Source) -> Result<ChannelIndex, UpdateError> {
+        let bytes = self.fetch_index_bytes(source)?;
+        parse_index(source, &bytes)
+    }
+
+    /// The index file's bytes (at most [`MAX_INDEX_BYTES`]), not parsed:
+    /// signed channel metadata is opened before [`parse_index`] reads it.
+    pub fn fetch_index_bytes(&self, source: &Source) -> Result<Vec<u8>, UpdateError> {
         let location = source.index_location();
         let bytes = match source {
             Source::Http(url) => self.get_small(url, MAX_INDEX_BYTES)?,
@@ -251,51 +265,115 @@ impl Fetcher {
                 bytes
             }
         };
-        let bad = |reason: String| UpdateError::BadIndex {
-            location: location.clone(),
-            reason,
-        };
         if bytes.len() as u64 > MAX_INDEX_BYTES {
-            return Err(bad(format!("larger than {MAX_INDEX_BYTES} bytes")));
+            return Err(UpdateError::BadIndex {
+                location,
+                reason: format!("larger than {MAX_INDEX_BYTES} bytes"),
+            });
         }
-        // The schema first, so a future index says "schema 2" rather than
-        // failing on a field it renamed.
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        match value.get("schema").and_then(|s| s.as_u64()) {
-            Some(s) if s == u64::from(SCHEMA_VERSION) => {}
-            Some(s) => {
-                return Err(bad(format!(
-                    "schema {s}; this agent reads {SCHEMA_VERSION}"
-                )));
-            }
-            None => return Err(bad("no numeric `schema` field".into())),
-        }
-        let mut index: ChannelIndex =
-            serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        check_digest(&index.latest.digest).map_err(|e| bad(e.to_string()))?;
-        if index.latest.url.trim().is_empty() {
-            return Err(bad("`latest.url` is empty".into()));
-        }
-        if let Source::Dir(_) = source
-            && !is_inside_channel(&index.latest.url)
-        {
-            return Err(bad(format!(
-                "`latest.url` {:?} is not a file in the channel directory (a relative path \
-                 without `..`; what `ferry publish` writes)",
-                index.latest.url
-            )));
-        }
-        index.latest.url = source.resolve(&index.latest.url);
-        debug!(
-            index = %location,
-            version = %index.latest.version,
-            sequence = index.latest.sequence,
-            "Fetched channel index"
-        );
-        Ok(index)
+        Ok(bytes)
     }
 
+    /// A small file beside the index (`root/2.json`), at most `limit` bytes;
+    /// `None` when the channel does not have it (HTTP 404, no such file).
+    pub fn fetch_beside(
+        &self,
+        source: &Source,
+        relative: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, UpdateError> {
+        let bytes = match source {
+            Source::Http(index) => {
+                let url = resolve_url(index, relative);
+                match self.get_small(&url, limit) {
+                    Ok(b) => b,
+                    Err(UpdateError::HttpStatus { status: 404, .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+            Source::Dir(dir) => {
+                let path = dir.join(relative);
+                match File::open(&path) {
+                    Ok(file) => {
+                        let mut bytes = Vec::new();
+                        file.take(limit + 1)
+                            .read_to_end(&mut bytes)
+                            .map_err(|e| UpdateError::io("read", &path, e))?;
+                        bytes
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(UpdateError::io("open", &path, e)),
+                }
+            }
+        };
+        if bytes.len() as u64 > limit {
+            return Err(UpdateError::BadIndex {
+                location: relative.to_string(),
+                reason: format!("larger than {limit} bytes"),
+            });
+        }
+        Ok(Some(bytes))
+    }
+}
+
+/// Parses and checks an index's JSON (the payload of signed channel
+/// metadata, or a plain index): schema, digest, and where `latest.url` may
+/// point (inside a directory channel; on an HTTP channel, the index's own
+/// origin: a channel never sends the device to another host). The URL comes
+/// back resolved against the index's location.
+pub fn parse_index(source: &Source, bytes: &[u8]) -> Result<ChannelIndex, UpdateError> {
+    let location = source.index_location();
+    let bad = |reason: String| UpdateError::BadIndex {
+        location: location.clone(),
+        reason,
+    };
+    // The schema first, so a future index says "schema 2" rather than
+    // failing on a field it renamed.
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    match value.get("schema").and_then(|s| s.as_u64()) {
+        Some(s) if s == u64::from(SCHEMA_VERSION) => {}
+        Some(s) => {
+            return Err(bad(format!(
+                "schema {s}; this agent reads {SCHEMA_VERSION}"
+            )));
+        }
+        None => return Err(bad("no numeric `schema` field".into())),
+    }
+    let mut index: ChannelIndex = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    check_digest(&index.latest.digest).map_err(|e| bad(e.to_string()))?;
+    if index.latest.url.trim().is_empty() {
+        return Err(bad("`latest.url` is empty".into()));
+    }
+    if let Source::Dir(_) = source
+        && !is_inside_channel(&index.latest.url)
+    {
+        return Err(bad(format!(
+            "`latest.url` {:?} is not a file in the channel directory (a relative path \
+                 without `..`; what `ferry publish` writes)",
+            index.latest.url
+        )));
+    }
+    let resolved = source.resolve(&index.latest.url);
+    if let Source::Http(url) = source
+        && origin(&resolved) != origin(url)
+    {
+        return Err(bad(format!(
+            "`latest.url` {resolved:?} is not on the channel's origin {:?}",
+            origin(url)
+        )));
+    }
+    index.latest.url = resolved;
+    debug!(
+        index = %location,
+        version = %index.latest.version,
+        sequence = index.latest.sequence,
+        "Fetched channel index"
+    );
+    Ok(index)
+}
+
+impl Fetcher {
     fn get_small(&self, url: &str, limit: u64) -> Result<Vec<u8>, UpdateError> {
         let net = |e: &dyn std::fmt::Display| UpdateError::Network {
             url: url.to_string(),
