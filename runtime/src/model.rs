@@ -12,7 +12,9 @@
 //! inputs carry the symbolic batch dimension keeps several plans made from the
 //! same analysed graph:
 //! - a plan for batch 1, made at load: the common request, and the only plan
-//!   a model with symbolic inputs pays for before its first prediction;
+//!   a model with symbolic inputs pays for before its first prediction (if
+//!   tract cannot make it, the symbolic plan is made at load instead and
+//!   serves batch 1 too, as before these plans existed);
 //! - the symbolic plan, made on the first call whose batch has no plan of its
 //!   own, and kept: it serves every batch size;
 //! - plans for batch sizes that recur: a size seen [`SPECIALISE_AFTER`] times
@@ -246,15 +248,26 @@ impl Model {
             .map_err(|e| ModelError::Load(format!("{e:#}")))?;
         let symbolic = inputs.iter().any(|s| s.shape.iter().any(Option::is_none));
         let source = Source { model, input_types };
-        let first = source
-            .plan(&inputs, if symbolic { Some(1) } else { None })
-            .map_err(ModelError::Load)?;
+        let symbolic_plan = OnceLock::new();
+        let first = match source.plan(&inputs, symbolic.then_some(1)) {
+            Ok(plan) => plan,
+            // A graph tract can optimise with the batch symbolic but not at
+            // batch 1: the symbolic plan serves batch 1 too, as before.
+            Err(e) if symbolic => {
+                let plan = source
+                    .plan(&inputs, None)
+                    .map_err(|_| ModelError::Load(e))?;
+                let _ = symbolic_plan.set(Ok(plan.clone()));
+                plan
+            }
+            Err(e) => return Err(ModelError::Load(e)),
+        };
         let max_plans =
             MAX_SPECIALISED_PLANS.min(SPECIALISED_PLANS_BUDGET / onnx_bytes.len().max(1));
         Ok(Model {
             source: symbolic.then_some(source),
             first,
-            symbolic: OnceLock::new(),
+            symbolic: symbolic_plan,
             cache: Mutex::new(PlanCache::default()),
             max_plans,
             inputs,
