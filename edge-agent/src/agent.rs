@@ -82,6 +82,8 @@ pub struct Agent {
     pub identity: Identity,
     roots: crate::trust::Roots,
     freshness: updates::Freshness,
+    /// Set once by [`Agent::begin_shutdown`]: downloads stay cancelled.
+    shutting_down: std::sync::atomic::AtomicBool,
     /// The last metadata refusal reported (an event per new one).
     metadata_refusal: Mutex<std::collections::BTreeMap<&'static str, (String, String)>>,
     limits: ReadLimits,
@@ -108,6 +110,13 @@ pub struct Agent {
     recent_commands: Mutex<std::collections::VecDeque<String>>,
     /// Signed commands already obeyed, persisted (see `replay.rs`).
     replay: crate::replay::ReplayGuard,
+}
+
+/// A command that passed [`Agent::admit`].
+#[derive(Debug)]
+pub struct Admitted {
+    pub id: String,
+    pub action: Action,
 }
 
 /// An install an operator-signed command asked for.
@@ -170,8 +179,8 @@ impl Agent {
                 "Record of signed commands damaged: moved aside; signed commands issued before now are refused"
             );
         }
-        let fetcher = Fetcher::new(config.updates.ca_file.as_deref())
-            .context("cannot set up the update client")?;
+        let fetcher =
+            Fetcher::from_config(&config.updates).context("cannot set up the update client")?;
         let source = match config.updates.source.trim() {
             "" => None,
             s => Some(Source::parse(s).context("invalid updates.source")?),
@@ -186,6 +195,7 @@ impl Agent {
             identity,
             roots,
             freshness: updates::Freshness::open(&state_dir_for_freshness),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             metadata_refusal: Mutex::new(Default::default()),
             active: ArcSwapOption::empty(),
             store,
@@ -810,6 +820,16 @@ impl Agent {
         }
     }
 
+    /// Stops downloads in progress (at their next chunk) and any that would
+    /// start: SIGTERM ends the process in seconds, not after a transfer.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.fetcher
+            .cancel_flag()
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Goes back to the previous bundle. Blocking.
     pub fn rollback_blocking(&self, reason: &str, automatic: bool) -> Result<BundleRef> {
         let from = self.active_bundle();
@@ -925,6 +945,10 @@ impl Agent {
             received: 0,
             total: size.unwrap_or(0),
         });
+        updates::check_digest(&digest).map_err(|e| anyhow!("{e}"))?;
+        if let Err(e) = self.store.clear_staging_except(&digest) {
+            tracing::warn!(error = %e, "Cannot clean staging");
+        }
         let staging = self.store.staging_dir();
         let mut last = Instant::now();
         let staged = self
@@ -971,9 +995,7 @@ impl Agent {
                         "wrong_fleet" | "wrong_channel" | "load_failed" | "golden_failed"
                     );
                     let release = if judged {
-                        ferry_format::parse_framing(&bytes)
-                            .map(|f| ferry_format::release_id(&f))
-                            .unwrap_or_default()
+                        ferry_format::release_id_of(&bytes).unwrap_or_default()
                     } else {
                         String::new()
                     };
@@ -1021,8 +1043,31 @@ impl Agent {
         Ok(Some(bundle))
     }
 
-    /// Acts on a command from the fleet.
+    /// Acts on a command from the fleet: [`Agent::admit`], then
+    /// [`Agent::execute`].
     pub async fn handle_command(self: &Arc<Self>, command: Command) {
+        if let Some(admitted) = self.admit(command) {
+            self.execute(admitted).await;
+        }
+    }
+
+    fn reject_command(&self, id: &str, reason: String) {
+        tracing::warn!(command = %id, %reason, "Command rejected");
+        self.metrics.commands_rejected.inc();
+        append_event(
+            &self.buffer,
+            Event::CommandRejected {
+                command_id: id.to_string(),
+                reason,
+            },
+        );
+    }
+
+    /// Checks a command in the order commands arrive (schema, signatures,
+    /// replay record, URL shape), quickly and without waiting for the update
+    /// worker. A rollback admitted here stops a download in progress at its
+    /// next chunk, so it never waits behind a stalled transfer.
+    pub fn admit(&self, command: Command) -> Option<Admitted> {
         let id = command.id.clone();
         let signatures = command.all_signatures();
         // Unsigned commands are de-duplicated in a ring of their own: they
@@ -1033,7 +1078,7 @@ impl Agent {
             let mut recent = self.recent_commands.lock().unwrap();
             if recent.contains(&id) {
                 tracing::debug!(command = %id, "Duplicate command ignored");
-                return;
+                return None;
             }
             if recent.len() == RECENT_COMMANDS {
                 recent.pop_front();
@@ -1041,15 +1086,8 @@ impl Agent {
             recent.push_back(id.clone());
         }
         let reject = |reason: String| {
-            tracing::warn!(command = %id, %reason, "Command rejected");
-            self.metrics.commands_rejected.inc();
-            append_event(
-                &self.buffer,
-                Event::CommandRejected {
-                    command_id: id.clone(),
-                    reason,
-                },
-            );
+            self.reject_command(&id, reason);
+            None
         };
         if command.schema != SCHEMA_VERSION {
             return reject(format!(
@@ -1059,7 +1097,7 @@ impl Agent {
         }
         let signed = !signatures.is_empty();
         if signed {
-            if let Err(e) = self.check_signatures(&command) {
+            if let Err(e) = self.verify_command(&command) {
                 return reject(e);
             }
             // Recorded only now that the signatures verified: a forged
@@ -1082,7 +1120,24 @@ impl Agent {
             }
         }
         tracing::info!(command = %id, action = ?command.action, signed, "Command");
-        match command.action {
+        if matches!(command.action, Action::Rollback { .. }) {
+            self.fetcher
+                .cancel_flag()
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Some(Admitted {
+            id,
+            action: command.action,
+        })
+    }
+
+    /// Carries out an admitted command. Updates, rollbacks and shadow
+    /// downloads take the update lock (one at a time); the main loop runs
+    /// each in its own task so the next command is admitted meanwhile.
+    pub async fn execute(self: &Arc<Self>, admitted: Admitted) {
+        let Admitted { id, action } = admitted;
+        let reject = |reason: String| self.reject_command(&id, reason);
+        match action {
             Action::CheckUpdate => {
                 if let Err(e) = self.check_updates(None).await {
                     tracing::warn!(error = %format!("{e:#}"), "Update check failed");
@@ -1099,7 +1154,13 @@ impl Agent {
                 }
             }
             Action::Rollback { reason, from } => {
+                // `admit` set the cancel flag: a download in progress stopped
+                // at its next chunk (kept for resuming).
+                let cancel = self.fetcher.cancel_flag();
                 let _guard = self.update_lock.lock().await;
+                if !self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+                    cancel.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
                 // A rollback names the release it leaves: captured and
                 // replayed later, it must not undo a newer release.
                 let Some(from) = from else {
@@ -1156,7 +1217,7 @@ impl Agent {
 
     /// Checks a command's signatures against the root's operator role (its
     /// threshold of distinct keys), for this device or for the whole fleet.
-    fn check_signatures(&self, command: &Command) -> Result<(), String> {
+    fn verify_command(&self, command: &Command) -> Result<(), String> {
         // Age, clock skew and replays are the replay record's to judge,
         // after the signatures verified.
         let mut decoded = Vec::new();
@@ -1192,8 +1253,13 @@ impl Agent {
         let Some(active) = self.active() else {
             return Err(anyhow!("no active bundle to compare with"));
         };
+        // One download at a time (staging holds one bundle; a rollback
+        // pre-empts this one too).
+        let _one_at_a_time = self.update_lock.lock().await;
         let this = self.clone();
         let (bundle, session) = tokio::task::spawn_blocking(move || -> Result<_> {
+            crate::updates::check_digest(&digest)?;
+            this.store.clear_staging_except(&digest)?;
             let staging = this.store.staging_dir();
             let staged = this.fetcher.download(
                 &url,

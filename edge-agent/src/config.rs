@@ -130,6 +130,9 @@ pub struct UpdatesConfig {
     pub max_boot_attempts: u32,
     /// Signed commands older than this are refused (replay protection).
     pub max_command_age_s: u64,
+    /// Longest one download attempt may take, whatever its rate (a resumed
+    /// attempt starts a new one).
+    pub max_download_s: u64,
     /// Accept a plain `http://` channel (a lab without TLS). Off by default:
     /// on plain HTTP anyone on the path can hold back or replay the index.
     pub allow_http: bool,
@@ -147,6 +150,7 @@ impl Default for UpdatesConfig {
             min_requests: 20,
             max_boot_attempts: 3,
             max_command_age_s: 24 * 3600,
+            max_download_s: 3600,
             allow_http: false,
         }
     }
@@ -369,6 +373,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.updates.max_error_rate) {
             bail!("updates.max_error_rate must be within 0..=1");
+        }
+        if self.updates.max_download_s == 0 {
+            bail!("updates.max_download_s must be at least 1");
         }
         if self.http.max_body_bytes == 0 || self.http.max_concurrency == 0 {
             bail!("http.max_body_bytes and http.max_concurrency must be positive");

@@ -970,3 +970,104 @@ async fn a_root_of_trust_requires_a_builder_and_an_approver_and_two_operators() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_preempts_a_stalled_download_staging_holds_one_bundle_and_sigterm_is_prompt() {
+    // Issue 10, item 5: with a server trickling bytes, the single update
+    // worker held on: a signed rollback sent meanwhile had not started after
+    // 193 s, abandoned partial downloads piled up in staging, and SIGTERM
+    // waited 60 s.
+    let device = "mq-stall";
+    let Commanded {
+        broker: _broker,
+        sub: _sub,
+        admin,
+        channel_dir,
+        server,
+        device: d,
+        cmd_topic,
+    } = commanded(device).await;
+    let d = install_v2(&admin, &cmd_topic, &server, "s-install", d).await;
+    let staging = d.dir.path().join("state/staging");
+    let send = |c: Command| {
+        let admin = &admin;
+        let topic = cmd_topic.clone();
+        async move {
+            admin
+                .publish(&topic, serde_json::to_vec(&sign(c, device)).unwrap())
+                .await
+        }
+    };
+    let install = |id: &str, fixture: &str| {
+        bundles().copy_to(fixture, channel_dir.path());
+        command(
+            id,
+            Action::Install {
+                url: server.url(fixture),
+                digest: bundles().digest(fixture),
+            },
+        )
+    };
+    // One byte every 0.5 s: the minimum rate would end it only after 30 s.
+    server.trickle(Some(Duration::from_millis(500)));
+    send(install("s-slow-1", fixtures::BAD_RELEASE)).await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "downloading", |s| {
+            s["update"]["state"] == "downloading"
+        });
+        d
+    })
+    .await;
+    send(command(
+        "s-rb",
+        Action::Rollback {
+            reason: Some("pre-empts the download".into()),
+            from: Some(bundles().release(fixtures::V2)),
+        },
+    ))
+    .await;
+    let d = blocking(move || {
+        // Well before the 30 s the stalled download alone would hold it.
+        d.wait_status(
+            Duration::from_secs(15),
+            "rolled back during a download",
+            |s| s["bundle"]["sequence"] == 1,
+        );
+        d
+    })
+    .await;
+    // A second download, from a server gone silent (a byte every two
+    // minutes): the first one's partial file is gone.
+    server.trickle(Some(Duration::from_secs(120)));
+    send(install("s-slow-2", fixtures::GOLDEN_FAILS)).await;
+    let mut d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "downloading again", |s| {
+            s["update"]["state"] == "downloading"
+        });
+        d
+    })
+    .await;
+    let names: Vec<String> = std::fs::read_dir(&staging)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let golden = bundles().digest(fixtures::GOLDEN_FAILS);
+    assert!(
+        names.iter().all(|n| n.starts_with(&golden)),
+        "staging holds only the current download: {names:?}"
+    );
+    // SIGTERM in the middle of it (the download blocked in a read): the
+    // process ends promptly, cleanly.
+    let started = std::time::Instant::now();
+    let status = blocking(move || {
+        let s = d.terminate();
+        (s, d)
+    })
+    .await;
+    assert!(status.0.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
+}

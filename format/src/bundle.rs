@@ -600,6 +600,12 @@ pub fn release_id(framing: &Framing<'_>) -> String {
     sha256_hex(framing.manifest_bytes)
 }
 
+/// The release id (see [`release_id`]) of a bundle file's bytes, read from
+/// its framing without checking signatures.
+pub fn release_id_of(bytes: &[u8]) -> Result<String, BundleError> {
+    parse_framing(bytes).map(|f| release_id(&f))
+}
+
 /// Adds signatures to a framed bundle without touching its manifest or
 /// payload (an approver countersigning what a builder packed). A key that
 /// already signed is not added twice; existing signatures are kept as they

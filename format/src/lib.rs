@@ -42,7 +42,8 @@ pub use bundle::{
     ReadLimits, Release, SIGNATURE_ENTRY_LEN, SIGNING_CONTEXT, TensorSpec, VerifiedBundle,
     add_signatures, check_signatures, compress, extract_artifact, frame, from_cbor,
     inspect_unverified, lineage_training, manifest_unverified, parse_framing, parse_manifest,
-    release_id, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only, write_bundle,
+    release_id, release_id_of, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only,
+    write_bundle,
 };
 pub use envelope::{Envelope, EnvelopeSignature, MAX_ENVELOPE_BYTES, MAX_ENVELOPE_SIGNATURES};
 pub use error::{BundleError, KeyError, MetadataError};

@@ -318,6 +318,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
         let summary = json!({
             "ok": true,
             "digest": b.digest(),
+            "release_id": b.release_id(),
             "name": m.name,
             "version": m.version,
             "fleet": m.release.fleet,
@@ -341,6 +342,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
                 .join(", ")
         );
         println!("digest sha256:{}", b.digest());
+        println!("release id sha256:{}", b.release_id());
     }
     Ok(())
 }
@@ -360,10 +362,12 @@ fn inspect(a: InspectArgs) -> Result<()> {
         Some(verify_bytes(&a.bundle, &bytes, &trust)?)
     };
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    let release_id = ferry_format::release_id_of(&bytes).map_err(|e| rejected(&a.bundle, e))?;
     output::print_inspect(
         &manifest,
         &key_ids,
         &digest,
+        &release_id,
         bytes.len(),
         verified.is_some(),
         a.json,

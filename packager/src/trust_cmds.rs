@@ -11,7 +11,7 @@ use base64::Engine as _;
 use clap::{Args, Subcommand};
 use ferry_format::{
     Envelope, ROOT_PAYLOAD_TYPE, ROOT_SCHEMA, RoleSpec, Root, RootDocument, add_signatures,
-    parse_document, parse_framing, release_id, roles,
+    parse_document, release_id_of, roles,
 };
 use ferry_protocol::{Action, Command, OperatorSignature, SCHEMA_VERSION};
 
@@ -266,7 +266,7 @@ pub fn approve(a: ApproveArgs) -> Result<()> {
             anyhow::anyhow!("{}: {e}", a.bundle.display()),
         )
     })?;
-    let release = release_id(&parse_framing(&signed).expect("just framed"));
+    let release = release_id_of(&signed).expect("just framed");
     let out = a.out.as_ref().unwrap_or(&a.bundle);
     write(out, &signed)?;
     println!(
@@ -297,12 +297,10 @@ pub fn command(a: CommandArgs) -> Result<()> {
                 .clone()
                 .context("rollback needs --from (the release it leaves)")?;
             let from = if Path::new(&from).is_file() {
-                release_id(
-                    &parse_framing(&read(Path::new(&from))?)
-                        .map_err(|e| anyhow::anyhow!("{from}: {e}"))?,
-                )
+                release_id_of(&read(Path::new(&from))?)
+                    .map_err(|e| anyhow::anyhow!("{from}: {e}"))?
             } else {
-                from
+                from.trim_start_matches("sha256:").to_string()
             };
             Action::Rollback {
                 reason: a.reason.clone(),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ferry_format::{ReadLimits, inspect_unverified, parse_framing, release_id};
+use ferry_format::{ReadLimits, inspect_unverified, release_id_of};
 use ferry_protocol::{ChannelIndex, IndexEntry, SCHEMA_VERSION};
 
 use crate::fixtures::sha256_hex;
@@ -40,7 +40,7 @@ pub fn publish(dir: &Path, bundle: &Path) -> ChannelIndex {
             digest: sha256_hex(&bytes),
             size: bytes.len() as u64,
             url: file_name,
-            release: release_id(&parse_framing(&bytes).unwrap()),
+            release: release_id_of(&bytes).unwrap(),
         },
     };
     std::fs::write(

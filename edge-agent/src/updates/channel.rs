@@ -22,6 +22,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_protocol::{ChannelIndex, SCHEMA_VERSION};
@@ -55,6 +57,11 @@ pub const MIN_RATE_BYTES_PER_S: u64 = 1024;
 /// start or a short radio stall, short enough that an attacker holds the
 /// worker for seconds, not hours. The attempt ends resumable.
 pub const MIN_RATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Longest one download attempt may take (the default of
+/// `updates.max_download_s`): a server that keeps just above the minimum rate
+/// still cannot hold the update worker for longer.
+pub const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// Where updates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +184,11 @@ pub struct Fetcher {
     agent: ureq::Agent,
     /// Slowest accepted transfer: bytes per second over a window.
     min_rate: (u64, Duration),
+    /// Longest a single download attempt may take, whatever its rate.
+    deadline: Duration,
+    /// Set to stop a download in progress at its next chunk (a rollback
+    /// or SIGTERM pre-empts it); what arrived stays for a resumed attempt.
+    cancel: Arc<AtomicBool>,
 }
 
 impl Fetcher {
@@ -226,7 +238,20 @@ impl Fetcher {
         Ok(Fetcher {
             agent,
             min_rate: (MIN_RATE_BYTES_PER_S, MIN_RATE_WINDOW),
+            deadline: DOWNLOAD_DEADLINE,
+            cancel: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The same fetcher with another overall deadline per download attempt.
+    pub fn with_deadline(mut self, deadline: Duration) -> Fetcher {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The flag that stops downloads in progress (shared by clones).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// The same fetcher with another minimum transfer rate (tests use a
@@ -238,7 +263,8 @@ impl Fetcher {
 
     /// A fetcher configured from `[updates]`.
     pub fn from_config(config: &crate::config::UpdatesConfig) -> Result<Fetcher, UpdateError> {
-        Fetcher::new(config.ca_file.as_deref())
+        Ok(Fetcher::new(config.ca_file.as_deref())?
+            .with_deadline(Duration::from_secs(config.max_download_s)))
     }
 
     /// Reads and checks a channel's index (at most [`MAX_INDEX_BYTES`]).
@@ -624,7 +650,21 @@ impl Fetcher {
         (job.progress)(received, job.total);
         let (min_rate, window) = self.min_rate;
         let mut window_start = (std::time::Instant::now(), received);
+        let started = std::time::Instant::now();
         loop {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(UpdateError::Cancelled {
+                    url: job.url.to_string(),
+                    received,
+                });
+            }
+            if started.elapsed() > self.deadline {
+                return Err(UpdateError::Deadline {
+                    url: job.url.to_string(),
+                    received,
+                    seconds: self.deadline.as_secs(),
+                });
+            }
             let elapsed = window_start.0.elapsed();
             if elapsed >= window {
                 let got = received - window_start.1;
@@ -787,6 +827,38 @@ mod tests {
         assert_eq!(d.resolve("b.ferry"), "/mnt/ch/b.ferry");
         assert_eq!(d.resolve("/abs/b.ferry"), "/abs/b.ferry");
         assert_eq!(d.resolve("HTTP://h/b.ferry"), "HTTP://h/b.ferry");
+    }
+
+    #[test]
+    fn an_http_index_cannot_send_the_device_to_another_origin() {
+        // Issue 10, item 4: fetches go only to the channel's origin (or to
+        // URLs inside a signed command).
+        let s = Source::Http("https://h.example:8443/fleet/stable/index.json".into());
+        let index = |url: &str| {
+            format!(
+                r#"{{"schema":1,"fleet":"f","channel":"c","latest":{{"name":"n","version":"1",
+                "sequence":2,"digest":"{}","size":1,"url":"{url}"}}}}"#,
+                "a".repeat(64)
+            )
+        };
+        for ok in [
+            "b.ferry",
+            "/dl/b.ferry",
+            "https://h.example:8443/x/b.ferry",
+            "HTTPS://H.example:8443/b.ferry",
+        ] {
+            parse_index(&s, index(ok).as_bytes()).unwrap();
+        }
+        for bad in [
+            "https://evil.example/b.ferry",
+            "https://h.example/b.ferry",
+            "http://h.example:8443/b.ferry",
+            "https://127.0.0.1:22/b.ferry",
+        ] {
+            let err = parse_index(&s, index(bad).as_bytes()).unwrap_err();
+            assert_eq!(err.code(), "bad_index", "{bad}");
+            assert!(err.to_string().contains("origin"), "{err}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! (`golden_failed`): the packager ran them on the build machine, this run
 //! proves the device's runtime gives the same answers.
 
-use ferry_format::{parse_framing, release_id};
+use ferry_format::release_id_of;
 use ferry_protocol::{BundleRef, ChannelIndex};
 use ferry_runtime::{
     BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle, verify,
@@ -79,9 +79,8 @@ pub fn check_candidate(
     // is the manifest's hash, read from the framing before any signature
     // check; the same check runs again on the verified bundle below.
     if let Some(running) = running
-        && let Ok(framing) = parse_framing(bytes)
+        && let Ok(release) = release_id_of(bytes)
     {
-        let release = release_id(&framing);
         let digest = hex::encode(Sha256::digest(bytes));
         if release == running.release || digest == running.digest {
             return Err(Rejection::new(

@@ -122,7 +122,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-pub use channel::{CONNECT_TIMEOUT, Fetcher, MAX_INDEX_BYTES, READ_TIMEOUT, Source, parse_index};
+pub use channel::{
+    CONNECT_TIMEOUT, DOWNLOAD_DEADLINE, Fetcher, MAX_INDEX_BYTES, READ_TIMEOUT, Source, parse_index,
+};
 pub use check::{
     Rejection, Want, bundle_ref, check_candidate, health_check, load_session, skip_reason,
 };

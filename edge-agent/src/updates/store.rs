@@ -580,6 +580,29 @@ impl BundleStore {
     /// except those of `keep_staged` digests (a download or candidate in
     /// flight: the caller knows which) and partial downloads younger than
     /// [`PART_KEEP`]. Runs after any activation in progress, never during.
+    /// Removes everything in staging but the files of `digest` (its
+    /// partial download, to resume): called before a download starts, so
+    /// staging never holds more than one bundle (at most `max_bundle_bytes`),
+    /// whatever was abandoned before.
+    pub fn clear_staging_except(&self, digest: &str) -> Result<GcReport, UpdateError> {
+        let _op = self.begin();
+        let mut report = GcReport::default();
+        for entry in read_dir(&self.staging_dir())? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.split('.').next() != Some(digest) {
+                remove_counted(&entry.path(), &mut report)?;
+            }
+        }
+        if !report.removed.is_empty() {
+            info!(
+                files = report.removed.len(),
+                bytes = report.freed_bytes,
+                "Removed abandoned downloads from staging"
+            );
+        }
+        Ok(report)
+    }
+
     pub fn gc(&self, keep_staged: &[&str]) -> Result<GcReport, UpdateError> {
         let _op = self.begin();
         let current = self.lock().clone();
