@@ -264,8 +264,8 @@ fn a_model_with_a_fixed_batch_has_one_plan() {
 }
 
 #[test]
-fn inputs_that_disagree_on_the_batch_still_get_the_symbolic_error() {
-    // A batch of 0 has no plan of its own; the symbolic plan answers.
+fn a_batch_of_zero_takes_the_symbolic_plan() {
+    // A batch of 0 has no plan of its own: the symbolic plan answers it.
     let model = Model::load(&fixture("mlp.onnx")).unwrap();
     let out = model
         .run(&[Tensor::from_f32("input", vec![0, 4], &[])])
