@@ -96,6 +96,84 @@ fn bad_requests_get_clear_4xx_and_nothing_breaks() {
 }
 
 #[test]
+fn binary_tensors_are_served_and_malformed_ones_get_400() {
+    use ferry_testkit::tensors::{iris_tensor, npy, npy_f32, tensor_set_f32};
+    // The iris model packed alone (a tensor pipeline), for the test fleet.
+    let f = bundles();
+    let raw = f.scratch("binary/raw-demo.ferry");
+    std::fs::create_dir_all(std::path::Path::new(&raw).parent().unwrap()).unwrap();
+    let o = ferry_testkit::cli::ferry(&[
+        "pack",
+        "--model",
+        &fixtures::example("iris/model.onnx"),
+        "--key",
+        &f.key(),
+        "-o",
+        &raw,
+        "--fleet",
+        fixtures::FLEET,
+        "--channel",
+        fixtures::CHANNEL,
+    ]);
+    ferry_testkit::cli::assert_exit(&o, 0);
+    let mut setup = Setup::new("http-binary");
+    // An absolute path: `Bundles::path` joins it as it is.
+    setup.initial = Some(raw);
+    let d = Device::start(setup);
+    let request =
+        fixtures::read_json(&fixtures::examples().join("iris/golden/tensor_request.json"));
+    let (status, want) = d.predict_json(&request);
+    assert_eq!(status, 200, "{want}");
+    let (shape, values) = iris_tensor();
+    for (ct, body) in [
+        ("application/x-npy", npy_f32(&shape, &values)),
+        (
+            "application/x-ferry-tensors",
+            tensor_set_f32("float_input", &shape, &values),
+        ),
+    ] {
+        let (status, got) = d.post(Some(ct), &body);
+        assert_eq!((status, &got), (200, &want), "{ct}");
+    }
+    let good = npy_f32(&shape, &values);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "application/x-npy",
+            good[..good.len() - 1].to_vec(),
+            "holds 31 bytes",
+        ),
+        ("application/x-npy", good[..12].to_vec(), "truncated header"),
+        ("application/x-npy", npy("<f8", &shape, &[0; 64]), "astype"),
+        (
+            "application/x-npy",
+            b"{\"inputs\": {}}".to_vec(),
+            "not a .npy array",
+        ),
+        (
+            "application/x-ferry-tensors",
+            b"FTS1\xff\xff\xff\xff".to_vec(),
+            "not a valid",
+        ),
+        ("application/x-ferry-tensors", good.clone(), "not a valid"),
+    ];
+    for (ct, body, needle) in cases {
+        let (status, r) = d.post(Some(ct), &body);
+        assert_eq!(status, 400, "{ct} {needle}: {r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains(needle),
+            "{needle}: {r}"
+        );
+        assert_eq!(r["code"], "bad_input", "{r}");
+    }
+    // Still serving binary and JSON requests alike.
+    assert_eq!(
+        d.post(Some("application/x-npy"), &good),
+        (200, want.clone())
+    );
+    assert_eq!(d.predict_json(&request), (200, want));
+}
+
+#[test]
 fn concurrent_requests_are_all_answered_correctly() {
     let d = Device::start(Setup::new("http-3"));
     let rows = iris_rows("iris_test.csv");

@@ -671,6 +671,22 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
 }
 
 /// Waits until the status's update state is `rejected` with `code`.
+/// Waits (up to 30 s) until the agent's metrics hold `line`.
+fn wait_metric(d: &Device, line: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = d.metrics();
+        if metrics.contains(line) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `{line}` in the metrics after 30 s:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_refusal(d: Device, code: &'static str) -> Device {
     d.wait_status(Duration::from_secs(30), code, |s| {
         s["update"]["state"] == "rejected" && s["update"]["code"] == code
@@ -760,6 +776,13 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
         d.wait_status(Duration::from_secs(30), "rolled back to v1", |s| {
             s["bundle"]["sequence"] == 1
         });
+        // The original v2, still on the channel, is refused first (waited
+        // for: with a guest that compiles fast the rollback is over before
+        // the next poll, and the re-signed copy must not race it).
+        wait_metric(
+            &d,
+            "ferry_updates_rejected_total{code=\"rejected_before\"} 1",
+        );
         d
     })
     .await;
@@ -777,7 +800,10 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     std::fs::write(&path, &resigned).unwrap();
     ferry_testkit::channel::publish(channel.path(), &path);
     let d = blocking(move || {
-        let d = wait_refusal(d, "rejected_before");
+        wait_metric(
+            &d,
+            "ferry_updates_rejected_total{code=\"rejected_before\"} 2",
+        );
         std::thread::sleep(Duration::from_secs(2));
         assert_eq!(d.model().1, 1, "the re-signed release came back");
         let metrics = d.metrics();

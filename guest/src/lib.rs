@@ -13,6 +13,7 @@
 //!   a `[preprocess]`/`[postprocess]` table into a typed configuration with precise errors.
 //! - `json`: a borrowed JSON tree for requests, and the names of JSON types in messages.
 //! - `tensor`: `kind = "tensor"` preprocessing (named tensors in JSON, passed through).
+//! - `binary`: the binary forms of a tensor request (`.npy`, the ABI's tensor set).
 //! - `tabular`: `kind = "tabular"` preprocessing (records to a standardised, one-hot matrix).
 //! - `image`: `kind = "image"` preprocessing (PNG/JPEG to a normalised image tensor).
 //! - `post`: every postprocessing kind (tensor JSON, classification, regression).
@@ -26,6 +27,7 @@
 //!   [`Error::BadInput`] naming the field and the problem.
 //! - Nothing here reads files, the clock, the environment or randomness.
 
+mod binary;
 mod config;
 mod error;
 mod guest;

@@ -12,6 +12,7 @@ use ferry_guest_abi::{DType, FeatureKind, Features, MAX_FEATURES, Tensor, Tensor
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use crate::binary;
 use crate::config::{Model, ModelIo, Section};
 use crate::error::{Error, bad};
 use crate::json::{Listed, Node, Quoted, Str, drain_map, drain_seq, media_type};
@@ -59,11 +60,18 @@ impl TensorPre {
     /// The request's tensors, in model input order.
     pub(crate) fn tensors(&self, content_type: &str, body: &[u8]) -> Result<Vec<Tensor>, Error> {
         let media = media_type(content_type);
-        if !(media.is_empty() || media == "application/json") {
-            return Err(bad(format!(
-                "unsupported content type {} (kind \"tensor\" takes application/json)",
-                Quoted(content_type)
-            )));
+        match media.as_str() {
+            "" | "application/json" => {}
+            binary::NPY => return binary::from_npy(&self.inputs, body),
+            binary::TENSOR_SET => return binary::from_tensor_set(&self.inputs, body),
+            _ => {
+                return Err(bad(format!(
+                    "unsupported content type {} (kind \"tensor\" takes application/json, {} or {})",
+                    Quoted(content_type),
+                    binary::NPY,
+                    binary::TENSOR_SET
+                )));
+            }
         }
         // Every JSON number takes at least two bytes with its separator: a bound on how many
         // elements the body can hold, so a declared shape never makes us over-allocate.
@@ -365,27 +373,7 @@ impl InputSeed<'_> {
 
     /// Checks a parsed shape against the model's; returns the element count.
     fn check_shape(&self, shape: &[u64]) -> Result<usize, Error> {
-        let io = self.io;
-        let name = Quoted(&io.name);
-        if shape.len() != io.shape.len() {
-            return Err(bad(format!(
-                "input {name}: shape {shape:?} has rank {}, the model expects rank {} ({})",
-                shape.len(),
-                io.shape.len(),
-                io.shape_display()
-            )));
-        }
-        if let Some(d) = (0..shape.len()).find(|&d| io.shape[d].is_some_and(|m| m != shape[d])) {
-            return Err(bad(format!(
-                "input {name}: shape {shape:?} does not match the model's {} (dimension {d} must be {})",
-                io.shape_display(),
-                io.shape[d].unwrap_or_default()
-            )));
-        }
-        shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
-            .ok_or_else(|| bad(format!("input {name}: shape {shape:?} is too large")))
+        binary::check_shape(self.io, shape)
     }
 }
 
@@ -819,7 +807,7 @@ mod tests {
         let e = p.run("text/csv", b"1,2,3,4").unwrap_err();
         assert_eq!(
             e.message(),
-            r#"unsupported content type "text/csv" (kind "tensor" takes application/json)"#
+            r#"unsupported content type "text/csv" (kind "tensor" takes application/json, application/x-npy or application/x-ferry-tensors)"#
         );
     }
 

@@ -5,8 +5,8 @@
 //!   the response JSON. A bad request is a function error
 //!   (`errorType` `Ferry.bad_input`) naming what is wrong.
 //! - **API Gateway HTTP API (payload 2.0) and function URLs**, and **API
-//!   Gateway REST (1.0)**: the body (JSON, or an image, base64-encoded by
-//!   Lambda) with its `content-type`; the result is an HTTP response: 200 with
+//!   Gateway REST (1.0)**: the body (JSON, or an image or a binary tensor
+//!   such as `.npy`, base64-encoded by Lambda) with its `content-type`; the result is an HTTP response: 200 with
 //!   the response JSON, 400 with `{"error": ...}` for a bad request, 413 for a
 //!   body over the limit, 500 for a failure of the function itself.
 

@@ -377,6 +377,12 @@ fn a_packaged_function_finds_its_bundle_and_keys_next_to_bootstrap() {
     ];
     let o = lambda_package(&[&[b.file("iris.ferry").as_str()][..], &args[..]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The fixture is portable: its guest would be compiled at every cold start.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("no guest precompiled for") && stderr.contains("--precompile"),
+        "{stderr}"
+    );
     let bytes = std::fs::read(&zip_path).unwrap();
     // Deterministic: the same inputs give the same zip.
     let again = dir.path().join("again.zip");
@@ -487,4 +493,91 @@ fn lambda_package_refuses_the_wrong_architecture_and_unverified_bundles() {
     ]);
     assert_eq!(o.status.code(), Some(3));
     assert!(!out.exists());
+}
+
+#[test]
+fn binary_tensors_arrive_base64_and_malformed_ones_are_400s() {
+    use ferry_testkit::tensors::{iris_tensor, npy, npy_f32, tensor_set_f32};
+    let api = RuntimeApi::start();
+    let b = bundles();
+    let _f = start(
+        &api,
+        &[
+            ("FERRY_BUNDLE", &b.file("raw.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
+        ],
+    );
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let json = std::fs::read_to_string(examples().join("iris/golden/tensor_request.json")).unwrap();
+    let (status, want) = response_body(&api.invoke(http_v2(&json, "application/json", false)));
+    assert_eq!(status, 200, "{want}");
+    let (shape, values) = iris_tensor();
+    let good = npy_f32(&shape, &values);
+    for (ct, body) in [
+        ("application/x-npy", good.clone()),
+        (
+            "application/x-ferry-tensors",
+            tensor_set_f32("float_input", &shape, &values),
+        ),
+    ] {
+        let (status, got) = response_body(&api.invoke(http_v2(&b64(&body), ct, true)));
+        assert_eq!((status, &got), (200, &want), "{ct}");
+    }
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "application/x-npy",
+            good[..good.len() - 1].to_vec(),
+            "holds 31 bytes",
+        ),
+        ("application/x-npy", npy("<f8", &shape, &[0; 64]), "astype"),
+        ("application/x-npy", b"garbage".to_vec(), "not a .npy array"),
+        ("application/x-ferry-tensors", good.clone(), "not a valid"),
+    ];
+    for (ct, body, needle) in cases {
+        let (status, r) = response_body(&api.invoke(http_v2(&b64(&body), ct, true)));
+        assert_eq!(status, 400, "{needle}: {r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains(needle),
+            "{needle}: {r}"
+        );
+    }
+    // Still serving.
+    let (status, got) = response_body(&api.invoke(http_v2(&b64(&good), "application/x-npy", true)));
+    assert_eq!((status, got), (200, want));
+}
+
+#[test]
+fn lambda_package_is_quiet_about_a_bundle_precompiled_for_its_architecture() {
+    let b = bundles();
+    let dir = tempfile::tempdir().unwrap();
+    let (arch, machine) = if cfg!(target_arch = "aarch64") {
+        ("arm64", "aarch64")
+    } else {
+        ("x86_64", "x86_64")
+    };
+    let bundle = dir.path().join("pre.ferry");
+    let o = ferry(&[
+        "pack",
+        examples().join("iris").to_str().unwrap(),
+        "--key",
+        &b.key(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--precompile",
+        machine,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let zip = dir.path().join("f.zip");
+    let o = lambda_package(&[
+        bundle.to_str().unwrap(),
+        "--pub",
+        &b.public(),
+        "--arch",
+        arch,
+        "-o",
+        zip.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
 }

@@ -24,6 +24,7 @@ pub fn content_type_for(path: &Path) -> Option<&'static str> {
         "png" => "image/png",
         "jpg" | "jpeg" => "image/jpeg",
         "csv" => "text/csv",
+        "npy" => "application/x-npy",
         _ => return None,
     })
 }
@@ -33,6 +34,10 @@ fn sniff(body: &[u8]) -> &'static str {
         "image/png"
     } else if body.starts_with(&[0xFF, 0xD8, 0xFF]) {
         "image/jpeg"
+    } else if body.starts_with(b"\x93NUMPY") {
+        "application/x-npy"
+    } else if body.starts_with(b"FTS1") {
+        "application/x-ferry-tensors"
     } else {
         "application/json"
     }
@@ -55,7 +60,7 @@ pub fn read_request(path: &Path, content_type: Option<&str>) -> Result<Request> 
         None => content_type_for(path)
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "cannot tell the content type of {} from its extension (.json, .png, .jpg, .csv): pass --content-type",
+                    "cannot tell the content type of {} from its extension (.json, .png, .jpg, .csv, .npy): pass --content-type",
                     path.display()
                 )
             })?

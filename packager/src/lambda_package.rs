@@ -120,6 +120,25 @@ impl LambdaPackageArgs {
                 bootstrap_path.display()
             ),
         }
+        // A portable guest is compiled at every cold start (Winch: ~0.1 s for
+        // the standard guest; docs/PERFORMANCE.md): say so, and how to avoid it.
+        let key = ferry_runtime::compatibility_key(Some(arch.triple()));
+        if !bundle
+            .precompiled_guests()
+            .iter()
+            .any(|g| g.target() == key)
+        {
+            eprintln!(
+                "warning: {} has no guest precompiled for {}: every cold start compiles it (~0.1 s); \
+                 pack with --precompile {} for cold starts of ~20 ms",
+                self.bundle.display(),
+                arch.triple(),
+                match arch {
+                    Arch::X86_64 => "x86_64",
+                    Arch::Arm64 => "aarch64",
+                }
+            );
+        }
         let bundle_bytes = std::fs::read(&self.bundle)?;
         let bundle_name = format!("{}.ferry", bundle.manifest().name);
         let mut keys = Vec::new();

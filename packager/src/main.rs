@@ -10,7 +10,9 @@
 //! - `lambda_package.rs`: the deterministic Lambda deployment zip.
 //! - `publish.rs`: update channels (a directory with the bundles and index.json).
 //! - `output.rs`: human and `--json` output.
+//! - `bench.rs`: `ferry bench`, cold and warm measurements of a bundle.
 
+mod bench;
 mod inputs;
 mod keyfile;
 mod lambda_package;
@@ -112,6 +114,8 @@ enum Command {
     /// Write an operator command signed offline (JSON for `mosquitto_pub`).
     #[command(name = "command")]
     Order(trust_cmds::CommandArgs),
+    /// Measure a bundle on this machine: cold start, warm latency, throughput.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -197,7 +201,8 @@ struct RunArgs {
     #[command(flatten)]
     trust: TrustArgs,
     /// The request: a .json file (tensor, record or image form), a .png/.jpg
-    /// image, a .csv file (rows become records), or - for standard input.
+    /// image, a .csv file (rows become records), a .npy array (tensor
+    /// pipelines), or - for standard input.
     #[arg(short, long, value_name = "FILE")]
     input: PathBuf,
     /// Content type of the input, when its extension does not say it.
@@ -257,6 +262,7 @@ fn main() -> ExitCode {
         Command::Root(c) => trust_cmds::root(c),
         Command::Approve(a) => trust_cmds::approve(a),
         Command::Order(a) => trust_cmds::command(a),
+        Command::Bench(a) => a.run(),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -4,7 +4,11 @@
 //! - `drift`: `ferry drift` flags shifted features and only those.
 //! - `publish`: update channel directories for `ferry-agent`.
 //! - `mlflow`: MLflow model directories in (lineage, external weights, `ferry init`).
+//! - `bench`: `ferry bench`'s report (shape and consistency, not speed).
+//! - `binary`: binary tensor requests (`.npy`, tensor sets) through `ferry run`.
 
+mod bench;
+mod binary;
 mod drift;
 mod mlflow;
 mod pack;

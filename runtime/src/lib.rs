@@ -42,10 +42,13 @@ pub use ferry_format::{
 };
 pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value};
 pub use golden::{Mismatch, compare_json};
-pub use model::{BATCH_SYMBOL, Model, fmt_shape};
+pub use model::{
+    BATCH_SYMBOL, MAX_SPECIALISED_PLANS, Model, PlanChoice, SPECIALISE_AFTER,
+    SPECIALISED_PLANS_BUDGET, fmt_shape,
+};
 pub use sandbox::{
-    EPOCH_TICK, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, SandboxLimits, WASMTIME_VERSION,
-    compatibility_key, precompile, validate,
+    EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, ON_DEVICE_COMPILER,
+    SandboxLimits, WASMTIME_VERSION, compatibility_key, precompile, validate,
 };
 pub use session::{
     GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_kind,

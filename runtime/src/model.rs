@@ -3,10 +3,31 @@
 //! Loading: parse the ONNX protobuf, read each input's declared element type
 //! and shape (unknown or named dimensions become the symbolic batch
 //! dimension `N`), refuse operators tract does not implement with their
-//! names, then optimise once into a runnable plan. Running is `&self` and
-//! allocation-light, so one [`Model`] serves many threads.
+//! names, then optimise into a runnable plan. Running is `&self`, so one
+//! [`Model`] serves many threads.
+//!
+//! # Batch-specialised plans
+//! tract optimises a graph much better when every shape is concrete
+//! (convolutions above all: the small CNN runs 2-3x faster), so a model whose
+//! inputs carry the symbolic batch dimension keeps several plans made from the
+//! same analysed graph:
+//! - a plan for batch 1, made at load: the common request, and the only plan
+//!   a model with symbolic inputs pays for before its first prediction (if
+//!   tract cannot make it, the symbolic plan is made at load instead and
+//!   serves batch 1 too, as before these plans existed);
+//! - the symbolic plan, made on the first call whose batch has no plan of its
+//!   own, and kept: it serves every batch size;
+//! - plans for batch sizes that recur: a size seen [`SPECIALISE_AFTER`] times
+//!   gets its own plan, made on the calling thread (that call pays the
+//!   optimisation once), at most [`MAX_SPECIALISED_PLANS`] of them and fewer
+//!   for large models ([`SPECIALISED_PLANS_BUDGET`]), the least recently used
+//!   one dropped first.
+//!
+//! A model whose inputs are all fixed has one plan. Every plan computes the
+//! same function; the tests compare their outputs.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ferry_guest_abi::{DType, Tensor};
 use tract_onnx::pb::tensor_shape_proto::dimension;
@@ -22,14 +43,62 @@ use ferry_format::TensorSpec;
 /// Name of the symbolic batch dimension.
 pub const BATCH_SYMBOL: &str = "N";
 
+/// Calls with one batch size (other than 1) before it gets a plan of its
+/// own: a size seen once or twice is not worth an optimisation.
+pub const SPECIALISE_AFTER: u32 = 3;
+
+/// Batch-specialised plans kept besides the batch-1 and symbolic ones.
+pub const MAX_SPECIALISED_PLANS: usize = 4;
+
+/// What the extra specialised plans may cost, in bytes of ONNX model each
+/// (a plan holds its own packed copy of the weights): a 10 MB model gets 3
+/// plans, a 40 MB one none.
+pub const SPECIALISED_PLANS_BUDGET: usize = 32 << 20;
+
+/// Batch sizes counted while waiting for [`SPECIALISE_AFTER`]; the counts
+/// start again when a caller sends more distinct sizes than this.
+const MAX_COUNTED_SIZES: usize = 64;
+
 type Plan = Arc<TypedRunnableModel>;
+
+/// Which plan ran a call (for tests and benchmarks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanChoice {
+    /// The plan with the batch dimension symbolic, whatever the batch.
+    Symbolic,
+    /// The plan made for this batch size.
+    Batch(u64),
+}
 
 /// A loaded, optimised model.
 pub struct Model {
-    plan: Plan,
+    /// The analysed graph with the batch symbol, from which plans are made;
+    /// `None` when every input dimension is fixed (one plan, `fixed`).
+    source: Option<Source>,
+    /// The only plan of a model without symbolic inputs; the batch-1 plan
+    /// otherwise.
+    first: Plan,
+    symbolic: OnceLock<Result<Plan, String>>,
+    cache: Mutex<PlanCache>,
+    /// How many specialised plans (besides batch 1) this model may keep.
+    max_plans: usize,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     dropped_outputs: Vec<String>,
+}
+
+struct Source {
+    model: InferenceModel,
+    input_types: Vec<DatumType>,
+}
+
+#[derive(Default)]
+struct PlanCache {
+    /// Calls seen per batch size without a plan.
+    seen: HashMap<u64, u32>,
+    /// (batch, plan, last use); at most `Model::max_plans`.
+    plans: Vec<(u64, Plan, u64)>,
+    clock: u64,
 }
 
 impl std::fmt::Debug for Model {
@@ -180,26 +249,30 @@ impl Model {
         model
             .select_output_outlets(&keep)
             .map_err(|e| ModelError::Load(format!("{e:#}")))?;
-        let batch = model.sym(BATCH_SYMBOL);
-        for (i, (spec, dt)) in inputs.iter().zip(&input_types).enumerate() {
-            let dims: TVec<TDim> = spec
-                .shape
-                .iter()
-                .map(|d| {
-                    d.map(|v| TDim::from(v as i64))
-                        .unwrap_or_else(|| batch.clone().into())
-                })
-                .collect();
-            model = model
-                .with_input_fact(i, InferenceFact::dt_shape(*dt, dims))
-                .map_err(|e| ModelError::Load(format!("{e:#}")))?;
-        }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| ModelError::Load(format!("{e:#}")))?;
+        let symbolic = inputs.iter().any(|s| s.shape.iter().any(Option::is_none));
+        let source = Source { model, input_types };
+        let symbolic_plan = OnceLock::new();
+        let first = match source.plan(&inputs, symbolic.then_some(1)) {
+            Ok(plan) => plan,
+            // A graph tract can optimise with the batch symbolic but not at
+            // batch 1: the symbolic plan serves batch 1 too, as before.
+            Err(e) if symbolic => {
+                let plan = source
+                    .plan(&inputs, None)
+                    .map_err(|_| ModelError::Load(e))?;
+                let _ = symbolic_plan.set(Ok(plan.clone()));
+                plan
+            }
+            Err(e) => return Err(ModelError::Load(e)),
+        };
+        let max_plans =
+            MAX_SPECIALISED_PLANS.min(SPECIALISED_PLANS_BUDGET / onnx_bytes.len().max(1));
         Ok(Model {
-            plan,
+            source: symbolic.then_some(source),
+            first,
+            symbolic: symbolic_plan,
+            cache: Mutex::new(PlanCache::default()),
+            max_plans,
             inputs,
             outputs,
             dropped_outputs,
@@ -221,8 +294,49 @@ impl Model {
         &self.dropped_outputs
     }
 
-    /// Runs the model. `tensors` must hold every input, by name.
+    /// Runs the model. `tensors` must hold every input, by name. The plan is
+    /// chosen by the call's batch size (see the module's header).
     pub fn run(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        let values = self.values(tensors)?;
+        let plan = self.plan_for(self.batch_of(&values))?;
+        self.run_plan(&plan, values)
+    }
+
+    /// Runs the model with the plan given, making it if needed (tests and
+    /// benchmarks: every plan must compute the same outputs).
+    pub fn run_with(
+        &self,
+        tensors: &[Tensor],
+        choice: PlanChoice,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let values = self.values(tensors)?;
+        let plan = match (choice, &self.source) {
+            (_, None) => self.first.clone(),
+            (PlanChoice::Symbolic, Some(_)) => self.symbolic_plan()?,
+            (PlanChoice::Batch(1), Some(_)) => self.first.clone(),
+            (PlanChoice::Batch(b), Some(source)) => source
+                .plan(&self.inputs, Some(b))
+                .map_err(ModelError::Run)?,
+        };
+        self.run_plan(&plan, values)
+    }
+
+    /// The batch sizes with a plan of their own, besides 1, most recently
+    /// used last.
+    pub fn specialised_batches(&self) -> Vec<u64> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut plans: Vec<_> = cache.plans.iter().map(|(b, _, t)| (*t, *b)).collect();
+        plans.sort_unstable();
+        plans.into_iter().map(|(_, b)| b).collect()
+    }
+
+    /// Whether the inputs carry the symbolic batch dimension (so the model
+    /// keeps more than one plan).
+    pub fn has_symbolic_batch(&self) -> bool {
+        self.source.is_some()
+    }
+
+    fn values(&self, tensors: &[Tensor]) -> Result<TVec<TValue>, ModelError> {
         let mut values: TVec<TValue> = TVec::with_capacity(self.inputs.len());
         for spec in &self.inputs {
             let t = tensors
@@ -233,8 +347,92 @@ impl Model {
                 })?;
             values.push(to_tract(t, spec)?.into());
         }
-        let outputs = self
-            .plan
+        Ok(values)
+    }
+
+    /// The value of the batch symbol in a call: `None` when the model has no
+    /// symbolic input, the size is 0, or the inputs disagree (the symbolic
+    /// plan then says what is wrong).
+    fn batch_of(&self, values: &[TValue]) -> Option<u64> {
+        self.source.as_ref()?;
+        let mut batch = None;
+        for (spec, v) in self.inputs.iter().zip(values) {
+            for (want, &got) in spec.shape.iter().zip(v.shape()) {
+                if want.is_none() {
+                    match batch {
+                        None => batch = Some(got as u64),
+                        Some(b) if b == got as u64 => {}
+                        Some(_) => return None,
+                    }
+                }
+            }
+        }
+        batch.filter(|&b| b > 0)
+    }
+
+    fn symbolic_plan(&self) -> Result<Plan, ModelError> {
+        let Some(source) = &self.source else {
+            return Ok(self.first.clone());
+        };
+        self.symbolic
+            .get_or_init(|| source.plan(&self.inputs, None))
+            .clone()
+            .map_err(ModelError::Run)
+    }
+
+    /// The plan for a call of batch `batch` (see the module's header).
+    fn plan_for(&self, batch: Option<u64>) -> Result<Plan, ModelError> {
+        let (Some(source), Some(batch)) = (&self.source, batch) else {
+            return self.symbolic_plan();
+        };
+        if batch == 1 {
+            return Ok(self.first.clone());
+        }
+        if self.max_plans == 0 {
+            return self.symbolic_plan();
+        }
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.clock += 1;
+            let now = cache.clock;
+            if let Some(entry) = cache.plans.iter_mut().find(|(b, _, _)| *b == batch) {
+                entry.2 = now;
+                return Ok(entry.1.clone());
+            }
+            if cache.seen.len() >= MAX_COUNTED_SIZES && !cache.seen.contains_key(&batch) {
+                cache.seen.clear();
+            }
+            let seen = cache.seen.entry(batch).or_insert(0);
+            *seen += 1;
+            if *seen < SPECIALISE_AFTER {
+                drop(cache);
+                return self.symbolic_plan();
+            }
+            // This call makes the plan; calls of the same size meanwhile
+            // count on (and take the symbolic plan) until it is in.
+            cache.seen.remove(&batch);
+        }
+        let plan = match source.plan(&self.inputs, Some(batch)) {
+            Ok(plan) => plan,
+            // A plan that cannot be made for this size: the symbolic one serves.
+            Err(_) => return self.symbolic_plan(),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.clock += 1;
+        let now = cache.clock;
+        if !cache.plans.iter().any(|(b, _, _)| *b == batch) {
+            if cache.plans.len() >= self.max_plans
+                && let Some(oldest) = (0..cache.plans.len()).min_by_key(|&i| cache.plans[i].2)
+            {
+                cache.plans.swap_remove(oldest);
+            }
+            cache.plans.push((batch, plan.clone(), now));
+        }
+        Ok(plan)
+    }
+
+    fn run_plan(&self, plan: &Plan, values: TVec<TValue>) -> Result<Vec<Tensor>, ModelError> {
+        let outputs = plan
             .run(values)
             .map_err(|e| ModelError::Run(format!("{e:#}")))?;
         outputs
@@ -242,6 +440,36 @@ impl Model {
             .zip(&self.outputs)
             .map(|(v, spec)| from_tract(v, spec))
             .collect()
+    }
+}
+
+impl Source {
+    /// An optimised plan with the batch symbol set to `batch`, or left
+    /// symbolic (`None`).
+    fn plan(&self, inputs: &[TensorSpec], batch: Option<u64>) -> Result<Plan, String> {
+        let mut model = self.model.clone();
+        let symbol = model.sym(BATCH_SYMBOL);
+        for (i, (spec, dt)) in inputs.iter().zip(&self.input_types).enumerate() {
+            let dims: TVec<TDim> = spec
+                .shape
+                .iter()
+                .map(|d| match (d, batch) {
+                    (Some(v), _) => TDim::from(*v as i64),
+                    (None, Some(b)) => TDim::from(b as i64),
+                    (None, None) => symbol.clone().into(),
+                })
+                .collect();
+            model = model
+                .with_input_fact(i, InferenceFact::dt_shape(*dt, dims))
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| match batch {
+                Some(b) => format!("no plan for batch {b}: {e:#}"),
+                None => format!("{e:#}"),
+            })
     }
 }
 

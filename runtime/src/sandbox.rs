@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use wasmtime::{
     Config, Engine, ExternType, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter,
-    Store, Trap, TypedFunc, Val, ValType,
+    Store, Strategy, Trap, TypedFunc, Val, ValType,
 };
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -72,18 +72,52 @@ pub const WASI_LINKED: &[&str] = &[
 /// WASI's "function not supported" errno, answered by every other function.
 const ERRNO_NOSYS: i32 = 52;
 
+/// Which compiler turns a guest's WebAssembly into machine code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestCompiler {
+    /// Cranelift, optimising: what `ferry pack --precompile` uses. Slow to
+    /// compile (the standard guest: ~0.35 s on 2 cores), fast code.
+    Cranelift,
+    /// Winch, wasmtime's single-pass baseline compiler: compiles the standard
+    /// guest ~6x faster, its code runs slower (docs/PERFORMANCE.md).
+    Winch,
+}
+
+/// The compiler of a guest compiled where it runs (a portable bundle, or a
+/// precompiled artifact that does not fit this host): Winch, because the
+/// compilation is on the cold start's critical path and the standard guest's
+/// work per request is small next to the model's (the measurements and the
+/// decision: docs/PERFORMANCE.md, "Cold starts of portable bundles"). A host
+/// where Winch cannot compile the guest falls back to Cranelift.
+pub const ON_DEVICE_COMPILER: GuestCompiler = GuestCompiler::Winch;
+
 /// The wasmtime configuration every guest runs under. The packager uses the
-/// same one to precompile, so precompiled artifacts are compatible.
-fn engine_config() -> Config {
+/// same one (with Cranelift) to precompile, so precompiled artifacts are
+/// compatible. Epoch interruption works under Winch too: the sandbox tests
+/// run their deadline and memory cases on both compilers.
+fn engine_config(compiler: GuestCompiler) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
-    config.cranelift_opt_level(OptLevel::Speed);
+    match compiler {
+        GuestCompiler::Cranelift => {
+            config.strategy(Strategy::Cranelift);
+            config.cranelift_opt_level(OptLevel::Speed);
+        }
+        GuestCompiler::Winch => {
+            config.strategy(Strategy::Winch);
+        }
+    }
     config
 }
 
-/// Creates an engine, for `target` (a target triple) or the host.
+/// Creates a Cranelift engine, for `target` (a target triple) or the host.
 fn engine_for(target: Option<&str>) -> Result<Engine, GuestError> {
-    let mut config = engine_config();
+    engine_with(target, GuestCompiler::Cranelift)
+}
+
+/// Creates an engine with a compiler, for `target` or the host.
+fn engine_with(target: Option<&str>, compiler: GuestCompiler) -> Result<Engine, GuestError> {
+    let mut config = engine_config(compiler);
     if let Some(t) = target {
         config
             .target(t)
@@ -210,6 +244,8 @@ pub struct GuestRuntime {
     pool: Mutex<Vec<Instance>>,
     /// Whether a precompiled artifact was used (for diagnostics).
     pub used_precompiled: bool,
+    /// The compiler of the guest's code (for a precompiled one, Cranelift).
+    pub compiler: GuestCompiler,
 }
 
 impl std::fmt::Debug for GuestRuntime {
@@ -233,7 +269,20 @@ impl GuestRuntime {
         config_json: &[u8],
         limits: SandboxLimits,
     ) -> Result<GuestRuntime, GuestError> {
-        let engine = engine_for(None)?;
+        GuestRuntime::with_compiler(wasm, precompiled, config_json, limits, ON_DEVICE_COMPILER)
+    }
+
+    /// [`GuestRuntime::new`] with the compiler used when no precompiled
+    /// artifact fits (tests and benchmarks compare them).
+    pub fn with_compiler(
+        wasm: &[u8],
+        precompiled: &[PrecompiledGuest<'_>],
+        config_json: &[u8],
+        limits: SandboxLimits,
+        compiler: GuestCompiler,
+    ) -> Result<GuestRuntime, GuestError> {
+        let mut engine = engine_for(None)?;
+        let mut used_compiler = GuestCompiler::Cranelift;
         let own_key = compatibility_key(None);
         let mut used_precompiled = false;
         let mut module = None;
@@ -256,7 +305,25 @@ impl GuestRuntime {
         }
         let module = match module {
             Some(m) => m,
-            None => Module::new(&engine, wasm).map_err(|e| GuestError::Compile(e.to_string()))?,
+            None => {
+                let fast = match compiler {
+                    GuestCompiler::Cranelift => None,
+                    // A guest Winch cannot compile (an unsupported proposal,
+                    // an architecture without Winch) goes to Cranelift.
+                    GuestCompiler::Winch => engine_with(None, GuestCompiler::Winch)
+                        .ok()
+                        .and_then(|e| Module::new(&e, wasm).ok().map(|m| (e, m))),
+                };
+                match fast {
+                    Some((e, m)) => {
+                        engine = e;
+                        used_compiler = GuestCompiler::Winch;
+                        m
+                    }
+                    None => Module::new(&engine, wasm)
+                        .map_err(|e| GuestError::Compile(e.to_string()))?,
+                }
+            }
         };
         check_exports(&module)?;
         let mut linker: Linker<StoreState> = Linker::new(&engine);
@@ -274,6 +341,7 @@ impl GuestRuntime {
             limits,
             pool: Mutex::new(Vec::new()),
             used_precompiled,
+            compiler: used_compiler,
         };
         let first = runtime.instantiate()?;
         runtime.pool.lock().unwrap().push(first);

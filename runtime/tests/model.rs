@@ -1,4 +1,6 @@
-use ferry_runtime::{DType, Model, ModelError, Tensor};
+use ferry_runtime::{
+    DType, MAX_SPECIALISED_PLANS, Model, ModelError, PlanChoice, SPECIALISE_AFTER, Tensor,
+};
 use serde_json::Value;
 
 use ferry_testkit::fixtures::examples;
@@ -101,4 +103,172 @@ fn wrong_inputs_are_bad_input_errors() {
 fn garbage_is_not_a_model() {
     let err = Model::load(b"definitely not protobuf").unwrap_err();
     assert!(matches!(err, ModelError::Load(_)), "{err:?}");
+}
+
+/// The runtime's committed fixtures (`scripts/perf_models.py --fixtures`).
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// Deterministic, varied input values (not all equal: a plan that mixed up
+/// rows or channels would show).
+fn ramp(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 1000) as f32 / 500.0
+                - 1.0
+        })
+        .collect()
+}
+
+/// Outputs of two plans agree: integers exactly, floats within 1e-5
+/// relative (tract's kernels may sum in another order for another shape).
+#[track_caller]
+fn assert_same(a: &[Tensor], b: &[Tensor], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            (&x.name, x.dtype, &x.shape),
+            (&y.name, y.dtype, &y.shape),
+            "{what}"
+        );
+        match x.dtype {
+            DType::F32 | DType::F64 => {
+                for (p, q) in x.to_f64_vec().iter().zip(y.to_f64_vec()) {
+                    assert!(
+                        (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                        "{what} {}: {p} vs {q}",
+                        x.name
+                    );
+                }
+            }
+            _ => assert_eq!(x.data, y.data, "{what} {}", x.name),
+        }
+    }
+}
+
+/// Every model of the repository, with its input's name and shape per batch.
+fn models() -> Vec<(&'static str, Vec<u8>, &'static str, Vec<u64>)> {
+    vec![
+        (
+            "iris",
+            std::fs::read(examples().join("iris/model.onnx")).unwrap(),
+            "float_input",
+            vec![4],
+        ),
+        (
+            "digits",
+            std::fs::read(examples().join("digits/model.onnx")).unwrap(),
+            "input",
+            vec![1, 8, 8],
+        ),
+        ("mlp", fixture("mlp.onnx"), "input", vec![4]),
+    ]
+}
+
+#[test]
+fn batch_plans_compute_what_the_symbolic_plan_computes() {
+    for (name, bytes, input, rest) in models() {
+        let model = Model::load(&bytes).unwrap();
+        assert!(model.has_symbolic_batch(), "{name}");
+        for batch in [1u64, 2, 5] {
+            let mut shape = vec![batch];
+            shape.extend(&rest);
+            let n = shape.iter().product::<u64>() as usize;
+            let t = [Tensor::from_f32(input, shape, &ramp(n, batch as u32))];
+            let symbolic = model.run_with(&t, PlanChoice::Symbolic).unwrap();
+            let specialised = model.run_with(&t, PlanChoice::Batch(batch)).unwrap();
+            let chosen = model.run(&t).unwrap();
+            assert_same(&specialised, &symbolic, &format!("{name} batch {batch}"));
+            assert_same(&chosen, &symbolic, &format!("{name} batch {batch} (run)"));
+            assert_eq!(symbolic[0].shape[0], batch, "{name}");
+        }
+    }
+}
+
+#[test]
+fn a_recurring_batch_size_gets_its_own_plan_and_the_same_outputs() {
+    let model = Model::load(&std::fs::read(examples().join("digits/model.onnx")).unwrap()).unwrap();
+    let t = |batch: u64| {
+        [Tensor::from_f32(
+            "input",
+            vec![batch, 1, 8, 8],
+            &ramp(batch as usize * 64, 7),
+        )]
+    };
+    let symbolic = model.run_with(&t(3), PlanChoice::Symbolic).unwrap();
+    for call in 1..=SPECIALISE_AFTER {
+        assert!(model.specialised_batches().is_empty(), "call {call}");
+        assert_same(
+            &model.run(&t(3)).unwrap(),
+            &symbolic,
+            &format!("call {call}"),
+        );
+    }
+    assert_eq!(model.specialised_batches(), vec![3]);
+    assert_same(&model.run(&t(3)).unwrap(), &symbolic, "with its plan");
+    // Batch 1 has its plan from the start and is not counted.
+    for _ in 0..SPECIALISE_AFTER {
+        model.run(&t(1)).unwrap();
+    }
+    assert_eq!(model.specialised_batches(), vec![3]);
+    // The memory bound: the least recently used plan goes first.
+    for batch in 4..(4 + MAX_SPECIALISED_PLANS as u64) {
+        for _ in 0..SPECIALISE_AFTER {
+            model.run(&t(batch)).unwrap();
+        }
+    }
+    let kept = model.specialised_batches();
+    assert_eq!(kept.len(), MAX_SPECIALISED_PLANS, "{kept:?}");
+    assert!(!kept.contains(&3), "{kept:?}");
+    assert_same(&model.run(&t(3)).unwrap(), &symbolic, "after eviction");
+}
+
+#[test]
+fn a_model_with_a_fixed_batch_has_one_plan() {
+    let fixed = Model::load(&fixture("digits_batch1.onnx")).unwrap();
+    assert!(!fixed.has_symbolic_batch());
+    assert_eq!(
+        fixed.inputs()[0].shape,
+        vec![Some(1), Some(1), Some(8), Some(8)]
+    );
+    let symbolic =
+        Model::load(&std::fs::read(examples().join("digits/model.onnx")).unwrap()).unwrap();
+    let t = [Tensor::from_f32("input", vec![1, 1, 8, 8], &ramp(64, 3))];
+    let want = symbolic.run_with(&t, PlanChoice::Symbolic).unwrap();
+    for choice in [PlanChoice::Symbolic, PlanChoice::Batch(1)] {
+        assert_same(
+            &fixed.run_with(&t, choice).unwrap(),
+            &want,
+            &format!("{choice:?}"),
+        );
+    }
+    assert_same(&fixed.run(&t).unwrap(), &want, "run");
+    for _ in 0..SPECIALISE_AFTER {
+        fixed.run(&t).unwrap();
+    }
+    assert!(fixed.specialised_batches().is_empty());
+    // Another batch is a bad input, as before.
+    let err = fixed
+        .run(&[Tensor::from_f32("input", vec![2, 1, 8, 8], &ramp(128, 3))])
+        .unwrap_err();
+    assert!(
+        matches!(&err, ModelError::BadInput(m) if m.contains("[1, 1, 8, 8]")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_batch_of_zero_takes_the_symbolic_plan() {
+    // A batch of 0 has no plan of its own: the symbolic plan answers it.
+    let model = Model::load(&fixture("mlp.onnx")).unwrap();
+    let out = model
+        .run(&[Tensor::from_f32("input", vec![0, 4], &[])])
+        .unwrap();
+    assert_eq!(out[0].shape, vec![0, 3]);
 }

@@ -1,13 +1,13 @@
 use std::time::{Duration, Instant};
 
-use ferry_runtime::{GuestError, GuestRuntime, SandboxLimits};
+use ferry_runtime::{GuestCompiler, GuestError, GuestRuntime, ON_DEVICE_COMPILER, SandboxLimits};
 
 use crate::common::TEST_GUEST;
 
 const EMPTY_SET: &[u8] = b"FTS1\0\0\0\0";
 
 fn guest(timeout_ms: u64, memory_bytes: u64) -> GuestRuntime {
-    GuestRuntime::new(
+    let g = GuestRuntime::new(
         TEST_GUEST.as_bytes(),
         &[],
         b"{}",
@@ -16,7 +16,58 @@ fn guest(timeout_ms: u64, memory_bytes: u64) -> GuestRuntime {
             timeout_ms,
         },
     )
-    .unwrap()
+    .unwrap();
+    // Compiled here: with the on-device compiler (Winch).
+    assert!(!g.used_precompiled);
+    assert_eq!(g.compiler, ON_DEVICE_COMPILER);
+    g
+}
+
+/// Deadlines (epoch interruption), the memory cap, refused host calls and
+/// traps hold under both compilers a guest may be compiled with. wasmtime's
+/// `epoch_interruption` docs say Winch does not support it; in the pinned
+/// release it does, and this test is what the runtime relies on: were it
+/// not so, the Winch loop below would never stop.
+#[test]
+fn every_limit_holds_under_both_compilers() {
+    for compiler in [GuestCompiler::Cranelift, GuestCompiler::Winch] {
+        let g = |timeout_ms, memory_bytes| {
+            let limits = SandboxLimits {
+                memory_bytes,
+                timeout_ms,
+            };
+            let g =
+                GuestRuntime::with_compiler(TEST_GUEST.as_bytes(), &[], b"{}", limits, compiler)
+                    .unwrap();
+            assert_eq!(g.compiler, compiler);
+            g
+        };
+        let rt = g(50, 16 << 20);
+        for _ in 0..2 {
+            let err = rt.preprocess("loop", b"").unwrap_err();
+            assert!(
+                matches!(err, GuestError::Timeout(50)),
+                "{compiler:?}: {err:?}"
+            );
+            still_serves(&rt);
+        }
+        let rt = g(5_000, 4 << 20);
+        let err = rt.preprocess("memory", b"").unwrap_err();
+        assert!(
+            matches!(err, GuestError::OutOfMemory(_)),
+            "{compiler:?}: {err:?}"
+        );
+        still_serves(&rt);
+        let rt = g(100, 16 << 20);
+        let err = rt.preprocess("poll", b"").unwrap_err();
+        assert!(
+            matches!(&err, GuestError::Failed(m) if m == "denied"),
+            "{compiler:?}: {err:?}"
+        );
+        let err = rt.preprocess("trap", b"").unwrap_err();
+        assert!(matches!(err, GuestError::Trap(_)), "{compiler:?}: {err:?}");
+        still_serves(&rt);
+    }
 }
 
 fn still_serves(g: &GuestRuntime) {
@@ -231,6 +282,7 @@ fn precompiled_guests_are_used_only_when_compatible() {
     let (signed, unsigned) = bundle_with_precompiled(&[(&key, &bytes)]);
     let g = from_bundle(&signed, limits);
     assert!(g.used_precompiled);
+    assert_eq!(g.compiler, GuestCompiler::Cranelift);
     still_serves(&g);
     // Native code only from a bundle whose signatures were checked: read
     // without them, the bundle hands out no precompiled guest at all.

@@ -22,6 +22,7 @@
 //!   configuration, state directory and HTTP client; iris request helpers.
 //! - `lambda`: [`lambda::RuntimeApi`], AWS Lambda's Runtime API for the real
 //!   `bootstrap`.
+//! - `tensors`: binary tensor request bodies (`.npy`, the ABI's tensor sets).
 //! - [`free_port`]: a free loopback TCP port.
 //!
 //! # Conventions
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod device;
 pub mod fixtures;
 pub mod lambda;
+pub mod tensors;
 
 /// A TCP port free on 127.0.0.1 at the time of the call.
 pub fn free_port() -> u16 {

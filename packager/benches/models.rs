@@ -1,0 +1,306 @@
+//! Ferry against onnxruntime, model by model: the plans tract runs
+//! (symbolic batch vs specialised for batch 1), the whole pipeline (JSON
+//! tensor request and `.npy` request), and
+//! onnxruntime called from Python, one thread, in the same run. Prints
+//! Markdown for docs/PERFORMANCE.md.
+//!
+//! ```sh
+//! python3 scripts/perf_models.py /tmp/ferry-bench-models   # mobilenet_v3_small (optional)
+//! cargo bench --workspace --bench models
+//! ```
+//!
+//! Models: `runtime/tests/fixtures/mlp.onnx` (4 features), the digits CNN of
+//! `examples/digits` (1x8x8), and `mobilenet_v3_small.onnx` from
+//! `$FERRY_BENCH_MODELS` (default `/tmp/ferry-bench-models`), skipped with a
+//! message when absent. onnxruntime's column runs `scripts/ort_bench.py` with
+//! `$FERRY_BENCH_PYTHON` (default `python3`) and is skipped with a message
+//! when onnxruntime is not installed there.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_runtime::{self as rt, Model, PlanChoice, Session, Tensor, TrustPolicy};
+use ferry_testkit::cli::assert_exit;
+use ferry_testkit::fixtures::examples;
+
+fn ferry(args: &[&str]) {
+    assert_exit(&ferry_testkit::cli::ferry(args), 0);
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+struct Case {
+    name: &'static str,
+    path: PathBuf,
+    input: &'static str,
+    shape: Vec<u64>,
+}
+
+/// Mean time of one call over `per_round` calls.
+fn round(per_round: u32, f: &mut dyn FnMut()) -> Duration {
+    let t = Instant::now();
+    for _ in 0..per_round {
+        f();
+    }
+    t.elapsed() / per_round
+}
+
+/// onnxruntime's median per call, or why there is none.
+fn onnxruntime(c: &Case, rounds: u32, per_round: u32) -> Result<(String, f64), String> {
+    let python = std::env::var("FERRY_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort_bench.py");
+    let dims: Vec<String> = c.shape.iter().map(|d| d.to_string()).collect();
+    let o = Command::new(&python)
+        .arg(script)
+        .arg(&c.path)
+        .arg(c.input)
+        .arg(dims.join(","))
+        .arg(rounds.to_string())
+        .arg(per_round.to_string())
+        .output()
+        .map_err(|e| format!("{python}: {e}"))?;
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+    Ok((
+        v["version"].as_str().unwrap_or("?").to_string(),
+        v["median_us"].as_f64().unwrap_or(f64::NAN),
+    ))
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--test" || a == "--quick");
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    ferry(&["keygen", "-o", &d("k")]);
+    let trust = TrustPolicy::new(
+        rt::PublicKey::all_from_pem(&std::fs::read_to_string(d("k.pub")).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let models = PathBuf::from(
+        std::env::var("FERRY_BENCH_MODELS").unwrap_or_else(|_| "/tmp/ferry-bench-models".into()),
+    );
+    let mut cases = vec![
+        Case {
+            name: "MLP, 4 features",
+            path: Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/tests/fixtures/mlp.onnx"),
+            input: "input",
+            shape: vec![1, 4],
+        },
+        Case {
+            name: "small CNN, 1x8x8 (digits)",
+            path: examples().join("digits/model.onnx"),
+            input: "input",
+            shape: vec![1, 1, 8, 8],
+        },
+    ];
+    let mobilenet = models.join("mobilenet_v3_small.onnx");
+    if mobilenet.exists() {
+        cases.push(Case {
+            name: "mobilenet_v3_small, 3x224x224",
+            path: mobilenet,
+            input: "input",
+            shape: vec![1, 3, 224, 224],
+        });
+    } else {
+        eprintln!(
+            "skipping mobilenet_v3_small: {} is absent (make it with `python3 scripts/perf_models.py {}`)",
+            mobilenet.display(),
+            models.display()
+        );
+    }
+
+    println!("## Ferry vs onnxruntime, one thread, batch 1 (same run)\n");
+    println!(
+        "| model | onnxruntime (Python) µs | tract, symbolic plan µs | tract, batch-1 plan µs | Ferry pipeline, JSON tensor µs | Ferry pipeline, .npy µs | plan speed-up | pipeline (.npy) / onnxruntime | pipeline (.npy) − tract µs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (i, c) in cases.iter().enumerate() {
+        let heavy = c.shape.iter().product::<u64>() > 10_000;
+        let (rounds, per_round) = match (quick, heavy) {
+            (true, _) => (3, 2),
+            (false, false) => (200, 50),
+            (false, true) => (30, 5),
+        };
+        let bundle = d(&format!("m{i}.ferry"));
+        let path = c.path.to_string_lossy().into_owned();
+        ferry(&[
+            "pack",
+            "--model",
+            &path,
+            "--key",
+            &d("k.key"),
+            "-o",
+            &bundle,
+            "--precompile",
+            std::env::consts::ARCH,
+        ]);
+        let session = Session::load(&std::fs::read(&bundle).unwrap(), &trust).unwrap();
+        let model = Model::load(&std::fs::read(&c.path).unwrap()).unwrap();
+        let n = c.shape.iter().product::<u64>() as usize;
+        let data: Vec<f32> = (0..n).map(|i| (i % 255) as f32 / 255.0).collect();
+        let tensors = [Tensor::from_f32(c.input, c.shape.clone(), &data)];
+        let request = serde_json::to_vec(&serde_json::json!({
+            "inputs": { c.input: { "shape": c.shape, "data": data } }
+        }))
+        .unwrap();
+        let npy = ferry_testkit::tensors::npy_f32(&c.shape, &data);
+        // Both plans made before timing.
+        model.run_with(&tensors, PlanChoice::Symbolic).unwrap();
+        model.run(&tensors).unwrap();
+        session.infer("application/json", &request).unwrap();
+        assert_eq!(
+            session.infer("application/x-npy", &npy).unwrap(),
+            session.infer("application/json", &request).unwrap()
+        );
+        let (mut symbolic, mut batch1, mut pipeline, mut binary) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            symbolic.push(round(per_round, &mut || {
+                std::hint::black_box(model.run_with(&tensors, PlanChoice::Symbolic).unwrap());
+            }));
+            batch1.push(round(per_round, &mut || {
+                std::hint::black_box(model.run(&tensors).unwrap());
+            }));
+            pipeline.push(round(per_round, &mut || {
+                std::hint::black_box(session.infer("application/json", &request).unwrap());
+            }));
+            binary.push(round(per_round, &mut || {
+                std::hint::black_box(session.infer("application/x-npy", &npy).unwrap());
+            }));
+        }
+        let (s, b, p, bin) = (
+            us(median(symbolic)),
+            us(median(batch1)),
+            us(median(pipeline)),
+            us(median(binary)),
+        );
+        let (ort, ratio) = match onnxruntime(c, rounds, per_round) {
+            Ok((version, t)) => (format!("{t:.1} ({version})"), format!("{:.2}", bin / t)),
+            Err(why) => {
+                eprintln!("onnxruntime column skipped for {}: {why}", c.name);
+                ("(skipped)".into(), "".into())
+            }
+        };
+        println!(
+            "| {} | {ort} | {s:.1} | {b:.1} | {p:.1} | {bin:.1} | {:.2}x | {ratio} | {:.1} |",
+            c.name,
+            s / b,
+            bin - b
+        );
+    }
+
+    // The image path on mobilenet: JPEG/PNG decoded, resized to 224x224 and
+    // normalised in the guest, then the model, then a classification response.
+    let mobilenet = models.join("mobilenet_v3_small.onnx");
+    if !mobilenet.exists() {
+        return;
+    }
+    let project = dir.path().join("mobilenet-image");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::copy(&mobilenet, project.join("model.onnx")).unwrap();
+    std::fs::write(
+        project.join("ferry.toml"),
+        r#"[model]
+name = "mobilenet-image"
+version = "1.0.0"
+path = "model.onnx"
+
+[preprocess]
+kind = "image"
+width = 224
+height = 224
+color = "rgb"
+layout = "nchw"
+resize = "triangle"
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+
+[postprocess]
+kind = "classification"
+activation = "softmax"
+top_k = 5
+include_outputs = false
+"#,
+    )
+    .unwrap();
+    let bundle = d("mobilenet-image.ferry");
+    ferry(&[
+        "pack",
+        project.to_str().unwrap(),
+        "--key",
+        &d("k.key"),
+        "-o",
+        &bundle,
+        "--precompile",
+        std::env::consts::ARCH,
+    ]);
+    let session = Session::load(&std::fs::read(&bundle).unwrap(), &trust).unwrap();
+    let photo = |w: u32, h: u32| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            let n = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 7;
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, (n & 0xff) as u8])
+        })
+    };
+    let encode = |img: &image::RgbImage, format: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let requests = [
+        (
+            "JPEG 224x224",
+            "image/jpeg",
+            encode(&photo(224, 224), image::ImageFormat::Jpeg),
+        ),
+        (
+            "JPEG 640x480 (resized)",
+            "image/jpeg",
+            encode(&photo(640, 480), image::ImageFormat::Jpeg),
+        ),
+        (
+            "PNG 224x224",
+            "image/png",
+            encode(&photo(224, 224), image::ImageFormat::Png),
+        ),
+    ];
+    println!(
+        "\n## The image path on mobilenet_v3_small (224x224 RGB, ImageNet normalisation, top-5 classification; same run)\n"
+    );
+    println!(
+        "| request | body bytes | preprocess µs | tract µs | whole pipeline µs | pipeline − tract µs |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let (rounds, per_round) = if quick { (2, 1) } else { (30, 5) };
+    for (label, ct, body) in &requests {
+        let tensors = session.preprocess(ct, body).unwrap().tensors;
+        session.infer(ct, body).unwrap();
+        let (mut pre, mut model, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            pre.push(round(per_round, &mut || {
+                std::hint::black_box(session.preprocess(ct, body).unwrap());
+            }));
+            model.push(round(per_round, &mut || {
+                std::hint::black_box(session.run_model(&tensors).unwrap());
+            }));
+            whole.push(round(per_round, &mut || {
+                std::hint::black_box(session.infer(ct, body).unwrap());
+            }));
+        }
+        let (p, m, w) = (us(median(pre)), us(median(model)), us(median(whole)));
+        println!(
+            "| {label} | {} | {p:.0} | {m:.0} | {w:.0} | {:.0} |",
+            body.len(),
+            w - m
+        );
+    }
+}
