@@ -158,8 +158,6 @@ pub struct NewRollout {
     pub shadow: u64,
     #[serde(default)]
     pub install_timeout: Option<String>,
-    #[serde(default)]
-    pub operator: Option<String>,
 }
 
 /// Parses `30s`, `10m`, `2h`, `1500ms` or bare milliseconds.
@@ -288,11 +286,13 @@ impl Rollouts {
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
     }
 
-    /// Starts a rollout of `bundle` (its bytes) as `params` say.
+    /// Starts a rollout of `bundle` (its bytes) as `params` say, for
+    /// `operator` (the credential's holder, recorded in the audit log).
     pub fn create(
         &self,
         bundle: &[u8],
         params: &NewRollout,
+        operator: &str,
         now_ms: u64,
     ) -> Result<Rollout, RolloutError> {
         let verified =
@@ -362,7 +362,7 @@ impl Rollouts {
                 Some(t) => parse_duration_ms(t)?,
                 None => 10 * 60_000,
             },
-            operator: params.operator.clone().unwrap_or_else(|| "operator".into()),
+            operator: operator.to_string(),
         };
         let devices: Vec<String> = self
             .store

@@ -65,6 +65,12 @@
 //! written by [`Store::save_episode`], read by [`Store::episodes`]; the
 //! type is the retraining module's).
 //!
+//! The tree [`AUTH_TREE`] holds the console's API tokens (`t/<SHA-256 of
+//! the token, hex>`, JSON, the type is the `auth` module's; the token
+//! itself is never stored) and `m/bootstrapped` (set once the first admin
+//! token was made). Added in layout 1 without a version change: a console
+//! that does not know the tree never opens it.
+//!
 //! # Layout version
 //! A new database gets `m/layout` = [`LAYOUT_VERSION`] when it is created;
 //! a database without it (written before the key existed, in the same
@@ -139,6 +145,9 @@ pub const TREE: &str = "fleet-state";
 /// The sled tree of the retraining episodes.
 pub const EPISODES_TREE: &str = "retrain";
 
+/// The sled tree of the API tokens (hashed).
+pub const AUTH_TREE: &str = "auth";
+
 /// The version of the key layout this console reads and writes (see the
 /// module header).
 pub const LAYOUT_VERSION: u32 = 1;
@@ -150,6 +159,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(3);
 const SEQ_KEY: &[u8] = b"m/seq";
 const LAYOUT_KEY: &[u8] = b"m/layout";
 const EPISODE_PREFIX: &[u8] = b"e/";
+const TOKEN_PREFIX: &[u8] = b"t/";
+const BOOTSTRAPPED_KEY: &[u8] = b"m/bootstrapped";
 
 /// What can go wrong with the store itself (never with what devices send:
 /// see the module header).
@@ -224,6 +235,7 @@ impl StoreStats {
 pub struct Store {
     tree: sled::Tree,
     episodes: sled::Tree,
+    auth: sled::Tree,
     path: PathBuf,
     /// Serialises writers: `apply` reads, modifies and writes a device.
     writer: Mutex<Writer>,
@@ -504,6 +516,7 @@ impl Store {
             }
         }
         let episodes = handle.db.open_tree(EPISODES_TREE)?;
+        let auth = handle.db.open_tree(AUTH_TREE)?;
         let seq = tree
             .get(SEQ_KEY)?
             .and_then(|v| key_tail(&v))
@@ -512,6 +525,7 @@ impl Store {
         Ok(Store {
             tree,
             episodes,
+            auth,
             path: path.to_path_buf(),
             writer: Mutex::new(Writer {
                 seq,
@@ -943,6 +957,44 @@ impl Store {
             out.extend(from_json(&k, &v));
         }
         Ok(out)
+    }
+
+    /// Stores an API token's record under the hash of the token (replacing
+    /// the previous version) and flushes it to disk before returning (a
+    /// token shown to an admin must survive a crash; a revocation too).
+    pub fn save_token<T: Serialize>(&self, hash: &str, record: &T) -> Result<(), StoreError> {
+        self.auth
+            .insert([TOKEN_PREFIX, hash.as_bytes()].concat(), to_json(record))?;
+        self.handle.db.flush()?;
+        Ok(())
+    }
+
+    /// The record of the token whose hash is `hash`.
+    pub fn token<T: DeserializeOwned>(&self, hash: &str) -> Result<Option<T>, StoreError> {
+        let key = [TOKEN_PREFIX, hash.as_bytes()].concat();
+        Ok(self.auth.get(&key)?.and_then(|v| from_json(&key, &v)))
+    }
+
+    /// Every token's record, by hash.
+    pub fn tokens<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.auth.scan_prefix(TOKEN_PREFIX) {
+            let (k, v) = kv?;
+            out.extend(from_json(&k, &v));
+        }
+        Ok(out)
+    }
+
+    /// Whether the first admin token was made (see `auth`).
+    pub fn auth_bootstrapped(&self) -> Result<bool, StoreError> {
+        Ok(self.auth.get(BOOTSTRAPPED_KEY)?.is_some())
+    }
+
+    /// Records that the first admin token was made (flushed).
+    pub fn set_auth_bootstrapped(&self) -> Result<(), StoreError> {
+        self.auth.insert(BOOTSTRAPPED_KEY, &[1u8])?;
+        self.handle.db.flush()?;
+        Ok(())
     }
 
     /// The state directory.

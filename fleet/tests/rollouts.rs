@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferry_fleet::RolloutsConfig;
 use ferry_fleet::rollout::{Phase, Rollout};
 use ferry_fleet::rollouts::NewRollout;
-use ferry_fleet::{Client, RolloutsConfig};
 use ferry_format::{PublicKey, SecretKey, TrustPolicy};
 
 use crate::broker::Mosquitto;
@@ -100,7 +100,6 @@ fn params(canary: &str, bake: &str, abort_if: &str) -> NewRollout {
         waves: None,
         shadow: 0,
         install_timeout: Some("60s".into()),
-        operator: Some("test-operator".into()),
     }
 }
 
@@ -185,7 +184,7 @@ fn healthy_canaries_promote_to_everyone_and_a_restart_mid_rollout_resumes() {
     assert!(
         audit
             .iter()
-            .all(|e| e.bundle_digest == digest && e.operator == "test-operator")
+            .all(|e| e.bundle_digest == digest && e.operator == "admin")
     );
     let text: Vec<&str> = audit.iter().map(|e| e.what.as_str()).collect();
     assert!(text[0].starts_with("created"), "{text:#?}");
@@ -291,10 +290,23 @@ fn the_rollout_commands_drive_a_real_console() {
         .iter()
         .map(|id| Device::start(Setup::new(id).mqtt(&broker)))
         .collect();
+    // An operator's token, made by the admin with the CLI: the audit log
+    // names its holder.
+    let admin_file = state.path().join(ferry_fleet::auth::ADMIN_TOKEN_FILE);
+    let made = crate::state::ferry_fleet_bin()
+        .args(["token", "create", "--name", "alice", "--role", "operator"])
+        .args(["--console", &serve.url])
+        .arg("--token-file")
+        .arg(&admin_file)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let alice = String::from_utf8(made.stdout).unwrap().trim().to_string();
     let cli = |args: &[&str]| {
         let o = crate::state::ferry_fleet_bin()
             .args(args)
             .args(["--console", &serve.url])
+            .env("FERRY_FLEET_TOKEN", &alice)
             .output()
             .unwrap();
         (
@@ -305,11 +317,10 @@ fn the_rollout_commands_drive_a_real_console() {
     };
     // Wait until the console knows both devices.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !DEVICES[..2].iter().all(|d| {
-        ureq::get(format!("{}/api/devices/{d}", serve.url))
-            .call()
-            .is_ok()
-    }) {
+    while !DEVICES[..2]
+        .iter()
+        .all(|d| serve.client().device(d).unwrap().is_some())
+    {
         assert!(
             Instant::now() < deadline,
             "devices unknown:\n{}",
@@ -354,7 +365,22 @@ fn the_rollout_commands_drive_a_real_console() {
         "--abort-if",
         "failed_installs>0",
         "--operator",
-        "alice",
+        "mallory",
+    ]);
+    // A name of one's choosing is refused: the token names the operator.
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("--operator is not accepted"), "{err}");
+    let (code, out, err) = cli(&[
+        "rollout",
+        b.path(fixtures::V2).to_str().unwrap(),
+        "--canary",
+        "50%",
+        "--bake",
+        "2s",
+        "--abort-if",
+        "error_rate>20%",
+        "--abort-if",
+        "failed_installs>0",
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
@@ -388,9 +414,10 @@ fn the_rollout_commands_drive_a_real_console() {
     );
     // The dashboard's API shows the rollout too, in the JSON shape other
     // clients read (pinned raw, not only through the typed client).
-    let r = Client::new(&serve.url).rollouts().unwrap();
+    let r = serve.client().rollouts().unwrap();
     assert_eq!(r[0].phase, Phase::Done);
     let mut answer = ureq::get(format!("{}/api/rollouts", serve.url))
+        .header("Authorization", format!("Bearer {alice}"))
         .call()
         .unwrap();
     let raw: serde_json::Value =

@@ -119,6 +119,23 @@ pub(crate) fn console_config(
         embedded_broker: None,
         rollouts: None,
         retrain: ferry_fleet::retrain::Options::default(),
+        secure_cookies: false,
+    }
+}
+
+/// The first admin token a console wrote into its state directory
+/// `state` (waits for it: the console writes it at start).
+pub(crate) fn admin_token(state: &Path) -> String {
+    let path = state.join(ferry_fleet::auth::ADMIN_TOKEN_FILE);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(t) = std::fs::read_to_string(&path)
+            && !t.trim().is_empty()
+        {
+            return t.trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "no {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -126,6 +143,8 @@ pub(crate) fn console_config(
 /// runtime), reached through its HTTP API. Dropping it stops it.
 pub(crate) struct RunningConsole {
     pub(crate) client: Client,
+    /// The first admin token (the client's).
+    pub(crate) token: String,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -134,12 +153,23 @@ impl RunningConsole {
     /// Starts `run(config)` and returns once its HTTP API answers.
     pub(crate) fn start(rt: &tokio::runtime::Runtime, config: ServeConfig) -> RunningConsole {
         let addr = config.listener.local_addr().unwrap();
+        let state = config.state.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut task = rt.spawn(ferry_fleet::run(config, async {
             let _ = stopped.await;
         }));
-        let client = Client::new(&format!("http://{addr}"));
         let deadline = Instant::now() + WAIT;
+        let token_file = state.join(ferry_fleet::auth::ADMIN_TOKEN_FILE);
+        while !token_file.exists() {
+            if task.is_finished() {
+                let ended = rt.block_on(&mut task).unwrap();
+                panic!("the console stopped at start: {ended:?}");
+            }
+            assert!(Instant::now() < deadline, "the console did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let token = admin_token(&state);
+        let client = Client::new(&format!("http://{addr}")).with_token(&token);
         while client.devices().is_err() {
             if task.is_finished() {
                 let ended = rt.block_on(&mut task).unwrap();
@@ -148,7 +178,12 @@ impl RunningConsole {
             assert!(Instant::now() < deadline, "the console did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        RunningConsole { client, stop, task }
+        RunningConsole {
+            client,
+            token,
+            stop,
+            task,
+        }
     }
 
     /// Stops it as SIGTERM stops `serve`, and checks it stopped cleanly.
@@ -647,6 +682,8 @@ fn state_survives_a_restart_and_what_came_meanwhile_arrives() {
 pub(crate) struct Serve {
     child: Child,
     pub(crate) url: String,
+    /// The first admin token, from `<state>/admin.token`.
+    pub(crate) token: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -697,7 +734,13 @@ impl Serve {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}: {:?}", log.lock().unwrap()))
             .trim_end_matches('/')
             .to_string();
-        let serve = Serve { child, url, log };
+        let token = admin_token(state);
+        let serve = Serve {
+            child,
+            url,
+            token,
+            log,
+        };
         wait_until(
             "serve to subscribe",
             || serve.log_text(),
@@ -710,6 +753,11 @@ impl Serve {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// A typed client of it, with the admin token.
+    pub(crate) fn client(&self) -> Client {
+        Client::new(&self.url).with_token(&self.token)
+    }
+
     /// The device as `GET /api/devices/{id}` shows it (its state is
     /// flattened into the answer).
     fn device(&self, id: &str) -> Option<DeviceState> {
@@ -720,6 +768,7 @@ impl Serve {
             .into();
         let mut r = agent
             .get(format!("{}/api/devices/{id}", self.url))
+            .header("Authorization", format!("Bearer {}", self.token))
             .call()
             .ok()?;
         let text = r.body_mut().read_to_string().ok()?;

@@ -1,6 +1,9 @@
 //! ferry-fleet's integration tests, with a real mosquitto and real
 //! `ferry-agent` processes.
 //!
+//! - `auth`: the console's authentication attacked against the real
+//!   binary: no credential, wrong roles, `operator=`, cross-origin and
+//!   CSRF with a session cookie, revocation.
 //! - `embedded`: `serve --embedded-broker` (rumqttd, no mosquitto) with
 //!   real agents: statuses, counts, retained statuses, a persistent
 //!   session, the last will.
@@ -19,6 +22,7 @@
 
 use ferry_testkit::{broker, device, fixtures};
 
+mod auth;
 mod dashboard;
 mod demo;
 mod embedded;

@@ -9,6 +9,9 @@
 //!   Range).
 //! - `retrain`: `/api/fleet-drift`, `/api/retrain`, `/api/retrain/request`,
 //!   `/api/retrain/export`.
+//! - `auth`: authentication in front of all of them ([`protect`]): who may
+//!   call what, the login page, sessions, CSRF and origin checks, the token
+//!   routes.
 //!
 //! # Errors
 //! Every route answers an error as [`ApiError`]: a status and
@@ -16,6 +19,7 @@
 //! stable `code()`. The status of each domain error is chosen here, in one
 //! place (`From<RolloutError>`, `From<RetrainError>`).
 
+pub mod auth;
 pub mod dashboard;
 pub mod retrain;
 pub mod rollouts;
@@ -26,8 +30,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
+pub use auth::{COOKIE, CSRF_HEADER, CookiePolicy, protect, required_role};
 pub use dashboard::{ChangeSource, Counts, DeviceView, Fleet, router, router_with};
 
+use crate::auth::{Auth, AuthError};
 use crate::retrain::{RetrainError, Retrainer};
 use crate::rollouts::{RolloutError, Rollouts};
 use crate::store::Store;
@@ -104,6 +110,24 @@ impl From<RolloutError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        let status = match &e {
+            AuthError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AuthError::NameTaken(_) => StatusCode::CONFLICT,
+            AuthError::NotFound(_) => StatusCode::NOT_FOUND,
+            AuthError::Random(_) | AuthError::Store(_) | AuthError::Io { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError {
+            status,
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<RetrainError> for ApiError {
     fn from(e: RetrainError) -> ApiError {
         let status = match &e {
@@ -132,19 +156,21 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 /// Everything the console serves: the dashboard over `store`, and the
-/// rollouts and retraining routes when they run. Open event streams end
-/// when `stop` is cancelled.
+/// rollouts and retraining routes when they run, all behind `auth`. Open
+/// event streams end when `stop` is cancelled.
 pub(crate) fn console_router(
     store: Arc<Store>,
     rollouts: Option<Arc<Rollouts>>,
     retrainer: Arc<Retrainer>,
+    auth: Arc<Auth>,
+    cookies: CookiePolicy,
     stop: CancellationToken,
 ) -> axum::Router {
     let mut router = dashboard::routes(store, Vec::new(), stop);
     if let Some(r) = rollouts {
         router = router.merge(rollouts::routes(r));
     }
-    router.merge(retrain::routes(retrainer))
+    protect(router.merge(retrain::routes(retrainer)), auth, cookies)
 }
 
 /// Serves `router` on `listener` until `stop` is cancelled, then waits for
