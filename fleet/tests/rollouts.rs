@@ -2,6 +2,12 @@
 //! store, MQTT, rollouts, the HTTP routes devices download from) in this
 //! process, driven through its HTTP API with `ferry_fleet::Client`,
 //! mosquitto, and three `ferry-agent` processes.
+//!
+//! `refused_uploads_are_never_stored_and_unused_bundles_are_collected`:
+//! uploads refused by verification, fleet, parameters or a running rollout
+//! leave no file (a bad `bake` used to leave one); the bundle of a rollout
+//! a later `done` rollout replaced is deleted when that one finishes, and
+//! unknown files at the next start.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -478,5 +484,102 @@ fn a_canary_refusing_the_bundle_aborts_the_rollout_and_nobody_changes() {
     for a in &agents {
         assert_eq!(a.model().1, 1);
     }
+    c.stop(&rt);
+}
+
+/// The bundle files in the console's store (`<state>/bundles/`).
+fn stored_bundles(state: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.join("bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn refused_uploads_are_never_stored_and_unused_bundles_are_collected() {
+    const ID: &str = "ro-a";
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&[ID]);
+    let state = tempfile::tempdir().unwrap();
+    let b = bundles();
+    let file = |digest: &str| format!("{digest}.ferry");
+    let (v1, v2) = (b.digest(fixtures::V1), b.digest(fixtures::V2));
+    let c = start_console(&rt, &broker, state.path(), None);
+    let agent = Device::start(Setup::new(ID).mqtt(&broker));
+    c.wait_fleet_on(1, &[ID]);
+
+    // Refused by verification, by the fleet, by its parameters, by the
+    // fleet's devices: each answered with its reason, nothing kept.
+    let refused = [
+        (fixtures::UNTRUSTED, params("100%", "1s", "")),
+        (fixtures::TAMPERED_PAYLOAD, params("100%", "1s", "")),
+        (fixtures::TRUNCATED, params("100%", "1s", "")),
+        (fixtures::WRONG_FLEET, params("100%", "1s", "")),
+        (fixtures::V2, params("150%", "1s", "")),
+        (fixtures::V2, params("100%", "soon", "")),
+        (fixtures::V2, params("no-such-device", "1s", "")),
+    ];
+    for (name, p) in refused {
+        let e = c.client.create_rollout(&b.bytes(name), &p).unwrap_err();
+        assert_eq!(e.status(), Some(400), "{name}: {e}");
+        assert_eq!(
+            stored_bundles(state.path()),
+            Vec::<String>::new(),
+            "{name}: {e}"
+        );
+    }
+
+    // A rollout of v2: its bundle is kept while it runs and after it is
+    // done (the fleet's current release).
+    c.client
+        .create_rollout(&b.bytes(fixtures::V2), &params("100%", "1s", ""))
+        .unwrap();
+    assert_eq!(stored_bundles(state.path()), [file(&v2)]);
+    // Another one while it runs: refused (busy), not kept.
+    let e = c
+        .client
+        .create_rollout(&b.bytes(fixtures::V1), &params("100%", "1s", ""))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(stored_bundles(state.path()), [file(&v2)]);
+    c.drive("v2 done", Duration::from_secs(120), |r| {
+        r.phase == Phase::Done
+    });
+    assert_eq!(agent.model().1, 2);
+    assert_eq!(stored_bundles(state.path()), [file(&v2)]);
+
+    // Back to v1 (signed by the operator key: a downgrade): once that
+    // rollout is done, nothing refers to v2's file any more.
+    c.client
+        .create_rollout(&b.bytes(fixtures::V1), &params("100%", "1s", ""))
+        .unwrap();
+    c.drive("v1 done", Duration::from_secs(120), |r| {
+        r.phase == Phase::Done && r.spec.bundle.digest == v1
+    });
+    assert_eq!(agent.model().1, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_bundles(state.path()) != [file(&v1)] {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            stored_bundles(state.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.stop(&rt);
+
+    // At start: what nothing refers to (a file left by an older console, a
+    // write interrupted by a crash) goes; v1's file stays.
+    let stray = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff.ferry";
+    std::fs::write(state.path().join("bundles").join(stray), b"junk").unwrap();
+    std::fs::write(state.path().join("bundles").join(".tmp-123-x"), b"junk").unwrap();
+    let c = start_console(&rt, &broker, state.path(), None);
+    assert_eq!(stored_bundles(state.path()), [file(&v1)]);
+    // The history still names v2's rollout and digest.
+    let all = c.client.rollouts().unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].spec.bundle.digest, v2);
     c.stop(&rt);
 }
