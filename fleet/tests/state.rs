@@ -704,12 +704,35 @@ impl Serve {
     /// `serve --fleet FLEET --listen 127.0.0.1:0 --state <state>` with
     /// `args` (the broker's among them).
     pub(crate) fn start_args(state: &Path, args: &[&str]) -> Serve {
-        let mut child = ferry_fleet_bin()
+        Serve::start_command(state, args, None)
+    }
+
+    /// [`Serve::start_with`], the process limited to `nofile` descriptors.
+    pub(crate) fn start_limited(broker: &Mosquitto, state: &Path, nofile: u64) -> Serve {
+        let url = broker.url();
+        let args = [
+            "--broker",
+            &url,
+            "--username",
+            ADMIN,
+            "--password-env",
+            PASSWORD_ENV,
+        ];
+        Serve::start_command(state, &args, Some(nofile))
+    }
+
+    fn start_command(state: &Path, args: &[&str], nofile: Option<u64>) -> Serve {
+        let mut command = ferry_fleet_bin();
+        command
             .args(["serve", "--fleet", FLEET])
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--state")
             .arg(state)
-            .args(args)
+            .args(args);
+        if let Some(n) = nofile {
+            command = ferry_testkit::slow::with_nofile(&command, n);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

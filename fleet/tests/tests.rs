@@ -10,6 +10,8 @@
 //! - `retrain`: the retraining loop against real agents: the hook fires
 //!   once per episode (also across a console restart) with the drifted
 //!   samples; the export CLI; a webhook retried.
+//! - `limits`: the real binary against 1,000 half-open connections, a
+//!   stalled upload, too many event streams, deep JSON.
 //! - `demo`: `scripts/fleet-demo.sh` runs to the end.
 //! - `rollouts`: canary rollouts against real agents: promote, abort on
 //!   drift with rollback, resume after a console restart.
@@ -26,6 +28,7 @@ mod auth;
 mod dashboard;
 mod demo;
 mod embedded;
+mod limits;
 mod retrain;
 mod rollouts;
 mod state;

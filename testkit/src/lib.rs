@@ -22,6 +22,8 @@
 //!   configuration, state directory and HTTP client; iris request helpers.
 //! - `lambda`: [`lambda::RuntimeApi`], AWS Lambda's Runtime API for the real
 //!   `bootstrap`.
+//! - `slow`: [`slow::half_open`] connections that send half a request and
+//!   wait, and descriptor limits for this process and a child.
 //! - [`free_port`]: a free loopback TCP port.
 //!
 //! # Conventions
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod device;
 pub mod fixtures;
 pub mod lambda;
+pub mod slow;
 
 /// A TCP port free on 127.0.0.1 at the time of the call.
 pub fn free_port() -> u16 {

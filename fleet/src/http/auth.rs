@@ -379,8 +379,10 @@ async fn session(
     Json(serde_json::json!({ "name": p.name, "role": p.role, "csrf": csrf }))
 }
 
-/// `POST /api/tokens` body.
+/// `POST /api/tokens` body. Unknown fields are refused (a typo must not
+/// make a token of another role than meant).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TokenRequest {
     name: String,
     role: String,

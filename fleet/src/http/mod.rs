@@ -65,6 +65,15 @@ impl ApiError {
         }
     }
 
+    /// 503 with `code` and `message` (a limit reached; try again later).
+    pub fn unavailable(code: &'static str, message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            message,
+        }
+    }
+
     /// 500 with `message` (a failure of the console itself).
     pub fn internal(code: &'static str, message: String) -> ApiError {
         ApiError {
@@ -173,8 +182,21 @@ pub(crate) fn console_router(
     protect(router.merge(retrain::routes(retrainer)), auth, cookies)
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled, then waits for
-/// open responses up to `grace` before closing them.
+/// The console's HTTP limits (`ferry_host::http`): headers within 10 s,
+/// 30 s at most between pieces of a body, 15 minutes to answer (an upload
+/// of the largest bundle, [`crate::rollouts::MAX_BUNDLE_BYTES`], over a
+/// slow link, then its verification), 512 connections (half the common
+/// 1,024-descriptor limit; the oldest idle one makes room for a new one).
+pub const LIMITS: ferry_host::http::Limits = ferry_host::http::Limits {
+    header_read_timeout: std::time::Duration::from_secs(10),
+    body_read_timeout: std::time::Duration::from_secs(30),
+    request_timeout: std::time::Duration::from_secs(15 * 60),
+    max_connections: 512,
+};
+
+/// Serves `router` on `listener` within [`LIMITS`] until `stop` is
+/// cancelled, then waits for open responses up to `grace` before closing
+/// them.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
@@ -183,9 +205,10 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let graceful = stop.clone();
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { graceful.cancelled().await })
-            .await
+        ferry_host::http::serve(listener, router, LIMITS, async move {
+            graceful.cancelled().await
+        })
+        .await
     });
     tokio::select! {
         ended = &mut server => return ended.unwrap_or_else(|e| Err(std::io::Error::other(e))),
