@@ -19,6 +19,9 @@
 //!   stopped while an agent keeps predicting: reopened, the store still has
 //!   the device; reconnected with the same client id, it receives what the
 //!   broker queued for its session: every prediction once.
+//! - `one_device_cannot_speak_for_another_through_the_broker_acl`: a
+//!   device account publishing as another device is stopped by the
+//!   broker's ACL; the console never hears of the other device.
 //! - `serve_killed_mid_stream_loses_nothing`: `ferry-fleet serve` SIGKILLed
 //!   while 1000 records stream in, restarted: each record counted exactly
 //!   once (acknowledged only after a flush), visible through the JSON API,
@@ -884,4 +887,59 @@ fn serve_killed_mid_stream_loses_nothing() {
     let d = store.device(device).unwrap();
     assert_eq!(requests(&d), 1000);
     assert_eq!(store.stats().messages, 0, "a fresh handle applied nothing");
+}
+
+/// The broker's ACL (the testkit's mosquitto: `pattern readwrite
+/// ferry/v1/+/%u/#`, `pattern read ferry/v1/+/all/cmd`, the one
+/// docs/mqtt-protocol.md shows) stops a device from speaking for another:
+/// `evil-1`, a real device account, publishes a status and telemetry as
+/// `victim`; the real `ferry-fleet serve` never hears of `victim`, while
+/// `evil-1`'s own status arrives. The same messages from an account the
+/// ACL lets write anywhere (the operator's) do reach the console: the ACL
+/// is what stopped them.
+#[test]
+fn one_device_cannot_speak_for_another_through_the_broker_acl() {
+    let broker = Mosquitto::start(&["evil-1", "victim"]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&broker, &dir.path().join("state"));
+    let client = serve.client();
+    let evil = rt.block_on(Subscriber::connect(
+        &broker,
+        SubscriberOptions {
+            user: "evil-1".into(),
+            client_id: "evil-1".into(),
+            clean_session: true,
+            filters: Vec::new(),
+        },
+    ));
+    let forged_status = {
+        let mut s: Status = serde_json::from_slice(&status_of("victim")).unwrap();
+        s.predictions = u64::MAX / 2;
+        serde_json::to_vec(&s).unwrap()
+    };
+    let telemetry = t("victim", Topic::Stream(Stream::Telemetry));
+    rt.block_on(async {
+        evil.publish(&t("victim", Topic::Status), forged_status.clone())
+            .await;
+        evil.publish(&telemetry, batch_of("victim", 1..=20, now_ms()))
+            .await;
+        // Last: its own status (QoS 1, one connection: in order).
+        evil.publish(&t("evil-1", Topic::Status), status_of("evil-1"))
+            .await;
+    });
+    wait_until(
+        "evil-1's own status",
+        || serve.log_text(),
+        || client.device("evil-1").unwrap().is_some(),
+    );
+    assert_eq!(client.device("victim").unwrap(), None);
+    // Without the ACL's restriction, the same forgery would have worked.
+    let admin = admin(&rt, &broker);
+    rt.block_on(admin.publish(&t("victim", Topic::Status), forged_status));
+    wait_until(
+        "the operator account's message",
+        || serve.log_text(),
+        || client.device("victim").unwrap().is_some(),
+    );
 }
