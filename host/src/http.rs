@@ -340,6 +340,95 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers `ok`, after `delay` on `/slow`.
+    #[derive(Clone)]
+    struct Slow(Duration);
+
+    impl tower_service::Service<Request<TimedBody>> for Slow {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future =
+            Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<TimedBody>) -> Self::Future {
+            let delay = self.0;
+            Box::pin(async move {
+                if req.uri().path() == "/slow" {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            })
+        }
+    }
+
+    /// The whole answer to `request` on a new connection.
+    async fn ask(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer).await;
+        answer
+    }
+
+    /// Whether the server closes `s` (read returns end of file or an error).
+    async fn closed(s: &mut tokio::net::TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_routes_half_sent_headers_and_a_full_table_are_bounded() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            body_read_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_millis(300),
+            max_connections: 2,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = Slow(Duration::from_secs(3600));
+        tokio::spawn(serve(listener, service, limits, std::future::pending()));
+        let get =
+            |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+
+        // A route that never answers: 503 request_timeout.
+        let answer = ask(addr, &get("/slow")).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+        assert!(ask(addr, &get("/")).await.ends_with("ok"));
+
+        // Half-sent headers: closed by the header timeout.
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let closing = tokio::time::timeout(Duration::from_secs(30), closed(&mut half));
+        assert!(closing.await.expect("closed by the header timeout"));
+
+        // A full table (two half-open connections): a new one still gets
+        // its answer, and the oldest idle one was closed for it.
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        first.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(ask(addr, &get("/")).await.ends_with("ok"));
+        let closing = tokio::time::timeout(Duration::from_secs(30), closed(&mut first));
+        assert!(closing.await.expect("the oldest idle connection closed"));
+        let _ = second;
+    }
 
     #[test]
     fn the_oldest_idle_connection_makes_room() {
