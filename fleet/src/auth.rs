@@ -154,8 +154,9 @@ pub enum AuthError {
     /// A token that is not revoked already has this name.
     #[error("a token named {0:?} exists (revoke it first)")]
     NameTaken(String),
-    /// No token (that is not revoked) has this name.
-    #[error("no token named {0:?}")]
+    /// No token (that is not revoked) has this name, or no such device
+    /// is enrolled.
+    #[error("no token or enrolled device named {0:?}")]
     NotFound(String),
     /// The operating system gave no random bytes.
     #[error("no random bytes: {0}")]
@@ -413,6 +414,61 @@ impl Auth {
     /// Ends session `id`.
     pub fn logout(&self, id: &str) {
         self.sessions.lock().unwrap().remove(&hash(id));
+    }
+}
+
+/// An enrolled device. Do not rename or remove fields; add new ones at
+/// the end with defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub device: String,
+    pub enrolled_ms: u64,
+    /// The admin who enrolled it.
+    pub by: String,
+}
+
+/// What `GET /api/enrolment` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    /// Whether only enrolled devices are followed (`serve
+    /// --require-enrolment`).
+    pub required: bool,
+    pub devices: Vec<Enrolled>,
+    /// Messages refused since the console started, per device id that is
+    /// not enrolled.
+    pub not_enrolled: std::collections::BTreeMap<String, u64>,
+}
+
+impl Auth {
+    /// Enrols `device` (an admin, `by`, asked).
+    pub fn enrol(&self, device: &str, by: &str, now_ms: u64) -> Result<Enrolled, AuthError> {
+        ferry_protocol::validate_name("device id", device)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let record = Enrolled {
+            device: device.to_string(),
+            enrolled_ms: now_ms,
+            by: by.to_string(),
+        };
+        self.store.save_enrolment(device, &record)?;
+        Ok(record)
+    }
+
+    /// Removes `device`'s enrolment.
+    pub fn unenrol(&self, device: &str) -> Result<(), AuthError> {
+        if self.store.remove_enrolment(device)? {
+            Ok(())
+        } else {
+            Err(AuthError::NotFound(device.to_string()))
+        }
+    }
+
+    /// The enrolment list and what was refused.
+    pub fn enrolment(&self) -> Result<Enrolment, AuthError> {
+        Ok(Enrolment {
+            required: self.store.requires_enrolment(),
+            devices: self.store.enrolments()?,
+            not_enrolled: self.store.unenrolled(),
+        })
     }
 }
 

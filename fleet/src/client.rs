@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::auth::{NewToken, Principal, TokenView};
+use crate::auth::{Enrolled, Enrolment, NewToken, Principal, TokenView};
 use crate::model::DeviceState;
 use crate::retrain::{FleetDriftView, Overview, ROWS_HEADER, Request};
 use crate::rollout::Rollout;
@@ -280,5 +280,31 @@ impl Client {
             .call()
             .map_err(self.unreachable())?;
         Self::json(&path, r)
+    }
+
+    /// `GET /api/enrolment` (admin).
+    pub fn enrolment(&self) -> Result<Enrolment, ClientError> {
+        self.get("/api/enrolment")
+    }
+
+    /// `POST /api/enrolment` (admin): enrols `device`.
+    pub fn enrol(&self, device: &str) -> Result<Enrolled, ClientError> {
+        let path = "/api/enrolment";
+        let r = self
+            .authorize(self.agent.post(self.url(path)))
+            .header("Content-Type", "application/json")
+            .send(serde_json::json!({ "device": device }).to_string())
+            .map_err(self.unreachable())?;
+        Self::json(path, r)
+    }
+
+    /// `DELETE /api/enrolment/{device}` (admin).
+    pub fn unenrol(&self, device: &str) -> Result<(), ClientError> {
+        let path = format!("/api/enrolment/{device}");
+        let r = self
+            .authorize(self.agent.delete(self.url(&path)))
+            .call()
+            .map_err(self.unreachable())?;
+        Self::text(&path, r).map(|_| ())
     }
 }

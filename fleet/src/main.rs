@@ -14,6 +14,8 @@
 //!   drifting devices' samples and a request from a running console.
 //! - `token`: make, list and revoke API tokens (admin), over the API of a
 //!   running console or (`--state`) on a stopped console's state directory.
+//! - `enrol`: enrol devices, remove them, list them and the devices
+//!   refused (admin; `serve --require-enrolment`).
 //!
 //! The commands that talk to a console authenticate with a token:
 //! `--token-file FILE`, or `FERRY_FLEET_TOKEN` (`--token`).
@@ -77,6 +79,9 @@ enum Cmd {
     /// Make, list or revoke API tokens (admin).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Enrol devices, remove them, or list them with the devices refused
+    /// (admin; `serve --require-enrolment`).
+    Enrol(EnrolCmd),
 }
 
 /// Where the broker is and who we are on it.
@@ -175,6 +180,11 @@ struct Serve {
     embedded_broker: Option<SocketAddr>,
     #[command(flatten)]
     retrain: RetrainArgs,
+    /// Follow only the devices an admin enrolled (`ferry-fleet enrol`):
+    /// messages of others are counted (`GET /api/enrolment`) and ignored
+    /// for state, rollouts and retraining.
+    #[arg(long)]
+    require_enrolment: bool,
     /// Mark the dashboard's session cookie `Secure`: set it when browsers
     /// reach the console over HTTPS (a TLS-terminating reverse proxy, see
     /// docs/fleet-security.md).
@@ -267,6 +277,7 @@ impl Serve {
             embedded_broker: self.embedded_broker,
             rollouts,
             retrain,
+            require_enrolment: self.require_enrolment,
             secure_cookies: self.secure_cookies,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -756,6 +767,60 @@ impl TokenCmd {
     }
 }
 
+#[derive(Args)]
+struct EnrolCmd {
+    /// Devices to enrol (or with --remove, to remove).
+    devices: Vec<String>,
+    /// Remove these devices' enrolment instead.
+    #[arg(long)]
+    remove: bool,
+    /// Print the enrolled devices and the devices refused.
+    #[arg(long, conflicts_with = "remove")]
+    list: bool,
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// Print JSON (with --list).
+    #[arg(long)]
+    json: bool,
+}
+
+impl EnrolCmd {
+    fn run(self) -> Result<()> {
+        let client = self.console.client()?;
+        for d in &self.devices {
+            if self.remove {
+                client.unenrol(d).map_err(refused("the console refused"))?;
+                println!("removed {d}");
+            } else {
+                client.enrol(d).map_err(refused("the console refused"))?;
+                println!("enrolled {d}");
+            }
+        }
+        if self.list || self.devices.is_empty() {
+            let e = client.enrolment().map_err(refused("the console refused"))?;
+            if self.json {
+                println!("{}", serde_json::to_string(&e)?);
+                return Ok(());
+            }
+            println!(
+                "enrolment {}",
+                if e.required {
+                    "required"
+                } else {
+                    "not required (serve --require-enrolment)"
+                }
+            );
+            for d in &e.devices {
+                println!("  enrolled {} (by {})", d.device, d.by);
+            }
+            for (d, n) in &e.not_enrolled {
+                println!("  refused  {d}: {n} message(s)");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C, with the signal's name.
 async fn shutdown_signal() -> &'static str {
     let ctrl_c = async {
@@ -837,6 +902,7 @@ fn main() -> ExitCode {
         Cmd::Rollouts(c) => c.run(),
         Cmd::Retrain(c) => c.run(),
         Cmd::Token(c) => c.run(),
+        Cmd::Enrol(c) => c.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

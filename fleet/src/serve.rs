@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub rollouts: Option<RolloutsConfig>,
     /// The retraining loop.
     pub retrain: retrain::Options,
+    /// Follow only the devices an admin enrolled (`--require-enrolment`).
+    pub require_enrolment: bool,
     /// Mark the session cookie `Secure` (`--secure-cookies`: browsers reach
     /// the console over HTTPS, through a TLS-terminating proxy).
     pub secure_cookies: bool,
@@ -153,6 +155,7 @@ pub async fn run_notify(
         embedded_broker,
         rollouts,
         retrain,
+        require_enrolment,
         secure_cookies,
     } = config;
     // The embedded broker accepts connections before the console connects.
@@ -171,6 +174,7 @@ pub async fn run_notify(
             .map_err(|_| ServeError::Panicked("opening the state"))??,
     );
     tracing::info!(state = %state.display(), devices = store.devices().len(), "State opened");
+    store.set_require_enrolment(require_enrolment);
     let auth = Arc::new(Auth::new(store.clone()));
     {
         let (auth, state) = (auth.clone(), state.clone());
@@ -328,6 +332,7 @@ mod tests {
             embedded_broker: None,
             rollouts: None,
             retrain: retrain::Options::default(),
+            require_enrolment: false,
             secure_cookies: false,
         };
         let e = run(config, std::future::pending()).await.unwrap_err();

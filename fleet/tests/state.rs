@@ -22,6 +22,8 @@
 //! - `one_device_cannot_speak_for_another_through_the_broker_acl`: a
 //!   device account publishing as another device is stopped by the
 //!   broker's ACL; the console never hears of the other device.
+//! - `only_enrolled_devices_are_followed`: `serve --require-enrolment`
+//!   counts and ignores devices no admin enrolled; `ferry-fleet enrol`.
 //! - `serve_killed_mid_stream_loses_nothing`: `ferry-fleet serve` SIGKILLed
 //!   while 1000 records stream in, restarted: each record counted exactly
 //!   once (acknowledged only after a flush), visible through the JSON API,
@@ -122,6 +124,7 @@ pub(crate) fn console_config(
         embedded_broker: None,
         rollouts: None,
         retrain: ferry_fleet::retrain::Options::default(),
+        require_enrolment: false,
         secure_cookies: false,
     }
 }
@@ -942,4 +945,73 @@ fn one_device_cannot_speak_for_another_through_the_broker_acl() {
         || serve.log_text(),
         || client.device("victim").unwrap().is_some(),
     );
+}
+
+/// `serve --require-enrolment` (the real binary): statuses and telemetry
+/// of devices no admin enrolled are counted per device and ignored (no
+/// state, so no rollout or retraining sees them); `ferry-fleet enrol`
+/// (admin) lets one in; removing it hides it again.
+#[test]
+fn only_enrolled_devices_are_followed() {
+    let broker = Mosquitto::start(&[]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let serve = Serve::start_with(&broker, &state, &["--require-enrolment"]);
+    let client = serve.client();
+    let admin = admin(&rt, &broker);
+    let publish_all = |admin: &Subscriber| {
+        std::thread::sleep(Duration::from_millis(5));
+        rt.block_on(async {
+            for d in ["dev-known", "dev-stranger"] {
+                admin.publish(&t(d, Topic::Status), status_of(d)).await;
+            }
+            let telemetry = t("dev-stranger", Topic::Stream(Stream::Telemetry));
+            admin
+                .publish(&telemetry, batch_of("dev-stranger", 1..=5, now_ms()))
+                .await;
+        });
+    };
+    publish_all(&admin);
+    wait_until(
+        "both devices refused and counted",
+        || serve.log_text(),
+        || client.enrolment().unwrap().not_enrolled.len() == 2,
+    );
+    let e = client.enrolment().unwrap();
+    assert!(e.required && e.devices.is_empty(), "{e:?}");
+    assert_eq!(e.not_enrolled["dev-stranger"], 2, "{e:?}");
+    assert_eq!(client.device("dev-known").unwrap(), None);
+    assert_eq!(client.devices().unwrap()["counts"]["devices"], 0);
+
+    let enrol = ferry_fleet_bin()
+        .args(["enrol", "dev-known", "--console", &serve.url])
+        .env("FERRY_FLEET_TOKEN", &serve.token)
+        .output()
+        .unwrap();
+    assert!(enrol.status.success(), "{enrol:?}");
+    publish_all(&admin);
+    wait_until(
+        "the enrolled device",
+        || serve.log_text(),
+        || client.device("dev-known").unwrap().is_some(),
+    );
+    wait_until(
+        "the stranger refused again",
+        || serve.log_text(),
+        || client.enrolment().unwrap().not_enrolled["dev-stranger"] == 4,
+    );
+    assert_eq!(client.device("dev-stranger").unwrap(), None);
+    let list = ferry_fleet_bin()
+        .args(["enrol", "--list", "--console", &serve.url])
+        .env("FERRY_FLEET_TOKEN", &serve.token)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("enrolled dev-known (by admin)") && text.contains("refused  dev-stranger: 4"),
+        "{text}"
+    );
+    client.unenrol("dev-known").unwrap();
+    assert_eq!(client.devices().unwrap()["counts"]["devices"], 0);
 }

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /healthz`, `GET`/`POST /login` | nothing |
 //! | `GET /bundles/<sha256>.ferry` | nothing (see below) |
-//! | `/api/tokens...` | admin |
+//! | `/api/tokens...`, `/api/enrolment...` | admin |
 //! | any other `GET`/`HEAD` | viewer |
 //! | any other method | operator (`POST /logout`: any session) |
 //!
@@ -48,7 +48,7 @@ use ferry_host::now_ms;
 use serde::Deserialize;
 
 use super::{ApiError, blocking};
-use crate::auth::{Auth, NewToken, Principal, Role, TokenView};
+use crate::auth::{Auth, Enrolled, Enrolment, NewToken, Principal, Role, TokenView};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "ferry_session";
@@ -78,6 +78,8 @@ pub fn protect(router: Router, auth: Arc<Auth>, cookies: CookiePolicy) -> Router
         .route("/api/session", get(session))
         .route("/api/tokens", get(list_tokens).post(create_token))
         .route("/api/tokens/{name}", delete(revoke_token))
+        .route("/api/enrolment", get(enrolment).post(enrol))
+        .route("/api/enrolment/{device}", delete(unenrol))
         .with_state(guard.clone());
     router
         .merge(own)
@@ -91,6 +93,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         "/healthz" | "/login" => None,
         p if read && p.starts_with("/bundles/") => None,
         p if p == "/api/tokens" || p.starts_with("/api/tokens/") => Some(Role::Admin),
+        p if p == "/api/enrolment" || p.starts_with("/api/enrolment/") => Some(Role::Admin),
         "/logout" => Some(Role::Viewer),
         _ if read => Some(Role::Viewer),
         _ => Some(Role::Operator),
@@ -419,6 +422,42 @@ async fn revoke_token(
     Ok(Json(revoked))
 }
 
+/// `POST /api/enrolment` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolRequest {
+    device: String,
+}
+
+async fn enrolment(State(g): State<Guard>) -> Result<Json<Enrolment>, ApiError> {
+    let auth = g.auth.clone();
+    Ok(Json(blocking(move || Ok(auth.enrolment()?)).await?))
+}
+
+async fn enrol(
+    State(g): State<Guard>,
+    Extension(p): Extension<Principal>,
+    Json(req): Json<EnrolRequest>,
+) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
+    let auth = g.auth.clone();
+    let by = p.name.clone();
+    let e = blocking(move || Ok(auth.enrol(&req.device, &by, now_ms())?)).await?;
+    tracing::info!(device = %e.device, by = %p.name, "Device enrolled");
+    Ok((StatusCode::CREATED, Json(e)))
+}
+
+async fn unenrol(
+    State(g): State<Guard>,
+    Extension(p): Extension<Principal>,
+    Path(device): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let auth = g.auth.clone();
+    let d = device.clone();
+    blocking(move || Ok(auth.unenrol(&d)?)).await?;
+    tracing::info!(%device, by = %p.name, "Device enrolment removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +482,9 @@ mod tests {
             (&get, "/api/tokens", Some(Role::Admin)),
             (&post, "/api/tokens", Some(Role::Admin)),
             (&delete, "/api/tokens/ci", Some(Role::Admin)),
+            (&get, "/api/enrolment", Some(Role::Admin)),
+            (&post, "/api/enrolment", Some(Role::Admin)),
+            (&delete, "/api/enrolment/d1", Some(Role::Admin)),
             (&post, "/api/anything-new", Some(Role::Operator)),
             (&get, "/healthz/x", Some(Role::Viewer)),
         ];
