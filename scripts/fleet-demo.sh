@@ -66,6 +66,9 @@ for _ in $(seq 1 100); do [ -s "$admin_token" ] && break; sleep 0.1; done
 export FERRY_FLEET_TOKEN="$(cat "$admin_token")"
 echo "dashboard: $console/  (log in with the token in $admin_token)"
 
+say "# The admin enrols the three devices (the console follows enrolled devices only)"
+step "$fleet" enrol device-1 device-2 device-3 --console "$console"
+
 say "# Three devices running ferry-agent"
 agent_ports=()
 for i in 1 2 3; do

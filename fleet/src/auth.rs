@@ -430,8 +430,8 @@ pub struct Enrolled {
 /// What `GET /api/enrolment` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrolment {
-    /// Whether only enrolled devices are followed (`serve
-    /// --require-enrolment`).
+    /// Whether only enrolled devices are followed (`serve` unless
+    /// `--follow-unenrolled`).
     pub required: bool,
     pub devices: Vec<Enrolled>,
     /// Messages refused since the console started, per device id that is

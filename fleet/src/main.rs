@@ -15,7 +15,8 @@
 //! - `token`: make, list and revoke API tokens (admin), over the API of a
 //!   running console or (`--state`) on a stopped console's state directory.
 //! - `enrol`: enrol devices, remove them, list them and the devices
-//!   refused (admin; `serve --require-enrolment`).
+//!   refused (admin): `serve` follows only enrolled devices unless
+//!   `--follow-unenrolled`.
 //!
 //! The commands that talk to a console authenticate with a token:
 //! `--token-file FILE`, or `FERRY_FLEET_TOKEN` (`--token`).
@@ -45,7 +46,8 @@ use ferry_fleet::{Client, ClientError, HTTP_GRACE};
   ferry-fleet rollout iris-v2.ferry --canary 10% --bake 10m --abort-if 'error_rate>1%' --abort-if 'drift.psi>0.25'\n\
   ferry-fleet rollouts [--json]\n\
   ferry-fleet retrain [--export DIR] [--json]\n\
-  ferry-fleet token create --name ci --role operator    (admin; prints the token once)\n\n\
+  ferry-fleet token create --name ci --role operator    (admin; prints the token once)\n\
+  ferry-fleet enrol pump-1 pump-2    (admin: serve follows only enrolled devices)\n\n\
 Commands that talk to a console need a token: --token-file FILE or FERRY_FLEET_TOKEN.\n\
 The first admin token is written to <state>/admin.token when a console first starts.\n\n\
 Exit codes: 0 ok, 1 error, 2 usage."
@@ -80,7 +82,7 @@ enum Cmd {
     #[command(subcommand)]
     Token(TokenCmd),
     /// Enrol devices, remove them, or list them with the devices refused
-    /// (admin; `serve --require-enrolment`).
+    /// (admin).
     Enrol(EnrolCmd),
 }
 
@@ -180,11 +182,13 @@ struct Serve {
     embedded_broker: Option<SocketAddr>,
     #[command(flatten)]
     retrain: RetrainArgs,
-    /// Follow only the devices an admin enrolled (`ferry-fleet enrol`):
-    /// messages of others are counted (`GET /api/enrolment`) and ignored
-    /// for state, rollouts and retraining.
+    /// Follow every device that publishes under the fleet's topics, enrolled
+    /// or not (demos, small trusted networks). Without it, only the devices
+    /// an admin enrolled (`ferry-fleet enrol`) are followed: messages of
+    /// others are counted (`GET /api/enrolment`) and ignored for state,
+    /// rollouts and retraining.
     #[arg(long)]
-    require_enrolment: bool,
+    follow_unenrolled: bool,
     /// Mark the dashboard's session cookie `Secure`: set it when browsers
     /// reach the console over HTTPS (a TLS-terminating reverse proxy, see
     /// docs/fleet-security.md).
@@ -277,7 +281,7 @@ impl Serve {
             embedded_broker: self.embedded_broker,
             rollouts,
             retrain,
-            require_enrolment: self.require_enrolment,
+            require_enrolment: !self.follow_unenrolled,
             secure_cookies: self.secure_cookies,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -807,7 +811,7 @@ impl EnrolCmd {
                 if e.required {
                     "required"
                 } else {
-                    "not required (serve --require-enrolment)"
+                    "not required (serve --follow-unenrolled)"
                 }
             );
             for d in &e.devices {

@@ -64,7 +64,8 @@ pub struct ServeConfig {
     pub rollouts: Option<RolloutsConfig>,
     /// The retraining loop.
     pub retrain: retrain::Options,
-    /// Follow only the devices an admin enrolled (`--require-enrolment`).
+    /// Follow only the devices an admin enrolled (`serve` does unless
+    /// `--follow-unenrolled`).
     pub require_enrolment: bool,
     /// Mark the session cookie `Secure` (`--secure-cookies`: browsers reach
     /// the console over HTTPS, through a TLS-terminating proxy).

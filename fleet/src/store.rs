@@ -70,7 +70,8 @@
 //! itself is never stored) and `m/bootstrapped` (set once the first admin
 //! token was made), and the enrolled devices (`n/<device>`, JSON, the
 //! `auth` module's type). With enrolment required
-//! ([`Store::set_require_enrolment`]), a message of a device that is not
+//! ([`Store::set_require_enrolment`], what `serve` does unless
+//! `--follow-unenrolled`), a message of a device that is not
 //! enrolled is refused (`not_enrolled`, counted per device id in
 //! [`Store::unenrolled`]) and [`Store::devices`] lists enrolled devices
 //! only, so neither the dashboard nor rollouts nor retraining see others.

@@ -22,8 +22,8 @@
 //! - `one_device_cannot_speak_for_another_through_the_broker_acl`: a
 //!   device account publishing as another device is stopped by the
 //!   broker's ACL; the console never hears of the other device.
-//! - `only_enrolled_devices_are_followed`: `serve --require-enrolment`
-//!   counts and ignores devices no admin enrolled; `ferry-fleet enrol`.
+//! - `only_enrolled_devices_are_followed`: `serve` counts and ignores
+//!   devices no admin enrolled; `ferry-fleet enrol`.
 //! - `serve_killed_mid_stream_loses_nothing`: `ferry-fleet serve` SIGKILLed
 //!   while 1000 records stream in, restarted: each record counted exactly
 //!   once (acknowledged only after a flush), visible through the JSON API,
@@ -709,8 +709,26 @@ impl Serve {
 
     /// `serve --fleet FLEET --listen 127.0.0.1:0 --state <state>` with
     /// `args` (the broker's among them).
+    /// (Every test of the binary but the enrolment one follows devices
+    /// it did not enrol: `--follow-unenrolled`.)
     pub(crate) fn start_args(state: &Path, args: &[&str]) -> Serve {
-        Serve::start_command(state, args, None)
+        let mut all = vec!["--follow-unenrolled"];
+        all.extend(args);
+        Serve::start_command(state, &all, None)
+    }
+
+    /// As `serve` starts by default: only enrolled devices followed.
+    fn start_enrolled_only(broker: &Mosquitto, state: &Path) -> Serve {
+        let url = broker.url();
+        let args = [
+            "--broker",
+            &url,
+            "--username",
+            ADMIN,
+            "--password-env",
+            PASSWORD_ENV,
+        ];
+        Serve::start_command(state, &args, None)
     }
 
     /// [`Serve::start_with`], the process limited to `nofile` descriptors.
@@ -947,7 +965,7 @@ fn one_device_cannot_speak_for_another_through_the_broker_acl() {
     );
 }
 
-/// `serve --require-enrolment` (the real binary): statuses and telemetry
+/// `serve` as it starts by default (the real binary): statuses and telemetry
 /// of devices no admin enrolled are counted per device and ignored (no
 /// state, so no rollout or retraining sees them); `ferry-fleet enrol`
 /// (admin) lets one in; removing it hides it again.
@@ -957,7 +975,7 @@ fn only_enrolled_devices_are_followed() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let serve = Serve::start_with(&broker, &state, &["--require-enrolment"]);
+    let serve = Serve::start_enrolled_only(&broker, &state);
     let client = serve.client();
     let admin = admin(&rt, &broker);
     let publish_all = |admin: &Subscriber| {
