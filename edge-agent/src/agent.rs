@@ -26,10 +26,10 @@ use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use ferry_protocol::{
-    Action, BundleRef, Command, Event, OutputSummary, SCHEMA_VERSION, SampleRecord, Status, Stream,
-    TelemetryRecord, UpdateState,
+    Action, BundleRef, ChannelIndex, Command, Event, OutputSummary, SCHEMA_VERSION, SampleRecord,
+    Status, Stream, TelemetryRecord, UpdateState,
 };
-use ferry_runtime::{PublicKey, ReadLimits, Session, TrustPolicy};
+use ferry_runtime::{ReadLimits, Session};
 use tokio::sync::watch;
 
 use crate::buffer::{Buffer, BufferOptions};
@@ -80,7 +80,12 @@ pub struct Active {
 pub struct Agent {
     pub config: Config,
     pub identity: Identity,
-    trust: TrustPolicy,
+    roots: crate::trust::Roots,
+    freshness: updates::Freshness,
+    /// Set once by [`Agent::begin_shutdown`]: downloads stay cancelled.
+    shutting_down: std::sync::atomic::AtomicBool,
+    /// The last metadata refusal reported (an event per new one).
+    metadata_refusal: Mutex<std::collections::BTreeMap<&'static str, (String, String)>>,
     limits: ReadLimits,
     active: ArcSwapOption<Active>,
     /// Has its own lock; its methods take `&self`.
@@ -107,6 +112,21 @@ pub struct Agent {
     replay: crate::replay::ReplayGuard,
 }
 
+/// A command that passed [`Agent::admit`].
+#[derive(Debug)]
+pub struct Admitted {
+    pub id: String,
+    pub action: Action,
+}
+
+/// An install an operator-signed command asked for.
+#[derive(Debug, Clone)]
+pub struct Commanded {
+    pub url: String,
+    pub digest: String,
+    pub command_id: String,
+}
+
 /// Command ids remembered for de-duplication: far more than a broker
 /// redelivers after a reconnect (its in-flight window).
 const RECENT_COMMANDS: usize = 256;
@@ -122,13 +142,14 @@ impl Agent {
             fleet: config.device.fleet.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        let trust = load_trust(&config)?;
         std::fs::create_dir_all(&config.paths.state_dir).with_context(|| {
             format!(
                 "cannot create state_dir {}",
                 config.paths.state_dir.display()
             )
         })?;
+        let roots = crate::trust::Roots::open(&config)?;
+        let state_dir_for_freshness = config.paths.state_dir.clone();
         let (buffer, recovery) = Buffer::open_or_recover(BufferOptions::from_config(
             &config.paths.state_dir,
             &config.buffer,
@@ -158,8 +179,8 @@ impl Agent {
                 "Record of signed commands damaged: moved aside; signed commands issued before now are refused"
             );
         }
-        let fetcher = Fetcher::new(config.updates.ca_file.as_deref())
-            .context("cannot set up the update client")?;
+        let fetcher =
+            Fetcher::from_config(&config.updates).context("cannot set up the update client")?;
         let source = match config.updates.source.trim() {
             "" => None,
             s => Some(Source::parse(s).context("invalid updates.source")?),
@@ -172,7 +193,10 @@ impl Agent {
             limits: ReadLimits::default(),
             config,
             identity,
-            trust,
+            roots,
+            freshness: updates::Freshness::open(&state_dir_for_freshness),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            metadata_refusal: Mutex::new(Default::default()),
             active: ArcSwapOption::empty(),
             store,
             fetcher,
@@ -191,6 +215,10 @@ impl Agent {
             recent_commands: Mutex::new(std::collections::VecDeque::new()),
             replay,
         });
+        agent
+            .metrics
+            .root_version
+            .set(agent.roots.current().version() as i64);
         agent.boot()?;
         agent.refresh_status();
         if let Some(r) = recovery {
@@ -324,18 +352,207 @@ impl Agent {
         running: Option<&BundleRef>,
         allow_downgrade: bool,
     ) -> Result<(BundleRef, Session), Rejection> {
+        let root = self.roots.current();
         let verified = updates::check_candidate(
             bytes,
-            &self.trust,
+            root.release_policy(),
             &self.limits,
             &self.want(),
             running,
             allow_downgrade,
         )?;
         let bundle = updates::bundle_ref(&verified);
+        if !allow_downgrade {
+            self.check_history(&bundle)?;
+        }
         let session = updates::load_session(verified)?;
         updates::health_check(&session)?;
         Ok((bundle, session))
+    }
+
+    /// What this device remembers against a channel candidate: releases
+    /// refused or rolled back (by manifest hash, whatever signatures the file
+    /// carries), a rolled-back sequence (the floor) and an operator's pin.
+    fn check_history(&self, b: &BundleRef) -> Result<(), Rejection> {
+        if let Some(pin) = self.store.pin() {
+            return Err(Rejection::new(
+                "pinned",
+                format!(
+                    "an operator pinned this device to sequence {} (command {}); `unpin` lifts it",
+                    pin.sequence, pin.command_id
+                ),
+            ));
+        }
+        if self.store.is_refused(&b.release, &b.digest) {
+            return Err(Rejection::new(
+                "rejected_before",
+                format!(
+                    "release {} ({} {}) was refused or rolled back before",
+                    b.release, b.name, b.version
+                ),
+            ));
+        }
+        if let Some(f) = self.store.floor()
+            && f.fleet == b.fleet
+            && f.channel == b.channel
+            && b.sequence <= f.sequence
+        {
+            return Err(Rejection::new(
+                "below_floor",
+                format!(
+                    "sequence {} is not above {}, rolled back on this device; only an operator-signed install goes below",
+                    b.sequence, f.sequence
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the channel: first any newer roots beside it (`root/<n>.json`,
+    /// applied in order), then the index, opened as signed metadata when the
+    /// root has a channel role and checked for freshness. `None` when the
+    /// metadata was refused (reported; the running release stays).
+    fn fetch_channel(&self, source: &Source) -> Result<Option<ChannelIndex>> {
+        self.walk_roots(source);
+        let bytes = self.fetcher.fetch_index_bytes(source)?;
+        let root = self.roots.current();
+        let (payload, signed) = match updates::open_index(&bytes, &root) {
+            Ok(v) => v,
+            Err(r) => {
+                self.note_metadata_refused("index", r);
+                return Ok(None);
+            }
+        };
+        let index = updates::parse_index(source, &payload)?;
+        if signed && let Err(r) = self.freshness.check(&index, now_ms()) {
+            self.note_metadata_refused("index", r);
+            return Ok(None);
+        }
+        if self
+            .metadata_refusal
+            .lock()
+            .unwrap()
+            .remove("index")
+            .is_some()
+        {
+            tracing::info!("Channel metadata accepted again");
+            if matches!(
+                self.update_state(),
+                UpdateState::Rejected { digest: None, .. }
+            ) {
+                self.set_update_state(UpdateState::Idle);
+            }
+        }
+        Ok(Some(index))
+    }
+
+    /// Applies the roots the channel offers after the current one, in order.
+    fn walk_roots(&self, source: &Source) {
+        // A device offline through many rotations catches up over a few polls.
+        const MAX_STEPS: usize = 16;
+        for _ in 0..MAX_STEPS {
+            let next = self.roots.current().version() + 1;
+            let relative = format!("root/{next}.json");
+            match self.fetcher.fetch_beside(
+                source,
+                &relative,
+                ferry_format::MAX_ENVELOPE_BYTES as u64,
+            ) {
+                Ok(None) => {
+                    self.metadata_refusal.lock().unwrap().remove("root");
+                    return;
+                }
+                Ok(Some(bytes)) => match self.roots.apply(&bytes) {
+                    Ok(root) => {
+                        self.metrics.root_version.set(root.version() as i64);
+                        append_event(
+                            &self.buffer,
+                            Event::RootRotated {
+                                version: root.version(),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        self.note_metadata_refused(
+                            "root",
+                            Rejection::new(e.code(), format!("{relative}: {e}")),
+                        );
+                        return;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(file = %relative, error = %e, "Cannot read the channel's next root");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Counts a refused piece of channel metadata, `what` being `index` or
+    /// `root` (metric at every poll; status and event when its reason changes).
+    fn note_metadata_refused(&self, what: &'static str, r: Rejection) {
+        self.metrics
+            .metadata_rejected
+            .get_or_create(&crate::metrics::CodeLabel {
+                code: r.code.to_string(),
+            })
+            .inc();
+        let key = (r.code.to_string(), r.reason.clone());
+        let mut last = self.metadata_refusal.lock().unwrap();
+        if last.get(what) == Some(&key) {
+            return;
+        }
+        last.insert(what, key);
+        drop(last);
+        tracing::error!(code = r.code, reason = %r.reason, "Channel metadata refused; keeping the running release");
+        append_event(
+            &self.buffer,
+            Event::MetadataRejected {
+                code: r.code.to_string(),
+                reason: r.reason.clone(),
+            },
+        );
+        self.set_update_state(UpdateState::Rejected {
+            version: "channel metadata".into(),
+            code: r.code.to_string(),
+            reason: r.reason,
+            digest: None,
+        });
+    }
+
+    /// Makes a channel candidate skipped for the device's history visible
+    /// (status, metric, event) once per candidate, not at every poll (the
+    /// status keeps the first reason it was refused for).
+    fn note_skipped(&self, candidate: &BundleRef, r: Rejection) {
+        let already = matches!(
+            &*self.update_state.lock().unwrap(),
+            UpdateState::Rejected { digest: Some(d), .. } if d == &candidate.digest
+        );
+        if already {
+            return;
+        }
+        tracing::warn!(code = r.code, reason = %r.reason, version = %candidate.version, "Channel's latest refused");
+        self.metrics
+            .updates_rejected
+            .get_or_create(&crate::metrics::CodeLabel {
+                code: r.code.to_string(),
+            })
+            .inc();
+        append_event(
+            &self.buffer,
+            Event::UpdateRejected {
+                version: candidate.version.clone(),
+                digest: Some(candidate.digest.clone()),
+                code: r.code.to_string(),
+                reason: r.reason.clone(),
+            },
+        );
+        self.set_update_state(UpdateState::Rejected {
+            version: candidate.version.clone(),
+            code: r.code.to_string(),
+            reason: r.reason,
+            digest: Some(candidate.digest.clone()),
+        });
     }
 
     fn load_slot(&self, path: &Path, bundle: &BundleRef) -> Result<Session, Rejection> {
@@ -603,6 +820,16 @@ impl Agent {
         }
     }
 
+    /// Stops downloads in progress (at their next chunk) and any that would
+    /// start: SIGTERM ends the process in seconds, not after a transfer.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.fetcher
+            .cancel_flag()
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Goes back to the previous bundle. Blocking.
     pub fn rollback_blocking(&self, reason: &str, automatic: bool) -> Result<BundleRef> {
         let from = self.active_bundle();
@@ -632,45 +859,60 @@ impl Agent {
         Ok(to.bundle)
     }
 
-    /// Polls the channel (or installs the bundle a command names) and
+    /// Polls the channel, or installs the bundle an operator-signed command
+    /// names (`commanded`: its URL, file digest and command id), and
     /// activates what passes every check. Returns the new bundle, if any.
     pub async fn check_updates(
         self: &Arc<Self>,
-        explicit: Option<(String, String)>,
-        allow_downgrade: bool,
+        commanded: Option<Commanded>,
     ) -> Result<Option<BundleRef>> {
         let _one_at_a_time = self.update_lock.lock().await;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.update_blocking(explicit, allow_downgrade))
+        tokio::task::spawn_blocking(move || this.update_blocking(commanded))
             .await
             .context("update task panicked")?
     }
 
-    fn update_blocking(
-        &self,
-        explicit: Option<(String, String)>,
-        allow_downgrade: bool,
-    ) -> Result<Option<BundleRef>> {
+    fn update_blocking(&self, commanded: Option<Commanded>) -> Result<Option<BundleRef>> {
         let running = self.active_bundle();
-        let (url, digest, version, size) = match explicit {
-            Some((url, digest)) => (url, digest, String::from("(commanded)"), None),
+        let allow_downgrade = commanded.is_some();
+        let (url, digest, version, size) = match &commanded {
+            Some(c) => (
+                c.url.clone(),
+                c.digest.clone(),
+                String::from("(commanded)"),
+                None,
+            ),
             None => {
                 let Some(source) = &self.source else {
                     return Ok(None);
                 };
-                let index = self.fetcher.fetch_index(source)?;
+                let Some(index) = self.fetch_channel(source)? else {
+                    return Ok(None);
+                };
                 let e = index.latest;
                 if running.as_ref().is_some_and(|r| e.sequence <= r.sequence) {
+                    return Ok(None);
+                }
+                // Judged from the index before downloading; the same checks
+                // run again on the verified bundle.
+                let candidate = BundleRef {
+                    name: e.name.clone(),
+                    version: e.version.clone(),
+                    digest: e.digest.clone(),
+                    fleet: index.fleet.clone(),
+                    channel: index.channel.clone(),
+                    sequence: e.sequence,
+                    release: e.release.clone(),
+                };
+                if let Err(r) = self.check_history(&candidate) {
+                    self.note_skipped(&candidate, r);
                     return Ok(None);
                 }
                 (e.url, e.digest, e.version, Some(e.size))
             }
         };
         if running.as_ref().is_some_and(|r| r.digest == digest) {
-            return Ok(None);
-        }
-        if self.store.is_rejected(&digest) {
-            tracing::debug!(%digest, "Skipping a bundle rejected before");
             return Ok(None);
         }
         let reject = |code: &'static str, reason: String| {
@@ -703,6 +945,10 @@ impl Agent {
             received: 0,
             total: size.unwrap_or(0),
         });
+        updates::check_digest(&digest).map_err(|e| anyhow!("{e}"))?;
+        if let Err(e) = self.store.clear_staging_except(&digest) {
+            tracing::warn!(error = %e, "Cannot clean staging");
+        }
         let staging = self.store.staging_dir();
         let mut last = Instant::now();
         let staged = self
@@ -735,8 +981,25 @@ impl Agent {
             Ok(v) => v,
             Err(r) => {
                 let _ = std::fs::remove_file(&staged);
-                if r.code != "already_active" && r.code != "downgrade" {
-                    let _ = self.store.reject(&digest);
+                if !matches!(
+                    r.code,
+                    "already_active" | "downgrade" | "pinned" | "rejected_before" | "below_floor"
+                ) {
+                    // A release whose signatures verified and that was judged
+                    // bad is remembered by its manifest hash too: re-signed
+                    // under a new file digest, it stays refused. A file that
+                    // did not verify is remembered by its digest only, or a
+                    // corrupted copy could blacklist the genuine release.
+                    let judged = matches!(
+                        r.code,
+                        "wrong_fleet" | "wrong_channel" | "load_failed" | "golden_failed"
+                    );
+                    let release = if judged {
+                        ferry_format::release_id_of(&bytes).unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    let _ = self.store.refuse(&release, &digest);
                 }
                 return Err(reject(r.code, r.reason));
             }
@@ -744,6 +1007,26 @@ impl Agent {
         self.store
             .activate(&staged, &bundle)
             .map_err(|e| reject(e.code(), e.to_string()))?;
+        if let Some(c) = &commanded {
+            // An operator's downgrade pins the device: the channel would
+            // otherwise reinstall the newer release at its next poll.
+            let downgrade = running
+                .as_ref()
+                .is_some_and(|r| bundle.sequence <= r.sequence);
+            let pin = if downgrade {
+                Some(updates::Pin {
+                    release: bundle.release.clone(),
+                    sequence: bundle.sequence,
+                    command_id: c.command_id.clone(),
+                    since_ms: now_ms(),
+                })
+            } else {
+                self.store.pin()
+            };
+            if let Err(e) = self.store.set_operator_choice(Some(&bundle), pin) {
+                tracing::error!(error = %e, "Cannot record the operator's install");
+            }
+        }
         let previous = running;
         let probation = now_ms() + self.config.updates.probation_s * 1000;
         self.set_active(session, bundle.clone(), Some(probation));
@@ -760,18 +1043,42 @@ impl Agent {
         Ok(Some(bundle))
     }
 
-    /// Acts on a command from the fleet.
+    /// Acts on a command from the fleet: [`Agent::admit`], then
+    /// [`Agent::execute`].
     pub async fn handle_command(self: &Arc<Self>, command: Command) {
+        if let Some(admitted) = self.admit(command) {
+            self.execute(admitted).await;
+        }
+    }
+
+    fn reject_command(&self, id: &str, reason: String) {
+        tracing::warn!(command = %id, %reason, "Command rejected");
+        self.metrics.commands_rejected.inc();
+        append_event(
+            &self.buffer,
+            Event::CommandRejected {
+                command_id: id.to_string(),
+                reason,
+            },
+        );
+    }
+
+    /// Checks a command in the order commands arrive (schema, signatures,
+    /// replay record, URL shape), quickly and without waiting for the update
+    /// worker. A rollback admitted here stops a download in progress at its
+    /// next chunk, so it never waits behind a stalled transfer.
+    pub fn admit(&self, command: Command) -> Option<Admitted> {
         let id = command.id.clone();
+        let signatures = command.all_signatures();
         // Unsigned commands are de-duplicated in a ring of their own: they
         // can neither push a signed command's id out nor claim it first.
-        // Signed ones are checked (signature, then the persisted replay
+        // Signed ones are checked (signatures, then the persisted replay
         // record) below.
-        if command.signature.is_none() {
+        if signatures.is_empty() {
             let mut recent = self.recent_commands.lock().unwrap();
             if recent.contains(&id) {
                 tracing::debug!(command = %id, "Duplicate command ignored");
-                return;
+                return None;
             }
             if recent.len() == RECENT_COMMANDS {
                 recent.pop_front();
@@ -779,14 +1086,8 @@ impl Agent {
             recent.push_back(id.clone());
         }
         let reject = |reason: String| {
-            tracing::warn!(command = %id, %reason, "Command rejected");
-            append_event(
-                &self.buffer,
-                Event::CommandRejected {
-                    command_id: id.clone(),
-                    reason,
-                },
-            );
+            self.reject_command(&id, reason);
+            None
         };
         if command.schema != SCHEMA_VERSION {
             return reject(format!(
@@ -794,16 +1095,23 @@ impl Agent {
                 command.schema
             ));
         }
-        let signed = match &command.signature {
-            None => false,
-            Some(_) => match self.check_signature(&command) {
-                Ok(()) => match self.replay.accept(&id, command.issued_ms, now_ms()) {
-                    Ok(()) => true,
-                    Err(e) => return reject(e),
-                },
-                Err(e) => return reject(e),
-            },
-        };
+        let signed = !signatures.is_empty();
+        if signed {
+            if let Err(e) = self.verify_command(&command) {
+                return reject(e);
+            }
+            // Recorded only now that the signatures verified: a forged
+            // command cannot claim a genuine one's id.
+            if let Err(e) = self.replay.accept(&id, command.issued_ms, now_ms()) {
+                return reject(e);
+            }
+        } else if command.needs_signature() {
+            let threshold = self.roots.current().operator_policy().roles()[0].threshold();
+            return reject(format!(
+                "{} needs operator signatures ({threshold} required); unsigned commands may only ping or check_update",
+                action_name(&command.action)
+            ));
+        }
         if let Action::Install { url, .. } | Action::ShadowStart { url, .. } = &command.action {
             // A command comes over the network: it may not make the agent read
             // arbitrary local files (the checks would refuse them, but still).
@@ -812,23 +1120,67 @@ impl Agent {
             }
         }
         tracing::info!(command = %id, action = ?command.action, signed, "Command");
-        match command.action {
+        if matches!(command.action, Action::Rollback { .. }) {
+            self.fetcher
+                .cancel_flag()
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Some(Admitted {
+            id,
+            action: command.action,
+        })
+    }
+
+    /// Carries out an admitted command. Updates, rollbacks and shadow
+    /// downloads take the update lock (one at a time); the main loop runs
+    /// each in its own task so the next command is admitted meanwhile.
+    pub async fn execute(self: &Arc<Self>, admitted: Admitted) {
+        let Admitted { id, action } = admitted;
+        let reject = |reason: String| self.reject_command(&id, reason);
+        match action {
             Action::CheckUpdate => {
-                if let Err(e) = self.check_updates(None, false).await {
+                if let Err(e) = self.check_updates(None).await {
                     tracing::warn!(error = %format!("{e:#}"), "Update check failed");
                 }
             }
             Action::Install { url, digest } => {
-                if let Err(e) = self.check_updates(Some((url, digest)), signed).await {
+                let commanded = Commanded {
+                    url,
+                    digest,
+                    command_id: id.clone(),
+                };
+                if let Err(e) = self.check_updates(Some(commanded)).await {
                     tracing::warn!(error = %format!("{e:#}"), "Commanded install failed");
                 }
             }
-            Action::Rollback { reason } => {
-                if !signed {
-                    return reject("rollback needs an operator signature".into());
+            Action::Rollback { reason, from } => {
+                // `admit` set the cancel flag: a download in progress stopped
+                // at its next chunk (kept for resuming).
+                let cancel = self.fetcher.cancel_flag();
+                let _guard = self.update_lock.lock().await;
+                if !self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+                    cancel.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+                // A rollback names the release it leaves: captured and
+                // replayed later, it must not undo a newer release.
+                let Some(from) = from else {
+                    return reject(
+                        "a rollback must name the release it leaves (`from`: manifest hash or file digest)".into(),
+                    );
+                };
+                let running = self.active_bundle();
+                if !running
+                    .as_ref()
+                    .is_some_and(|r| r.release == from || r.digest == from)
+                {
+                    return reject(format!(
+                        "stale rollback: it leaves {from}, this device runs {}",
+                        running
+                            .map(|r| format!("{} {} ({})", r.name, r.version, r.release))
+                            .unwrap_or_else(|| "nothing".into())
+                    ));
                 }
                 let reason = reason.unwrap_or_else(|| format!("operator command {id}"));
-                let _guard = self.update_lock.lock().await;
                 let this = self.clone();
                 let r = tokio::task::spawn_blocking(move || this.rollback_blocking(&reason, false))
                     .await;
@@ -838,6 +1190,12 @@ impl Agent {
                     Err(e) => reject(format!("rollback task failed: {e}")),
                 }
             }
+            Action::Unpin => match self.store.set_operator_choice(None, None) {
+                Ok(()) => {
+                    tracing::warn!(command = %id, "Pin lifted: the channel may update this device again")
+                }
+                Err(e) => reject(format!("cannot lift the pin: {e}")),
+            },
             Action::ShadowStart {
                 url,
                 digest,
@@ -857,27 +1215,32 @@ impl Agent {
         self.refresh_status();
     }
 
-    fn check_signature(&self, command: &Command) -> Result<(), String> {
+    /// Checks a command's signatures against the root's operator role (its
+    /// threshold of distinct keys), for this device or for the whole fleet.
+    fn verify_command(&self, command: &Command) -> Result<(), String> {
         // Age, clock skew and replays are the replay record's to judge,
-        // after the signature verified.
-        let sig = command.signature.as_ref().expect("checked by the caller");
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(sig.signature.trim())
-            .map_err(|e| format!("signature is not base64: {e}"))?;
+        // after the signatures verified.
+        let mut decoded = Vec::new();
+        for sig in command.all_signatures() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(sig.signature.trim())
+                .map_err(|e| format!("signature by {} is not base64: {e}", sig.key_id))?;
+            decoded.push((sig.key_id.as_str(), bytes));
+        }
+        let pairs: Vec<(&str, &[u8])> = decoded.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+        let root = self.roots.current();
+        let policy = root.operator_policy();
         let fleet = &self.identity.fleet;
+        let mut last = String::new();
         for target in [self.identity.device.as_str(), ferry_protocol::ALL_DEVICES] {
             let message = command.signing_bytes(fleet, target);
-            if self
-                .trust
-                .verify_detached(&sig.key_id, &message, &bytes)
-                .is_ok()
-            {
-                return Ok(());
+            match policy.verify_detached_all(&message, &pairs) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
             }
         }
         Err(format!(
-            "signature by {} does not verify for this device or fleet",
-            sig.key_id
+            "operator signatures do not verify for this device or fleet: {last}"
         ))
     }
 
@@ -890,8 +1253,13 @@ impl Agent {
         let Some(active) = self.active() else {
             return Err(anyhow!("no active bundle to compare with"));
         };
+        // One download at a time (staging holds one bundle; a rollback
+        // pre-empts this one too).
+        let _one_at_a_time = self.update_lock.lock().await;
         let this = self.clone();
         let (bundle, session) = tokio::task::spawn_blocking(move || -> Result<_> {
+            crate::updates::check_digest(&digest)?;
+            this.store.clear_staging_except(&digest)?;
             let staging = this.store.staging_dir();
             let staged = this.fetcher.download(
                 &url,
@@ -927,16 +1295,15 @@ impl Agent {
     }
 }
 
-fn load_trust(config: &Config) -> Result<TrustPolicy> {
-    let mut keys = Vec::new();
-    for path in &config.paths.trusted_keys {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read trusted key {}", path.display()))?;
-        keys.extend(
-            PublicKey::all_from_pem(&text)
-                .with_context(|| format!("invalid trusted key file {}", path.display()))?,
-        );
+/// A command's action as its wire name.
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::CheckUpdate => "check_update",
+        Action::Install { .. } => "install",
+        Action::Rollback { .. } => "rollback",
+        Action::Unpin => "unpin",
+        Action::ShadowStart { .. } => "shadow_start",
+        Action::ShadowStop => "shadow_stop",
+        Action::Ping => "ping",
     }
-    TrustPolicy::with_threshold(keys, config.paths.key_threshold)
-        .context("invalid trust settings (paths.trusted_keys / key_threshold)")
 }

@@ -59,9 +59,14 @@ pub struct PathsConfig {
     pub state_dir: PathBuf,
     /// The bundle installed when `state_dir` holds none yet (first boot).
     pub initial_bundle: Option<PathBuf>,
-    /// PEM files of the keys bundles (and signed commands) must be signed with.
+    /// The root of trust installed at provisioning (`ferry root init`): the
+    /// keys and thresholds of each role. Takes precedence over
+    /// `trusted_keys`.
+    pub root: Option<PathBuf>,
+    /// Without `root`: PEM files of the keys that sign bundles, commands and
+    /// roots (a root derived from them, version 0).
     pub trusted_keys: Vec<PathBuf>,
-    /// Distinct trusted signatures a bundle needs.
+    /// Without `root`: distinct trusted signatures a bundle or command needs.
     pub key_threshold: usize,
 }
 
@@ -70,6 +75,7 @@ impl Default for PathsConfig {
         PathsConfig {
             state_dir: PathBuf::from("/var/lib/ferry-agent"),
             initial_bundle: None,
+            root: None,
             trusted_keys: Vec::new(),
             key_threshold: 1,
         }
@@ -124,6 +130,12 @@ pub struct UpdatesConfig {
     pub max_boot_attempts: u32,
     /// Signed commands older than this are refused (replay protection).
     pub max_command_age_s: u64,
+    /// Longest one download attempt may take, whatever its rate (a resumed
+    /// attempt starts a new one).
+    pub max_download_s: u64,
+    /// Accept a plain `http://` channel (a lab without TLS). Off by default:
+    /// on plain HTTP anyone on the path can hold back or replay the index.
+    pub allow_http: bool,
 }
 
 impl Default for UpdatesConfig {
@@ -138,6 +150,8 @@ impl Default for UpdatesConfig {
             min_requests: 20,
             max_boot_attempts: 3,
             max_command_age_s: 24 * 3600,
+            max_download_s: 3600,
+            allow_http: false,
         }
     }
 }
@@ -306,6 +320,9 @@ impl Config {
         if let Some(p) = &mut self.paths.initial_bundle {
             fix(p);
         }
+        if let Some(p) = &mut self.paths.root {
+            fix(p);
+        }
         self.paths.trusted_keys.iter_mut().for_each(fix);
         for p in [
             &mut self.updates.ca_file,
@@ -330,17 +347,35 @@ impl Config {
         ferry_protocol::validate_name("fleet", &self.device.fleet).map_err(anyhow::Error::msg)?;
         ferry_protocol::validate_name("channel", &self.device.channel)
             .map_err(anyhow::Error::msg)?;
-        if self.paths.trusted_keys.is_empty() {
-            bail!("paths.trusted_keys is empty: the agent only runs signed bundles");
+        if self.paths.trusted_keys.is_empty() && self.paths.root.is_none() {
+            bail!(
+                "neither paths.root nor paths.trusted_keys is set: the agent only runs signed bundles"
+            );
         }
         if self.paths.key_threshold == 0 {
             bail!("paths.key_threshold must be at least 1");
+        }
+        if self
+            .updates
+            .source
+            .trim()
+            .to_ascii_lowercase()
+            .starts_with("http://")
+            && !self.updates.allow_http
+        {
+            bail!(
+                "updates.source {:?} is plain http: use https, or set updates.allow_http = true for a lab",
+                self.updates.source
+            );
         }
         if !(0.0..=1.0).contains(&self.telemetry.sample_rate) {
             bail!("telemetry.sample_rate must be within 0..=1");
         }
         if !(0.0..=1.0).contains(&self.updates.max_error_rate) {
             bail!("updates.max_error_rate must be within 0..=1");
+        }
+        if self.updates.max_download_s == 0 {
+            bail!("updates.max_download_s must be at least 1");
         }
         if self.http.max_body_bytes == 0 || self.http.max_concurrency == 0 {
             bail!("http.max_body_bytes and http.max_concurrency must be positive");
@@ -417,6 +452,22 @@ mod tests {
         assert!(bad("[mqtt]\nurl = \"tcp://x\"\n").contains("mqtt://"));
         assert!(bad("[telemetry]\nsample_rate = 2.0\n").contains("sample_rate"));
         assert!(bad("[mqtt]\nmax_message_bytes = 1000000\n").contains("max_message_bytes"));
+        // A plain-http channel only when explicitly allowed (a lab).
+        assert!(bad("[updates]\nsource = \"http://h/index.json\"\n").contains("allow_http"));
+        let lab: Config = toml::from_str(&format!(
+            "{base}[updates]\nsource = \"http://h/index.json\"\nallow_http = true\n"
+        ))
+        .unwrap();
+        lab.validate().unwrap();
+        // Neither a root nor trusted keys: nothing could be verified.
+        let keyless: Config = toml::from_str("[device]\nid = \"d\"\nfleet = \"f\"\n").unwrap();
+        assert!(
+            keyless
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("paths.root")
+        );
         let c: Config = toml::from_str(&base.replace("id = \"d\"", "id = \"a/b\"")).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("device id"));
     }

@@ -19,6 +19,9 @@
 //! - `shadow`: a candidate bundle run on live inputs, never answering.
 //! - `agent`: the core: the active session, the update flow, probation and
 //!   automatic rollback, commands, status.
+//! - `trust`: the root of trust (provisioned, derived from `trusted_keys`, or
+//!   rotated) whose roles sign releases, commands and channel metadata.
+//! - `replay`: the persisted record of signed commands already obeyed.
 //! - `metrics`: Prometheus metrics.
 //! - `server`: the HTTP API (axum): predict, model, healthz, metrics.
 //!
@@ -29,8 +32,11 @@
 //! - Inference never waits on the network: a prediction appends to the local
 //!   buffer and returns; a separate task ships the buffer.
 //! - A record leaves the buffer only after the broker acknowledged it (PUBACK).
-//! - Nothing from a bundle runs before its signatures verify against the
-//!   device's trusted keys.
+//! - Nothing from a bundle runs before its signatures meet the root's release
+//!   policy (builder, and approver when the root has one).
+//! - Nothing a command asks changes the device unless operator keys signed it
+//!   up to the root's threshold (only `ping` and `check_update` may be
+//!   unsigned).
 //! - At every instant the disk holds an activation record that names a
 //!   complete, verified bundle (or none before the first install).
 
@@ -43,4 +49,5 @@ pub mod observe;
 pub mod replay;
 pub mod server;
 pub mod shadow;
+pub mod trust;
 pub mod updates;

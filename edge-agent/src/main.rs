@@ -107,7 +107,7 @@ fn init(out: &std::path::Path, force: bool) -> Result<()> {
     std::fs::write(out, DEFAULT_CONFIG)
         .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!(
-        "wrote {}: set device.id, device.fleet and paths.trusted_keys, then run `ferry-agent --config {}`",
+        "wrote {}: set device.id, device.fleet and paths.root (or paths.trusted_keys), then run `ferry-agent --config {}`",
         out.display(),
         out.display()
     );
@@ -123,7 +123,12 @@ fn run(config_path: &std::path::Path) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
+    let outcome = runtime.block_on(serve(config));
+    // The buffer is flushed and the tasks have stopped; a blocking download
+    // waiting on a silent server (up to its read timeout) must not hold the
+    // exit: it is resumable from its partial file.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    outcome
 }
 
 async fn serve(config: Config) -> Result<()> {
@@ -169,7 +174,9 @@ async fn serve(config: Config) -> Result<()> {
         drop(cmd_tx);
     }
 
-    // Commands, one at a time, in order.
+    // Commands: admitted one at a time, in order (signatures, replays);
+    // each admitted one runs in a task of its own, so a rollback is admitted
+    // (and pre-empts a download) while an install is still downloading.
     let a = agent.clone();
     let stop = shutdown.clone();
     tasks.spawn(async move {
@@ -177,7 +184,12 @@ async fn serve(config: Config) -> Result<()> {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 cmd = cmd_rx.recv() => match cmd {
-                    Some(cmd) => a.handle_command(cmd).await,
+                    Some(cmd) => {
+                        if let Some(admitted) = a.admit(cmd) {
+                            let a = a.clone();
+                            tokio::spawn(async move { a.execute(admitted).await });
+                        }
+                    }
                     None => stop.cancelled().await,
                 },
             }
@@ -196,7 +208,7 @@ async fn serve(config: Config) -> Result<()> {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = interval.tick() => {
-                        if let Err(e) = a.check_updates(None, false).await {
+                        if let Err(e) = a.check_updates(None).await {
                             tracing::warn!(error = %format!("{e:#}"), "Update check failed");
                         }
                     }
@@ -255,6 +267,7 @@ async fn serve(config: Config) -> Result<()> {
         },
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    agent.begin_shutdown();
     shutdown.cancel();
     // Give the tasks (the MQTT task publishes an offline status and waits for
     // in-flight acknowledgements) a bounded time to finish.

@@ -66,6 +66,13 @@ pub struct Metrics {
     pub updates_installed: Counter,
     pub updates_rejected: Family<CodeLabel, Counter>,
     pub rollbacks: Counter,
+    /// Commands refused (signatures, replays, stale rollbacks...).
+    pub commands_rejected: Counter,
+    /// Channel metadata and roots refused, by reason code
+    /// (`metadata_expired`, `metadata_rollback`, `metadata_signature`...).
+    pub metadata_rejected: Family<CodeLabel, Counter>,
+    /// The version of the root of trust in force (0: derived from trusted_keys).
+    pub root_version: Gauge,
     bundle: Family<BundleLabel, Gauge>,
     mqtt_connected: Gauge,
     mqtt_published: Counter,
@@ -115,6 +122,9 @@ impl Metrics {
             updates_installed: Counter::default(),
             updates_rejected: Family::default(),
             rollbacks: Counter::default(),
+            commands_rejected: Counter::default(),
+            metadata_rejected: Family::default(),
+            root_version: Gauge::default(),
             bundle: Family::default(),
             mqtt_connected: Gauge::default(),
             mqtt_published: Counter::default(),
@@ -202,6 +212,21 @@ impl Metrics {
             "rollbacks",
             "Returns to a previous bundle",
             m.rollbacks.clone(),
+        );
+        r.register(
+            "commands_rejected",
+            "Commands refused (signatures, replays, stale or malformed)",
+            m.commands_rejected.clone(),
+        );
+        r.register(
+            "metadata_rejected",
+            "Channel metadata or roots refused, by reason code",
+            m.metadata_rejected.clone(),
+        );
+        r.register(
+            "root_version",
+            "Version of the root of trust in force (0: derived from trusted_keys)",
+            m.root_version.clone(),
         );
         r.register(
             "bundle_info",

@@ -472,6 +472,293 @@ fn tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops() {
     assert!(stopping, "no STOPPING=1 after SIGTERM; got {seen:?}");
 }
 
+/// Waits until the metrics text contains `needle`.
+fn wait_metric(d: &Device, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.metrics().contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {needle}\n{}",
+            d.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the status's update state is `rejected` with `code`.
+fn wait_refused(d: &Device, code: &'static str) {
+    d.wait_status(Duration::from_secs(30), code, |s| {
+        s["update"]["state"] == "rejected" && s["update"]["code"] == code
+    });
+}
+
+#[test]
+fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() {
+    // Issue 10, item 6: `index.json` was unsigned and never expired, so a
+    // mirror or a man in the middle could keep a device on an old release
+    // forever, unseen. Times are relative to the test's clock (never a fixed
+    // value); the device's "now" moves forward with a signed time.
+    use ferry_format::SecretKey;
+    use ferry_testkit::channel::publish_signed;
+    use ferry_testkit::cli::{assert_exit, ferry};
+    const DAY: u64 = 86_400_000;
+    let keys = tempfile::tempdir().unwrap();
+    let k = |name: &str| keys.path().join(name).display().to_string();
+    for name in ["root", "root2", "op", "channel", "channel2"] {
+        assert_exit(&ferry(&["keygen", "-o", &k(name)]), 0);
+    }
+    let secret = |name: &str| {
+        SecretKey::from_pem(&std::fs::read_to_string(k(&format!("{name}.key"))).unwrap()).unwrap()
+    };
+    let release_pub = bundles().path("release.pub").display().to_string();
+    let root_file = k("root.json");
+    assert_exit(
+        &ferry(&[
+            "root",
+            "init",
+            "--root",
+            &k("root.pub"),
+            "--builder",
+            &release_pub,
+            "--operator",
+            &k("op.pub"),
+            "--channel",
+            &k("channel.pub"),
+            "--key",
+            &k("root.key"),
+            "-o",
+            &root_file,
+        ]),
+        0,
+    );
+    let channel = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new("meta-1");
+    setup.source = Some(channel.path().display().to_string());
+    setup.root = Some(root_file.clone().into());
+    let mut d = Device::start(setup);
+    let now = ferry_host::now_ms();
+    let v2 = bundles().path(fixtures::V2);
+
+    // Unsigned: refused, visibly; v1 keeps serving.
+    publish(channel.path(), &v2);
+    wait_refused(&d, "unsigned_metadata");
+    // Signed by a key that is not the channel's.
+    publish_signed(channel.path(), &v2, &[&secret("op")], 1, now, now + DAY);
+    wait_refused(&d, "metadata_signature");
+    // Signed, but expired an hour ago.
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel")],
+        1,
+        now - DAY,
+        now - 3_600_000,
+    );
+    wait_refused(&d, "metadata_expired");
+    assert_eq!(d.model().1, 1);
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    let metrics = d.metrics();
+    assert!(
+        metrics.contains("ferry_metadata_rejected_total{code=\"metadata_expired\"}"),
+        "{metrics}"
+    );
+    // `ferry publish` signing with the channel key: accepted, v2 installs.
+    assert_exit(
+        &ferry(&[
+            "publish",
+            &v2.display().to_string(),
+            "--to",
+            &channel.path().display().to_string(),
+            "--pub",
+            &release_pub,
+            "--channel-key",
+            &k("channel.key"),
+            "--expires",
+            "1d",
+        ]),
+        0,
+    );
+    d.wait_status(Duration::from_secs(30), "v2 from signed metadata", |s| {
+        s["bundle"]["sequence"] == 2
+    });
+    // An older version (a replayed index) is refused.
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel")],
+        1,
+        now,
+        now + DAY,
+    );
+    wait_refused(&d, "metadata_rollback");
+    // Metadata signed "two days from now" moves the device's clock forward:
+    // metadata valid for one day from the real now is then already expired.
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel")],
+        10,
+        now + 2 * DAY,
+        now + 3 * DAY,
+    );
+    d.wait_status(Duration::from_secs(30), "accepted again", |s| {
+        s["update"]["state"] != "rejected"
+    });
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel")],
+        11,
+        now,
+        now + DAY,
+    );
+    wait_refused(&d, "metadata_expired");
+    // What was seen survives a restart.
+    assert!(d.terminate().success());
+    d.spawn();
+    d.wait_ready();
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel")],
+        9,
+        now + 2 * DAY,
+        now + 4 * DAY,
+    );
+    wait_refused(&d, "metadata_rollback");
+
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel")],
+        12,
+        now + 2 * DAY,
+        now + 4 * DAY,
+    );
+    d.wait_status(Duration::from_secs(30), "accepted after the restart", |s| {
+        s["update"]["state"] != "rejected"
+    });
+
+    // Rotation: root 2 replaces the channel key; it is signed by the old root
+    // key and the new one, and put beside the index as root/2.json.
+    let root2 = k("root2.json");
+    assert_exit(
+        &ferry(&[
+            "root",
+            "init",
+            "--version",
+            "2",
+            "--root",
+            &k("root2.pub"),
+            "--builder",
+            &release_pub,
+            "--operator",
+            &k("op.pub"),
+            "--channel",
+            &k("channel2.pub"),
+            "-o",
+            &root2,
+        ]),
+        0,
+    );
+    // Signed by the new root key alone: refused (a thief of one new key
+    // cannot make itself root), and the old channel key still works.
+    assert_exit(
+        &ferry(&["root", "sign", &root2, "--key", &k("root2.key")]),
+        0,
+    );
+    assert_exit(
+        &ferry(&["root", "verify", &root2, "--previous", &root_file]),
+        3,
+    );
+    std::fs::create_dir_all(channel.path().join("root")).unwrap();
+    std::fs::copy(&root2, channel.path().join("root/2.json")).unwrap();
+    wait_refused(&d, "metadata_signature");
+    assert!(d.metrics().contains("ferry_root_version 1"));
+    // With the old root's signature too it is applied.
+    assert_exit(
+        &ferry(&["root", "sign", &root2, "--key", &k("root.key")]),
+        0,
+    );
+    assert_exit(
+        &ferry(&["root", "verify", &root2, "--previous", &root_file]),
+        0,
+    );
+    std::fs::copy(&root2, channel.path().join("root/2.json")).unwrap();
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel")],
+        20,
+        now + 2 * DAY,
+        now + 5 * DAY,
+    );
+    wait_metric(&d, "ferry_root_version 2");
+    d.wait_status(
+        Duration::from_secs(30),
+        "old channel key refused after rotation",
+        |s| s["update"]["code"] == "metadata_signature",
+    );
+    publish_signed(
+        channel.path(),
+        &v2,
+        &[&secret("channel2")],
+        21,
+        now + 2 * DAY,
+        now + 5 * DAY,
+    );
+    d.wait_status(Duration::from_secs(30), "new channel key accepted", |s| {
+        s["update"]["state"] != "rejected"
+    });
+    // The rotation is kept across a restart.
+    assert!(d.terminate().success());
+    d.spawn();
+    d.wait_ready();
+    assert!(d.metrics().contains("ferry_root_version 2"));
+    assert_eq!(d.model().1, 2);
+}
+
+#[test]
+fn a_lying_index_cannot_send_endless_data_or_mix_releases() {
+    // TUF's endless-data and mix-and-match attacks against the real binary:
+    // an index announcing a small size for a large file, and an index whose
+    // digest names one release while its URL serves another.
+    let channel = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new("lying-1");
+    setup.source = Some(channel.path().display().to_string());
+    let d = Device::start(setup);
+    let write_index = |file: &str, digest: &str, size: usize| {
+        let index = json!({
+            "schema": 1, "fleet": fixtures::FLEET, "channel": fixtures::CHANNEL,
+            "latest": {"name": "iris", "version": "2.0.0", "sequence": 2,
+                       "digest": digest, "size": size, "url": file}
+        });
+        std::fs::write(channel.path().join("index.json"), index.to_string()).unwrap();
+    };
+    bundles().copy_to(fixtures::V2, channel.path());
+    bundles().copy_to(fixtures::BAD_RELEASE, channel.path());
+    // Endless data: the file is far larger than announced; the download
+    // stops at the announced size.
+    write_index(fixtures::V2, &bundles().digest(fixtures::V2), 1000);
+    wait_refused(&d, "too_large");
+    // Mix-and-match: v2's digest, another release's bytes.
+    write_index(
+        fixtures::BAD_RELEASE,
+        &bundles().digest(fixtures::V2),
+        bundles().bytes(fixtures::BAD_RELEASE).len(),
+    );
+    wait_refused(&d, "download_digest_mismatch");
+    assert_eq!(d.model().1, 1);
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    let metrics = d.metrics();
+    for code in ["too_large", "download_digest_mismatch"] {
+        assert!(
+            metrics.contains(&format!("ferry_updates_rejected_total{{code=\"{code}\"}}")),
+            "{metrics}"
+        );
+    }
+}
+
 /// The issue's attack: 1,000 connections that send half a request's
 /// headers and wait, against an agent limited to 1,024 descriptors (the
 /// common default that 1,100 such connections used up). The agent keeps

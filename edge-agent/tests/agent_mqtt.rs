@@ -256,6 +256,7 @@ fn command(id: &str, action: Action) -> Command {
             .as_millis() as u64,
         action,
         signature: None,
+        signatures: Vec::new(),
     }
 }
 
@@ -268,6 +269,27 @@ fn sign(mut c: Command, device: &str) -> Command {
         signature: base64::engine::general_purpose::STANDARD.encode(sig),
     });
     c
+}
+
+/// Signs `c` for `device` and publishes it on the device's command topic.
+async fn send_signed(admin: &Subscriber, device: &str, c: Command) {
+    admin
+        .publish(
+            &t(device, Topic::Command),
+            serde_json::to_vec(&sign(c, device)).unwrap(),
+        )
+        .await
+}
+
+/// A signed-to-be rollback that leaves v2.
+fn leave_v2(id: &str, reason: &str) -> Command {
+    command(
+        id,
+        Action::Rollback {
+            reason: Some(reason.into()),
+            from: Some(bundles().release(fixtures::V2)),
+        },
+    )
 }
 
 /// A device on mosquitto, commanded by an admin client, with a channel
@@ -313,7 +335,7 @@ async fn commanded(device: &'static str) -> Commanded {
     }
 }
 
-/// Publishes an unsigned install of v2 on `topic` and waits until the device
+/// Publishes a signed install of v2 on `topic` and waits until the device
 /// serves it.
 async fn install_v2(
     admin: &Subscriber,
@@ -329,6 +351,9 @@ async fn install_v2(
             digest: bundles().digest(fixtures::V2),
         },
     );
+    // Signed for the whole fleet when sent to `all`, else for the device.
+    let target = topic.split('/').nth(3).unwrap().to_string();
+    let install = sign(install, &target);
     admin
         .publish(topic, serde_json::to_vec(&install).unwrap())
         .await;
@@ -357,7 +382,8 @@ async fn commands_install_roll_back_and_shadow() {
     let v2 = bundles().digest(fixtures::V2);
     let d = install_v2(&admin, &all_topic, &server, "c-install", d).await;
 
-    // Installing v1 over v2 is a downgrade: refused unless an operator signs it.
+    // An unsigned install (here of v1 over v2) is refused: only operators
+    // may make the device fetch a URL.
     let d = blocking(move || {
         d.wait_status(Duration::from_secs(10), "v2 serving", |s| {
             s["bundle"]["sequence"] == 2
@@ -378,21 +404,28 @@ async fn commands_install_roll_back_and_shadow() {
     admin
         .publish(&cmd_topic, serde_json::to_vec(&downgrade).unwrap())
         .await;
-    let d = blocking(move || {
-        d.wait_status(Duration::from_secs(30), "downgrade refused", |s| {
-            s["update"]["state"] == "rejected" && s["update"]["code"] == "downgrade"
-        });
-        assert_eq!(d.model().1, 2);
-        d
-    })
-    .await;
+    let events_topic = t(device, Topic::Stream(Stream::Events));
+    assert!(
+        sub.wait_for(Duration::from_secs(30), {
+            let topic = events_topic.clone();
+            move |m| rejections(m, &topic, "c-downgrade", "needs operator signatures") >= 1
+        })
+        .await
+    );
+    assert_eq!(d.model().1, 2);
 
     // An unsigned rollback is refused; a signed one goes back to v1.
-    let unsigned = command("c-rb-unsigned", Action::Rollback { reason: None });
+    let leave_v2 = Some(bundles().release(fixtures::V2));
+    let unsigned = command(
+        "c-rb-unsigned",
+        Action::Rollback {
+            reason: None,
+            from: leave_v2.clone(),
+        },
+    );
     admin
         .publish(&cmd_topic, serde_json::to_vec(&unsigned).unwrap())
         .await;
-    let events_topic = t(device, Topic::Stream(Stream::Events));
     let rejected = |id: &'static str| {
         let events_topic = events_topic.clone();
         move |m: &[Message]| {
@@ -412,7 +445,13 @@ async fn commands_install_roll_back_and_shadow() {
     );
     let forged = {
         let mut c = sign(
-            command("c-rb-forged", Action::Rollback { reason: None }),
+            command(
+                "c-rb-forged",
+                Action::Rollback {
+                    reason: None,
+                    from: leave_v2.clone(),
+                },
+            ),
             device,
         );
         c.id = "c-rb-forged-2".into(); // the signature no longer matches
@@ -430,6 +469,7 @@ async fn commands_install_roll_back_and_shadow() {
             "c-rb",
             Action::Rollback {
                 reason: Some("operator test".into()),
+                from: leave_v2,
             },
         ),
         device,
@@ -446,13 +486,16 @@ async fn commands_install_roll_back_and_shadow() {
     .await;
 
     // Shadow: v2 (the same model) on live traffic agrees completely.
-    let shadow = command(
-        "c-shadow",
-        Action::ShadowStart {
-            url: server.url(fixtures::V2),
-            digest: v2,
-            samples: 20,
-        },
+    let shadow = sign(
+        command(
+            "c-shadow",
+            Action::ShadowStart {
+                url: server.url(fixtures::V2),
+                digest: v2,
+                samples: 20,
+            },
+        ),
+        device,
     );
     admin
         .publish(&cmd_topic, serde_json::to_vec(&shadow).unwrap())
@@ -558,6 +601,7 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
             "r-rb",
             Action::Rollback {
                 reason: Some("replay test".into()),
+                from: Some(bundles().release(fixtures::V2)),
             },
         ),
         device,
@@ -624,4 +668,370 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
         assert!(metrics.contains("ferry_predictions_total"), "{metrics}");
     })
     .await;
+}
+
+/// Waits until the status's update state is `rejected` with `code`.
+fn wait_refusal(d: Device, code: &'static str) -> Device {
+    d.wait_status(Duration::from_secs(30), code, |s| {
+        s["update"]["state"] == "rejected" && s["update"]["code"] == code
+    });
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins() {
+    // Issue 10, items 1 and 9: refusals were remembered by the file's digest,
+    // which the signature block does not cover: one junk signature under an
+    // unknown key id gave a rolled-back release a new digest and the channel
+    // reinstalled it. And after an operator's downgrade the next poll
+    // reinstalled the newer release.
+    let device = "mq-identity";
+    let broker = Mosquitto::start(&[device]);
+    let sub = watch(&broker, device).await;
+    let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
+    let channel = tempfile::tempdir().unwrap();
+    let server = ChannelServer::start(channel.path());
+    let events_topic = t(device, Topic::Stream(Stream::Events));
+    let d = blocking({
+        let mut setup = Setup::new(device).mqtt(&broker);
+        setup.source = Some(channel.path().display().to_string());
+        move || Device::start(setup)
+    })
+    .await;
+    ferry_testkit::channel::publish(channel.path(), &bundles().path(fixtures::V2));
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "v2 from the channel", |s| {
+            s["bundle"]["sequence"] == 2
+        });
+        d
+    })
+    .await;
+    let send = |c: Command| send_signed(&admin, device, c);
+
+    // An operator's signed downgrade to v1 installs and pins: the channel,
+    // still offering v2, does not undo it.
+    bundles().copy_to(fixtures::V1, channel.path());
+    send(command(
+        "p-install-v1",
+        Action::Install {
+            url: server.url(fixtures::V1),
+            digest: bundles().digest(fixtures::V1),
+        },
+    ))
+    .await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "v1 by the operator", |s| {
+            s["bundle"]["sequence"] == 1
+        });
+        let d = wait_refusal(d, "pinned");
+        assert_eq!(d.model().1, 1);
+        d
+    })
+    .await;
+    // `unpin` lifts it: the channel's v2 comes back.
+    send(command("p-unpin", Action::Unpin)).await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "v2 after unpin", |s| {
+            s["bundle"]["sequence"] == 2
+        });
+        d
+    })
+    .await;
+
+    // A stale rollback (naming a release the device does not run) is refused.
+    send(command(
+        "p-rb-stale",
+        Action::Rollback {
+            reason: None,
+            from: Some(bundles().release(fixtures::V1)),
+        },
+    ))
+    .await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), {
+            let topic = events_topic.clone();
+            move |m| rejections(m, &topic, "p-rb-stale", "stale rollback") >= 1
+        })
+        .await
+    );
+    // The operator rolls v2 back.
+    send(leave_v2("p-rb", "bad release")).await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "rolled back to v1", |s| {
+            s["bundle"]["sequence"] == 1
+        });
+        d
+    })
+    .await;
+    // The attack: v2 with one more signature, by a key nobody knows. It
+    // still verifies (unknown keys are skipped) and its file digest is new;
+    // its release (the signed manifest) is the same, and stays refused.
+    let junk = SecretKey::generate().unwrap();
+    let resigned = ferry_format::add_signatures(&bundles().bytes(fixtures::V2), &[&junk]).unwrap();
+    assert_ne!(
+        fixtures::sha256_hex(&resigned),
+        bundles().digest(fixtures::V2)
+    );
+    ferry_format::verify(&resigned, &bundles().trust(), &Default::default()).unwrap();
+    let path = channel.path().join("v2-resigned.ferry");
+    std::fs::write(&path, &resigned).unwrap();
+    ferry_testkit::channel::publish(channel.path(), &path);
+    let d = blocking(move || {
+        let d = wait_refusal(d, "rejected_before");
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(d.model().1, 1, "the re-signed release came back");
+        let metrics = d.metrics();
+        // Refused twice: the original v2 still on the channel right after
+        // the rollback, then the re-signed copy.
+        assert!(
+            metrics.contains("ferry_updates_rejected_total{code=\"rejected_before\"} 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("ferry_commands_rejected_total 1"),
+            "{metrics}"
+        );
+        d
+    })
+    .await;
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_root_of_trust_requires_a_builder_and_an_approver_and_two_operators() {
+    // Issue 10, item 2: with `key_threshold = 2` a rollback signed by one key
+    // was obeyed, and the keys that sign bundles also signed commands. A
+    // root with roles: builder + approver for releases, 2 of 2 operators
+    // for commands, made with the real `ferry` tools.
+    use ferry_testkit::cli::{assert_exit, ferry, stdout};
+    let keys = tempfile::tempdir().unwrap();
+    let k = |name: &str| keys.path().join(name).display().to_string();
+    for name in ["root", "builder", "approver", "op1", "op2"] {
+        assert_exit(&ferry(&["keygen", "-o", &k(name)]), 0);
+    }
+    let root_file = k("root.json");
+    let o = ferry(&[
+        "root",
+        "init",
+        "--root",
+        &k("root.pub"),
+        "--builder",
+        &k("builder.pub"),
+        "--approver",
+        &k("approver.pub"),
+        "--operator",
+        &k("op1.pub"),
+        "--operator",
+        &k("op2.pub"),
+        "--operator-threshold",
+        "2",
+        "--key",
+        &k("root.key"),
+        "-o",
+        &root_file,
+    ]);
+    assert_exit(&o, 0);
+    assert_exit(&ferry(&["root", "verify", &root_file]), 0);
+    // Releases: the fixtures' manifests countersigned by builder (and approver).
+    let secret = |name: &str| {
+        SecretKey::from_pem(&std::fs::read_to_string(k(&format!("{name}.key"))).unwrap()).unwrap()
+    };
+    let (builder, approver) = (secret("builder"), secret("approver"));
+    let v1 = keys.path().join("v1-approved.ferry");
+    std::fs::write(
+        &v1,
+        ferry_format::add_signatures(&bundles().bytes(fixtures::V1), &[&builder, &approver])
+            .unwrap(),
+    )
+    .unwrap();
+    let channel = tempfile::tempdir().unwrap();
+    let v2 = channel.path().join("v2.ferry");
+    std::fs::write(
+        &v2,
+        ferry_format::add_signatures(&bundles().bytes(fixtures::V2), &[&builder]).unwrap(),
+    )
+    .unwrap();
+    // The builder alone is not enough, for `ferry verify` as for the device.
+    let o = ferry(&["verify", &v2.display().to_string(), "--root", &root_file]);
+    assert_exit(&o, 3);
+
+    let device = "mq-root";
+    let broker = Mosquitto::start(&[device]);
+    let sub = watch(&broker, device).await;
+    let admin = Subscriber::connect(&broker, SubscriberOptions::admin(&[])).await;
+    let events_topic = t(device, Topic::Stream(Stream::Events));
+    let cmd_topic = t(device, Topic::Command);
+    let d = blocking({
+        let mut setup = Setup::new(device).mqtt(&broker);
+        setup.initial = Some(v1.display().to_string());
+        setup.root = Some(root_file.clone().into());
+        setup.source = Some(channel.path().display().to_string());
+        move || Device::start(setup)
+    })
+    .await;
+    ferry_testkit::channel::publish(channel.path(), &v2);
+    let d = blocking(move || wait_refusal(d, "below_threshold")).await;
+    assert_eq!(d.model().1, 1);
+    // The approver reviews and adds their signature: now it installs.
+    let o = ferry(&[
+        "approve",
+        &v2.display().to_string(),
+        "--key",
+        &k("approver.key"),
+    ]);
+    assert_exit(&o, 0);
+    assert_exit(
+        &ferry(&["verify", &v2.display().to_string(), "--root", &root_file]),
+        0,
+    );
+    ferry_testkit::channel::publish(channel.path(), &v2);
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "approved v2", |s| {
+            s["bundle"]["sequence"] == 2
+        });
+        d
+    })
+    .await;
+
+    // Commands: one operator, or a release key, is not enough.
+    let signed = |id: &str, keys: &[&str]| {
+        let mut args = vec![
+            "command".to_string(),
+            "rollback".into(),
+            "--fleet".into(),
+            FLEET.into(),
+            "--device".into(),
+            device.into(),
+            "--from".into(),
+            v2.display().to_string(),
+            "--id".into(),
+            id.into(),
+        ];
+        for key in keys {
+            args.push("--key".into());
+            args.push(k(&format!("{key}.key")));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = ferry(&args);
+        assert_exit(&o, 0);
+        stdout(&o).trim().to_string()
+    };
+    for (id, by) in [
+        ("rb-op1", vec!["op1"]),
+        ("rb-builder", vec!["builder", "op1"]),
+    ] {
+        admin.publish(&cmd_topic, signed(id, &by)).await;
+        assert!(
+            sub.wait_for(Duration::from_secs(30), {
+                let topic = events_topic.clone();
+                let id = id.to_string();
+                move |m| rejections(m, &topic, &id, "operator") >= 1
+            })
+            .await,
+            "{id} not refused"
+        );
+    }
+    let d = blocking(move || {
+        assert_eq!(d.model().1, 2);
+        d
+    })
+    .await;
+    admin
+        .publish(&cmd_topic, signed("rb-both", &["op1", "op2"]))
+        .await;
+    blocking(move || {
+        d.wait_status(
+            Duration::from_secs(30),
+            "rolled back by two operators",
+            |s| s["bundle"]["sequence"] == 1,
+        );
+        assert!(d.metrics().contains("ferry_commands_rejected_total 2"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_preempts_a_stalled_download_staging_holds_one_bundle_and_sigterm_is_prompt() {
+    // Issue 10, item 5: with a server trickling bytes, the single update
+    // worker held on: a signed rollback sent meanwhile had not started after
+    // 193 s, abandoned partial downloads piled up in staging, and SIGTERM
+    // waited 60 s.
+    let device = "mq-stall";
+    let Commanded {
+        broker: _broker,
+        sub: _sub,
+        admin,
+        channel_dir,
+        server,
+        device: d,
+        cmd_topic,
+    } = commanded(device).await;
+    let d = install_v2(&admin, &cmd_topic, &server, "s-install", d).await;
+    let staging = d.dir.path().join("state/staging");
+    let send = |c: Command| send_signed(&admin, device, c);
+    let install = |id: &str, fixture: &str| {
+        bundles().copy_to(fixture, channel_dir.path());
+        command(
+            id,
+            Action::Install {
+                url: server.url(fixture),
+                digest: bundles().digest(fixture),
+            },
+        )
+    };
+    // One byte every 0.5 s: the minimum rate would end it only after 30 s.
+    server.trickle(Some(Duration::from_millis(500)));
+    send(install("s-slow-1", fixtures::BAD_RELEASE)).await;
+    let d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "downloading", |s| {
+            s["update"]["state"] == "downloading"
+        });
+        d
+    })
+    .await;
+    send(leave_v2("s-rb", "pre-empts the download")).await;
+    let d = blocking(move || {
+        // Well before the 30 s the stalled download alone would hold it.
+        d.wait_status(
+            Duration::from_secs(15),
+            "rolled back during a download",
+            |s| s["bundle"]["sequence"] == 1,
+        );
+        d
+    })
+    .await;
+    // A second download, from a server gone silent (a byte every two
+    // minutes): the first one's partial file is gone.
+    server.trickle(Some(Duration::from_secs(120)));
+    send(install("s-slow-2", fixtures::GOLDEN_FAILS)).await;
+    let mut d = blocking(move || {
+        d.wait_status(Duration::from_secs(30), "downloading again", |s| {
+            s["update"]["state"] == "downloading"
+        });
+        d
+    })
+    .await;
+    let names: Vec<String> = std::fs::read_dir(&staging)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let golden = bundles().digest(fixtures::GOLDEN_FAILS);
+    assert!(
+        names.iter().all(|n| n.starts_with(&golden)),
+        "staging holds only the current download: {names:?}"
+    );
+    // SIGTERM in the middle of it (the download blocked in a read): the
+    // process ends promptly, cleanly.
+    let started = std::time::Instant::now();
+    let status = blocking(move || {
+        let s = d.terminate();
+        (s, d)
+    })
+    .await;
+    assert!(status.0.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
 }

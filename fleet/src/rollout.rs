@@ -813,6 +813,7 @@ mod tests {
             fleet: "demo".into(),
             channel: "stable".into(),
             sequence: seq,
+            release: String::new(),
         }
     }
 

@@ -413,6 +413,7 @@ impl Rollouts {
                 fleet: m.release.fleet.clone(),
                 channel: m.release.channel.clone(),
                 sequence: m.release.sequence,
+                release: verified.release_id().to_string(),
             },
             url: format!("{}/bundles/{digest}.ferry", self.public_url),
             canary,
@@ -555,6 +556,13 @@ impl Rollouts {
                 device,
                 Cmd::Rollback {
                     reason: Some(format!("rollout {} aborted", r.id)),
+                    // The release this rollout installed (its file digest
+                    // for rollouts recorded before releases had ids).
+                    from: Some(if spec.bundle.release.is_empty() {
+                        spec.bundle.digest.clone()
+                    } else {
+                        spec.bundle.release.clone()
+                    }),
                 },
                 "rollback",
             ),
@@ -565,6 +573,7 @@ impl Rollouts {
             issued_ms: now_ms,
             action: cmd,
             signature: None,
+            signatures: Vec::new(),
         };
         if let Some(key) = &self.key {
             let sig = key.sign_detached(&command.signing_bytes(&self.fleet, &device));

@@ -449,6 +449,8 @@ pub fn event_name(event: &Event) -> &'static str {
         Event::CommandRejected { .. } => "command_rejected",
         Event::Started { .. } => "started",
         Event::BufferRecovered { .. } => "buffer_recovered",
+        Event::MetadataRejected { .. } => "metadata_rejected",
+        Event::RootRotated { .. } => "root_rotated",
         Event::Unknown => "unknown",
     }
 }
@@ -1157,6 +1159,7 @@ mod tests {
             fleet: FLEET.into(),
             channel: "stable".into(),
             sequence,
+            release: String::new(),
         }
     }
 

@@ -106,6 +106,7 @@ mod tests {
             fleet: "demo".into(),
             channel: "stable".into(),
             sequence: 2,
+            release: String::new(),
         });
         t.buffer = BufferInfo {
             records: 12,

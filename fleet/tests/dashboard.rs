@@ -146,6 +146,7 @@ fn bundle(version: &str, sequence: u64) -> BundleRef {
         fleet: FLEET.into(),
         channel: "stable".into(),
         sequence,
+        release: String::new(),
     }
 }
 

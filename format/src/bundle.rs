@@ -583,13 +583,61 @@ pub fn check_signatures(
     if valid.is_empty() {
         return Err(BundleError::UntrustedKey(untrusted));
     }
-    if valid.len() < trust.threshold() {
-        return Err(BundleError::BelowThreshold {
-            valid: valid.len(),
-            required: trust.threshold(),
-        });
-    }
+    trust
+        .check_threshold(&valid)
+        .map_err(|s| BundleError::BelowThreshold {
+            role: s.role,
+            valid: s.valid,
+            required: s.required,
+        })?;
     Ok(valid)
+}
+
+/// The identity of a release: SHA-256 (hex) of its manifest's bytes, which
+/// is what every signature covers. Adding or dropping signatures changes the
+/// file's digest, never this.
+pub fn release_id(framing: &Framing<'_>) -> String {
+    sha256_hex(framing.manifest_bytes)
+}
+
+/// The release id (see [`release_id`]) of a bundle file's bytes, read from
+/// its framing without checking signatures.
+pub fn release_id_of(bytes: &[u8]) -> Result<String, BundleError> {
+    parse_framing(bytes).map(|f| release_id(&f))
+}
+
+/// Adds signatures to a framed bundle without touching its manifest or
+/// payload (an approver countersigning what a builder packed). A key that
+/// already signed is not added twice; existing signatures are kept as they
+/// are (the reader checks them).
+pub fn add_signatures(bytes: &[u8], signers: &[&SecretKey]) -> Result<Vec<u8>, BundleError> {
+    let framing = parse_framing(bytes)?;
+    let message = signing_message(framing.manifest_bytes);
+    let mut signatures = framing.signatures.clone();
+    for key in signers {
+        if !signatures.iter().any(|(id, _)| *id == key.key_id()) {
+            signatures.push((key.key_id(), key.sign(&message)));
+        }
+    }
+    if signatures.len() > MAX_SIGNATURES {
+        return Err(BundleError::BadSize(format!(
+            "{} signatures, at most {MAX_SIGNATURES}",
+            signatures.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(bytes.len() + SIGNATURE_ENTRY_LEN * signers.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(signatures.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(framing.manifest_bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(framing.payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(framing.manifest_bytes);
+    for (id, sig) in &signatures {
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(sig);
+    }
+    out.extend_from_slice(framing.payload);
+    Ok(out)
 }
 
 /// Parses the manifest and checks every artifact's declared sizes and
@@ -703,6 +751,7 @@ pub fn extract_artifact(
 pub struct VerifiedBundle {
     manifest: Manifest,
     digest: String,
+    release_id: String,
     signed_by: Vec<KeyId>,
     contents: Vec<Vec<u8>>,
 }
@@ -737,6 +786,7 @@ impl VerifiedBundle {
         VerifiedBundle {
             manifest,
             digest: String::new(),
+            release_id: String::new(),
             signed_by: Vec::new(),
             contents,
         }
@@ -747,9 +797,16 @@ impl VerifiedBundle {
         &self.manifest
     }
 
-    /// SHA-256 (hex) of the whole bundle file: its identity.
+    /// SHA-256 (hex) of the whole bundle file: what a download is checked
+    /// against. Not an identity: signatures are outside what is signed.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// SHA-256 (hex) of the manifest: the release's identity, what its
+    /// signatures cover (see [`release_id`]).
+    pub fn release_id(&self) -> &str {
+        &self.release_id
     }
 
     /// Keys whose signatures verified (empty for integrity-only checks and
@@ -846,6 +903,7 @@ fn open_checked(
         .collect::<Result<Vec<_>, _>>()?;
     Ok(VerifiedBundle {
         digest: sha256_hex(bytes),
+        release_id: release_id(framing),
         signed_by,
         manifest,
         contents,

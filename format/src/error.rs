@@ -23,6 +23,13 @@ pub enum KeyError {
     /// The operating system's random generator failed.
     #[error("cannot get random bytes: {0}")]
     Random(String),
+    /// A key is in two roles of one policy, so one signature would count twice.
+    #[error("key {key} is in both the {first} and the {second} role; a key may hold one role")]
+    SharedKey {
+        key: KeyId,
+        first: String,
+        second: String,
+    },
     /// A detached signature (operator command) is missing, malformed, by an
     /// untrusted key, or does not verify.
     #[error("bad signature: {0}")]
@@ -55,8 +62,12 @@ pub enum BundleError {
     #[error("signature by key {0} does not verify: the bundle was modified or corrupted")]
     BadSignature(KeyId),
     /// Fewer valid signatures by distinct trusted keys than required.
-    #[error("bundle has {valid} valid signature(s) by trusted keys, {required} required")]
-    BelowThreshold { valid: usize, required: usize },
+    #[error("bundle has {valid} valid signature(s) by {role} keys, {required} required")]
+    BelowThreshold {
+        role: String,
+        valid: usize,
+        required: usize,
+    },
     /// The manifest is not valid CBOR of the expected shape.
     #[error("manifest is malformed: {0}")]
     BadManifest(String),
@@ -106,6 +117,39 @@ impl BundleError {
             BundleError::Decompress(..) => "decompress",
             BundleError::MissingArtifact(_) => "missing_artifact",
             BundleError::RuntimeTooOld { .. } => "runtime_too_old",
+        }
+    }
+}
+
+/// Why signed metadata (a root, channel metadata) was refused.
+#[derive(Debug, Error)]
+pub enum MetadataError {
+    /// Not a well-formed envelope or document (JSON, base64, sizes).
+    #[error("malformed signed metadata: {0}")]
+    Malformed(String),
+    /// The envelope holds another kind of document.
+    #[error("signed metadata is of type {found:?}, {expected:?} expected")]
+    WrongType { expected: String, found: String },
+    /// Signatures missing, by untrusted keys, not verifying, or below a threshold.
+    #[error("signed metadata: {0}")]
+    Signature(KeyError),
+    /// The root document is inconsistent (keys, roles, thresholds, schema).
+    #[error("invalid root of trust: {0}")]
+    BadRoot(String),
+    /// A root update that is not the next version.
+    #[error("root version {found} cannot follow: version {expected} expected")]
+    RootVersion { expected: u64, found: u64 },
+}
+
+impl MetadataError {
+    /// Stable code for telemetry and tests.
+    pub fn code(&self) -> &'static str {
+        match self {
+            MetadataError::Malformed(_) => "bad_metadata",
+            MetadataError::WrongType { .. } => "wrong_type",
+            MetadataError::Signature(_) => "metadata_signature",
+            MetadataError::BadRoot(_) => "bad_root",
+            MetadataError::RootVersion { .. } => "root_version",
         }
     }
 }

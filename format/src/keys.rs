@@ -157,25 +157,22 @@ impl PublicKey {
     }
 }
 
-/// Which signatures a reader accepts: at least `threshold` valid signatures
-/// by distinct keys of `keys`.
+/// One role of a [`TrustPolicy`]: its keys and how many of them must sign.
 #[derive(Debug, Clone)]
-pub struct TrustPolicy {
+pub struct RolePolicy {
+    name: String,
     keys: Vec<PublicKey>,
     threshold: usize,
 }
 
-impl TrustPolicy {
-    /// Trust these keys; one valid signature by any of them suffices.
-    pub fn new(keys: Vec<PublicKey>) -> Result<TrustPolicy, KeyError> {
-        TrustPolicy::with_threshold(keys, 1)
-    }
-
-    /// Trust these keys, requiring `threshold` valid signatures by distinct ones.
-    pub fn with_threshold(
+impl RolePolicy {
+    /// A role named `name` (for messages: `builder`, `approver`, `operator`...)
+    /// requiring `threshold` valid signatures by distinct keys of `keys`.
+    pub fn new(
+        name: impl Into<String>,
         mut keys: Vec<PublicKey>,
         threshold: usize,
-    ) -> Result<TrustPolicy, KeyError> {
+    ) -> Result<RolePolicy, KeyError> {
         keys.sort_by_key(|k| k.key_id());
         keys.dedup_by_key(|k| k.key_id());
         if keys.is_empty() {
@@ -187,25 +184,114 @@ impl TrustPolicy {
                 keys: keys.len(),
             });
         }
-        Ok(TrustPolicy { keys, threshold })
+        Ok(RolePolicy {
+            name: name.into(),
+            keys,
+            threshold,
+        })
     }
 
-    /// The trusted keys.
+    /// The role's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The role's keys, sorted by key id.
     pub fn keys(&self) -> &[PublicKey] {
         &self.keys
     }
 
-    /// Signatures required.
+    /// Valid signatures by distinct keys of this role that are required.
     pub fn threshold(&self) -> usize {
         self.threshold
     }
 
+    fn holds(&self, id: &KeyId) -> bool {
+        self.keys.iter().any(|k| &k.key_id() == id)
+    }
+}
+
+/// Which signatures a reader accepts: for *every* role of the policy, at
+/// least its threshold of valid signatures by distinct keys of that role.
+/// A key belongs to at most one role of a policy, so one signature never
+/// counts twice (a release that needs a builder and an approver needs two
+/// people).
+#[derive(Debug, Clone)]
+pub struct TrustPolicy {
+    roles: Vec<RolePolicy>,
+}
+
+impl TrustPolicy {
+    /// Trust these keys; one valid signature by any of them suffices.
+    pub fn new(keys: Vec<PublicKey>) -> Result<TrustPolicy, KeyError> {
+        TrustPolicy::with_threshold(keys, 1)
+    }
+
+    /// Trust these keys, requiring `threshold` valid signatures by distinct ones
+    /// (one role, named `release`).
+    pub fn with_threshold(keys: Vec<PublicKey>, threshold: usize) -> Result<TrustPolicy, KeyError> {
+        TrustPolicy::all_of(vec![RolePolicy::new("release", keys, threshold)?])
+    }
+
+    /// Requires every role's threshold. Refuses a key that is in two roles.
+    pub fn all_of(roles: Vec<RolePolicy>) -> Result<TrustPolicy, KeyError> {
+        if roles.is_empty() {
+            return Err(KeyError::NoTrustedKeys);
+        }
+        for (i, a) in roles.iter().enumerate() {
+            for b in &roles[i + 1..] {
+                if let Some(shared) = a.keys.iter().find(|k| b.holds(&k.key_id())) {
+                    return Err(KeyError::SharedKey {
+                        key: shared.key_id(),
+                        first: a.name.clone(),
+                        second: b.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(TrustPolicy { roles })
+    }
+
+    /// The roles, each of which must be satisfied.
+    pub fn roles(&self) -> &[RolePolicy] {
+        &self.roles
+    }
+
+    /// Every trusted key, of every role.
+    pub fn keys(&self) -> impl Iterator<Item = &PublicKey> {
+        self.roles.iter().flat_map(|r| r.keys.iter())
+    }
+
     pub(crate) fn find(&self, id: &KeyId) -> Option<&PublicKey> {
-        self.keys.iter().find(|k| &k.key_id() == id)
+        self.keys().find(|k| &k.key_id() == id)
+    }
+
+    fn find_hex(&self, key_id: &str) -> Option<&PublicKey> {
+        self.keys()
+            .find(|k| k.key_id().to_string().eq_ignore_ascii_case(key_id.trim()))
+    }
+
+    /// Checks that distinct valid signers `valid` meet every role's
+    /// threshold; the first role that falls short is the error.
+    pub fn check_threshold(&self, valid: &[KeyId]) -> Result<(), Shortfall> {
+        for role in &self.roles {
+            let mut by_role: Vec<&KeyId> = valid.iter().filter(|id| role.holds(id)).collect();
+            by_role.sort();
+            by_role.dedup();
+            if by_role.len() < role.threshold {
+                return Err(Shortfall {
+                    role: role.name.clone(),
+                    valid: by_role.len(),
+                    required: role.threshold,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Checks a detached signature (see [`SecretKey::sign_detached`]) by the
     /// trusted key whose id prints as `key_id` (hex). Returns that key's id.
+    /// One signature: thresholds are [`TrustPolicy::verify_detached_all`]'s.
     pub fn verify_detached(
         &self,
         key_id: &str,
@@ -213,9 +299,7 @@ impl TrustPolicy {
         signature: &[u8],
     ) -> Result<KeyId, KeyError> {
         let key = self
-            .keys
-            .iter()
-            .find(|k| k.key_id().to_string().eq_ignore_ascii_case(key_id.trim()))
+            .find_hex(key_id)
             .ok_or_else(|| KeyError::BadSignature(format!("key {key_id} is not trusted")))?;
         let signature = ed25519_dalek::Signature::from_slice(signature)
             .map_err(|e| KeyError::BadSignature(e.to_string()))?;
@@ -223,6 +307,49 @@ impl TrustPolicy {
             KeyError::BadSignature(format!("signature by {key_id} does not verify"))
         })?;
         Ok(key.key_id())
+    }
+
+    /// Checks detached signatures `(key id in hex, signature)` over one
+    /// message against the whole policy: signatures by keys the policy does
+    /// not hold are skipped, a signature by a trusted key that does not
+    /// verify is an error (the message was altered), and every role's
+    /// threshold must be met. Returns the distinct keys that verified.
+    pub fn verify_detached_all(
+        &self,
+        message: &[u8],
+        signatures: &[(&str, &[u8])],
+    ) -> Result<Vec<KeyId>, KeyError> {
+        let mut valid = Vec::new();
+        for (key_id, signature) in signatures {
+            if self.find_hex(key_id).is_none() {
+                continue;
+            }
+            let id = self.verify_detached(key_id, message, signature)?;
+            if !valid.contains(&id) {
+                valid.push(id);
+            }
+        }
+        self.check_threshold(&valid)
+            .map_err(|s| KeyError::BadSignature(s.to_string()))?;
+        Ok(valid)
+    }
+}
+
+/// A role whose threshold was not met.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    pub role: String,
+    pub valid: usize,
+    pub required: usize,
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} valid signature(s) by {} keys, {} required",
+            self.valid, self.role, self.required
+        )
     }
 }
 

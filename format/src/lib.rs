@@ -12,8 +12,12 @@
 //!   out.
 //! - `keys`: ed25519 keys in PEM, key ids, the [`TrustPolicy`] (keys and a
 //!   threshold), detached signatures for operator commands.
-//! - `error`: [`BundleError`] and [`KeyError`], each variant with a stable
-//!   `code()`.
+//! - `envelope`: signed metadata in a DSSE [`Envelope`] (roots, channel
+//!   metadata): exact bytes, a type, signatures checked against a policy.
+//! - `root`: the [`Root`] of trust: keys and thresholds per role (root,
+//!   builder, approver, operator, channel), rotation by version.
+//! - `error`: [`BundleError`], [`KeyError`] and [`MetadataError`], each
+//!   variant with a stable `code()`.
 //!
 //! # Invariants
 //! - Nothing in a bundle is decompressed or parsed past its manifest before
@@ -26,17 +30,24 @@
 #![forbid(unsafe_code)]
 
 mod bundle;
+mod envelope;
 mod error;
 mod keys;
+mod root;
 
 pub use bundle::{
     Artifact, ArtifactInput, Encoding, FORMAT_VERSION, Framing, GoldenExample, GuestLimits,
     HEADER_LEN, Header, Lineage, MAGIC, MAX_ARTIFACTS, MAX_MANIFEST_LEN, MAX_SIGNATURES,
     MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline, PrecompiledGuest, RUNTIME_VERSION,
     ReadLimits, Release, SIGNATURE_ENTRY_LEN, SIGNING_CONTEXT, TensorSpec, VerifiedBundle,
-    check_signatures, compress, extract_artifact, frame, from_cbor, inspect_unverified,
-    lineage_training, manifest_unverified, parse_framing, parse_manifest, role, shuffle4, to_cbor,
-    unshuffle4, verify, verify_integrity_only, write_bundle,
+    add_signatures, check_signatures, compress, extract_artifact, frame, from_cbor,
+    inspect_unverified, lineage_training, manifest_unverified, parse_framing, parse_manifest,
+    release_id, release_id_of, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only,
+    write_bundle,
 };
-pub use error::{BundleError, KeyError};
-pub use keys::{KEY_ID_LEN, KeyId, PublicKey, SecretKey, TrustPolicy};
+pub use envelope::{Envelope, EnvelopeSignature, MAX_ENVELOPE_BYTES, MAX_ENVELOPE_SIGNATURES};
+pub use error::{BundleError, KeyError, MetadataError};
+pub use keys::{KEY_ID_LEN, KeyId, PublicKey, RolePolicy, SecretKey, Shortfall, TrustPolicy};
+pub use root::{
+    ROOT_PAYLOAD_TYPE, ROOT_SCHEMA, RoleSpec, Root, RootDocument, parse_document, roles,
+};

@@ -146,7 +146,8 @@ fn thresholds_count_distinct_trusted_keys() {
             err,
             BundleError::BelowThreshold {
                 valid: 1,
-                required: 2
+                required: 2,
+                ..
             }
         ),
         "{err:?}"
@@ -158,7 +159,8 @@ fn thresholds_count_distinct_trusted_keys() {
             err,
             BundleError::BelowThreshold {
                 valid: 1,
-                required: 2
+                required: 2,
+                ..
             }
         ),
         "{err:?}"

@@ -17,6 +17,7 @@ mod lambda_package;
 mod output;
 mod project;
 mod publish;
+mod trust_cmds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,6 +100,14 @@ enum Command {
     LambdaPackage(lambda_package::LambdaPackageArgs),
     /// Put a verified bundle on an update channel directory and point its index.json at it.
     Publish(publish::PublishArgs),
+    /// Create, sign and check roots of trust (which keys sign what, with thresholds).
+    #[command(subcommand)]
+    Root(trust_cmds::RootCommand),
+    /// Add an approver's signature to a packed bundle (two-person release).
+    Approve(trust_cmds::ApproveArgs),
+    /// Write an operator command signed offline (JSON for `mosquitto_pub`).
+    #[command(name = "command")]
+    Order(trust_cmds::CommandArgs),
 }
 
 #[derive(Args)]
@@ -126,10 +135,21 @@ pub struct TrustArgs {
     /// Signatures by distinct trusted keys required.
     #[arg(long, default_value_t = 1)]
     pub threshold: usize,
+    /// A root of trust (`ferry root init`): check against its release policy
+    /// (builder, and approver when it has one) instead of --pub.
+    #[arg(long, value_name = "FILE", conflicts_with = "threshold")]
+    pub root: Option<PathBuf>,
 }
 
 impl TrustArgs {
     fn policy(&self) -> Result<rt::TrustPolicy> {
+        if let Some(path) = &self.root {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let root = ferry_format::Root::from_envelope(&bytes)
+                .with_context(|| format!("{} is not a valid root", path.display()))?;
+            return Ok(root.release_policy().clone());
+        }
         if self.public_keys.is_empty() {
             bail!(
                 "no trusted key given: pass --pub <FILE> (the .pub file written by `ferry keygen`)"
@@ -229,6 +249,9 @@ fn main() -> ExitCode {
         Command::Drift(a) => drift(a),
         Command::LambdaPackage(a) => a.run(),
         Command::Publish(a) => a.run(),
+        Command::Root(c) => trust_cmds::root(c),
+        Command::Approve(a) => trust_cmds::approve(a),
+        Command::Order(a) => trust_cmds::command(a),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -289,6 +312,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
         let summary = json!({
             "ok": true,
             "digest": b.digest(),
+            "release_id": b.release_id(),
             "name": m.name,
             "version": m.version,
             "fleet": m.release.fleet,
@@ -312,6 +336,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
                 .join(", ")
         );
         println!("digest sha256:{}", b.digest());
+        println!("release id sha256:{}", b.release_id());
     }
     Ok(())
 }
@@ -326,14 +351,17 @@ fn inspect(a: InspectArgs) -> Result<()> {
         let trust = TrustArgs {
             public_keys: a.public_keys.clone(),
             threshold: 1,
+            root: None,
         };
         Some(verify_bytes(&a.bundle, &bytes, &trust)?)
     };
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    let release_id = ferry_format::release_id_of(&bytes).map_err(|e| rejected(&a.bundle, e))?;
     output::print_inspect(
         &manifest,
         &key_ids,
         &digest,
+        &release_id,
         bytes.len(),
         verified.is_some(),
         a.json,
@@ -375,6 +403,7 @@ fn drift(a: DriftArgs) -> Result<()> {
         let trust = TrustArgs {
             public_keys: a.public_keys.clone(),
             threshold: 1,
+            root: None,
         };
         verify_bytes(&a.bundle, &bytes, &trust)?
     };

@@ -15,6 +15,7 @@ pub fn print_inspect(
     m: &Manifest,
     key_ids: &[KeyId],
     digest: &str,
+    release_id: &str,
     size: usize,
     verified: bool,
     json: bool,
@@ -23,6 +24,7 @@ pub fn print_inspect(
     if json {
         let v = json!({
             "digest": digest,
+            "release_id": release_id,
             "size": size,
             "signatures": signers,
             "signatures_verified": verified,
@@ -44,6 +46,7 @@ pub fn print_inspect(
             .unwrap_or_default()
     );
     println!("  digest      sha256:{digest}");
+    println!("  release id  sha256:{release_id} (the signed manifest)");
     println!("  size        {}", human_bytes(size as u64));
     println!(
         "  release     fleet {} / channel {} / sequence {}",

@@ -55,7 +55,7 @@ fn a_bundle_signed_by_another_key_is_rejected() {
     ]);
     assert_exit(&o, 3);
     assert!(
-        stderr(&o).contains("1 valid signature(s) by trusted keys, 2 required"),
+        stderr(&o).contains("1 valid signature(s) by release keys, 2 required"),
         "{}",
         stderr(&o)
     );

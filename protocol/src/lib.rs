@@ -164,11 +164,28 @@ pub fn parse_topic(t: &str) -> Option<(&str, &str, Topic)> {
 pub struct BundleRef {
     pub name: String,
     pub version: String,
-    /// SHA-256 (hex) of the bundle file.
+    /// SHA-256 (hex) of the bundle file: what a download is checked against.
     pub digest: String,
     pub fleet: String,
     pub channel: String,
     pub sequence: u64,
+    /// SHA-256 (hex) of the signed manifest: the release's identity, which
+    /// re-signing or adding signatures does not change. Empty from agents
+    /// older than 0.4.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release: String,
+}
+
+impl BundleRef {
+    /// Whether two refs name the same release (by manifest hash when both
+    /// know it, else by file digest).
+    pub fn same_release(&self, other: &BundleRef) -> bool {
+        if !self.release.is_empty() && !other.release.is_empty() {
+            self.release == other.release
+        } else {
+            self.digest == other.digest
+        }
+    }
 }
 
 /// What the update machinery is doing.
@@ -436,6 +453,13 @@ pub enum Event {
     /// was moved aside to `moved_to` (kept for inspection) and an empty one
     /// created. What it held is not sent; predictions never stopped.
     BufferRecovered { moved_to: String, reason: String },
+    /// Channel metadata or a root from the channel was refused
+    /// (`metadata_expired`, `metadata_rollback`, `metadata_signature`,
+    /// `unsigned_metadata`, `root_version`...); the running release stays.
+    /// Sent once per new reason, not at every poll.
+    MetadataRejected { code: String, reason: String },
+    /// The root of trust was replaced by the next version from the channel.
+    RootRotated { version: u64 },
     /// An event this reader does not know (from a newer agent): readers
     /// ignore what they do not know instead of refusing the whole batch.
     #[serde(other)]
@@ -463,7 +487,8 @@ pub struct ShadowReport {
     pub stopped_early: bool,
 }
 
-/// An ed25519 signature by an operator key (one the device trusts for bundles).
+/// An ed25519 signature by an operator key (the root's `operator` role; with
+/// a root derived from `trusted_keys`, a key the device trusts for bundles).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperatorSignature {
     /// Hex key id (as `ferry inspect` prints).
@@ -483,8 +508,13 @@ pub struct Command {
     pub issued_ms: u64,
     #[serde(flatten)]
     pub action: Action,
+    /// One signature (the form of agents before 0.4; still accepted).
     #[serde(default)]
     pub signature: Option<OperatorSignature>,
+    /// Signatures by distinct operator keys, up to the root's `operator`
+    /// threshold. Each signs [`Command::signing_bytes`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<OperatorSignature>,
 }
 
 /// What a command asks for.
@@ -493,15 +523,22 @@ pub struct Command {
 pub enum Action {
     /// Poll the update channel now.
     CheckUpdate,
-    /// Install this bundle (checked exactly like a channel update). A lower
-    /// sequence than the running bundle's is refused unless the command is
-    /// signed by a trusted key (operator rollback).
+    /// Install this bundle (checked like a channel update, but it may go
+    /// below the running sequence or a rollback's floor; a downgrade pins the
+    /// device until `unpin`). Needs operator signatures.
     Install { url: String, digest: String },
-    /// Go back to the previous bundle (needs a signature).
+    /// Go back to the previous bundle. Needs operator signatures and names
+    /// the release it leaves (`from`: its manifest hash, or its file digest),
+    /// so a captured rollback cannot undo a later release.
     Rollback {
         #[serde(default)]
         reason: Option<String>,
+        #[serde(default)]
+        from: Option<String>,
     },
+    /// Lift the pin an operator's downgrade set: the channel may update the
+    /// device again. Needs operator signatures.
+    Unpin,
     /// Run a candidate in shadow on live inputs for `samples` requests.
     ShadowStart {
         url: String,
@@ -519,6 +556,21 @@ impl Command {
     /// command signature can never pass for a bundle signature (whose
     /// context, `ferry-bundle-v1`, is ferry-format's) or the reverse.
     pub const SIGNING_CONTEXT: &'static [u8] = b"ferry-command-v1\0";
+
+    /// Every signature the command carries (`signature` and `signatures`).
+    pub fn all_signatures(&self) -> Vec<&OperatorSignature> {
+        self.signature
+            .iter()
+            .chain(self.signatures.iter())
+            .collect()
+    }
+
+    /// Whether the action changes the device or makes it fetch from a URL
+    /// the command names: such commands need operator signatures. `ping`
+    /// and `check_update` (a poll of the configured channel) do not.
+    pub fn needs_signature(&self) -> bool {
+        !matches!(self.action, Action::Ping | Action::CheckUpdate)
+    }
 
     /// The bytes an operator signs: context, fleet, target device (or
     /// `all`), id, time and the action as JSON (serde_json writes struct
@@ -541,7 +593,27 @@ pub struct ChannelIndex {
     pub fleet: String,
     pub channel: String,
     pub latest: IndexEntry,
+    /// Signed channel metadata: grows with every publish; a device refuses
+    /// a version below the highest it has seen (0 in unsigned indexes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+    /// Signed channel metadata: Unix ms when it was signed. A device never
+    /// believes a time earlier than the newest it has seen.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub issued_ms: u64,
+    /// Signed channel metadata: Unix ms after which a device refuses it
+    /// (`metadata_expired`) and keeps its current release.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires_ms: u64,
 }
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// The envelope type of signed channel metadata (a DSSE envelope whose
+/// payload is a [`ChannelIndex`] as JSON).
+pub const CHANNEL_PAYLOAD_TYPE: &str = "application/vnd.ferry.channel+json";
 
 /// The latest bundle of a channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -555,6 +627,10 @@ pub struct IndexEntry {
     pub size: u64,
     /// Absolute, or relative to the index's own URL / directory.
     pub url: String,
+    /// SHA-256 (hex) of the release's signed manifest (its identity; see
+    /// [`BundleRef::release`]). Empty in indexes written before 0.4.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release: String,
 }
 
 #[cfg(test)]
@@ -677,6 +753,7 @@ mod tests {
             fleet: "plant".into(),
             channel: "stable".into(),
             sequence: 3,
+            release: String::new(),
         }
     }
 
@@ -1007,6 +1084,7 @@ mod tests {
             issued_ms: 5,
             action,
             signature: None,
+            signatures: Vec::new(),
         }
     }
 
@@ -1024,6 +1102,7 @@ mod tests {
             (
                 Action::Rollback {
                     reason: Some("bad".into()),
+                    from: Some("ab".repeat(32)),
                 },
                 "rollback",
             ),
@@ -1057,7 +1136,13 @@ mod tests {
             "schema": 1, "id": "c", "issued_ms": 1, "action": "rollback",
         }))
         .unwrap();
-        assert_eq!(c.action, Action::Rollback { reason: None });
+        assert_eq!(
+            c.action,
+            Action::Rollback {
+                reason: None,
+                from: None
+            }
+        );
         assert_eq!(c.signature, None);
     }
 
@@ -1109,6 +1194,9 @@ mod tests {
     fn channel_index_round_trips_and_ignores_unknown_fields() {
         let index = ChannelIndex {
             schema: SCHEMA_VERSION,
+            version: 0,
+            issued_ms: 0,
+            expires_ms: 0,
             fleet: "plant".into(),
             channel: "stable".into(),
             latest: IndexEntry {
@@ -1118,6 +1206,7 @@ mod tests {
                 digest: "ab".into(),
                 size: 1234,
                 url: "iris-1.0.0.ferry".into(),
+                release: "cd".repeat(32),
             },
         };
         let mut v = round_trip(&index);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ferry_format::{ReadLimits, inspect_unverified};
+use ferry_format::{ReadLimits, inspect_unverified, release_id_of};
 use ferry_protocol::{ChannelIndex, IndexEntry, SCHEMA_VERSION};
 
 use crate::fixtures::sha256_hex;
@@ -28,6 +28,9 @@ pub fn publish(dir: &Path, bundle: &Path) -> ChannelIndex {
     }
     let index = ChannelIndex {
         schema: SCHEMA_VERSION,
+        version: 0,
+        issued_ms: 0,
+        expires_ms: 0,
         fleet: manifest.release.fleet,
         channel: manifest.release.channel,
         latest: IndexEntry {
@@ -37,6 +40,7 @@ pub fn publish(dir: &Path, bundle: &Path) -> ChannelIndex {
             digest: sha256_hex(&bytes),
             size: bytes.len() as u64,
             url: file_name,
+            release: release_id_of(&bytes).unwrap(),
         },
     };
     std::fs::write(
@@ -44,6 +48,31 @@ pub fn publish(dir: &Path, bundle: &Path) -> ChannelIndex {
         serde_json::to_vec_pretty(&index).unwrap(),
     )
     .unwrap();
+    index
+}
+
+/// [`publish`], then signs `dir/index.json` as channel metadata (a DSSE
+/// envelope) with `version`, `issued_ms` and `expires_ms` as given.
+pub fn publish_signed(
+    dir: &Path,
+    bundle: &Path,
+    keys: &[&ferry_format::SecretKey],
+    version: u64,
+    issued_ms: u64,
+    expires_ms: u64,
+) -> ChannelIndex {
+    let mut index = publish(dir, bundle);
+    index.version = version;
+    index.issued_ms = issued_ms;
+    index.expires_ms = expires_ms;
+    let mut envelope = ferry_format::Envelope::new(
+        ferry_protocol::CHANNEL_PAYLOAD_TYPE,
+        &serde_json::to_vec(&index).unwrap(),
+    );
+    for k in keys {
+        envelope.sign(k).unwrap();
+    }
+    std::fs::write(dir.join("index.json"), envelope.to_json()).unwrap();
     index
 }
 

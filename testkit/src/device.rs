@@ -35,6 +35,9 @@ pub struct Setup {
     pub window_predictions: u64,
     /// The process's descriptor limit (`None`: this process's).
     pub nofile: Option<u64>,
+    /// `paths.root`: a root of trust file (else the root is derived from
+    /// `release.pub`).
+    pub root: Option<PathBuf>,
 }
 
 impl Setup {
@@ -50,6 +53,7 @@ impl Setup {
             probation_s: 300,
             window_predictions: 1000,
             nofile: None,
+            root: None,
         }
     }
 
@@ -94,6 +98,9 @@ impl Device {
             setup.fleet,
             b.path("release.pub").display()
         );
+        if let Some(root) = &setup.root {
+            toml += &format!("root = \"{}\"\n", root.display());
+        }
         if let Some(initial) = &setup.initial {
             toml += &format!("initial_bundle = \"{}\"\n", b.path(initial).display());
         }

@@ -80,7 +80,13 @@ pub const CHANNEL: &str = "stable";
 
 /// The workspace's `examples/`.
 pub fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    // Read at run time (every crate sits one level under the workspace
+    // root): a test binary reused from a shared target directory may have
+    // been compiled from a checkout at another path.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../examples")
 }
 
 /// A path under `examples/`, as a string (for command lines).
@@ -452,6 +458,11 @@ impl Bundles {
     /// SHA-256 of a fixture file, hex (its identity as a bundle).
     pub fn digest(&self, name: &str) -> String {
         sha256_hex(&self.bytes(name))
+    }
+
+    /// The release id of a fixture bundle: SHA-256 of its signed manifest.
+    pub fn release(&self, name: &str) -> String {
+        ferry_format::release_id_of(&self.bytes(name)).unwrap()
     }
 
     /// Trusts `release.pub` only.

@@ -5,8 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
+/// Read at run time: a binary reused from a shared target directory may have
+/// been compiled from a checkout at another path.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.join("..")
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -22,6 +22,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_protocol::{ChannelIndex, SCHEMA_VERSION};
@@ -55,6 +57,11 @@ pub const MIN_RATE_BYTES_PER_S: u64 = 1024;
 /// start or a short radio stall, short enough that an attacker holds the
 /// worker for seconds, not hours. The attempt ends resumable.
 pub const MIN_RATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Longest one download attempt may take (the default of
+/// `updates.max_download_s`): a server that keeps just above the minimum rate
+/// still cannot hold the update worker for longer.
+pub const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// Where updates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +146,13 @@ fn is_inside_channel(url: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// `scheme://authority` of a URL, lowercased.
+fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    format!("{}://{}", scheme, &rest[..end]).to_ascii_lowercase()
+}
+
 fn is_http(s: &str) -> bool {
     let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
     lower.starts_with("http://") || lower.starts_with("https://")
@@ -170,6 +184,11 @@ pub struct Fetcher {
     agent: ureq::Agent,
     /// Slowest accepted transfer: bytes per second over a window.
     min_rate: (u64, Duration),
+    /// Longest a single download attempt may take, whatever its rate.
+    deadline: Duration,
+    /// Set to stop a download in progress at its next chunk (a rollback
+    /// or SIGTERM pre-empts it); what arrived stays for a resumed attempt.
+    cancel: Arc<AtomicBool>,
 }
 
 impl Fetcher {
@@ -219,7 +238,20 @@ impl Fetcher {
         Ok(Fetcher {
             agent,
             min_rate: (MIN_RATE_BYTES_PER_S, MIN_RATE_WINDOW),
+            deadline: DOWNLOAD_DEADLINE,
+            cancel: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The same fetcher with another overall deadline per download attempt.
+    pub fn with_deadline(mut self, deadline: Duration) -> Fetcher {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The flag that stops downloads in progress (shared by clones).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// The same fetcher with another minimum transfer rate (tests use a
@@ -231,13 +263,21 @@ impl Fetcher {
 
     /// A fetcher configured from `[updates]`.
     pub fn from_config(config: &crate::config::UpdatesConfig) -> Result<Fetcher, UpdateError> {
-        Fetcher::new(config.ca_file.as_deref())
+        Ok(Fetcher::new(config.ca_file.as_deref())?
+            .with_deadline(Duration::from_secs(config.max_download_s)))
     }
 
     /// Reads and checks a channel's index (at most [`MAX_INDEX_BYTES`]).
     /// `latest.url` comes back resolved: an absolute URL or path that
     /// [`Fetcher::download`] takes as is.
     pub fn fetch_index(&self, source: &Source) -> Result<ChannelIndex, UpdateError> {
+        let bytes = self.fetch_index_bytes(source)?;
+        parse_index(source, &bytes)
+    }
+
+    /// The index file's bytes (at most [`MAX_INDEX_BYTES`]), not parsed:
+    /// signed channel metadata is opened before [`parse_index`] reads it.
+    pub fn fetch_index_bytes(&self, source: &Source) -> Result<Vec<u8>, UpdateError> {
         let location = source.index_location();
         let bytes = match source {
             Source::Http(url) => self.get_small(url, MAX_INDEX_BYTES)?,
@@ -251,51 +291,115 @@ impl Fetcher {
                 bytes
             }
         };
-        let bad = |reason: String| UpdateError::BadIndex {
-            location: location.clone(),
-            reason,
-        };
         if bytes.len() as u64 > MAX_INDEX_BYTES {
-            return Err(bad(format!("larger than {MAX_INDEX_BYTES} bytes")));
+            return Err(UpdateError::BadIndex {
+                location,
+                reason: format!("larger than {MAX_INDEX_BYTES} bytes"),
+            });
         }
-        // The schema first, so a future index says "schema 2" rather than
-        // failing on a field it renamed.
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        match value.get("schema").and_then(|s| s.as_u64()) {
-            Some(s) if s == u64::from(SCHEMA_VERSION) => {}
-            Some(s) => {
-                return Err(bad(format!(
-                    "schema {s}; this agent reads {SCHEMA_VERSION}"
-                )));
-            }
-            None => return Err(bad("no numeric `schema` field".into())),
-        }
-        let mut index: ChannelIndex =
-            serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        check_digest(&index.latest.digest).map_err(|e| bad(e.to_string()))?;
-        if index.latest.url.trim().is_empty() {
-            return Err(bad("`latest.url` is empty".into()));
-        }
-        if let Source::Dir(_) = source
-            && !is_inside_channel(&index.latest.url)
-        {
-            return Err(bad(format!(
-                "`latest.url` {:?} is not a file in the channel directory (a relative path \
-                 without `..`; what `ferry publish` writes)",
-                index.latest.url
-            )));
-        }
-        index.latest.url = source.resolve(&index.latest.url);
-        debug!(
-            index = %location,
-            version = %index.latest.version,
-            sequence = index.latest.sequence,
-            "Fetched channel index"
-        );
-        Ok(index)
+        Ok(bytes)
     }
 
+    /// A small file beside the index (`root/2.json`), at most `limit` bytes;
+    /// `None` when the channel does not have it (HTTP 404, no such file).
+    pub fn fetch_beside(
+        &self,
+        source: &Source,
+        relative: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, UpdateError> {
+        let bytes = match source {
+            Source::Http(index) => {
+                let url = resolve_url(index, relative);
+                match self.get_small(&url, limit) {
+                    Ok(b) => b,
+                    Err(UpdateError::HttpStatus { status: 404, .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+            Source::Dir(dir) => {
+                let path = dir.join(relative);
+                match File::open(&path) {
+                    Ok(file) => {
+                        let mut bytes = Vec::new();
+                        file.take(limit + 1)
+                            .read_to_end(&mut bytes)
+                            .map_err(|e| UpdateError::io("read", &path, e))?;
+                        bytes
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(UpdateError::io("open", &path, e)),
+                }
+            }
+        };
+        if bytes.len() as u64 > limit {
+            return Err(UpdateError::BadIndex {
+                location: relative.to_string(),
+                reason: format!("larger than {limit} bytes"),
+            });
+        }
+        Ok(Some(bytes))
+    }
+}
+
+/// Parses and checks an index's JSON (the payload of signed channel
+/// metadata, or a plain index): schema, digest, and where `latest.url` may
+/// point (inside a directory channel; on an HTTP channel, the index's own
+/// origin: a channel never sends the device to another host). The URL comes
+/// back resolved against the index's location.
+pub fn parse_index(source: &Source, bytes: &[u8]) -> Result<ChannelIndex, UpdateError> {
+    let location = source.index_location();
+    let bad = |reason: String| UpdateError::BadIndex {
+        location: location.clone(),
+        reason,
+    };
+    // The schema first, so a future index says "schema 2" rather than
+    // failing on a field it renamed.
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    match value.get("schema").and_then(|s| s.as_u64()) {
+        Some(s) if s == u64::from(SCHEMA_VERSION) => {}
+        Some(s) => {
+            return Err(bad(format!(
+                "schema {s}; this agent reads {SCHEMA_VERSION}"
+            )));
+        }
+        None => return Err(bad("no numeric `schema` field".into())),
+    }
+    let mut index: ChannelIndex = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    check_digest(&index.latest.digest).map_err(|e| bad(e.to_string()))?;
+    if index.latest.url.trim().is_empty() {
+        return Err(bad("`latest.url` is empty".into()));
+    }
+    if let Source::Dir(_) = source
+        && !is_inside_channel(&index.latest.url)
+    {
+        return Err(bad(format!(
+            "`latest.url` {:?} is not a file in the channel directory (a relative path \
+                 without `..`; what `ferry publish` writes)",
+            index.latest.url
+        )));
+    }
+    let resolved = source.resolve(&index.latest.url);
+    if let Source::Http(url) = source
+        && origin(&resolved) != origin(url)
+    {
+        return Err(bad(format!(
+            "`latest.url` {resolved:?} is not on the channel's origin {:?}",
+            origin(url)
+        )));
+    }
+    index.latest.url = resolved;
+    debug!(
+        index = %location,
+        version = %index.latest.version,
+        sequence = index.latest.sequence,
+        "Fetched channel index"
+    );
+    Ok(index)
+}
+
+impl Fetcher {
     fn get_small(&self, url: &str, limit: u64) -> Result<Vec<u8>, UpdateError> {
         let net = |e: &dyn std::fmt::Display| UpdateError::Network {
             url: url.to_string(),
@@ -546,7 +650,21 @@ impl Fetcher {
         (job.progress)(received, job.total);
         let (min_rate, window) = self.min_rate;
         let mut window_start = (std::time::Instant::now(), received);
+        let started = std::time::Instant::now();
         loop {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(UpdateError::Cancelled {
+                    url: job.url.to_string(),
+                    received,
+                });
+            }
+            if started.elapsed() > self.deadline {
+                return Err(UpdateError::Deadline {
+                    url: job.url.to_string(),
+                    received,
+                    seconds: self.deadline.as_secs(),
+                });
+            }
             let elapsed = window_start.0.elapsed();
             if elapsed >= window {
                 let got = received - window_start.1;
@@ -709,6 +827,38 @@ mod tests {
         assert_eq!(d.resolve("b.ferry"), "/mnt/ch/b.ferry");
         assert_eq!(d.resolve("/abs/b.ferry"), "/abs/b.ferry");
         assert_eq!(d.resolve("HTTP://h/b.ferry"), "HTTP://h/b.ferry");
+    }
+
+    #[test]
+    fn an_http_index_cannot_send_the_device_to_another_origin() {
+        // Issue 10, item 4: fetches go only to the channel's origin (or to
+        // URLs inside a signed command).
+        let s = Source::Http("https://h.example:8443/fleet/stable/index.json".into());
+        let index = |url: &str| {
+            format!(
+                r#"{{"schema":1,"fleet":"f","channel":"c","latest":{{"name":"n","version":"1",
+                "sequence":2,"digest":"{}","size":1,"url":"{url}"}}}}"#,
+                "a".repeat(64)
+            )
+        };
+        for ok in [
+            "b.ferry",
+            "/dl/b.ferry",
+            "https://h.example:8443/x/b.ferry",
+            "HTTPS://H.example:8443/b.ferry",
+        ] {
+            parse_index(&s, index(ok).as_bytes()).unwrap();
+        }
+        for bad in [
+            "https://evil.example/b.ferry",
+            "https://h.example/b.ferry",
+            "http://h.example:8443/b.ferry",
+            "https://127.0.0.1:22/b.ferry",
+        ] {
+            let err = parse_index(&s, index(bad).as_bytes()).unwrap_err();
+            assert_eq!(err.code(), "bad_index", "{bad}");
+            assert!(err.to_string().contains("origin"), "{err}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The checks a candidate bundle must pass before it may run, each refusal
 //! with a stable code (see [`Rejection`]).
 //!
-//! In order: the bytes must differ from the running bundle's
+//! In order: the release (manifest hash) must differ from the running one
 //! (`already_active`); signatures, sizes and digests must verify (the codes of
 //! [`BundleError::code`]); the signed release must name this device's fleet
 //! (`wrong_fleet`) and channel (`wrong_channel`) and a higher sequence than the
@@ -10,6 +10,7 @@
 //! (`golden_failed`): the packager ran them on the build machine, this run
 //! proves the device's runtime gives the same answers.
 
+use ferry_format::release_id_of;
 use ferry_protocol::{BundleRef, ChannelIndex};
 use ferry_runtime::{
     BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle, verify,
@@ -73,15 +74,19 @@ pub fn check_candidate(
     running: Option<&BundleRef>,
     allow_downgrade: bool,
 ) -> Result<VerifiedBundle, Rejection> {
-    // Same bytes as the running bundle: nothing to do, and no reason to pay
-    // for decompressing them again.
-    if let Some(running) = running {
+    // The running release (whatever signatures this file carries): nothing
+    // to do, and no reason to pay for decompressing it again. The release id
+    // is the manifest's hash, read from the framing before any signature
+    // check; the same check runs again on the verified bundle below.
+    if let Some(running) = running
+        && let Ok(release) = release_id_of(bytes)
+    {
         let digest = hex::encode(Sha256::digest(bytes));
-        if digest == running.digest {
+        if release == running.release || digest == running.digest {
             return Err(Rejection::new(
                 "already_active",
                 format!(
-                    "bundle {digest} is the one running ({} {})",
+                    "release {release} is the one running ({} {})",
                     running.name, running.version
                 ),
             ));
@@ -188,6 +193,7 @@ pub fn bundle_ref(v: &VerifiedBundle) -> BundleRef {
         fleet: m.release.fleet.clone(),
         channel: m.release.channel.clone(),
         sequence: m.release.sequence,
+        release: v.release_id().to_string(),
     }
 }
 

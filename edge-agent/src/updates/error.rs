@@ -52,6 +52,18 @@ pub enum UpdateError {
         rate: u64,
         min_rate: u64,
     },
+    /// The download was stopped for a rollback or a shutdown; what arrived
+    /// is kept for a resumed attempt.
+    #[error("fetching {url} was stopped (rollback or shutdown) after {received} byte(s)")]
+    Cancelled { url: String, received: u64 },
+    /// One download attempt took longer than `updates.max_download_s`; what
+    /// arrived is kept for a resumed attempt.
+    #[error("fetching {url} took longer than {seconds} s ({received} byte(s) received)")]
+    Deadline {
+        url: String,
+        received: u64,
+        seconds: u64,
+    },
     /// The file is larger than allowed (`max_bundle_bytes`, or the size the
     /// index announced). The partial file is deleted.
     #[error(
@@ -104,6 +116,8 @@ impl UpdateError {
             UpdateError::HttpStatus { .. } => "http_status",
             UpdateError::Network { .. } => "network",
             UpdateError::TooSlow { .. } => "too_slow",
+            UpdateError::Cancelled { .. } => "cancelled",
+            UpdateError::Deadline { .. } => "deadline",
             UpdateError::TooLarge { .. } => "too_large",
             UpdateError::DigestMismatch { .. } => "download_digest_mismatch",
             UpdateError::Io { .. } => "io",
@@ -120,6 +134,8 @@ impl UpdateError {
         match self {
             UpdateError::Network { .. }
             | UpdateError::TooSlow { .. }
+            | UpdateError::Cancelled { .. }
+            | UpdateError::Deadline { .. }
             | UpdateError::Io { .. }
             | UpdateError::Locked(_) => true,
             UpdateError::HttpStatus { status, .. } => {

@@ -9,6 +9,8 @@
 //!   channel, sequence), [`load_session`], [`health_check`] (golden examples
 //!   on this device), [`skip_reason`] (judging an index before downloading).
 //!   Refusals are [`Rejection`]s with stable codes.
+//! - `metadata`: signed channel metadata ([`open_index`]) and its
+//!   [`Freshness`] (versions only grow, expired metadata is refused).
 //! - `store`: [`BundleStore`], the bundles on disk, the activation record,
 //!   atomic activation, rollback, boot attempts, garbage collection.
 //! - `error`: [`UpdateError`], failures of the machinery itself (network,
@@ -20,14 +22,15 @@
 //! ```text
 //! fetch_index → skip_reason? → download → check_candidate → load_session
 //!     → health_check → store.activate → swap the session
-//!   (a refusal: store.reject(digest), so the same bundle is not fetched again)
+//!   (a refusal: store.refuse(release, digest), so the same release is not fetched again)
 //! ```
 //!
 //! # The state directory
 //! ```text
 //! store.lock                 flock held while a BundleStore is open (one agent per directory)
 //! active.json                the activation record: active, previous, boot_attempts,
-//!                            healthy, activated_ms, rejected_digests
+//!                            healthy, activated_ms, rejected_digests, rejected_releases,
+//!                            floor (a rolled-back sequence), pin (an operator's downgrade)
 //! active.json.prev           the record as it was before its last change
 //! bundles/<digest>.ferry     activated bundles (the active and the previous one;
 //!                            anything else is garbage for gc)
@@ -98,13 +101,19 @@
 //!
 //! # Rollback
 //! [`BundleStore::rollback`] makes the previous bundle active again (its file
-//! checked first), and adds the abandoned bundle's digest to
-//! `rejected_digests` (bounded, oldest forgotten first) so the channel poller
-//! does not install it again. There is no previous after a rollback.
+//! checked first), adds the abandoned bundle's digest to `rejected_digests`
+//! and its release (manifest hash) to `rejected_releases` (bounded, oldest
+//! forgotten first) so the channel poller does not install it again, however
+//! its file is re-signed, and raises the sequence `floor` of its fleet and
+//! channel to its sequence: the channel installs only releases above it.
+//! Only an operator-signed install goes below; when it is a downgrade it
+//! sets `pin`, and the channel installs nothing until an operator-signed
+//! `unpin`. There is no previous after a rollback.
 
 mod channel;
 mod check;
 mod error;
+mod metadata;
 mod store;
 
 use std::fs::File;
@@ -113,14 +122,17 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-pub use channel::{CONNECT_TIMEOUT, Fetcher, MAX_INDEX_BYTES, READ_TIMEOUT, Source};
+pub use channel::{
+    CONNECT_TIMEOUT, DOWNLOAD_DEADLINE, Fetcher, MAX_INDEX_BYTES, READ_TIMEOUT, Source, parse_index,
+};
 pub use check::{
     Rejection, Want, bundle_ref, check_candidate, health_check, load_session, skip_reason,
 };
 pub use error::UpdateError;
+pub use metadata::{FRESHNESS_FILE, Freshness, Seen, open_index};
 pub use store::{
-    ActivationRecord, ActivationStep, BundleStore, Crash, GcReport, MAX_REJECTED, PART_KEEP,
-    RECORD_SCHEMA, Recovery, RecoveryAction, Slot, SlotRecord,
+    ActivationRecord, ActivationStep, BundleStore, Crash, GcReport, MAX_REJECTED, PART_KEEP, Pin,
+    RECORD_SCHEMA, Recovery, RecoveryAction, SequenceFloor, Slot, SlotRecord,
 };
 
 /// Checks that a digest is a SHA-256 in lowercase hex: it becomes a file

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use ferry_format::{HEADER_LEN, Header, Manifest, ReadLimits, manifest_unverified};
 use ferry_protocol::BundleRef;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use tracing::{debug, info, warn};
 
 use super::error::UpdateError;
@@ -78,9 +79,42 @@ pub struct ActivationRecord {
     /// Unix milliseconds of the last activation or rollback.
     #[serde(default)]
     pub activated_ms: u64,
-    /// Bundles refused or rolled back, oldest first (at most [`MAX_REJECTED`]).
+    /// Bundle files refused or rolled back, oldest first (at most [`MAX_REJECTED`]).
     #[serde(default)]
     pub rejected_digests: Vec<String>,
+    /// Releases (manifest hashes) refused or rolled back, oldest first (at
+    /// most [`MAX_REJECTED`]): what identifies a release whatever signatures
+    /// its file carries.
+    #[serde(default)]
+    pub rejected_releases: Vec<String>,
+    /// The highest sequence rolled back in this fleet and channel: the
+    /// channel installs only releases above it; an operator-signed install
+    /// may go below.
+    #[serde(default)]
+    pub floor: Option<SequenceFloor>,
+    /// Set by an operator-signed downgrade: the channel installs nothing
+    /// until an operator-signed `unpin`.
+    #[serde(default)]
+    pub pin: Option<Pin>,
+}
+
+/// A rolled-back sequence (see [`ActivationRecord::floor`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceFloor {
+    pub fleet: String,
+    pub channel: String,
+    pub sequence: u64,
+}
+
+/// An operator's pin (see [`ActivationRecord::pin`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// The release pinned to (manifest hash).
+    pub release: String,
+    pub sequence: u64,
+    /// The signed command that set it.
+    pub command_id: String,
+    pub since_ms: u64,
 }
 
 impl ActivationRecord {
@@ -93,6 +127,35 @@ impl ActivationRecord {
             healthy: false,
             activated_ms: 0,
             rejected_digests: Vec::new(),
+            rejected_releases: Vec::new(),
+            floor: None,
+            pin: None,
+        }
+    }
+
+    fn add_rejected_release(&mut self, release: &str) {
+        if release.is_empty() {
+            return;
+        }
+        self.rejected_releases.retain(|d| d != release);
+        self.rejected_releases.push(release.to_string());
+        let excess = self.rejected_releases.len().saturating_sub(MAX_REJECTED);
+        self.rejected_releases.drain(..excess);
+    }
+
+    /// Raises the floor of `b`'s fleet and channel to its sequence.
+    fn raise_floor(&mut self, b: &BundleRef) {
+        match &mut self.floor {
+            Some(f) if f.fleet == b.fleet && f.channel == b.channel => {
+                f.sequence = f.sequence.max(b.sequence)
+            }
+            _ => {
+                self.floor = Some(SequenceFloor {
+                    fleet: b.fleet.clone(),
+                    channel: b.channel.clone(),
+                    sequence: b.sequence,
+                })
+            }
         }
     }
 
@@ -304,6 +367,65 @@ impl BundleStore {
         Ok(())
     }
 
+    /// Whether a release (manifest hash) or a bundle file (digest) was
+    /// refused or rolled back before.
+    pub fn is_refused(&self, release: &str, digest: &str) -> bool {
+        let r = self.lock();
+        (!release.is_empty() && r.rejected_releases.iter().any(|d| d == release))
+            || r.rejected_digests.iter().any(|d| d == digest)
+    }
+
+    /// Remembers a refused release by its manifest hash and its file digest
+    /// (persisted; at most [`MAX_REJECTED`] of each are kept).
+    pub fn refuse(&self, release: &str, digest: &str) -> Result<(), UpdateError> {
+        check_digest(digest)?;
+        let _op = self.begin();
+        let current = self.lock().clone();
+        let mut next = current.clone();
+        next.add_rejected(digest);
+        next.add_rejected_release(release);
+        if next == current {
+            return Ok(());
+        }
+        self.commit(&next, Some(&current), &mut |_| Ok(()))?;
+        *self.lock() = next;
+        Ok(())
+    }
+
+    /// The sequence floor, if a rollback set one.
+    pub fn floor(&self) -> Option<SequenceFloor> {
+        self.lock().floor.clone()
+    }
+
+    /// The operator's pin, if any.
+    pub fn pin(&self) -> Option<Pin> {
+        self.lock().pin.clone()
+    }
+
+    /// Records what an operator-signed install did: it installed `b`
+    /// (forgiven if it was refused before), and, when that was a downgrade,
+    /// pins the device to it. `pin = None` lifts the pin (`unpin`).
+    pub fn set_operator_choice(
+        &self,
+        forgive: Option<&BundleRef>,
+        pin: Option<Pin>,
+    ) -> Result<(), UpdateError> {
+        let _op = self.begin();
+        let current = self.lock().clone();
+        let mut next = current.clone();
+        if let Some(b) = forgive {
+            next.rejected_releases.retain(|d| d != &b.release);
+            next.rejected_digests.retain(|d| d != &b.digest);
+        }
+        next.pin = pin;
+        if next == current {
+            return Ok(());
+        }
+        self.commit(&next, Some(&current), &mut |_| Ok(()))?;
+        *self.lock() = next;
+        Ok(())
+    }
+
     /// Makes `staged` (a file whose SHA-256 is `r.digest`, already checked
     /// by [`super::check_candidate`]) the active bundle; the active one
     /// becomes the previous. A file inside the staging directory is moved,
@@ -404,8 +526,12 @@ impl BundleStore {
         let mut next = current.clone();
         next.rejected_digests
             .retain(|d| d != &previous.bundle.digest);
+        next.rejected_releases
+            .retain(|d| d != &previous.bundle.release);
         if let Some(bad) = &current.active {
             next.add_rejected(&bad.bundle.digest);
+            next.add_rejected_release(&bad.bundle.release);
+            next.raise_floor(&bad.bundle);
         }
         next.active = Some(previous.clone());
         next.previous = None;
@@ -454,6 +580,29 @@ impl BundleStore {
     /// except those of `keep_staged` digests (a download or candidate in
     /// flight: the caller knows which) and partial downloads younger than
     /// [`PART_KEEP`]. Runs after any activation in progress, never during.
+    /// Removes everything in staging but the files of `digest` (its
+    /// partial download, to resume): called before a download starts, so
+    /// staging never holds more than one bundle (at most `max_bundle_bytes`),
+    /// whatever was abandoned before.
+    pub fn clear_staging_except(&self, digest: &str) -> Result<GcReport, UpdateError> {
+        let _op = self.begin();
+        let mut report = GcReport::default();
+        for entry in read_dir(&self.staging_dir())? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.split('.').next() != Some(digest) {
+                remove_counted(&entry.path(), &mut report)?;
+            }
+        }
+        if !report.removed.is_empty() {
+            info!(
+                files = report.removed.len(),
+                bytes = report.freed_bytes,
+                "Removed abandoned downloads from staging"
+            );
+        }
+        Ok(report)
+    }
+
     pub fn gc(&self, keep_staged: &[&str]) -> Result<GcReport, UpdateError> {
         let _op = self.begin();
         let current = self.lock().clone();
@@ -701,7 +850,7 @@ impl BundleStore {
                     continue;
                 }
             }
-            let manifest = match read_manifest(&path) {
+            let (manifest, release) = match read_manifest(&path) {
                 Ok(m) => m,
                 Err(why) => {
                     warn!(file = %path.display(), reason = %why, "Bundle manifest unreadable; ignoring it");
@@ -719,6 +868,7 @@ impl BundleStore {
                 fleet: manifest.release.fleet,
                 channel: manifest.release.channel,
                 sequence: manifest.release.sequence,
+                release,
             };
             let better = match &best {
                 None => true,
@@ -817,7 +967,8 @@ fn read_record(path: &Path) -> Result<ActivationRecord, ReadFailure> {
 
 /// The manifest of a bundle file, read from its first bytes only (no
 /// signature check: for naming a bundle found on disk, never for running it).
-fn read_manifest(path: &Path) -> Result<Manifest, String> {
+/// Returns the manifest and the release id (SHA-256 of its bytes).
+fn read_manifest(path: &Path) -> Result<(Manifest, String), String> {
     let mut file = File::open(path).map_err(|e| e.to_string())?;
     let mut prefix = [0u8; HEADER_LEN];
     file.read_exact(&mut prefix).map_err(|e| e.to_string())?;
@@ -830,7 +981,10 @@ fn read_manifest(path: &Path) -> Result<Manifest, String> {
         max_artifact_bytes: u64::MAX,
         max_total_bytes: u64::MAX,
     };
-    manifest_unverified(&header, &manifest, &limits).map_err(|e| e.to_string())
+    let release = hex::encode(sha2::Sha256::digest(&manifest));
+    manifest_unverified(&header, &manifest, &limits)
+        .map(|m| (m, release))
+        .map_err(|e| e.to_string())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), UpdateError> {
