@@ -26,6 +26,8 @@ say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 get() { python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())' "$1"; }
+# GET with the console's token (every route but /healthz needs one).
+get_api() { python3 -c 'import os, sys, urllib.request; r = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + os.environ["FERRY_FLEET_TOKEN"]}); print(urllib.request.urlopen(r, timeout=30).read().decode())' "$1"; }
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -58,7 +60,14 @@ say "# The console: embedded broker (loopback, no auth: demo only), dashboard, r
     > "$work/console.out" 2> "$work/console.log" &
 pids+=($!)
 for _ in $(seq 1 300); do get "$console/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-echo "dashboard: $console/"
+# The console wrote its first admin token at its first start (mode 0600).
+admin_token="$work/console/admin.token"
+for _ in $(seq 1 100); do [ -s "$admin_token" ] && break; sleep 0.1; done
+export FERRY_FLEET_TOKEN="$(cat "$admin_token")"
+echo "dashboard: $console/  (log in with the token in $admin_token)"
+
+say "# The admin enrols the three devices (the console follows enrolled devices only)"
+step "$fleet" enrol device-1 device-2 device-3 --console "$console"
 
 say "# Three devices running ferry-agent"
 agent_ports=()
@@ -117,8 +126,10 @@ for _ in $(seq 1 150); do
     sleep 0.2
 done
 python3 - "$console" <<'PY'
-import json, sys, urllib.request
-d = json.load(urllib.request.urlopen(sys.argv[1] + "/api/fleet-drift", timeout=30))
+import json, os, sys, urllib.request
+req = urllib.request.Request(sys.argv[1] + "/api/fleet-drift",
+                             headers={"Authorization": "Bearer " + os.environ["FERRY_FLEET_TOKEN"]})
+d = json.load(urllib.request.urlopen(req, timeout=30))
 d = d.get("drift", d)
 for f in d.get("features", []):
     print(f"  {f['name']:<14} drifting on {100 * f['share']:5.1f}% of traffic: {', '.join(f.get('devices', [])) or '-'}")
@@ -143,8 +154,12 @@ say "# Release v2 (here: the same model retrained, packed as sequence 2), rolled
 step "$ferry" pack examples/iris --key "$work/keys/release.key" -o "$work/iris-v2.ferry" --fleet demo --sequence 2
 # The shifted device's sensor is fixed: its traffic is back to normal.
 traffic "${agent_ports[2]}" examples/iris/data/current_same.csv 400 &
-step "$fleet" rollout "$work/iris-v2.ferry" --console "$console" --canary 34% --bake 5s \
-    --abort-if 'error_rate>5%' --abort-if 'failed_installs>0' --operator demo
+say "# The admin makes an operator's token (shown once); the audit log will name its holder"
+"$fleet" token create --name demo-operator --role operator --console "$console" > "$work/operator.token"
+chmod 600 "$work/operator.token"
+echo "demo-operator's token is in $work/operator.token"
+step "$fleet" rollout "$work/iris-v2.ferry" --console "$console" --token-file "$work/operator.token" \
+    --canary 34% --bake 5s --abort-if 'error_rate>5%' --abort-if 'failed_installs>0'
 for _ in $(seq 1 120); do
     phase="$("$fleet" rollouts --console "$console" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["rollouts"][-1]["phase"]["phase"])')"
     case "$phase" in done|aborted) break ;; esac
@@ -154,7 +169,7 @@ wait %% 2>/dev/null || true
 step "$fleet" rollouts --console "$console"
 step "$fleet" status --broker "mqtt://127.0.0.1:$broker_port" --fleet demo
 
-say "# Dashboard: $console/   (live: devices, drift heat map, rates, events, rollouts)"
+say "# Dashboard: $console/   (live: devices, drift heat map, rates, events, rollouts; log in with the token in $admin_token)"
 if [ -t 0 ]; then
     echo "Ctrl-C stops the console and the agents."
     wait

@@ -33,22 +33,28 @@ struct Ctx {
     permits: Semaphore,
 }
 
-/// Serves the HTTP API on `listener` until `shutdown` resolves, then stops
-/// taking connections and finishes the requests in flight.
+/// The HTTP limits of the agent's API (`ferry_host::http`): headers within
+/// 10 s, 30 s at most between pieces of a body, 60 s to answer, 256
+/// connections (a quarter of the common 1,024-descriptor limit: the
+/// buffer, bundles and MQTT need theirs; the oldest idle connection makes
+/// room for a new one, so half-open connections cannot lock out a health
+/// check).
+pub const LIMITS: ferry_host::http::Limits = ferry_host::http::Limits {
+    header_read_timeout: std::time::Duration::from_secs(10),
+    body_read_timeout: std::time::Duration::from_secs(30),
+    request_timeout: std::time::Duration::from_secs(60),
+    max_connections: 256,
+};
+
+/// Serves the HTTP API on `listener` within [`LIMITS`] until `shutdown`
+/// resolves, then stops taking connections and finishes the requests in
+/// flight.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     agent: Arc<Agent>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Answers are small and written at once: no Nagle delay on them.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "Cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(agent))
-        .with_graceful_shutdown(shutdown)
-        .await
+    ferry_host::http::serve(listener, router(agent), LIMITS, shutdown).await
 }
 
 /// The router, for [`serve`] (and for tests on `127.0.0.1:0`).

@@ -836,3 +836,68 @@ fn a_lying_index_cannot_send_endless_data_or_mix_releases() {
         );
     }
 }
+
+/// The issue's attack: 1,000 connections that send half a request's
+/// headers and wait, against an agent limited to 1,024 descriptors (the
+/// common default that 1,100 such connections used up). The agent keeps
+/// answering (its connection cap, 256, keeps descriptors to spare; the
+/// oldest idle connection makes room for a new one), and closes every
+/// half-open connection (pushed out, or at the header timeout). A body
+/// that stops arriving is answered and closed at the body timeout, and a
+/// JSON body nested 100,000 deep is refused.
+#[test]
+fn half_open_connections_cannot_hold_the_server() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    use ferry_testkit::slow::{CLOSE_WAIT, closed_by_server, half_open};
+
+    let mut setup = Setup::new("slowloris");
+    setup.nofile = Some(1024);
+    let d = Device::start(setup);
+    let addr = d.http.trim_start_matches("http://").to_string();
+    // Headers complete, 10 of 100 body bytes, then nothing.
+    let mut stalled = TcpStream::connect(&addr).unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"records\"",
+        )
+        .unwrap();
+    let mut held = half_open(&addr, 1000);
+    for _ in 0..3 {
+        assert_eq!(d.get("/healthz").0, 200);
+    }
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    assert!(
+        !d.log_text().contains("Too many open files"),
+        "{}",
+        d.log_text()
+    );
+
+    // Every half-open connection is closed by the agent.
+    let deadline = Instant::now() + CLOSE_WAIT;
+    loop {
+        let open = held.iter_mut().map(closed_by_server).filter(|c| !c).count();
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} still open");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(d.get("/healthz").0, 200);
+
+    // The stalled body: a 400 answer, and the connection closed.
+    stalled.set_read_timeout(Some(CLOSE_WAIT)).unwrap();
+    let mut answer = String::new();
+    let _ = stalled.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+
+    // Nesting: serde_json's recursion limit (128) refuses it, quickly and
+    // without a stack overflow.
+    let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+    let (status, body) = d.post(Some("application/json"), deep.as_bytes());
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(d.get("/healthz").0, 200);
+}

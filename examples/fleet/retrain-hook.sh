@@ -14,6 +14,8 @@
 # Environment:
 #   FERRY_KEY            signing key file (from `ferry keygen`; the devices must trust its .pub)  [required]
 #   FERRY_CONSOLE        the console's URL                              [default: http://127.0.0.1:8080]
+#   FERRY_FLEET_TOKEN_FILE  file with an operator's token (ferry-fleet token create --role operator
+#                        --name retrain-hook): the audit log names its holder   [or FERRY_FLEET_TOKEN]
 #   FERRY_NEXT_SEQUENCE  [release] sequence of the new bundle  [default: highest sequence in the request + 1]
 #   FERRY_BIN_DIR        where ferry and ferry-fleet are                [default: PATH]
 #   PYTHON               the Python with examples/requirements.txt       [default: python3]
@@ -32,6 +34,13 @@ request="$(cd "$(dirname "$request")" && pwd)/$(basename "$request")"
 : "${FERRY_KEY:?retrain-hook: set FERRY_KEY to the signing key file (ferry keygen -o KEYS/release)}"
 [[ -r "$FERRY_KEY" ]] || { echo "retrain-hook: cannot read FERRY_KEY=$FERRY_KEY" >&2; exit 1; }
 console="${FERRY_CONSOLE:-http://127.0.0.1:8080}"
+token_args=()
+if [[ -n "${FERRY_FLEET_TOKEN_FILE:-}" ]]; then
+    token_args=(--token-file "$FERRY_FLEET_TOKEN_FILE")
+elif [[ -z "${FERRY_FLEET_TOKEN:-}" ]]; then
+    echo "retrain-hook: set FERRY_FLEET_TOKEN_FILE (or FERRY_FLEET_TOKEN) to an operator's token" >&2
+    exit 1
+fi
 python="${PYTHON:-python3}"
 
 bin() {
@@ -70,5 +79,5 @@ echo "retrain-hook: retraining from $request into $out (sequence $sequence)"
 "$python" "$examples/iris/retrain.py" "$request" --out "$out" --sequence "$sequence"
 "$ferry" pack "$out" --key "$FERRY_KEY" --sequence "$sequence" -o "$bundle"
 echo "retrain-hook: rolling out $bundle on $console"
-"$fleet" rollout "$bundle" --console "$console" --canary 34% --bake 30s \
+"$fleet" rollout "$bundle" --console "$console" "${token_args[@]}" --canary 34% --bake 30s \
     --abort-if 'error_rate>5%' --abort-if 'drift.psi>0.25'

@@ -2,10 +2,14 @@
 //! what `ferry-fleet rollout`, `rollouts` and `retrain` use, and what the
 //! tests drive a console with. The answers are the types the console
 //! serialises (`Rollout`, `AuditEntry`, `DeviceState`, `FleetDriftView`,
-//! `Overview`, `Request`), so both sides change together.
+//! `Overview`, `Request`, `TokenView`), so both sides change together.
+//!
+//! Every call sends `Authorization: Bearer <token>` when the client has a
+//! token ([`Client::with_token`]); the console answers 401 without one.
 
 use std::time::Duration;
 
+use crate::auth::{Enrolled, Enrolment, NewToken, Principal, TokenView};
 use crate::model::DeviceState;
 use crate::retrain::{FleetDriftView, Overview, ROWS_HEADER, Request};
 use crate::rollout::Rollout;
@@ -58,6 +62,7 @@ impl ClientError {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 type Answer = ureq::http::Response<ureq::Body>;
@@ -72,7 +77,25 @@ impl Client {
                 .timeout_global(Some(TIMEOUT))
                 .build()
                 .into(),
+            token: None,
         }
+    }
+
+    /// The same client, sending `token` with every call.
+    pub fn with_token(mut self, token: &str) -> Client {
+        self.token = Some(token.trim().to_string());
+        self
+    }
+
+    fn authorize<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("Authorization", format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    fn get_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.authorize(self.agent.get(self.url(path)))
     }
 
     /// The base URL.
@@ -122,11 +145,7 @@ impl Client {
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let r = self
-            .agent
-            .get(self.url(path))
-            .call()
-            .map_err(self.unreachable())?;
+        let r = self.get_req(path).call().map_err(self.unreachable())?;
         Self::json(path, r)
     }
 
@@ -137,8 +156,7 @@ impl Client {
         params: &NewRollout,
     ) -> Result<Rollout, ClientError> {
         let mut req = self
-            .agent
-            .post(self.url("/api/rollouts"))
+            .authorize(self.agent.post(self.url("/api/rollouts")))
             .query("canary", &params.canary)
             .query("bake", &params.bake)
             .query("abort_if", &params.abort_if)
@@ -149,9 +167,6 @@ impl Client {
         }
         if let Some(t) = &params.install_timeout {
             req = req.query("install_timeout", t);
-        }
-        if let Some(o) = &params.operator {
-            req = req.query("operator", o);
         }
         let r = req.send(bundle).map_err(self.unreachable())?;
         Self::json("/api/rollouts", r)
@@ -201,7 +216,7 @@ impl Client {
     /// (comma-separated), or the drifting devices.
     pub fn retrain_request(&self, devices: Option<&str>) -> Result<Request, ClientError> {
         let path = "/api/retrain/request";
-        let mut req = self.agent.get(self.url(path));
+        let mut req = self.get_req(path);
         if let Some(d) = devices {
             req = req.query("devices", d);
         }
@@ -214,8 +229,7 @@ impl Client {
     pub fn retrain_export(&self, devices: &str) -> Result<(u64, String), ClientError> {
         let path = "/api/retrain/export";
         let r = self
-            .agent
-            .get(self.url(path))
+            .get_req(path)
             .query("devices", devices)
             .call()
             .map_err(self.unreachable())?;
@@ -230,5 +244,67 @@ impl Client {
             message: "no row count".into(),
         })?;
         Ok((rows, csv))
+    }
+
+    /// `GET /api/session`: who the token belongs to.
+    pub fn whoami(&self) -> Result<Principal, ClientError> {
+        let v: serde_json::Value = self.get("/api/session")?;
+        serde_json::from_value(v).map_err(|e| ClientError::BadAnswer {
+            path: "/api/session".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `GET /api/tokens` (admin): every token, revoked ones too.
+    pub fn tokens(&self) -> Result<Vec<TokenView>, ClientError> {
+        self.get("/api/tokens")
+    }
+
+    /// `POST /api/tokens` (admin): a new token for `name` with `role`; the
+    /// answer is the only time the token is shown.
+    pub fn create_token(&self, name: &str, role: &str) -> Result<NewToken, ClientError> {
+        let path = "/api/tokens";
+        let r = self
+            .authorize(self.agent.post(self.url(path)))
+            .header("Content-Type", "application/json")
+            .send(serde_json::json!({ "name": name, "role": role }).to_string())
+            .map_err(self.unreachable())?;
+        Self::json(path, r)
+    }
+
+    /// `DELETE /api/tokens/{name}` (admin): revokes `name`'s token.
+    pub fn revoke_token(&self, name: &str) -> Result<TokenView, ClientError> {
+        let path = format!("/api/tokens/{name}");
+        let r = self
+            .authorize(self.agent.delete(self.url(&path)))
+            .call()
+            .map_err(self.unreachable())?;
+        Self::json(&path, r)
+    }
+
+    /// `GET /api/enrolment` (admin).
+    pub fn enrolment(&self) -> Result<Enrolment, ClientError> {
+        self.get("/api/enrolment")
+    }
+
+    /// `POST /api/enrolment` (admin): enrols `device`.
+    pub fn enrol(&self, device: &str) -> Result<Enrolled, ClientError> {
+        let path = "/api/enrolment";
+        let r = self
+            .authorize(self.agent.post(self.url(path)))
+            .header("Content-Type", "application/json")
+            .send(serde_json::json!({ "device": device }).to_string())
+            .map_err(self.unreachable())?;
+        Self::json(path, r)
+    }
+
+    /// `DELETE /api/enrolment/{device}` (admin).
+    pub fn unenrol(&self, device: &str) -> Result<(), ClientError> {
+        let path = format!("/api/enrolment/{device}");
+        let r = self
+            .authorize(self.agent.delete(self.url(&path)))
+            .call()
+            .map_err(self.unreachable())?;
+        Self::text(&path, r).map(|_| ())
     }
 }

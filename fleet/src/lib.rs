@@ -12,6 +12,8 @@
 //! - `serve`: [`run`], [`ServeConfig`], [`ServeError`]: the console
 //!   assembled once (store, MQTT, embedded broker, rollouts, retraining,
 //!   HTTP), and its orderly stop.
+//! - `auth`: roles, API tokens (stored hashed), the first admin token,
+//!   dashboard sessions ([`Auth`], [`Role`]).
 //! - `store`: the one owner of the sled database: devices, drift history,
 //!   events, samples, de-duplication, change notifications, retraining
 //!   episodes, and the key layout version it refuses when unknown.
@@ -41,6 +43,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod http;
@@ -53,6 +56,7 @@ mod serve;
 pub mod store;
 pub mod text;
 
+pub use auth::{Auth, AuthError, Principal, Role};
 pub use client::{Client, ClientError};
 pub use retrain::RetrainError;
 pub use rollouts::RolloutError;

@@ -12,6 +12,14 @@
 //!   HTTP API).
 //! - `retrain`: show the retraining episodes, or `--export DIR` the
 //!   drifting devices' samples and a request from a running console.
+//! - `token`: make, list and revoke API tokens (admin), over the API of a
+//!   running console or (`--state`) on a stopped console's state directory.
+//! - `enrol`: enrol devices, remove them, list them and the devices
+//!   refused (admin): `serve` follows only enrolled devices unless
+//!   `--follow-unenrolled`.
+//!
+//! The commands that talk to a console authenticate with a token:
+//! `--token-file FILE`, or `FERRY_FLEET_TOKEN` (`--token`).
 //!
 //! Exit codes: 0 ok, 1 error, 2 usage.
 
@@ -37,7 +45,11 @@ use ferry_fleet::{Client, ClientError, HTTP_GRACE};
   ferry-fleet status --broker mqtt://broker:1883 --fleet plant-7 [--json]\n\
   ferry-fleet rollout iris-v2.ferry --canary 10% --bake 10m --abort-if 'error_rate>1%' --abort-if 'drift.psi>0.25'\n\
   ferry-fleet rollouts [--json]\n\
-  ferry-fleet retrain [--export DIR] [--json]\n\n\
+  ferry-fleet retrain [--export DIR] [--json]\n\
+  ferry-fleet token create --name ci --role operator    (admin; prints the token once)\n\
+  ferry-fleet enrol pump-1 pump-2    (admin: serve follows only enrolled devices)\n\n\
+Commands that talk to a console need a token: --token-file FILE or FERRY_FLEET_TOKEN.\n\
+The first admin token is written to <state>/admin.token when a console first starts.\n\n\
 Exit codes: 0 ok, 1 error, 2 usage."
 )]
 struct Cli {
@@ -66,6 +78,12 @@ enum Cmd {
     Rollouts(RolloutsCmd),
     /// Show retraining episodes, or export the drifting devices' samples.
     Retrain(RetrainCmd),
+    /// Make, list or revoke API tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Enrol devices, remove them, or list them with the devices refused
+    /// (admin).
+    Enrol(EnrolCmd),
 }
 
 /// Where the broker is and who we are on it.
@@ -164,6 +182,18 @@ struct Serve {
     embedded_broker: Option<SocketAddr>,
     #[command(flatten)]
     retrain: RetrainArgs,
+    /// Follow every device that publishes under the fleet's topics, enrolled
+    /// or not (demos, small trusted networks). Without it, only the devices
+    /// an admin enrolled (`ferry-fleet enrol`) are followed: messages of
+    /// others are counted (`GET /api/enrolment`) and ignored for state,
+    /// rollouts and retraining.
+    #[arg(long)]
+    follow_unenrolled: bool,
+    /// Mark the dashboard's session cookie `Secure`: set it when browsers
+    /// reach the console over HTTPS (a TLS-terminating reverse proxy, see
+    /// docs/fleet-security.md).
+    #[arg(long)]
+    secure_cookies: bool,
 }
 
 /// The retraining loop of `serve` (see `ferry_fleet::retrain`).
@@ -251,6 +281,8 @@ impl Serve {
             embedded_broker: self.embedded_broker,
             rollouts,
             retrain,
+            require_enrolment: !self.follow_unenrolled,
+            secure_cookies: self.secure_cookies,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -303,7 +335,8 @@ impl Serve {
     }
 }
 
-/// The console's HTTP API address, for `rollout` / `rollouts`.
+/// The console's HTTP API address and the credential, for the commands
+/// that talk to a running console.
 #[derive(Args)]
 struct ConsoleArgs {
     /// The running console (`ferry-fleet serve`).
@@ -313,17 +346,39 @@ struct ConsoleArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     console: String,
+    /// File holding the API token (e.g. `<state>/admin.token`, or one made
+    /// by `ferry-fleet token create`); wins over FERRY_FLEET_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The API token; prefer the environment variable (a token on the
+    /// command line shows in `ps`).
+    #[arg(long, env = "FERRY_FLEET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl ConsoleArgs {
-    fn client(&self) -> Client {
-        Client::new(&self.console)
+    fn client(&self) -> Result<Client> {
+        let client = Client::new(&self.console);
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+            (None, Some(t)) => t.clone(),
+            (None, None) => return Ok(client),
+        };
+        if token.trim().is_empty() {
+            bail!("the token is empty");
+        }
+        Ok(client.with_token(&token))
     }
 }
 
 /// A client error as the CLI says it: a refusal prefixed with `what`.
 fn refused(what: &str) -> impl FnOnce(ClientError) -> anyhow::Error + '_ {
     move |e| match e {
+        ClientError::Refused { status: 401, .. } => anyhow::anyhow!(
+            "{what}: {e}\n(give a token: --token-file FILE or FERRY_FLEET_TOKEN; the first \
+             admin token is in <state>/admin.token)"
+        ),
         ClientError::Refused { .. } => anyhow::anyhow!("{what}: {e}"),
         e => e.into(),
     }
@@ -352,8 +407,8 @@ struct RolloutCmd {
     /// A device that does not run the bundle this long after its command counts as failed.
     #[arg(long, default_value = "10m")]
     install_timeout: String,
-    /// Who is rolling out (the audit log), default $USER.
-    #[arg(long)]
+    /// No longer accepted: the audit log names the token's holder.
+    #[arg(long, hide = true)]
     operator: Option<String>,
     #[command(flatten)]
     console: ConsoleArgs,
@@ -373,11 +428,12 @@ impl RolloutCmd {
                 bail!("{rule:?}: one rule per --abort-if");
             }
         }
-        let operator = self
-            .operator
-            .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "operator".into());
+        if self.operator.is_some() {
+            bail!(
+                "--operator is not accepted: the audit log records the holder of the token \
+                 (ferry-fleet token create --name NAME)"
+            );
+        }
         let params = ferry_fleet::rollouts::NewRollout {
             canary: self.canary.clone(),
             bake: self.bake.clone(),
@@ -385,11 +441,10 @@ impl RolloutCmd {
             waves: self.waves.clone(),
             shadow: self.shadow,
             install_timeout: Some(self.install_timeout.clone()),
-            operator: Some(operator),
         };
         let rollout = self
             .console
-            .client()
+            .client()?
             .create_rollout(&bytes, &params)
             .map_err(refused("the console refused the rollout"))?;
         if self.json {
@@ -425,7 +480,7 @@ struct RolloutsCmd {
 
 impl RolloutsCmd {
     fn run(self) -> Result<()> {
-        let client = self.console.client();
+        let client = self.console.client()?;
         let rollouts = client.rollouts().map_err(refused("/api/rollouts"))?;
         let audit = client.audit().map_err(refused("/api/audit"))?;
         if self.json {
@@ -489,7 +544,7 @@ struct RetrainCmd {
 
 impl RetrainCmd {
     fn run(self) -> Result<()> {
-        let client = self.console.client();
+        let client = self.console.client()?;
         if let Some(dir) = &self.export {
             return self.export(&client, dir);
         }
@@ -565,6 +620,206 @@ impl RetrainCmd {
                 csv_path.display()
             );
             println!("request: {}", request_path.display());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a token and print it (the only time it is shown).
+    Create(TokenCreate),
+    /// List the tokens (names, roles, who made them; never the tokens).
+    List(TokenList),
+    /// Revoke a holder's token: it and its dashboard sessions stop working.
+    Revoke(TokenRevoke),
+}
+
+/// Where the tokens are: a running console (an admin token), or a stopped
+/// console's state directory.
+#[derive(Args)]
+struct TokenWhere {
+    /// Work on this state directory instead (the console must be stopped:
+    /// one process at a time).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl TokenWhere {
+    /// Runs `local` on the state directory's tokens, or `remote` on the
+    /// console's.
+    fn run<T: serde::Serialize>(
+        &self,
+        local: impl FnOnce(&ferry_fleet::Auth) -> Result<T, ferry_fleet::AuthError>,
+        remote: impl FnOnce(&Client) -> Result<T, ClientError>,
+        print: impl FnOnce(&T),
+    ) -> Result<()> {
+        let out =
+            match &self.state {
+                Some(dir) => {
+                    let store = ferry_fleet::Store::open(&dir.join(ferry_fleet::store::DIR))
+                        .map_err(|e| match e {
+                            ferry_fleet::StoreError::Locked { .. } => anyhow::anyhow!(
+                                "{e} (a console runs on it: use its API instead, --console URL \
+                             with an admin token)"
+                            ),
+                            e => e.into(),
+                        })?;
+                    local(&ferry_fleet::Auth::new(std::sync::Arc::new(store)))?
+                }
+                None => remote(&self.console.client()?).map_err(refused("the console refused"))?,
+            };
+        if self.json {
+            println!("{}", serde_json::to_string(&out)?);
+        } else {
+            print(&out);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+struct TokenCreate {
+    /// The holder (a person or a CI job): what the audit log records.
+    #[arg(long)]
+    name: String,
+    /// viewer, operator, approver or admin.
+    #[arg(long)]
+    role: String,
+    #[command(flatten)]
+    at: TokenWhere,
+}
+
+impl TokenCreate {
+    fn run(self) -> Result<()> {
+        let role: ferry_fleet::Role = self.role.parse()?;
+        self.at.run(
+            |auth| auth.create(&self.name, role, "state directory", ferry_host::now_ms()),
+            |client| client.create_token(&self.name, role.name()),
+            |t| {
+                println!("{}", t.token);
+                eprintln!(
+                    "token for {} ({}): shown once; keep it in a file only they can read",
+                    t.name, t.role
+                );
+            },
+        )
+    }
+}
+
+#[derive(Args)]
+struct TokenList {
+    #[command(flatten)]
+    at: TokenWhere,
+}
+
+impl TokenList {
+    fn run(self) -> Result<()> {
+        self.at.run(
+            |auth| auth.list(),
+            |client| client.tokens(),
+            |all| {
+                println!(
+                    "{:<24} {:<9} {:<9} {:<24} STATE",
+                    "NAME", "ROLE", "ID", "CREATED BY"
+                );
+                for t in all {
+                    let state = match t.revoked_ms {
+                        Some(ms) => format!("revoked at {ms}"),
+                        None => "active".into(),
+                    };
+                    println!(
+                        "{:<24} {:<9} {:<9} {:<24} {state}",
+                        t.name, t.role, t.id, t.created_by
+                    );
+                }
+            },
+        )
+    }
+}
+
+#[derive(Args)]
+struct TokenRevoke {
+    /// The holder whose token is revoked.
+    name: String,
+    #[command(flatten)]
+    at: TokenWhere,
+}
+
+impl TokenRevoke {
+    fn run(self) -> Result<()> {
+        self.at.run(
+            |auth| auth.revoke(&self.name, ferry_host::now_ms()),
+            |client| client.revoke_token(&self.name),
+            |t| println!("revoked {} ({})", t.name, t.role),
+        )
+    }
+}
+
+impl TokenCmd {
+    fn run(self) -> Result<()> {
+        match self {
+            TokenCmd::Create(c) => c.run(),
+            TokenCmd::List(c) => c.run(),
+            TokenCmd::Revoke(c) => c.run(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct EnrolCmd {
+    /// Devices to enrol (or with --remove, to remove).
+    devices: Vec<String>,
+    /// Remove these devices' enrolment instead.
+    #[arg(long)]
+    remove: bool,
+    /// Print the enrolled devices and the devices refused.
+    #[arg(long, conflicts_with = "remove")]
+    list: bool,
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// Print JSON (with --list).
+    #[arg(long)]
+    json: bool,
+}
+
+impl EnrolCmd {
+    fn run(self) -> Result<()> {
+        let client = self.console.client()?;
+        for d in &self.devices {
+            if self.remove {
+                client.unenrol(d).map_err(refused("the console refused"))?;
+                println!("removed {d}");
+            } else {
+                client.enrol(d).map_err(refused("the console refused"))?;
+                println!("enrolled {d}");
+            }
+        }
+        if self.list || self.devices.is_empty() {
+            let e = client.enrolment().map_err(refused("the console refused"))?;
+            if self.json {
+                println!("{}", serde_json::to_string(&e)?);
+                return Ok(());
+            }
+            println!(
+                "enrolment {}",
+                if e.required {
+                    "required"
+                } else {
+                    "not required (serve --follow-unenrolled)"
+                }
+            );
+            for d in &e.devices {
+                println!("  enrolled {} (by {})", d.device, d.by);
+            }
+            for (d, n) in &e.not_enrolled {
+                println!("  refused  {d}: {n} message(s)");
+            }
         }
         Ok(())
     }
@@ -650,6 +905,8 @@ fn main() -> ExitCode {
         Cmd::Rollout(c) => c.run(),
         Cmd::Rollouts(c) => c.run(),
         Cmd::Retrain(c) => c.run(),
+        Cmd::Token(c) => c.run(),
+        Cmd::Enrol(c) => c.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,12 @@
 //!                         GET /bundles/<digest>.ferry (streamed from the file,
 //!                         with Range, so an interrupted device download resumes)
 //! ```
+//! A bundle is written only once every check of its rollout passed (a
+//! refused upload is never stored), and deleted when no rollout needs it
+//! any more ([`Rollouts::collect_bundles`], at start and whenever a rollout
+//! finishes): kept are the bundles of unfinished rollouts and of the latest
+//! rollout that finished `done`. A finished rollout's record keeps its
+//! bundle's digest.
 //! A console restarted mid-rollout reloads every unfinished rollout and
 //! steps it again: what was sent is recorded per device, so nothing is sent
 //! twice within its timeout, and the rollout continues where it stopped.
@@ -158,8 +164,6 @@ pub struct NewRollout {
     pub shadow: u64,
     #[serde(default)]
     pub install_timeout: Option<String>,
-    #[serde(default)]
-    pub operator: Option<String>,
 }
 
 /// Parses `30s`, `10m`, `2h`, `1500ms` or bare milliseconds.
@@ -213,6 +217,9 @@ pub struct Rollouts {
     store: Arc<Store>,
     sink: Arc<dyn CommandSink>,
     active: Mutex<Vec<Rollout>>,
+    /// Held by a create from its last check until its rollout is in
+    /// `active`, and by the bundle collector.
+    creating: Mutex<()>,
     audit_lock: Mutex<()>,
     /// Device commands whose send failed (broker away), retried each tick.
     retry: Mutex<Vec<(Rollout, Action)>>,
@@ -252,7 +259,7 @@ impl Rollouts {
         if resumed > 0 {
             tracing::info!(resumed, "Resuming rollouts");
         }
-        Ok(Rollouts {
+        let rollouts = Rollouts {
             dir,
             bundles,
             fleet: fleet.to_string(),
@@ -262,9 +269,64 @@ impl Rollouts {
             store,
             sink,
             active: Mutex::new(all),
+            creating: Mutex::new(()),
             audit_lock: Mutex::new(()),
             retry: Mutex::new(Vec::new()),
-        })
+        };
+        rollouts.collect_bundles()?;
+        Ok(rollouts)
+    }
+
+    /// The digests of the bundles still needed: those of the rollouts that
+    /// are not finished (devices download them) and of the latest rollout
+    /// that finished `done` (the fleet's current release).
+    fn needed_bundles(&self) -> Vec<String> {
+        let active = self.active.lock().unwrap();
+        let mut needed: Vec<String> = active
+            .iter()
+            .filter(|r| !r.phase.is_finished())
+            .map(|r| r.spec.bundle.digest.clone())
+            .collect();
+        if let Some(current) = active
+            .iter()
+            .filter(|r| r.phase == Phase::Done)
+            .max_by_key(|r| r.created_ms)
+        {
+            needed.push(current.spec.bundle.digest.clone());
+        }
+        needed
+    }
+
+    /// Deletes every file in `bundles/` that is not a needed bundle (see
+    /// [`Rollouts::needed_bundles`]): bundles of finished rollouts that a
+    /// later one replaced, and what an interrupted write or an older
+    /// console left. Run at start and whenever a rollout finishes; returns
+    /// the names deleted.
+    pub fn collect_bundles(&self) -> Result<Vec<String>, RolloutError> {
+        let _creating = self.creating.lock().unwrap();
+        let keep: Vec<String> = self
+            .needed_bundles()
+            .into_iter()
+            .map(|d| format!("{d}.ferry"))
+            .collect();
+        let mut deleted = Vec::new();
+        let dir = &self.bundles;
+        for entry in std::fs::read_dir(dir).map_err(RolloutError::io("read", dir))? {
+            let entry = entry.map_err(RolloutError::io("read", dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if !is_file || keep.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(RolloutError::io("delete", &path))?;
+            tracing::info!(file = %name, "Deleted a bundle no rollout needs");
+            deleted.push(name);
+        }
+        if !deleted.is_empty() {
+            ferry_host::sync_dir(dir)?;
+        }
+        Ok(deleted)
     }
 
     /// The directory of the bundles devices download.
@@ -288,11 +350,13 @@ impl Rollouts {
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
     }
 
-    /// Starts a rollout of `bundle` (its bytes) as `params` say.
+    /// Starts a rollout of `bundle` (its bytes) as `params` say, for
+    /// `operator` (the credential's holder, recorded in the audit log).
     pub fn create(
         &self,
         bundle: &[u8],
         params: &NewRollout,
+        operator: &str,
         now_ms: u64,
     ) -> Result<Rollout, RolloutError> {
         let verified =
@@ -341,8 +405,6 @@ impl Rollouts {
             .map(|r| r.parse::<Rule>().map_err(RolloutError::Invalid))
             .collect::<Result<Vec<_>, _>>()?;
         let digest = verified.digest().to_string();
-        let path = self.bundles.join(format!("{digest}.ferry"));
-        write_durably(&path, bundle)?;
         let spec = Spec {
             bundle: ferry_protocol::BundleRef {
                 name: m.name.clone(),
@@ -363,7 +425,7 @@ impl Rollouts {
                 Some(t) => parse_duration_ms(t)?,
                 None => 10 * 60_000,
             },
-            operator: params.operator.clone().unwrap_or_else(|| "operator".into()),
+            operator: operator.to_string(),
         };
         let devices: Vec<String> = self
             .store
@@ -375,15 +437,26 @@ impl Rollouts {
         let id = format!("r{now_ms}-{}", &digest[..8]);
         let rollout = Rollout::new(id, spec, &devices, now_ms).map_err(RolloutError::Invalid)?;
         {
-            let mut active = self.active.lock().unwrap();
-            if let Some(running) = active.iter().find(|r| !r.phase.is_finished()) {
+            // Every check passed but one: no other rollout may run. Only a
+            // create starts one, so holding `creating` while the bundle is
+            // written keeps the answer true (and the collector away).
+            let _creating = self.creating.lock().unwrap();
+            if let Some(running) = self
+                .active
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|r| !r.phase.is_finished())
+            {
                 return Err(RolloutError::Busy {
                     id: running.id.clone(),
                     name: running.spec.bundle.name.clone(),
                     version: running.spec.bundle.version.clone(),
                 });
             }
-            active.push(rollout.clone());
+            // Kept only now: a refused upload is never stored.
+            write_durably(&self.bundles.join(format!("{digest}.ferry")), bundle)?;
+            self.active.lock().unwrap().push(rollout.clone());
         }
         self.persist(&rollout)?;
         self.audit(
@@ -416,12 +489,14 @@ impl Rollouts {
     /// Steps every unfinished rollout once and sends what it asks for.
     pub async fn tick(&self, now_ms: u64) -> Result<(), RolloutError> {
         let mut work = Vec::new();
+        let mut finished = false;
         {
             let mut active = self.active.lock().unwrap();
             for r in active.iter_mut().filter(|r| !r.phase.is_finished()) {
                 let before = r.clone();
                 let store = &self.store;
                 let actions = r.step(now_ms, &|d| store.device(d));
+                finished |= r.phase.is_finished();
                 if *r != before || !actions.is_empty() {
                     work.push((r.clone(), actions));
                 }
@@ -446,6 +521,11 @@ impl Rollouts {
             self.store.notify(Change::Rollout {
                 id: rollout.id.clone(),
             });
+        }
+        if finished {
+            // After the rollout's last state is on disk: a crash between the
+            // two leaves a file the next start collects.
+            self.collect_bundles()?;
         }
         Ok(())
     }

@@ -4,14 +4,16 @@
 //! # What `run` does, in order
 //! 1. starts the embedded broker when asked (it accepts connections before
 //!    the console connects to it);
-//! 2. opens the store in `<state>/store` (off the async workers);
+//! 2. opens the store in `<state>/store` (off the async workers), and
+//!    the first time, writes the first admin token to
+//!    `<state>/admin.token` (`auth`; the log names the file);
 //! 3. starts following the fleet over MQTT (`ingest::Console`);
 //! 4. with trusted keys, opens the rollouts (`<state>/rollouts`,
 //!    `<state>/bundles`) and steps them every [`TICK`];
 //! 5. opens the retraining loop (`<state>/retrain`) and evaluates it every
 //!    [`TICK`] on the blocking pool (a hook blocks its tick);
 //! 6. serves the dashboard, the API and the bundle downloads on the
-//!    listener;
+//!    listener, behind authentication (`http::auth`);
 //! 7. when `shutdown` resolves: stops the loops, ends the open event
 //!    streams and waits for open responses up to [`HTTP_GRACE`], leaves the
 //!    MQTT session with a DISCONNECT (the broker keeps queueing) and
@@ -30,6 +32,7 @@ use ferry_format::{SecretKey, TrustPolicy};
 use ferry_host::now_ms;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Auth;
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::ingest::{Console, IngestOptions};
 use crate::retrain::{self, RetrainError, Retrainer};
@@ -61,6 +64,12 @@ pub struct ServeConfig {
     pub rollouts: Option<RolloutsConfig>,
     /// The retraining loop.
     pub retrain: retrain::Options,
+    /// Follow only the devices an admin enrolled (`serve` does unless
+    /// `--follow-unenrolled`).
+    pub require_enrolment: bool,
+    /// Mark the session cookie `Secure` (`--secure-cookies`: browsers reach
+    /// the console over HTTPS, through a TLS-terminating proxy).
+    pub secure_cookies: bool,
 }
 
 /// The rollouts' settings (`--trust`, `--key`, `--public-url`).
@@ -98,6 +107,9 @@ pub enum ServeError {
     /// The HTTP server ended without being asked to.
     #[error("the HTTP server stopped unexpectedly")]
     HttpStopped,
+    /// The first admin token could not be made.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// A start-up step panicked.
     #[error("{0} panicked")]
     Panicked(&'static str),
@@ -112,6 +124,7 @@ impl ServeError {
             ServeError::Mqtt(_) => "mqtt",
             ServeError::Rollouts(e) => e.code(),
             ServeError::Retrain(e) => e.code(),
+            ServeError::Auth(e) => e.code(),
             ServeError::Http(_) => "http",
             ServeError::HttpStopped => "http_stopped",
             ServeError::Panicked(_) => "panicked",
@@ -143,6 +156,8 @@ pub async fn run_notify(
         embedded_broker,
         rollouts,
         retrain,
+        require_enrolment,
+        secure_cookies,
     } = config;
     // The embedded broker accepts connections before the console connects.
     let _broker = match embedded_broker {
@@ -160,6 +175,20 @@ pub async fn run_notify(
             .map_err(|_| ServeError::Panicked("opening the state"))??,
     );
     tracing::info!(state = %state.display(), devices = store.devices().len(), "State opened");
+    store.set_require_enrolment(require_enrolment);
+    let auth = Arc::new(Auth::new(store.clone()));
+    {
+        let (auth, state) = (auth.clone(), state.clone());
+        let first = tokio::task::spawn_blocking(move || auth.bootstrap(&state, now_ms()))
+            .await
+            .map_err(|_| ServeError::Panicked("making the first admin token"))??;
+        if let Some(path) = first {
+            tracing::warn!(
+                path = %path.display(),
+                "Wrote the first admin token (mode 0600); keep it safe, it gives full control"
+            );
+        }
+    }
     let console = Arc::new(Console::start(&mqtt, store.clone()).map_err(ServeError::Mqtt)?);
 
     // From here on, a failure stops what was started.
@@ -236,8 +265,17 @@ pub async fn run_notify(
     }));
 
     let stop = CancellationToken::new();
-    let router =
-        crate::http::console_router(store.clone(), rollouts, retrainer, stop.child_token());
+    let cookies = crate::http::CookiePolicy {
+        secure: secure_cookies,
+    };
+    let router = crate::http::console_router(
+        store.clone(),
+        rollouts,
+        retrainer,
+        auth,
+        cookies,
+        stop.child_token(),
+    );
     let mut http = tokio::spawn(crate::http::serve(
         listener,
         router,
@@ -295,6 +333,8 @@ mod tests {
             embedded_broker: None,
             rollouts: None,
             retrain: retrain::Options::default(),
+            require_enrolment: false,
+            secure_cookies: false,
         };
         let e = run(config, std::future::pending()).await.unwrap_err();
         assert_eq!(e.code(), "unknown_layout", "{e}");

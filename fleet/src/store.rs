@@ -65,6 +65,19 @@
 //! written by [`Store::save_episode`], read by [`Store::episodes`]; the
 //! type is the retraining module's).
 //!
+//! The tree [`AUTH_TREE`] holds the console's API tokens (`t/<SHA-256 of
+//! the token, hex>`, JSON, the type is the `auth` module's; the token
+//! itself is never stored) and `m/bootstrapped` (set once the first admin
+//! token was made), and the enrolled devices (`n/<device>`, JSON, the
+//! `auth` module's type). With enrolment required
+//! ([`Store::set_require_enrolment`], what `serve` does unless
+//! `--follow-unenrolled`), a message of a device that is not
+//! enrolled is refused (`not_enrolled`, counted per device id in
+//! [`Store::unenrolled`]) and [`Store::devices`] lists enrolled devices
+//! only, so neither the dashboard nor rollouts nor retraining see others.
+//! Added in layout 1 without a version change: a console
+//! that does not know the tree never opens it.
+//!
 //! # Layout version
 //! A new database gets `m/layout` = [`LAYOUT_VERSION`] when it is created;
 //! a database without it (written before the key existed, in the same
@@ -139,6 +152,9 @@ pub const TREE: &str = "fleet-state";
 /// The sled tree of the retraining episodes.
 pub const EPISODES_TREE: &str = "retrain";
 
+/// The sled tree of the API tokens (hashed).
+pub const AUTH_TREE: &str = "auth";
+
 /// The version of the key layout this console reads and writes (see the
 /// module header).
 pub const LAYOUT_VERSION: u32 = 1;
@@ -150,6 +166,12 @@ const LOCK_WAIT: Duration = Duration::from_secs(3);
 const SEQ_KEY: &[u8] = b"m/seq";
 const LAYOUT_KEY: &[u8] = b"m/layout";
 const EPISODE_PREFIX: &[u8] = b"e/";
+const TOKEN_PREFIX: &[u8] = b"t/";
+const ENROLLED_PREFIX: &[u8] = b"n/";
+/// Device ids not enrolled whose messages are counted one by one; more are
+/// counted in the total only.
+pub const MAX_UNENROLLED_IDS: usize = 1000;
+const BOOTSTRAPPED_KEY: &[u8] = b"m/bootstrapped";
 
 /// What can go wrong with the store itself (never with what devices send:
 /// see the module header).
@@ -224,6 +246,9 @@ impl StoreStats {
 pub struct Store {
     tree: sled::Tree,
     episodes: sled::Tree,
+    auth: sled::Tree,
+    /// Whether only enrolled devices are followed.
+    require_enrolment: std::sync::atomic::AtomicBool,
     path: PathBuf,
     /// Serialises writers: `apply` reads, modifies and writes a device.
     writer: Mutex<Writer>,
@@ -247,6 +272,9 @@ struct Writer {
     seq: u64,
     stats: StoreStats,
     last_warned: HashMap<&'static str, Instant>,
+    /// Messages refused per device id that is not enrolled (at most
+    /// [`MAX_UNENROLLED_IDS`] ids).
+    unenrolled: BTreeMap<String, u64>,
 }
 
 impl Writer {
@@ -294,6 +322,17 @@ enum Message {
         stream: Stream,
         records: Vec<Value>,
     },
+}
+
+impl Message {
+    /// The device that sent it (none for commands).
+    fn device(&self) -> Option<&str> {
+        match self {
+            Message::Command => None,
+            Message::Status(s) => Some(&s.device),
+            Message::Batch { device, .. } => Some(device),
+        }
+    }
 }
 
 fn parse_message(topic: &str, payload: &[u8]) -> Result<Message, Refusal> {
@@ -506,6 +545,7 @@ impl Store {
             }
         }
         let episodes = handle.db.open_tree(EPISODES_TREE)?;
+        let auth = handle.db.open_tree(AUTH_TREE)?;
         let seq = tree
             .get(SEQ_KEY)?
             .and_then(|v| key_tail(&v))
@@ -514,6 +554,8 @@ impl Store {
         Ok(Store {
             tree,
             episodes,
+            auth,
+            require_enrolment: std::sync::atomic::AtomicBool::new(false),
             path: path.to_path_buf(),
             writer: Mutex::new(Writer {
                 seq,
@@ -540,6 +582,15 @@ impl Store {
         let changes = match parse_message(topic, payload) {
             Err(reason) => {
                 w.refuse(&reason, topic);
+                Vec::new()
+            }
+            Ok(m) if !m.device().is_none_or(|d| self.follows(d)) => {
+                let device = m.device().unwrap_or_default().to_string();
+                w.refuse(&refusal("not_enrolled", &device), topic);
+                let known = w.unenrolled.contains_key(&device);
+                if known || w.unenrolled.len() < MAX_UNENROLLED_IDS {
+                    *w.unenrolled.entry(device).or_default() += 1;
+                }
                 Vec::new()
             }
             Ok(Message::Command) => {
@@ -820,17 +871,84 @@ impl Store {
         self.tree
             .scan_prefix(b"d/")
             .filter_map(|kv| match kv {
-                Ok((k, v)) => from_json(&k, &v),
+                Ok((k, v)) => from_json::<DeviceState>(&k, &v),
                 Err(error) => {
                     warn!(%error, "Cannot read a device state");
                     None
                 }
             })
+            .filter(|d| self.follows(&d.device))
             .collect()
+    }
+
+    /// Requires enrolment (see the module header) or not.
+    pub fn set_require_enrolment(&self, required: bool) {
+        self.require_enrolment
+            .store(required, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether enrolment is required.
+    pub fn requires_enrolment(&self) -> bool {
+        self.require_enrolment
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the console follows `device`: enrolment is not required, or
+    /// the device is enrolled.
+    pub fn follows(&self, device: &str) -> bool {
+        !self.requires_enrolment() || self.is_enrolled(device)
+    }
+
+    /// Whether `device` is enrolled.
+    pub fn is_enrolled(&self, device: &str) -> bool {
+        let key = [ENROLLED_PREFIX, device.as_bytes()].concat();
+        matches!(self.auth.get(key), Ok(Some(_)))
+    }
+
+    /// Enrols `device` with `record` (flushed).
+    pub fn save_enrolment<T: Serialize>(&self, device: &str, record: &T) -> Result<(), StoreError> {
+        self.auth.insert(
+            [ENROLLED_PREFIX, device.as_bytes()].concat(),
+            to_json(record),
+        )?;
+        self.handle.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes `device`'s enrolment (flushed); whether it was enrolled.
+    pub fn remove_enrolment(&self, device: &str) -> Result<bool, StoreError> {
+        let old = self
+            .auth
+            .remove([ENROLLED_PREFIX, device.as_bytes()].concat())?;
+        self.handle.db.flush()?;
+        Ok(old.is_some())
+    }
+
+    /// Every enrolment record, by device id.
+    pub fn enrolments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.auth.scan_prefix(ENROLLED_PREFIX) {
+            let (k, v) = kv?;
+            out.extend(from_json(&k, &v));
+        }
+        Ok(out)
+    }
+
+    /// Messages refused because their device is not enrolled: per device id
+    /// (at most [`MAX_UNENROLLED_IDS`] ids) since the store was opened.
+    pub fn unenrolled(&self) -> BTreeMap<String, u64> {
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unenrolled
+            .clone()
     }
 
     /// One device.
     pub fn device(&self, id: &str) -> Option<DeviceState> {
+        if !self.follows(id) {
+            return None;
+        }
         let key = device_key(id);
         match self.tree.get(&key) {
             Ok(v) => v.and_then(|v| from_json(&key, &v)),
@@ -945,6 +1063,44 @@ impl Store {
             out.extend(from_json(&k, &v));
         }
         Ok(out)
+    }
+
+    /// Stores an API token's record under the hash of the token (replacing
+    /// the previous version) and flushes it to disk before returning (a
+    /// token shown to an admin must survive a crash; a revocation too).
+    pub fn save_token<T: Serialize>(&self, hash: &str, record: &T) -> Result<(), StoreError> {
+        self.auth
+            .insert([TOKEN_PREFIX, hash.as_bytes()].concat(), to_json(record))?;
+        self.handle.db.flush()?;
+        Ok(())
+    }
+
+    /// The record of the token whose hash is `hash`.
+    pub fn token<T: DeserializeOwned>(&self, hash: &str) -> Result<Option<T>, StoreError> {
+        let key = [TOKEN_PREFIX, hash.as_bytes()].concat();
+        Ok(self.auth.get(&key)?.and_then(|v| from_json(&key, &v)))
+    }
+
+    /// Every token's record, by hash.
+    pub fn tokens<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.auth.scan_prefix(TOKEN_PREFIX) {
+            let (k, v) = kv?;
+            out.extend(from_json(&k, &v));
+        }
+        Ok(out)
+    }
+
+    /// Whether the first admin token was made (see `auth`).
+    pub fn auth_bootstrapped(&self) -> Result<bool, StoreError> {
+        Ok(self.auth.get(BOOTSTRAPPED_KEY)?.is_some())
+    }
+
+    /// Records that the first admin token was made (flushed).
+    pub fn set_auth_bootstrapped(&self) -> Result<(), StoreError> {
+        self.auth.insert(BOOTSTRAPPED_KEY, &[1u8])?;
+        self.handle.db.flush()?;
+        Ok(())
     }
 
     /// The state directory.

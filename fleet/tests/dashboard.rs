@@ -5,7 +5,10 @@
 //!   (from the store and from an extra change source, with `resync` after a
 //!   lag).
 //! - In a real browser: two real agents report through mosquitto into a
-//!   store; the page served by `router(store)` is loaded by Debian's
+//!   store; the page served by `router(store)` behind the console's
+//!   authentication (`protect`) is reached through the real login page
+//!   (a wrong token is refused there, the right one opens a session whose
+//!   cookie scripts cannot read, and logging out ends it), then loaded by Debian's
 //!   headless Chromium, driven over the DevTools protocol, and checked for
 //!   what a person sees: both devices with their bundle, the drifting
 //!   feature highlighted for the drifting device only, a device going
@@ -25,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse as _;
 use base64::Engine as _;
-use ferry_fleet::http::{ChangeSource, router, router_with};
+use ferry_fleet::auth::{Auth, Role};
+use ferry_fleet::http::{ChangeSource, CookiePolicy, protect, router, router_with};
 use ferry_fleet::ingest::{Console as Ingest, IngestOptions};
 use ferry_fleet::model::Change;
 use ferry_fleet::store::Store;
@@ -43,6 +47,8 @@ use crate::fixtures::FLEET;
 /// its own (the tests themselves stay blocking).
 struct Console {
     url: String,
+    /// An admin token (every route but /healthz needs a credential).
+    token: String,
     store: Arc<Store>,
     runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
@@ -57,7 +63,8 @@ impl Console {
         Self::serve(|store| router_with(store, sources))
     }
 
-    /// Serves the app that `app` makes of a new store.
+    /// Serves the app that `app` makes of a new store, behind the
+    /// console's authentication.
     fn serve(app: impl FnOnce(Arc<Store>) -> axum::Router) -> Console {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("fleet")).unwrap());
@@ -70,10 +77,13 @@ impl Console {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = app(store.clone());
+        let auth = Arc::new(Auth::new(store.clone()));
+        let token = auth.create("tester", Role::Admin, "test", 1).unwrap().token;
+        let app = protect(app(store.clone()), auth, CookiePolicy::default());
         runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
         Console {
             url,
+            token,
             store,
             runtime,
             _dir: dir,
@@ -98,6 +108,7 @@ impl Console {
             .into();
         let mut r = agent
             .get(format!("{}{path}", self.url))
+            .header("Authorization", format!("Bearer {}", self.token))
             .call()
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         let content_type = r
@@ -473,7 +484,10 @@ fn the_page_and_its_assets_are_served_from_the_binary_and_stay_local() {
             "{path}"
         );
     }
-    let csp = ureq::get(format!("{}/", c.url)).call().unwrap();
+    let csp = ureq::get(format!("{}/", c.url))
+        .header("Authorization", format!("Bearer {}", c.token))
+        .call()
+        .unwrap();
     let csp = csp
         .headers()
         .get("content-security-policy")
@@ -492,13 +506,15 @@ struct EventStream {
 }
 
 impl EventStream {
-    fn open(url: &str) -> EventStream {
-        let host = url.strip_prefix("http://").unwrap();
+    fn open(c: &Console) -> EventStream {
+        let host = c.url.strip_prefix("http://").unwrap();
         let mut tcp = TcpStream::connect(host).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             tcp,
-            "GET /api/stream HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+            "GET /api/stream HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            c.token
         )
         .unwrap();
         let mut reader = BufReader::new(tcp);
@@ -557,7 +573,7 @@ impl EventStream {
 #[test]
 fn the_stream_sends_each_change_as_an_event() {
     let c = Console::start();
-    let mut events = EventStream::open(&c.url);
+    let mut events = EventStream::open(&c);
     let changes = c.apply("press-9", Topic::Status, &status("press-9", true, "1.0.0"));
     assert!(!changes.is_empty(), "a new device is a change");
     let (name, data) = events.next();
@@ -603,7 +619,7 @@ fn other_change_sources_reach_the_stream_and_a_lagging_one_asks_for_a_resync() {
         })
     };
     let c = Console::start_with(vec![source]);
-    let mut events = EventStream::open(&c.url);
+    let mut events = EventStream::open(&c);
     let (name, _) = events.next();
     assert_eq!(
         name, "resync",
@@ -745,6 +761,18 @@ impl Browser {
     }
 
     fn send(&mut self, session: Option<String>, method: &str, params: Value) -> Value {
+        self.try_send(session, method, params)
+            .unwrap_or_else(|error| panic!("{method}: {error}"))
+    }
+
+    /// `send`, with the protocol's error as an `Err` (a page navigating
+    /// away has no context to evaluate in for a moment).
+    fn try_send(
+        &mut self,
+        session: Option<String>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut message = json!({"id": id, "method": method, "params": params});
@@ -766,9 +794,9 @@ impl Browser {
             });
             if reply["id"] == id {
                 if let Some(error) = reply.get("error") {
-                    panic!("{method}: {error}");
+                    return Err(error.clone());
                 }
-                return reply["result"].clone();
+                return Ok(reply["result"].clone());
             }
             if reply.get("method").is_some() {
                 self.events.push(reply);
@@ -803,11 +831,20 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
-    /// Evaluates `expression` until `done` holds for its value.
+    /// Evaluates `expression` until `done` holds for its value (an
+    /// evaluation that fails while the page navigates counts as `null`).
     fn wait(&mut self, what: &str, expression: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let v = self.eval(expression);
+            let session = self.session.clone();
+            let v = match self.try_send(
+                Some(session),
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+            ) {
+                Ok(r) if r.get("exceptionDetails").is_none() => r["result"]["value"].clone(),
+                _ => Value::Null,
+            };
             if done(&v) {
                 return v;
             }
@@ -817,6 +854,34 @@ impl Browser {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Opens `url`, which sends a browser without a session to the login
+    /// page, and logs in there with `token` as a person would: types it
+    /// and presses the button.
+    fn login(&mut self, url: &str, token: &str) {
+        self.submit_login(url, token);
+        self.wait("the dashboard after the login", "location.pathname", |v| {
+            v == "/"
+        });
+    }
+
+    /// The login up to pressing the button.
+    fn submit_login(&mut self, url: &str, token: &str) {
+        self.navigate(&format!("{url}/"));
+        self.wait("the login page", "location.pathname", |v| v == "/login");
+        self.wait(
+            "the token field",
+            "document.getElementById('token') !== null",
+            |v| v == true,
+        );
+        // The click is scheduled so the evaluation returns before the page
+        // navigates away.
+        self.eval(&format!(
+            "document.getElementById('token').value = {}; \
+             setTimeout(() => document.getElementById('login').click(), 0); true",
+            json!(token)
+        ));
     }
 
     /// The whole page as a PNG.
@@ -1010,7 +1075,15 @@ fn the_dashboard_in_a_browser_shows_the_fleet_and_highlights_drift() {
     );
 
     let mut browser = Browser::launch(1400, 1000);
-    browser.navigate(&format!("{}/", c.url));
+    // A wrong token is refused on the login page, with a message.
+    browser.submit_login(&c.url, "ferry_0000");
+    let refused = browser.wait(
+        "the refusal's message",
+        "document.getElementById('message') ? document.getElementById('message').innerText : ''",
+        |v| v.as_str().is_some_and(|t| !t.is_empty()),
+    );
+    assert!(refused.as_str().unwrap().contains("not valid"), "{refused}");
+    browser.login(&c.url, &c.token);
     let seen = browser.wait("both devices, their drift and a live stream", SEEN, |v| {
         v["state"] == "ready"
             && v["devices"].as_array().map_or(0, Vec::len) == 2
@@ -1134,8 +1207,28 @@ fn the_dashboard_in_a_browser_shows_the_fleet_and_highlights_drift() {
         requests.iter().any(|u| u.ends_with("/api/stream")),
         "{requests:#?}"
     );
-    let errors = browser.errors(&["/api/rollouts"]);
+    // (The wrong token's login answered 401.)
+    let errors = browser.errors(&["/api/rollouts", "/login"]);
     assert!(errors.is_empty(), "{errors:#?}");
+
+    // The session: its holder is shown, its cookie is out of scripts'
+    // reach (HttpOnly), and logging out ends it.
+    assert_eq!(
+        browser.eval("document.getElementById('user').innerText"),
+        "tester (admin)"
+    );
+    assert_eq!(browser.eval("document.cookie"), "");
+    browser.eval("setTimeout(() => document.getElementById('logout').click(), 0); true");
+    browser.wait(
+        "the login page after logging out",
+        "location.pathname",
+        |v| v == "/login",
+    );
+    // The dashboard is out of reach again.
+    browser.navigate(&format!("{}/", c.url));
+    browser.wait("the login page again", "location.pathname", |v| {
+        v == "/login"
+    });
 }
 
 #[test]
@@ -1166,7 +1259,7 @@ fn without_the_stream_the_page_polls_and_it_shows_rollouts_when_there_are() {
         router(store).merge(rollouts).layer(refuse_stream)
     });
     let mut browser = Browser::launch(1400, 800);
-    browser.navigate(&format!("{}/", c.url));
+    browser.login(&c.url, &c.token);
     let seen = browser.wait("an empty fleet, polled", SEEN, |v| {
         v["connection"]
             .as_str()

@@ -22,6 +22,7 @@ use crate::state::{Serve, ferry_fleet_bin, runtime, wait_until};
 /// `GET /api/devices`.
 fn devices(serve: &Serve) -> Value {
     let mut r = ureq::get(format!("{}/api/devices", serve.url))
+        .header("Authorization", format!("Bearer {}", serve.token))
         .call()
         .unwrap();
     serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()

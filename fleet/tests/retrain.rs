@@ -104,6 +104,7 @@ impl RunningConsole {
 
     fn get(&self, path: &str) -> Value {
         let mut r = ureq::get(format!("{}{path}", self.client.base()))
+            .header("Authorization", format!("Bearer {}", self.token))
             .call()
             .unwrap();
         serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
@@ -356,6 +357,7 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     let export = dir.path().join("export");
     let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
         .args(["retrain", "--console", c.client.base(), "--export"])
+        .env("FERRY_FLEET_TOKEN", &c.token)
         .arg(&export)
         .output()
         .unwrap();
@@ -375,6 +377,7 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     assert!(exported.samples_csv.ends_with("samples.csv"));
     let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
         .args(["retrain", "--console", c.client.base()])
+        .env("FERRY_FLEET_TOKEN", &c.token)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -2,13 +2,19 @@
 //! store, MQTT, rollouts, the HTTP routes devices download from) in this
 //! process, driven through its HTTP API with `ferry_fleet::Client`,
 //! mosquitto, and three `ferry-agent` processes.
+//!
+//! `refused_uploads_are_never_stored_and_unused_bundles_are_collected`:
+//! uploads refused by verification, fleet, parameters or a running rollout
+//! leave no file (a bad `bake` used to leave one); the bundle of a rollout
+//! a later `done` rollout replaced is deleted when that one finishes, and
+//! unknown files at the next start.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferry_fleet::RolloutsConfig;
 use ferry_fleet::rollout::{Phase, Rollout};
 use ferry_fleet::rollouts::NewRollout;
-use ferry_fleet::{Client, RolloutsConfig};
 use ferry_format::{PublicKey, SecretKey, TrustPolicy};
 
 use crate::broker::Mosquitto;
@@ -100,7 +106,6 @@ fn params(canary: &str, bake: &str, abort_if: &str) -> NewRollout {
         waves: None,
         shadow: 0,
         install_timeout: Some("60s".into()),
-        operator: Some("test-operator".into()),
     }
 }
 
@@ -185,7 +190,7 @@ fn healthy_canaries_promote_to_everyone_and_a_restart_mid_rollout_resumes() {
     assert!(
         audit
             .iter()
-            .all(|e| e.bundle_digest == digest && e.operator == "test-operator")
+            .all(|e| e.bundle_digest == digest && e.operator == "admin")
     );
     let text: Vec<&str> = audit.iter().map(|e| e.what.as_str()).collect();
     assert!(text[0].starts_with("created"), "{text:#?}");
@@ -291,10 +296,23 @@ fn the_rollout_commands_drive_a_real_console() {
         .iter()
         .map(|id| Device::start(Setup::new(id).mqtt(&broker)))
         .collect();
+    // An operator's token, made by the admin with the CLI: the audit log
+    // names its holder.
+    let admin_file = state.path().join(ferry_fleet::auth::ADMIN_TOKEN_FILE);
+    let made = crate::state::ferry_fleet_bin()
+        .args(["token", "create", "--name", "alice", "--role", "operator"])
+        .args(["--console", &serve.url])
+        .arg("--token-file")
+        .arg(&admin_file)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let alice = String::from_utf8(made.stdout).unwrap().trim().to_string();
     let cli = |args: &[&str]| {
         let o = crate::state::ferry_fleet_bin()
             .args(args)
             .args(["--console", &serve.url])
+            .env("FERRY_FLEET_TOKEN", &alice)
             .output()
             .unwrap();
         (
@@ -305,11 +323,10 @@ fn the_rollout_commands_drive_a_real_console() {
     };
     // Wait until the console knows both devices.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !DEVICES[..2].iter().all(|d| {
-        ureq::get(format!("{}/api/devices/{d}", serve.url))
-            .call()
-            .is_ok()
-    }) {
+    while !DEVICES[..2]
+        .iter()
+        .all(|d| serve.client().device(d).unwrap().is_some())
+    {
         assert!(
             Instant::now() < deadline,
             "devices unknown:\n{}",
@@ -354,7 +371,22 @@ fn the_rollout_commands_drive_a_real_console() {
         "--abort-if",
         "failed_installs>0",
         "--operator",
-        "alice",
+        "mallory",
+    ]);
+    // A name of one's choosing is refused: the token names the operator.
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("--operator is not accepted"), "{err}");
+    let (code, out, err) = cli(&[
+        "rollout",
+        b.path(fixtures::V2).to_str().unwrap(),
+        "--canary",
+        "50%",
+        "--bake",
+        "2s",
+        "--abort-if",
+        "error_rate>20%",
+        "--abort-if",
+        "failed_installs>0",
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
@@ -388,9 +420,10 @@ fn the_rollout_commands_drive_a_real_console() {
     );
     // The dashboard's API shows the rollout too, in the JSON shape other
     // clients read (pinned raw, not only through the typed client).
-    let r = Client::new(&serve.url).rollouts().unwrap();
+    let r = serve.client().rollouts().unwrap();
     assert_eq!(r[0].phase, Phase::Done);
     let mut answer = ureq::get(format!("{}/api/rollouts", serve.url))
+        .header("Authorization", format!("Bearer {alice}"))
         .call()
         .unwrap();
     let raw: serde_json::Value =
@@ -451,5 +484,102 @@ fn a_canary_refusing_the_bundle_aborts_the_rollout_and_nobody_changes() {
     for a in &agents {
         assert_eq!(a.model().1, 1);
     }
+    c.stop(&rt);
+}
+
+/// The bundle files in the console's store (`<state>/bundles/`).
+fn stored_bundles(state: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.join("bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn refused_uploads_are_never_stored_and_unused_bundles_are_collected() {
+    const ID: &str = "ro-a";
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&[ID]);
+    let state = tempfile::tempdir().unwrap();
+    let b = bundles();
+    let file = |digest: &str| format!("{digest}.ferry");
+    let (v1, v2) = (b.digest(fixtures::V1), b.digest(fixtures::V2));
+    let c = start_console(&rt, &broker, state.path(), None);
+    let agent = Device::start(Setup::new(ID).mqtt(&broker));
+    c.wait_fleet_on(1, &[ID]);
+
+    // Refused by verification, by the fleet, by its parameters, by the
+    // fleet's devices: each answered with its reason, nothing kept.
+    let refused = [
+        (fixtures::UNTRUSTED, params("100%", "1s", "")),
+        (fixtures::TAMPERED_PAYLOAD, params("100%", "1s", "")),
+        (fixtures::TRUNCATED, params("100%", "1s", "")),
+        (fixtures::WRONG_FLEET, params("100%", "1s", "")),
+        (fixtures::V2, params("150%", "1s", "")),
+        (fixtures::V2, params("100%", "soon", "")),
+        (fixtures::V2, params("no-such-device", "1s", "")),
+    ];
+    for (name, p) in refused {
+        let e = c.client.create_rollout(&b.bytes(name), &p).unwrap_err();
+        assert_eq!(e.status(), Some(400), "{name}: {e}");
+        assert_eq!(
+            stored_bundles(state.path()),
+            Vec::<String>::new(),
+            "{name}: {e}"
+        );
+    }
+
+    // A rollout of v2: its bundle is kept while it runs and after it is
+    // done (the fleet's current release).
+    c.client
+        .create_rollout(&b.bytes(fixtures::V2), &params("100%", "1s", ""))
+        .unwrap();
+    assert_eq!(stored_bundles(state.path()), [file(&v2)]);
+    // Another one while it runs: refused (busy), not kept.
+    let e = c
+        .client
+        .create_rollout(&b.bytes(fixtures::V1), &params("100%", "1s", ""))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(stored_bundles(state.path()), [file(&v2)]);
+    c.drive("v2 done", Duration::from_secs(120), |r| {
+        r.phase == Phase::Done
+    });
+    assert_eq!(agent.model().1, 2);
+    assert_eq!(stored_bundles(state.path()), [file(&v2)]);
+
+    // Back to v1 (signed by the operator key: a downgrade): once that
+    // rollout is done, nothing refers to v2's file any more.
+    c.client
+        .create_rollout(&b.bytes(fixtures::V1), &params("100%", "1s", ""))
+        .unwrap();
+    c.drive("v1 done", Duration::from_secs(120), |r| {
+        r.phase == Phase::Done && r.spec.bundle.digest == v1
+    });
+    assert_eq!(agent.model().1, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_bundles(state.path()) != [file(&v1)] {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            stored_bundles(state.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.stop(&rt);
+
+    // At start: what nothing refers to (a file left by an older console, a
+    // write interrupted by a crash) goes; v1's file stays.
+    let stray = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff.ferry";
+    std::fs::write(state.path().join("bundles").join(stray), b"junk").unwrap();
+    std::fs::write(state.path().join("bundles").join(".tmp-123-x"), b"junk").unwrap();
+    let c = start_console(&rt, &broker, state.path(), None);
+    assert_eq!(stored_bundles(state.path()), [file(&v1)]);
+    // The history still names v2's rollout and digest.
+    let all = c.client.rollouts().unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].spec.bundle.digest, v2);
     c.stop(&rt);
 }

@@ -19,6 +19,11 @@
 //!   stopped while an agent keeps predicting: reopened, the store still has
 //!   the device; reconnected with the same client id, it receives what the
 //!   broker queued for its session: every prediction once.
+//! - `one_device_cannot_speak_for_another_through_the_broker_acl`: a
+//!   device account publishing as another device is stopped by the
+//!   broker's ACL; the console never hears of the other device.
+//! - `only_enrolled_devices_are_followed`: `serve` counts and ignores
+//!   devices no admin enrolled; `ferry-fleet enrol`.
 //! - `serve_killed_mid_stream_loses_nothing`: `ferry-fleet serve` SIGKILLed
 //!   while 1000 records stream in, restarted: each record counted exactly
 //!   once (acknowledged only after a flush), visible through the JSON API,
@@ -119,6 +124,24 @@ pub(crate) fn console_config(
         embedded_broker: None,
         rollouts: None,
         retrain: ferry_fleet::retrain::Options::default(),
+        require_enrolment: false,
+        secure_cookies: false,
+    }
+}
+
+/// The first admin token a console wrote into its state directory
+/// `state` (waits for it: the console writes it at start).
+pub(crate) fn admin_token(state: &Path) -> String {
+    let path = state.join(ferry_fleet::auth::ADMIN_TOKEN_FILE);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(t) = std::fs::read_to_string(&path)
+            && !t.trim().is_empty()
+        {
+            return t.trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "no {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -126,6 +149,8 @@ pub(crate) fn console_config(
 /// runtime), reached through its HTTP API. Dropping it stops it.
 pub(crate) struct RunningConsole {
     pub(crate) client: Client,
+    /// The first admin token (the client's).
+    pub(crate) token: String,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -134,12 +159,23 @@ impl RunningConsole {
     /// Starts `run(config)` and returns once its HTTP API answers.
     pub(crate) fn start(rt: &tokio::runtime::Runtime, config: ServeConfig) -> RunningConsole {
         let addr = config.listener.local_addr().unwrap();
+        let state = config.state.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut task = rt.spawn(ferry_fleet::run(config, async {
             let _ = stopped.await;
         }));
-        let client = Client::new(&format!("http://{addr}"));
         let deadline = Instant::now() + WAIT;
+        let token_file = state.join(ferry_fleet::auth::ADMIN_TOKEN_FILE);
+        while !token_file.exists() {
+            if task.is_finished() {
+                let ended = rt.block_on(&mut task).unwrap();
+                panic!("the console stopped at start: {ended:?}");
+            }
+            assert!(Instant::now() < deadline, "the console did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let token = admin_token(&state);
+        let client = Client::new(&format!("http://{addr}")).with_token(&token);
         while client.devices().is_err() {
             if task.is_finished() {
                 let ended = rt.block_on(&mut task).unwrap();
@@ -148,7 +184,12 @@ impl RunningConsole {
             assert!(Instant::now() < deadline, "the console did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        RunningConsole { client, stop, task }
+        RunningConsole {
+            client,
+            token,
+            stop,
+            task,
+        }
     }
 
     /// Stops it as SIGTERM stops `serve`, and checks it stopped cleanly.
@@ -647,6 +688,8 @@ fn state_survives_a_restart_and_what_came_meanwhile_arrives() {
 pub(crate) struct Serve {
     child: Child,
     pub(crate) url: String,
+    /// The first admin token, from `<state>/admin.token`.
+    pub(crate) token: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -666,13 +709,54 @@ impl Serve {
 
     /// `serve --fleet FLEET --listen 127.0.0.1:0 --state <state>` with
     /// `args` (the broker's among them).
+    /// (Every test of the binary but the enrolment one follows devices
+    /// it did not enrol: `--follow-unenrolled`.)
     pub(crate) fn start_args(state: &Path, args: &[&str]) -> Serve {
-        let mut child = ferry_fleet_bin()
+        let mut all = vec!["--follow-unenrolled"];
+        all.extend(args);
+        Serve::start_command(state, &all, None)
+    }
+
+    /// As `serve` starts by default: only enrolled devices followed.
+    fn start_enrolled_only(broker: &Mosquitto, state: &Path) -> Serve {
+        let url = broker.url();
+        let args = [
+            "--broker",
+            &url,
+            "--username",
+            ADMIN,
+            "--password-env",
+            PASSWORD_ENV,
+        ];
+        Serve::start_command(state, &args, None)
+    }
+
+    /// [`Serve::start_with`], the process limited to `nofile` descriptors.
+    pub(crate) fn start_limited(broker: &Mosquitto, state: &Path, nofile: u64) -> Serve {
+        let url = broker.url();
+        let args = [
+            "--broker",
+            &url,
+            "--username",
+            ADMIN,
+            "--password-env",
+            PASSWORD_ENV,
+        ];
+        Serve::start_command(state, &args, Some(nofile))
+    }
+
+    fn start_command(state: &Path, args: &[&str], nofile: Option<u64>) -> Serve {
+        let mut command = ferry_fleet_bin();
+        command
             .args(["serve", "--fleet", FLEET])
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--state")
             .arg(state)
-            .args(args)
+            .args(args);
+        if let Some(n) = nofile {
+            command = ferry_testkit::slow::with_nofile(&command, n);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -697,7 +781,13 @@ impl Serve {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}: {:?}", log.lock().unwrap()))
             .trim_end_matches('/')
             .to_string();
-        let serve = Serve { child, url, log };
+        let token = admin_token(state);
+        let serve = Serve {
+            child,
+            url,
+            token,
+            log,
+        };
         wait_until(
             "serve to subscribe",
             || serve.log_text(),
@@ -710,6 +800,11 @@ impl Serve {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// A typed client of it, with the admin token.
+    pub(crate) fn client(&self) -> Client {
+        Client::new(&self.url).with_token(&self.token)
+    }
+
     /// The device as `GET /api/devices/{id}` shows it (its state is
     /// flattened into the answer).
     fn device(&self, id: &str) -> Option<DeviceState> {
@@ -720,6 +815,7 @@ impl Serve {
             .into();
         let mut r = agent
             .get(format!("{}/api/devices/{id}", self.url))
+            .header("Authorization", format!("Bearer {}", self.token))
             .call()
             .ok()?;
         let text = r.body_mut().read_to_string().ok()?;
@@ -812,4 +908,128 @@ fn serve_killed_mid_stream_loses_nothing() {
     let d = store.device(device).unwrap();
     assert_eq!(requests(&d), 1000);
     assert_eq!(store.stats().messages, 0, "a fresh handle applied nothing");
+}
+
+/// The broker's ACL (the testkit's mosquitto: `pattern readwrite
+/// ferry/v1/+/%u/#`, `pattern read ferry/v1/+/all/cmd`, the one
+/// docs/mqtt-protocol.md shows) stops a device from speaking for another:
+/// `evil-1`, a real device account, publishes a status and telemetry as
+/// `victim`; the real `ferry-fleet serve` never hears of `victim`, while
+/// `evil-1`'s own status arrives. The same messages from an account the
+/// ACL lets write anywhere (the operator's) do reach the console: the ACL
+/// is what stopped them.
+#[test]
+fn one_device_cannot_speak_for_another_through_the_broker_acl() {
+    let broker = Mosquitto::start(&["evil-1", "victim"]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&broker, &dir.path().join("state"));
+    let client = serve.client();
+    let evil = rt.block_on(Subscriber::connect(
+        &broker,
+        SubscriberOptions {
+            user: "evil-1".into(),
+            client_id: "evil-1".into(),
+            clean_session: true,
+            filters: Vec::new(),
+        },
+    ));
+    let forged_status = {
+        let mut s: Status = serde_json::from_slice(&status_of("victim")).unwrap();
+        s.predictions = u64::MAX / 2;
+        serde_json::to_vec(&s).unwrap()
+    };
+    let telemetry = t("victim", Topic::Stream(Stream::Telemetry));
+    rt.block_on(async {
+        evil.publish(&t("victim", Topic::Status), forged_status.clone())
+            .await;
+        evil.publish(&telemetry, batch_of("victim", 1..=20, now_ms()))
+            .await;
+        // Last: its own status (QoS 1, one connection: in order).
+        evil.publish(&t("evil-1", Topic::Status), status_of("evil-1"))
+            .await;
+    });
+    wait_until(
+        "evil-1's own status",
+        || serve.log_text(),
+        || client.device("evil-1").unwrap().is_some(),
+    );
+    assert_eq!(client.device("victim").unwrap(), None);
+    // Without the ACL's restriction, the same forgery would have worked.
+    let admin = admin(&rt, &broker);
+    rt.block_on(admin.publish(&t("victim", Topic::Status), forged_status));
+    wait_until(
+        "the operator account's message",
+        || serve.log_text(),
+        || client.device("victim").unwrap().is_some(),
+    );
+}
+
+/// `serve` as it starts by default (the real binary): statuses and telemetry
+/// of devices no admin enrolled are counted per device and ignored (no
+/// state, so no rollout or retraining sees them); `ferry-fleet enrol`
+/// (admin) lets one in; removing it hides it again.
+#[test]
+fn only_enrolled_devices_are_followed() {
+    let broker = Mosquitto::start(&[]);
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let serve = Serve::start_enrolled_only(&broker, &state);
+    let client = serve.client();
+    let admin = admin(&rt, &broker);
+    let publish_all = |admin: &Subscriber| {
+        std::thread::sleep(Duration::from_millis(5));
+        rt.block_on(async {
+            for d in ["dev-known", "dev-stranger"] {
+                admin.publish(&t(d, Topic::Status), status_of(d)).await;
+            }
+            let telemetry = t("dev-stranger", Topic::Stream(Stream::Telemetry));
+            admin
+                .publish(&telemetry, batch_of("dev-stranger", 1..=5, now_ms()))
+                .await;
+        });
+    };
+    publish_all(&admin);
+    wait_until(
+        "both devices refused and counted",
+        || serve.log_text(),
+        || client.enrolment().unwrap().not_enrolled.len() == 2,
+    );
+    let e = client.enrolment().unwrap();
+    assert!(e.required && e.devices.is_empty(), "{e:?}");
+    assert_eq!(e.not_enrolled["dev-stranger"], 2, "{e:?}");
+    assert_eq!(client.device("dev-known").unwrap(), None);
+    assert_eq!(client.devices().unwrap()["counts"]["devices"], 0);
+
+    let enrol = ferry_fleet_bin()
+        .args(["enrol", "dev-known", "--console", &serve.url])
+        .env("FERRY_FLEET_TOKEN", &serve.token)
+        .output()
+        .unwrap();
+    assert!(enrol.status.success(), "{enrol:?}");
+    publish_all(&admin);
+    wait_until(
+        "the enrolled device",
+        || serve.log_text(),
+        || client.device("dev-known").unwrap().is_some(),
+    );
+    wait_until(
+        "the stranger refused again",
+        || serve.log_text(),
+        || client.enrolment().unwrap().not_enrolled["dev-stranger"] == 4,
+    );
+    assert_eq!(client.device("dev-stranger").unwrap(), None);
+    let list = ferry_fleet_bin()
+        .args(["enrol", "--list", "--console", &serve.url])
+        .env("FERRY_FLEET_TOKEN", &serve.token)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("enrolled dev-known (by admin)") && text.contains("refused  dev-stranger: 4"),
+        "{text}"
+    );
+    client.unenrol("dev-known").unwrap();
+    assert_eq!(client.devices().unwrap()["counts"]["devices"], 0);
 }

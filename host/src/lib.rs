@@ -6,6 +6,9 @@
 //! - `durable`: [`write_durably`] — unique temporary name, fsync, rename,
 //!   directory fsync, cleanup on failure — and [`sync_dir`].
 //! - `clock`: [`now_ms`], the one reading of the wall clock.
+//! - `http` (feature `http`): [`http::serve`], the HTTP/1.1 accept loop of
+//!   the agent and the console: header, body and request timeouts, and a
+//!   connection cap where the oldest idle connection makes room.
 //! - `kv` (feature `sled`): `open_sled`, the only place in this crate naming sled: a lock
 //!   file taken before sled opens, and a busy sled lock told apart from a
 //!   real failure by probing the lock (never by matching error text).
@@ -21,6 +24,8 @@
 
 mod clock;
 mod durable;
+#[cfg(feature = "http")]
+pub mod http;
 #[cfg(feature = "sled")]
 mod kv;
 

@@ -33,6 +33,8 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     pub probation_s: u64,
     pub window_predictions: u64,
+    /// The process's descriptor limit (`None`: this process's).
+    pub nofile: Option<u64>,
     /// `paths.root`: a root of trust file (else the root is derived from
     /// `release.pub`).
     pub root: Option<PathBuf>,
@@ -50,6 +52,7 @@ impl Setup {
             env: Vec::new(),
             probation_s: 300,
             window_predictions: 1000,
+            nofile: None,
             root: None,
         }
     }
@@ -141,13 +144,18 @@ impl Device {
     /// Starts the process (does not wait).
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let mut child = Command::new(agent_bin())
+        let mut command = Command::new(agent_bin());
+        command
             .arg("--config")
             .arg(self.config_path())
             .args(["--log-format", "json"])
             .env("FERRY_TEST_MQTT_PASSWORD", password(&self.setup.device))
             .env("FERRY_LOG", "info")
-            .envs(self.setup.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.setup.env.iter().map(|(k, v)| (k, v)));
+        if let Some(n) = self.setup.nofile {
+            command = crate::slow::with_nofile(&command, n);
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -23,6 +23,8 @@
 //! - `lambda`: [`lambda::RuntimeApi`], AWS Lambda's Runtime API for the real
 //!   `bootstrap`.
 //! - `tensors`: binary tensor request bodies (`.npy`, the ABI's tensor sets).
+//! - `slow`: [`slow::half_open`] connections that send half a request and
+//!   wait, and descriptor limits for this process and a child.
 //! - [`free_port`]: a free loopback TCP port.
 //!
 //! # Conventions
@@ -38,6 +40,7 @@ pub mod cli;
 pub mod device;
 pub mod fixtures;
 pub mod lambda;
+pub mod slow;
 pub mod tensors;
 
 /// A TCP port free on 127.0.0.1 at the time of the call.

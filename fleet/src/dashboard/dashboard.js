@@ -95,6 +95,8 @@
 
   async function getJson(url) {
     const r = await fetch(url, { cache: 'no-store', headers: { Accept: 'application/json' } });
+    // The session ended (expired, logged out elsewhere, token revoked).
+    if (r.status === 401) { window.location.assign('/login'); throw new Error('logged out'); }
     if (r.status === 404) return undefined;
     if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
     return r.json();
@@ -419,7 +421,21 @@
     });
   }
 
+  // --- the session: who is logged in, and logging out ---
+  async function showSession() {
+    const s = await getJson('/api/session');
+    if (!s) return;
+    $('user').textContent = `${s.name} (${s.role})`;
+    $('logout').hidden = false;
+    $('logout').addEventListener('click', async () => {
+      // The CSRF token proves the request comes from this page.
+      await fetch('/logout', { method: 'POST', headers: { 'X-Ferry-CSRF': s.csrf || '' } });
+      window.location.assign('/login');
+    });
+  }
+
   async function start() {
+    await showSession();
     await load(PARTS);
     document.body.dataset.state = 'ready';
     connect();

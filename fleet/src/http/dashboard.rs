@@ -9,7 +9,7 @@
 //! | `GET /api/devices/{id}` | one [`DeviceView`]; 404 `{"error": ...}` for an unknown device |
 //! | `GET /api/drift?device=&limit=` | [`DriftPoint`]s, oldest first: the last `limit` windows *of each device* (default [`DEFAULT_DRIFT_WINDOWS`]) |
 //! | `GET /api/events?device=&limit=` | [`DeviceEvent`]s, oldest first: the last `limit` (default [`DEFAULT_EVENTS`]) |
-//! | `GET /api/stream` | server-sent events: `event: change` with a [`Change`] as JSON data; `event: resync` when this client fell behind and should re-read everything; a comment every [`KEEP_ALIVE`] |
+//! | `GET /api/stream` | server-sent events: `event: change` with a [`Change`] as JSON data; `event: resync` when this client fell behind and should re-read everything; a comment every [`KEEP_ALIVE`]; at most [`MAX_STREAMS`] at once (503 `too_many_streams` beyond) |
 //! | `GET /healthz` | `ok` |
 //!
 //! `limit` is capped at [`MAX_LIMIT`]; an empty `device=` means every device.
@@ -76,6 +76,11 @@ const STREAM_BUFFER: usize = 64 * 1024;
 const STREAM_QUEUE: usize = 256;
 /// How long the browser waits before reconnecting a dropped stream.
 const RETRY_MS: u64 = 3000;
+/// Event streams open at once: each holds a connection for as long as its
+/// page is open, so they are capped well under the connection cap
+/// (`http::LIMITS`); one more answers 503 `too_many_streams` (the page
+/// then polls).
+pub const MAX_STREAMS: usize = 100;
 
 const INDEX_HTML: &str = include_str!("../dashboard/index.html");
 const DASHBOARD_CSS: &str = include_str!("../dashboard/dashboard.css");
@@ -93,6 +98,8 @@ pub type ChangeSource = Arc<dyn Fn() -> broadcast::Receiver<Change> + Send + Syn
 struct App {
     store: Arc<Store>,
     sources: Vec<ChangeSource>,
+    /// One permit per open event stream.
+    streams: Arc<tokio::sync::Semaphore>,
     /// Ends every open `/api/stream` when cancelled (shutdown).
     stop: CancellationToken,
 }
@@ -116,6 +123,7 @@ pub(super) fn routes(
     let app = Arc::new(App {
         store,
         sources,
+        streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         stop,
     });
     Router::new()
@@ -328,6 +336,16 @@ struct Client {
 }
 
 async fn stream(State(app): State<Arc<App>>) -> Response {
+    let Ok(permit) = app.streams.clone().try_acquire_owned() else {
+        let mut r = ApiError::unavailable(
+            "too_many_streams",
+            format!("{MAX_STREAMS} event streams are open already; poll the API instead"),
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+        return r;
+    };
     let (queue, rx) = mpsc::channel(STREAM_QUEUE);
     let client = Client {
         queue,
@@ -342,7 +360,10 @@ async fn stream(State(app): State<Arc<App>>) -> Response {
     // crate needed (tokio-util's `codec`, which rumqttc needs too), and a
     // client that reads slowly makes `pump` wait.
     let (reader, writer) = tokio::io::duplex(STREAM_BUFFER);
-    tokio::spawn(pump(rx, client.missed, writer, app.stop.clone()));
+    tokio::spawn(async move {
+        pump(rx, client.missed, writer, app.stop.clone()).await;
+        drop(permit);
+    });
     let body = Body::from_stream(tokio_util::codec::FramedRead::new(
         reader,
         tokio_util::codec::BytesCodec::new(),

@@ -9,6 +9,9 @@
 //!   Range).
 //! - `retrain`: `/api/fleet-drift`, `/api/retrain`, `/api/retrain/request`,
 //!   `/api/retrain/export`.
+//! - `auth`: authentication in front of all of them ([`protect`]): who may
+//!   call what, the login page, sessions, CSRF and origin checks, the token
+//!   routes.
 //!
 //! # Errors
 //! Every route answers an error as [`ApiError`]: a status and
@@ -16,6 +19,7 @@
 //! stable `code()`. The status of each domain error is chosen here, in one
 //! place (`From<RolloutError>`, `From<RetrainError>`).
 
+pub mod auth;
 pub mod dashboard;
 pub mod retrain;
 pub mod rollouts;
@@ -26,8 +30,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
+pub use auth::{COOKIE, CSRF_HEADER, CookiePolicy, protect, required_role};
 pub use dashboard::{ChangeSource, Counts, DeviceView, Fleet, router, router_with};
 
+use crate::auth::{Auth, AuthError};
 use crate::retrain::{RetrainError, Retrainer};
 use crate::rollouts::{RolloutError, Rollouts};
 use crate::store::Store;
@@ -55,6 +61,15 @@ impl ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request",
+            message,
+        }
+    }
+
+    /// 503 with `code` and `message` (a limit reached; try again later).
+    pub fn unavailable(code: &'static str, message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code,
             message,
         }
     }
@@ -104,6 +119,24 @@ impl From<RolloutError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        let status = match &e {
+            AuthError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AuthError::NameTaken(_) => StatusCode::CONFLICT,
+            AuthError::NotFound(_) => StatusCode::NOT_FOUND,
+            AuthError::Random(_) | AuthError::Store(_) | AuthError::Io { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError {
+            status,
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<RetrainError> for ApiError {
     fn from(e: RetrainError) -> ApiError {
         let status = match &e {
@@ -132,23 +165,38 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 /// Everything the console serves: the dashboard over `store`, and the
-/// rollouts and retraining routes when they run. Open event streams end
-/// when `stop` is cancelled.
+/// rollouts and retraining routes when they run, all behind `auth`. Open
+/// event streams end when `stop` is cancelled.
 pub(crate) fn console_router(
     store: Arc<Store>,
     rollouts: Option<Arc<Rollouts>>,
     retrainer: Arc<Retrainer>,
+    auth: Arc<Auth>,
+    cookies: CookiePolicy,
     stop: CancellationToken,
 ) -> axum::Router {
     let mut router = dashboard::routes(store, Vec::new(), stop);
     if let Some(r) = rollouts {
         router = router.merge(rollouts::routes(r));
     }
-    router.merge(retrain::routes(retrainer))
+    protect(router.merge(retrain::routes(retrainer)), auth, cookies)
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled, then waits for
-/// open responses up to `grace` before closing them.
+/// The console's HTTP limits (`ferry_host::http`): headers within 10 s,
+/// 30 s at most between pieces of a body, 15 minutes to answer (an upload
+/// of the largest bundle, [`crate::rollouts::MAX_BUNDLE_BYTES`], over a
+/// slow link, then its verification), 512 connections (half the common
+/// 1,024-descriptor limit; the oldest idle one makes room for a new one).
+pub const LIMITS: ferry_host::http::Limits = ferry_host::http::Limits {
+    header_read_timeout: std::time::Duration::from_secs(10),
+    body_read_timeout: std::time::Duration::from_secs(30),
+    request_timeout: std::time::Duration::from_secs(15 * 60),
+    max_connections: 512,
+};
+
+/// Serves `router` on `listener` within [`LIMITS`] until `stop` is
+/// cancelled, then waits for open responses up to `grace` before closing
+/// them.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
@@ -157,9 +205,10 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let graceful = stop.clone();
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { graceful.cancelled().await })
-            .await
+        ferry_host::http::serve(listener, router, LIMITS, async move {
+            graceful.cancelled().await
+        })
+        .await
     });
     tokio::select! {
         ended = &mut server => return ended.unwrap_or_else(|e| Err(std::io::Error::other(e))),

@@ -17,14 +17,16 @@ use std::io::SeekFrom;
 use std::path::Path;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::ApiError;
+use crate::auth::Principal;
 use crate::rollout::Rollout;
 use crate::rollouts::{AuditEntry, MAX_BUNDLE_BYTES, NewRollout, Rollouts, bundle_path};
 
@@ -48,16 +50,32 @@ pub fn routes(rollouts: Arc<Rollouts>) -> axum::Router {
 
 async fn create(
     State(r): State<Arc<Rollouts>>,
+    Extension(who): Extension<Principal>,
+    RawQuery(raw): RawQuery,
     Query(params): Query<NewRollout>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, axum::Json<Rollout>), ApiError> {
+    // The audit log names the credential's holder; a name in the query
+    // would let anyone write anyone's name there.
+    let named = raw
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv.split('=').next() == Some("operator"));
+    if named {
+        return Err(ApiError::bad_request(
+            "operator= is not accepted: the audit log records the holder of the credential \
+             (the token's name)"
+                .into(),
+        ));
+    }
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "the request body must be the bundle".into(),
         ));
     }
     let now = ferry_host::now_ms();
-    let rollout = super::blocking(move || Ok(r.create(&body, &params, now)?)).await?;
+    let rollout = super::blocking(move || Ok(r.create(&body, &params, &who.name, now)?)).await?;
     Ok((StatusCode::CREATED, axum::Json(rollout)))
 }
 
