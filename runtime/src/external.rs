@@ -9,13 +9,17 @@ use prost::Message;
 /// returns the bytes of a file named by a tensor's `location`, relative to the
 /// model's directory; locations that are absolute or climb out with `..` are
 /// refused before `read` sees them. Returns `None` when the model has no
-/// external data (the caller keeps its bytes as they are).
+/// external data, or is not a protobuf at all (the caller keeps its bytes as
+/// they are, and the model loader explains).
 pub fn inline_external_data(
     onnx: &[u8],
     read: &dyn Fn(&str) -> std::io::Result<Vec<u8>>,
 ) -> Result<Option<Vec<u8>>, String> {
-    let mut model =
-        ModelProto::decode(onnx).map_err(|e| format!("not an ONNX model (protobuf): {e}"))?;
+    // Bytes that are not an ONNX protobuf are left to the model loader,
+    // whose error says so in its own words.
+    let Ok(mut model) = ModelProto::decode(onnx) else {
+        return Ok(None);
+    };
     let mut changed = 0usize;
     if let Some(graph) = model.graph.as_mut() {
         inline_graph(graph, read, &mut changed)?;
