@@ -1120,6 +1120,14 @@ impl Agent {
             }
         }
         tracing::info!(command = %id, action = ?command.action, signed, "Command");
+        if let Action::Rollback { from: None, .. } = &command.action {
+            // A rollback names the release it leaves: captured and replayed
+            // later, it must not undo a newer release.
+            return reject(
+                "a rollback must name the release it leaves (`from`: manifest hash or file digest)"
+                    .into(),
+            );
+        }
         if matches!(command.action, Action::Rollback { .. }) {
             self.fetcher
                 .cancel_flag()
@@ -1161,12 +1169,8 @@ impl Agent {
                 if !self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
                     cancel.store(false, std::sync::atomic::Ordering::SeqCst);
                 }
-                // A rollback names the release it leaves: captured and
-                // replayed later, it must not undo a newer release.
                 let Some(from) = from else {
-                    return reject(
-                        "a rollback must name the release it leaves (`from`: manifest hash or file digest)".into(),
-                    );
+                    return reject("a rollback must name the release it leaves".into());
                 };
                 let running = self.active_bundle();
                 if !running

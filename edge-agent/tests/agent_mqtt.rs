@@ -754,6 +754,22 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     })
     .await;
 
+    // A rollback that does not name the release it leaves is refused.
+    send(command(
+        "p-rb-unnamed",
+        Action::Rollback {
+            reason: None,
+            from: None,
+        },
+    ))
+    .await;
+    assert!(
+        sub.wait_for(Duration::from_secs(30), {
+            let topic = events_topic.clone();
+            move |m| rejections(m, &topic, "p-rb-unnamed", "must name the release") >= 1
+        })
+        .await
+    );
     // A stale rollback (naming a release the device does not run) is refused.
     send(command(
         "p-rb-stale",
@@ -814,7 +830,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
             "{metrics}"
         );
         assert!(
-            metrics.contains("ferry_commands_rejected_total 1"),
+            metrics.contains("ferry_commands_rejected_total 2"),
             "{metrics}"
         );
         d
