@@ -65,9 +65,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Init { out, force } => init(&out, force),
-        Cmd::CheckConfig => Config::load(&cli.config).map(|_| {
-            eprintln!("{}: ok", cli.config.display());
-        }),
+        Cmd::CheckConfig => check_config(&cli.config),
         Cmd::Run => run(&cli.config),
     };
     match result {
@@ -98,6 +96,32 @@ fn init_logging(format: Option<LogFormat>) {
     } else {
         builder.init();
     }
+}
+
+/// The configuration parses and makes sense, and the root of trust it names
+/// (or the keys it derives one from) loads: what `run` would refuse at start.
+fn check_config(path: &std::path::Path) -> Result<()> {
+    let config = Config::load(path)?;
+    let roots = ferry_agent::trust::Roots::open(&config)?;
+    let root = roots.current();
+    let roles: Vec<String> = root
+        .document()
+        .roles
+        .iter()
+        .map(|(name, r)| format!("{name} {} of {}", r.threshold, r.keys.len()))
+        .collect();
+    eprintln!(
+        "{}: ok (root of trust version {}{}: {})",
+        path.display(),
+        root.version(),
+        if root.is_legacy() {
+            ", derived from paths.trusted_keys"
+        } else {
+            ""
+        },
+        roles.join(", ")
+    );
+    Ok(())
 }
 
 fn init(out: &std::path::Path, force: bool) -> Result<()> {

@@ -425,6 +425,29 @@ fn init_writes_a_config_that_check_config_accepts_after_editing() {
     std::fs::write(&out, text).unwrap();
     let o = run(&["--config", out.to_str().unwrap(), "check-config"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("derived from paths.trusted_keys"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A root of trust that is not one is refused before anything runs.
+    let good = std::fs::read_to_string(&out).unwrap();
+    let bad_root = dir.path().join("root.json");
+    std::fs::write(&bad_root, b"{\"payloadType\": \"x\"}").unwrap();
+    let with_root = good.replace(
+        "# root = \"/etc/ferry/root.json\"",
+        &format!("root = {:?}", bad_root.to_str().unwrap()),
+    );
+    assert_ne!(with_root, good, "the template names paths.root");
+    std::fs::write(&out, with_root).unwrap();
+    let o = run(&["--config", out.to_str().unwrap(), "check-config"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is not a valid root"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::write(&out, &good).unwrap();
     // A typo is refused with the key's name.
     let text = std::fs::read_to_string(&out)
         .unwrap()
