@@ -161,6 +161,11 @@ struct Serve {
     /// devices' trusted keys). Repeatable. Without it, rollouts are off.
     #[arg(long = "trust", value_name = "FILE")]
     trust: Vec<PathBuf>,
+    /// The devices' root of trust (`ferry root init`) instead of --trust:
+    /// uploads need its release policy (builder, and approver when it has
+    /// one), and --key must hold its operator role.
+    #[arg(long, value_name = "FILE", conflicts_with = "trust")]
+    root: Option<PathBuf>,
     /// Operator signing key (PKCS#8 PEM, e.g. from `ferry keygen`), trusted
     /// by the devices: signs rollout commands (rollbacks need it).
     #[arg(long, value_name = "FILE")]
@@ -304,19 +309,33 @@ impl Serve {
 
     /// The rollouts' settings: none without `--trust`.
     fn rollouts(&self) -> Result<Option<ferry_fleet::RolloutsConfig>> {
-        if self.trust.is_empty() {
+        if self.trust.is_empty() && self.root.is_none() {
             return Ok(None);
         }
-        let mut keys = Vec::new();
-        for path in &self.trust {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            keys.extend(
-                ferry_format::PublicKey::all_from_pem(&text)
-                    .with_context(|| format!("{} holds no valid public key", path.display()))?,
-            );
-        }
-        let trust = ferry_format::TrustPolicy::new(keys)?;
+        let root = match &self.root {
+            Some(path) => Some(
+                ferry_format::Root::from_envelope(
+                    &std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )
+                .with_context(|| format!("{} is not a valid root of trust", path.display()))?,
+            ),
+            None => None,
+        };
+        let trust = match &root {
+            Some(root) => root.release_policy().clone(),
+            None => {
+                let mut keys = Vec::new();
+                for path in &self.trust {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    keys.extend(ferry_format::PublicKey::all_from_pem(&text).with_context(
+                        || format!("{} holds no valid public key", path.display()),
+                    )?);
+                }
+                ferry_format::TrustPolicy::new(keys)?
+            }
+        };
         let key = match &self.key {
             Some(path) => Some(
                 ferry_format::SecretKey::from_pem(
@@ -327,6 +346,20 @@ impl Serve {
             ),
             None => None,
         };
+        if let (Some(root), Some(key)) = (&root, &key) {
+            let id = key.key_id();
+            let operator = root.operator_policy();
+            if !operator.keys().any(|k| k.key_id() == id) {
+                bail!(
+                    "--key {id} is not in the root's operator role: devices would refuse every command it signs"
+                );
+            }
+            if operator.roles().iter().any(|r| r.threshold() > 1) {
+                tracing::warn!(
+                    "The root's operator threshold is above 1: the console signs with one key, so its commands need more signatures (ferry command) before devices obey them"
+                );
+            }
+        }
         Ok(Some(ferry_fleet::RolloutsConfig {
             trust,
             key,

@@ -583,3 +583,79 @@ fn refused_uploads_are_never_stored_and_unused_bundles_are_collected() {
     assert_eq!(all[0].spec.bundle.digest, v2);
     c.stop(&rt);
 }
+
+#[test]
+fn with_a_root_of_trust_the_console_takes_only_approved_releases_and_an_operator_key() {
+    // Issue 11 item 2 (in part): a console given the devices' root refuses
+    // an upload that lacks the approver's signature, and refuses to start
+    // with a signing key the devices' root does not make an operator.
+    use ferry_testkit::cli::{assert_exit, ferry};
+    let keys = tempfile::tempdir().unwrap();
+    let k = |name: &str| keys.path().join(name).display().to_string();
+    for name in ["root", "approver", "operator", "stranger"] {
+        assert_exit(&ferry(&["keygen", "-o", &k(name)]), 0);
+    }
+    let b = bundles();
+    let root_file = k("root.json");
+    assert_exit(
+        &ferry(&[
+            "root",
+            "init",
+            "--root",
+            &k("root.pub"),
+            "--builder",
+            b.path("release.pub").to_str().unwrap(),
+            "--approver",
+            &k("approver.pub"),
+            "--operator",
+            &k("operator.pub"),
+            "--key",
+            &k("root.key"),
+            "-o",
+            &root_file,
+        ]),
+        0,
+    );
+    // The binary: a key outside the operator role is refused at start.
+    let state = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
+        .args(["serve", "--fleet", fixtures::FLEET, "--root", &root_file])
+        .args(["--key", &k("stranger.key"), "--state"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not in the root's operator role"), "{err}");
+
+    // The console with the root's release policy: builder alone is refused
+    // (nothing stored), builder + approver is taken.
+    let root = ferry_format::Root::from_envelope(&std::fs::read(&root_file).unwrap()).unwrap();
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&["ra-1"]);
+    let mut config = console_config(&broker, state.path(), "root-console", None);
+    config.rollouts = Some(RolloutsConfig {
+        trust: root.release_policy().clone(),
+        key: Some(
+            SecretKey::from_pem(&std::fs::read_to_string(k("operator.key")).unwrap()).unwrap(),
+        ),
+        public_url: None,
+    });
+    let c = RunningConsole::start(&rt, config);
+    let agent = Device::start(Setup::new("ra-1").mqtt(&broker));
+    c.wait_fleet_on(1, &["ra-1"]);
+    let e = c
+        .client
+        .create_rollout(&b.bytes(fixtures::V2), &params("100%", "1s", ""))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("approver"), "{e}");
+    assert_eq!(stored_bundles(state.path()), Vec::<String>::new());
+    let approver =
+        SecretKey::from_pem(&std::fs::read_to_string(k("approver.key")).unwrap()).unwrap();
+    let approved = ferry_format::add_signatures(&b.bytes(fixtures::V2), &[&approver]).unwrap();
+    c.client
+        .create_rollout(&approved, &params("100%", "1s", ""))
+        .unwrap();
+    drop(agent);
+}
