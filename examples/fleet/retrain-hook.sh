@@ -16,7 +16,8 @@
 #   FERRY_CONSOLE        the console's URL                              [default: http://127.0.0.1:8080]
 #   FERRY_FLEET_TOKEN_FILE  file with an operator's token (ferry-fleet token create --role operator
 #                        --name retrain-hook): the audit log names its holder   [or FERRY_FLEET_TOKEN]
-#   FERRY_NEXT_SEQUENCE  [release] sequence of the new bundle  [default: highest sequence in the request + 1]
+#   FERRY_NEXT_SEQUENCE  [release] sequence of the new bundle  [default: the console's registry,
+#                        `ferry-fleet releases --next-sequence`]
 #   FERRY_BIN_DIR        where ferry and ferry-fleet are                [default: PATH]
 #   PYTHON               the Python with examples/requirements.txt       [default: python3]
 #
@@ -68,9 +69,12 @@ fi
 if [[ -n "${FERRY_NEXT_SEQUENCE:-}" ]]; then
     sequence="$FERRY_NEXT_SEQUENCE"
 else
-    sequence="$("$python" -c 'import json, sys
+    # From the console's release registry, never from what devices report:
+    # a forged status claiming a huge sequence cannot push it.
+    channel="$("$python" -c 'import json, sys
 r = json.load(open(sys.argv[1]))
-print(max([int(b.get("sequence", 0)) for b in r.get("bundles", [])] or [0]) + 1)' "$request")"
+print(next((b["channel"] for b in r.get("bundles", []) if b.get("channel")), "stable"))' "$request")"
+    sequence="$("$fleet" releases --console "$console" "${token_args[@]}" --next-sequence --channel "$channel")"
 fi
 
 out="$(dirname "$request")/retrained-$(date -u +%Y%m%dT%H%M%SZ)"

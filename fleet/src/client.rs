@@ -182,6 +182,24 @@ impl Client {
         self.get(&format!("/api/rollouts/{id}"))
     }
 
+    /// `GET /api/releases`: the release registry, newest sequence first.
+    pub fn releases(&self) -> Result<Vec<crate::releases::ReleaseView>, ClientError> {
+        self.get("/api/releases")
+    }
+
+    /// `GET /api/releases/next-sequence?channel=C`: the sequence the next
+    /// release of `channel` should carry.
+    pub fn next_sequence(&self, channel: &str) -> Result<u64, ClientError> {
+        let path = format!("/api/releases/next-sequence?channel={channel}");
+        let v: serde_json::Value = self.get(&path)?;
+        v["next_sequence"]
+            .as_u64()
+            .ok_or_else(|| ClientError::BadAnswer {
+                path,
+                message: format!("no next_sequence in {v}"),
+            })
+    }
+
     /// `GET /api/audit`: the audit log, oldest first.
     pub fn audit(&self) -> Result<Vec<AuditEntry>, ClientError> {
         self.get("/api/audit")

@@ -49,6 +49,7 @@ pub mod client;
 pub mod http;
 pub mod ingest;
 pub mod model;
+pub mod releases;
 pub mod retrain;
 pub mod rollout;
 pub mod rollouts;

@@ -76,6 +76,9 @@ enum Cmd {
     Rollout(RolloutCmd),
     /// Show the console's rollouts (progress, history) and the audit trail.
     Rollouts(RolloutsCmd),
+    /// Show the release registry (every release the console took, where it
+    /// runs, its rollouts), or the next sequence for CI.
+    Releases(ReleasesCmd),
     /// Show retraining episodes, or export the drifting devices' samples.
     Retrain(RetrainCmd),
     /// Make, list or revoke API tokens (admin).
@@ -497,6 +500,66 @@ impl RolloutCmd {
                 rollout.order[..rollout.canaries.min(rollout.order.len())].join(", ")
             );
             println!("follow it with `ferry-fleet rollouts` or on the dashboard");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+struct ReleasesCmd {
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// Print only the sequence the next release of --channel should carry
+    /// (one above the registry's highest; what CI packs with).
+    #[arg(long)]
+    next_sequence: bool,
+    /// The channel for --next-sequence.
+    #[arg(long, default_value = "stable", requires = "next_sequence")]
+    channel: String,
+    /// Print the registry as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ReleasesCmd {
+    fn run(self) -> Result<()> {
+        let client = self.console.client()?;
+        if self.next_sequence {
+            let next = client
+                .next_sequence(&self.channel)
+                .map_err(refused("/api/releases/next-sequence"))?;
+            println!("{next}");
+            return Ok(());
+        }
+        let releases = client.releases().map_err(refused("/api/releases"))?;
+        if self.json {
+            println!("{}", serde_json::to_string(&releases)?);
+            return Ok(());
+        }
+        if releases.is_empty() {
+            println!("no releases");
+            return Ok(());
+        }
+        println!(
+            "{:<10} {:<20} {:>5}  {:<14} {:<12} {:>7}  LAST ROLLOUT",
+            "RELEASE", "NAME VERSION", "SEQ", "CHANNEL", "UPLOADED BY", "RUNNING"
+        );
+        for r in &releases {
+            let last = r
+                .rollouts
+                .last()
+                .map(|o| format!("{} {}", o.id, o.phase))
+                .unwrap_or_default();
+            println!(
+                "{:<10} {:<20} {:>5}  {:<14} {:<12} {:>7}  {}",
+                &r.record.release[..r.record.release.len().min(8)],
+                format!("{} {}", r.record.name, r.record.version),
+                r.record.sequence,
+                r.record.channel,
+                r.record.uploaded_by,
+                r.running_on.len(),
+                last
+            );
         }
         Ok(())
     }
@@ -937,6 +1000,7 @@ fn main() -> ExitCode {
         Cmd::Status(c) => c.run(),
         Cmd::Rollout(c) => c.run(),
         Cmd::Rollouts(c) => c.run(),
+        Cmd::Releases(c) => c.run(),
         Cmd::Retrain(c) => c.run(),
         Cmd::Token(c) => c.run(),
         Cmd::Enrol(c) => c.run(),

@@ -335,6 +335,42 @@ impl Rollouts {
     }
 
     /// Every rollout, oldest first.
+    /// The fleet this console serves.
+    pub fn fleet(&self) -> &str {
+        &self.fleet
+    }
+
+    /// The release registry joined with every rollout and the devices'
+    /// current bundles (see `releases.rs`).
+    pub fn releases(&self) -> Result<Vec<crate::releases::ReleaseView>, RolloutError> {
+        let records = self.store.releases().map_err(|e| RolloutError::Io {
+            what: "read the release registry of",
+            path: self.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(crate::releases::views(
+            records,
+            &self.list(),
+            &self.store.devices(),
+        ))
+    }
+
+    /// The sequence the next release of `channel` should carry (see
+    /// `releases::next_sequence`).
+    pub fn next_sequence(&self, channel: &str) -> Result<u64, RolloutError> {
+        let records: Vec<crate::releases::ReleaseRecord> =
+            self.store.releases().map_err(|e| RolloutError::Io {
+                what: "read the release registry of",
+                path: self.dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        Ok(crate::releases::next_sequence(
+            &records,
+            &self.fleet,
+            channel,
+        ))
+    }
+
     pub fn list(&self) -> Vec<Rollout> {
         self.active.lock().unwrap().clone()
     }
@@ -459,6 +495,30 @@ impl Rollouts {
             self.active.lock().unwrap().push(rollout.clone());
         }
         self.persist(&rollout)?;
+        let record = crate::releases::ReleaseRecord {
+            release: verified.release_id().to_string(),
+            name: m.name.clone(),
+            version: m.version.clone(),
+            fleet: m.release.fleet.clone(),
+            channel: m.release.channel.clone(),
+            sequence: m.release.sequence,
+            digest: digest.clone(),
+            signed_by: verified.signed_by().iter().map(|k| k.to_string()).collect(),
+            lineage: serde_json::json!({
+                "source_commit": m.lineage.source_commit,
+                "dataset_sha256": m.lineage.dataset_sha256,
+                "training": m
+                    .lineage
+                    .training_json
+                    .as_deref()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok()),
+            }),
+            uploaded_by: operator.to_string(),
+            first_seen_ms: now_ms,
+        };
+        if let Err(e) = self.store.record_release(&record.release, &record) {
+            tracing::error!(error = %e, release = %record.release, "Cannot record the release in the registry");
+        }
         self.audit(
             &rollout,
             now_ms,

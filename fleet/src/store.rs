@@ -155,6 +155,9 @@ pub const EPISODES_TREE: &str = "retrain";
 /// The sled tree of the API tokens (hashed).
 pub const AUTH_TREE: &str = "auth";
 
+/// The sled tree of the release registry (`releases.rs`), by release id.
+pub const RELEASES_TREE: &str = "releases";
+
 /// The version of the key layout this console reads and writes (see the
 /// module header).
 pub const LAYOUT_VERSION: u32 = 1;
@@ -247,6 +250,7 @@ pub struct Store {
     tree: sled::Tree,
     episodes: sled::Tree,
     auth: sled::Tree,
+    releases: sled::Tree,
     /// Whether only enrolled devices are followed.
     require_enrolment: std::sync::atomic::AtomicBool,
     path: PathBuf,
@@ -546,6 +550,7 @@ impl Store {
         }
         let episodes = handle.db.open_tree(EPISODES_TREE)?;
         let auth = handle.db.open_tree(AUTH_TREE)?;
+        let releases = handle.db.open_tree(RELEASES_TREE)?;
         let seq = tree
             .get(SEQ_KEY)?
             .and_then(|v| key_tail(&v))
@@ -555,6 +560,7 @@ impl Store {
             tree,
             episodes,
             auth,
+            releases,
             require_enrolment: std::sync::atomic::AtomicBool::new(false),
             path: path.to_path_buf(),
             writer: Mutex::new(Writer {
@@ -1059,6 +1065,39 @@ impl Store {
     pub fn episodes<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
         for kv in self.episodes.scan_prefix(EPISODE_PREFIX) {
+            let (k, v) = kv?;
+            out.extend(from_json(&k, &v));
+        }
+        Ok(out)
+    }
+
+    /// Records a release the first time the console takes it (flushed);
+    /// returns false when the registry already had it (the first record,
+    /// with its first uploader and time, is kept).
+    pub fn record_release<T: Serialize>(
+        &self,
+        release: &str,
+        record: &T,
+    ) -> Result<bool, StoreError> {
+        let fresh = self
+            .releases
+            .compare_and_swap(
+                release.as_bytes(),
+                None as Option<&[u8]>,
+                Some(to_json(record)),
+            )?
+            .is_ok();
+        if fresh {
+            self.handle.db.flush()?;
+        }
+        Ok(fresh)
+    }
+
+    /// Every release in the registry (an unreadable one is skipped with a
+    /// warning).
+    pub fn releases<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.releases.iter() {
             let (k, v) = kv?;
             out.extend(from_json(&k, &v));
         }

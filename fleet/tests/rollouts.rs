@@ -659,3 +659,92 @@ fn with_a_root_of_trust_the_console_takes_only_approved_releases_and_an_operator
         .unwrap();
     drop(agent);
 }
+
+#[test]
+fn the_release_registry_records_every_release_and_hands_out_sequences_devices_cannot_push() {
+    // Issue 11 items 2 and 3: a forged status claiming sequence u64::MAX - 1
+    // made the example retraining hook pack u64::MAX (max reported + 1), and
+    // the fleet could never be updated again. Sequences now come from the
+    // registry of releases the console took.
+    use crate::broker::{Subscriber, SubscriberOptions};
+    use ferry_protocol::{BundleRef, Status, Topic, topic};
+    const ID: &str = "rg-a";
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&[ID]);
+    let state = tempfile::tempdir().unwrap();
+    let b = bundles();
+    let c = start_console(&rt, &broker, state.path(), None);
+    let agent = Device::start(Setup::new(ID).mqtt(&broker));
+    c.wait_fleet_on(1, &[ID]);
+    assert_eq!(
+        c.client.next_sequence("stable").unwrap(),
+        1,
+        "an empty registry"
+    );
+    let r = c
+        .client
+        .create_rollout(&b.bytes(fixtures::V2), &params("100%", "1s", ""))
+        .unwrap();
+    c.drive("done", Duration::from_secs(90), |r| r.phase == Phase::Done);
+    // A forged status, as any client of the broker could publish it.
+    let mut forged = Status::offline(fixtures::FLEET, "rg-forged", "0.1.0");
+    forged.online = true;
+    forged.ts_ms = ferry_host::now_ms();
+    forged.bundle = Some(BundleRef {
+        name: "iris".into(),
+        version: "9".into(),
+        digest: "0".repeat(64),
+        fleet: fixtures::FLEET.into(),
+        channel: fixtures::CHANNEL.into(),
+        sequence: u64::MAX - 1,
+        release: String::new(),
+    });
+    let evil = rt.block_on(Subscriber::connect(&broker, SubscriberOptions::admin(&[])));
+    rt.block_on(evil.publish(
+        &topic(fixtures::FLEET, "rg-forged", Topic::Status),
+        serde_json::to_vec(&forged).unwrap(),
+    ));
+    // The registry: the release by its signed identity, who uploaded and
+    // signed it, its rollout, where it runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let release = loop {
+        let releases = c.client.releases().unwrap();
+        assert_eq!(releases.len(), 1, "{releases:?}");
+        let v = releases[0].clone();
+        if v.running_on == [ID.to_string()] {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(release.record.release, b.release(fixtures::V2));
+    assert_eq!(release.record.sequence, 2);
+    assert_eq!(release.record.uploaded_by, "admin");
+    assert_eq!(release.record.signed_by.len(), 1);
+    assert_eq!(release.rollouts.len(), 1);
+    assert_eq!(release.rollouts[0].id, r.id);
+    assert_eq!(release.rollouts[0].phase, "done");
+    // The next sequence ignores what devices report, through the API and
+    // the CLI CI would call.
+    assert_eq!(c.client.next_sequence("stable").unwrap(), 3);
+    assert_eq!(c.client.next_sequence("beta").unwrap(), 1);
+    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
+        .args(["releases", "--console", c.client.base(), "--next-sequence"])
+        .env("FERRY_FLEET_TOKEN", &c.token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
+        .args(["releases", "--console", c.client.base()])
+        .env("FERRY_FLEET_TOKEN", &c.token)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(&r.id), "{text}");
+    drop(agent);
+}

@@ -1,7 +1,8 @@
 //! The rollouts' routes: `POST /api/rollouts` (query: [`NewRollout`],
 //! body: the bundle), `GET /api/rollouts`, `GET /api/rollouts/{id}`,
-//! `GET /api/audit`, and `GET /bundles/{digest}.ferry`, what devices
-//! download.
+//! `GET /api/audit`, the release registry (`GET /api/releases`,
+//! `GET /api/releases/next-sequence?channel=C`), and
+//! `GET /bundles/{digest}.ferry`, what devices download.
 //!
 //! # Bundle downloads
 //! Streamed from the file in `<state>/bundles/` in chunks of
@@ -44,6 +45,8 @@ pub fn routes(rollouts: Arc<Rollouts>) -> axum::Router {
         )
         .route("/api/rollouts/{id}", get(one))
         .route("/api/audit", get(audit))
+        .route("/api/releases", get(releases))
+        .route("/api/releases/next-sequence", get(next_sequence))
         .route("/bundles/{file}", get(bundle))
         .with_state(rollouts)
 }
@@ -93,6 +96,37 @@ async fn one(
 async fn audit(State(r): State<Arc<Rollouts>>) -> Result<axum::Json<Vec<AuditEntry>>, ApiError> {
     let log = super::blocking(move || Ok(r.audit_log()?)).await?;
     Ok(axum::Json(log))
+}
+
+async fn releases(
+    State(r): State<Arc<Rollouts>>,
+) -> Result<axum::Json<Vec<crate::releases::ReleaseView>>, ApiError> {
+    let list = super::blocking(move || Ok(r.releases()?)).await?;
+    Ok(axum::Json(list))
+}
+
+#[derive(serde::Deserialize)]
+struct ChannelQuery {
+    #[serde(default = "stable")]
+    channel: String,
+}
+
+fn stable() -> String {
+    "stable".into()
+}
+
+/// `{"fleet", "channel", "next_sequence"}`: what CI packs the next release with.
+async fn next_sequence(
+    State(r): State<Arc<Rollouts>>,
+    Query(q): Query<ChannelQuery>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    ferry_protocol::validate_name("channel", &q.channel).map_err(ApiError::bad_request)?;
+    let fleet = r.fleet().to_string();
+    let channel = q.channel.clone();
+    let next = super::blocking(move || Ok(r.next_sequence(&channel)?)).await?;
+    Ok(axum::Json(serde_json::json!({
+        "fleet": fleet, "channel": q.channel, "next_sequence": next,
+    })))
 }
 
 async fn bundle(
