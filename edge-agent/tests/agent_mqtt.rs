@@ -406,10 +406,13 @@ async fn commands_install_roll_back_and_shadow() {
         .await;
     let events_topic = t(device, Topic::Stream(Stream::Events));
     assert!(
-        sub.wait_for(Duration::from_secs(30), {
-            let topic = events_topic.clone();
-            move |m| rejections(m, &topic, "c-downgrade", "needs operator signatures") >= 1
-        })
+        rejected(
+            &sub,
+            &events_topic,
+            "c-downgrade",
+            "needs operator signatures",
+            1
+        )
         .await
     );
     assert_eq!(d.model().1, 2);
@@ -426,23 +429,7 @@ async fn commands_install_roll_back_and_shadow() {
     admin
         .publish(&cmd_topic, serde_json::to_vec(&unsigned).unwrap())
         .await;
-    let rejected = |id: &'static str| {
-        let events_topic = events_topic.clone();
-        move |m: &[Message]| {
-            let evs: Vec<Message> = m
-                .iter()
-                .filter(|m| m.topic == events_topic)
-                .cloned()
-                .collect();
-            events(&evs)
-                .iter()
-                .any(|e| e["event"] == "command_rejected" && e["command_id"] == id)
-        }
-    };
-    assert!(
-        sub.wait_for(Duration::from_secs(30), rejected("c-rb-unsigned"))
-            .await
-    );
+    assert!(rejected(&sub, &events_topic, "c-rb-unsigned", "", 1).await);
     let forged = {
         let mut c = sign(
             command(
@@ -460,10 +447,7 @@ async fn commands_install_roll_back_and_shadow() {
     admin
         .publish(&cmd_topic, serde_json::to_vec(&forged).unwrap())
         .await;
-    assert!(
-        sub.wait_for(Duration::from_secs(30), rejected("c-rb-forged-2"))
-            .await
-    );
+    assert!(rejected(&sub, &events_topic, "c-rb-forged-2", "", 1).await);
     let signed = sign(
         command(
             "c-rb",
@@ -551,6 +535,16 @@ async fn commands_install_roll_back_and_shadow() {
     assert!(counts.contains_key("rolled_back"), "{kinds:?}");
 }
 
+/// Waits (30 s at most) until `n` `command_rejected` events for `id` whose
+/// reason contains `why` arrived on `events_topic`.
+async fn rejected(sub: &Subscriber, events_topic: &str, id: &str, why: &str, n: usize) -> bool {
+    let (topic, id, why) = (events_topic.to_string(), id.to_string(), why.to_string());
+    sub.wait_for(Duration::from_secs(30), move |m| {
+        rejections(m, &topic, &id, &why) >= n
+    })
+    .await
+}
+
 /// Events `command_rejected` for `id` whose reason contains `why`.
 fn rejections(messages: &[Message], events_topic: &str, id: &str, why: &str) -> usize {
     let evs: Vec<Message> = messages
@@ -620,13 +614,7 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
 
     // A replay of the captured command, in the same process: refused, visibly.
     admin.publish(&cmd_topic, captured.clone()).await;
-    assert!(
-        sub.wait_for(Duration::from_secs(30), {
-            let topic = events_topic.clone();
-            move |m| rejections(m, &topic, "r-rb", "replay") >= 1
-        })
-        .await
-    );
+    assert!(rejected(&sub, &events_topic, "r-rb", "replay", 1).await);
 
     // Dated an hour ahead of the device's clock: refused.
     let mut ahead = command("r-ahead", Action::Ping);
@@ -637,13 +625,7 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
             serde_json::to_vec(&sign(ahead, device)).unwrap(),
         )
         .await;
-    assert!(
-        sub.wait_for(Duration::from_secs(30), {
-            let topic = events_topic.clone();
-            move |m| rejections(m, &topic, "r-ahead", "future") >= 1
-        })
-        .await
-    );
+    assert!(rejected(&sub, &events_topic, "r-ahead", "future", 1).await);
 
     // After a restart the record is still there: the replay is refused again
     // and v1 keeps serving.
@@ -655,13 +637,7 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
     })
     .await;
     admin.publish(&cmd_topic, captured).await;
-    assert!(
-        sub.wait_for(Duration::from_secs(30), {
-            let topic = events_topic.clone();
-            move |m| rejections(m, &topic, "r-rb", "replay") >= 2
-        })
-        .await
-    );
+    assert!(rejected(&sub, &events_topic, "r-rb", "replay", 2).await);
     blocking(move || {
         assert_eq!(d.model().1, 1);
         let metrics = d.metrics();
@@ -764,10 +740,13 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     ))
     .await;
     assert!(
-        sub.wait_for(Duration::from_secs(30), {
-            let topic = events_topic.clone();
-            move |m| rejections(m, &topic, "p-rb-unnamed", "must name the release") >= 1
-        })
+        rejected(
+            &sub,
+            &events_topic,
+            "p-rb-unnamed",
+            "must name the release",
+            1
+        )
         .await
     );
     // A stale rollback (naming a release the device does not run) is refused.
@@ -779,13 +758,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
         },
     ))
     .await;
-    assert!(
-        sub.wait_for(Duration::from_secs(30), {
-            let topic = events_topic.clone();
-            move |m| rejections(m, &topic, "p-rb-stale", "stale rollback") >= 1
-        })
-        .await
-    );
+    assert!(rejected(&sub, &events_topic, "p-rb-stale", "stale rollback", 1).await);
     // The operator rolls v2 back.
     send(leave_v2("p-rb", "bad release")).await;
     let d = blocking(move || {
@@ -964,12 +937,7 @@ async fn a_root_of_trust_requires_a_builder_and_an_approver_and_two_operators() 
     ] {
         admin.publish(&cmd_topic, signed(id, &by)).await;
         assert!(
-            sub.wait_for(Duration::from_secs(30), {
-                let topic = events_topic.clone();
-                let id = id.to_string();
-                move |m| rejections(m, &topic, &id, "operator") >= 1
-            })
-            .await,
+            rejected(&sub, &events_topic, id, "operator", 1).await,
             "{id} not refused"
         );
     }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::DeviceState;
 use crate::rollout::{Phase, Rollout};
+use crate::rollouts::phase_name;
 
 /// What the console recorded when it first took a release.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,18 +122,6 @@ pub fn next_sequence(records: &[ReleaseRecord], fleet: &str, channel: &str) -> u
         .map(|r| r.sequence)
         .max()
         .map_or(1, |s| s.saturating_add(1))
-}
-
-fn phase_name(p: &Phase) -> &'static str {
-    match p {
-        Phase::Shadow { .. } => "shadow",
-        Phase::Canary { .. } => "canary",
-        Phase::Bake { .. } => "bake",
-        Phase::Wave { .. } => "wave",
-        Phase::Aborting { .. } => "aborting",
-        Phase::Done => "done",
-        Phase::Aborted { .. } => "aborted",
-    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,30 @@ fn assert_close(got: &[Vec<f64>], want: &Value) {
     }
 }
 
+/// `ferry run`s `request` on `bundle` and compares the probabilities with
+/// onnxruntime's (the fixture's expected.json).
+fn assert_runs_like_onnxruntime(
+    dir: &std::path::Path,
+    bundle: &str,
+    public: &str,
+    request: &Value,
+) {
+    let input = dir.join("request.json");
+    std::fs::write(&input, request.to_string()).unwrap();
+    let o = ferry(&[
+        "run",
+        bundle,
+        "--pub",
+        public,
+        "--input",
+        &input.display().to_string(),
+        "--json",
+    ]);
+    assert_exit(&o, 0);
+    let response: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_close(&probabilities(&response), &expected()["probabilities"]);
+}
+
 #[test]
 fn an_mlflow_model_packs_with_its_lineage_and_external_weights_and_agrees_with_onnxruntime() {
     let tmp = tempfile::tempdir().unwrap();
@@ -101,20 +125,7 @@ fn an_mlflow_model_packs_with_its_lineage_and_external_weights_and_agrees_with_o
     let rows: Vec<Vec<f64>> = serde_json::from_value(e["rows"].clone()).unwrap();
     let request = json!({"inputs": {"float_input": {
         "shape": [rows.len(), 4], "data": rows.concat()}}});
-    let input = tmp.path().join("in.json");
-    std::fs::write(&input, request.to_string()).unwrap();
-    let o = ferry(&[
-        "run",
-        &bundle,
-        "--pub",
-        &public,
-        "--input",
-        &input.display().to_string(),
-        "--json",
-    ]);
-    assert_exit(&o, 0);
-    let response: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_close(&probabilities(&response), &e["probabilities"]);
+    assert_runs_like_onnxruntime(tmp.path(), &bundle, &public, &request);
 }
 
 #[test]
@@ -171,20 +182,7 @@ fn ferry_init_scaffolds_a_tabular_project_from_the_mlflow_signature() {
             )
         })
         .collect();
-    let input = tmp.path().join("records.json");
-    std::fs::write(&input, json!({"records": records}).to_string()).unwrap();
-    let o = ferry(&[
-        "run",
-        &bundle,
-        "--pub",
-        &public,
-        "--input",
-        &input.display().to_string(),
-        "--json",
-    ]);
-    assert_exit(&o, 0);
-    let response: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_close(&probabilities(&response), &e["probabilities"]);
+    assert_runs_like_onnxruntime(tmp.path(), &bundle, &public, &json!({"records": records}));
 }
 
 #[test]
