@@ -981,10 +981,12 @@ impl Agent {
             Ok(v) => v,
             Err(r) => {
                 let _ = std::fs::remove_file(&staged);
-                if !matches!(
-                    r.code,
-                    "already_active" | "downgrade" | "pinned" | "rejected_before" | "below_floor"
-                ) {
+                if matches!(r.code, "rejected_before" | "below_floor") {
+                    // A verified file of a release refused before (an index
+                    // without `release` could not tell): its digest too, so
+                    // the next poll does not download it again.
+                    let _ = self.store.refuse("", &digest);
+                } else if !matches!(r.code, "already_active" | "downgrade" | "pinned") {
                     // A release whose signatures verified and that was judged
                     // bad is remembered by its manifest hash too: re-signed
                     // under a new file digest, it stays refused. A file that

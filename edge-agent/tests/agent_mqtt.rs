@@ -809,7 +809,43 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
         d
     })
     .await;
-    drop(d);
+
+    // A release refused by its golden examples, re-signed and published by
+    // an older publisher whose index has no `release`: the device can only
+    // tell after downloading and verifying it; then it remembers the file's
+    // digest too, so later polls do not download it again.
+    ferry_testkit::channel::publish(channel.path(), &bundles().path(fixtures::GOLDEN_FAILS));
+    let d = blocking(move || wait_refusal(d, "golden_failed")).await;
+    let resigned =
+        ferry_format::add_signatures(&bundles().bytes(fixtures::GOLDEN_FAILS), &[&junk]).unwrap();
+    let path = channel.path().join("golden-fails-resigned.ferry");
+    std::fs::write(&path, &resigned).unwrap();
+    ferry_testkit::channel::publish(channel.path(), &path);
+    let index_path = channel.path().join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["latest"].as_object_mut().unwrap().remove("release");
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let resigned_digest = fixtures::sha256_hex(&resigned);
+    blocking(move || {
+        let needle = "ferry_updates_rejected_total{code=\"rejected_before\"} 3";
+        wait_metric(&d, needle);
+        let record: Value =
+            serde_json::from_slice(&std::fs::read(d.dir.path().join("state/active.json")).unwrap())
+                .unwrap();
+        assert!(
+            record["rejected_digests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == resigned_digest.as_str()),
+            "{record}"
+        );
+        // Polls go on (every second): no download, so no new refusal.
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(d.metrics().contains(needle), "{}", d.metrics());
+        assert_eq!(d.model().1, 1);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
