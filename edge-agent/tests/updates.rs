@@ -755,7 +755,7 @@ fn activation_keeps_the_previous_bundle_and_rollback_returns_to_it() {
     assert_eq!(assert_active_is_complete(&store), v1);
     assert!(store.previous().is_none());
     assert!(
-        store.is_rejected(&v2.digest),
+        store.is_refused("", &v2.digest),
         "the channel must not reinstall it"
     );
     assert_eq!(store.rollback().unwrap_err().code(), "no_previous");
@@ -765,7 +765,7 @@ fn activation_keeps_the_previous_bundle_and_rollback_returns_to_it() {
     let store = BundleStore::open(state.path()).unwrap();
     assert!(store.recovery().is_none());
     assert_eq!(assert_active_is_complete(&store), v1);
-    assert!(store.is_rejected(&v2.digest));
+    assert!(store.is_refused("", &v2.digest));
 
     // The abandoned bundle's file is garbage now.
     let report = store.gc(&[]).unwrap();
@@ -774,7 +774,7 @@ fn activation_keeps_the_previous_bundle_and_rollback_returns_to_it() {
 
     // Installing it again on purpose lifts the rejection.
     store.activate(&bundles().path(fixtures::V2), &v2).unwrap();
-    assert!(!store.is_rejected(&v2.digest));
+    assert!(!store.is_refused("", &v2.digest));
 }
 
 #[test]
@@ -990,7 +990,7 @@ fn a_damaged_active_file_falls_back_to_the_previous_bundle() {
     );
     assert_eq!(assert_active_is_complete(&store), v1);
     assert!(
-        !store.is_rejected(&v2.digest),
+        !store.is_refused("", &v2.digest),
         "a damaged file is not the bundle's fault"
     );
     drop(store);
@@ -1039,13 +1039,13 @@ fn rejections_are_remembered_and_gc_keeps_what_matters() {
     let (v1, v2) = (identity(fixtures::V1), identity(fixtures::V2));
     let store = BundleStore::open(state.path()).unwrap();
     let bad = bundles().digest(fixtures::GOLDEN_FAILS);
-    store.reject(&bad).unwrap();
-    assert_eq!(store.reject("nope").unwrap_err().code(), "bad_digest");
+    store.refuse("", &bad).unwrap();
+    assert_eq!(store.refuse("", "nope").unwrap_err().code(), "bad_digest");
     store.activate(&bundles().path(fixtures::V1), &v1).unwrap();
     store.activate(&bundles().path(fixtures::V2), &v2).unwrap();
     drop(store);
     let store = BundleStore::open(state.path()).unwrap();
-    assert!(store.is_rejected(&bad));
+    assert!(store.is_refused("", &bad));
     assert_eq!(store.record().rejected_digests, vec![bad.clone()]);
 
     // Garbage: a stray bundle, an abandoned part, an old staged candidate;

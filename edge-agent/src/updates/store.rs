@@ -346,27 +346,6 @@ impl BundleStore {
         self.lock().clone()
     }
 
-    /// Whether this digest was refused or rolled back before.
-    pub fn is_rejected(&self, digest: &str) -> bool {
-        self.lock().rejected_digests.iter().any(|d| d == digest)
-    }
-
-    /// Remembers a refused candidate so the channel poller does not fetch it
-    /// again (persisted; at most [`MAX_REJECTED`] are kept).
-    pub fn reject(&self, digest: &str) -> Result<(), UpdateError> {
-        check_digest(digest)?;
-        let _op = self.begin();
-        let current = self.lock().clone();
-        if current.rejected_digests.iter().any(|d| d == digest) {
-            return Ok(());
-        }
-        let mut next = current.clone();
-        next.add_rejected(digest);
-        self.commit(&next, Some(&current), &mut |_| Ok(()))?;
-        *self.lock() = next;
-        Ok(())
-    }
-
     /// Whether a release (manifest hash) or a bundle file (digest) was
     /// refused or rolled back before.
     pub fn is_refused(&self, release: &str, digest: &str) -> bool {
