@@ -531,27 +531,33 @@ impl Agent {
         if already {
             return;
         }
-        tracing::warn!(code = r.code, reason = %r.reason, version = %candidate.version, "Channel's latest refused");
+        self.report_update_refused(&candidate.version, &candidate.digest, r.code, &r.reason);
+    }
+
+    /// A refused candidate, made visible: log, `updates_rejected{code}`,
+    /// an `update_rejected` event and the status's update state.
+    fn report_update_refused(&self, version: &str, digest: &str, code: &str, reason: &str) {
+        tracing::warn!(code, %reason, %version, "Rejected update");
         self.metrics
             .updates_rejected
             .get_or_create(&crate::metrics::CodeLabel {
-                code: r.code.to_string(),
+                code: code.to_string(),
             })
             .inc();
         append_event(
             &self.buffer,
             Event::UpdateRejected {
-                version: candidate.version.clone(),
-                digest: Some(candidate.digest.clone()),
-                code: r.code.to_string(),
-                reason: r.reason.clone(),
+                version: version.to_string(),
+                digest: Some(digest.to_string()),
+                code: code.to_string(),
+                reason: reason.to_string(),
             },
         );
         self.set_update_state(UpdateState::Rejected {
-            version: candidate.version.clone(),
-            code: r.code.to_string(),
-            reason: r.reason,
-            digest: Some(candidate.digest.clone()),
+            version: version.to_string(),
+            code: code.to_string(),
+            reason: reason.to_string(),
+            digest: Some(digest.to_string()),
         });
     }
 
@@ -916,28 +922,7 @@ impl Agent {
             return Ok(None);
         }
         let reject = |code: &'static str, reason: String| {
-            tracing::warn!(code, %reason, version = %version, "Rejected update");
-            self.metrics
-                .updates_rejected
-                .get_or_create(&crate::metrics::CodeLabel {
-                    code: code.to_string(),
-                })
-                .inc();
-            append_event(
-                &self.buffer,
-                Event::UpdateRejected {
-                    version: version.clone(),
-                    digest: Some(digest.clone()),
-                    code: code.to_string(),
-                    reason: reason.clone(),
-                },
-            );
-            self.set_update_state(UpdateState::Rejected {
-                version: version.clone(),
-                code: code.to_string(),
-                reason: reason.clone(),
-                digest: Some(digest.clone()),
-            });
+            self.report_update_refused(&version, &digest, code, &reason);
             anyhow!("update {version} rejected ({code}): {reason}")
         };
         self.set_update_state(UpdateState::Downloading {
