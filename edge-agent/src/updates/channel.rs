@@ -146,6 +146,16 @@ fn is_inside_channel(url: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
+/// At most `limit + 1` bytes of a file: one more than allowed tells the
+/// caller it is too large without reading it all.
+fn read_capped(file: File, path: &Path, limit: u64) -> Result<Vec<u8>, UpdateError> {
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| UpdateError::io("read", path, e))?;
+    Ok(bytes)
+}
+
 /// `scheme://authority` of a URL, lowercased.
 fn origin(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
@@ -284,11 +294,7 @@ impl Fetcher {
             Source::Dir(dir) => {
                 let path = dir.join("index.json");
                 let file = File::open(&path).map_err(|e| UpdateError::io("open", &path, e))?;
-                let mut bytes = Vec::new();
-                file.take(MAX_INDEX_BYTES + 1)
-                    .read_to_end(&mut bytes)
-                    .map_err(|e| UpdateError::io("read", &path, e))?;
-                bytes
+                read_capped(file, &path, MAX_INDEX_BYTES)?
             }
         };
         if bytes.len() as u64 > MAX_INDEX_BYTES {
@@ -320,13 +326,7 @@ impl Fetcher {
             Source::Dir(dir) => {
                 let path = dir.join(relative);
                 match File::open(&path) {
-                    Ok(file) => {
-                        let mut bytes = Vec::new();
-                        file.take(limit + 1)
-                            .read_to_end(&mut bytes)
-                            .map_err(|e| UpdateError::io("read", &path, e))?;
-                        bytes
-                    }
+                    Ok(file) => read_capped(file, &path, limit)?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(UpdateError::io("open", &path, e)),
                 }
