@@ -573,26 +573,6 @@ fn tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops() {
     assert!(stopping, "no STOPPING=1 after SIGTERM; got {seen:?}");
 }
 
-/// Waits until the metrics text contains `needle`.
-fn wait_metric(d: &Device, needle: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !d.metrics().contains(needle) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {needle}\n{}",
-            d.metrics()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Waits until the status's update state is `rejected` with `code`.
-fn wait_refused(d: &Device, code: &'static str) {
-    d.wait_status(Duration::from_secs(30), code, |s| {
-        s["update"]["state"] == "rejected" && s["update"]["code"] == code
-    });
-}
-
 #[test]
 fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() {
     // Issue 10, item 6: `index.json` was unsigned and never expired, so a
@@ -642,10 +622,10 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
 
     // Unsigned: refused, visibly; v1 keeps serving.
     publish(channel.path(), &v2);
-    wait_refused(&d, "unsigned_metadata");
+    d.wait_update_refused("unsigned_metadata");
     // Signed by a key that is not the channel's.
     publish_signed(channel.path(), &v2, &[&secret("op")], 1, now, now + DAY);
-    wait_refused(&d, "metadata_signature");
+    d.wait_update_refused("metadata_signature");
     // Signed, but expired an hour ago.
     publish_signed(
         channel.path(),
@@ -655,7 +635,7 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
         now - DAY,
         now - 3_600_000,
     );
-    wait_refused(&d, "metadata_expired");
+    d.wait_update_refused("metadata_expired");
     assert_eq!(d.model().1, 1);
     assert_eq!(d.predict_json(&setosa()).0, 200);
     let metrics = d.metrics();
@@ -691,7 +671,7 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
         now,
         now + DAY,
     );
-    wait_refused(&d, "metadata_rollback");
+    d.wait_update_refused("metadata_rollback");
     // Metadata signed "two days from now" moves the device's clock forward:
     // metadata valid for one day from the real now is then already expired.
     publish_signed(
@@ -713,7 +693,7 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
         now,
         now + DAY,
     );
-    wait_refused(&d, "metadata_expired");
+    d.wait_update_refused("metadata_expired");
     // What was seen survives a restart.
     assert!(d.terminate().success());
     d.spawn();
@@ -726,7 +706,7 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
         now + 2 * DAY,
         now + 4 * DAY,
     );
-    wait_refused(&d, "metadata_rollback");
+    d.wait_update_refused("metadata_rollback");
 
     publish_signed(
         channel.path(),
@@ -774,7 +754,7 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
     );
     std::fs::create_dir_all(channel.path().join("root")).unwrap();
     std::fs::copy(&root2, channel.path().join("root/2.json")).unwrap();
-    wait_refused(&d, "metadata_signature");
+    d.wait_update_refused("metadata_signature");
     assert!(d.metrics().contains("ferry_root_version 1"));
     // With the old root's signature too it is applied.
     assert_exit(
@@ -794,7 +774,7 @@ fn channel_metadata_is_signed_fresh_never_older_and_keys_rotate_with_the_root() 
         now + 2 * DAY,
         now + 5 * DAY,
     );
-    wait_metric(&d, "ferry_root_version 2");
+    d.wait_metric("ferry_root_version 2");
     d.wait_status(
         Duration::from_secs(30),
         "old channel key refused after rotation",
@@ -841,14 +821,14 @@ fn a_lying_index_cannot_send_endless_data_or_mix_releases() {
     // Endless data: the file is far larger than announced; the download
     // stops at the announced size.
     write_index(fixtures::V2, &bundles().digest(fixtures::V2), 1000);
-    wait_refused(&d, "too_large");
+    d.wait_update_refused("too_large");
     // Mix-and-match: v2's digest, another release's bytes.
     write_index(
         fixtures::BAD_RELEASE,
         &bundles().digest(fixtures::V2),
         bundles().bytes(fixtures::BAD_RELEASE).len(),
     );
-    wait_refused(&d, "download_digest_mismatch");
+    d.wait_update_refused("download_digest_mismatch");
     assert_eq!(d.model().1, 1);
     assert_eq!(d.predict_json(&setosa()).0, 200);
     let metrics = d.metrics();

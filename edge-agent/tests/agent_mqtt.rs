@@ -646,30 +646,6 @@ async fn signed_commands_cannot_be_preempted_replayed_or_dated_ahead() {
     .await;
 }
 
-/// Waits until the status's update state is `rejected` with `code`.
-/// Waits (up to 30 s) until the agent's metrics hold `line`.
-fn wait_metric(d: &Device, line: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = d.metrics();
-        if metrics.contains(line) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no `{line}` in the metrics after 30 s:\n{metrics}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_refusal(d: Device, code: &'static str) -> Device {
-    d.wait_status(Duration::from_secs(30), code, |s| {
-        s["update"]["state"] == "rejected" && s["update"]["code"] == code
-    });
-    d
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins() {
     // Issue 10, items 1 and 9: refusals were remembered by the file's digest,
@@ -715,7 +691,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
         d.wait_status(Duration::from_secs(30), "v1 by the operator", |s| {
             s["bundle"]["sequence"] == 1
         });
-        let d = wait_refusal(d, "pinned");
+        d.wait_update_refused("pinned");
         assert_eq!(d.model().1, 1);
         d
     })
@@ -768,10 +744,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
         // The original v2, still on the channel, is refused first (waited
         // for: with a guest that compiles fast the rollback is over before
         // the next poll, and the re-signed copy must not race it).
-        wait_metric(
-            &d,
-            "ferry_updates_rejected_total{code=\"rejected_before\"} 1",
-        );
+        d.wait_metric("ferry_updates_rejected_total{code=\"rejected_before\"} 1");
         d
     })
     .await;
@@ -789,10 +762,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     std::fs::write(&path, &resigned).unwrap();
     ferry_testkit::channel::publish(channel.path(), &path);
     let d = blocking(move || {
-        wait_metric(
-            &d,
-            "ferry_updates_rejected_total{code=\"rejected_before\"} 2",
-        );
+        d.wait_metric("ferry_updates_rejected_total{code=\"rejected_before\"} 2");
         std::thread::sleep(Duration::from_secs(2));
         assert_eq!(d.model().1, 1, "the re-signed release came back");
         let metrics = d.metrics();
@@ -815,7 +785,11 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     // tell after downloading and verifying it; then it remembers the file's
     // digest too, so later polls do not download it again.
     ferry_testkit::channel::publish(channel.path(), &bundles().path(fixtures::GOLDEN_FAILS));
-    let d = blocking(move || wait_refusal(d, "golden_failed")).await;
+    let d = blocking(move || {
+        d.wait_update_refused("golden_failed");
+        d
+    })
+    .await;
     let resigned =
         ferry_format::add_signatures(&bundles().bytes(fixtures::GOLDEN_FAILS), &[&junk]).unwrap();
     let path = channel.path().join("golden-fails-resigned.ferry");
@@ -828,7 +802,7 @@ async fn a_rolled_back_release_stays_out_however_resigned_and_a_downgrade_pins()
     let resigned_digest = fixtures::sha256_hex(&resigned);
     blocking(move || {
         let needle = "ferry_updates_rejected_total{code=\"rejected_before\"} 3";
-        wait_metric(&d, needle);
+        d.wait_metric(needle);
         let record: Value =
             serde_json::from_slice(&std::fs::read(d.dir.path().join("state/active.json")).unwrap())
                 .unwrap();
@@ -921,7 +895,11 @@ async fn a_root_of_trust_requires_a_builder_and_an_approver_and_two_operators() 
     })
     .await;
     ferry_testkit::channel::publish(channel.path(), &v2);
-    let d = blocking(move || wait_refusal(d, "below_threshold")).await;
+    let d = blocking(move || {
+        d.wait_update_refused("below_threshold");
+        d
+    })
+    .await;
     assert_eq!(d.model().1, 1);
     // The approver reviews and adds their signature: now it installs.
     let o = ferry(&[

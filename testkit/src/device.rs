@@ -312,6 +312,29 @@ impl Device {
         }
     }
 
+    /// Waits until the update state is `rejected` with `code` (panics after 30 s).
+    pub fn wait_update_refused(&self, code: &str) {
+        self.wait_status(Duration::from_secs(30), code, |s| {
+            s["update"]["state"] == "rejected" && s["update"]["code"] == code
+        });
+    }
+
+    /// Waits until `/metrics` contains `line` (panics after 30 s).
+    pub fn wait_metric(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = self.metrics();
+            if metrics.contains(line) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{line}` in the metrics after 30 s:\n{metrics}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
