@@ -35,7 +35,7 @@ use serde_json::Value;
 
 use crate::broker::Mosquitto;
 use crate::device::{Device, Setup, iris_batch, iris_rows};
-use crate::fixtures::{self, FLEET, V1, bundles};
+use crate::fixtures::{FLEET, V1, bundles};
 use crate::state::{RunningConsole, console_config};
 
 const DEVICES: [&str; 3] = ["rt-a", "rt-b", "rt-c"];
@@ -355,12 +355,7 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
 
     // The export on demand, through the CLI and the console's API.
     let export = dir.path().join("export");
-    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
-        .args(["retrain", "--console", c.client.base(), "--export"])
-        .env("FERRY_FLEET_TOKEN", &c.token)
-        .arg(&export)
-        .output()
-        .unwrap();
+    let out = c.cli("retrain", &["--export", export.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -375,11 +370,7 @@ fn the_hook_fires_once_per_episode_with_the_drifted_samples() {
     let rows = check_data_set(&export.join("samples.csv"), &shifted_petals, &same_petals);
     assert_eq!(exported.rows, rows as u64);
     assert!(exported.samples_csv.ends_with("samples.csv"));
-    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
-        .args(["retrain", "--console", c.client.base()])
-        .env("FERRY_FLEET_TOKEN", &c.token)
-        .output()
-        .unwrap();
+    let out = c.cli("retrain", &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains(&e.id), "{text}");
     assert!(text.contains("petal_length"), "{text}");

@@ -728,22 +728,14 @@ fn the_release_registry_records_every_release_and_hands_out_sequences_devices_ca
     // the CLI CI would call.
     assert_eq!(c.client.next_sequence("stable").unwrap(), 3);
     assert_eq!(c.client.next_sequence("beta").unwrap(), 1);
-    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
-        .args(["releases", "--console", c.client.base(), "--next-sequence"])
-        .env("FERRY_FLEET_TOKEN", &c.token)
-        .output()
-        .unwrap();
+    let out = c.cli("releases", &["--next-sequence"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
-    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
-        .args(["releases", "--console", c.client.base()])
-        .env("FERRY_FLEET_TOKEN", &c.token)
-        .output()
-        .unwrap();
+    let out = c.cli("releases", &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains(&r.id), "{text}");
     drop(agent);

@@ -156,6 +156,17 @@ pub(crate) struct RunningConsole {
 }
 
 impl RunningConsole {
+    /// `ferry-fleet SUBCOMMAND --console <this console> ARGS...` with the
+    /// admin token, run to completion.
+    pub fn cli(&self, subcommand: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
+            .args([subcommand, "--console", self.client.base()])
+            .args(args)
+            .env("FERRY_FLEET_TOKEN", &self.token)
+            .output()
+            .unwrap()
+    }
+
     /// Starts `run(config)` and returns once its HTTP API answers.
     pub(crate) fn start(rt: &tokio::runtime::Runtime, config: ServeConfig) -> RunningConsole {
         let addr = config.listener.local_addr().unwrap();
