@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The retraining hook of the iris example: retrain -> ferry pack -> ferry-fleet rollout.
+# The retraining hook of the iris example: retrain -> ferry pack -> ferry-fleet releases submit
+# -> ferry-fleet rollout (only when the release needs no approver).
 #
 #   ferry-fleet serve ... --retrain-hook-cmd "examples/fleet/retrain-hook.sh"
 #   examples/fleet/retrain-hook.sh REQUEST_JSON        # or by hand, e.g. after `ferry-fleet retrain --export DIR`
@@ -8,11 +9,16 @@
 # and in FERRY_RETRAIN_REQUEST). Steps:
 #   1. examples/iris/retrain.py REQUEST_JSON --out <dir next to the request>/retrained-<time>
 #   2. ferry pack <dir> --key $FERRY_KEY --sequence N -o <dir>.ferry
-#   3. ferry-fleet rollout <dir>.ferry --console $FERRY_CONSOLE --canary 34% --bake 30s
-#        --abort-if 'error_rate>5%' --abort-if 'drift.psi>0.25'
+#   3. ferry-fleet releases submit <dir>.ferry: the retrained model becomes a release candidate.
+#      With a root of trust that has an approver role (ferry root init --approver), it waits there
+#      for a second person (ferry-fleet releases show / approve / reject, or the console's page):
+#      the hook stops here, and nothing reaches devices without that approval.
+#   4. Otherwise (devices trust the builder's key alone): ferry-fleet rollout --release <id>
+#        --canary 34% --bake 30s --abort-if 'error_rate>5%' --abort-if 'drift.psi>0.25'
 #
 # Environment:
-#   FERRY_KEY            signing key file (from `ferry keygen`; the devices must trust its .pub)  [required]
+#   FERRY_KEY            the builder's signing key file (from `ferry keygen`; the devices' root or
+#                        trusted keys hold its .pub)                     [required]
 #   FERRY_CONSOLE        the console's URL                              [default: http://127.0.0.1:8080]
 #   FERRY_FLEET_TOKEN_FILE  file with an operator's token (ferry-fleet token create --role operator
 #                        --name retrain-hook): the audit log names its holder   [or FERRY_FLEET_TOKEN]
@@ -82,6 +88,15 @@ bundle="$out.ferry"
 echo "retrain-hook: retraining from $request into $out (sequence $sequence)"
 "$python" "$examples/iris/retrain.py" "$request" --out "$out" --sequence "$sequence"
 "$ferry" pack "$out" --key "$FERRY_KEY" --sequence "$sequence" -o "$bundle"
-echo "retrain-hook: rolling out $bundle on $console"
-"$fleet" rollout "$bundle" --console "$console" "${token_args[@]}" --canary 34% --bake 30s \
+echo "retrain-hook: submitting $bundle to $console"
+submitted="$("$fleet" releases submit "$bundle" --console "$console" "${token_args[@]}" --json)"
+read -r release status < <("$python" -c 'import json, sys
+r = json.loads(sys.argv[1]); print(r["release"], r["status"])' "$submitted")
+if [[ "$status" != "approved" ]]; then
+    echo "retrain-hook: release $release is $status: an approver reviews it with"
+    echo "  ferry-fleet releases show ${release:0:12}   (or on the console's page)"
+    exit 0
+fi
+echo "retrain-hook: rolling out release $release on $console"
+"$fleet" rollout --release "$release" --console "$console" "${token_args[@]}" --canary 34% --bake 30s \
     --abort-if 'error_rate>5%' --abort-if 'drift.psi>0.25'

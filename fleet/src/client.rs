@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::auth::{Enrolled, Enrolment, NewToken, Principal, TokenView};
 use crate::model::DeviceState;
+use crate::releases::{ReleaseDetail, ReleaseRecord};
 use crate::retrain::{FleetDriftView, Overview, ROWS_HEADER, Request};
 use crate::rollout::Rollout;
 use crate::rollouts::{AuditEntry, NewRollout};
@@ -168,8 +169,75 @@ impl Client {
         if let Some(t) = &params.install_timeout {
             req = req.query("install_timeout", t);
         }
+        if let Some(id) = &params.release {
+            req = req.query("release", id);
+        }
+        if params.allow_downgrade {
+            req = req.query("allow_downgrade", "true");
+        }
         let r = req.send(bundle).map_err(self.unreachable())?;
         Self::json("/api/rollouts", r)
+    }
+
+    fn post_bytes<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<T, ClientError> {
+        let r = self
+            .authorize(self.agent.post(self.url(path)))
+            .header("Content-Type", "application/octet-stream")
+            .send(bytes)
+            .map_err(self.unreachable())?;
+        Self::json(path, r)
+    }
+
+    /// `POST /api/releases`: submits a bundle to the release registry.
+    pub fn submit_release(&self, bundle: &[u8]) -> Result<ReleaseRecord, ClientError> {
+        self.post_bytes("/api/releases", bundle)
+    }
+
+    /// `GET /api/releases/{id}`: one release with its review and diff.
+    pub fn release(&self, id: &str) -> Result<ReleaseDetail, ClientError> {
+        self.get(&format!("/api/releases/{id}"))
+    }
+
+    /// `POST /api/releases/{id}/approve` with the approver-signed bundle.
+    pub fn approve_release(&self, id: &str, bundle: &[u8]) -> Result<ReleaseRecord, ClientError> {
+        self.post_bytes(&format!("/api/releases/{id}/approve"), bundle)
+    }
+
+    /// `POST /api/releases/{id}/reject` with the reason.
+    pub fn reject_release(&self, id: &str, reason: &str) -> Result<ReleaseRecord, ClientError> {
+        let path = format!("/api/releases/{id}/reject");
+        let r = self
+            .authorize(self.agent.post(self.url(&path)))
+            .header("Content-Type", "application/json")
+            .send(serde_json::json!({ "reason": reason }).to_string())
+            .map_err(self.unreachable())?;
+        Self::json(&path, r)
+    }
+
+    /// `GET /bundles/{digest}.ferry`: a bundle's bytes (what devices and
+    /// approvers download).
+    pub fn bundle(&self, digest: &str) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/bundles/{digest}.ferry");
+        let mut r = self.get_req(&path).call().map_err(self.unreachable())?;
+        let status = r.status().as_u16();
+        if status >= 400 {
+            return Err(ClientError::Refused {
+                status,
+                message: format!("no bundle {digest}"),
+            });
+        }
+        r.body_mut()
+            .with_config()
+            .limit(crate::rollouts::MAX_BUNDLE_BYTES as u64)
+            .read_to_vec()
+            .map_err(|e| ClientError::BadAnswer {
+                path,
+                message: e.to_string(),
+            })
     }
 
     /// `GET /api/rollouts`: every rollout, oldest first.

@@ -239,6 +239,11 @@ struct RetrainArgs {
     /// Limit on the hook command's run, and on each webhook attempt.
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     retrain_hook_timeout: String,
+    /// Samples one device contributes to a data set at most (its most
+    /// recent): no single device can make the training set its own.
+    #[arg(long, value_name = "N", default_value_t = ferry_fleet::retrain::DEFAULT_MAX_SAMPLES_PER_DEVICE as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    retrain_max_samples_per_device: u64,
 }
 
 impl RetrainArgs {
@@ -264,6 +269,8 @@ impl RetrainArgs {
             hook_timeout: Duration::from_millis(
                 parse_duration_ms(&self.retrain_hook_timeout).context("--retrain-hook-timeout")?,
             ),
+            max_samples_per_device: usize::try_from(self.retrain_max_samples_per_device)
+                .unwrap_or(usize::MAX),
         })
     }
 }
@@ -379,16 +386,17 @@ struct ConsoleArgs {
     #[arg(
         long,
         env = "FERRY_FLEET_CONSOLE",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8080",
+        global = true
     )]
     console: String,
     /// File holding the API token (e.g. `<state>/admin.token`, or one made
     /// by `ferry-fleet token create`); wins over FERRY_FLEET_TOKEN.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     token_file: Option<PathBuf>,
     /// The API token; prefer the environment variable (a token on the
     /// command line shows in `ps`).
-    #[arg(long, env = "FERRY_FLEET_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "FERRY_FLEET_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
 }
 
@@ -422,8 +430,17 @@ fn refused(what: &str) -> impl FnOnce(ClientError) -> anyhow::Error + '_ {
 
 #[derive(Args)]
 struct RolloutCmd {
-    /// The bundle (signed by a key the console and the devices trust).
-    bundle: PathBuf,
+    /// The bundle (carrying every signature the devices require).
+    #[arg(required_unless_present = "release", conflicts_with = "release")]
+    bundle: Option<PathBuf>,
+    /// Roll out an approved release of the console's registry instead (its
+    /// id, or a unique prefix of it as `ferry-fleet releases` shows it).
+    #[arg(long)]
+    release: Option<String>,
+    /// Allow a rollout of a release older than the one its channel runs
+    /// (admin tokens only; recorded in the audit log).
+    #[arg(long)]
+    allow_downgrade: bool,
     /// Canaries: a share of the fleet (`10%`) or a comma-separated device list.
     #[arg(long)]
     canary: String,
@@ -455,8 +472,17 @@ struct RolloutCmd {
 
 impl RolloutCmd {
     fn run(self) -> Result<()> {
-        let bytes = std::fs::read(&self.bundle)
-            .with_context(|| format!("cannot read {}", self.bundle.display()))?;
+        let bytes = match &self.bundle {
+            Some(path) => {
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+            }
+            None => Vec::new(),
+        };
+        let client = self.console.client()?;
+        let release = match &self.release {
+            Some(id) => Some(resolve_release(&client, id)?),
+            None => None,
+        };
         for rule in &self.abort_if {
             rule.parse::<ferry_fleet::rollout::Rule>()
                 .map_err(anyhow::Error::msg)?;
@@ -477,10 +503,10 @@ impl RolloutCmd {
             waves: self.waves.clone(),
             shadow: self.shadow,
             install_timeout: Some(self.install_timeout.clone()),
+            allow_downgrade: self.allow_downgrade,
+            release,
         };
-        let rollout = self
-            .console
-            .client()?
+        let rollout = client
             .create_rollout(&bytes, &params)
             .map_err(refused("the console refused the rollout"))?;
         if self.json {
@@ -507,6 +533,8 @@ impl RolloutCmd {
 
 #[derive(Args)]
 struct ReleasesCmd {
+    #[command(subcommand)]
+    action: Option<ReleaseAction>,
     #[command(flatten)]
     console: ConsoleArgs,
     /// Print only the sequence the next release of --channel should carry
@@ -521,8 +549,215 @@ struct ReleasesCmd {
     json: bool,
 }
 
+/// What to do with one release (two-person approval).
+#[derive(Subcommand)]
+enum ReleaseAction {
+    /// Submit a bundle to the registry (CI, after `ferry pack`): one only
+    /// the builder signed awaits an approver.
+    Submit {
+        bundle: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What an approver reviews: manifest, lineage, golden examples, drift
+    /// baseline, size, and the differences from the release its channel runs.
+    Show {
+        /// The release id (or a unique prefix).
+        release: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a release's bundle (to review and sign it with `ferry approve`).
+    Download {
+        release: String,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Approve a release: upload the bundle you signed with `ferry approve`
+    /// (approver token; not the one who submitted it).
+    Approve {
+        release: String,
+        /// The bundle with your approver signature added.
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+    /// Reject a release (approver token): it can never be rolled out.
+    Reject {
+        release: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// A full release id from `id` or a unique prefix of one.
+fn resolve_release(client: &ferry_fleet::client::Client, id: &str) -> Result<String> {
+    let id = id.trim().trim_start_matches("sha256:");
+    if id.len() == 64 {
+        return Ok(id.to_string());
+    }
+    if id.len() < 4 {
+        bail!("{id:?}: give the release id, or at least 4 of its first characters");
+    }
+    let releases = client.releases().map_err(refused("/api/releases"))?;
+    let found: Vec<&str> = releases
+        .iter()
+        .map(|r| r.record.release.as_str())
+        .filter(|r| r.starts_with(id))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => bail!("no release starts with {id}"),
+        many => bail!(
+            "{id} is the start of {} releases: give more of it",
+            many.len()
+        ),
+    }
+}
+
+fn print_record(r: &ferry_fleet::releases::ReleaseRecord) {
+    println!(
+        "release {}: {} {} (sequence {}, {}/{}), {}",
+        r.release,
+        r.name,
+        r.version,
+        r.sequence,
+        r.fleet,
+        r.channel,
+        r.status.name().replace('_', " ")
+    );
+    if let Some(by) = &r.approved_by {
+        println!("approved by {by}");
+    }
+    if let Some(x) = &r.rejection {
+        println!("rejected by {}: {}", x.by, x.reason);
+    }
+}
+
+impl ReleaseAction {
+    fn run(self, console: ConsoleArgs) -> Result<()> {
+        match self {
+            ReleaseAction::Submit { bundle, json } => {
+                let bytes = std::fs::read(&bundle)
+                    .with_context(|| format!("cannot read {}", bundle.display()))?;
+                let r = console
+                    .client()?
+                    .submit_release(&bytes)
+                    .map_err(refused("the console refused the release"))?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    print_record(&r);
+                    if r.status == ferry_fleet::releases::ReleaseStatus::AwaitingApproval {
+                        println!(
+                            "an approver reviews it with `ferry-fleet releases show {}`",
+                            &r.release[..12]
+                        );
+                    }
+                }
+                Ok(())
+            }
+            ReleaseAction::Show { release, json } => {
+                let client = console.client()?;
+                let id = resolve_release(&client, &release)?;
+                let d = client.release(&id).map_err(refused("/api/releases"))?;
+                if json {
+                    println!("{}", serde_json::to_string(&d)?);
+                    return Ok(());
+                }
+                print_record(&d.view.record);
+                let r = &d.view.record;
+                println!(
+                    "submitted by {}; signed by {}",
+                    r.uploaded_by,
+                    r.signed_by.join(", ")
+                );
+                println!("size: {} bytes", r.size_bytes);
+                println!("lineage: {}", r.lineage);
+                if let Some(review) = &r.review {
+                    println!("golden examples ({}):", review.golden.len());
+                    for g in &review.golden {
+                        println!(
+                            "  {}: expects {} (tolerance {})",
+                            g.name, g.expected, g.tolerance
+                        );
+                    }
+                    println!("drift baseline ({} features):", review.baseline.len());
+                    for f in &review.baseline {
+                        let stats: Vec<String> =
+                            f.stats.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                        println!("  {} ({}, n {}): {}", f.name, f.kind, f.n, stats.join(", "));
+                    }
+                }
+                match &d.running_release {
+                    Some(running) if !d.diff.is_empty() => {
+                        println!(
+                            "changes from the running release {}:",
+                            &running[..running.len().min(12)]
+                        );
+                        for c in &d.diff {
+                            println!("  {}: {} -> {}", c.path, c.running, c.candidate);
+                        }
+                    }
+                    Some(_) => println!("no differences from the running release"),
+                    None => println!(
+                        "channel {} runs no release rolled out by this console",
+                        r.channel
+                    ),
+                }
+                Ok(())
+            }
+            ReleaseAction::Download { release, out } => {
+                let client = console.client()?;
+                let id = resolve_release(&client, &release)?;
+                let d = client.release(&id).map_err(refused("/api/releases"))?;
+                let bytes = client
+                    .bundle(&d.view.record.digest)
+                    .map_err(refused("the bundle"))?;
+                std::fs::write(&out, &bytes)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                println!(
+                    "wrote {} ({} bytes); check it (ferry verify), sign it (ferry approve {} --key KEY)                      and upload it (ferry-fleet releases approve {} --bundle {})",
+                    out.display(),
+                    bytes.len(),
+                    out.display(),
+                    &id[..12],
+                    out.display()
+                );
+                Ok(())
+            }
+            ReleaseAction::Approve { release, bundle } => {
+                let client = console.client()?;
+                let id = resolve_release(&client, &release)?;
+                let bytes = std::fs::read(&bundle)
+                    .with_context(|| format!("cannot read {}", bundle.display()))?;
+                let r = client
+                    .approve_release(&id, &bytes)
+                    .map_err(refused("the console refused the approval"))?;
+                print_record(&r);
+                println!(
+                    "roll it out with `ferry-fleet rollout --release {}`",
+                    &r.release[..12]
+                );
+                Ok(())
+            }
+            ReleaseAction::Reject { release, reason } => {
+                let client = console.client()?;
+                let id = resolve_release(&client, &release)?;
+                let r = client
+                    .reject_release(&id, &reason)
+                    .map_err(refused("the console refused the rejection"))?;
+                print_record(&r);
+                Ok(())
+            }
+        }
+    }
+}
+
 impl ReleasesCmd {
     fn run(self) -> Result<()> {
+        if let Some(action) = self.action {
+            return action.run(self.console);
+        }
         let client = self.console.client()?;
         if self.next_sequence {
             let next = client
@@ -541,8 +776,15 @@ impl ReleasesCmd {
             return Ok(());
         }
         println!(
-            "{:<10} {:<20} {:>5}  {:<14} {:<12} {:>7}  LAST ROLLOUT",
-            "RELEASE", "NAME VERSION", "SEQ", "CHANNEL", "UPLOADED BY", "RUNNING"
+            "{:<10} {:<20} {:>5}  {:<14} {:<17} {:<12} {:<12} {:>7}  LAST ROLLOUT",
+            "RELEASE",
+            "NAME VERSION",
+            "SEQ",
+            "CHANNEL",
+            "STATUS",
+            "SUBMITTED BY",
+            "APPROVED BY",
+            "RUNNING"
         );
         for r in &releases {
             let last = r
@@ -551,12 +793,14 @@ impl ReleasesCmd {
                 .map(|o| format!("{} {}", o.id, o.phase))
                 .unwrap_or_default();
             println!(
-                "{:<10} {:<20} {:>5}  {:<14} {:<12} {:>7}  {}",
+                "{:<10} {:<20} {:>5}  {:<14} {:<17} {:<12} {:<12} {:>7}  {}",
                 &r.record.release[..r.record.release.len().min(8)],
                 format!("{} {}", r.record.name, r.record.version),
                 r.record.sequence,
                 r.record.channel,
+                r.record.status.name(),
                 r.record.uploaded_by,
+                r.record.approved_by.as_deref().unwrap_or("-"),
                 r.running_on.len(),
                 last
             );

@@ -152,8 +152,21 @@ pub struct DeviceEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
-    Device { device: String },
-    Drift { device: String },
-    Event { device: String, event: String },
-    Rollout { id: String },
+    Device {
+        device: String,
+    },
+    Drift {
+        device: String,
+    },
+    Event {
+        device: String,
+        event: String,
+    },
+    Rollout {
+        id: String,
+    },
+    /// A release was submitted, approved or rejected.
+    Release {
+        id: String,
+    },
 }

@@ -75,6 +75,9 @@ use serde_json::Value;
 use crate::model::DeviceState;
 use crate::store::{Store, StoreError};
 
+/// [`Options::max_samples_per_device`] unless told otherwise.
+pub const DEFAULT_MAX_SAMPLES_PER_DEVICE: usize = 2_000;
+
 /// The directory of data sets and the log, in the console's state directory.
 pub const DIR: &str = "retrain";
 /// Traffic that weighs a device: its requests over the last hour (the
@@ -427,6 +430,20 @@ pub struct RequestDevice {
     pub drift: Option<DriftRecord>,
     /// Its rows in the data set.
     pub rows: u64,
+    /// Its older samples left out by the per-device cap
+    /// ([`Options::max_samples_per_device`]).
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// A device whose report is not believed: it claims a release sequence
+/// beyond the highest the release registry holds for its channel (a forged
+/// or corrupted status). It has no say in fleet drift, and its samples stay
+/// out of the data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlaggedDevice {
+    pub device: String,
+    pub reason: String,
 }
 
 /// `request.json`: what a retraining pipeline is asked to do. Schema
@@ -450,6 +467,9 @@ pub struct Request {
     pub rows: u64,
     /// The CSV's path.
     pub samples_csv: String,
+    /// Devices left out because their reports are not believed.
+    #[serde(default)]
+    pub flagged: Vec<FlaggedDevice>,
 }
 
 /// The data set: a CSV of `rows` (device, sample). Returns the text and the
@@ -632,6 +652,10 @@ pub struct Options {
     pub hook: Hook,
     /// Limit on a hook command's run, and on each webhook attempt.
     pub hook_timeout: Duration,
+    /// Samples one device contributes to a data set at most (its most
+    /// recent): one device, however chatty or hostile, cannot make the
+    /// training set its own.
+    pub max_samples_per_device: usize,
 }
 
 impl Default for Options {
@@ -644,6 +668,7 @@ impl Default for Options {
             settle_ms: 0,
             hook: Hook::None,
             hook_timeout: Duration::from_secs(300),
+            max_samples_per_device: DEFAULT_MAX_SAMPLES_PER_DEVICE,
         }
     }
 }
@@ -715,7 +740,42 @@ impl Retrainer {
 
     /// Fleet drift now.
     pub fn fleet_drift(&self, now_ms: u64) -> FleetDrift {
-        aggregate(&self.store.devices(), now_ms, self.options.max_age_ms)
+        let (believed, _) = self.believed_devices();
+        aggregate(&believed, now_ms, self.options.max_age_ms)
+    }
+
+    /// The devices whose reports are believed, and those flagged (see
+    /// [`FlaggedDevice`]): a reported sequence above the highest the
+    /// release registry holds for the device's fleet and channel. A channel
+    /// the registry has never seen flags nobody (its releases reached the
+    /// devices some other way, e.g. a channel directory).
+    pub fn believed_devices(&self) -> (Vec<DeviceState>, Vec<FlaggedDevice>) {
+        let records: Vec<crate::releases::ReleaseRecord> =
+            self.store.releases().unwrap_or_else(|e| {
+                tracing::error!(error = %e, "Cannot read the release registry");
+                Vec::new()
+            });
+        let mut believed = Vec::new();
+        let mut flagged = Vec::new();
+        for d in self.store.devices() {
+            let claim = d.bundle.as_ref().and_then(|b| {
+                let highest = crate::releases::highest_sequence(&records, &b.fleet, &b.channel)?;
+                (b.sequence > highest).then(|| {
+                    format!(
+                        "reports sequence {} on {}/{}, beyond the registry's highest {highest}",
+                        b.sequence, b.fleet, b.channel
+                    )
+                })
+            });
+            match claim {
+                Some(reason) => flagged.push(FlaggedDevice {
+                    device: d.device.clone(),
+                    reason,
+                }),
+                None => believed.push(d),
+            }
+        }
+        (believed, flagged)
     }
 
     /// Every episode, oldest first.
@@ -908,9 +968,22 @@ impl Retrainer {
         let mut per_device = Vec::new();
         let mut bundles: Vec<BundleRef> = Vec::new();
         let mut fleet = String::new();
+        let (_, all_flagged) = self.believed_devices();
+        let flagged: Vec<FlaggedDevice> = all_flagged
+            .into_iter()
+            .filter(|f| devices.contains(&f.device))
+            .collect();
         for device in devices {
+            if flagged.iter().any(|f| &f.device == device) {
+                continue;
+            }
             let state = self.store.device(device);
-            let samples = self.store.samples(device);
+            let mut samples = self.store.samples(device);
+            // The most recent ones (the store keeps them oldest first).
+            let dropped = samples
+                .len()
+                .saturating_sub(self.options.max_samples_per_device);
+            samples.drain(..dropped);
             if let Some(b) = state.as_ref().and_then(|s| s.bundle.clone())
                 && !bundles.iter().any(|x| x.digest == b.digest)
             {
@@ -926,6 +999,7 @@ impl Retrainer {
                 bundle: state.as_ref().and_then(|s| s.bundle.clone()),
                 drift: state.and_then(|s| s.drift),
                 rows: samples.len() as u64,
+                dropped: dropped as u64,
             });
             rows.extend(samples.into_iter().map(|s| (device.clone(), s)));
         }
@@ -941,6 +1015,7 @@ impl Retrainer {
             bundles,
             rows: rows.len() as u64,
             samples_csv: samples_csv_path.to_string(),
+            flagged,
         };
         (request, csv)
     }
@@ -1117,6 +1192,9 @@ pub struct FleetDriftView {
     pub min_devices: usize,
     /// The features the rule holds for now.
     pub firing: Vec<String>,
+    /// Devices whose reports are not believed (not counted above).
+    #[serde(default)]
+    pub flagged: Vec<FlaggedDevice>,
 }
 
 /// The JSON of `GET /api/retrain`: the loop's settings, the open episode,
@@ -1148,6 +1226,7 @@ impl Retrainer {
             rule: self.options.rule.text.clone(),
             min_devices: self.options.min_devices,
             firing,
+            flagged: self.believed_devices().1,
         }
     }
 

@@ -31,12 +31,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use ferry_format::{ReadLimits, SecretKey, TrustPolicy};
+use ferry_format::{ReadLimits, SecretKey, TrustPolicy, VerifiedBundle};
 use ferry_host::{WriteError, write_durably};
 use ferry_protocol::{Action as Cmd, Command, OperatorSignature, SCHEMA_VERSION, Topic, topic};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Change;
+use crate::releases::{ReleaseRecord, ReleaseStatus};
 use crate::rollout::{Action, Canary, Phase, Rollout, Rule, Spec};
 use crate::store::Store;
 
@@ -85,6 +86,40 @@ pub enum RolloutError {
         device: String,
         message: String,
     },
+    /// The release lacks the approver's signature (or was rejected): it
+    /// cannot be rolled out, and an approval must come first.
+    #[error("release {release} is {status}: {advice}")]
+    NotApproved {
+        release: String,
+        status: &'static str,
+        advice: &'static str,
+    },
+    /// An approver may not approve what they submitted themselves.
+    #[error("{who} submitted release {release}: a second person must approve it (two-person rule)")]
+    SamePerson { who: String, release: String },
+    /// The approved copy is not the release under review.
+    #[error("the uploaded bundle is release {got}, not {expected}")]
+    WrongRelease { expected: String, got: String },
+    /// The rollout would take the channel back to an older release.
+    #[error(
+        "{name} {version} (sequence {sequence}) would downgrade channel {channel}, which runs \
+         sequence {running_sequence} (release {running}); an admin may allow it \
+         (allow_downgrade=true, ferry-fleet rollout --allow-downgrade)"
+    )]
+    Downgrade {
+        name: String,
+        version: String,
+        sequence: u64,
+        channel: String,
+        running: String,
+        running_sequence: u64,
+    },
+    /// Too many releases wait to be approved or rolled out.
+    #[error(
+        "{waiting} releases already wait for approval or a rollout (at most {max}); approve, \
+         reject or roll out one first"
+    )]
+    TooManyWaiting { waiting: usize, max: usize },
 }
 
 impl RolloutError {
@@ -100,6 +135,14 @@ impl RolloutError {
             RolloutError::Io { .. } => "io",
             RolloutError::Write(e) => e.code(),
             RolloutError::Send { .. } => "send_failed",
+            RolloutError::NotApproved { status, .. } => match *status {
+                "rejected" => "rejected",
+                _ => "not_approved",
+            },
+            RolloutError::SamePerson { .. } => "same_person",
+            RolloutError::WrongRelease { .. } => "wrong_release",
+            RolloutError::Downgrade { .. } => "downgrade",
+            RolloutError::TooManyWaiting { .. } => "too_many_waiting",
         }
     }
 
@@ -164,7 +207,29 @@ pub struct NewRollout {
     pub shadow: u64,
     #[serde(default)]
     pub install_timeout: Option<String>,
+    /// Roll out a release older than the one its channel runs (the HTTP
+    /// layer lets only an admin ask).
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Roll out this approved release of the registry (by release id)
+    /// instead of a bundle in the request's body.
+    #[serde(default)]
+    pub release: Option<String>,
 }
+
+/// What a rollout installs.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A bundle uploaded with the request (carrying every signature the
+    /// devices require).
+    Upload(&'a [u8]),
+    /// An approved release of the registry, by release id.
+    Release(&'a str),
+}
+
+/// Releases that may wait for approval or for their first rollout at once
+/// (their bundles are kept on disk until then).
+pub const MAX_WAITING: usize = 16;
 
 /// Parses `30s`, `10m`, `2h`, `1500ms` or bare milliseconds.
 pub fn parse_duration_ms(s: &str) -> Result<u64, RolloutError> {
@@ -213,6 +278,9 @@ pub struct Rollouts {
     /// Base URL devices download bundles from (`http://console:8080`).
     public_url: String,
     trust: TrustPolicy,
+    /// The builder role alone, when `trust` also requires an approver: what
+    /// a release awaiting approval carries.
+    builder: Option<TrustPolicy>,
     key: Option<SecretKey>,
     store: Arc<Store>,
     sink: Arc<dyn CommandSink>,
@@ -264,6 +332,7 @@ impl Rollouts {
             bundles,
             fleet: fleet.to_string(),
             public_url: public_url.trim_end_matches('/').to_string(),
+            builder: builder_policy(&trust),
             trust,
             key,
             store,
@@ -294,7 +363,34 @@ impl Rollouts {
         {
             needed.push(current.spec.bundle.digest.clone());
         }
+        drop(active);
+        // Releases waiting for approval or for their first rollout.
+        needed.extend(self.waiting().into_iter().map(|r| r.digest));
         needed
+    }
+
+    /// The registry's releases awaiting approval, and those approved
+    /// through the console that no rollout carried yet.
+    fn waiting(&self) -> Vec<ReleaseRecord> {
+        let records: Vec<ReleaseRecord> = match self.store.releases() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the release registry");
+                return Vec::new();
+            }
+        };
+        let active = self.active.lock().unwrap();
+        records
+            .into_iter()
+            .filter(|r| match r.status {
+                ReleaseStatus::AwaitingApproval => true,
+                ReleaseStatus::Approved => {
+                    r.approved_by.is_some()
+                        && !active.iter().any(|x| x.spec.bundle.release == r.release)
+                }
+                ReleaseStatus::Rejected => false,
+            })
+            .collect()
     }
 
     /// Deletes every file in `bundles/` that is not a needed bundle (see
@@ -386,22 +482,32 @@ impl Rollouts {
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
     }
 
-    /// Starts a rollout of `bundle` (its bytes) as `params` say, for
-    /// `operator` (the credential's holder, recorded in the audit log).
+    /// Starts a rollout of `source` as `params` say, for `operator` (the
+    /// credential's holder, recorded in the audit log). Refused: a bundle
+    /// without every signature the devices require (one that only the
+    /// builder signed is `not_approved`), a rejected release, another
+    /// fleet's, and a downgrade of its channel unless `allow_downgrade`.
     pub fn create(
         &self,
-        bundle: &[u8],
+        source: Source<'_>,
         params: &NewRollout,
         operator: &str,
         now_ms: u64,
     ) -> Result<Rollout, RolloutError> {
-        let verified =
-            ferry_format::verify(bundle, &self.trust, &ReadLimits::default()).map_err(|e| {
-                RolloutError::BundleRefused {
-                    code: e.code(),
-                    message: e.to_string(),
+        let stored;
+        let bundle: &[u8] = match source {
+            Source::Upload(bytes) => bytes,
+            Source::Release(id) => {
+                let record = self.record(id)?;
+                if record.status != ReleaseStatus::Approved {
+                    return Err(not_approved(&record));
                 }
-            })?;
+                let path = self.bundles.join(format!("{}.ferry", record.digest));
+                stored = std::fs::read(&path).map_err(RolloutError::io("read", &path))?;
+                &stored
+            }
+        };
+        let verified = self.verify_approved(bundle)?;
         let m = verified.manifest();
         if m.release.fleet != self.fleet {
             return Err(RolloutError::WrongFleet {
@@ -409,9 +515,18 @@ impl Rollouts {
                 console: self.fleet.clone(),
             });
         }
+        if let Some(known) = self.find_record(verified.release_id())?
+            && known.status == ReleaseStatus::Rejected
+        {
+            return Err(not_approved(&known));
+        }
         if self.key.is_none() {
             return Err(RolloutError::NoOperatorKey);
         }
+        let downgrade = match self.downgrade_of(&verified) {
+            Some(e) if !params.allow_downgrade => return Err(e),
+            d => d,
+        };
         let canary = if params.canary.contains('%') || params.canary.trim().parse::<f64>().is_ok() {
             Canary::Share {
                 share: parse_share(&params.canary)?,
@@ -495,29 +610,24 @@ impl Rollouts {
             self.active.lock().unwrap().push(rollout.clone());
         }
         self.persist(&rollout)?;
-        let record = crate::releases::ReleaseRecord {
-            release: verified.release_id().to_string(),
-            name: m.name.clone(),
-            version: m.version.clone(),
-            fleet: m.release.fleet.clone(),
-            channel: m.release.channel.clone(),
-            sequence: m.release.sequence,
-            digest: digest.clone(),
-            signed_by: verified.signed_by().iter().map(|k| k.to_string()).collect(),
-            lineage: serde_json::json!({
-                "source_commit": m.lineage.source_commit,
-                "dataset_sha256": m.lineage.dataset_sha256,
-                "training": m
-                    .lineage
-                    .training_json
-                    .as_deref()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok()),
-            }),
-            uploaded_by: operator.to_string(),
-            first_seen_ms: now_ms,
-        };
-        if let Err(e) = self.store.record_release(&record.release, &record) {
-            tracing::error!(error = %e, release = %record.release, "Cannot record the release in the registry");
+        if let Err(e) = self.take_release(&verified, bundle.len(), operator, now_ms) {
+            tracing::error!(error = %e, release = %verified.release_id(), "Cannot record the release in the registry");
+        }
+        if let Some(RolloutError::Downgrade {
+            channel,
+            running_sequence,
+            ..
+        }) = &downgrade
+        {
+            self.audit(
+                &rollout,
+                now_ms,
+                format!(
+                    "downgrade allowed by {operator}: channel {channel} from sequence \
+                     {running_sequence} to {}",
+                    rollout.spec.bundle.sequence
+                ),
+            )?;
         }
         self.audit(
             &rollout,
@@ -544,6 +654,362 @@ impl Rollouts {
             id: rollout.id.clone(),
         });
         Ok(rollout)
+    }
+
+    /// Verifies a bundle against the whole policy; one that the builder
+    /// alone signed is `not_approved` (with the advice to submit it).
+    fn verify_approved(&self, bundle: &[u8]) -> Result<VerifiedBundle, RolloutError> {
+        match ferry_format::verify(bundle, &self.trust, &ReadLimits::default()) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if let Some(builder) = &self.builder
+                    && let Ok(v) = ferry_format::verify(bundle, builder, &ReadLimits::default())
+                {
+                    return Err(RolloutError::NotApproved {
+                        release: v.release_id().to_string(),
+                        status: ReleaseStatus::AwaitingApproval.name(),
+                        advice: "only the builder signed it; submit it (ferry-fleet releases \
+                                 submit) and have an approver approve it",
+                    });
+                }
+                Err(RolloutError::BundleRefused {
+                    code: e.code(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// The release a channel runs: that of its latest rollout that
+    /// finished `done`, as (release id or digest, sequence).
+    fn running_release(&self, channel: &str) -> Option<(String, u64)> {
+        self.active
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.phase == Phase::Done && r.spec.bundle.channel == channel)
+            .max_by_key(|r| r.created_ms)
+            .map(|r| {
+                let b = &r.spec.bundle;
+                let id = if b.release.is_empty() {
+                    b.digest.clone()
+                } else {
+                    b.release.clone()
+                };
+                (id, b.sequence)
+            })
+    }
+
+    /// A [`RolloutError::Downgrade`] if rolling out `v` would take its
+    /// channel to a sequence not above the one it runs (another release of
+    /// the same sequence included: devices order releases by sequence).
+    fn downgrade_of(&self, v: &VerifiedBundle) -> Option<RolloutError> {
+        let m = v.manifest();
+        let (running, running_sequence) = self.running_release(&m.release.channel)?;
+        let same = running == v.release_id() || running == v.digest();
+        (!same && m.release.sequence <= running_sequence).then(|| RolloutError::Downgrade {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            sequence: m.release.sequence,
+            channel: m.release.channel.clone(),
+            running,
+            running_sequence,
+        })
+    }
+
+    /// A release's record; `NotFound` if the registry lacks it.
+    fn record(&self, release: &str) -> Result<ReleaseRecord, RolloutError> {
+        self.find_record(release)?
+            .ok_or_else(|| RolloutError::NotFound(format!("release {release}")))
+    }
+
+    fn find_record(&self, release: &str) -> Result<Option<ReleaseRecord>, RolloutError> {
+        self.store
+            .release(release)
+            .map_err(|e| self.registry_error(e))
+    }
+
+    fn registry_error(&self, e: crate::store::StoreError) -> RolloutError {
+        RolloutError::Io {
+            what: "use the release registry of",
+            path: self.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+
+    /// Records a fully signed release in the registry: new, or one that
+    /// awaited approval and now carries every signature (approved
+    /// offline). A record already approved is kept as it is.
+    fn take_release(
+        &self,
+        v: &VerifiedBundle,
+        size: usize,
+        who: &str,
+        now_ms: u64,
+    ) -> Result<ReleaseRecord, RolloutError> {
+        match self.find_record(v.release_id())? {
+            Some(mut r) if r.status == ReleaseStatus::AwaitingApproval => {
+                r.status = ReleaseStatus::Approved;
+                r.digest = v.digest().to_string();
+                r.signed_by = v.signed_by().iter().map(|k| k.to_string()).collect();
+                r.size_bytes = size as u64;
+                self.store
+                    .update_release(&r.release, &r)
+                    .map_err(|e| self.registry_error(e))?;
+                Ok(r)
+            }
+            Some(r) => Ok(r),
+            None => {
+                let r = new_record(v, size, who, now_ms, ReleaseStatus::Approved);
+                self.store
+                    .record_release(&r.release, &r)
+                    .map_err(|e| self.registry_error(e))?;
+                Ok(r)
+            }
+        }
+    }
+
+    /// Takes a release into the registry (`POST /api/releases`): one that
+    /// carries every signature is `approved`; one that only the builder
+    /// signed (when the policy has an approver) awaits approval. Its bundle
+    /// is kept for the approver and the rollout. Submitting a release the
+    /// registry has answers its record (upgraded to approved if this copy
+    /// carries the approver's signature); a rejected one stays rejected.
+    pub fn submit(
+        &self,
+        bundle: &[u8],
+        who: &str,
+        now_ms: u64,
+    ) -> Result<ReleaseRecord, RolloutError> {
+        let (verified, status) =
+            match ferry_format::verify(bundle, &self.trust, &ReadLimits::default()) {
+                Ok(v) => (v, ReleaseStatus::Approved),
+                Err(e) => match &self.builder {
+                    Some(builder) => {
+                        match ferry_format::verify(bundle, builder, &ReadLimits::default()) {
+                            Ok(v) => (v, ReleaseStatus::AwaitingApproval),
+                            Err(_) => {
+                                return Err(RolloutError::BundleRefused {
+                                    code: e.code(),
+                                    message: e.to_string(),
+                                });
+                            }
+                        }
+                    }
+                    None => {
+                        return Err(RolloutError::BundleRefused {
+                            code: e.code(),
+                            message: e.to_string(),
+                        });
+                    }
+                },
+            };
+        let m = verified.manifest();
+        if m.release.fleet != self.fleet {
+            return Err(RolloutError::WrongFleet {
+                bundle: m.release.fleet.clone(),
+                console: self.fleet.clone(),
+            });
+        }
+        let _creating = self.creating.lock().unwrap();
+        let known = self.find_record(verified.release_id())?;
+        match (&known, status) {
+            (Some(r), _) if r.status == ReleaseStatus::Rejected => return Err(not_approved(r)),
+            (Some(r), ReleaseStatus::AwaitingApproval) => return Ok(r.clone()),
+            (Some(r), _) if r.status == ReleaseStatus::Approved => return Ok(r.clone()),
+            _ => {}
+        }
+        if known.is_none() {
+            let waiting = self.waiting().len();
+            if waiting >= MAX_WAITING {
+                return Err(RolloutError::TooManyWaiting {
+                    waiting,
+                    max: MAX_WAITING,
+                });
+            }
+        }
+        write_durably(
+            &self.bundles.join(format!("{}.ferry", verified.digest())),
+            bundle,
+        )?;
+        let mut record = match known {
+            Some(mut r) => {
+                // Awaited approval; this copy carries it.
+                r.status = ReleaseStatus::Approved;
+                r.digest = verified.digest().to_string();
+                r.signed_by = verified.signed_by().iter().map(|k| k.to_string()).collect();
+                r.size_bytes = bundle.len() as u64;
+                r
+            }
+            None => new_record(&verified, bundle.len(), who, now_ms, status),
+        };
+        record.review = Some(crate::releases::Review::of(&verified, bundle.len() as u64));
+        self.store
+            .update_release(&record.release, &record)
+            .map_err(|e| self.registry_error(e))?;
+        drop(_creating);
+        self.audit_release(
+            &record,
+            who,
+            now_ms,
+            format!(
+                "submitted: {} {} (sequence {}, channel {}), {}",
+                record.name,
+                record.version,
+                record.sequence,
+                record.channel,
+                record.status.name()
+            ),
+        )?;
+        self.store.notify(Change::Release {
+            id: record.release.clone(),
+        });
+        Ok(record)
+    }
+
+    /// An approver's decision in favour (`POST /api/releases/{id}/approve`):
+    /// `bundle` is the submitted bundle with the approver's signature added
+    /// on their machine (`ferry approve`). It must be the same release,
+    /// verify against the whole policy, and `who` must not be who submitted
+    /// it.
+    pub fn approve(
+        &self,
+        release: &str,
+        bundle: &[u8],
+        who: &str,
+        now_ms: u64,
+    ) -> Result<ReleaseRecord, RolloutError> {
+        let mut record = self.record(release)?;
+        if record.status != ReleaseStatus::AwaitingApproval {
+            return Err(not_approved_or_done(&record));
+        }
+        if record.uploaded_by == who {
+            return Err(RolloutError::SamePerson {
+                who: who.to_string(),
+                release: release.to_string(),
+            });
+        }
+        let got = ferry_format::release_id_of(bundle).map_err(|e| RolloutError::BundleRefused {
+            code: e.code(),
+            message: e.to_string(),
+        })?;
+        if got != release {
+            return Err(RolloutError::WrongRelease {
+                expected: release.to_string(),
+                got,
+            });
+        }
+        let verified =
+            ferry_format::verify(bundle, &self.trust, &ReadLimits::default()).map_err(|e| {
+                RolloutError::BundleRefused {
+                    code: e.code(),
+                    message: e.to_string(),
+                }
+            })?;
+        let _creating = self.creating.lock().unwrap();
+        write_durably(
+            &self.bundles.join(format!("{}.ferry", verified.digest())),
+            bundle,
+        )?;
+        record.status = ReleaseStatus::Approved;
+        record.digest = verified.digest().to_string();
+        record.signed_by = verified.signed_by().iter().map(|k| k.to_string()).collect();
+        record.size_bytes = bundle.len() as u64;
+        record.approved_by = Some(who.to_string());
+        record.approved_ms = Some(now_ms);
+        self.store
+            .update_release(&record.release, &record)
+            .map_err(|e| self.registry_error(e))?;
+        drop(_creating);
+        self.audit_release(
+            &record,
+            who,
+            now_ms,
+            format!(
+                "approved: {} {} (sequence {}), signed by {}",
+                record.name,
+                record.version,
+                record.sequence,
+                record.signed_by.join(", ")
+            ),
+        )?;
+        self.collect_bundles()?;
+        self.store.notify(Change::Release {
+            id: record.release.clone(),
+        });
+        Ok(record)
+    }
+
+    /// An approver's decision against (`POST /api/releases/{id}/reject`):
+    /// the release can never be rolled out; its bundle is deleted.
+    pub fn reject(
+        &self,
+        release: &str,
+        reason: &str,
+        who: &str,
+        now_ms: u64,
+    ) -> Result<ReleaseRecord, RolloutError> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(RolloutError::Invalid(
+                "a rejection needs a reason (the builder reads it)".into(),
+            ));
+        }
+        let mut record = self.record(release)?;
+        if record.status != ReleaseStatus::AwaitingApproval {
+            return Err(not_approved_or_done(&record));
+        }
+        record.status = ReleaseStatus::Rejected;
+        record.rejection = Some(crate::releases::Rejection {
+            by: who.to_string(),
+            ms: now_ms,
+            reason: reason.chars().take(1000).collect(),
+        });
+        self.store
+            .update_release(&record.release, &record)
+            .map_err(|e| self.registry_error(e))?;
+        self.audit_release(
+            &record,
+            who,
+            now_ms,
+            format!(
+                "rejected: {} {} (sequence {}): {reason}",
+                record.name, record.version, record.sequence
+            ),
+        )?;
+        self.collect_bundles()?;
+        self.store.notify(Change::Release {
+            id: record.release.clone(),
+        });
+        Ok(record)
+    }
+
+    /// One release with the diff against its channel's running release.
+    pub fn release_detail(
+        &self,
+        release: &str,
+    ) -> Result<crate::releases::ReleaseDetail, RolloutError> {
+        let all = self.releases()?;
+        let view = all
+            .iter()
+            .find(|v| v.record.release == release)
+            .cloned()
+            .ok_or_else(|| RolloutError::NotFound(format!("release {release}")))?;
+        let running_release = self.running_release(&view.record.channel).map(|(id, _)| id);
+        let diff = match (&running_release, &view.record.review) {
+            (Some(id), Some(candidate)) if *id != release => all
+                .iter()
+                .find(|v| v.record.release == *id || v.record.digest == *id)
+                .and_then(|v| v.record.review.as_ref())
+                .map(|running| crate::releases::diff(running, candidate))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        Ok(crate::releases::ReleaseDetail {
+            view,
+            running_release,
+            diff,
+        })
     }
 
     /// Steps every unfinished rollout once and sends what it asks for.
@@ -677,14 +1143,17 @@ impl Rollouts {
     }
 
     fn audit(&self, r: &Rollout, now_ms: u64, what: String) -> Result<(), RolloutError> {
-        let entry = AuditEntry {
+        self.append_audit(AuditEntry {
             ts_ms: now_ms,
             rollout: r.id.clone(),
             operator: r.spec.operator.clone(),
             bundle_digest: r.spec.bundle.digest.clone(),
             what,
-        };
-        tracing::info!(rollout = %entry.rollout, what = %entry.what, "Rollout");
+        })
+    }
+
+    fn append_audit(&self, entry: AuditEntry) -> Result<(), RolloutError> {
+        tracing::info!(rollout = %entry.rollout, operator = %entry.operator, what = %entry.what, "Audit");
         let _guard = self.audit_lock.lock().unwrap();
         let path = self.dir.join("audit.jsonl");
         let mut f = std::fs::OpenOptions::new()
@@ -697,6 +1166,23 @@ impl Rollouts {
         f.write_all(&line)
             .and_then(|()| f.sync_data())
             .map_err(RolloutError::io("append to", &path))
+    }
+
+    /// An audit entry about a release (no rollout).
+    fn audit_release(
+        &self,
+        r: &ReleaseRecord,
+        who: &str,
+        now_ms: u64,
+        what: String,
+    ) -> Result<(), RolloutError> {
+        self.append_audit(AuditEntry {
+            ts_ms: now_ms,
+            rollout: String::new(),
+            operator: who.to_string(),
+            bundle_digest: r.digest.clone(),
+            what: format!("release {}: {what}", r.release),
+        })
     }
 
     /// The audit log, oldest first.
@@ -737,6 +1223,76 @@ pub fn bundle_path(bundles_dir: &Path, file: &str) -> Option<PathBuf> {
 }
 
 /// Phase name for tables.
+/// The builder role alone, when `trust` has a builder and other roles.
+fn builder_policy(trust: &TrustPolicy) -> Option<TrustPolicy> {
+    if trust.roles().len() < 2 {
+        return None;
+    }
+    let builder = trust.roles().iter().find(|r| r.name() == "builder")?;
+    TrustPolicy::all_of(vec![builder.clone()]).ok()
+}
+
+fn new_record(
+    v: &VerifiedBundle,
+    size: usize,
+    who: &str,
+    now_ms: u64,
+    status: ReleaseStatus,
+) -> ReleaseRecord {
+    let m = v.manifest();
+    ReleaseRecord {
+        release: v.release_id().to_string(),
+        name: m.name.clone(),
+        version: m.version.clone(),
+        fleet: m.release.fleet.clone(),
+        channel: m.release.channel.clone(),
+        sequence: m.release.sequence,
+        digest: v.digest().to_string(),
+        signed_by: v.signed_by().iter().map(|k| k.to_string()).collect(),
+        lineage: serde_json::json!({
+            "source_commit": m.lineage.source_commit,
+            "dataset_sha256": m.lineage.dataset_sha256,
+            "training": m
+                .lineage
+                .training_json
+                .as_deref()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok()),
+        }),
+        uploaded_by: who.to_string(),
+        first_seen_ms: now_ms,
+        status,
+        approved_by: None,
+        approved_ms: None,
+        rejection: None,
+        size_bytes: size as u64,
+        review: Some(crate::releases::Review::of(v, size as u64)),
+    }
+}
+
+/// The refusal to roll out a release that is not approved.
+fn not_approved(r: &ReleaseRecord) -> RolloutError {
+    RolloutError::NotApproved {
+        release: r.release.clone(),
+        status: r.status.name(),
+        advice: match r.status {
+            ReleaseStatus::Rejected => "an approver rejected it; it can never be rolled out",
+            _ => "an approver must approve it first (ferry-fleet releases approve)",
+        },
+    }
+}
+
+/// The refusal to decide on a release that no longer awaits approval.
+fn not_approved_or_done(r: &ReleaseRecord) -> RolloutError {
+    match r.status {
+        ReleaseStatus::Rejected => not_approved(r),
+        _ => RolloutError::Invalid(format!(
+            "release {} is {}: there is nothing to decide",
+            r.release,
+            r.status.name()
+        )),
+    }
+}
+
 pub fn phase_name(p: &Phase) -> &'static str {
     match p {
         Phase::Shadow { .. } => "shadow",

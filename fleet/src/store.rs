@@ -1093,6 +1093,25 @@ impl Store {
         Ok(fresh)
     }
 
+    /// Replaces a release's record (its approval changed) and flushes it.
+    pub fn update_release<T: Serialize>(
+        &self,
+        release: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        self.releases.insert(release.as_bytes(), to_json(record))?;
+        self.handle.db.flush()?;
+        Ok(())
+    }
+
+    /// One release's record, if the registry has it.
+    pub fn release<T: DeserializeOwned>(&self, release: &str) -> Result<Option<T>, StoreError> {
+        Ok(match self.releases.get(release.as_bytes())? {
+            Some(v) => from_json(release.as_bytes(), &v),
+            None => None,
+        })
+    }
+
     /// Every release in the registry (an unreadable one is skipped with a
     /// warning).
     pub fn releases<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {

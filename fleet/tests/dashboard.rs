@@ -653,7 +653,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// Headless Chromium driven over the DevTools protocol on a pipe (fd 3 in,
 /// fd 4 out, messages separated by NUL).
-struct Browser {
+pub(crate) struct Browser {
     child: Child,
     to: ChildStdin,
     from: mpsc::Receiver<Value>,
@@ -667,7 +667,7 @@ struct Browser {
 
 impl Browser {
     /// Starts Chromium with one page of `width` × `height` CSS pixels.
-    fn launch(width: u32, height: u32) -> Browser {
+    pub(crate) fn launch(width: u32, height: u32) -> Browser {
         assert!(
             Path::new(CHROMIUM).exists(),
             "{CHROMIUM} not found: the dashboard test needs a real browser; \
@@ -809,7 +809,7 @@ impl Browser {
     }
 
     /// A method of the page's session.
-    fn call(&mut self, method: &str, params: Value) -> Value {
+    pub(crate) fn call(&mut self, method: &str, params: Value) -> Value {
         let session = self.session.clone();
         self.send(Some(session), method, params)
     }
@@ -820,7 +820,7 @@ impl Browser {
     }
 
     /// Evaluates `expression` in the page; its (JSON-able) value.
-    fn eval(&mut self, expression: &str) -> Value {
+    pub(crate) fn eval(&mut self, expression: &str) -> Value {
         let r = self.call(
             "Runtime.evaluate",
             json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
@@ -833,7 +833,12 @@ impl Browser {
 
     /// Evaluates `expression` until `done` holds for its value (an
     /// evaluation that fails while the page navigates counts as `null`).
-    fn wait(&mut self, what: &str, expression: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait(
+        &mut self,
+        what: &str,
+        expression: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let session = self.session.clone();
@@ -859,7 +864,7 @@ impl Browser {
     /// Opens `url`, which sends a browser without a session to the login
     /// page, and logs in there with `token` as a person would: types it
     /// and presses the button.
-    fn login(&mut self, url: &str, token: &str) {
+    pub(crate) fn login(&mut self, url: &str, token: &str) {
         self.submit_login(url, token);
         self.wait("the dashboard after the login", "location.pathname", |v| {
             v == "/"
@@ -885,7 +890,7 @@ impl Browser {
     }
 
     /// The whole page as a PNG.
-    fn screenshot(&mut self, path: &Path) {
+    pub(crate) fn screenshot(&mut self, path: &Path) {
         let metrics = self.call("Page.getLayoutMetrics", json!({}));
         let size = &metrics["cssContentSize"];
         let shot = self.call(
@@ -910,7 +915,7 @@ impl Browser {
 
     /// Uncaught exceptions and console errors, except failed requests for
     /// `allowed` URLs.
-    fn errors(&self, allowed: &[&str]) -> Vec<Value> {
+    pub(crate) fn errors(&self, allowed: &[&str]) -> Vec<Value> {
         self.events
             .iter()
             .filter(|e| match e["method"].as_str() {
@@ -1208,7 +1213,7 @@ fn the_dashboard_in_a_browser_shows_the_fleet_and_highlights_drift() {
         "{requests:#?}"
     );
     // (The wrong token's login answered 401.)
-    let errors = browser.errors(&["/api/rollouts", "/login"]);
+    let errors = browser.errors(&["/api/rollouts", "/api/releases", "/login"]);
     assert!(errors.is_empty(), "{errors:#?}");
 
     // The session: its holder is shown, its cookie is out of scripts'
@@ -1290,6 +1295,6 @@ fn without_the_stream_the_page_polls_and_it_shows_rollouts_when_there_are() {
             .as_array()
             .is_some_and(|d| d.len() == 1 && d[0]["device"] == "press-5")
     });
-    let errors = browser.errors(&["/api/stream"]);
+    let errors = browser.errors(&["/api/stream", "/api/releases"]);
     assert!(errors.is_empty(), "{errors:#?}");
 }

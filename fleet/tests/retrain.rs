@@ -435,11 +435,25 @@ fn payload<T: Serialize + Clone>(device: &str, stream: Stream, records: &[T]) ->
 /// A device with 10 requests, a drift window (petal_length drifted or not)
 /// and 3 samples.
 fn feed_store(store: &Store, device: &str, drifted: bool) {
+    feed_store_on(store, device, drifted, None);
+}
+
+/// [`feed_store`], the device's status claiming a bundle of `sequence`.
+fn feed_store_on(store: &Store, device: &str, drifted: bool, sequence: Option<u64>) {
     let now = now_ms();
     let t = |which| topic(FLEET, device, which);
     let mut status = Status::offline(FLEET, device, "0.1.0");
     status.online = true;
     status.ts_ms = now;
+    status.bundle = sequence.map(|sequence| ferry_protocol::BundleRef {
+        name: "iris".into(),
+        version: format!("1.{sequence}"),
+        digest: "ab".repeat(32),
+        fleet: FLEET.into(),
+        channel: "stable".into(),
+        sequence,
+        release: String::new(),
+    });
     store
         .apply(
             &t(Topic::Status),
@@ -632,4 +646,80 @@ fn sample_ts(csv: &str) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+#[test]
+fn forged_sequences_are_not_believed_and_no_device_fills_the_data_set() {
+    // Issue 11 item 5: a forged status (sequence u64::MAX - 1) with a
+    // drifting window used to count toward the fleet's drift and put its
+    // rows into the training set. A device whose reported sequence is
+    // beyond the registry's highest for its channel is now flagged (in
+    // /api/fleet-drift and request.json) and has no say; and each device
+    // contributes at most `max_samples_per_device` rows (its most recent).
+    use ferry_fleet::releases::{ReleaseRecord, ReleaseStatus};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let store = Arc::new(Store::open(&dir.join("store")).unwrap());
+    let record = ReleaseRecord {
+        release: "r2".into(),
+        name: "iris".into(),
+        version: "1.2".into(),
+        fleet: FLEET.into(),
+        channel: "stable".into(),
+        sequence: 2,
+        digest: "ab".repeat(32),
+        signed_by: Vec::new(),
+        lineage: Value::Null,
+        uploaded_by: "ci".into(),
+        first_seen_ms: 1,
+        status: ReleaseStatus::Approved,
+        approved_by: None,
+        approved_ms: None,
+        rejection: None,
+        size_bytes: 0,
+        review: None,
+    };
+    store.record_release(&record.release, &record).unwrap();
+    feed_store_on(&store, "honest", true, Some(2));
+    feed_store_on(&store, "evil-1", true, Some(u64::MAX - 1));
+    feed_store_on(&store, "calm", false, Some(1));
+    let options = Options {
+        max_samples_per_device: 2,
+        ..Options::default()
+    };
+    let r = Retrainer::open(&dir, store, options).unwrap();
+    let view = r.fleet_drift_view(now_ms());
+    assert_eq!(view.flagged.len(), 1, "{view:#?}");
+    assert_eq!(view.flagged[0].device, "evil-1");
+    assert!(
+        view.flagged[0]
+            .reason
+            .contains("beyond the registry's highest 2"),
+        "{view:#?}"
+    );
+    // honest drifts, calm does not; evil-1 is not counted at all: half of
+    // the traffic that counts drifts, not two thirds.
+    let f = &view.drift.features[0];
+    assert_eq!(f.devices, ["honest"], "{view:#?}");
+    assert!((f.share - 0.5).abs() < 1e-9, "{view:#?}");
+
+    // The data set the hook would get, asked for every device.
+    let devices = [
+        "honest".to_string(),
+        "evil-1".to_string(),
+        "calm".to_string(),
+    ];
+    let (request, csv) = r.request(Vec::new(), &devices, None, now_ms(), "samples.csv");
+    assert_eq!(request.flagged.len(), 1);
+    assert_eq!(request.flagged[0].device, "evil-1");
+    assert!(
+        request.devices.iter().all(|d| d.device != "evil-1"),
+        "{request:#?}"
+    );
+    for d in &request.devices {
+        assert_eq!((d.rows, d.dropped), (2, 1), "{d:#?}");
+    }
+    assert_eq!(request.rows, 4);
+    assert!(!csv.contains("evil-1"), "{csv}");
+    assert_eq!(csv.lines().count(), 5, "{csv}");
 }

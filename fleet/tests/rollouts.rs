@@ -9,7 +9,7 @@
 //! a later `done` rollout replaced is deleted when that one finishes, and
 //! unknown files at the next start.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_fleet::RolloutsConfig;
@@ -106,6 +106,8 @@ fn params(canary: &str, bake: &str, abort_if: &str) -> NewRollout {
         waves: None,
         shadow: 0,
         install_timeout: Some("60s".into()),
+        allow_downgrade: false,
+        release: None,
     }
 }
 
@@ -550,10 +552,13 @@ fn refused_uploads_are_never_stored_and_unused_bundles_are_collected() {
     assert_eq!(agent.model().1, 2);
     assert_eq!(stored_bundles(state.path()), [file(&v2)]);
 
-    // Back to v1 (signed by the operator key: a downgrade): once that
-    // rollout is done, nothing refers to v2's file any more.
+    // Back to v1 (signed by the operator key: a downgrade, which the
+    // admin allows): once that rollout is done, nothing refers to v2's
+    // file any more.
+    let mut downgrade = params("100%", "1s", "");
+    downgrade.allow_downgrade = true;
     c.client
-        .create_rollout(&b.bytes(fixtures::V1), &params("100%", "1s", ""))
+        .create_rollout(&b.bytes(fixtures::V1), &downgrade)
         .unwrap();
     c.drive("v1 done", Duration::from_secs(120), |r| {
         r.phase == Phase::Done && r.spec.bundle.digest == v1
@@ -648,7 +653,7 @@ fn with_a_root_of_trust_the_console_takes_only_approved_releases_and_an_operator
         .client
         .create_rollout(&b.bytes(fixtures::V2), &params("100%", "1s", ""))
         .unwrap_err();
-    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(e.status(), Some(409), "{e}");
     assert!(e.to_string().contains("approver"), "{e}");
     assert_eq!(stored_bundles(state.path()), Vec::<String>::new());
     let approver =
@@ -739,4 +744,403 @@ fn the_release_registry_records_every_release_and_hands_out_sequences_devices_ca
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains(&r.id), "{text}");
     drop(agent);
+}
+
+/// Keys of a root of trust with a builder (the fixtures' release key), an
+/// approver and an operator, made with the real `ferry root init`.
+struct RootKeys {
+    dir: tempfile::TempDir,
+    root: ferry_format::Root,
+}
+
+impl RootKeys {
+    fn new() -> RootKeys {
+        use ferry_testkit::cli::{assert_exit, ferry};
+        let dir = tempfile::tempdir().unwrap();
+        let k = |name: &str| dir.path().join(name).display().to_string();
+        for name in ["root", "approver", "operator", "stranger"] {
+            assert_exit(&ferry(&["keygen", "-o", &k(name)]), 0);
+        }
+        let b = bundles();
+        assert_exit(
+            &ferry(&[
+                "root",
+                "init",
+                "--root",
+                &k("root.pub"),
+                "--builder",
+                b.path("release.pub").to_str().unwrap(),
+                "--approver",
+                &k("approver.pub"),
+                "--operator",
+                &k("operator.pub"),
+                "--key",
+                &k("root.key"),
+                "-o",
+                &k("root.json"),
+            ]),
+            0,
+        );
+        let root =
+            ferry_format::Root::from_envelope(&std::fs::read(k("root.json")).unwrap()).unwrap();
+        RootKeys { dir, root }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn key(&self, name: &str) -> SecretKey {
+        SecretKey::from_pem(&std::fs::read_to_string(self.path(&format!("{name}.key"))).unwrap())
+            .unwrap()
+    }
+
+    /// A console over `state` with the root's release policy and the
+    /// operator key.
+    fn console(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        broker: &Mosquitto,
+        state: &Path,
+    ) -> RunningConsole {
+        let mut config = console_config(broker, state, "approval-console", None);
+        config.rollouts = Some(RolloutsConfig {
+            trust: self.root.release_policy().clone(),
+            key: Some(self.key("operator")),
+            public_url: None,
+        });
+        RunningConsole::start(rt, config)
+    }
+}
+
+#[test]
+fn a_release_reaches_devices_only_after_a_second_person_approves_it() {
+    // Issue 11 item 2: CI submits a release the builder signed; it waits in
+    // the registry with what an approver needs (manifest, golden examples,
+    // baseline, size, diff against the running release); only a second
+    // person with an approver credential and the approver's own key (the
+    // console holds none) makes it deployable; a rejected release never
+    // goes out; a downgrade needs an admin. Every step is in the audit log
+    // under the credential's holder.
+    use ferry_fleet::client::Client;
+    use ferry_fleet::releases::ReleaseStatus;
+    use ferry_testkit::cli::{assert_exit, ferry};
+    const ID: &str = "ap-a";
+    let keys = RootKeys::new();
+    let b = bundles();
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&[ID]);
+    let state = tempfile::tempdir().unwrap();
+    let c = keys.console(&rt, &broker, state.path());
+    // The device enforces the same root: builder and approver on every
+    // bundle, the operator's signature on every command.
+    let v1 =
+        ferry_format::add_signatures(&b.bytes(fixtures::V1), &[&keys.key("approver")]).unwrap();
+    let v1_file = keys.dir.path().join("v1-approved.ferry");
+    std::fs::write(&v1_file, &v1).unwrap();
+    let agent = Device::start({
+        let mut setup = Setup::new(ID).mqtt(&broker);
+        setup.initial = Some(v1_file.display().to_string());
+        setup.root = Some(keys.path("root.json").into());
+        setup
+    });
+    c.wait_fleet_on(1, &[ID]);
+    let token = |name: &str, role: &str| {
+        let t = c.client.create_token(name, role).unwrap();
+        Client::new(c.client.base()).with_token(&t.token)
+    };
+    let ci = token("ci", "operator");
+    let alice = token("alice", "approver");
+    let bob = token("bob", "approver");
+    let viewer = token("vera", "viewer");
+
+    // CI submits v2, signed by the builder alone: it waits.
+    let v2 = b.bytes(fixtures::V2);
+    let v2_id = b.release(fixtures::V2);
+    let submitted = ci.submit_release(&v2).unwrap();
+    assert_eq!(submitted.status, ReleaseStatus::AwaitingApproval);
+    assert_eq!(submitted.release, v2_id);
+    assert_eq!(submitted.uploaded_by, "ci");
+    let review = submitted.review.clone().expect("a review");
+    assert!(!review.golden.is_empty(), "{review:?}");
+    assert!(!review.baseline.is_empty(), "{review:?}");
+    assert_eq!(review.size_bytes, v2.len() as u64);
+    assert_eq!(review.manifest["release"]["sequence"], 2);
+    // Submitting again changes nothing.
+    assert_eq!(
+        ci.submit_release(&v2).unwrap().status,
+        ReleaseStatus::AwaitingApproval
+    );
+
+    // It cannot go out yet: by id, or uploaded with the builder's
+    // signature alone.
+    let mut by_id = params("100%", "1s", "");
+    by_id.release = Some(v2_id.clone());
+    let e = ci.create_rollout(&[], &by_id).unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(409), "refused"), "{e}");
+    assert!(e.to_string().contains("awaiting_approval"), "{e}");
+    let e = ci
+        .create_rollout(&v2, &params("100%", "1s", ""))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+
+    // Who may not approve: a viewer, an operator, the submitter, a copy
+    // signed by a key that is not an approver's, another release.
+    let approved_v2 = keys.dir.path().join("v2-approved.ferry");
+    std::fs::write(&approved_v2, &v2).unwrap();
+    assert_exit(
+        &ferry(&[
+            "approve",
+            approved_v2.to_str().unwrap(),
+            "--key",
+            &keys.path("approver.key"),
+        ]),
+        0,
+    );
+    let approved = std::fs::read(&approved_v2).unwrap();
+    for (who, status) in [(&viewer, 403), (&ci, 403)] {
+        let e = who.approve_release(&v2_id, &approved).unwrap_err();
+        assert_eq!(e.status(), Some(status), "{e}");
+    }
+    let stranger = ferry_format::add_signatures(&v2, &[&keys.key("stranger")]).unwrap();
+    let e = alice.approve_release(&v2_id, &stranger).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("approver"), "{e}");
+    let bad = b.bytes(fixtures::BAD_RELEASE);
+    let bad_id = b.release(fixtures::BAD_RELEASE);
+    assert_eq!(
+        bob.submit_release(&bad).unwrap().status,
+        ReleaseStatus::AwaitingApproval
+    );
+    let bad_approved = ferry_format::add_signatures(&bad, &[&keys.key("approver")]).unwrap();
+    let e = alice.approve_release(&v2_id, &bad_approved).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains(&bad_id), "{e}");
+    let e = bob.approve_release(&bad_id, &bad_approved).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    assert!(e.to_string().contains("second person"), "{e}");
+    assert_eq!(
+        c.client.release(&v2_id).unwrap().view.record.status,
+        ReleaseStatus::AwaitingApproval,
+        "nothing changed"
+    );
+
+    // Alice approves v2 with the copy she signed; ci rolls it out by id
+    // (the CLI, with a prefix of the id), and the device runs it.
+    let approved_record = alice.approve_release(&v2_id, &approved).unwrap();
+    assert_eq!(approved_record.status, ReleaseStatus::Approved);
+    assert_eq!(approved_record.approved_by.as_deref(), Some("alice"));
+    assert_eq!(approved_record.signed_by.len(), 2);
+    let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
+        .args([
+            "rollout",
+            "--release",
+            &v2_id[..12],
+            "--canary",
+            "100%",
+            "--bake",
+            "1s",
+        ])
+        .args(["--console", c.client.base()])
+        .env("FERRY_FLEET_TOKEN", ci_token(&c, "ci-cli"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.drive("done", Duration::from_secs(90), |r| r.phase == Phase::Done);
+    c.wait_fleet_on(2, &[ID]);
+
+    // The approver of the next candidate sees what changes from the
+    // running release: the digits model in the iris channel.
+    let detail = alice.release(&bad_id).unwrap();
+    assert_eq!(detail.running_release.as_deref(), Some(v2_id.as_str()));
+    let paths: Vec<&str> = detail.diff.iter().map(|d| d.path.as_str()).collect();
+    assert!(paths.contains(&"manifest.release.sequence"), "{paths:?}");
+    assert!(
+        paths.iter().any(|p| p.starts_with("manifest.model.inputs")),
+        "{paths:?}"
+    );
+    let out = c.cli("releases", &["show", &bad_id[..12]]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("changes from the running release"),
+        "{text}"
+    );
+    // She rejects it: it can never go out, and its bundle is gone.
+    let rejected = alice
+        .reject_release(&bad_id, "digits model in the iris channel")
+        .unwrap();
+    assert_eq!(rejected.status, ReleaseStatus::Rejected);
+    let mut bad_by_id = params("100%", "1s", "");
+    bad_by_id.release = Some(bad_id.clone());
+    let e = ci.create_rollout(&[], &bad_by_id).unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("rejected"), "{e}");
+    for attempt in [&bad, &bad_approved] {
+        let e = ci.submit_release(attempt).unwrap_err();
+        assert_eq!(e.status(), Some(409), "{e}");
+    }
+    let e = ci
+        .create_rollout(&bad_approved, &params("100%", "1s", ""))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let bad_digest = ferry_testkit::fixtures::sha256_hex(&bad);
+    assert!(
+        !stored_bundles(state.path())
+            .iter()
+            .any(|f| f.contains(&bad_digest)),
+        "{:?}",
+        stored_bundles(state.path())
+    );
+
+    // Back to v1 (approved, sequence 1) is a downgrade: refused for the
+    // operator, who cannot allow it either; an admin can, on the record.
+    let e = ci
+        .create_rollout(&v1, &params("100%", "1s", ""))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("downgrade"), "{e}");
+    let mut downgrade = params("100%", "1s", "");
+    downgrade.allow_downgrade = true;
+    let e = ci.create_rollout(&v1, &downgrade).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    c.client.create_rollout(&v1, &downgrade).unwrap();
+    c.drive("done", Duration::from_secs(90), |r| r.phase == Phase::Done);
+    c.wait_fleet_on(1, &[ID]);
+
+    // The audit log names each person and decision.
+    let audit: Vec<(String, String)> = c
+        .client
+        .audit()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.operator, e.what))
+        .collect();
+    let has = |who: &str, what: &str| audit.iter().any(|(o, w)| o == who && w.contains(what));
+    assert!(has("ci", "submitted"), "{audit:#?}");
+    assert!(has("alice", "approved"), "{audit:#?}");
+    assert!(has("alice", "rejected"), "{audit:#?}");
+    assert!(has("admin", "downgrade allowed by admin"), "{audit:#?}");
+    // The registry lists all three with their status and people.
+    let releases = c.client.releases().unwrap();
+    let status_of = |id: &str| {
+        releases
+            .iter()
+            .find(|r| r.record.release == id)
+            .map(|r| r.record.status)
+    };
+    assert_eq!(status_of(&v2_id), Some(ReleaseStatus::Approved));
+    assert_eq!(status_of(&bad_id), Some(ReleaseStatus::Rejected));
+    drop(agent);
+}
+
+/// A fresh operator token's text (for a CLI run under another name).
+fn ci_token(c: &RunningConsole, name: &str) -> String {
+    c.client.create_token(name, "operator").unwrap().token
+}
+
+#[test]
+fn an_approver_reviews_and_approves_a_release_on_the_dashboard() {
+    // Issue 11 items 2 and 3 in a real browser: the Releases section lists
+    // the registry; a viewer sees the waiting release's review but no form;
+    // an approver logs in, reads the review (golden examples, baseline,
+    // lineage), picks the copy they signed with `ferry approve` and
+    // approves it: the console records her as the approver.
+    use crate::dashboard::Browser;
+    use ferry_fleet::releases::ReleaseStatus;
+    use ferry_testkit::cli::{assert_exit, ferry};
+    use serde_json::json;
+    let keys = RootKeys::new();
+    let b = bundles();
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&[]);
+    let state = tempfile::tempdir().unwrap();
+    let c = keys.console(&rt, &broker, state.path());
+    let v2_id = b.release(fixtures::V2);
+    let ci = c.client.create_token("ci", "operator").unwrap();
+    ferry_fleet::client::Client::new(c.client.base())
+        .with_token(&ci.token)
+        .submit_release(&b.bytes(fixtures::V2))
+        .unwrap();
+    let signed = keys.dir.path().join("signed.ferry");
+    std::fs::write(&signed, b.bytes(fixtures::V2)).unwrap();
+    assert_exit(
+        &ferry(&[
+            "approve",
+            signed.to_str().unwrap(),
+            "--key",
+            &keys.path("approver.key"),
+        ]),
+        0,
+    );
+    const RELEASES: &str = r#"(() => {
+      const s = document.getElementById('releases');
+      if (!s || document.body.dataset.state !== 'ready') return null;
+      const row = s.querySelector('tr[data-release]');
+      const review = s.querySelector('[data-review]');
+      return {
+        row: row ? row.textContent : '',
+        status: row ? row.dataset.status : '',
+        review: review ? review.textContent : '',
+        form: !!s.querySelector('form.approve'),
+      };
+    })()"#;
+
+    // A viewer: the review, no form.
+    let vera = c.client.create_token("vera", "viewer").unwrap();
+    let mut browser = Browser::launch(1400, 1000);
+    browser.login(c.client.base(), &vera.token);
+    let seen = browser.wait("the waiting release", RELEASES, |v| {
+        v["review"]
+            .as_str()
+            .is_some_and(|t| t.contains("Golden examples"))
+    });
+    assert_eq!(seen["status"], "awaiting_approval", "{seen:#}");
+    assert_eq!(seen["form"], false, "{seen:#}");
+    let review = seen["review"].as_str().unwrap();
+    for shown in [
+        "Review iris",
+        "Submitted by ci",
+        "Drift baseline",
+        "petal_length",
+        "An approver credential is needed",
+    ] {
+        assert!(review.contains(shown), "{shown:?} not in {review}");
+    }
+    drop(browser);
+
+    // An approver: picks her signed copy and presses Approve.
+    let alice = c.client.create_token("alice", "approver").unwrap();
+    let mut browser = Browser::launch(1400, 1000);
+    browser.login(c.client.base(), &alice.token);
+    browser.wait("the approval form", RELEASES, |v| v["form"] == true);
+    let document = browser.call("DOM.getDocument", json!({}));
+    let input = browser.call(
+        "DOM.querySelector",
+        json!({"nodeId": document["root"]["nodeId"], "selector": "form.approve input[type=file]"}),
+    );
+    browser.call(
+        "DOM.setFileInputFiles",
+        json!({"nodeId": input["nodeId"], "files": [signed.display().to_string()]}),
+    );
+    browser.eval("document.querySelector('form.approve button').click(); true");
+    let seen = browser.wait("the approved release", RELEASES, |v| {
+        v["status"] == "approved"
+    });
+    assert!(
+        seen["row"].as_str().unwrap().contains("approved by alice"),
+        "{seen:#}"
+    );
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fleet-releases.png");
+    browser.screenshot(&shot);
+    println!("releases screenshot: {}", shot.display());
+    let record = c.client.release(&v2_id).unwrap().view.record;
+    assert_eq!(record.status, ReleaseStatus::Approved);
+    assert_eq!(record.approved_by.as_deref(), Some("alice"));
+    assert_eq!(record.signed_by.len(), 2);
+    let errors = browser.errors(&[]);
+    assert!(errors.is_empty(), "{errors:#?}");
 }

@@ -215,6 +215,34 @@ fn timed_out<B>(limit: Duration) -> Response<Either<B, Full<Bytes>>> {
     r
 }
 
+/// Reads and discards a request body the server refuses before reading it
+/// (a 401 or 403 decided from the headers), up to `limit` bytes, so that a
+/// client still sending it reads the refusal instead of a broken
+/// connection. A body announced (`Content-Length`) or found larger than
+/// `limit` is left: the answer goes out and the connection closes. Returns
+/// whether the whole body was read. The server's body timeouts apply.
+pub async fn discard_body<B>(body: B, content_length: Option<u64>, limit: u64) -> bool
+where
+    B: Body + Unpin,
+{
+    use http_body_util::BodyExt;
+    if content_length.is_some_and(|n| n > limit) {
+        return false;
+    }
+    let mut body = body;
+    let mut read = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return false };
+        if let Some(data) = frame.data_ref() {
+            read += bytes::Buf::remaining(data) as u64;
+            if read > limit {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Serves `service` on `listener` within `limits` until `shutdown`
 /// resolves (see the module header).
 pub async fn serve<S, B>(

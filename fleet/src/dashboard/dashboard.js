@@ -19,7 +19,7 @@
   /** Drift statistics that are p-values: drift when *below* the threshold. */
   const P_VALUES = new Set(['ks', 'chi2']);
 
-  const PARTS = ['devices', 'drift', 'events', 'rollouts'];
+  const PARTS = ['devices', 'drift', 'events', 'rollouts', 'releases'];
   const $ = (id) => document.getElementById(id);
 
   // --- tiny DOM helper: never innerHTML, so reported strings stay text ---
@@ -91,7 +91,11 @@
     drift: [],
     events: [],
     rollouts: null, // null: the console has no /api/rollouts
+    releases: null, // null: the console has no release registry
+    session: null, // the /api/session answer: name, role, csrf
+    reviews: {}, // release id -> its /api/releases/{id} answer
   };
+  const ROLES = ['viewer', 'operator', 'approver', 'admin'];
 
   async function getJson(url) {
     const r = await fetch(url, { cache: 'no-store', headers: { Accept: 'application/json' } });
@@ -313,6 +317,140 @@
       el('tbody', {}, rows)));
   }
 
+  // --- releases: the registry, and the approval of waiting ones ---
+  function fmtBytes(n) {
+    if (!n) return '–';
+    if (n < 1024) return `${n} B`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+    return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+  }
+  function short(id) {
+    return (id || '').slice(0, 12);
+  }
+  function valueText(v) {
+    return v === null || v === undefined ? '–' : (typeof v === 'string' ? v : JSON.stringify(v));
+  }
+  function mayApprove() {
+    const s = view.session;
+    return !!s && ROLES.indexOf(s.role) >= ROLES.indexOf('approver');
+  }
+
+  /** POSTs with the session's CSRF token; the answer's JSON, or throws its error. */
+  async function post(url, body, contentType) {
+    const r = await fetch(url, {
+      method: 'POST',
+      body,
+      headers: { 'Content-Type': contentType, 'X-Ferry-CSRF': (view.session && view.session.csrf) || '' },
+    });
+    const answer = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(answer.error || `HTTP ${r.status}`);
+    return answer;
+  }
+
+  function reviewBox(r, detail) {
+    const rec = detail.view || detail;
+    const review = rec.review || {};
+    const parts = [el('h3', { text: `Review ${rec.name} ${rec.version} (sequence ${rec.sequence}, channel ${rec.channel})` })];
+    parts.push(el('p', {}, `Submitted by ${rec.uploaded_by}, ${fmtDateTime(rec.first_seen_ms)}; signed by `,
+      el('code', { text: (rec.signed_by || []).join(', ') || 'nobody' }), `; ${fmtBytes(rec.size_bytes)}.`));
+    parts.push(el('h4', { text: detail.running_release
+      ? `Changes from the running release ${short(detail.running_release)}`
+      : 'Changes: the channel runs no release this console rolled out' }));
+    const diff = detail.diff || [];
+    if (detail.running_release) {
+      parts.push(diff.length
+        ? el('table', { class: 'diff' },
+          el('thead', {}, el('tr', {}, ...['What', 'Running', 'This release'].map((h) => el('th', { scope: 'col', text: h })))),
+          el('tbody', {}, diff.map((d) => el('tr', {}, el('td', {}, el('code', { text: d.path })),
+            el('td', { text: valueText(d.running) }), el('td', { text: valueText(d.candidate) })))))
+        : el('p', { text: 'No differences.' }));
+    }
+    parts.push(el('h4', { text: 'Lineage' }), el('pre', { text: JSON.stringify(rec.lineage, null, 1) }));
+    const golden = review.golden || [];
+    parts.push(el('h4', { text: `Golden examples (${golden.length}): checked by the packager before the builder signed, and by every device before it activates the release` }));
+    if (golden.length) {
+      parts.push(el('table', { class: 'golden' },
+        el('thead', {}, el('tr', {}, ...['Example', 'Expects', 'Tolerance'].map((h) => el('th', { scope: 'col', text: h })))),
+        el('tbody', {}, golden.map((g) => el('tr', {}, el('td', { text: g.name }), el('td', {}, el('code', { text: valueText(g.expected) })), el('td', { text: String(g.tolerance) }))))));
+    }
+    const baseline = review.baseline || [];
+    parts.push(el('h4', { text: `Drift baseline (${baseline.length} features)` }));
+    if (baseline.length) {
+      parts.push(el('table', { class: 'baseline' },
+        el('thead', {}, el('tr', {}, ...['Feature', 'Kind', 'Values', 'Statistics'].map((h) => el('th', { scope: 'col', text: h })))),
+        el('tbody', {}, baseline.map((f) => el('tr', {}, el('td', { text: f.name }), el('td', { text: f.kind }), el('td', { text: String(f.n) }),
+          el('td', { text: Object.entries(f.stats || {}).map(([k, v]) => `${k} ${fmtStat(v)}`).join(', ') }))))));
+    }
+    parts.push(el('p', {}, 'Bundle: ', el('a', { href: `/bundles/${rec.digest}.ferry`, download: `${rec.name}-${rec.version}.ferry`, text: `${rec.digest.slice(0, 12)}….ferry` }),
+      ' — sign it with ', el('code', { text: `ferry approve ${rec.name}-${rec.version}.ferry --key APPROVER.key` }), '.'));
+    if (rec.status === 'awaiting_approval' && mayApprove()) {
+      const outcome = el('p', { class: 'outcome', role: 'status' });
+      const file = el('input', { type: 'file', name: 'bundle', accept: '.ferry', 'aria-label': 'The bundle you signed' });
+      const approve = el('form', { class: 'approve' }, el('label', {}, 'Your signed copy: ', file), el('button', { type: 'submit', text: 'Approve' }));
+      approve.addEventListener('submit', async (e) => {
+        e.preventDefault();
+        if (!file.files.length) { outcome.className = 'outcome bad'; outcome.textContent = 'Choose the bundle you signed with ferry approve.'; return; }
+        try {
+          const bytes = await file.files[0].arrayBuffer();
+          const done = await post(`/api/releases/${rec.release}/approve`, bytes, 'application/octet-stream');
+          outcome.className = 'outcome'; outcome.textContent = `Approved by ${done.approved_by}.`;
+          refresh('releases');
+        } catch (err) { outcome.className = 'outcome bad'; outcome.textContent = `Refused: ${err.message}`; }
+      });
+      const reason = el('input', { type: 'text', name: 'reason', placeholder: 'Why (the builder reads it)', 'aria-label': 'Reason' });
+      const reject = el('form', { class: 'reject' }, reason, el('button', { type: 'submit', text: 'Reject' }));
+      reject.addEventListener('submit', async (e) => {
+        e.preventDefault();
+        try {
+          await post(`/api/releases/${rec.release}/reject`, JSON.stringify({ reason: reason.value }), 'application/json');
+          outcome.className = 'outcome'; outcome.textContent = 'Rejected.';
+          refresh('releases');
+        } catch (err) { outcome.className = 'outcome bad'; outcome.textContent = `Refused: ${err.message}`; }
+      });
+      parts.push(approve, reject, outcome);
+    } else if (rec.status === 'awaiting_approval') {
+      parts.push(el('p', { class: 'hint', text: 'An approver credential is needed to approve or reject it.' }));
+    }
+    return el('div', { class: 'review', 'data-review': rec.release }, parts);
+  }
+
+  let releasesShown = null;
+  function renderReleases() {
+    const box = $('releases-body');
+    const list = view.releases;
+    $('releases').hidden = list === null;
+    // Unchanged: keep the page as it is (a file being chosen stays chosen).
+    const shown = JSON.stringify([list, view.reviews]);
+    if (shown === releasesShown) return;
+    releasesShown = shown;
+    if (!Array.isArray(list) || !list.length) {
+      box.replaceChildren(el('p', { class: 'empty', text: 'No releases.' }));
+      return;
+    }
+    const rows = list.map((v) => {
+      const r = v.record || v;
+      const last = (v.rollouts || []).slice(-1)[0];
+      const people = r.approved_by ? `approved by ${r.approved_by}` : (r.rejection ? `rejected by ${r.rejection.by}: ${r.rejection.reason}` : '');
+      return el('tr', { 'data-release': r.release, 'data-status': r.status },
+        el('th', { scope: 'row' }, el('code', { text: short(r.release) }), el('span', { class: 'sub', text: fmtDateTime(r.first_seen_ms) })),
+        el('td', {}, `${r.name} ${r.version}`, el('span', { class: 'sub', text: `sequence ${r.sequence}, ${r.channel}` })),
+        el('td', {}, el('span', { class: 'status', text: (r.status || 'approved').replace('_', ' ') }), people ? el('span', { class: 'sub', text: people }) : null),
+        el('td', { text: r.uploaded_by }),
+        el('td', { class: 'num', text: String((v.running_on || []).length) }),
+        el('td', { text: last ? `${last.id} ${last.phase}` : '–' }));
+    });
+    const waiting = list.filter((v) => (v.record || v).status === 'awaiting_approval');
+    box.replaceChildren(
+      el('table', {},
+        el('thead', {}, el('tr', {}, ...['Release', 'Model', 'Status', 'Submitted by', 'Running on', 'Last rollout'].map((h) => el('th', { scope: 'col', text: h })))),
+        el('tbody', {}, rows)),
+      ...waiting.map((v) => {
+        const id = (v.record || v).release;
+        const detail = view.reviews[id];
+        return detail ? reviewBox(v, detail) : el('p', { class: 'hint', text: `Loading the review of ${short(id)}…` });
+      }));
+  }
+
   // --- reading ---
   const loaders = {
     async devices() {
@@ -335,6 +473,15 @@
       view.rollouts = Array.isArray(list) ? list : null;
       $('rollouts').dataset.available = String(list !== undefined);
       renderRollouts();
+    },
+    async releases() {
+      const list = await getJson('/api/releases');
+      view.releases = Array.isArray(list) ? list : null;
+      const waiting = (view.releases || []).map((v) => v.record || v).filter((r) => r.status === 'awaiting_approval');
+      const details = await Promise.all(waiting.map((r) => getJson(`/api/releases/${r.release}`)));
+      view.reviews = {};
+      waiting.forEach((r, i) => { if (details[i]) view.reviews[r.release] = details[i]; });
+      renderReleases();
     },
   };
 
@@ -389,7 +536,8 @@
     device: ['devices'],
     drift: ['drift', 'devices'],
     event: ['events', 'devices'],
-    rollout: ['rollouts'],
+    rollout: ['rollouts', 'releases'],
+    release: ['releases'],
   };
 
   function connect() {
@@ -425,6 +573,7 @@
   async function showSession() {
     const s = await getJson('/api/session');
     if (!s) return;
+    view.session = s;
     $('user').textContent = `${s.name} (${s.role})`;
     $('logout').hidden = false;
     $('logout').addEventListener('click', async () => {

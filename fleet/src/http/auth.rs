@@ -96,6 +96,11 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         p if p == "/api/enrolment" || p.starts_with("/api/enrolment/") => Some(Role::Admin),
         "/logout" => Some(Role::Viewer),
         _ if read => Some(Role::Viewer),
+        p if p.starts_with("/api/releases/")
+            && (p.ends_with("/approve") || p.ends_with("/reject")) =>
+        {
+            Some(Role::Approver)
+        }
         _ => Some(Role::Operator),
     }
 }
@@ -158,12 +163,34 @@ fn cross_origin(headers: &HeaderMap) -> Option<Response> {
     None
 }
 
+/// Bytes of a refused request's body read and discarded so the client
+/// reads the refusal (see `ferry_host::http::discard_body`): an upload by a
+/// token without the role gets its 403, not a broken pipe.
+pub const DISCARD_LIMIT: u64 = 64 * 1024 * 1024;
+
 /// The middleware: finds the credential, checks the role (and for a
 /// cookie, the origin and the CSRF token), and hands the [`Principal`] to
-/// the route as an extension.
+/// the route as an extension. A refused request's body is discarded (up to
+/// [`DISCARD_LIMIT`]) before the refusal goes out.
 async fn check(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
+    match authorize(&g, &mut req).await {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            let length = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            ferry_host::http::discard_body(req.into_body(), length, DISCARD_LIMIT).await;
+            refusal
+        }
+    }
+}
+
+/// The checks of [`check`]: `Err` is the refusal.
+async fn authorize(g: &Guard, req: &mut Request) -> Result<(), Response> {
     let Some(need) = required_role(req.method(), req.uri().path()) else {
-        return next.run(req).await;
+        return Ok(());
     };
     let headers = req.headers();
     let unsafe_method = !(req.method() == Method::GET || req.method() == Method::HEAD);
@@ -185,12 +212,12 @@ async fn check(State(g): State<Guard>, mut req: Request, next: Next) -> Response
         match found {
             Some(p) => p,
             None => {
-                return refuse(
+                return Err(refuse(
                     StatusCode::UNAUTHORIZED,
                     "unauthenticated",
                     "the Authorization header holds no valid token (Bearer <token>; revoked?)"
                         .into(),
-                );
+                ));
             }
         }
     } else if let Some(id) = cookie(headers, COOKIE).map(str::to_string) {
@@ -201,30 +228,30 @@ async fn check(State(g): State<Guard>, mut req: Request, next: Next) -> Response
             .ok()
             .flatten();
         let Some((principal, _)) = found else {
-            return unauthenticated(&req);
+            return Err(unauthenticated(req));
         };
         if unsafe_method {
             if let Some(refusal) = cross_origin(headers) {
-                return refusal;
+                return Err(refusal);
             }
             let csrf = headers
                 .get(CSRF_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if !g.auth.check_csrf(&id, csrf) {
-                return refuse(
+                return Err(refuse(
                     StatusCode::FORBIDDEN,
                     "csrf",
                     format!("a request from the browser needs the session's {CSRF_HEADER} header"),
-                );
+                ));
             }
         }
         principal
     } else {
-        return unauthenticated(&req);
+        return Err(unauthenticated(req));
     };
     if principal.role < need {
-        return refuse(
+        return Err(refuse(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
@@ -234,10 +261,10 @@ async fn check(State(g): State<Guard>, mut req: Request, next: Next) -> Response
                 req.method(),
                 req.uri().path()
             ),
-        );
+        ));
     }
     req.extensions_mut().insert(principal);
-    next.run(req).await
+    Ok(())
 }
 
 fn unauthenticated(req: &Request) -> Response {
@@ -479,6 +506,10 @@ mod tests {
             (&get, "/api/stream", Some(Role::Viewer)),
             (&post, "/logout", Some(Role::Viewer)),
             (&post, "/api/rollouts", Some(Role::Operator)),
+            (&post, "/api/releases", Some(Role::Operator)),
+            (&get, "/api/releases/abc", Some(Role::Viewer)),
+            (&post, "/api/releases/abc/approve", Some(Role::Approver)),
+            (&post, "/api/releases/abc/reject", Some(Role::Approver)),
             (&get, "/api/tokens", Some(Role::Admin)),
             (&post, "/api/tokens", Some(Role::Admin)),
             (&delete, "/api/tokens/ci", Some(Role::Admin)),

@@ -74,6 +74,15 @@ impl ApiError {
         }
     }
 
+    /// 403 with `message` (the credential's role does not allow it).
+    pub fn forbidden(message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message,
+        }
+    }
+
     /// 500 with `message` (a failure of the console itself).
     pub fn internal(code: &'static str, message: String) -> ApiError {
         ApiError {
@@ -105,8 +114,13 @@ impl From<RolloutError> for ApiError {
             RolloutError::BundleRefused { .. }
             | RolloutError::WrongFleet { .. }
             | RolloutError::NoOperatorKey
+            | RolloutError::WrongRelease { .. }
             | RolloutError::Invalid(_) => StatusCode::BAD_REQUEST,
-            RolloutError::Busy { .. } => StatusCode::CONFLICT,
+            RolloutError::Busy { .. }
+            | RolloutError::NotApproved { .. }
+            | RolloutError::Downgrade { .. } => StatusCode::CONFLICT,
+            RolloutError::SamePerson { .. } => StatusCode::FORBIDDEN,
+            RolloutError::TooManyWaiting { .. } => StatusCode::TOO_MANY_REQUESTS,
             RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
             RolloutError::Send { .. } => StatusCode::BAD_GATEWAY,
             RolloutError::Io { .. } | RolloutError::Write(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,6 +1,11 @@
 //! The rollouts' routes: `POST /api/rollouts` (query: [`NewRollout`],
-//! body: the bundle), `GET /api/rollouts`, `GET /api/rollouts/{id}`,
-//! `GET /api/audit`, the release registry (`GET /api/releases`,
+//! body: the bundle, or none with `release=<id>` for an approved release of
+//! the registry; `allow_downgrade=true` needs an admin),
+//! `GET /api/rollouts`, `GET /api/rollouts/{id}`, `GET /api/audit`, the
+//! release registry (`GET /api/releases`, `POST /api/releases` to submit a
+//! bundle, `GET /api/releases/{id}` with its review and diff,
+//! `POST /api/releases/{id}/approve` with the approver-signed bundle,
+//! `POST /api/releases/{id}/reject` with `{"reason"}`,
 //! `GET /api/releases/next-sequence?channel=C`), and
 //! `GET /bundles/{digest}.ferry`, what devices download.
 //!
@@ -27,9 +32,10 @@ use axum::routing::get;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::ApiError;
-use crate::auth::Principal;
+use crate::auth::{Principal, Role};
+use crate::releases::{ReleaseDetail, ReleaseRecord};
 use crate::rollout::Rollout;
-use crate::rollouts::{AuditEntry, MAX_BUNDLE_BYTES, NewRollout, Rollouts, bundle_path};
+use crate::rollouts::{AuditEntry, MAX_BUNDLE_BYTES, NewRollout, Rollouts, Source, bundle_path};
 
 /// Bytes read from a bundle file per chunk of a download.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -45,8 +51,19 @@ pub fn routes(rollouts: Arc<Rollouts>) -> axum::Router {
         )
         .route("/api/rollouts/{id}", get(one))
         .route("/api/audit", get(audit))
-        .route("/api/releases", get(releases))
+        .route(
+            "/api/releases",
+            get(releases)
+                .post(submit)
+                .layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES)),
+        )
         .route("/api/releases/next-sequence", get(next_sequence))
+        .route("/api/releases/{id}", get(release))
+        .route(
+            "/api/releases/{id}/approve",
+            axum::routing::post(approve).layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES)),
+        )
+        .route("/api/releases/{id}/reject", axum::routing::post(reject))
         .route("/bundles/{file}", get(bundle))
         .with_state(rollouts)
 }
@@ -72,14 +89,103 @@ async fn create(
                 .into(),
         ));
     }
+    if params.allow_downgrade && who.role < Role::Admin {
+        return Err(ApiError::forbidden(
+            "allow_downgrade needs an admin: a downgrade takes devices back to an older model"
+                .into(),
+        ));
+    }
+    let release = params.release.clone();
+    match (&release, body.is_empty()) {
+        (None, true) => {
+            return Err(ApiError::bad_request(
+                "the request body must be the bundle (or name an approved release: release=<id>)"
+                    .into(),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(ApiError::bad_request(
+                "either a bundle in the body or release=<id>, not both".into(),
+            ));
+        }
+        _ => {}
+    }
+    let now = ferry_host::now_ms();
+    let rollout = super::blocking(move || {
+        let source = match &release {
+            Some(id) => Source::Release(id),
+            None => Source::Upload(&body),
+        };
+        Ok(r.create(source, &params, &who.name, now)?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(rollout)))
+}
+
+/// `POST /api/releases`: submits a bundle to the registry (201 with its
+/// record; 200 when the registry already had it).
+async fn submit(
+    State(r): State<Arc<Rollouts>>,
+    Extension(who): Extension<Principal>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, axum::Json<ReleaseRecord>), ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "the request body must be the bundle".into(),
         ));
     }
     let now = ferry_host::now_ms();
-    let rollout = super::blocking(move || Ok(r.create(&body, &params, &who.name, now)?)).await?;
-    Ok((StatusCode::CREATED, axum::Json(rollout)))
+    let record = super::blocking(move || Ok(r.submit(&body, &who.name, now)?)).await?;
+    let status = if record.first_seen_ms == now {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(record)))
+}
+
+async fn release(
+    State(r): State<Arc<Rollouts>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<axum::Json<ReleaseDetail>, ApiError> {
+    let detail = super::blocking(move || Ok(r.release_detail(&id)?)).await?;
+    Ok(axum::Json(detail))
+}
+
+/// `POST /api/releases/{id}/approve`: the body is the bundle with the
+/// approver's signature added (`ferry approve`).
+async fn approve(
+    State(r): State<Arc<Rollouts>>,
+    Extension(who): Extension<Principal>,
+    UrlPath(id): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<ReleaseRecord>, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "the request body must be the bundle with the approver's signature (ferry approve)"
+                .into(),
+        ));
+    }
+    let now = ferry_host::now_ms();
+    let record = super::blocking(move || Ok(r.approve(&id, &body, &who.name, now)?)).await?;
+    Ok(axum::Json(record))
+}
+
+#[derive(serde::Deserialize)]
+struct Rejecting {
+    reason: String,
+}
+
+/// `POST /api/releases/{id}/reject` with `{"reason": "..."}`.
+async fn reject(
+    State(r): State<Arc<Rollouts>>,
+    Extension(who): Extension<Principal>,
+    UrlPath(id): UrlPath<String>,
+    axum::Json(body): axum::Json<Rejecting>,
+) -> Result<axum::Json<ReleaseRecord>, ApiError> {
+    let now = ferry_host::now_ms();
+    let record = super::blocking(move || Ok(r.reject(&id, &body.reason, &who.name, now)?)).await?;
+    Ok(axum::Json(record))
 }
 
 async fn list(State(r): State<Arc<Rollouts>>) -> axum::Json<Vec<Rollout>> {
