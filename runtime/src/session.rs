@@ -1,5 +1,5 @@
 //! The inference pipeline: request → guest preprocess (sandbox) → tensors →
-//! model (tract) → tensors → guest postprocess → response JSON.
+//! model (tract or onnxruntime) → tensors → guest postprocess → response JSON.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,9 +9,9 @@ use ferry_guest_abi::{FeatureKind, Features, Tensor, TensorSet, Value};
 use ferry_drift::{DriftKind, DriftValue};
 use ferry_format::{BundleError, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
 
+use crate::engine::{Engine, EngineModel, EngineOptions, choose_engine};
 use crate::error::{Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
-use crate::model::Model;
 use crate::sandbox::{GuestRuntime, SandboxLimits};
 use ferry_format::TrustPolicy;
 
@@ -67,7 +67,7 @@ pub struct Session {
     golden: Vec<GoldenExample>,
     baseline: Option<ferry_drift::Baseline>,
     guest: GuestRuntime,
-    model: Model,
+    model: EngineModel,
     observer: Option<Arc<dyn Observer>>,
     timings: LoadTimings,
 }
@@ -151,20 +151,42 @@ fn decode_preprocessed(encoded: &[u8]) -> Result<TensorSet, Error> {
 }
 
 impl Session {
-    /// Verifies a bundle and loads it.
+    /// Verifies a bundle and loads it (engine options from the environment:
+    /// `auto`, onnxruntime where [`crate::ONNXRUNTIME_ENV`] or the binary's
+    /// directory has it).
     pub fn load(bytes: &[u8], trust: &TrustPolicy) -> Result<Session, Error> {
+        Session::load_with(bytes, trust, &EngineOptions::default())
+    }
+
+    /// Verifies a bundle and loads it on the engine `options` pick.
+    pub fn load_with(
+        bytes: &[u8],
+        trust: &TrustPolicy,
+        options: &EngineOptions,
+    ) -> Result<Session, Error> {
         let start = Instant::now();
         let bundle = ferry_format::verify(bytes, trust, &ReadLimits::default())?;
         let verify = start.elapsed();
-        let mut session = Session::from_verified(bundle)?;
+        let mut session = Session::from_verified_with(bundle, options)?;
         session.timings.verify = verify;
         session.timings.total = start.elapsed();
         Ok(session)
     }
 
-    /// Loads a bundle that was already verified.
+    /// Loads a bundle that was already verified (engine options from the
+    /// environment, as [`Session::load`]).
     pub fn from_verified(bundle: VerifiedBundle) -> Result<Session, Error> {
+        Session::from_verified_with(bundle, &EngineOptions::default())
+    }
+
+    /// Loads a bundle that was already verified, on the engine `options`
+    /// pick for it ([`choose_engine`]).
+    pub fn from_verified_with(
+        bundle: VerifiedBundle,
+        options: &EngineOptions,
+    ) -> Result<Session, Error> {
         let start = Instant::now();
+        let engine = choose_engine(options, bundle.manifest())?;
         let onnx = bundle
             .content(role::MODEL)
             .ok_or(BundleError::MissingArtifact(role::MODEL))?;
@@ -172,7 +194,7 @@ impl Session {
         let (guest, guest_time, model, model_time) = std::thread::scope(|s| {
             let model_thread = s.spawn(|| {
                 let t = Instant::now();
-                (Model::load(onnx), t.elapsed())
+                (EngineModel::load(onnx, engine, options), t.elapsed())
             });
             let t = Instant::now();
             let guest = guest_of(&bundle);
@@ -226,6 +248,11 @@ impl Session {
     /// How long loading took.
     pub fn timings(&self) -> LoadTimings {
         self.timings
+    }
+
+    /// The engine running the model.
+    pub fn engine(&self) -> Engine {
+        self.model.engine()
     }
 
     /// Whether the guest was loaded from a precompiled artifact.
