@@ -184,10 +184,10 @@ pub struct ModelInfo {
 pub struct EngineSupport {
     /// The bundle's preference: `auto`, `tract` or `onnxruntime`.
     pub preference: String,
-    /// What the packager found, one entry per engine it knows.
+    /// What the packager found, one entry per engine it knows. Speed is not
+    /// recorded: it depends on the machine (and would make packing
+    /// irreproducible); `auto` measures where the bundle runs.
     pub engines: Vec<EngineReport>,
-    /// The architecture the timings were measured on (`x86_64`, `aarch64`).
-    pub measured_on: Option<String>,
 }
 
 /// What the packager found about one engine.
@@ -203,9 +203,6 @@ pub struct EngineReport {
     /// (the engine was not present where the bundle was packed).
     pub serves: Option<bool>,
     pub reason: Option<String>,
-    /// Median of one model run (the model alone) on the golden examples'
-    /// tensors, or zeros of the inputs' shapes without examples, in ns.
-    pub median_ns: Option<u64>,
 }
 
 /// The pre/postprocessing pipeline.

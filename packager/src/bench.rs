@@ -200,6 +200,10 @@ impl BenchArgs {
             "name": session.manifest().name,
             "version": session.manifest().version,
             "engine": session.engine().name(),
+            // What `auto` measured on load when two engines could serve.
+            "engine_race": session.engine_race().iter().map(|(e, d)| json!({
+                "engine": e.name(), "median_us": d.map(|d| d.as_secs_f64() * 1e6),
+            })).collect::<Vec<_>>(),
             "input": self.input.display().to_string(),
             "content_type": request.content_type,
             "cold": {
@@ -207,6 +211,7 @@ impl BenchArgs {
                 "verify_ms": ms(verify),
                 "guest_ms": ms(loaded.guest),
                 "model_ms": ms(loaded.model),
+                "engine_race_ms": ms(loaded.engine_race),
                 "load_ms": ms(load),
                 "first_prediction_ms": ms(first),
                 "total_ms": ms(cold_total),

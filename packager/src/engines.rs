@@ -1,6 +1,6 @@
-//! `ferry pack`'s engine checks: which engines can serve a model, and how
-//! fast each runs it here (recorded in the manifest; `auto` on a device of
-//! the same architecture picks the faster, see the runtime's `engine`).
+//! `ferry pack`'s engine checks: which engines can serve a model (recorded
+//! in the manifest), and how fast each runs it here (printed, not recorded:
+//! `auto` measures where the bundle runs; see the runtime's `engine`).
 
 use std::time::{Duration, Instant};
 
@@ -113,7 +113,7 @@ pub fn median_run_ns(session: &rt::Session, examples: &[rt::GoldenExample]) -> u
         .map(|s| s.tensors)
         .collect();
     if sets.is_empty() {
-        sets.push(zeros(&session.manifest().model.inputs));
+        sets.push(rt::zero_tensors(&session.manifest().model.inputs));
     }
     let mut samples = Vec::new();
     // One untimed run per set: first-call work is not what `auto` compares.
@@ -135,23 +135,6 @@ pub fn median_run_ns(session: &rt::Session, examples: &[rt::GoldenExample]) -> u
     samples.get(samples.len() / 2).copied().unwrap_or(u64::MAX)
 }
 
-fn zeros(specs: &[rt::TensorSpec]) -> Vec<rt::Tensor> {
-    specs
-        .iter()
-        .filter_map(|s| {
-            let dtype = rt::DType::from_name(&s.dtype)?;
-            let shape: Vec<u64> = s.shape.iter().map(|d| d.unwrap_or(1)).collect();
-            let n: u64 = shape.iter().product();
-            Some(rt::Tensor {
-                name: s.name.clone(),
-                dtype,
-                shape,
-                data: vec![0; n as usize * dtype.size()],
-            })
-        })
-        .collect()
-}
-
 /// The manifest's record of the checks.
 pub fn support(preference: rt::EngineChoice, checks: &[EngineCheck]) -> rt::EngineSupport {
     rt::EngineSupport {
@@ -162,10 +145,8 @@ pub fn support(preference: rt::EngineChoice, checks: &[EngineCheck]) -> rt::Engi
                 name: c.engine.name().into(),
                 serves: c.serves,
                 reason: c.reason.clone(),
-                median_ns: c.median_ns,
             })
             .collect(),
-        measured_on: Some(std::env::consts::ARCH.into()),
     }
 }
 

@@ -9,23 +9,23 @@
 //! - `tract` or `onnxruntime` asked for explicitly: that engine, or a clear
 //!   error (library absent, or the packager found the engine cannot serve
 //!   the model);
-//! - `auto`: among the engines the packager did not find unable to serve the
-//!   model and that are present here, the faster as the packager measured it
-//!   when it measured on this architecture (the manifest records where);
-//!   otherwise tract, the engine built in. A bundle packed before engines were
-//!   recorded runs on tract, as it always did.
+//! - `auto`: the engines present here that the packager did not find unable
+//!   to serve the model; when both are, the session measures them on its
+//!   first load (the model alone on the golden examples' tensors, for
+//!   [`RACE_BUDGET`] each) and keeps the faster. A bundle packed before
+//!   engines were recorded is treated the same way (neither engine refused).
 //!
-//! Why measured at pack time: the packager loads the model with every engine
-//! anyway (to say which can serve it and to run the golden examples), so the
-//! timings cost nothing more, and a device or a Lambda cold start does not
-//! pay for loading a model twice. The price: a device of another
-//! architecture than the packager's (an ARM board fed by x86 CI) gets tract
-//! under `auto` (tract's NEON kernels are its strength) unless it asks for
-//! onnxruntime.
+//! Why measured at load, not at pack time: speed is a property of the
+//! machine (x86 CI packs bundles that ARM boards run, and tract's NEON
+//! kernels are its strength), and timings in the signed manifest would make
+//! two packs of the same inputs differ. The price is paid once per load and
+//! only where both engines are present and `auto` is in force: loading the
+//! model twice and [`RACE_BUDGET`] per engine. A deployment that wants the
+//! shortest cold start names its engine.
 
 use std::path::{Path, PathBuf};
 
-use ferry_format::{EngineSupport, Manifest, TensorSpec};
+use ferry_format::{Manifest, TensorSpec};
 use ferry_guest_abi::Tensor;
 
 use crate::error::ModelError;
@@ -197,8 +197,17 @@ pub fn onnxruntime_info(options: &EngineOptions) -> Result<String, ModelError> {
     crate::onnxruntime::load_library(&options.library()?)
 }
 
-/// The engine for a bundle under `options` (see the module's header).
-pub fn choose_engine(options: &EngineOptions, manifest: &Manifest) -> Result<Engine, ModelError> {
+/// Time spent measuring each engine when `auto` has two candidates: enough
+/// for a stable median of a model that runs in microseconds, a few runs of
+/// one that takes milliseconds.
+pub const RACE_BUDGET: std::time::Duration = std::time::Duration::from_millis(30);
+
+/// The engines that may serve a bundle under `options` (see the module's
+/// header): one, or two for `auto` to measure, tract first.
+pub fn engine_candidates(
+    options: &EngineOptions,
+    manifest: &Manifest,
+) -> Result<Vec<Engine>, ModelError> {
     let recorded = manifest.model.engines.as_ref();
     let bundle_choice = recorded
         .and_then(|e| e.preference.parse::<EngineChoice>().ok())
@@ -221,20 +230,19 @@ pub fn choose_engine(options: &EngineOptions, manifest: &Manifest) -> Result<Eng
             if engine == Engine::OnnxRuntime {
                 options.library()?;
             }
-            Ok(engine)
+            Ok(vec![engine])
         }
         EngineChoice::Auto => {
             let tract = refusal(Engine::Tract);
-            let ort_refused = refusal(Engine::OnnxRuntime);
-            let ort = match (&ort_refused, options.library()) {
+            let ort = match (refusal(Engine::OnnxRuntime), options.library()) {
                 (Some(reason), _) => Err(format!("cannot serve this model ({reason})")),
                 (None, Err(e)) => Err(e.to_string()),
                 (None, Ok(_)) => Ok(()),
             };
             match (tract, ort) {
-                (None, Ok(())) => Ok(faster_here(recorded).unwrap_or(Engine::Tract)),
-                (None, Err(_)) => Ok(Engine::Tract),
-                (Some(_), Ok(())) => Ok(Engine::OnnxRuntime),
+                (None, Ok(())) => Ok(vec![Engine::Tract, Engine::OnnxRuntime]),
+                (None, Err(_)) => Ok(vec![Engine::Tract]),
+                (Some(_), Ok(())) => Ok(vec![Engine::OnnxRuntime]),
                 (Some(tract), Err(ort)) => Err(ModelError::EngineRefused(format!(
                     "no engine here can serve this model: tract cannot ({tract}); onnxruntime: {ort}"
                 ))),
@@ -243,19 +251,45 @@ pub fn choose_engine(options: &EngineOptions, manifest: &Manifest) -> Result<Eng
     }
 }
 
-/// The faster engine as the packager measured it, if it measured on this
-/// architecture.
-fn faster_here(recorded: Option<&EngineSupport>) -> Option<Engine> {
-    let r = recorded?;
-    if r.measured_on.as_deref() != Some(std::env::consts::ARCH) {
-        return None;
+/// Median time of `model` on `sets` (each once untimed, then in turn for
+/// `budget`, at least 3 runs); `None` when a run fails.
+pub fn median_run(
+    model: &EngineModel,
+    sets: &[Vec<Tensor>],
+    budget: std::time::Duration,
+) -> Option<std::time::Duration> {
+    for set in sets {
+        model.run(set).ok()?;
     }
-    r.engines
+    let mut samples = Vec::new();
+    let start = std::time::Instant::now();
+    while samples.len() < 3 || (start.elapsed() < budget && samples.len() < 100_000) {
+        let set = &sets[samples.len() % sets.len()];
+        let t = std::time::Instant::now();
+        model.run(set).ok()?;
+        samples.push(t.elapsed());
+    }
+    samples.sort_unstable();
+    Some(samples[samples.len() / 2])
+}
+
+/// Zeros of the inputs' shapes (batch 1): what `auto` measures with when a
+/// bundle has no golden examples.
+pub fn zero_tensors(specs: &[TensorSpec]) -> Vec<Tensor> {
+    specs
         .iter()
-        .filter(|e| e.serves == Some(true))
-        .filter_map(|e| Some((e.median_ns?, Engine::from_name(&e.name)?)))
-        .min()
-        .map(|(_, e)| e)
+        .filter_map(|s| {
+            let dtype = ferry_guest_abi::DType::from_name(&s.dtype)?;
+            let shape: Vec<u64> = s.shape.iter().map(|d| d.unwrap_or(1)).collect();
+            let n: u64 = shape.iter().product();
+            Some(Tensor {
+                name: s.name.clone(),
+                dtype,
+                shape,
+                data: vec![0; n as usize * dtype.size()],
+            })
+        })
+        .collect()
 }
 
 /// A model loaded into one engine: what the pipeline runs.

@@ -31,7 +31,8 @@ mod session;
 // runtime names one crate.
 pub use engine::{
     Engine, EngineChoice, EngineModel, EngineOptions, ONNXRUNTIME_ENV, ONNXRUNTIME_MIN_OPSET,
-    choose_engine, onnx_opset, onnxruntime_info, onnxruntime_library,
+    RACE_BUDGET, engine_candidates, median_run, onnx_opset, onnxruntime_info, onnxruntime_library,
+    zero_tensors,
 };
 pub use error::{Error, GuestError, ModelError};
 pub use external::inline_external_data;

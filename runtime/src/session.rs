@@ -9,7 +9,9 @@ use ferry_guest_abi::{FeatureKind, Features, Tensor, TensorSet, Value};
 use ferry_drift::{DriftKind, DriftValue};
 use ferry_format::{BundleError, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
 
-use crate::engine::{Engine, EngineModel, EngineOptions, choose_engine};
+use crate::engine::{
+    Engine, EngineModel, EngineOptions, RACE_BUDGET, engine_candidates, median_run, zero_tensors,
+};
 use crate::error::{Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
 use crate::sandbox::{GuestRuntime, SandboxLimits};
@@ -57,6 +59,8 @@ pub struct LoadTimings {
     pub verify: Duration,
     pub guest: Duration,
     pub model: Duration,
+    /// Measuring two engines under `auto` (zero otherwise).
+    pub engine_race: Duration,
     pub total: Duration,
 }
 
@@ -68,6 +72,8 @@ pub struct Session {
     baseline: Option<ferry_drift::Baseline>,
     guest: GuestRuntime,
     model: EngineModel,
+    /// What `auto` measured on load, when it had two engines to choose from.
+    race: Vec<(Engine, Option<Duration>)>,
     observer: Option<Arc<dyn Observer>>,
     timings: LoadTimings,
 }
@@ -144,6 +150,53 @@ fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
     )?)
 }
 
+/// The model `auto` keeps: the only one loaded, or the faster of two on the
+/// golden examples' tensors (zeros of the inputs' shapes without examples).
+/// An engine that failed to load or to run loses; when both failed to load,
+/// the first one's error is returned.
+fn pick_faster(
+    models: Vec<Result<EngineModel, crate::ModelError>>,
+    guest: &GuestRuntime,
+    golden: &[GoldenExample],
+    manifest: &Manifest,
+) -> Result<(EngineModel, Vec<(Engine, Option<Duration>)>), Error> {
+    let mut loaded = Vec::new();
+    let mut first_error = None;
+    for m in models {
+        match m {
+            Ok(m) => loaded.push(m),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if loaded.len() < 2 {
+        return match (loaded.pop(), first_error) {
+            (Some(m), _) => Ok((m, Vec::new())),
+            (None, Some(e)) => Err(e.into()),
+            (None, None) => unreachable!("at least one engine is a candidate"),
+        };
+    }
+    let mut sets: Vec<Vec<Tensor>> = golden
+        .iter()
+        .filter_map(|g| guest.preprocess(&g.content_type, &g.input).ok())
+        .filter_map(|b| decode_preprocessed(&b).ok())
+        .map(|s| s.tensors)
+        .collect();
+    if sets.is_empty() {
+        sets.push(zero_tensors(&manifest.model.inputs));
+    }
+    let race: Vec<(Engine, Option<Duration>)> = loaded
+        .iter()
+        .map(|m| (m.engine(), median_run(m, &sets, RACE_BUDGET)))
+        .collect();
+    // The faster that ran; tract (first) on a tie or when neither ran.
+    let best = (0..loaded.len())
+        .min_by_key(|&i| race[i].1.unwrap_or(Duration::MAX))
+        .unwrap_or(0);
+    Ok((loaded.swap_remove(best), race))
+}
+
 fn decode_preprocessed(encoded: &[u8]) -> Result<TensorSet, Error> {
     TensorSet::decode(encoded).map_err(|e| {
         GuestError::Failed(format!("preprocess returned an invalid tensor set: {e}")).into()
@@ -186,25 +239,31 @@ impl Session {
         options: &EngineOptions,
     ) -> Result<Session, Error> {
         let start = Instant::now();
-        let engine = choose_engine(options, bundle.manifest())?;
+        let candidates = engine_candidates(options, bundle.manifest())?;
         let onnx = bundle
             .content(role::MODEL)
             .ok_or(BundleError::MissingArtifact(role::MODEL))?;
         // Guest compilation and model optimisation are independent: overlap them.
-        let (guest, guest_time, model, model_time) = std::thread::scope(|s| {
+        let (guest, guest_time, models, model_time) = std::thread::scope(|s| {
             let model_thread = s.spawn(|| {
                 let t = Instant::now();
-                (EngineModel::load(onnx, engine, options), t.elapsed())
+                let models: Vec<_> = candidates
+                    .iter()
+                    .map(|&e| EngineModel::load(onnx, e, options))
+                    .collect();
+                (models, t.elapsed())
             });
             let t = Instant::now();
             let guest = guest_of(&bundle);
             let guest_time = t.elapsed();
-            let (model, model_time) = model_thread.join().expect("model loading panicked");
-            (guest, guest_time, model, model_time)
+            let (models, model_time) = model_thread.join().expect("model loading panicked");
+            (guest, guest_time, models, model_time)
         });
-        let model = model?;
         let guest = guest?;
         let golden = bundle.golden()?;
+        let race_start = Instant::now();
+        let (model, race) = pick_faster(models, &guest, &golden, bundle.manifest())?;
+        let engine_race = race_start.elapsed();
         let baseline = bundle.baseline()?;
         let (manifest, digest) = bundle.into_identity();
         Ok(Session {
@@ -214,11 +273,13 @@ impl Session {
             baseline,
             guest,
             model,
+            race,
             observer: None,
             timings: LoadTimings {
                 verify: Duration::ZERO,
                 guest: guest_time,
                 model: model_time,
+                engine_race,
                 total: start.elapsed(),
             },
         })
@@ -253,6 +314,12 @@ impl Session {
     /// The engine running the model.
     pub fn engine(&self) -> Engine {
         self.model.engine()
+    }
+
+    /// The median model run of each engine `auto` measured on load (empty
+    /// when there was one engine to use); `None` for one that failed.
+    pub fn engine_race(&self) -> &[(Engine, Option<Duration>)] {
+        &self.race
     }
 
     /// Whether the guest was loaded from a precompiled artifact.
