@@ -293,6 +293,9 @@ pub fn zero_tensors(specs: &[TensorSpec]) -> Vec<Tensor> {
 }
 
 /// A model loaded into one engine: what the pipeline runs.
+// One per session, made once and never moved on a hot path: the size
+// difference of the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum EngineModel {
     Tract(Model),

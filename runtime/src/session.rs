@@ -73,7 +73,7 @@ pub struct Session {
     guest: GuestRuntime,
     model: EngineModel,
     /// What `auto` measured on load, when it had two engines to choose from.
-    race: Vec<(Engine, Option<Duration>)>,
+    race: EngineRace,
     observer: Option<Arc<dyn Observer>>,
     timings: LoadTimings,
 }
@@ -150,6 +150,10 @@ fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
     )?)
 }
 
+/// Each engine `auto` measured on load and its median model run (`None`:
+/// it failed to run).
+pub type EngineRace = Vec<(Engine, Option<Duration>)>;
+
 /// The model `auto` keeps: the only one loaded, or the faster of two on the
 /// golden examples' tensors (zeros of the inputs' shapes without examples).
 /// An engine that failed to load or to run loses; when both failed to load,
@@ -159,7 +163,7 @@ fn pick_faster(
     guest: &GuestRuntime,
     golden: &[GoldenExample],
     manifest: &Manifest,
-) -> Result<(EngineModel, Vec<(Engine, Option<Duration>)>), Error> {
+) -> Result<(EngineModel, EngineRace), Error> {
     let mut loaded = Vec::new();
     let mut first_error = None;
     for m in models {
@@ -186,7 +190,7 @@ fn pick_faster(
     if sets.is_empty() {
         sets.push(zero_tensors(&manifest.model.inputs));
     }
-    let race: Vec<(Engine, Option<Duration>)> = loaded
+    let race: EngineRace = loaded
         .iter()
         .map(|m| (m.engine(), median_run(m, &sets, RACE_BUDGET)))
         .collect();
