@@ -64,7 +64,7 @@ fn assert_close(a: &[Tensor], b: &[Tensor], what: &str) {
         for (i, (p, q)) in x.to_f64_vec().iter().zip(y.to_f64_vec()).enumerate() {
             // The golden examples' default tolerance (docs/project-file.md).
             assert!(
-                (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                (p - q).abs() <= 1e-5,
                 "{what}: output `{}`[{i}]: tract {p}, onnxruntime {q}",
                 x.name
             );
