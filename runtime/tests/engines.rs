@@ -290,3 +290,26 @@ fn auto_offers_the_engines_present_that_can_serve_and_an_explicit_choice_is_chec
     );
     assert!(engine_candidates(&opts(auto, &absent), &prefers_ort).is_err());
 }
+
+#[test]
+fn onnxruntime_serves_many_threads_from_its_session_pool() {
+    let Some(lib) = library("onnxruntime_serves_many_threads_from_its_session_pool") else {
+        return;
+    };
+    let onnx = std::fs::read(examples().join("digits/model.onnx")).unwrap();
+    let model = EngineModel::load(&onnx, Engine::OnnxRuntime, &ort(&lib)).unwrap();
+    let inputs = inputs_for(&model);
+    let want = model.run(&inputs).unwrap();
+    // More threads than sessions (`MAX_ORT_SESSIONS`): some wait for a
+    // session; every answer is the single-threaded one.
+    let threads = ferry_runtime::MAX_ORT_SESSIONS + 2;
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    assert_eq!(model.run(&inputs).unwrap(), want);
+                }
+            });
+        }
+    });
+}
