@@ -264,6 +264,21 @@ fn print_human(r: &serde_json::Value) {
         c["model_ms"],
         c["first_prediction_ms"],
     );
+    if let Some(race) = r["engine_race"].as_array().filter(|r| !r.is_empty()) {
+        let each: Vec<String> = race
+            .iter()
+            .map(|e| match e["median_us"].as_f64() {
+                Some(us) => format!("{} {us:.1} µs", e["engine"].as_str().unwrap_or("")),
+                None => format!("{} failed", e["engine"].as_str().unwrap_or("")),
+            })
+            .collect();
+        println!(
+            "auto   measured on load in {} ms: {}; kept {}",
+            c["engine_race_ms"],
+            each.join(", "),
+            r["engine"].as_str().unwrap_or("")
+        );
+    }
     for (label, key) in [("model   ", "model"), ("pipeline", "pipeline")] {
         let w = &r["warm"][key];
         println!(

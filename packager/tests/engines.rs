@@ -190,6 +190,37 @@ fn the_examples_pass_their_golden_examples_on_both_engines() {
         answers.push(r["predictions"][0]["class"].clone());
     }
     assert_eq!(answers, vec![serde_json::json!(3), serde_json::json!(3)]);
+    // `auto` with both present measures both on load and keeps the faster
+    // (which one is the machine's business: the report must agree with itself).
+    let o = ferry_env(
+        &[
+            "bench",
+            &digits,
+            "--pub",
+            &f.public(),
+            "-i",
+            &example("digits/golden/digit_3.png"),
+            "--seconds",
+            "0.02",
+            "--json",
+        ],
+        &[("FERRY_ONNXRUNTIME", &lib)],
+    );
+    assert_exit(&o, 0);
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let race = r["engine_race"].as_array().unwrap();
+    assert_eq!(race.len(), 2, "{r}");
+    let fastest = race
+        .iter()
+        .min_by(|a, b| {
+            a["median_us"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["median_us"].as_f64().unwrap())
+        })
+        .unwrap();
+    assert_eq!(r["engine"], fastest["engine"], "{r}");
+    assert!(r["cold"]["engine_race_ms"].as_f64().unwrap() > 0.0, "{r}");
 }
 
 #[test]
