@@ -682,7 +682,7 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     // The unpacked function finds the library beside bootstrap by itself
     // (no FERRY_ONNXRUNTIME: the environment is cleared).
     let api = RuntimeApi::start();
-    let _f = start_at(
+    let f = start_at(
         &root.join("bootstrap"),
         &api,
         &[("FERRY_ENGINE", "onnxruntime")],
@@ -695,4 +695,13 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
         compare_json(&read("iris/golden/setosa.expected.json"), body, 1e-5),
         vec![]
     );
+    // Its init log names the engine (logged before the first invocation).
+    let lines = f.lines.lock().unwrap().clone();
+    let init: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "Initialized")
+        .collect();
+    assert_eq!(init.len(), 1, "{lines:?}");
+    assert_eq!(init[0]["engine"], "onnxruntime", "{lines:?}");
 }
