@@ -365,7 +365,7 @@ impl Agent {
         if !allow_downgrade {
             self.check_history(&bundle)?;
         }
-        let session = updates::load_session(verified)?;
+        let session = updates::load_session(verified, &self.config.engine.options())?;
         updates::health_check(&session)?;
         Ok((bundle, session))
     }

@@ -35,6 +35,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub shadow: ShadowConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,6 +290,38 @@ pub struct ShadowConfig {
     pub queue: usize,
 }
 
+/// `[engine]`: which engine runs models on this device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// `auto` (the bundle's preference, else the faster of the engines
+    /// present that can serve the model, measured on load), `tract` or
+    /// `onnxruntime`.
+    pub choice: String,
+    /// libonnxruntime's path; unset: `FERRY_ONNXRUNTIME`, else beside the
+    /// agent's binary. Without the library everything runs on tract.
+    pub onnxruntime: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            choice: "auto".into(),
+            onnxruntime: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The runtime's engine options (the choice was checked by `validate`).
+    pub fn options(&self) -> ferry_runtime::EngineOptions {
+        ferry_runtime::EngineOptions {
+            choice: self.choice.parse().unwrap_or_default(),
+            onnxruntime: self.onnxruntime.clone(),
+        }
+    }
+}
+
 impl Default for ShadowConfig {
     fn default() -> Self {
         ShadowConfig { queue: 64 }
@@ -329,6 +363,7 @@ impl Config {
             &mut self.mqtt.ca_file,
             &mut self.mqtt.client_cert,
             &mut self.mqtt.client_key,
+            &mut self.engine.onnxruntime,
         ]
         .into_iter()
         .flatten()
@@ -411,6 +446,9 @@ impl Config {
         }
         if self.updates.poll_interval_s == 0 {
             bail!("updates.poll_interval_s must be positive");
+        }
+        if let Err(e) = self.engine.choice.parse::<ferry_runtime::EngineChoice>() {
+            bail!("engine.choice: {e}");
         }
         Ok(())
     }

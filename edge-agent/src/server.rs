@@ -2,7 +2,7 @@
 //!
 //! - `POST /v1/predict`: the request forms of `ferry run` (JSON rows or
 //!   tensors, CSV, PNG, JPEG) by `Content-Type`; answers the bundle's JSON.
-//! - `GET /v1/model`: the active bundle (name, version, digest, sequence...).
+//! - `GET /v1/model`: the active bundle (name, version, digest, sequence, engine...).
 //! - `GET /v1/drift`: the latest drift window of the active bundle.
 //! - `GET /v1/status`: what the agent publishes as its MQTT status.
 //! - `GET /healthz`: 200 while a bundle serves, 503 otherwise.
@@ -178,6 +178,8 @@ async fn model(State(ctx): State<Arc<Ctx>>) -> Response {
         "description": m.description,
         "activated_ms": active.activated_ms,
         "precompiled_guest": active.session.used_precompiled_guest(),
+        // The engine serving (and the one the golden examples ran on).
+        "engine": active.session.engine().name(),
         "inputs": m.model.inputs,
         "outputs": m.model.outputs,
         "previous": ctx.agent.previous_bundle(),

@@ -904,3 +904,51 @@ fn half_open_connections_cannot_hold_the_server() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(d.get("/healthz").0, 200);
 }
+
+/// The device's engine choice: the golden examples run on the engine that
+/// will serve before a bundle is installed, and an engine asked for but
+/// absent refuses the bundle with a clear reason (tract keeps nothing
+/// running in its place).
+#[test]
+fn the_configured_engine_serves_and_an_absent_one_refuses_the_bundle() {
+    let mut setup = Setup::new("engine-1");
+    setup.extra =
+        "[engine]\nchoice = \"onnxruntime\"\nonnxruntime = \"/nonexistent/libonnxruntime.so\"\n"
+            .into();
+    let mut d = Device::create(setup);
+    d.spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while d.is_running() {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = d.log_text();
+    assert!(log.contains("initial bundle"), "{log}");
+    assert!(log.contains("refused"), "{log}");
+    assert!(log.contains("/nonexistent/libonnxruntime.so"), "{log}");
+
+    let mut setup = Setup::new("engine-2");
+    setup.extra = "[engine]\nchoice = \"tract\"\n".into();
+    let d = Device::start(setup);
+    assert_eq!(d.get("/v1/model").1["engine"], "tract");
+    let Some(lib) = ferry_testkit::onnxruntime::library(
+        "the_configured_engine_serves_and_an_absent_one_refuses_the_bundle",
+    ) else {
+        return;
+    };
+    let mut setup = Setup::new("engine-3");
+    setup.extra = format!(
+        "[engine]\nchoice = \"onnxruntime\"\nonnxruntime = \"{}\"\n",
+        lib.display()
+    );
+    let d = Device::start(setup);
+    assert_eq!(d.get("/v1/model").1["engine"], "onnxruntime");
+    let (status, r) = d.predict_json(&setosa());
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(label_of(&r), "setosa");
+    let log = d.log_text();
+    assert!(
+        log.contains("Loaded a bundle") && log.contains("onnxruntime"),
+        "{log}"
+    );
+}

@@ -168,6 +168,41 @@ pub struct ModelInfo {
     pub format: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Which engines can serve the model, as the packager found; absent in
+    /// bundles packed before engines were recorded (they run on tract).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engines: Option<EngineSupport>,
+}
+
+/// The engines a model may run on (`docs/bundle-format.md` §3). Names are
+/// strings, not an enum, so a runtime reads a manifest that names an engine
+/// it does not know (and ignores that entry).
+///
+/// Do not reorder or remove fields; add new ones at the end with
+/// `#[serde(default)]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EngineSupport {
+    /// The bundle's preference: `auto`, `tract` or `onnxruntime`.
+    pub preference: String,
+    /// What the packager found, one entry per engine it knows. Speed is not
+    /// recorded: it depends on the machine (and would make packing
+    /// irreproducible); `auto` measures where the bundle runs.
+    pub engines: Vec<EngineReport>,
+}
+
+/// What the packager found about one engine.
+///
+/// Do not reorder or remove fields; add new ones at the end with
+/// `#[serde(default)]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineReport {
+    /// `tract` or `onnxruntime`.
+    pub name: String,
+    /// `true`: it loaded the model and passed the golden examples; `false`:
+    /// it cannot serve the model (`reason` says why); absent: not checked
+    /// (the engine was not present where the bundle was packed).
+    pub serves: Option<bool>,
+    pub reason: Option<String>,
 }
 
 /// The pre/postprocessing pipeline.

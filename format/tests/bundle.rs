@@ -293,3 +293,45 @@ fn a_bundle_needing_a_newer_runtime_is_refused() {
         "runtime_too_old"
     );
 }
+
+/// `ModelInfo.engines` (docs/bundle-format.md §4): absent from the bytes of
+/// a manifest without it (so bundles packed before it, and their signatures,
+/// are unchanged), read back as absent, and covered by the signature when
+/// present.
+#[test]
+fn the_engines_record_is_optional_left_out_when_absent_and_signed() {
+    let key = SecretKey::generate().unwrap();
+    let old = manifest();
+    assert!(old.model.engines.is_none());
+    let cbor = rt::to_cbor(&old);
+    assert!(!cbor.windows(7).any(|w| w == b"engines"));
+    let back: rt::Manifest = rt::from_cbor(&cbor).unwrap();
+    assert_eq!(back, old);
+
+    let bytes = small_bundle(&[&key]);
+    let recorded = resign(
+        &bytes,
+        &key,
+        |m| {
+            m.model.engines = Some(rt::EngineSupport {
+                preference: "auto".into(),
+                engines: vec![rt::EngineReport {
+                    name: "tract".into(),
+                    serves: Some(true),
+                    reason: None,
+                }],
+            })
+        },
+        None,
+    );
+    let b = verify(&recorded, &trust(&[&key])).unwrap();
+    let engines = b.manifest().model.engines.clone().unwrap();
+    assert_eq!(engines.engines[0].serves, Some(true));
+    // Turning `serves: true` into `false` (CBOR 0xf5 -> 0xf4) breaks the signature.
+    let at = recorded.windows(6).position(|w| w == b"serves").unwrap() + 6;
+    assert_eq!(recorded[at], 0xf5);
+    let mut forged = recorded.clone();
+    forged[at] = 0xf4;
+    let err = verify(&forged, &trust(&[&key])).unwrap_err();
+    assert_eq!(err.code(), "bad_signature", "{err}");
+}

@@ -142,13 +142,31 @@ pub fn trust_policy() -> Result<TrustPolicy, InitError> {
     TrustPolicy::with_threshold(keys, threshold).map_err(|e| InitError::Keys(e.to_string()))
 }
 
+/// The engine: `FERRY_ENGINE` (`auto` when unset, `tract`, `onnxruntime`);
+/// onnxruntime from `FERRY_ONNXRUNTIME`, else the `libonnxruntime.so` that
+/// `ferry lambda-package --onnxruntime` put beside `bootstrap`.
+pub fn engine_options() -> Result<ferry_runtime::EngineOptions, InitError> {
+    let choice = match std::env::var("FERRY_ENGINE") {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| InitError::Read(format!("FERRY_ENGINE: {e}")))?,
+        _ => ferry_runtime::EngineChoice::Auto,
+    };
+    Ok(ferry_runtime::EngineOptions {
+        choice,
+        onnxruntime: None,
+    })
+}
+
 /// Finds, verifies and loads the bundle.
 pub fn load() -> Result<Session, InitError> {
     let path = locate_bundle()?;
     let trust = trust_policy()?;
+    let engines = engine_options()?;
     let bytes = std::fs::read(&path)
         .map_err(|e| InitError::Read(format!("cannot read {}: {e}", path.display())))?;
-    Session::load(&bytes, &trust).map_err(InitError::Bundle)
+    Session::load_with(&bytes, &trust, &engines).map_err(InitError::Bundle)
 }
 
 /// Reports an init failure to the Runtime API

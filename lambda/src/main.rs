@@ -67,6 +67,10 @@ fn main() -> std::process::ExitCode {
         serde_json::json!({
             "model": m.name, "version": m.version, "sequence": m.release.sequence, "digest": session.digest(),
             "init_ms": started.elapsed().as_secs_f64() * 1e3, "precompiled_guest": session.used_precompiled_guest(),
+            "engine": session.engine().name(),
+            "engine_race": session.engine_race().iter().map(|(e, d)| serde_json::json!({
+                "engine": e.name(), "median_us": d.map(|d| d.as_secs_f64() * 1e6),
+            })).collect::<Vec<_>>(),
         }),
     );
     let cold = Arc::new(AtomicBool::new(true));

@@ -581,3 +581,127 @@ fn lambda_package_is_quiet_about_a_bundle_precompiled_for_its_architecture() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+#[test]
+fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_with_it() {
+    let b = bundles();
+    let iris = b.file("iris.ferry");
+    let public = b.file("release.pub");
+    // Asked for and absent (nothing beside the workspace's bootstrap, no
+    // FERRY_ONNXRUNTIME): init fails and says why; an unknown engine too.
+    let (kind, message, _) = init_error(&[
+        ("FERRY_BUNDLE", &iris),
+        ("FERRY_PUBLIC_KEYS", &public),
+        ("FERRY_ENGINE", "onnxruntime"),
+    ]);
+    assert_eq!(kind, "Ferry.engine_unavailable");
+    assert!(
+        message.contains("onnxruntime is not available"),
+        "{message}"
+    );
+    let (_, message, _) = init_error(&[
+        ("FERRY_BUNDLE", &iris),
+        ("FERRY_PUBLIC_KEYS", &public),
+        ("FERRY_ENGINE", "gpu"),
+    ]);
+    assert!(message.contains("unknown engine `gpu`"), "{message}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let arch = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "x86_64"
+    };
+    let zip_path = dir.path().join("function.zip");
+    // Not a shared library: refused before anything is written.
+    let o = lambda_package(&[
+        &iris,
+        "--pub",
+        &public,
+        "--arch",
+        arch,
+        "--onnxruntime",
+        &public,
+        "-o",
+        zip_path.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a 64-bit Linux shared library"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!zip_path.exists());
+
+    let Some(lib) = ferry_testkit::onnxruntime::library(
+        "lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_with_it",
+    ) else {
+        return;
+    };
+    let o = lambda_package(&[
+        &iris,
+        "--pub",
+        &public,
+        "--arch",
+        arch,
+        "--onnxruntime",
+        lib.to_str().unwrap(),
+        "-o",
+        zip_path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&zip_path).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let root = dir.path().join("function");
+    let mut names = Vec::new();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().unwrap().to_string();
+        let out = root.join(&name);
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        std::fs::write(&out, &data).unwrap();
+        let mode = entry.unix_mode().unwrap() & 0o777;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
+        if name == "libonnxruntime.so" {
+            assert_eq!(data, std::fs::read(&lib).unwrap());
+        }
+        names.push(name);
+    }
+    assert_eq!(
+        names,
+        [
+            "bootstrap",
+            "iris.ferry",
+            "keys/00-release.pub",
+            "libonnxruntime.so"
+        ]
+    );
+    // The unpacked function finds the library beside bootstrap by itself
+    // (no FERRY_ONNXRUNTIME: the environment is cleared).
+    let api = RuntimeApi::start();
+    let f = start_at(
+        &root.join("bootstrap"),
+        &api,
+        &[("FERRY_ENGINE", "onnxruntime")],
+    );
+    let out = api.invoke(read("iris/golden/setosa.json"));
+    let Outcome::Response { body, .. } = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        compare_json(&read("iris/golden/setosa.expected.json"), body, 1e-5),
+        vec![]
+    );
+    // Its init log names the engine (logged before the first invocation).
+    let lines = f.lines.lock().unwrap().clone();
+    let init: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "Initialized")
+        .collect();
+    assert_eq!(init.len(), 1, "{lines:?}");
+    assert_eq!(init[0]["engine"], "onnxruntime", "{lines:?}");
+}

@@ -14,13 +14,17 @@
 //! `$FERRY_BENCH_MODELS` (default `/tmp/ferry-bench-models`), skipped with a
 //! message when absent. onnxruntime's column runs `scripts/ort_bench.py` with
 //! `$FERRY_BENCH_PYTHON` (default `python3`) and is skipped with a message
-//! when onnxruntime is not installed there.
+//! when onnxruntime is not installed there. The engines table (tract against
+//! onnxruntime through Ferry) needs `FERRY_ONNXRUNTIME` (the library) and is
+//! skipped with a message without it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_runtime::{self as rt, Model, PlanChoice, Session, Tensor, TrustPolicy};
+use ferry_runtime::{
+    self as rt, Engine, EngineModel, EngineOptions, Model, PlanChoice, Session, Tensor, TrustPolicy,
+};
 use ferry_testkit::cli::assert_exit;
 use ferry_testkit::fixtures::examples;
 
@@ -119,6 +123,12 @@ fn main() {
         );
     }
 
+    let library = std::env::var_os("FERRY_ONNXRUNTIME").filter(|v| !v.is_empty());
+    if library.is_none() {
+        eprintln!("engines table skipped: FERRY_ONNXRUNTIME is not set");
+    }
+    let mut engine_rows = Vec::new();
+    let tract_only = EngineOptions::only(Engine::Tract);
     println!("## Ferry vs onnxruntime, one thread, batch 1 (same run)\n");
     println!(
         "| model | onnxruntime (Python) µs | tract, symbolic plan µs | tract, batch-1 plan µs | Ferry pipeline, JSON tensor µs | Ferry pipeline, .npy µs | plan speed-up | pipeline (.npy) / onnxruntime | pipeline (.npy) − tract µs |"
@@ -144,7 +154,8 @@ fn main() {
             "--precompile",
             std::env::consts::ARCH,
         ]);
-        let session = Session::load(&std::fs::read(&bundle).unwrap(), &trust).unwrap();
+        let session =
+            Session::load_with(&std::fs::read(&bundle).unwrap(), &trust, &tract_only).unwrap();
         let model = Model::load(&std::fs::read(&c.path).unwrap()).unwrap();
         let n = c.shape.iter().product::<u64>() as usize;
         let data: Vec<f32> = (0..n).map(|i| (i % 255) as f32 / 255.0).collect();
@@ -184,19 +195,76 @@ fn main() {
             us(median(pipeline)),
             us(median(binary)),
         );
-        let (ort, ratio) = match onnxruntime(c, rounds, per_round) {
+        let python = onnxruntime(c, rounds, per_round);
+        let (ort, ratio) = match &python {
             Ok((version, t)) => (format!("{t:.1} ({version})"), format!("{:.2}", bin / t)),
             Err(why) => {
                 eprintln!("onnxruntime column skipped for {}: {why}", c.name);
                 ("(skipped)".into(), "".into())
             }
         };
+        if let Some(lib) = &library {
+            let ort = EngineOptions {
+                choice: rt::EngineChoice::Only(Engine::OnnxRuntime),
+                onnxruntime: Some(PathBuf::from(lib)),
+            };
+            let onnx = std::fs::read(&c.path).unwrap();
+            let ort_model = EngineModel::load(&onnx, Engine::OnnxRuntime, &ort).unwrap();
+            let ort_session =
+                Session::load_with(&std::fs::read(&bundle).unwrap(), &trust, &ort).unwrap();
+            ort_model.run(&tensors).unwrap();
+            ort_session.infer("application/x-npy", &npy).unwrap();
+            let (mut tm, mut om, mut tp, mut op) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                tm.push(round(per_round, &mut || {
+                    std::hint::black_box(model.run(&tensors).unwrap());
+                }));
+                om.push(round(per_round, &mut || {
+                    std::hint::black_box(ort_model.run(&tensors).unwrap());
+                }));
+                tp.push(round(per_round, &mut || {
+                    std::hint::black_box(session.infer("application/x-npy", &npy).unwrap());
+                }));
+                op.push(round(per_round, &mut || {
+                    std::hint::black_box(ort_session.infer("application/x-npy", &npy).unwrap());
+                }));
+            }
+            let (tm, om, tp, op) = (
+                us(median(tm)),
+                us(median(om)),
+                us(median(tp)),
+                us(median(op)),
+            );
+            let (py, py_ratio) = match &python {
+                Ok((_, t)) => (format!("{t:.1}"), format!("{:.2}", om / t)),
+                Err(_) => ("(skipped)".into(), "".into()),
+            };
+            engine_rows.push(format!(
+                "| {} | {py} | {tm:.1} | {om:.1} | {tp:.1} | {op:.1} | {:.2} | {py_ratio} | {} |",
+                c.name,
+                tm / om,
+                if tm <= om { "tract" } else { "onnxruntime" }
+            ));
+        }
         println!(
             "| {} | {ort} | {s:.1} | {b:.1} | {p:.1} | {bin:.1} | {:.2}x | {ratio} | {:.1} |",
             c.name,
             s / b,
             bin - b
         );
+    }
+
+    if !engine_rows.is_empty() {
+        println!(
+            "\n## Engines: tract vs onnxruntime through Ferry, one thread, batch 1 (same run)\n"
+        );
+        println!(
+            "| model | onnxruntime (Python) µs | tract (batch-1 plan) µs | onnxruntime via Ferry µs | pipeline .npy on tract µs | pipeline .npy on onnxruntime µs | tract / onnxruntime | onnxruntime via Ferry / Python | faster |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for row in &engine_rows {
+            println!("{row}");
+        }
     }
 
     // The image path on mobilenet: JPEG/PNG decoded, resized to 224x224 and
@@ -244,7 +312,8 @@ include_outputs = false
         "--precompile",
         std::env::consts::ARCH,
     ]);
-    let session = Session::load(&std::fs::read(&bundle).unwrap(), &trust).unwrap();
+    let session =
+        Session::load_with(&std::fs::read(&bundle).unwrap(), &trust, &tract_only).unwrap();
     let photo = |w: u32, h: u32| {
         image::RgbImage::from_fn(w, h, |x, y| {
             let n = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 7;

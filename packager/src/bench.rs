@@ -13,24 +13,17 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use ferry_runtime as rt;
 use serde_json::json;
 
-use crate::{TrustArgs, exit, fail, inputs, read_bundle, verify_bytes};
+use crate::{EngineArgs, TrustArgs, exit, fail, inputs, read_bundle, verify_bytes};
 
 /// Calls measured per warm phase at least, however long they take.
 const MIN_CALLS: u32 = 10;
 /// Calls measured per warm phase at most, however fast they are (bounds the
 /// memory of the latency samples).
 const MAX_CALLS: u32 = 1_000_000;
-
-/// The engine that runs the model.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Engine {
-    /// tract, built into Ferry.
-    Tract,
-}
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -45,9 +38,8 @@ pub struct BenchArgs {
     /// Content type of the input, when its extension does not say it.
     #[arg(long)]
     content_type: Option<String>,
-    /// The engine to run the model on.
-    #[arg(long, value_enum, default_value_t = Engine::Tract)]
-    engine: Engine,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Threads for the throughput measurement (default: the CPUs available).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -156,7 +148,6 @@ impl BenchArgs {
         // A missing key is said before anything is read.
         self.trust.policy()?;
         let request = inputs::read_request(&self.input, self.content_type.as_deref())?;
-        let Engine::Tract = self.engine;
 
         // Cold: each step as a process starting on this bundle takes it.
         let start = Instant::now();
@@ -166,7 +157,8 @@ impl BenchArgs {
         let bundle = verify_bytes(&self.bundle, &bytes, &self.trust)?;
         let verify = t.elapsed();
         let t = Instant::now();
-        let session = rt::Session::from_verified(bundle).context("cannot load the bundle")?;
+        let session = rt::Session::from_verified_with(bundle, &self.engine.options())
+            .context("cannot load the bundle")?;
         let load = t.elapsed();
         let loaded = session.timings();
         let refused = |e: rt::Error| {
@@ -207,7 +199,11 @@ impl BenchArgs {
             "digest": session.digest(),
             "name": session.manifest().name,
             "version": session.manifest().version,
-            "engine": "tract",
+            "engine": session.engine().name(),
+            // What `auto` measured on load when two engines could serve.
+            "engine_race": session.engine_race().iter().map(|(e, d)| json!({
+                "engine": e.name(), "median_us": d.map(|d| d.as_secs_f64() * 1e6),
+            })).collect::<Vec<_>>(),
             "input": self.input.display().to_string(),
             "content_type": request.content_type,
             "cold": {
@@ -215,6 +211,7 @@ impl BenchArgs {
                 "verify_ms": ms(verify),
                 "guest_ms": ms(loaded.guest),
                 "model_ms": ms(loaded.model),
+                "engine_race_ms": ms(loaded.engine_race),
                 "load_ms": ms(load),
                 "first_prediction_ms": ms(first),
                 "total_ms": ms(cold_total),
@@ -267,6 +264,21 @@ fn print_human(r: &serde_json::Value) {
         c["model_ms"],
         c["first_prediction_ms"],
     );
+    if let Some(race) = r["engine_race"].as_array().filter(|r| !r.is_empty()) {
+        let each: Vec<String> = race
+            .iter()
+            .map(|e| match e["median_us"].as_f64() {
+                Some(us) => format!("{} {us:.1} µs", e["engine"].as_str().unwrap_or("")),
+                None => format!("{} failed", e["engine"].as_str().unwrap_or("")),
+            })
+            .collect();
+        println!(
+            "auto   measured on load in {} ms: {}; kept {}",
+            c["engine_race_ms"],
+            each.join(", "),
+            r["engine"].as_str().unwrap_or("")
+        );
+    }
     for (label, key) in [("model   ", "model"), ("pipeline", "pipeline")] {
         let w = &r["warm"][key];
         println!(

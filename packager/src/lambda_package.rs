@@ -1,6 +1,7 @@
 //! `ferry lambda-package`: a deployment zip for AWS Lambda's custom runtime
 //! (`provided.al2023`): `bootstrap` for the chosen architecture at the root,
-//! the bundle next to it, and the trusted public keys in `keys/`.
+//! the bundle next to it, the trusted public keys in `keys/`, and with
+//! `--onnxruntime` the onnxruntime library as `libonnxruntime.so`.
 //!
 //! The zip is deterministic: entries in a fixed order, every timestamp
 //! 1980-01-01 00:00, fixed permissions (0755 for `bootstrap`, 0644 for the
@@ -68,6 +69,12 @@ pub struct LambdaPackageArgs {
     /// Default: the `bootstrap` next to this `ferry`, when the architecture is this machine's.
     #[arg(long, value_name = "FILE")]
     bootstrap: Option<PathBuf>,
+    /// Ship this libonnxruntime (for the same architecture) as
+    /// `libonnxruntime.so` beside `bootstrap`, where the runtime looks for it:
+    /// the onnxruntime engine then serves the bundle when it can and is
+    /// faster (or always, with the function's `FERRY_ENGINE=onnxruntime`).
+    #[arg(long, value_name = "FILE")]
+    onnxruntime: Option<PathBuf>,
     /// Output zip file.
     #[arg(short, long, value_name = "FILE")]
     out: PathBuf,
@@ -151,14 +158,41 @@ impl LambdaPackageArgs {
                 .unwrap_or_else(|| format!("key{i}.pub"));
             keys.push((format!("keys/{i:02}-{name}"), text));
         }
-        let zip = build_zip(&bootstrap, &bundle_name, &bundle_bytes, &keys)?;
+        let library = match &self.onnxruntime {
+            None => None,
+            Some(path) => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                match elf_machine(&bytes) {
+                    Some(m) if m == arch.machine() => {}
+                    _ => bail!(
+                        "{} is not a 64-bit Linux shared library for {}",
+                        path.display(),
+                        arch.triple()
+                    ),
+                }
+                Some(bytes)
+            }
+        };
+        let zip = build_zip(
+            &bootstrap,
+            &bundle_name,
+            &bundle_bytes,
+            &keys,
+            library.as_deref(),
+        )?;
         ferry_host::write_durably(&self.out, &zip)?;
         println!(
-            "wrote {} ({} bytes): bootstrap ({}), {bundle_name}, {} key(s)",
+            "wrote {} ({} bytes): bootstrap ({}), {bundle_name}, {} key(s){}",
             self.out.display(),
             zip.len(),
             arch.triple(),
-            keys.len()
+            keys.len(),
+            if library.is_some() {
+                ", libonnxruntime.so"
+            } else {
+                ""
+            }
         );
         Ok(())
     }
@@ -169,6 +203,7 @@ fn build_zip(
     bundle_name: &str,
     bundle: &[u8],
     keys: &[(String, Vec<u8>)],
+    onnxruntime: Option<&[u8]>,
 ) -> Result<Vec<u8>> {
     let base = SimpleFileOptions::default()
         .compression_method(CompressionMethod::Deflated)
@@ -186,6 +221,10 @@ fn build_zip(
     for (name, text) in keys {
         zip.start_file(name.as_str(), base.unix_permissions(0o644))?;
         zip.write_all(text)?;
+    }
+    if let Some(lib) = onnxruntime {
+        zip.start_file("libonnxruntime.so", base.unix_permissions(0o755))?;
+        zip.write_all(lib)?;
     }
     Ok(zip.finish()?.into_inner())
 }

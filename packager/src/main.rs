@@ -13,6 +13,7 @@
 //! - `bench.rs`: `ferry bench`, cold and warm measurements of a bundle.
 
 mod bench;
+mod engines;
 mod inputs;
 mod keyfile;
 mod lambda_package;
@@ -128,6 +129,29 @@ struct KeygenArgs {
     force: bool,
 }
 
+/// Which engine runs the model, and where onnxruntime is.
+#[derive(Args, Clone, Debug, Default)]
+pub struct EngineArgs {
+    /// The engine: `auto` (the bundle's preference; else the faster one as
+    /// measured when the bundle was packed on this architecture; else tract),
+    /// `tract` or `onnxruntime`.
+    #[arg(long, value_name = "ENGINE")]
+    pub engine: Option<rt::EngineChoice>,
+    /// libonnxruntime's path (else FERRY_ONNXRUNTIME, else a libonnxruntime.so
+    /// beside this binary).
+    #[arg(long, value_name = "FILE")]
+    pub onnxruntime: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    pub fn options(&self) -> rt::EngineOptions {
+        rt::EngineOptions {
+            choice: self.engine.unwrap_or_default(),
+            onnxruntime: self.onnxruntime.clone(),
+        }
+    }
+}
+
 /// Which keys to trust.
 #[derive(Args, Clone)]
 pub struct TrustArgs {
@@ -208,6 +232,8 @@ struct RunArgs {
     /// Content type of the input, when its extension does not say it.
     #[arg(long)]
     content_type: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Print the response JSON on one line (machine-readable).
     #[arg(long)]
     json: bool,
@@ -382,7 +408,8 @@ fn inspect(a: InspectArgs) -> Result<()> {
 
 fn run(a: RunArgs) -> Result<()> {
     let bundle = verified(&a.bundle, &a.trust)?;
-    let session = rt::Session::from_verified(bundle).context("cannot load the bundle")?;
+    let session = rt::Session::from_verified_with(bundle, &a.engine.options())
+        .context("cannot load the bundle")?;
     let request = inputs::read_request(&a.input, a.content_type.as_deref())?;
     let response = session
         .infer(&request.content_type, &request.body)

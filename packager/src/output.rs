@@ -91,6 +91,28 @@ pub fn print_inspect(
             fmt_shape(&o.shape)
         );
     }
+    match &m.model.engines {
+        None => println!("  engines     not recorded (packed before engines were)"),
+        Some(e) => {
+            let found: Vec<String> = e
+                .engines
+                .iter()
+                .map(|r| {
+                    let verdict = match r.serves {
+                        Some(true) => "serves",
+                        Some(false) => "cannot serve",
+                        None => "not checked",
+                    };
+                    format!("{} {verdict}", r.name)
+                })
+                .collect();
+            println!(
+                "  engines     prefers {}; {}",
+                e.preference,
+                found.join(", ")
+            );
+        }
+    }
     if let Some(c) = &m.lineage.source_commit {
         println!("  commit      {c}");
     }

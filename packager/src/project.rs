@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::engines;
 use crate::inputs::{self, content_type_for};
 use crate::{exit, fail, keyfile};
 
@@ -83,6 +84,10 @@ pub struct PackArgs {
     /// zstd compression level (1-22).
     #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
+    /// `--engine`: the bundle's engine preference (overrides `[model] engine`);
+    /// `--onnxruntime`: the library to check the model with.
+    #[command(flatten)]
+    engine: crate::EngineArgs,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -115,6 +120,10 @@ struct ModelSection {
     version: String,
     path: PathBuf,
     description: Option<String>,
+    /// The engine this bundle prefers: `auto` (default), `tract` or
+    /// `onnxruntime`.
+    #[serde(default)]
+    engine: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +241,7 @@ fn bare_model_plan(model: &Path, a: &PackArgs) -> Result<Plan> {
             },
             path: model.to_path_buf(),
             description: None,
+            engine: None,
         },
         release: ReleaseSection::default(),
         preprocess: toml::Table::new(),
@@ -364,10 +374,25 @@ impl PackArgs {
             Ok(None) => onnx,
             Err(e) => bail!("{} cannot be packed: {e}", model_path.display()),
         };
-        let model = steps.run("model_load", "loading the model with tract", || {
-            rt::Model::load(&onnx)
+        let preference = match (self.engine.engine, &f.model.engine) {
+            (Some(e), _) => e,
+            (None, Some(name)) => name
+                .parse::<rt::EngineChoice>()
+                .map_err(|e| anyhow::anyhow!("{}: [model] engine: {e}", plan.dir.display()))?,
+            (None, None) => rt::EngineChoice::Auto,
+        };
+        let options = rt::EngineOptions {
+            choice: rt::EngineChoice::Auto,
+            onnxruntime: self.engine.onnxruntime.clone(),
+        };
+        let mut checks = steps.run("model_load", "loading the model with each engine", || {
+            engines::load_each(&onnx, &options, preference)
                 .with_context(|| format!("{} cannot be packed", model_path.display()))
         })?;
+        let model = checks
+            .iter()
+            .find_map(|c| c.model.as_ref())
+            .expect("load_each returns an engine that loaded");
         for dropped in model.dropped_outputs() {
             eprintln!(
                 "warning: model output {dropped} has an unsupported element type and is left out"
@@ -428,7 +453,7 @@ impl PackArgs {
             }
             None => None,
         };
-        let manifest = rt::Manifest {
+        let mut manifest = rt::Manifest {
             format_version: rt::FORMAT_VERSION,
             name: f.model.name.clone(),
             version: f.model.version.clone(),
@@ -450,6 +475,7 @@ impl PackArgs {
                 format: "onnx".into(),
                 inputs: model.inputs().to_vec(),
                 outputs: model.outputs().to_vec(),
+                engines: None,
             },
             pipeline: rt::Pipeline {
                 guest: guest_name,
@@ -479,8 +505,10 @@ impl PackArgs {
             },
             artifacts: Vec::new(),
         };
-        // The session below loads its own copy; free this one before it does.
-        drop(model);
+        // The sessions below load their own copies; free these before they do.
+        for c in &mut checks {
+            c.model = None;
+        }
 
         // 3. A session over the draft, to run goldens and compute the baseline.
         let mut artifacts = vec![
@@ -511,13 +539,46 @@ impl PackArgs {
                 false,
             ));
         }
-        let session = steps.run("session", "starting the pipeline", || {
-            draft_session(&manifest, &artifacts)
-        })?;
-
-        let golden = steps.run("golden", "running the golden examples", || {
-            check_golden(&plan, &session)
-        })?;
+        // The golden examples on every engine that loaded the model: the
+        // first (the preferred one) must pass them, as ever; another that
+        // fails them is recorded as unable to serve the model.
+        let mut session = None;
+        let mut golden = Vec::new();
+        for check in checks.iter_mut() {
+            if !check.loaded {
+                continue;
+            }
+            let engine = check.engine;
+            let s = steps.run("session", "starting the pipeline", || {
+                draft_session(&manifest, &artifacts, &options, engine)
+            })?;
+            let outcome = steps.run("golden", "running the golden examples", || {
+                check_golden(&plan, &s)
+            });
+            match outcome {
+                Ok(examples) => {
+                    check.median_ns =
+                        Some(steps.run("engine_timing", "timing the engines", || {
+                            Ok(engines::median_run_ns(&s, &examples))
+                        })?);
+                    check.serves = Some(true);
+                    if session.is_none() {
+                        golden = examples;
+                        session = Some(s);
+                    }
+                }
+                Err(e) if session.is_some() => {
+                    eprintln!(
+                        "warning: {engine} loads the model and fails its golden examples: {e:#}"
+                    );
+                    check.serves = Some(false);
+                    check.reason = Some(format!("golden examples failed: {e:#}"));
+                }
+                Err(e) => return Err(e.context(format!("on {engine}"))),
+            }
+        }
+        let session = session.expect("the first engine that loaded passed or returned");
+        manifest.model.engines = Some(engines::support(preference, &checks));
         let baseline = match &f.drift.baseline {
             None => None,
             Some(p) => {
@@ -601,6 +662,7 @@ impl PackArgs {
                     "role": a.role, "size": a.size, "compressed_size": a.compressed_size, "encoding": a.encoding, "sha256": a.sha256, "target": a.target,
                 })).collect::<Vec<_>>(),
                 "golden": {"passed": golden.len(), "failed": 0},
+                "engines": manifest.model.engines,
                 "baseline_features": baseline.as_ref().map(|b| b.features.len()).unwrap_or(0),
                 "timings_ms": steps.timings.iter().map(|(k, v)| (k.to_string(), json!(v.as_secs_f64() * 1e3))).collect::<serde_json::Map<_, _>>(),
                 "total_ms": started.elapsed().as_secs_f64() * 1e3,
@@ -618,6 +680,9 @@ impl PackArgs {
                 model_art.encoding
             );
             println!("  golden examples: {} passed", golden.len());
+            for line in engines::describe(&checks) {
+                println!("  {line}");
+            }
             if let Some(b) = &baseline {
                 println!("  drift baseline: {} feature(s)", b.features.len());
             }
@@ -645,7 +710,12 @@ fn artifact(
 
 /// A session over artifacts that have not been written yet (the packager's
 /// own inputs: nothing untrusted), to run goldens and extract features.
-fn draft_session(manifest: &rt::Manifest, artifacts: &[rt::ArtifactInput]) -> Result<rt::Session> {
+fn draft_session(
+    manifest: &rt::Manifest,
+    artifacts: &[rt::ArtifactInput],
+    options: &rt::EngineOptions,
+    engine: rt::Engine,
+) -> Result<rt::Session> {
     let mut m = manifest.clone();
     m.artifacts = artifacts
         .iter()
@@ -662,7 +732,11 @@ fn draft_session(manifest: &rt::Manifest, artifacts: &[rt::ArtifactInput]) -> Re
         })
         .collect();
     let draft = rt::VerifiedBundle::draft(m, artifacts.iter().map(|a| a.content.clone()).collect());
-    rt::Session::from_verified(draft).map_err(|e| {
+    let options = rt::EngineOptions {
+        choice: rt::EngineChoice::Only(engine),
+        onnxruntime: options.onnxruntime.clone(),
+    };
+    rt::Session::from_verified_with(draft, &options).map_err(|e| {
         if matches!(e, rt::Error::Guest(rt::GuestError::Config(_))) {
             anyhow::anyhow!("the pipeline configuration ([preprocess]/[postprocess] in ferry.toml) is invalid: {e}")
         } else {

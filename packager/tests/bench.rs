@@ -28,6 +28,8 @@ fn bench_reports_cold_warm_and_throughput_as_json() {
         "2",
         "--seconds",
         "0.05",
+        "--engine",
+        "tract",
         "--json",
     ]);
     assert_exit(&o, 0);

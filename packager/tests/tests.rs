@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `ferry` binary. Modules:
 //! - `pack`: pack → verify → run round trips against onnxruntime's outputs, reproducibility, golden failures.
 //! - `reject`: tampered bundles, wrong keys, bad inputs and bad project files give clear errors and exit codes.
+//! - `engines`: which engines can serve a model (`ferry pack`), onnxruntime for what tract refuses, `--engine`.
 //! - `drift`: `ferry drift` flags shifted features and only those.
 //! - `publish`: update channel directories for `ferry-agent`.
 //! - `mlflow`: MLflow model directories in (lineage, external weights, `ferry init`).
@@ -10,6 +11,7 @@
 mod bench;
 mod binary;
 mod drift;
+mod engines;
 mod mlflow;
 mod pack;
 mod publish;

@@ -62,6 +62,14 @@ pub enum ModelError {
     /// tract failed while running the model.
     #[error("model failed: {0}")]
     Run(String),
+    /// The onnxruntime engine was asked for and its library is absent or
+    /// cannot be loaded (where it was looked for is in the message).
+    #[error("onnxruntime is not available: {0}")]
+    EngineUnavailable(String),
+    /// The engine asked for (by the device or the bundle) cannot serve this
+    /// model, as the packager recorded or as loading found.
+    #[error("{0}")]
+    EngineRefused(String),
 }
 
 impl ModelError {
@@ -71,6 +79,8 @@ impl ModelError {
             ModelError::Load(_) => "model_load",
             ModelError::BadInput(_) => "bad_input",
             ModelError::Run(_) => "model_run",
+            ModelError::EngineUnavailable(_) => "engine_unavailable",
+            ModelError::EngineRefused(_) => "engine_refused",
         }
     }
 }

@@ -5,6 +5,9 @@
 //! # Layout
 //! - `sandbox`: the only module naming wasmtime: engine, limits, instance pool.
 //! - `model`: the only module naming tract: ONNX loading, optimisation, runs.
+//! - `onnxruntime`: the only module naming `ort`: the library loaded at run
+//!   time, sessions, runs.
+//! - `engine`: which engine serves a bundle, and `EngineModel` over both.
 //! - `session`: the pipeline (guest → model → guest), observers, golden checks.
 //! - `golden`: comparing responses with expected outputs.
 //! - `error`: one error enum per subsystem, each with a stable `code()`.
@@ -15,15 +18,22 @@
 //! a compatible precompiled one) and optimises the model; [`Session::infer`]
 //! serves requests. [`Session::load`] does both.
 
+mod engine;
 mod error;
 mod external;
 mod golden;
 mod model;
+mod onnxruntime;
 mod sandbox;
 mod session;
 
 // The format and drift crates, re-exported so that a program built on the
 // runtime names one crate.
+pub use engine::{
+    Engine, EngineChoice, EngineModel, EngineOptions, ONNXRUNTIME_ENV, ONNXRUNTIME_MIN_OPSET,
+    RACE_BUDGET, engine_candidates, median_run, onnx_opset, onnxruntime_info, onnxruntime_library,
+    zero_tensors,
+};
 pub use error::{Error, GuestError, ModelError};
 pub use external::inline_external_data;
 pub use ferry_drift::{
@@ -33,12 +43,13 @@ pub use ferry_drift::{
     PSI_FLOOR, QuantileSketch, REFERENCE_BINS, SKETCH_EXACT_MAX, SKETCH_INTERVALS, compare,
 };
 pub use ferry_format::{
-    Artifact, ArtifactInput, BundleError, Encoding, FORMAT_VERSION, GoldenExample, GuestLimits,
-    HEADER_LEN, Header, KEY_ID_LEN, KeyError, KeyId, Lineage, MAX_ARTIFACTS, MAX_SIGNATURES,
-    MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline, PrecompiledGuest, PublicKey,
-    RUNTIME_VERSION, ReadLimits, Release, SecretKey, TensorSpec, TrustPolicy, VerifiedBundle,
-    compress, inspect_unverified, lineage_training, manifest_unverified, role, shuffle4, to_cbor,
-    unshuffle4, verify, verify_integrity_only, write_bundle,
+    Artifact, ArtifactInput, BundleError, Encoding, EngineReport, EngineSupport, FORMAT_VERSION,
+    GoldenExample, GuestLimits, HEADER_LEN, Header, KEY_ID_LEN, KeyError, KeyId, Lineage,
+    MAX_ARTIFACTS, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline,
+    PrecompiledGuest, PublicKey, RUNTIME_VERSION, ReadLimits, Release, SecretKey, TensorSpec,
+    TrustPolicy, VerifiedBundle, compress, inspect_unverified, lineage_training,
+    manifest_unverified, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only,
+    write_bundle,
 };
 pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value};
 pub use golden::{Mismatch, compare_json};
@@ -46,6 +57,7 @@ pub use model::{
     BATCH_SYMBOL, MAX_SPECIALISED_PLANS, Model, PlanChoice, SPECIALISE_AFTER,
     SPECIALISED_PLANS_BUDGET, fmt_shape,
 };
+pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
 pub use sandbox::{
     EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, ON_DEVICE_COMPILER,
     SandboxLimits, WASMTIME_VERSION, compatibility_key, precompile, validate,

@@ -172,43 +172,110 @@ fn spec_of(
     ))
 }
 
+/// What an ONNX file declares, read without optimising it: the engines'
+/// common view of a model (the onnxruntime engine takes its specs from here,
+/// so both engines check requests the same way).
+#[derive(Debug, Clone)]
+pub(crate) struct Description {
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs Ferry carries, in the file's order.
+    pub outputs: Vec<TensorSpec>,
+    /// Outputs of element types Ferry does not carry (left out), as `name (type)`.
+    pub dropped_outputs: Vec<String>,
+    /// The opset of the default (`ai.onnx`) domain.
+    pub opset: Option<i64>,
+}
+
+struct Declared {
+    proto: tract_onnx::pb::ModelProto,
+    inputs: Vec<TensorSpec>,
+    input_types: Vec<DatumType>,
+    /// Every output, with whether its element type is carried.
+    outputs: Vec<(TensorSpec, bool)>,
+}
+
+fn declared(onnx_bytes: &[u8]) -> Result<Declared, ModelError> {
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &onnx_bytes[..])
+        .map_err(|e| ModelError::Load(format!("not a valid ONNX model: {e}")))?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| ModelError::Load("ONNX model has no graph".into()))?;
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut inputs = Vec::new();
+    let mut input_types = Vec::new();
+    for vi in graph
+        .input
+        .iter()
+        .filter(|vi| !initializers.contains(vi.name.as_str()))
+    {
+        let (spec, dt) = spec_of(vi, "input")?;
+        let dt = dt.ok_or_else(|| {
+            ModelError::Load(format!(
+                "input `{}` has element type {}, which Ferry does not support",
+                spec.name, spec.dtype
+            ))
+        })?;
+        input_types.push(dt);
+        inputs.push(spec);
+    }
+    let outputs = graph
+        .output
+        .iter()
+        .map(|vi| spec_of(vi, "output").map(|(spec, dt)| (spec, dt.is_some())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !outputs.iter().any(|(_, carried)| *carried) {
+        return Err(ModelError::Load(format!(
+            "no model output has a supported element type (f32 f64 i64 i32 u8 bool): {}",
+            outputs
+                .iter()
+                .map(|(s, _)| format!("{} ({})", s.name, s.dtype))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(Declared {
+        proto,
+        inputs,
+        input_types,
+        outputs,
+    })
+}
+
+/// Reads what an ONNX file declares (inputs, outputs, opset) without an
+/// engine.
+pub(crate) fn describe(onnx_bytes: &[u8]) -> Result<Description, ModelError> {
+    let d = declared(onnx_bytes)?;
+    let opset = d
+        .proto
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version);
+    let (outputs, dropped): (Vec<_>, Vec<_>) = d.outputs.into_iter().partition(|(_, c)| *c);
+    Ok(Description {
+        inputs: d.inputs,
+        outputs: outputs.into_iter().map(|(s, _)| s).collect(),
+        dropped_outputs: dropped
+            .into_iter()
+            .map(|(s, _)| format!("{} ({})", s.name, s.dtype))
+            .collect(),
+        opset,
+    })
+}
+
 impl Model {
     /// Loads and optimises an ONNX model.
     pub fn load(onnx_bytes: &[u8]) -> Result<Model, ModelError> {
-        let onnx = tract_onnx::onnx();
-        let proto = onnx
-            .proto_model_for_read(&mut &onnx_bytes[..])
-            .map_err(|e| ModelError::Load(format!("not a valid ONNX model: {e}")))?;
-        let graph = proto
-            .graph
-            .as_ref()
-            .ok_or_else(|| ModelError::Load("ONNX model has no graph".into()))?;
-        let initializers: std::collections::HashSet<&str> =
-            graph.initializer.iter().map(|t| t.name.as_str()).collect();
-        let mut inputs = Vec::new();
-        let mut input_types = Vec::new();
-        for vi in graph
-            .input
-            .iter()
-            .filter(|vi| !initializers.contains(vi.name.as_str()))
-        {
-            let (spec, dt) = spec_of(vi, "input")?;
-            let dt = dt.ok_or_else(|| {
-                ModelError::Load(format!(
-                    "input `{}` has element type {}, which Ferry does not support",
-                    spec.name, spec.dtype
-                ))
-            })?;
-            input_types.push(dt);
-            inputs.push(spec);
-        }
-        let all_outputs = graph
-            .output
-            .iter()
-            .map(|vi| spec_of(vi, "output"))
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let mut model = onnx
+        let Declared {
+            proto,
+            inputs,
+            input_types,
+            outputs: all_outputs,
+        } = declared(onnx_bytes)?;
+        let mut model = tract_onnx::onnx()
             .model_for_proto_model(&proto)
             .map_err(|e| ModelError::Load(format!("{e:#}")))?;
         let missing: Vec<String> = model
@@ -232,19 +299,13 @@ impl Model {
         let mut outputs = Vec::new();
         let mut dropped_outputs = Vec::new();
         let mut keep = Vec::new();
-        for ((spec, dt), outlet) in all_outputs.into_iter().zip(model.outputs.clone()) {
-            if dt.is_some() {
+        for ((spec, carried), outlet) in all_outputs.into_iter().zip(model.outputs.clone()) {
+            if carried {
                 outputs.push(spec);
                 keep.push(outlet);
             } else {
                 dropped_outputs.push(format!("{} ({})", spec.name, spec.dtype));
             }
-        }
-        if outputs.is_empty() {
-            return Err(ModelError::Load(format!(
-                "no model output has a supported element type (f32 f64 i64 i32 u8 bool): {}",
-                dropped_outputs.join(", ")
-            )));
         }
         model
             .select_output_outlets(&keep)
@@ -473,7 +534,8 @@ impl Source {
     }
 }
 
-fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tract_onnx::prelude::Tensor, ModelError> {
+/// Checks a request tensor against the model's declared input (both engines).
+pub(crate) fn check_input(t: &Tensor, spec: &TensorSpec) -> Result<(), ModelError> {
     if t.dtype.name() != spec.dtype {
         return Err(ModelError::BadInput(format!(
             "input `{}` must be {}, got {}",
@@ -502,6 +564,11 @@ fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tract_onnx::prelude::Tensor
             )));
         }
     }
+    Ok(())
+}
+
+fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tract_onnx::prelude::Tensor, ModelError> {
+    check_input(t, spec)?;
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
     if t.dtype == DType::Bool {
         let values: Vec<bool> = t.data.iter().map(|&b| b != 0).collect();

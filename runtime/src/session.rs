@@ -1,5 +1,5 @@
 //! The inference pipeline: request → guest preprocess (sandbox) → tensors →
-//! model (tract) → tensors → guest postprocess → response JSON.
+//! model (tract or onnxruntime) → tensors → guest postprocess → response JSON.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,9 +9,11 @@ use ferry_guest_abi::{FeatureKind, Features, Tensor, TensorSet, Value};
 use ferry_drift::{DriftKind, DriftValue};
 use ferry_format::{BundleError, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
 
+use crate::engine::{
+    Engine, EngineModel, EngineOptions, RACE_BUDGET, engine_candidates, median_run, zero_tensors,
+};
 use crate::error::{Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
-use crate::model::Model;
 use crate::sandbox::{GuestRuntime, SandboxLimits};
 use ferry_format::TrustPolicy;
 
@@ -57,6 +59,8 @@ pub struct LoadTimings {
     pub verify: Duration,
     pub guest: Duration,
     pub model: Duration,
+    /// Measuring two engines under `auto` (zero otherwise).
+    pub engine_race: Duration,
     pub total: Duration,
 }
 
@@ -67,7 +71,9 @@ pub struct Session {
     golden: Vec<GoldenExample>,
     baseline: Option<ferry_drift::Baseline>,
     guest: GuestRuntime,
-    model: Model,
+    model: EngineModel,
+    /// What `auto` measured on load, when it had two engines to choose from.
+    race: EngineRace,
     observer: Option<Arc<dyn Observer>>,
     timings: LoadTimings,
 }
@@ -144,6 +150,57 @@ fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
     )?)
 }
 
+/// Each engine `auto` measured on load and its median model run (`None`:
+/// it failed to run).
+pub type EngineRace = Vec<(Engine, Option<Duration>)>;
+
+/// The model `auto` keeps: the only one loaded, or the faster of two on the
+/// golden examples' tensors (zeros of the inputs' shapes without examples).
+/// An engine that failed to load or to run loses; when both failed to load,
+/// the first one's error is returned.
+fn pick_faster(
+    models: Vec<Result<EngineModel, crate::ModelError>>,
+    guest: &GuestRuntime,
+    golden: &[GoldenExample],
+    manifest: &Manifest,
+) -> Result<(EngineModel, EngineRace), Error> {
+    let mut loaded = Vec::new();
+    let mut first_error = None;
+    for m in models {
+        match m {
+            Ok(m) => loaded.push(m),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if loaded.len() < 2 {
+        return match (loaded.pop(), first_error) {
+            (Some(m), _) => Ok((m, Vec::new())),
+            (None, Some(e)) => Err(e.into()),
+            (None, None) => unreachable!("at least one engine is a candidate"),
+        };
+    }
+    let mut sets: Vec<Vec<Tensor>> = golden
+        .iter()
+        .filter_map(|g| guest.preprocess(&g.content_type, &g.input).ok())
+        .filter_map(|b| decode_preprocessed(&b).ok())
+        .map(|s| s.tensors)
+        .collect();
+    if sets.is_empty() {
+        sets.push(zero_tensors(&manifest.model.inputs));
+    }
+    let race: EngineRace = loaded
+        .iter()
+        .map(|m| (m.engine(), median_run(m, &sets, RACE_BUDGET)))
+        .collect();
+    // The faster that ran; tract (first) on a tie or when neither ran.
+    let best = (0..loaded.len())
+        .min_by_key(|&i| race[i].1.unwrap_or(Duration::MAX))
+        .unwrap_or(0);
+    Ok((loaded.swap_remove(best), race))
+}
+
 fn decode_preprocessed(encoded: &[u8]) -> Result<TensorSet, Error> {
     TensorSet::decode(encoded).map_err(|e| {
         GuestError::Failed(format!("preprocess returned an invalid tensor set: {e}")).into()
@@ -151,38 +208,66 @@ fn decode_preprocessed(encoded: &[u8]) -> Result<TensorSet, Error> {
 }
 
 impl Session {
-    /// Verifies a bundle and loads it.
+    /// Verifies a bundle and loads it (engine options from the environment:
+    /// `auto`, onnxruntime where [`crate::ONNXRUNTIME_ENV`] or the binary's
+    /// directory has it).
     pub fn load(bytes: &[u8], trust: &TrustPolicy) -> Result<Session, Error> {
+        Session::load_with(bytes, trust, &EngineOptions::default())
+    }
+
+    /// Verifies a bundle and loads it on the engine `options` pick.
+    pub fn load_with(
+        bytes: &[u8],
+        trust: &TrustPolicy,
+        options: &EngineOptions,
+    ) -> Result<Session, Error> {
         let start = Instant::now();
         let bundle = ferry_format::verify(bytes, trust, &ReadLimits::default())?;
         let verify = start.elapsed();
-        let mut session = Session::from_verified(bundle)?;
+        let mut session = Session::from_verified_with(bundle, options)?;
         session.timings.verify = verify;
         session.timings.total = start.elapsed();
         Ok(session)
     }
 
-    /// Loads a bundle that was already verified.
+    /// Loads a bundle that was already verified (engine options from the
+    /// environment, as [`Session::load`]).
     pub fn from_verified(bundle: VerifiedBundle) -> Result<Session, Error> {
+        Session::from_verified_with(bundle, &EngineOptions::default())
+    }
+
+    /// Loads a bundle that was already verified, on the engine `options`
+    /// pick for it ([`choose_engine`]).
+    pub fn from_verified_with(
+        bundle: VerifiedBundle,
+        options: &EngineOptions,
+    ) -> Result<Session, Error> {
         let start = Instant::now();
+        let candidates = engine_candidates(options, bundle.manifest())?;
         let onnx = bundle
             .content(role::MODEL)
             .ok_or(BundleError::MissingArtifact(role::MODEL))?;
         // Guest compilation and model optimisation are independent: overlap them.
-        let (guest, guest_time, model, model_time) = std::thread::scope(|s| {
+        let (guest, guest_time, models, model_time) = std::thread::scope(|s| {
             let model_thread = s.spawn(|| {
                 let t = Instant::now();
-                (Model::load(onnx), t.elapsed())
+                let models: Vec<_> = candidates
+                    .iter()
+                    .map(|&e| EngineModel::load(onnx, e, options))
+                    .collect();
+                (models, t.elapsed())
             });
             let t = Instant::now();
             let guest = guest_of(&bundle);
             let guest_time = t.elapsed();
-            let (model, model_time) = model_thread.join().expect("model loading panicked");
-            (guest, guest_time, model, model_time)
+            let (models, model_time) = model_thread.join().expect("model loading panicked");
+            (guest, guest_time, models, model_time)
         });
-        let model = model?;
         let guest = guest?;
         let golden = bundle.golden()?;
+        let race_start = Instant::now();
+        let (model, race) = pick_faster(models, &guest, &golden, bundle.manifest())?;
+        let engine_race = race_start.elapsed();
         let baseline = bundle.baseline()?;
         let (manifest, digest) = bundle.into_identity();
         Ok(Session {
@@ -192,11 +277,13 @@ impl Session {
             baseline,
             guest,
             model,
+            race,
             observer: None,
             timings: LoadTimings {
                 verify: Duration::ZERO,
                 guest: guest_time,
                 model: model_time,
+                engine_race,
                 total: start.elapsed(),
             },
         })
@@ -226,6 +313,17 @@ impl Session {
     /// How long loading took.
     pub fn timings(&self) -> LoadTimings {
         self.timings
+    }
+
+    /// The engine running the model.
+    pub fn engine(&self) -> Engine {
+        self.model.engine()
+    }
+
+    /// The median model run of each engine `auto` measured on load (empty
+    /// when there was one engine to use); `None` for one that failed.
+    pub fn engine_race(&self) -> &[(Engine, Option<Duration>)] {
+        &self.race
     }
 
     /// Whether the guest was loaded from a precompiled artifact.

@@ -500,6 +500,7 @@ pub fn minimal_manifest() -> ferry_format::Manifest {
             format: "onnx".into(),
             inputs: vec![],
             outputs: vec![],
+            engines: None,
         },
         pipeline: ferry_format::Pipeline {
             guest: "custom".into(),

@@ -22,6 +22,8 @@
 //!   configuration, state directory and HTTP client; iris request helpers.
 //! - `lambda`: [`lambda::RuntimeApi`], AWS Lambda's Runtime API for the real
 //!   `bootstrap`.
+//! - `onnxruntime`: [`onnxruntime::library`], the library for engine tests,
+//!   or a skip said out loud (a failure where it is required).
 //! - `tensors`: binary tensor request bodies (`.npy`, the ABI's tensor sets).
 //! - `slow`: [`slow::half_open`] connections that send half a request and
 //!   wait, and descriptor limits for this process and a child.
@@ -40,6 +42,7 @@ pub mod cli;
 pub mod device;
 pub mod fixtures;
 pub mod lambda;
+pub mod onnxruntime;
 pub mod slow;
 pub mod tensors;
 

@@ -4,7 +4,7 @@
 //! when
 //!
 //! - a crate depends on an engine it has no room for (its `Cargo.toml`
-//!   names `wasmtime`, `tract-*`, `sled`, `rumqttc`, `rumqttd` or `axum`
+//!   names `wasmtime`, `tract-*`, `ort`, `sled`, `rumqttc`, `rumqttd` or `axum`
 //!   outside [`DEPENDENCY_ROOMS`]);
 //! - a source file outside its room names an engine in code (`sled::`,
 //!   `sled :: Db`, `::sled`, `use sled`, any `tract_*` crate...): each
@@ -30,6 +30,8 @@ pub const ROOMS: &[(&str, &[&str])] = &[
     ("wasmtime_", &["runtime/src/sandbox.rs"]),
     ("cranelift_", &["runtime/src/sandbox.rs"]),
     ("tract_", &["runtime/src/model.rs"]),
+    ("ort", &["runtime/src/onnxruntime.rs"]),
+    ("ort_sys", &["runtime/src/onnxruntime.rs"]),
     (
         "sled",
         &[
@@ -59,6 +61,8 @@ pub const DEPENDENCY_ROOMS: &[(&str, &[&str])] = &[
     ("wasmtime-", &["runtime"]),
     ("cranelift-", &["packager"]),
     ("tract-", &["runtime"]),
+    ("ort", &["runtime"]),
+    ("ort-", &["runtime"]),
     ("sled", &["host", "edge-agent", "fleet"]),
     ("rumqttc", &["link"]),
     ("rumqttd", &["fleet"]),
@@ -384,6 +388,25 @@ mod tests {
                 "{planted}"
             );
         }
+    }
+
+    #[test]
+    fn onnxruntime_stays_in_its_module() {
+        for planted in [
+            "use ort::session::Session;",
+            "let env = ort::init_from(path)?;",
+            "let api = ort_sys::OrtApi::default();",
+        ] {
+            let v = check_file("runtime/src/session.rs", planted);
+            assert_eq!(v.len(), 1, "{planted}: {v:?}");
+            assert!(v[0].what.contains("runtime/src/onnxruntime.rs"), "{}", v[0]);
+            assert!(check_file("runtime/src/onnxruntime.rs", planted).is_empty());
+        }
+        // Words that merely contain the name are not the crate.
+        assert!(check_file("runtime/src/engine.rs", "let sort = port::x; short();\n").is_empty());
+        let m = "[dependencies]\nort.workspace = true\nort-sys = \"2\"\n";
+        assert_eq!(check_manifest("edge-agent", m).len(), 2);
+        assert!(check_manifest("runtime", m).is_empty());
     }
 
     #[test]

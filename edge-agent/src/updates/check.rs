@@ -127,14 +127,26 @@ pub fn check_candidate(
     Ok(bundle)
 }
 
-/// Loads a verified bundle (compiles the guest, optimises the model).
-pub fn load_session(bundle: VerifiedBundle) -> Result<Session, Rejection> {
-    Session::from_verified(bundle).map_err(|e| {
+/// Loads a verified bundle (compiles the guest, optimises the model) on the
+/// engine `engines` pick for it: the golden examples of [`health_check`] then
+/// run on the engine that will serve.
+pub fn load_session(
+    bundle: VerifiedBundle,
+    engines: &ferry_runtime::EngineOptions,
+) -> Result<Session, Rejection> {
+    let session = Session::from_verified_with(bundle, engines).map_err(|e| {
         Rejection::new(
             "load_failed",
             format!("bundle cannot be loaded ({}): {e}", e.code()),
         )
-    })
+    })?;
+    tracing::info!(
+        engine = %session.engine(),
+        bundle = %session.digest(),
+        race = ?session.engine_race(),
+        "Loaded a bundle"
+    );
+    Ok(session)
 }
 
 /// Runs the bundle's golden examples on this device. A bundle without any
