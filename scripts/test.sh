@@ -27,7 +27,7 @@ if [ -z "${FERRY_ONNXRUNTIME:-}" ]; then
     if [ -z "$lib" ]; then
         echo "fetching the onnxruntime wheel (PyPI) for the onnxruntime engine's tests" >&2
         mkdir -p "$ort_dir/wheel"
-        python3 -m pip download --quiet onnxruntime --no-deps --only-binary=:all: -d "$ort_dir/wheel"
+        python3 -m pip download --quiet "onnxruntime==1.32.0" --no-deps --only-binary=:all: -d "$ort_dir/wheel"
         python3 - "$ort_dir" <<'PY'
 import glob, re, sys, zipfile
 out = sys.argv[1]

@@ -245,6 +245,25 @@ impl Client {
         self.get("/api/rollouts")
     }
 
+    /// `POST /api/rollouts/{id}/pause|resume|abort`.
+    pub fn control_rollout(
+        &self,
+        id: &str,
+        control: &crate::rollouts::Control,
+    ) -> Result<Rollout, ClientError> {
+        let path = format!("/api/rollouts/{id}/{}", control.name());
+        let reason = match control {
+            crate::rollouts::Control::Abort { reason } => reason.as_str(),
+            _ => "",
+        };
+        let r = self
+            .authorize(self.agent.post(self.url(&path)))
+            .header("Content-Type", "application/json")
+            .send(serde_json::json!({ "reason": reason }).to_string())
+            .map_err(self.unreachable())?;
+        Self::json(&path, r)
+    }
+
     /// `GET /api/rollouts/{id}`.
     pub fn rollout(&self, id: &str) -> Result<Rollout, ClientError> {
         self.get(&format!("/api/rollouts/{id}"))

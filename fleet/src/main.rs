@@ -74,7 +74,8 @@ enum Cmd {
     Status(StatusCmd),
     /// Start a canary rollout of a bundle on a running console.
     Rollout(RolloutCmd),
-    /// Show the console's rollouts (progress, history) and the audit trail.
+    /// Show the console's rollouts (progress, history) and the audit trail;
+    /// pause, resume or abort the running one.
     Rollouts(RolloutsCmd),
     /// Show the release registry (every release the console took, where it
     /// runs, its rollouts), or the next sequence for CI.
@@ -811,6 +812,8 @@ impl ReleasesCmd {
 
 #[derive(Args)]
 struct RolloutsCmd {
+    #[command(subcommand)]
+    action: Option<RolloutAction>,
     #[command(flatten)]
     console: ConsoleArgs,
     /// Print JSON: {"rollouts": [...], "audit": [...]}.
@@ -818,9 +821,43 @@ struct RolloutsCmd {
     json: bool,
 }
 
+/// An operator's decision on a running rollout.
+#[derive(Subcommand)]
+enum RolloutAction {
+    /// No new installs and no promotion until resumed (the abort rules keep watching).
+    Pause { rollout: String },
+    /// Go on from where it was paused.
+    Resume { rollout: String },
+    /// Roll back every device that installed it, and end it aborted.
+    Abort {
+        rollout: String,
+        /// Why (kept in the audit log and the rollout).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 impl RolloutsCmd {
     fn run(self) -> Result<()> {
         let client = self.console.client()?;
+        if let Some(action) = self.action {
+            use ferry_fleet::rollouts::Control;
+            let (id, control) = match action {
+                RolloutAction::Pause { rollout } => (rollout, Control::Pause),
+                RolloutAction::Resume { rollout } => (rollout, Control::Resume),
+                RolloutAction::Abort { rollout, reason } => (rollout, Control::Abort { reason }),
+            };
+            let r = client
+                .control_rollout(&id, &control)
+                .map_err(refused("the console refused"))?;
+            println!(
+                "rollout {}: {} ({})",
+                r.id,
+                control.name(),
+                ferry_fleet::rollouts::phase_name(&r.phase)
+            );
+            return Ok(());
+        }
         let rollouts = client.rollouts().map_err(refused("/api/rollouts"))?;
         let audit = client.audit().map_err(refused("/api/audit"))?;
         if self.json {

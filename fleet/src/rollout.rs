@@ -265,6 +265,21 @@ pub struct Rollout {
     /// The bundle each device ran before (to judge a rollback).
     #[serde(default)]
     pub previous: BTreeMap<String, Option<BundleRef>>,
+    /// Set by an operator: no new installs and no promotion until resumed
+    /// (the abort rules keep watching).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Paused>,
+    /// An operator's abort, carried out by the next step (with the reason
+    /// it will end with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_requested: Option<String>,
+}
+
+/// Who paused a rollout, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Paused {
+    pub by: String,
+    pub since_ms: u64,
 }
 
 /// What the executor must do after a step.
@@ -364,6 +379,8 @@ impl Rollout {
             order,
             canaries,
             previous: BTreeMap::new(),
+            paused: None,
+            abort_requested: None,
         })
     }
 
@@ -396,9 +413,16 @@ impl Rollout {
         }
         self.track_targets(now_ms, fleet, &mut actions);
         if !matches!(self.phase, Phase::Aborting { .. })
-            && let Some(reason) = self.check_rules(now_ms, fleet)
+            && let Some(reason) = self
+                .abort_requested
+                .take()
+                .or_else(|| self.check_rules(now_ms, fleet))
         {
+            self.paused = None;
             self.abort(reason, now_ms, fleet, &mut actions);
+            return actions;
+        }
+        if self.paused.is_some() && !matches!(self.phase, Phase::Aborting { .. }) {
             return actions;
         }
         match self.phase.clone() {

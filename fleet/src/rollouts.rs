@@ -217,6 +217,25 @@ pub struct NewRollout {
     pub release: Option<String>,
 }
 
+/// An operator's decision on a running rollout ([`Rollouts::control`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort { reason: String },
+}
+
+impl Control {
+    /// `pause`, `resume` or `abort`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Control::Pause => "pause",
+            Control::Resume => "resume",
+            Control::Abort { .. } => "abort",
+        }
+    }
+}
+
 /// What a rollout installs.
 #[derive(Debug, Clone, Copy)]
 pub enum Source<'a> {
@@ -650,6 +669,82 @@ impl Rollouts {
                     .join(", ")
             ),
         )?;
+        self.store.notify(Change::Rollout {
+            id: rollout.id.clone(),
+        });
+        Ok(rollout)
+    }
+
+    /// An operator's decision on a running rollout (`POST
+    /// /api/rollouts/{id}/pause|resume|abort`): pausing stops new installs
+    /// and promotion (the abort rules keep watching); an abort is carried
+    /// out by the next step (rollbacks for the devices that installed it).
+    /// Recorded in the audit log under `who`.
+    pub fn control(
+        &self,
+        id: &str,
+        control: Control,
+        who: &str,
+        now_ms: u64,
+    ) -> Result<Rollout, RolloutError> {
+        let (rollout, what) = {
+            let mut active = self.active.lock().unwrap();
+            let r = active
+                .iter_mut()
+                .find(|r| r.id == id)
+                .ok_or_else(|| RolloutError::NotFound(id.to_string()))?;
+            let busy = |state: &str| {
+                RolloutError::Invalid(format!(
+                    "rollout {id} is {state}: there is nothing to {}",
+                    control.name()
+                ))
+            };
+            if r.phase.is_finished() {
+                return Err(busy(phase_name(&r.phase)));
+            }
+            if matches!(r.phase, Phase::Aborting { .. }) || r.abort_requested.is_some() {
+                return Err(busy("aborting"));
+            }
+            let what = match &control {
+                Control::Pause => {
+                    if r.paused.is_some() {
+                        return Err(busy("paused"));
+                    }
+                    r.paused = Some(crate::rollout::Paused {
+                        by: who.to_string(),
+                        since_ms: now_ms,
+                    });
+                    format!("paused by {who}: no new installs or promotion until resumed")
+                }
+                Control::Resume => {
+                    if r.paused.is_none() {
+                        return Err(busy("not paused"));
+                    }
+                    r.paused = None;
+                    format!("resumed by {who}")
+                }
+                Control::Abort { reason } => {
+                    let reason = reason.trim();
+                    if reason.is_empty() {
+                        return Err(RolloutError::Invalid(
+                            "an abort needs a reason (the audit log keeps it)".into(),
+                        ));
+                    }
+                    let reason: String = reason.chars().take(500).collect();
+                    r.abort_requested = Some(format!("aborted by {who}: {reason}"));
+                    format!("abort requested by {who}: {reason}")
+                }
+            };
+            (r.clone(), what)
+        };
+        self.persist(&rollout)?;
+        self.append_audit(AuditEntry {
+            ts_ms: now_ms,
+            rollout: rollout.id.clone(),
+            operator: who.to_string(),
+            bundle_digest: rollout.spec.bundle.digest.clone(),
+            what,
+        })?;
         self.store.notify(Change::Rollout {
             id: rollout.id.clone(),
         });

@@ -1144,3 +1144,104 @@ fn an_approver_reviews_and_approves_a_release_on_the_dashboard() {
     let errors = browser.errors(&[]);
     assert!(errors.is_empty(), "{errors:#?}");
 }
+
+#[test]
+fn an_operator_pauses_resumes_and_aborts_a_rollout() {
+    // Issue 11 item 1: operators start, pause and abort rollouts. A paused
+    // rollout installs nothing more and does not promote (past its bake);
+    // resumed, it finishes; an abort rolls the canary back. A viewer can
+    // do none of it; the audit log names who did each.
+    use ferry_fleet::client::Client;
+    use ferry_fleet::rollout::Target;
+    use ferry_fleet::rollouts::Control;
+    let rt = crate::state::runtime();
+    let broker = Mosquitto::start(&DEVICES);
+    let state = tempfile::tempdir().unwrap();
+    let b = bundles();
+    let c = start_console(&rt, &broker, state.path(), None);
+    let agents = fleet_of_agents(&broker, 50);
+    c.wait_fleet_on(1, &DEVICES);
+    let token = |name: &str, role: &str| {
+        let t = c.client.create_token(name, role).unwrap();
+        Client::new(c.client.base()).with_token(&t.token)
+    };
+    let ops = token("olga", "operator");
+    let viewer = token("vera", "viewer");
+
+    let r = ops
+        .create_rollout(&b.bytes(fixtures::V2), &params(DEVICES[0], "1s", ""))
+        .unwrap();
+    c.drive("the bake", Duration::from_secs(90), |r| {
+        matches!(r.phase, Phase::Bake { .. })
+    });
+    let e = viewer.control_rollout(&r.id, &Control::Pause).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let paused = ops.control_rollout(&r.id, &Control::Pause).unwrap();
+    assert_eq!(paused.paused.as_ref().map(|p| p.by.as_str()), Some("olga"));
+    let e = ops.control_rollout(&r.id, &Control::Pause).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    // Several of the console's ticks, well past the 1 s bake.
+    std::thread::sleep(Duration::from_secs(4));
+    let now = c.client.rollout(&r.id).unwrap();
+    assert!(matches!(now.phase, Phase::Bake { .. }), "{now:#?}");
+    for d in &DEVICES[1..] {
+        assert_eq!(now.targets[*d], Target::Waiting, "{now:#?}");
+    }
+    ops.control_rollout(&r.id, &Control::Resume).unwrap();
+    c.drive("done", Duration::from_secs(90), |r| r.phase == Phase::Done);
+    c.wait_fleet_on(2, &DEVICES);
+
+    // A canary of v1 (a downgrade the admin allows), aborted by the
+    // operator while it bakes: the canary goes back to v2.
+    let mut back = params(DEVICES[0], "10m", "");
+    back.allow_downgrade = true;
+    let r = c
+        .client
+        .create_rollout(&b.bytes(fixtures::V1), &back)
+        .unwrap();
+    c.drive("v1's bake", Duration::from_secs(90), |x| {
+        x.id == r.id && matches!(x.phase, Phase::Bake { .. })
+    });
+    let e = ops
+        .control_rollout(&r.id, &Control::Abort { reason: " ".into() })
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "an abort needs a reason: {e}");
+    let e = viewer
+        .control_rollout(
+            &r.id,
+            &Control::Abort {
+                reason: "no".into(),
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    ops.control_rollout(
+        &r.id,
+        &Control::Abort {
+            reason: "customer complaint".into(),
+        },
+    )
+    .unwrap();
+    let done = c.drive("aborted", Duration::from_secs(90), |x| {
+        matches!(x.phase, Phase::Aborted { .. })
+    });
+    assert!(
+        matches!(&done.phase, Phase::Aborted { reason } if reason.contains("aborted by olga: customer complaint")),
+        "{done:#?}"
+    );
+    c.wait_fleet_on(2, &DEVICES);
+    let audit = c.client.audit().unwrap();
+    for what in [
+        "paused by olga",
+        "resumed by olga",
+        "abort requested by olga",
+    ] {
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.operator == "olga" && e.what.contains(what)),
+            "{what}: {audit:#?}"
+        );
+    }
+    drop(agents);
+}

@@ -300,7 +300,8 @@
       const running = targets.filter((t) => t.state === 'running').length;
       const phase = (r.phase && r.phase.phase) || '?';
       const p = r.phase || {};
-      const detail = p.reason
+      const detail = (r.paused ? `paused by ${r.paused.by}` : null)
+        || p.reason
         || (p.until_ms ? `until ${fmtTime(p.until_ms)}` : null)
         || (typeof p.index === 'number' ? `wave ${p.index + 1} of ${(spec.waves || []).length || '?'}` : null);
       return el('tr', { 'data-rollout': r.id },

@@ -1,7 +1,9 @@
 //! The rollouts' routes: `POST /api/rollouts` (query: [`NewRollout`],
 //! body: the bundle, or none with `release=<id>` for an approved release of
 //! the registry; `allow_downgrade=true` needs an admin),
-//! `GET /api/rollouts`, `GET /api/rollouts/{id}`, `GET /api/audit`, the
+//! `GET /api/rollouts`, `GET /api/rollouts/{id}`,
+//! `POST /api/rollouts/{id}/pause|resume|abort` (`{"reason"}` for an
+//! abort), `GET /api/audit`, the
 //! release registry (`GET /api/releases`, `POST /api/releases` to submit a
 //! bundle, `GET /api/releases/{id}` with its review and diff,
 //! `POST /api/releases/{id}/approve` with the approver-signed bundle,
@@ -35,7 +37,9 @@ use super::ApiError;
 use crate::auth::{Principal, Role};
 use crate::releases::{ReleaseDetail, ReleaseRecord};
 use crate::rollout::Rollout;
-use crate::rollouts::{AuditEntry, MAX_BUNDLE_BYTES, NewRollout, Rollouts, Source, bundle_path};
+use crate::rollouts::{
+    AuditEntry, Control, MAX_BUNDLE_BYTES, NewRollout, Rollouts, Source, bundle_path,
+};
 
 /// Bytes read from a bundle file per chunk of a download.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -50,6 +54,7 @@ pub fn routes(rollouts: Arc<Rollouts>) -> axum::Router {
                 .layer(DefaultBodyLimit::max(MAX_BUNDLE_BYTES)),
         )
         .route("/api/rollouts/{id}", get(one))
+        .route("/api/rollouts/{id}/{control}", axum::routing::post(control))
         .route("/api/audit", get(audit))
         .route(
             "/api/releases",
@@ -186,6 +191,44 @@ async fn reject(
     let now = ferry_host::now_ms();
     let record = super::blocking(move || Ok(r.reject(&id, &body.reason, &who.name, now)?)).await?;
     Ok(axum::Json(record))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ControlBody {
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /api/rollouts/{id}/pause`, `.../resume`, `.../abort` (body
+/// `{"reason": "..."}`, needed for an abort).
+async fn control(
+    State(r): State<Arc<Rollouts>>,
+    Extension(who): Extension<Principal>,
+    UrlPath((id, control)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Rollout>, ApiError> {
+    let body: ControlBody = if body.is_empty() {
+        ControlBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!("the body must be {{\"reason\": ...}}: {e}"))
+        })?
+    };
+    let control = match control.as_str() {
+        "pause" => Control::Pause,
+        "resume" => Control::Resume,
+        "abort" => Control::Abort {
+            reason: body.reason,
+        },
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no action {other:?} on a rollout (pause, resume, abort)"
+            )));
+        }
+    };
+    let now = ferry_host::now_ms();
+    let rollout = super::blocking(move || Ok(r.control(&id, control, &who.name, now)?)).await?;
+    Ok(axum::Json(rollout))
 }
 
 async fn list(State(r): State<Arc<Rollouts>>) -> axum::Json<Vec<Rollout>> {
