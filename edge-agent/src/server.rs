@@ -17,9 +17,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -89,17 +88,36 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
-async fn predict(
-    State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+/// A body announced over the limit is read and discarded up to this many
+/// times the limit before the 413 goes out, so a client still sending it
+/// reads the answer rather than a broken pipe; beyond, the connection
+/// closes after the answer.
+const DISCARD_FACTOR: u64 = 4;
+
+async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -> Response {
     let limit = ctx.agent.config.http.max_body_bytes;
-    let body = match body {
-        Ok(b) if b.len() <= limit => b,
-        Ok(_) => return too_large(limit),
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(limit),
-        Err(e) => return error(e.status(), "bad_body", e.body_text()),
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let announced: Option<u64> = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        ferry_host::http::discard_body(body, announced, DISCARD_FACTOR * limit as u64).await;
+        return too_large(limit);
+    }
+    let body: Bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            // Over the limit without a Content-Length (chunked), or the
+            // client stopped sending.
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<ferry_host::http::LengthLimitError>());
+            if over {
+                return too_large(limit);
+            }
+            return error(StatusCode::BAD_REQUEST, "bad_body", e.to_string());
+        }
     };
     let Some(content_type) = headers
         .get(header::CONTENT_TYPE)

@@ -39,6 +39,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
+
+/// The error inside a body read that went past its length limit (e.g.
+/// `axum::body::to_bytes`'s), to tell it from a failed read.
+pub use http_body_util::LengthLimitError;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
