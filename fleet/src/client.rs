@@ -209,13 +209,21 @@ impl Client {
 
     /// `POST /api/releases/{id}/reject` with the reason.
     pub fn reject_release(&self, id: &str, reason: &str) -> Result<ReleaseRecord, ClientError> {
-        let path = format!("/api/releases/{id}/reject");
+        self.post_reason(&format!("/api/releases/{id}/reject"), reason)
+    }
+
+    /// POSTs `{"reason": reason}` to `path`.
+    fn post_reason<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        reason: &str,
+    ) -> Result<T, ClientError> {
         let r = self
-            .authorize(self.agent.post(self.url(&path)))
+            .authorize(self.agent.post(self.url(path)))
             .header("Content-Type", "application/json")
             .send(serde_json::json!({ "reason": reason }).to_string())
             .map_err(self.unreachable())?;
-        Self::json(&path, r)
+        Self::json(path, r)
     }
 
     /// `GET /bundles/{digest}.ferry`: a bundle's bytes (what devices and
@@ -251,17 +259,11 @@ impl Client {
         id: &str,
         control: &crate::rollouts::Control,
     ) -> Result<Rollout, ClientError> {
-        let path = format!("/api/rollouts/{id}/{}", control.name());
         let reason = match control {
             crate::rollouts::Control::Abort { reason } => reason.as_str(),
             _ => "",
         };
-        let r = self
-            .authorize(self.agent.post(self.url(&path)))
-            .header("Content-Type", "application/json")
-            .send(serde_json::json!({ "reason": reason }).to_string())
-            .map_err(self.unreachable())?;
-        Self::json(&path, r)
+        self.post_reason(&format!("/api/rollouts/{id}/{}", control.name()), reason)
     }
 
     /// `GET /api/rollouts/{id}`.

@@ -844,10 +844,7 @@ impl Rollouts {
     ) -> Result<ReleaseRecord, RolloutError> {
         match self.find_record(v.release_id())? {
             Some(mut r) if r.status == ReleaseStatus::AwaitingApproval => {
-                r.status = ReleaseStatus::Approved;
-                r.digest = v.digest().to_string();
-                r.signed_by = v.signed_by().iter().map(|k| k.to_string()).collect();
-                r.size_bytes = size as u64;
+                approved_copy(&mut r, v, size);
                 self.store
                     .update_release(&r.release, &r)
                     .map_err(|e| self.registry_error(e))?;
@@ -930,10 +927,7 @@ impl Rollouts {
         let mut record = match known {
             Some(mut r) => {
                 // Awaited approval; this copy carries it.
-                r.status = ReleaseStatus::Approved;
-                r.digest = verified.digest().to_string();
-                r.signed_by = verified.signed_by().iter().map(|k| k.to_string()).collect();
-                r.size_bytes = bundle.len() as u64;
+                approved_copy(&mut r, &verified, bundle.len());
                 r
             }
             None => new_record(&verified, bundle.len(), who, now_ms, status),
@@ -1006,10 +1000,7 @@ impl Rollouts {
             &self.bundles.join(format!("{}.ferry", verified.digest())),
             bundle,
         )?;
-        record.status = ReleaseStatus::Approved;
-        record.digest = verified.digest().to_string();
-        record.signed_by = verified.signed_by().iter().map(|k| k.to_string()).collect();
-        record.size_bytes = bundle.len() as u64;
+        approved_copy(&mut record, &verified, bundle.len());
         record.approved_by = Some(who.to_string());
         record.approved_ms = Some(now_ms);
         self.store
@@ -1362,6 +1353,15 @@ fn new_record(
         size_bytes: size as u64,
         review: Some(crate::releases::Review::of(v, size as u64)),
     }
+}
+
+/// `r` now stands for `v`, a copy of its release that carries every
+/// signature (`size` bytes).
+fn approved_copy(r: &mut ReleaseRecord, v: &VerifiedBundle, size: usize) {
+    r.status = ReleaseStatus::Approved;
+    r.digest = v.digest().to_string();
+    r.signed_by = v.signed_by().iter().map(|k| k.to_string()).collect();
+    r.size_bytes = size as u64;
 }
 
 /// The refusal to roll out a release that is not approved.

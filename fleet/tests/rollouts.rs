@@ -594,33 +594,10 @@ fn with_a_root_of_trust_the_console_takes_only_approved_releases_and_an_operator
     // Issue 11 item 2 (in part): a console given the devices' root refuses
     // an upload that lacks the approver's signature, and refuses to start
     // with a signing key the devices' root does not make an operator.
-    use ferry_testkit::cli::{assert_exit, ferry};
-    let keys = tempfile::tempdir().unwrap();
-    let k = |name: &str| keys.path().join(name).display().to_string();
-    for name in ["root", "approver", "operator", "stranger"] {
-        assert_exit(&ferry(&["keygen", "-o", &k(name)]), 0);
-    }
+    let keys = RootKeys::new();
+    let k = |name: &str| keys.path(name);
     let b = bundles();
     let root_file = k("root.json");
-    assert_exit(
-        &ferry(&[
-            "root",
-            "init",
-            "--root",
-            &k("root.pub"),
-            "--builder",
-            b.path("release.pub").to_str().unwrap(),
-            "--approver",
-            &k("approver.pub"),
-            "--operator",
-            &k("operator.pub"),
-            "--key",
-            &k("root.key"),
-            "-o",
-            &root_file,
-        ]),
-        0,
-    );
     // The binary: a key outside the operator role is refused at start.
     let state = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(fixtures::workspace_bin("ferry-fleet"))
@@ -635,18 +612,9 @@ fn with_a_root_of_trust_the_console_takes_only_approved_releases_and_an_operator
 
     // The console with the root's release policy: builder alone is refused
     // (nothing stored), builder + approver is taken.
-    let root = ferry_format::Root::from_envelope(&std::fs::read(&root_file).unwrap()).unwrap();
     let rt = crate::state::runtime();
     let broker = Mosquitto::start(&["ra-1"]);
-    let mut config = console_config(&broker, state.path(), "root-console", None);
-    config.rollouts = Some(RolloutsConfig {
-        trust: root.release_policy().clone(),
-        key: Some(
-            SecretKey::from_pem(&std::fs::read_to_string(k("operator.key")).unwrap()).unwrap(),
-        ),
-        public_url: None,
-    });
-    let c = RunningConsole::start(&rt, config);
+    let c = keys.console(&rt, &broker, state.path());
     let agent = Device::start(Setup::new("ra-1").mqtt(&broker));
     c.wait_fleet_on(1, &["ra-1"]);
     let e = c
@@ -656,9 +624,8 @@ fn with_a_root_of_trust_the_console_takes_only_approved_releases_and_an_operator
     assert_eq!(e.status(), Some(409), "{e}");
     assert!(e.to_string().contains("approver"), "{e}");
     assert_eq!(stored_bundles(state.path()), Vec::<String>::new());
-    let approver =
-        SecretKey::from_pem(&std::fs::read_to_string(k("approver.key")).unwrap()).unwrap();
-    let approved = ferry_format::add_signatures(&b.bytes(fixtures::V2), &[&approver]).unwrap();
+    let approved =
+        ferry_format::add_signatures(&b.bytes(fixtures::V2), &[&keys.key("approver")]).unwrap();
     c.client
         .create_rollout(&approved, &params("100%", "1s", ""))
         .unwrap();
