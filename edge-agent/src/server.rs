@@ -178,6 +178,7 @@ async fn model(State(ctx): State<Arc<Ctx>>) -> Response {
         "description": m.description,
         "activated_ms": active.activated_ms,
         "precompiled_guest": active.session.used_precompiled_guest(),
+        "guest_target": active.session.guest_target(),
         "inputs": m.model.inputs,
         "outputs": m.model.outputs,
         "previous": ctx.agent.previous_bundle(),
