@@ -262,7 +262,10 @@ pub const DEFAULT_PRECOMPILE: [&str; 3] = ["x86_64", "aarch64", "pulley32"];
 /// The targets of `--precompile` (the default without it; none for `none`).
 fn precompile_targets(flag: Option<&[String]>) -> Vec<String> {
     match flag {
-        None => DEFAULT_PRECOMPILE.iter().map(|t| target_triple(t)).collect(),
+        None => DEFAULT_PRECOMPILE
+            .iter()
+            .map(|t| target_triple(t))
+            .collect(),
         Some([none]) if none == "none" => Vec::new(),
         Some(list) => {
             let mut out: Vec<String> = Vec::new();
