@@ -93,79 +93,78 @@ async fn exercise(arch: &'static str, guest_target: &'static str) {
     let channel = tempfile::tempdir().unwrap();
     let port = broker.port();
     let channel_dir = channel.path().to_path_buf();
-    let d =
-        blocking(move || {
-            let mut setup = Setup::new(&device);
-            setup.mqtt_port = Some(port);
-            setup.source = Some(channel_dir.display().to_string());
-            setup.cross = Some(cross);
-            let d = Device::start(setup);
-            // The x86_64 agent of this workspace, serving the same releases.
-            let x86 = Device::start(Setup::new(&format!("x86-ref-{arch}")));
-            let mut digits_setup = Setup::new(&format!("x86-digits-{arch}"));
-            digits_setup.initial = Some(fixtures::BAD_RELEASE.into());
-            let x86_digits = Device::start(digits_setup);
+    let d = blocking(move || {
+        let mut setup = Setup::new(&device);
+        setup.mqtt_port = Some(port);
+        setup.source = Some(channel_dir.display().to_string());
+        setup.cross = Some(cross);
+        let d = Device::start(setup);
+        // The x86_64 agent of this workspace, serving the same releases.
+        let x86 = Device::start(Setup::new(&format!("x86-ref-{arch}")));
+        let mut digits_setup = Setup::new(&format!("x86-digits-{arch}"));
+        digits_setup.initial = Some(fixtures::BAD_RELEASE.into());
+        let x86_digits = Device::start(digits_setup);
 
-            // 1. The default bundle runs without compiling: native code on
-            // aarch64, Pulley bytecode on armv7.
-            let (status, m) = d.get("/v1/model");
-            assert_eq!(status, 200, "{m}");
-            assert_eq!(m["guest_target"], guest_target, "{m}");
-            assert_eq!(m["precompiled_guest"], true, "{m}");
+        // 1. The default bundle runs without compiling: native code on
+        // aarch64, Pulley bytecode on armv7.
+        let (status, m) = d.get("/v1/model");
+        assert_eq!(status, 200, "{m}");
+        assert_eq!(m["guest_target"], guest_target, "{m}");
+        assert_eq!(m["precompiled_guest"], true, "{m}");
 
-            // 2. Predictions equal x86_64's within the golden tolerance.
-            let rows = iris_rows("iris_test.csv");
-            let batch = iris_batch(&rows);
-            let (status, on_device) = d.predict_json(&batch);
-            assert_eq!(status, 200, "{on_device}");
-            let (status, on_x86) = x86.predict_json(&batch);
-            assert_eq!(status, 200, "{on_x86}");
-            assert_same("iris batch", &on_x86, &on_device);
+        // 2. Predictions equal x86_64's within the golden tolerance.
+        let rows = iris_rows("iris_test.csv");
+        let batch = iris_batch(&rows);
+        let (status, on_device) = d.predict_json(&batch);
+        assert_eq!(status, 200, "{on_device}");
+        let (status, on_x86) = x86.predict_json(&batch);
+        assert_eq!(status, 200, "{on_x86}");
+        assert_same("iris batch", &on_x86, &on_device);
 
-            // 3. A signed bundle with no guest this build runs (x86_64 native
-            // code only) is refused before activation; v1 keeps serving and the
-            // refusal is in the status and the metrics.
-            let x86_only = pack_for(&format!("x86-only-{arch}.ferry"), "2", "x86_64");
-            publish(&channel_dir, std::path::Path::new(&x86_only));
-            d.wait_update_refused("guest_target");
-            let status = d.status();
-            assert!(
+        // 3. A signed bundle with no guest this build runs (x86_64 native
+        // code only) is refused before activation; v1 keeps serving and the
+        // refusal is in the status and the metrics.
+        let x86_only = pack_for(&format!("x86-only-{arch}.ferry"), "2", "x86_64");
+        publish(&channel_dir, std::path::Path::new(&x86_only));
+        d.wait_update_refused("guest_target");
+        let status = d.status();
+        assert!(
                 status["update"]["reason"].as_str().is_some_and(|r| r
                     .contains("x86_64-unknown-linux-gnu")
                     && r.contains(guest_target)),
                 "{status:#}"
             );
-            assert_eq!(d.model(), ("1.0.0".to_string(), 1));
-            assert_eq!(d.predict_json(&iris_request(rows[0])).0, 200);
-            d.wait_metric("ferry_updates_rejected_total{code=\"guest_target\"} 1");
+        assert_eq!(d.model(), ("1.0.0".to_string(), 1));
+        assert_eq!(d.predict_json(&iris_request(rows[0])).0, 200);
+        d.wait_metric("ferry_updates_rejected_total{code=\"guest_target\"} 1");
 
-            // 4. A signed update installs (the digits model, sequence 3), answers
-            // like x86_64, and is rolled back when the fleet's traffic fails on it.
-            publish(&channel_dir, &bundles().path(fixtures::BAD_RELEASE));
-            d.wait_status(
-                Duration::from_secs(120),
-                "v3 installed, on probation",
-                |s| s["bundle"]["sequence"] == 3 && s["update"]["state"] == "probation",
-            );
-            let png = std::fs::read(examples().join("digits/golden/digit_3.png")).unwrap();
-            let (status, on_device) = d.post(Some("image/png"), &png);
-            assert_eq!(status, 200, "{on_device}");
-            let (status, on_x86) = x86_digits.post(Some("image/png"), &png);
-            assert_eq!(status, 200, "{on_x86}");
-            assert_same("digit 3", &on_x86, &on_device);
-            for _ in 0..15 {
-                assert_eq!(d.predict_json(&iris_request(rows[0])).0, 400);
-            }
-            let s = d.wait_status(Duration::from_secs(60), "rolled back", |s| {
-                s["bundle"]["sequence"] == 1
-            });
-            assert_eq!(s["update"]["state"], "idle", "{s}");
-            assert_eq!(d.predict_json(&iris_request(rows[0])).0, 200);
-            assert!(d.metrics().contains("ferry_rollbacks_total 1"));
-            d.wait_metric("ferry_mqtt_connected 1");
-            d
-        })
-        .await;
+        // 4. A signed update installs (the digits model, sequence 3), answers
+        // like x86_64, and is rolled back when the fleet's traffic fails on it.
+        publish(&channel_dir, &bundles().path(fixtures::BAD_RELEASE));
+        d.wait_status(
+            Duration::from_secs(120),
+            "v3 installed, on probation",
+            |s| s["bundle"]["sequence"] == 3 && s["update"]["state"] == "probation",
+        );
+        let png = std::fs::read(examples().join("digits/golden/digit_3.png")).unwrap();
+        let (status, on_device) = d.post(Some("image/png"), &png);
+        assert_eq!(status, 200, "{on_device}");
+        let (status, on_x86) = x86_digits.post(Some("image/png"), &png);
+        assert_eq!(status, 200, "{on_x86}");
+        assert_same("digit 3", &on_x86, &on_device);
+        for _ in 0..15 {
+            assert_eq!(d.predict_json(&iris_request(rows[0])).0, 400);
+        }
+        let s = d.wait_status(Duration::from_secs(60), "rolled back", |s| {
+            s["bundle"]["sequence"] == 1
+        });
+        assert_eq!(s["update"]["state"], "idle", "{s}");
+        assert_eq!(d.predict_json(&iris_request(rows[0])).0, 200);
+        assert!(d.metrics().contains("ferry_rollbacks_total 1"));
+        d.wait_metric("ferry_mqtt_connected 1");
+        d
+    })
+    .await;
 
     // 5. Over MQTT: status, telemetry of the predictions, and the events of
     // the refusal and the rollback reached mosquitto.

@@ -7,6 +7,8 @@
 //! `qemu-arm -L /usr/arm-linux-gnueabihf` (Debian's `qemu-user` with the glibc
 //! of `libc6-arm64-cross` / `libc6-armhf-cross`), or the words of
 //! `FERRY_CROSS_RUNNER_AARCH64` / `FERRY_CROSS_RUNNER_ARMV7`.
+//! `FERRY_CROSS_REQUIRED` (architectures separated by spaces) makes a missing
+//! variable an error instead of a skip: what `.ci/run` sets.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,7 +26,8 @@ pub struct CrossAgent {
 impl CrossAgent {
     /// The agent for `arch` named by the environment, `None` when its
     /// variable is unset (a run that did not cross-build). A variable that
-    /// names no file, or a runner that is not installed, panics: the run
+    /// names no file, a runner that is not installed, or an unset variable
+    /// for an architecture `FERRY_CROSS_REQUIRED` names, panics: the run
     /// asked for this architecture and must not pass without it.
     pub fn from_env(arch: &'static str) -> Option<CrossAgent> {
         let (var, runner_var, default_runner) = match arch {
@@ -40,7 +43,16 @@ impl CrossAgent {
             ),
             other => panic!("no cross agent for {other}"),
         };
-        let binary = PathBuf::from(std::env::var_os(var)?);
+        let required = std::env::var("FERRY_CROSS_REQUIRED")
+            .is_ok_and(|r| r.split_whitespace().any(|a| a == arch));
+        let Some(binary) = std::env::var_os(var) else {
+            assert!(
+                !required,
+                "FERRY_CROSS_REQUIRED names {arch} but {var} is not set"
+            );
+            return None;
+        };
+        let binary = PathBuf::from(binary);
         assert!(
             binary.is_file(),
             "{var} names {}, which is not a file: build it first (scripts/device-build.sh)",
