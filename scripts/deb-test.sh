@@ -12,6 +12,8 @@
 # (both gone). Ends with "deb: N passed, N failed"; exits 1 on a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# gzip: fast on the test's unstripped binaries (the packages default to xz).
+export DEB_COMPRESSION=${DEB_COMPRESSION:-gzip}
 agent_bin=$1 ferry_bin=$2
 [ "$(id -u)" -eq 0 ] || { echo "deb-test: run as root (dpkg -i)" >&2; exit 1; }
 for p in ferry-agent ferry; do
@@ -84,7 +86,10 @@ check "check-config accepts the edited configuration" \
     runuser -u ferry-agent -- /usr/bin/ferry-agent --config /etc/ferry/agent.toml check-config
 
 serve_one() { # runs the installed agent as its user, outside systemd; one prediction
-    runuser -u ferry-agent -- /usr/bin/ferry-agent --config /etc/ferry/agent.toml \
+    # setpriv execs the agent (runuser would stay its parent and turn the
+    # SIGTERM below into a killed session).
+    setpriv --reuid=ferry-agent --regid=ferry-agent --init-groups \
+        /usr/bin/ferry-agent --config /etc/ferry/agent.toml \
         --log-format text 2>"$work/agent.log" &
     agent_pid=$!
     for _ in $(seq 1 600); do

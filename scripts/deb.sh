@@ -71,5 +71,6 @@ Homepage: https://example.invalid/ferry
 Description: $description
 CONTROL
 out="$outdir/${name}_${version}_${deb_arch}.deb"
-dpkg-deb --root-owner-group --build "$root" "$out" >/dev/null
+# xz: what every dpkg since Debian 10 reads (DEB_COMPRESSION=gzip is faster).
+dpkg-deb --root-owner-group -Z"${DEB_COMPRESSION:-xz}" --build "$root" "$out" >/dev/null
 echo "$out"
