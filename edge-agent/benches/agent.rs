@@ -4,6 +4,11 @@
 //!
 //! `cargo bench --workspace --bench agent` (needs the workspace's `ferry`
 //! binary next to `ferry-agent`, which the workspace build provides).
+//!
+//! With `FERRY_BENCH_DEVICE_AGENT` naming another `ferry-agent` for this
+//! machine (the lean device build: `scripts/device-build.sh x86_64`), it
+//! also compares the two binaries on the same bundles: idle memory (VmRSS,
+//! RssAnon, RssFile) and HTTP prediction latency in interleaved rounds.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,10 +29,15 @@ fn ferry(args: &[&str]) {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap()
@@ -46,6 +56,10 @@ impl Drop for Running {
 }
 
 fn start_agent(dir: &Path, bundle: &Path, public: &Path) -> Running {
+    start_binary(&agent_bin(), dir, bundle, public)
+}
+
+fn start_binary(binary: &Path, dir: &Path, bundle: &Path, public: &Path) -> Running {
     let port = free_port();
     let config = format!(
         "[device]\nid = \"bench\"\nfleet = \"demo\"\n\n[paths]\nstate_dir = \"{}\"\ninitial_bundle = \"{}\"\ntrusted_keys = [\"{}\"]\n\n\
@@ -56,7 +70,7 @@ fn start_agent(dir: &Path, bundle: &Path, public: &Path) -> Running {
     );
     let path = dir.join("agent.toml");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(agent_bin())
+    let child = Command::new(binary)
         .arg("--config")
         .arg(&path)
         .env("FERRY_LOG", "warn")
@@ -221,6 +235,78 @@ fn main() {
             busy as f64 / 1024.0,
             h - i,
             h / i
+        );
+    }
+    if let Some(device) = std::env::var_os("FERRY_BENCH_DEVICE_AGENT") {
+        compare_builds(&PathBuf::from(device), &cases, &public);
+    }
+}
+
+/// The release build against the device build: same bundles, same
+/// requests, interleaved rounds.
+fn compare_builds(device: &Path, cases: &[(&str, PathBuf, Vec<u8>, &str)], public: &Path) {
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len() as f64 / 1e6;
+    println!(
+        "\n# release build ({:.1} MB) vs device build ({:.1} MB)",
+        size(&agent_bin()),
+        size(device)
+    );
+    for (name, bundle, body, content_type) in cases {
+        let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let builds = [
+            (
+                "release",
+                start_binary(&agent_bin(), s1.path(), bundle, public),
+            ),
+            ("device", start_binary(device, s2.path(), bundle, public)),
+        ];
+        std::thread::sleep(Duration::from_secs(2));
+        let http: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let post = |url: &str| {
+            let mut r = http
+                .post(format!("{url}/v1/predict"))
+                .header("Content-Type", *content_type)
+                .send(&body[..])
+                .unwrap();
+            r.body_mut().read_to_vec().unwrap()
+        };
+        for (build, agent) in &builds {
+            let pid = agent.child.id();
+            println!(
+                "{name} {build}: idle VmRSS {:.1} MiB, RssAnon {:.1} MiB, RssFile {:.1} MiB",
+                status_kib(pid, "VmRSS:") as f64 / 1024.0,
+                status_kib(pid, "RssAnon:") as f64 / 1024.0,
+                status_kib(pid, "RssFile:") as f64 / 1024.0
+            );
+        }
+        let answers: Vec<serde_json::Value> = builds
+            .iter()
+            .map(|(_, a)| serde_json::from_slice(&post(&a.url)).unwrap())
+            .collect();
+        assert_eq!(answers[0], answers[1], "the builds answer differently");
+        for (_, a) in &builds {
+            for _ in 0..200 {
+                post(&a.url);
+            }
+        }
+        let n = 500;
+        let mut times = [Vec::new(), Vec::new()];
+        for _ in 0..10 {
+            for (i, (_, a)) in builds.iter().enumerate() {
+                let t = Instant::now();
+                for _ in 0..n {
+                    post(&a.url);
+                }
+                times[i].push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
+            }
+        }
+        let [release, device] = times.map(median);
+        println!(
+            "{name}: HTTP predict release {release:.1} us, device {device:.1} us (device/release {:.2}); after {} requests VmRSS release {:.1} MiB, device {:.1} MiB",
+            device / release,
+            200 + 10 * n + 1,
+            rss_kib(builds[0].1.child.id()) as f64 / 1024.0,
+            rss_kib(builds[1].1.child.id()) as f64 / 1024.0
         );
     }
 }

@@ -594,6 +594,7 @@ impl Agent {
             digest = %bundle.digest,
             sequence = bundle.sequence,
             precompiled_guest = session.used_precompiled_guest(),
+            guest_target = session.guest_target(),
             load_ms = session.timings().total.as_millis() as u64,
             "Serving"
         );
@@ -979,7 +980,11 @@ impl Agent {
                     // corrupted copy could blacklist the genuine release.
                     let judged = matches!(
                         r.code,
-                        "wrong_fleet" | "wrong_channel" | "load_failed" | "golden_failed"
+                        "wrong_fleet"
+                            | "wrong_channel"
+                            | "guest_target"
+                            | "load_failed"
+                            | "golden_failed"
                     );
                     let release = if judged {
                         ferry_format::release_id_of(&bytes).unwrap_or_default()

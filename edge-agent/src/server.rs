@@ -198,6 +198,7 @@ async fn model(State(ctx): State<Arc<Ctx>>) -> Response {
         "precompiled_guest": active.session.used_precompiled_guest(),
         // The engine serving (and the one the golden examples ran on).
         "engine": active.session.engine().name(),
+        "guest_target": active.session.guest_target(),
         "inputs": m.model.inputs,
         "outputs": m.model.outputs,
         "previous": ctx.agent.previous_bundle(),

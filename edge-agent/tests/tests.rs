@@ -9,9 +9,13 @@
 //!   store's atomic activation and recovery.
 //! - `agent`: the `ferry-agent` binary: HTTP API, drift, updates, rollbacks.
 //! - `agent_mqtt`: the binary with mosquitto: outages, SIGKILL, will, commands.
+//! - `cross`: the lean device builds for aarch64 and armv7 under qemu-user
+//!   (when `.ci/run` names them): predictions, a refused bundle, an update,
+//!   a rollback, MQTT.
 
 mod agent;
 mod agent_mqtt;
 mod buffer;
+mod cross;
 mod mqtt;
 mod updates;

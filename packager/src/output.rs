@@ -11,6 +11,43 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// The targets a bundle's precompiled guests serve (from their
+/// compatibility keys), with the wasmtime release when it is not this
+/// packager's (a lean device build of another release cannot run them).
+pub fn guest_targets(m: &Manifest) -> Vec<String> {
+    m.artifacts
+        .iter()
+        .filter(|a| a.role == ferry_runtime::role::GUEST_PRECOMPILED)
+        .filter_map(|a| a.target.as_deref())
+        .map(|key| {
+            let own = format!(":wasmtime-{}", ferry_runtime::WASMTIME_VERSION);
+            match key.strip_suffix(&own) {
+                Some(target) => target.to_string(),
+                None => key.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// One line for people: which devices run the bundle without compiling.
+pub fn describe_guest_targets(m: &Manifest) -> String {
+    let targets = guest_targets(m);
+    let precompiled = if targets.is_empty() {
+        "no precompiled guest".to_string()
+    } else {
+        let named: Vec<String> = targets
+            .iter()
+            .map(|t| match t.as_str() {
+                "pulley32" => "pulley32 (armv7 and other 32-bit devices, interpreted)".into(),
+                "pulley64" => "pulley64 (any 64-bit device, interpreted)".into(),
+                other => format!("{other} (native)"),
+            })
+            .collect();
+        named.join(", ")
+    };
+    format!("{precompiled}; builds with a guest compiler: any target")
+}
+
 pub fn print_inspect(
     m: &Manifest,
     key_ids: &[KeyId],
@@ -25,6 +62,7 @@ pub fn print_inspect(
         let v = json!({
             "digest": digest,
             "release_id": release_id,
+            "guest_targets": guest_targets(m),
             "size": size,
             "signatures": signers,
             "signatures_verified": verified,
@@ -75,6 +113,7 @@ pub fn print_inspect(
         human_bytes(m.limits.memory_bytes),
         m.limits.timeout_ms
     );
+    println!("  runs on     {}", describe_guest_targets(m));
     for i in &m.model.inputs {
         println!(
             "  input       {} {} {}",

@@ -77,10 +77,12 @@ pub struct PackArgs {
     /// Override [release] channel.
     #[arg(long)]
     channel: Option<String>,
-    /// Also store the guest precompiled for these targets (x86_64, aarch64, or full target triples):
-    /// faster cold starts where the runtime matches; others compile the portable module.
+    /// Store the guest precompiled for these targets: x86_64, aarch64 (native code), armv7 or
+    /// pulley32, pulley64 (Pulley bytecode), full target triples, or `none`. Default: x86_64,
+    /// aarch64, pulley32, so the bundle runs on every supported device without compiling
+    /// (docs/devices.md); a runtime with a compiler compiles the portable module where none fits.
     #[arg(long, value_delimiter = ',', value_name = "TARGETS")]
-    precompile: Vec<String>,
+    precompile: Option<Vec<String>>,
     /// zstd compression level (1-22).
     #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
@@ -261,10 +263,38 @@ fn bare_model_plan(model: &Path, a: &PackArgs) -> Result<Plan> {
     })
 }
 
+/// What `ferry pack` precompiles the guest for without `--precompile`: one
+/// artifact for each device class Ferry supports (x86_64 and aarch64 native
+/// code, 32-bit ARM on Pulley), so a bundle packed without flags runs on the
+/// lean device build everywhere. The size this costs: docs/devices.md.
+pub const DEFAULT_PRECOMPILE: [&str; 3] = ["x86_64", "aarch64", "pulley32"];
+
+/// The targets of `--precompile` (the default without it; none for `none`).
+fn precompile_targets(flag: Option<&[String]>) -> Vec<String> {
+    match flag {
+        None => DEFAULT_PRECOMPILE
+            .iter()
+            .map(|t| target_triple(t))
+            .collect(),
+        Some([none]) if none == "none" => Vec::new(),
+        Some(list) => {
+            let mut out: Vec<String> = Vec::new();
+            for t in list.iter().map(|t| target_triple(t)) {
+                if !out.contains(&t) {
+                    out.push(t);
+                }
+            }
+            out
+        }
+    }
+}
+
 fn target_triple(t: &str) -> String {
     match t {
         "x86_64" | "x86-64" | "amd64" => "x86_64-unknown-linux-gnu".into(),
         "aarch64" | "arm64" => "aarch64-unknown-linux-gnu".into(),
+        // 32-bit ARM has no native wasmtime backend: its guests run on Pulley.
+        "armv7" | "armhf" | "arm" => "pulley32".into(),
         other => other.into(),
     }
 }
@@ -521,8 +551,7 @@ impl PackArgs {
                 false,
             ),
         ];
-        for t in &self.precompile {
-            let triple = target_triple(t);
+        for triple in precompile_targets(self.precompile.as_deref()) {
             let (bytes, key) = steps.run(
                 "precompile",
                 &format!("precompiling the guest for {triple}"),
@@ -661,6 +690,7 @@ impl PackArgs {
                 "artifacts": manifest.artifacts.iter().map(|a| json!({
                     "role": a.role, "size": a.size, "compressed_size": a.compressed_size, "encoding": a.encoding, "sha256": a.sha256, "target": a.target,
                 })).collect::<Vec<_>>(),
+                "guest_targets": crate::output::guest_targets(&manifest),
                 "golden": {"passed": golden.len(), "failed": 0},
                 "engines": manifest.model.engines,
                 "baseline_features": baseline.as_ref().map(|b| b.features.len()).unwrap_or(0),
@@ -683,6 +713,10 @@ impl PackArgs {
             for line in engines::describe(&checks) {
                 println!("  {line}");
             }
+            println!(
+                "  guest runs on: {}",
+                crate::output::describe_guest_targets(&manifest)
+            );
             if let Some(b) = &baseline {
                 println!("  drift baseline: {} feature(s)", b.features.len());
             }

@@ -105,15 +105,35 @@ fn human_output_names_the_class() {
 #[test]
 fn two_packs_of_the_same_inputs_are_byte_identical() {
     let f = bundles();
+    // The portable fixture, packed again.
     let again = f.scratch("iris-again.ferry");
     assert_exit(
-        &ferry(&["pack", &example("iris"), "--key", &f.key(), "-o", &again]),
+        &ferry(&[
+            "pack",
+            &example("iris"),
+            "--key",
+            &f.key(),
+            "-o",
+            &again,
+            "--precompile",
+            "none",
+        ]),
         0,
     );
     assert_eq!(
         std::fs::read(&again).unwrap(),
         std::fs::read(f.bundle("iris")).unwrap()
     );
+    // The default pack, with its guests precompiled for three targets, twice.
+    let packs = ["iris-default-1.ferry", "iris-default-2.ferry"].map(|name| {
+        let out = f.scratch(name);
+        assert_exit(
+            &ferry(&["pack", &example("iris"), "--key", &f.key(), "-o", &out]),
+            0,
+        );
+        std::fs::read(out).unwrap()
+    });
+    assert_eq!(packs[0], packs[1]);
 }
 
 #[test]

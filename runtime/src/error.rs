@@ -32,6 +32,20 @@ pub enum GuestError {
     /// The guest trapped (a bug in the guest: panic, out-of-bounds access...).
     #[error("guest trapped: {0}")]
     Trap(String),
+    /// This build has no guest compiler (the lean device build) and the
+    /// bundle carries no guest precompiled for a target it runs.
+    #[error(
+        "no guest in the bundle runs here: it carries guests precompiled for [{}], this build \
+         (no guest compiler) runs [{}]; pack it with --precompile for this device",
+        offered.join(", "),
+        runnable.join(", ")
+    )]
+    NoRunnableGuest {
+        /// The compatibility keys of the bundle's precompiled guests.
+        offered: Vec<String>,
+        /// The compatibility keys this build runs.
+        runnable: Vec<String>,
+    },
 }
 
 impl GuestError {
@@ -46,6 +60,7 @@ impl GuestError {
             GuestError::Timeout(_) => "guest_timeout",
             GuestError::OutOfMemory(_) => "guest_out_of_memory",
             GuestError::Trap(_) => "guest_trap",
+            GuestError::NoRunnableGuest { .. } => "guest_target",
         }
     }
 }

@@ -59,9 +59,12 @@ pub use model::{
 };
 pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
 pub use sandbox::{
-    EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES, ON_DEVICE_COMPILER,
-    SandboxLimits, WASMTIME_VERSION, compatibility_key, precompile, validate,
+    CAN_COMPILE, EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES,
+    ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable,
+    compatibility_key, runnable_targets,
 };
+#[cfg(feature = "compiler")]
+pub use sandbox::{precompile, validate};
 pub use session::{
     GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_kind,
     drift_value,

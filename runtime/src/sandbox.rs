@@ -21,9 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::{
-    Config, Engine, ExternType, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter,
-    Store, Strategy, Trap, TypedFunc, Val, ValType,
+    Config, Engine, ExternType, InstancePre, Linker, Memory, Module, ResourceLimiter, Store, Trap,
+    TypedFunc, Val, ValType,
 };
+#[cfg(feature = "compiler")]
+use wasmtime::{OptLevel, Strategy};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
@@ -91,6 +93,82 @@ pub enum GuestCompiler {
 /// where Winch cannot compile the guest falls back to Cranelift.
 pub const ON_DEVICE_COMPILER: GuestCompiler = GuestCompiler::Winch;
 
+/// Whether this build compiles guests where they run (the `compiler`
+/// feature). The lean device build does not: it runs only guests
+/// precompiled for one of its [`runnable_targets`].
+pub const CAN_COMPILE: bool = cfg!(feature = "compiler");
+
+/// Whether wasmtime runs native code on this architecture (it has a Cranelift
+/// backend for it); elsewhere (armv7) guests run on Pulley.
+const NATIVE_CODE: bool = cfg!(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64",
+    target_arch = "s390x"
+));
+
+/// The Pulley (wasmtime's portable bytecode interpreter) target that runs on
+/// this host: same pointer width and byte order.
+pub const PULLEY_TARGET: &str = match (
+    cfg!(target_pointer_width = "64"),
+    cfg!(target_endian = "big"),
+) {
+    (true, false) => "pulley64",
+    (true, true) => "pulley64be",
+    (false, false) => "pulley32",
+    (false, true) => "pulley32be",
+};
+
+/// The targets whose precompiled guests this runtime loads, best first: the
+/// host's native code where wasmtime has it, then Pulley bytecode (slower:
+/// an interpreter).
+pub fn runnable_targets() -> Vec<&'static str> {
+    let mut targets = Vec::with_capacity(2);
+    if NATIVE_CODE {
+        targets.push(HOST_TARGET);
+    }
+    targets.push(PULLEY_TARGET);
+    targets
+}
+
+/// Checks, without compiling or running anything, that this build can run
+/// the guest of a bundle with these precompiled guests: one fits a
+/// [`runnable_targets`] entry, or this build compiles guests. What the agent
+/// asks before it activates an update.
+pub fn check_runnable(precompiled: &[PrecompiledGuest<'_>]) -> Result<(), GuestError> {
+    if CAN_COMPILE {
+        return Ok(());
+    }
+    check_precompiled_fits(precompiled.iter().map(|g| g.target()))
+}
+
+/// [`check_runnable`] for a build without a compiler, over the targets
+/// (compatibility keys) a bundle offers.
+fn check_precompiled_fits<'a>(
+    offered: impl Iterator<Item = &'a str> + Clone,
+) -> Result<(), GuestError> {
+    let runnable = runnable_targets();
+    let fits = offered
+        .clone()
+        .any(|k| runnable.iter().any(|t| compatibility_key(Some(t)) == k));
+    if fits {
+        Ok(())
+    } else {
+        Err(no_runnable_guest(offered))
+    }
+}
+
+/// The refusal of a bundle none of whose precompiled guests runs here.
+fn no_runnable_guest<'a>(offered: impl Iterator<Item = &'a str>) -> GuestError {
+    GuestError::NoRunnableGuest {
+        offered: offered.map(str::to_owned).collect(),
+        runnable: runnable_targets()
+            .into_iter()
+            .map(|t| compatibility_key(Some(t)))
+            .collect(),
+    }
+}
+
 /// The wasmtime configuration every guest runs under. The packager uses the
 /// same one (with Cranelift) to precompile, so precompiled artifacts are
 /// compatible. Epoch interruption works under Winch too: the sandbox tests
@@ -98,6 +176,7 @@ pub const ON_DEVICE_COMPILER: GuestCompiler = GuestCompiler::Winch;
 fn engine_config(compiler: GuestCompiler) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    #[cfg(feature = "compiler")]
     match compiler {
         GuestCompiler::Cranelift => {
             config.strategy(Strategy::Cranelift);
@@ -107,6 +186,8 @@ fn engine_config(compiler: GuestCompiler) -> Config {
             config.strategy(Strategy::Winch);
         }
     }
+    #[cfg(not(feature = "compiler"))]
+    let _ = compiler;
     config
 }
 
@@ -132,11 +213,13 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 /// The target triple this runtime was compiled for.
 pub const HOST_TARGET: &str = env!("FERRY_TARGET");
 
-/// The key under which a precompiled guest is stored: target triple and
-/// wasmtime release. The runtime tries a precompiled guest only when the key
-/// equals its own; wasmtime then checks the artifact's engine settings and
-/// CPU features against the host and refuses a mismatch, in which case the
-/// portable module is compiled instead.
+/// The key under which a precompiled guest is stored: target (a triple, or
+/// a Pulley target such as `pulley32`) and wasmtime release. The runtime
+/// tries a precompiled guest only when the key is that of one of its
+/// [`runnable_targets`]; wasmtime then checks the artifact's engine settings
+/// and CPU features against the host and refuses a mismatch, in which case
+/// the next one is tried, then the portable module is compiled (where this
+/// build has a compiler).
 pub fn compatibility_key(target: Option<&str>) -> String {
     format!(
         "{}:wasmtime-{WASMTIME_VERSION}",
@@ -146,6 +229,7 @@ pub fn compatibility_key(target: Option<&str>) -> String {
 
 /// Compiles a guest ahead of time for a target; returns the artifact bytes
 /// and the compatibility key to store beside them.
+#[cfg(feature = "compiler")]
 pub fn precompile(wasm: &[u8], target: Option<&str>) -> Result<(Vec<u8>, String), GuestError> {
     let engine = engine_for(target)?;
     let bytes = engine
@@ -156,6 +240,7 @@ pub fn precompile(wasm: &[u8], target: Option<&str>) -> Result<(Vec<u8>, String)
 
 /// Checks that bytes are a compilable WebAssembly module exporting the ABI,
 /// without running anything.
+#[cfg(feature = "compiler")]
 pub fn validate(wasm: &[u8]) -> Result<(), GuestError> {
     let engine = engine_for(None)?;
     let module = Module::new(&engine, wasm).map_err(|e| GuestError::Compile(e.to_string()))?;
@@ -244,6 +329,9 @@ pub struct GuestRuntime {
     pool: Mutex<Vec<Instance>>,
     /// Whether a precompiled artifact was used (for diagnostics).
     pub used_precompiled: bool,
+    /// The target of the precompiled artifact used: the host's triple, or a
+    /// Pulley target (the guest is interpreted).
+    pub precompiled_target: Option<&'static str>,
     /// The compiler of the guest's code (for a precompiled one, Cranelift).
     pub compiler: GuestCompiler,
 }
@@ -269,11 +357,13 @@ impl GuestRuntime {
         config_json: &[u8],
         limits: SandboxLimits,
     ) -> Result<GuestRuntime, GuestError> {
-        GuestRuntime::with_compiler(wasm, precompiled, config_json, limits, ON_DEVICE_COMPILER)
+        let compiler = CAN_COMPILE.then_some(ON_DEVICE_COMPILER);
+        GuestRuntime::load(wasm, precompiled, config_json, limits, compiler)
     }
 
     /// [`GuestRuntime::new`] with the compiler used when no precompiled
     /// artifact fits (tests and benchmarks compare them).
+    #[cfg(feature = "compiler")]
     pub fn with_compiler(
         wasm: &[u8],
         precompiled: &[PrecompiledGuest<'_>],
@@ -281,14 +371,40 @@ impl GuestRuntime {
         limits: SandboxLimits,
         compiler: GuestCompiler,
     ) -> Result<GuestRuntime, GuestError> {
-        let mut engine = engine_for(None)?;
-        let mut used_compiler = GuestCompiler::Cranelift;
-        let own_key = compatibility_key(None);
-        let mut used_precompiled = false;
-        let mut module = None;
-        for guest in precompiled {
-            let bytes = guest.bytes();
-            if guest.target() == own_key && Engine::detect_precompiled(bytes).is_some() {
+        GuestRuntime::load(wasm, precompiled, config_json, limits, Some(compiler))
+    }
+
+    /// [`GuestRuntime::new`] as the lean device build runs it, whatever this
+    /// build has: only a guest precompiled for one of [`runnable_targets`],
+    /// never compiled here ([`GuestError::NoRunnableGuest`] otherwise).
+    pub fn precompiled_only(
+        precompiled: &[PrecompiledGuest<'_>],
+        config_json: &[u8],
+        limits: SandboxLimits,
+    ) -> Result<GuestRuntime, GuestError> {
+        GuestRuntime::load(&[], precompiled, config_json, limits, None)
+    }
+
+    /// Loads the first precompiled guest that fits a runnable target, else
+    /// compiles `wasm` with `compiler` (`None`: refuses).
+    fn load(
+        wasm: &[u8],
+        precompiled: &[PrecompiledGuest<'_>],
+        config_json: &[u8],
+        limits: SandboxLimits,
+        compiler: Option<GuestCompiler>,
+    ) -> Result<GuestRuntime, GuestError> {
+        let mut loaded = None;
+        'targets: for target in runnable_targets() {
+            let key = compatibility_key(Some(target));
+            for guest in precompiled {
+                let bytes = guest.bytes();
+                if guest.target() != key || Engine::detect_precompiled(bytes).is_none() {
+                    continue;
+                }
+                // The host's own target gets the host engine (CPU features
+                // detected); Pulley an engine configured for it.
+                let engine = engine_for((target != HOST_TARGET).then_some(target))?;
                 // SAFETY: a `PrecompiledGuest` is only made by the format
                 // crate from a bundle whose signatures and digests were
                 // verified against trusted keys: the bytes are the output of
@@ -297,33 +413,24 @@ impl GuestRuntime {
                 // wasmtime additionally checks its own version and settings
                 // header and refuses a mismatch.
                 if let Ok(m) = unsafe { Module::deserialize(&engine, bytes) } {
-                    module = Some(m);
-                    used_precompiled = true;
-                    break;
+                    loaded = Some((engine, m, target));
+                    break 'targets;
                 }
             }
         }
-        let module = match module {
-            Some(m) => m,
-            None => {
-                let fast = match compiler {
-                    GuestCompiler::Cranelift => None,
-                    // A guest Winch cannot compile (an unsupported proposal,
-                    // an architecture without Winch) goes to Cranelift.
-                    GuestCompiler::Winch => engine_with(None, GuestCompiler::Winch)
-                        .ok()
-                        .and_then(|e| Module::new(&e, wasm).ok().map(|m| (e, m))),
-                };
-                match fast {
-                    Some((e, m)) => {
-                        engine = e;
-                        used_compiler = GuestCompiler::Winch;
-                        m
-                    }
-                    None => Module::new(&engine, wasm)
-                        .map_err(|e| GuestError::Compile(e.to_string()))?,
-                }
+        let (engine, module, used_compiler, precompiled_target) = match loaded {
+            Some((engine, module, target)) => {
+                (engine, module, GuestCompiler::Cranelift, Some(target))
             }
+            None => match compiler {
+                // Nothing fitted: no key matched, or wasmtime refused every
+                // artifact whose key did.
+                None => return Err(no_runnable_guest(precompiled.iter().map(|g| g.target()))),
+                Some(compiler) => {
+                    let (engine, module, used) = compile(wasm, compiler)?;
+                    (engine, module, used, None)
+                }
+            },
         };
         check_exports(&module)?;
         let mut linker: Linker<StoreState> = Linker::new(&engine);
@@ -340,7 +447,8 @@ impl GuestRuntime {
             config_json: config_json.into(),
             limits,
             pool: Mutex::new(Vec::new()),
-            used_precompiled,
+            used_precompiled: precompiled_target.is_some(),
+            precompiled_target,
             compiler: used_compiler,
         };
         let first = runtime.instantiate()?;
@@ -542,6 +650,36 @@ impl GuestRuntime {
             this.finish(inst, status)
         })
     }
+}
+
+/// Compiles a guest here with `compiler`; a guest Winch cannot compile (an
+/// unsupported proposal, an architecture without Winch) goes to Cranelift.
+#[cfg(feature = "compiler")]
+fn compile(
+    wasm: &[u8],
+    compiler: GuestCompiler,
+) -> Result<(Engine, Module, GuestCompiler), GuestError> {
+    if compiler == GuestCompiler::Winch
+        && let Ok(engine) = engine_with(None, GuestCompiler::Winch)
+        && let Ok(module) = Module::new(&engine, wasm)
+    {
+        return Ok((engine, module, GuestCompiler::Winch));
+    }
+    let engine = engine_for(None)?;
+    let module = Module::new(&engine, wasm).map_err(|e| GuestError::Compile(e.to_string()))?;
+    Ok((engine, module, GuestCompiler::Cranelift))
+}
+
+/// Without a compiler nothing is compiled here: the caller passes no
+/// compiler, so this is never reached.
+#[cfg(not(feature = "compiler"))]
+fn compile(
+    _wasm: &[u8],
+    _compiler: GuestCompiler,
+) -> Result<(Engine, Module, GuestCompiler), GuestError> {
+    Err(GuestError::Compile(
+        "this build has no guest compiler".into(),
+    ))
 }
 
 /// Replaces every WASI function the module imports that is not in

@@ -331,6 +331,12 @@ impl Session {
         self.guest.used_precompiled
     }
 
+    /// How the guest runs: the target it was precompiled for (the host's
+    /// triple, or `pulley32`/`pulley64`: interpreted), or `compiled` here.
+    pub fn guest_target(&self) -> &'static str {
+        self.guest.precompiled_target.unwrap_or("compiled")
+    }
+
     /// Runs preprocessing only: the tensors and features of a request.
     pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<TensorSet, Error> {
         decode_preprocessed(&self.guest.preprocess(content_type, body)?)

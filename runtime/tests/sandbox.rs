@@ -310,3 +310,71 @@ fn precompiled_guests_are_used_only_when_compatible() {
     let g = from_bundle(&corrupt, limits);
     assert!(!g.used_precompiled);
 }
+
+/// What the lean device build (no compiler) does, on this host: it runs a
+/// guest precompiled for its native target or for Pulley, every limit still
+/// holds on Pulley, and a bundle with neither is refused with
+/// `guest_target`, naming what it carries and what would run.
+#[test]
+fn without_a_compiler_only_guests_precompiled_for_this_host_or_pulley_run() {
+    let limits = SandboxLimits {
+        memory_bytes: 16 << 20,
+        timeout_ms: 50,
+    };
+    let pulley = ferry_runtime::PULLEY_TARGET;
+    assert_eq!(
+        ferry_runtime::runnable_targets(),
+        [ferry_runtime::HOST_TARGET, pulley]
+    );
+    let (native, native_key) = ferry_runtime::precompile(TEST_GUEST.as_bytes(), None).unwrap();
+    let (bytecode, pulley_key) =
+        ferry_runtime::precompile(TEST_GUEST.as_bytes(), Some(pulley)).unwrap();
+    assert_eq!(pulley_key, format!("{pulley}:wasmtime-48.0.8"));
+    let (aarch64, aarch64_key) =
+        ferry_runtime::precompile(TEST_GUEST.as_bytes(), Some("aarch64-unknown-linux-gnu"))
+            .unwrap();
+
+    // Pulley bytecode only: interpreted, and the deadline, the memory cap and
+    // traps hold there as under the compilers.
+    let (signed, unsigned) = bundle_with_precompiled(&[(&pulley_key, &bytecode)]);
+    let g = GuestRuntime::precompiled_only(&signed.precompiled_guests(), b"{}", limits).unwrap();
+    assert_eq!(g.precompiled_target, Some(pulley));
+    still_serves(&g);
+    let err = g.preprocess("loop", b"").unwrap_err();
+    assert!(matches!(err, GuestError::Timeout(50)), "{err:?}");
+    let err = g.preprocess("memory", b"").unwrap_err();
+    assert!(matches!(err, GuestError::OutOfMemory(_)), "{err:?}");
+    let err = g.preprocess("trap", b"").unwrap_err();
+    assert!(matches!(err, GuestError::Trap(_)), "{err:?}");
+    still_serves(&g);
+    // Read without signatures, the same bundle hands out nothing to run.
+    let err =
+        GuestRuntime::precompiled_only(&unsigned.precompiled_guests(), b"{}", limits).unwrap_err();
+    assert_eq!(err.code(), "guest_target");
+
+    // Native code is preferred to Pulley, whatever the order in the bundle.
+    let (both, _) = bundle_with_precompiled(&[(&pulley_key, &bytecode), (&native_key, &native)]);
+    let g = GuestRuntime::precompiled_only(&both.precompiled_guests(), b"{}", limits).unwrap();
+    assert_eq!(g.precompiled_target, Some(ferry_runtime::HOST_TARGET));
+    still_serves(&g);
+
+    // Another architecture's code only: refused, and the error says why.
+    let (foreign, _) = bundle_with_precompiled(&[(&aarch64_key, &aarch64)]);
+    let err =
+        GuestRuntime::precompiled_only(&foreign.precompiled_guests(), b"{}", limits).unwrap_err();
+    assert_eq!(err.code(), "guest_target");
+    let message = err.to_string();
+    assert!(
+        message.contains(&aarch64_key)
+            && message.contains(&native_key)
+            && message.contains(&pulley_key)
+            && message.contains("--precompile"),
+        "{message}"
+    );
+    // Right key, wrong bytes (the key lies): wasmtime refuses them, and so
+    // does the build, instead of running anything.
+    let (lying, _) = bundle_with_precompiled(&[(&native_key, &bytecode)]);
+    let err =
+        GuestRuntime::precompiled_only(&lying.precompiled_guests(), b"{}", limits).unwrap_err();
+    assert_eq!(err.code(), "guest_target");
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::broker::{Mosquitto, password};
+use crate::cross::CrossAgent;
 use crate::fixtures::{self, bundles};
 use crate::free_port;
 
@@ -38,6 +39,9 @@ pub struct Setup {
     /// `paths.root`: a root of trust file (else the root is derived from
     /// `release.pub`).
     pub root: Option<PathBuf>,
+    /// Run an agent built for another architecture under its emulator
+    /// (`None`: the workspace's own `ferry-agent`).
+    pub cross: Option<CrossAgent>,
 }
 
 impl Setup {
@@ -54,6 +58,7 @@ impl Setup {
             window_predictions: 1000,
             nofile: None,
             root: None,
+            cross: None,
         }
     }
 
@@ -144,7 +149,10 @@ impl Device {
     /// Starts the process (does not wait).
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let mut command = Command::new(agent_bin());
+        let mut command = match &self.setup.cross {
+            Some(cross) => cross.command(),
+            None => Command::new(agent_bin()),
+        };
         command
             .arg("--config")
             .arg(self.config_path())

@@ -163,6 +163,11 @@ pub fn bundles() -> &'static Bundles {
     B.get_or_init(Bundles::new)
 }
 
+/// The example bundles are portable (the guest compiled where it loads): the
+/// tests of compiling runtimes use them. The releases carry `ferry pack`'s
+/// default precompiled guests, so the lean device builds run them too.
+const PORTABLE: &[&str] = &["--precompile", "none"];
+
 /// One `ferry pack` of a fixture.
 struct Pack {
     out: &'static str,
@@ -227,19 +232,19 @@ impl Bundles {
                 out: IRIS,
                 source: project("iris"),
                 key: "release.key",
-                args: &[],
+                args: PORTABLE,
             },
             Pack {
                 out: DIGITS,
                 source: project("digits"),
                 key: "release.key",
-                args: &[],
+                args: PORTABLE,
             },
             Pack {
                 out: RAW,
                 source: vec!["--model".into(), example("iris/model.onnx")],
                 key: "release.key",
-                args: &[],
+                args: PORTABLE,
             },
         ]);
     }

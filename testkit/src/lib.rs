@@ -20,6 +20,9 @@
 //!   relay a test can cut or hold.
 //! - `device`: [`device::Device`], a real `ferry-agent` process with its
 //!   configuration, state directory and HTTP client; iris request helpers.
+//! - `cross`: [`cross::CrossAgent`], an agent built for another
+//!   architecture (aarch64, armv7) that a [`device::Device`] runs under
+//!   qemu-user, named by `FERRY_CROSS_AGENT_*` (set by `.ci/run`).
 //! - `lambda`: [`lambda::RuntimeApi`], AWS Lambda's Runtime API for the real
 //!   `bootstrap`.
 //! - `onnxruntime`: [`onnxruntime::library`], the library for engine tests,
@@ -39,6 +42,7 @@
 pub mod broker;
 pub mod channel;
 pub mod cli;
+pub mod cross;
 pub mod device;
 pub mod fixtures;
 pub mod lambda;

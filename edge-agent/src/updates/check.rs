@@ -5,7 +5,9 @@
 //! (`already_active`); signatures, sizes and digests must verify (the codes of
 //! [`BundleError::code`]); the signed release must name this device's fleet
 //! (`wrong_fleet`) and channel (`wrong_channel`) and a higher sequence than the
-//! running bundle's (`downgrade`, unless an operator allowed it). Then, once
+//! running bundle's (`downgrade`, unless an operator allowed it); a build
+//! without a guest compiler (the lean device build) must find a guest
+//! precompiled for a target it runs (`guest_target`). Then, once
 //! loaded (`load_failed`), its golden examples must pass on this device
 //! (`golden_failed`): the packager ran them on the build machine, this run
 //! proves the device's runtime gives the same answers.
@@ -13,7 +15,8 @@
 use ferry_format::release_id_of;
 use ferry_protocol::{BundleRef, ChannelIndex};
 use ferry_runtime::{
-    BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle, verify,
+    BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle, check_runnable,
+    verify,
 };
 use sha2::{Digest, Sha256};
 
@@ -123,6 +126,11 @@ pub fn check_candidate(
                 release.sequence, running.sequence, running.name, running.version
             ),
         ));
+    }
+    // Judged from the manifest's artifact list, before anything is loaded:
+    // a device that cannot compile guests refuses a bundle with none for it.
+    if let Err(e) = check_runnable(&bundle.precompiled_guests()) {
+        return Err(Rejection::new(e.code(), e.to_string()));
     }
     Ok(bundle)
 }
