@@ -398,30 +398,17 @@ fn a_packaged_function_finds_its_bundle_and_keys_next_to_bootstrap() {
     assert!(o.status.success());
     assert_eq!(std::fs::read(&again).unwrap(), bytes);
 
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
-    let names: Vec<String> = archive
-        .file_names()
-        .map(|n| n.unwrap().to_string())
-        .collect();
-    assert_eq!(names, ["bootstrap", "iris.ferry", "keys/00-release.pub"]);
     let root = dir.path().join("function");
-    for i in 0..archive.len() {
-        let mut entry = archive.by_index(i).unwrap();
-        let name = entry.name().unwrap().to_string();
-        let out = root.join(&name);
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
-        std::fs::write(&out, &data).unwrap();
-        let mode = entry.unix_mode().unwrap() & 0o777;
+    let entries = unzip_function(&bytes, &root);
+    let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["bootstrap", "iris.ferry", "keys/00-release.pub"]);
+    for (name, mode, data) in &entries {
         if name == "bootstrap" {
-            assert_eq!(mode, 0o755);
+            assert_eq!(*mode, 0o755);
             let machine = u16::from_le_bytes([data[18], data[19]]);
             assert_eq!(machine, if arch == "arm64" { 0xB7 } else { 0x3E });
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
         } else {
-            assert_eq!(mode, 0o644);
+            assert_eq!(*mode, 0o644);
         }
     }
     // The unpacked function, with no FERRY_* variables: finds iris.ferry and keys/ itself.
@@ -651,20 +638,10 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(&zip_path).unwrap();
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
     let root = dir.path().join("function");
+    let entries = unzip_function(&bytes, &root);
     let mut names = Vec::new();
-    for i in 0..archive.len() {
-        let mut entry = archive.by_index(i).unwrap();
-        let name = entry.name().unwrap().to_string();
-        let out = root.join(&name);
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
-        std::fs::write(&out, &data).unwrap();
-        let mode = entry.unix_mode().unwrap() & 0o777;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
+    for (name, _, data) in entries {
         if name == "libonnxruntime.so" {
             assert_eq!(data, std::fs::read(&lib).unwrap());
         }
@@ -704,4 +681,25 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
         .collect();
     assert_eq!(init.len(), 1, "{lines:?}");
     assert_eq!(init[0]["engine"], "onnxruntime", "{lines:?}");
+}
+
+/// Unpacks a `ferry lambda-package` zip into `root` as Lambda would (with
+/// each entry's mode); every entry's name, mode and bytes, in order.
+fn unzip_function(zip: &[u8], root: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+    let mut entries = Vec::new();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().unwrap().to_string();
+        let out = root.join(&name);
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        std::fs::write(&out, &data).unwrap();
+        let mode = entry.unix_mode().unwrap() & 0o777;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
+        entries.push((name, mode, data));
+    }
+    entries
 }
