@@ -388,8 +388,8 @@ impl Rollouts {
         needed
     }
 
-    /// The registry's releases awaiting approval, and those approved
-    /// through the console that no rollout carried yet.
+    /// The registry's releases awaiting approval, and the approved ones no
+    /// rollout carried yet (submitted or approved, waiting to go out).
     fn waiting(&self) -> Vec<ReleaseRecord> {
         let records: Vec<ReleaseRecord> = match self.store.releases() {
             Ok(r) => r,
@@ -404,8 +404,7 @@ impl Rollouts {
             .filter(|r| match r.status {
                 ReleaseStatus::AwaitingApproval => true,
                 ReleaseStatus::Approved => {
-                    r.approved_by.is_some()
-                        && !active.iter().any(|x| x.spec.bundle.release == r.release)
+                    !active.iter().any(|x| x.spec.bundle.release == r.release)
                 }
                 ReleaseStatus::Rejected => false,
             })

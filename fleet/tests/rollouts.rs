@@ -974,7 +974,20 @@ fn a_release_reaches_devices_only_after_a_second_person_approves_it() {
     downgrade.allow_downgrade = true;
     let e = ci.create_rollout(&v1, &downgrade).unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
-    c.client.create_rollout(&v1, &downgrade).unwrap();
+    // Submitted with both signatures (approved offline): recorded approved,
+    // its bundle kept until a rollout takes it by id.
+    let v1_record = ci.submit_release(&v1).unwrap();
+    assert_eq!(v1_record.status, ReleaseStatus::Approved);
+    assert_eq!(v1_record.approved_by, None);
+    assert!(
+        stored_bundles(state.path())
+            .iter()
+            .any(|f| f.contains(&v1_record.digest)),
+        "{:?}",
+        stored_bundles(state.path())
+    );
+    downgrade.release = Some(v1_record.release.clone());
+    c.client.create_rollout(&[], &downgrade).unwrap();
     c.drive("done", Duration::from_secs(90), |r| r.phase == Phase::Done);
     c.wait_fleet_on(1, &[ID]);
 
