@@ -1,6 +1,8 @@
 //! Binary tensor requests through `ferry run`: a `.npy` array or a tensor set
-//! answers exactly what the JSON tensor form answers; malformed bodies are
-//! refused as bad input (exit 4) naming the problem.
+//! answers exactly what the JSON tensor form answers (on one engine, tract:
+//! `auto` may pick another engine in another process, whose last digits
+//! differ); malformed bodies are refused as bad input (exit 4) naming the
+//! problem.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -12,7 +14,9 @@ use ferry_testkit::tensors::{iris_tensor, npy, npy_f32, tensor_set_f32};
 fn run(input: &str, extra: &[&str]) -> std::process::Output {
     let f = bundles();
     let (bundle, public) = (f.bundle("raw"), f.public());
-    let mut args = vec!["run", &bundle, "--pub", &public, "--input", input, "--json"];
+    let mut args = vec![
+        "run", &bundle, "--pub", &public, "--input", input, "--json", "--engine", "tract",
+    ];
     args.extend(extra);
     ferry(&args)
 }
@@ -53,6 +57,8 @@ fn npy_and_tensor_sets_answer_what_json_answers() {
                 "--input",
                 "-",
                 "--json",
+                "--engine",
+                "tract",
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
