@@ -10,21 +10,12 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_testkit::cli::assert_exit;
+use ferry_testkit::bench::{ferry_ok as ferry, median};
 use ferry_testkit::fixtures::examples;
 use ferry_testkit::lambda::{Outcome, RuntimeApi};
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn ferry(args: &[&str]) {
-    assert_exit(&ferry_testkit::cli::ferry(args), 0);
 }
 
 /// Starts `bootstrap` as Lambda would, against `api`.

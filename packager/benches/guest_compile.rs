@@ -14,24 +14,12 @@ use std::time::{Duration, Instant};
 use ferry_runtime::{
     self as rt, GuestCompiler, GuestRuntime, SandboxLimits, Session, TensorSet, TrustPolicy,
 };
+use ferry_testkit::bench::{ferry_ok as ferry, median, us};
 use ferry_testkit::cli::assert_exit;
 use ferry_testkit::fixtures::{examples, workspace_bin};
 
-fn ferry(args: &[&str]) {
-    assert_exit(&ferry_testkit::cli::ferry(args), 0);
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 const COMPILERS: [GuestCompiler; 2] = [GuestCompiler::Cranelift, GuestCompiler::Winch];

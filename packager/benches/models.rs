@@ -25,21 +25,8 @@ use std::time::{Duration, Instant};
 use ferry_runtime::{
     self as rt, Engine, EngineModel, EngineOptions, Model, PlanChoice, Session, Tensor, TrustPolicy,
 };
-use ferry_testkit::cli::assert_exit;
+use ferry_testkit::bench::{ferry_ok as ferry, median, us};
 use ferry_testkit::fixtures::examples;
-
-fn ferry(args: &[&str]) {
-    assert_exit(&ferry_testkit::cli::ferry(args), 0);
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
 
 struct Case {
     name: &'static str,

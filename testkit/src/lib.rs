@@ -39,6 +39,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod broker;
 pub mod channel;
 pub mod cli;
