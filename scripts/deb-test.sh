@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
 # Tests the Debian packages on this machine (root; docs/devices.md):
 #
-#   scripts/deb-test.sh AGENT_BINARY FERRY_BINARY
+#   scripts/deb-test.sh AGENT_BINARY FERRY_BINARY [ARCH]
 #
-# Builds ferry-agent 0.0.1 and 0.0.2 and ferry from the binaries given (this
-# machine's architecture), then: installs ferry and ferry-agent 0.0.1 (system
-# user, state directory, hardened unit, conffile); configures the device;
-# runs the installed agent as its user outside systemd (`check-config`, one
-# prediction); upgrades to 0.0.2 (edited configuration, keys and state kept;
-# still serves); `dpkg -r` (configuration and state kept) and `dpkg --purge`
-# (both gone). Ends with "deb: N passed, N failed"; exits 1 on a failure.
+# Builds ferry-agent 0.0.1 and 0.0.2 for ARCH (x86_64, aarch64 or armv7;
+# default: this machine's) and ferry (this machine's) from the binaries given,
+# then: checks the agent package's metadata (Architecture, Depends on the
+# glibc the binary needs, the file list); installs ferry and ferry-agent 0.0.1
+# (system user, state directory, hardened unit, conffile: the maintainer
+# scripts run for real); configures the device; runs the installed agent as
+# its user outside systemd (`check-config`, one prediction); upgrades to 0.0.2
+# (edited configuration, keys and state kept; still serves); `dpkg -r`
+# (configuration and state kept) and `dpkg --purge` (both gone). Ends with
+# "deb: N passed, N failed"; exits 1 on a failure.
+#
+# An ARM package on an x86_64 machine is installed with
+# `dpkg --force-architecture --force-depends` (this machine has no
+# libc6:arm64; the Depends line is checked in the metadata instead) and the
+# installed binary runs under qemu-user with the cross glibc
+# (`qemu-aarch64 -L /usr/aarch64-linux-gnu`, `qemu-arm -L /usr/arm-linux-gnueabihf`:
+# Debian's qemu-user and libc6-{arm64,armhf}-cross). FERRY_DEB_GLIBC, when
+# set, is the glibc floor the agent package must declare (2.28 for the
+# device builds of scripts/device-build.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # gzip: fast on the test's unstripped binaries (the packages default to xz).
 export DEB_COMPRESSION=${DEB_COMPRESSION:-gzip}
 agent_bin=$1 ferry_bin=$2
+host=$(uname -m)
+arch=${3:-$host}
 [ "$(id -u)" -eq 0 ] || { echo "deb-test: run as root (dpkg -i)" >&2; exit 1; }
 for p in ferry-agent ferry; do
     if dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -qv "not-installed"; then
@@ -22,7 +36,18 @@ for p in ferry-agent ferry; do
         exit 1
     fi
 done
-arch=$(uname -m)
+# How the installed agent runs here, and how dpkg takes its package.
+run=() force=()
+if [ "$arch" != "$host" ]; then
+    case "$arch" in
+        aarch64) run=(qemu-aarch64 -L /usr/aarch64-linux-gnu) deb_arch=arm64 ;;
+        armv7) run=(qemu-arm -L /usr/arm-linux-gnueabihf) deb_arch=armhf ;;
+        *) echo "deb-test: cannot run $arch binaries on $host" >&2; exit 2 ;;
+    esac
+    command -v "${run[0]}" >/dev/null && [ -d "${run[2]}/lib" ] ||
+        { echo "deb-test: needs ${run[0]} (qemu-user) and ${run[2]} (libc6-$deb_arch-cross)" >&2; exit 1; }
+    force=(--force-architecture --force-depends)
+fi
 work=$(mktemp -d)
 agent_pid=""
 pass=0 fail=0
@@ -49,14 +74,38 @@ must() { "$@" || { echo "deb-test: setup step failed: $*" >&2; exit 1; }; }
 must scripts/deb.sh agent "$arch" "$agent_bin" 0.0.1 "$work/old" >/dev/null
 new=$(must scripts/deb.sh agent "$arch" "$agent_bin" 0.0.2 "$work/new")
 old=$(ls "$work"/old/*.deb)
-ferry_deb=$(must scripts/deb.sh ferry "$arch" "$ferry_bin" 0.0.2 "$work/ferry")
+ferry_deb=$(must scripts/deb.sh ferry "$host" "$ferry_bin" 0.0.2 "$work/ferry")
+
+# The agent package's metadata and contents.
+deb_arch=$(dpkg-deb -f "$old" Architecture)
+case "$arch" in
+    x86_64) want_arch=amd64 ;;
+    aarch64) want_arch=arm64 ;;
+    armv7) want_arch=armhf ;;
+    *) want_arch="?" ;;
+esac
+check "Architecture: $want_arch" [ "$deb_arch" = "$want_arch" ]
+floor=$(readelf --version-info -W "$agent_bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/^GLIBC_//' | sort -uV | tail -1)
+depends=$(dpkg-deb -f "$old" Depends)
+check "Depends: libc6 (>= $floor), the binary's glibc floor ($depends)" \
+    sh -c "echo '$depends' | grep -qF 'libc6 (>= $floor)'"
+if [ -n "${FERRY_DEB_GLIBC:-}" ]; then
+    check "the binary needs glibc $FERRY_DEB_GLIBC at most (GLIBC_$floor)" [ "$floor" = "$FERRY_DEB_GLIBC" ]
+fi
+dpkg-deb -c "$old" | awk '{print $6}' | sort > "$work/files"
+for f in ./usr/bin/ferry-agent ./lib/systemd/system/ferry-agent.service ./etc/ferry/agent.toml \
+    ./etc/ferry/keys/ ./var/lib/ferry-agent/ ./usr/share/doc/ferry-agent/README.Debian; do
+    check "the package holds $f" grep -qxF "$f" "$work/files"
+done
+check "its binary is the $arch one" \
+    sh -c "dpkg-deb --fsys-tarfile '$old' | tar -xOf - ./usr/bin/ferry-agent | cmp -s - '$agent_bin'"
 
 # ferry, for CI machines.
 check "dpkg -i ferry" dpkg -i "$ferry_deb"
 check "ferry runs" /usr/bin/ferry --version
 
 # ferry-agent, first install.
-check "dpkg -i ferry-agent 0.0.1" dpkg -i "$old"
+check "dpkg -i ferry-agent 0.0.1" dpkg -i "${force[@]}" "$old"
 check "the binary is installed" test -x /usr/bin/ferry-agent
 check "a system user ferry-agent" sh -c 'getent passwd ferry-agent | grep -q ":/usr/sbin/nologin$"'
 check "the state directory belongs to it" \
@@ -83,16 +132,16 @@ sed -i -e 's/^id = "device-1"/id = "deb-test-1"/' -e 's/^fleet = "default"/fleet
     -e 's|^trusted_keys = .*|trusted_keys = ["/etc/ferry/keys/deb-test.pub"]|' \
     -e "s|^listen = \"127.0.0.1:8089\"|listen = \"127.0.0.1:$port\"|" /etc/ferry/agent.toml
 check "check-config accepts the edited configuration" \
-    runuser -u ferry-agent -- /usr/bin/ferry-agent --config /etc/ferry/agent.toml check-config
+    runuser -u ferry-agent -- "${run[@]}" /usr/bin/ferry-agent --config /etc/ferry/agent.toml check-config
 
 serve_one() { # runs the installed agent as its user, outside systemd; one prediction
     # setpriv execs the agent (runuser would stay its parent and turn the
     # SIGTERM below into a killed session).
     setpriv --reuid=ferry-agent --regid=ferry-agent --init-groups \
-        /usr/bin/ferry-agent --config /etc/ferry/agent.toml \
+        "${run[@]}" /usr/bin/ferry-agent --config /etc/ferry/agent.toml \
         --log-format text 2>"$work/agent.log" &
     agent_pid=$!
-    for _ in $(seq 1 600); do
+    for _ in $(seq 1 1200); do
         curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break
         sleep 0.1
     done
@@ -113,7 +162,7 @@ check "its state is in /var/lib/ferry-agent, owned by it" \
 state_before=$(cd /var/lib/ferry-agent && find . -type f -name '*.ferry' | sort)
 
 # Upgrade: edited configuration, keys and state kept.
-check "dpkg -i ferry-agent 0.0.2 over 0.0.1" dpkg -i "$new"
+check "dpkg -i ferry-agent 0.0.2 over 0.0.1" dpkg -i "${force[@]}" "$new"
 check "the version is 0.0.2" sh -c '[ "$(dpkg-query -W -f="\${Version}" ferry-agent)" = 0.0.2 ]'
 check "the edited configuration is kept" grep -q '^id = "deb-test-1"' /etc/ferry/agent.toml
 check "the key is kept" test -f /etc/ferry/keys/deb-test.pub

@@ -7,8 +7,10 @@
 # ARCH is x86_64, aarch64 or armv7 (amd64, arm64, armhf in Debian's words).
 # ferry-agent: the binary, the hardened systemd unit (system user
 # `ferry-agent`, ProtectSystem=strict, ReadWritePaths=/var/lib/ferry-agent),
-# /etc/ferry/agent.toml as a conffile, /var/lib/ferry-agent. Only dpkg-deb is
-# needed; prints the path of the package.
+# /etc/ferry/agent.toml as a conffile, /var/lib/ferry-agent. Depends on the
+# glibc the binary asks for (its newest GLIBC_x.y symbol version: 2.28 for
+# the device builds of scripts/device-build.sh). Needs dpkg-deb and readelf;
+# prints the path of the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,11 @@ case "$arch" in
     *) echo "unknown architecture $arch" >&2; exit 2 ;;
 esac
 [ -f "$binary" ] || { echo "$binary: no such binary" >&2; exit 1; }
+# The oldest glibc the binary runs on: the newest symbol version it needs
+# (none for a static build).
+glibc=$(readelf --version-info -W "$binary" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/^GLIBC_//' |
+    sort -uV | tail -1)
+libc_dep=${glibc:+libc6 (>= $glibc)}
 mkdir -p "$outdir"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
@@ -43,7 +50,7 @@ case "$what" in
  Serves ONNX models packed by Ferry in a WebAssembly sandbox, installs signed
  updates with rollback, buffers telemetry and reports to a fleet over MQTT.
  This is the lean device build: guests come precompiled in the bundle."
-        depends="libc6 (>= 2.28), passwd"
+        depends="${libc_dep:+$libc_dep, }passwd"
         ;;
     ferry)
         name=ferry
@@ -53,7 +60,7 @@ case "$what" in
         description="Ferry packager: signed bundles of ONNX models for devices and Lambda
  ferry keygen, pack, verify, inspect, run, publish: what a CI job needs to
  ship a model to Ferry's edge agents and AWS Lambda."
-        depends="libc6"
+        depends=$libc_dep
         ;;
     *) echo "unknown package $what (agent, ferry)" >&2; exit 2 ;;
 esac
@@ -66,8 +73,8 @@ Maintainer: Ferry maintainers <ferry@example.invalid>
 Section: misc
 Priority: optional
 Installed-Size: $size
-Depends: $depends
-Homepage: https://example.invalid/ferry
+${depends:+Depends: $depends
+}Homepage: https://example.invalid/ferry
 Description: $description
 CONTROL
 out="$outdir/${name}_${version}_${deb_arch}.deb"
