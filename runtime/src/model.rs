@@ -59,6 +59,12 @@ pub const SPECIALISED_PLANS_BUDGET: usize = 32 << 20;
 /// start again when a caller sends more distinct sizes than this.
 const MAX_COUNTED_SIZES: usize = 64;
 
+/// Idle run states kept for the batch-1 plan (one per thread that ran it
+/// concurrently, up to this many). A state holds the plan's per-run
+/// bookkeeping (a slot per node, op states); making it afresh on every call
+/// cost ~0.5 µs, a tenth of a small MLP's run.
+const MAX_IDLE_STATES: usize = 8;
+
 type Plan = Arc<TypedRunnableModel>;
 
 /// Which plan ran a call (for tests and benchmarks).
@@ -80,6 +86,14 @@ pub struct Model {
     first: Plan,
     symbolic: OnceLock<Result<Plan, String>>,
     cache: Mutex<PlanCache>,
+    /// Idle run states of `first`, reused call after call (tract resets a
+    /// state's values after each run; a state whose run failed is dropped).
+    idle_states: Mutex<Vec<TypedSimpleState>>,
+    /// Whether `first`'s states may be reused: only when no op of the plan
+    /// keeps a state of its own. Recurrent ops (GRU, LSTM, Scan) keep their
+    /// hidden state there and carry it into the next run (tract's streaming
+    /// mode), which would leak one request into the next.
+    reuse_states: bool,
     /// How many specialised plans (besides batch 1) this model may keep.
     max_plans: usize,
     inputs: Vec<TensorSpec>,
@@ -330,9 +344,13 @@ impl Model {
             MAX_SPECIALISED_PLANS.min(SPECIALISED_PLANS_BUDGET / onnx_bytes.len().max(1));
         Ok(Model {
             source: symbolic.then_some(source),
-            first,
             symbolic: symbolic_plan,
             cache: Mutex::new(PlanCache::default()),
+            idle_states: Mutex::new(Vec::new()),
+            reuse_states: first
+                .spawn()
+                .is_ok_and(|s| s.op_states.iter().all(Option::is_none)),
+            first,
             max_plans,
             inputs,
             outputs,
@@ -493,9 +511,23 @@ impl Model {
     }
 
     fn run_plan(&self, plan: &Plan, values: TVec<TValue>) -> Result<Vec<Tensor>, ModelError> {
-        let outputs = plan
-            .run(values)
-            .map_err(|e| ModelError::Run(format!("{e:#}")))?;
+        let run_error = |e: TractError| ModelError::Run(format!("{e:#}"));
+        let outputs = if self.reuse_states && Arc::ptr_eq(plan, &self.first) {
+            let idle = self.idle_states.lock().unwrap().pop();
+            let mut state = match idle {
+                Some(state) => state,
+                None => plan.spawn().map_err(run_error)?,
+            };
+            // On error the state is dropped: its turn may be half done.
+            let outputs = state.run(values).map_err(run_error)?;
+            let mut idle = self.idle_states.lock().unwrap();
+            if idle.len() < MAX_IDLE_STATES {
+                idle.push(state);
+            }
+            outputs
+        } else {
+            plan.run(values).map_err(run_error)?
+        };
         outputs
             .iter()
             .zip(&self.outputs)

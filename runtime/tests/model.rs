@@ -272,3 +272,48 @@ fn a_batch_of_zero_takes_the_symbolic_plan() {
         .unwrap();
     assert_eq!(out[0].shape, vec![0, 3]);
 }
+
+/// A run state is reused from call to call; nothing of one request may reach
+/// the next. The GRU is the case in point: tract keeps its hidden state in
+/// the run state, and carries it over when asked to (streaming), so every
+/// call must answer what a freshly loaded model answers. The stateless
+/// models (whose states are reused) too, with a failing call in between.
+#[test]
+fn no_request_leaks_into_the_next() {
+    let mut cases = models();
+    cases.push(("gru", fixture("gru.onnx"), "x", vec![5, 3]));
+    for (name, bytes, input, rest) in cases {
+        let shape: Vec<u64> = std::iter::once(1).chain(rest.iter().copied()).collect();
+        let n = shape.iter().product::<u64>() as usize;
+        let a = [Tensor::from_f32(input, shape.clone(), &ramp(n, 7))];
+        let b = [Tensor::from_f32(input, shape.clone(), &ramp(n, 99))];
+        let fresh = |t: &[Tensor]| Model::load(&bytes).unwrap().run(t).unwrap();
+        let (want_a, want_b) = (fresh(&a), fresh(&b));
+        let model = Model::load(&bytes).unwrap();
+        let wrong = [Tensor::from_f32(input, vec![1, 2], &[1.0, 2.0])];
+        for round in 0..3 {
+            assert_same(
+                &model.run(&a).unwrap(),
+                &want_a,
+                &format!("{name} a, round {round}"),
+            );
+            assert_same(
+                &model.run(&b).unwrap(),
+                &want_b,
+                &format!("{name} b, round {round}"),
+            );
+            assert!(model.run(&wrong).is_err(), "{name}");
+        }
+        // Two threads at once, each with its own state.
+        std::thread::scope(|s| {
+            for (t, want) in [(&a, &want_a), (&b, &want_b)] {
+                let model = &model;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        assert_same(&model.run(t).unwrap(), want, name);
+                    }
+                });
+            }
+        });
+    }
+}
