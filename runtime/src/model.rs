@@ -283,6 +283,11 @@ pub(crate) fn describe(onnx_bytes: &[u8]) -> Result<Description, ModelError> {
 impl Model {
     /// Loads and optimises an ONNX model.
     pub fn load(onnx_bytes: &[u8]) -> Result<Model, ModelError> {
+        unpanicked("loading the model", || Model::load_unguarded(onnx_bytes))
+            .map_err(ModelError::Load)?
+    }
+
+    fn load_unguarded(onnx_bytes: &[u8]) -> Result<Model, ModelError> {
         let Declared {
             proto,
             inputs,
@@ -519,14 +524,18 @@ impl Model {
                 None => plan.spawn().map_err(run_error)?,
             };
             // On error the state is dropped: its turn may be half done.
-            let outputs = state.run(values).map_err(run_error)?;
+            let outputs = unpanicked("running the model", || state.run(values))
+                .map_err(ModelError::Run)?
+                .map_err(run_error)?;
             let mut idle = self.idle_states.lock().unwrap();
             if idle.len() < MAX_IDLE_STATES {
                 idle.push(state);
             }
             outputs
         } else {
-            plan.run(values).map_err(run_error)?
+            unpanicked("running the model", || plan.run(values))
+                .map_err(ModelError::Run)?
+                .map_err(run_error)?
         };
         outputs
             .iter()
@@ -536,10 +545,31 @@ impl Model {
     }
 }
 
+/// `f`'s result, or an error saying tract panicked while `what` (a panic
+/// in the engine is an error of the request or the load that caused it, not
+/// the end of the process; tract-onnx 0.23.9 unwraps a symbolic batch size
+/// while optimising a GRU without initial state, for one).
+fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        format!("tract panicked while {what}: {message}")
+    })
+}
+
 impl Source {
     /// An optimised plan with the batch symbol set to `batch`, or left
     /// symbolic (`None`).
     fn plan(&self, inputs: &[TensorSpec], batch: Option<u64>) -> Result<Plan, String> {
+        unpanicked("optimising the model", || {
+            self.plan_unguarded(inputs, batch)
+        })?
+    }
+
+    fn plan_unguarded(&self, inputs: &[TensorSpec], batch: Option<u64>) -> Result<Plan, String> {
         let mut model = self.model.clone();
         let symbol = model.sym(BATCH_SYMBOL);
         for (i, (spec, dt)) in inputs.iter().zip(&self.input_types).enumerate() {
