@@ -76,7 +76,7 @@ pub(crate) fn from_npy(
             numpy_name(io.dtype)
         )));
     }
-    let n = check_shape(io, &npy.shape)?;
+    let n = check_shape(io, npy.shape)?;
     if n.checked_mul(io.dtype.size()) != Some(npy.data.len()) {
         return Err(bad(format!(
             "the .npy data holds {} bytes, its shape {:?} of {} needs {}",
