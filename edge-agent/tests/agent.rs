@@ -962,9 +962,9 @@ fn the_configured_engine_serves_and_an_absent_one_refuses_the_bundle() {
 /// again.
 #[test]
 fn auto_remembers_its_engine_per_release_across_restarts() {
-    let Some(lib) =
-        ferry_testkit::onnxruntime::library("auto_remembers_its_engine_per_release_across_restarts")
-    else {
+    let Some(lib) = ferry_testkit::onnxruntime::library(
+        "auto_remembers_its_engine_per_release_across_restarts",
+    ) else {
         return;
     };
     // A copy of the library this test may touch.
@@ -1004,10 +1004,15 @@ fn auto_remembers_its_engine_per_release_across_restarts() {
     // The memory, not a new race, decides: the other engine written in the
     // file is the one that serves after a restart (golden examples passing
     // on it).
-    let other = if first == "tract" { "onnxruntime" } else { "tract" };
-    let edited = std::fs::read_to_string(&memory)
-        .unwrap()
-        .replace(&format!("\"engine\": \"{first}\""), &format!("\"engine\": \"{other}\""));
+    let other = if first == "tract" {
+        "onnxruntime"
+    } else {
+        "tract"
+    };
+    let edited = std::fs::read_to_string(&memory).unwrap().replace(
+        &format!("\"engine\": \"{first}\""),
+        &format!("\"engine\": \"{other}\""),
+    );
     std::fs::write(&memory, edited).unwrap();
     d.terminate();
     d.spawn();
@@ -1031,9 +1036,5 @@ fn auto_remembers_its_engine_per_release_across_restarts() {
     d.wait_ready();
     let model = d.get("/v1/model").1;
     assert_eq!(model["engine_decision"], "measured", "{model}");
-    assert!(
-        d.log_text().contains("measuring again"),
-        "{}",
-        d.log_text()
-    );
+    assert!(d.log_text().contains("measuring again"), "{}", d.log_text());
 }

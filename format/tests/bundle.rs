@@ -369,7 +369,8 @@ fn an_artifact_left_compressed_is_still_checked_and_never_handed_out() {
     )
     .unwrap();
     let not_precompiled = |a: &rt::Artifact| a.role != rt::role::GUEST_PRECOMPILED;
-    let selected = |b: &[u8]| rt::verify_selected(b, &policy, &ReadLimits::default(), &not_precompiled);
+    let selected =
+        |b: &[u8]| rt::verify_selected(b, &policy, &ReadLimits::default(), &not_precompiled);
 
     let b = selected(&bytes).unwrap();
     assert_eq!(b.content(rt::role::MODEL).unwrap(), onnx);
@@ -377,7 +378,10 @@ fn an_artifact_left_compressed_is_still_checked_and_never_handed_out() {
     assert!(b.precompiled_guests().is_empty());
     assert!(b.contents()[2].is_none());
     // The full reader hands it out, from the same bytes.
-    assert_eq!(verify(&bytes, &policy).unwrap().precompiled_guests().len(), 1);
+    assert_eq!(
+        verify(&bytes, &policy).unwrap().precompiled_guests().len(),
+        1
+    );
 
     let a = m.artifact(rt::role::GUEST_PRECOMPILED).unwrap();
     let payload_start = bytes.len() - rt::parse_framing(&bytes).unwrap().payload.len();

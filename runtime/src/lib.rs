@@ -31,9 +31,9 @@ mod session;
 // The format and drift crates, re-exported so that a program built on the
 // runtime names one crate.
 pub use engine::{
-    AUTO_MARGIN, Engine, EngineChoice, EngineDecision, EngineModel, EngineOptions,
-    ONNXRUNTIME_ENV, ONNXRUNTIME_MIN_OPSET, RACE_BUDGET, RACE_MIN_RUNS, RACE_MIN_TIME, auto_pick,
-    engine_candidates, onnx_opset, onnxruntime_info, onnxruntime_library, race, zero_tensors,
+    AUTO_MARGIN, Engine, EngineChoice, EngineDecision, EngineModel, EngineOptions, ONNXRUNTIME_ENV,
+    ONNXRUNTIME_MIN_OPSET, RACE_BUDGET, RACE_MIN_RUNS, RACE_MIN_TIME, auto_pick, engine_candidates,
+    onnx_opset, onnxruntime_info, onnxruntime_library, race, zero_tensors,
 };
 pub use error::{Error, GuestError, ModelError};
 pub use external::inline_external_data;
@@ -61,12 +61,12 @@ pub use model::{
 pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
 pub use sandbox::{
     CAN_COMPILE, EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES,
-    ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable, check_runnable_bundle,
-    compatibility_key, runnable_targets,
+    ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable,
+    check_runnable_bundle, compatibility_key, runnable_targets,
 };
 #[cfg(feature = "compiler")]
 pub use sandbox::{precompile, validate};
 pub use session::{
-    GoldenOutcome, verify_for_host, LoadTimings, Observation, Observer, Preprocessor, Session, drift_kind,
-    drift_value,
+    GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_kind,
+    drift_value, verify_for_host,
 };

@@ -146,8 +146,7 @@ pub fn verify_for_host(
         .map(|t| compatibility_key(Some(t)))
         .collect();
     ferry_format::verify_selected(bytes, trust, limits, &|a| {
-        a.role != role::GUEST_PRECOMPILED
-            || a.target.as_ref().is_some_and(|t| runnable.contains(t))
+        a.role != role::GUEST_PRECOMPILED || a.target.as_ref().is_some_and(|t| runnable.contains(t))
     })
 }
 

@@ -15,8 +15,8 @@
 use ferry_format::release_id_of;
 use ferry_protocol::{BundleRef, ChannelIndex};
 use ferry_runtime::{
-    BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle, check_runnable_bundle,
-    verify_for_host,
+    BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle,
+    check_runnable_bundle, verify_for_host,
 };
 use sha2::{Digest, Sha256};
 
