@@ -753,6 +753,42 @@ pub fn extract_artifact(
 ) -> Result<Vec<u8>, BundleError> {
     let stored = check_stored(framing, artifact)?;
     let declared = artifact.size;
+    let mut content = match decompress_bounded_fast(stored, declared) {
+        Some(content) => content,
+        None => decompress_bounded(stored, artifact)?,
+    };
+    if artifact.encoding == Encoding::Shuffle4Zstd {
+        content = unshuffle4(&content);
+    }
+    if sha256_hex(&content) != artifact.sha256 {
+        return Err(BundleError::DigestMismatch(artifact.role.clone()));
+    }
+    Ok(content)
+}
+
+/// Decompresses in one call into a buffer of the declared size plus one
+/// byte (zstd stops at the buffer's end: a bomb produces at most that), when
+/// the declaration is within [`MAX_UPFRONT_RESERVE`]. `None` when the content
+/// is not exactly the declared size or zstd fails: [`decompress_bounded`]
+/// then says which error it is. Saves the streaming decoder's copies.
+fn decompress_bounded_fast(stored: &[u8], declared: u64) -> Option<Vec<u8>> {
+    if declared >= MAX_UPFRONT_RESERVE {
+        return None;
+    }
+    // Zeroed pages come from the allocator untouched (no memset for large
+    // buffers); zstd writes each once.
+    let mut content = vec![0u8; declared as usize + 1];
+    let n = zstd::bulk::decompress_to_buffer(stored, &mut content).ok()?;
+    (n as u64 == declared).then(|| {
+        content.truncate(n);
+        content
+    })
+}
+
+/// Streams the decompression, reading at most one byte past the declared
+/// size, and classifies what went wrong.
+fn decompress_bounded(stored: &[u8], artifact: &Artifact) -> Result<Vec<u8>, BundleError> {
+    let declared = artifact.size;
     let mut decoder = zstd::stream::read::Decoder::new(stored)
         .map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
     // Read one byte more than declared: if it arrives, the content is larger
@@ -773,12 +809,6 @@ pub fn extract_artifact(
             declared,
             actual,
         });
-    }
-    if artifact.encoding == Encoding::Shuffle4Zstd {
-        content = unshuffle4(&content);
-    }
-    if sha256_hex(&content) != artifact.sha256 {
-        return Err(BundleError::DigestMismatch(artifact.role.clone()));
     }
     Ok(content)
 }
