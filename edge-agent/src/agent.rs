@@ -940,15 +940,17 @@ impl Agent {
             self.report_update_refused(&version, &digest, code, &reason);
             anyhow!("update {version} rejected ({code}): {reason}")
         };
+        updates::check_digest(&digest).map_err(|e| anyhow!("{e}"))?;
+        // Staging is cleared before the state says `downloading`: whoever
+        // sees that state finds one bundle at most in staging.
+        if let Err(e) = self.store.clear_staging_except(&digest) {
+            tracing::warn!(error = %e, "Cannot clean staging");
+        }
         self.set_update_state(UpdateState::Downloading {
             version: version.clone(),
             received: 0,
             total: size.unwrap_or(0),
         });
-        updates::check_digest(&digest).map_err(|e| anyhow!("{e}"))?;
-        if let Err(e) = self.store.clear_staging_except(&digest) {
-            tracing::warn!(error = %e, "Cannot clean staging");
-        }
         let staging = self.store.staging_dir();
         let mut last = Instant::now();
         let staged = self

@@ -127,7 +127,8 @@ impl Preprocessor {
 
     /// The tensors and features of a request.
     pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<TensorSet, Error> {
-        decode_preprocessed(&self.guest.preprocess(content_type, body)?)
+        self.guest
+            .preprocess_with(content_type, body, decode_preprocessed)?
     }
 }
 
@@ -392,7 +393,8 @@ impl Session {
 
     /// Runs preprocessing only: the tensors and features of a request.
     pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<TensorSet, Error> {
-        decode_preprocessed(&self.guest.preprocess(content_type, body)?)
+        self.guest
+            .preprocess_with(content_type, body, decode_preprocessed)?
     }
 
     /// Runs the whole pipeline on a request and returns the JSON response.
