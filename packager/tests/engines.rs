@@ -190,8 +190,8 @@ fn the_examples_pass_their_golden_examples_on_both_engines() {
         answers.push(r["predictions"][0]["class"].clone());
     }
     assert_eq!(answers, vec![serde_json::json!(3), serde_json::json!(3)]);
-    // `auto` with both present measures both on load and keeps the faster
-    // (which one is the machine's business: the report must agree with itself).
+    // `auto` with both present measures both on load and keeps tract unless
+    // onnxruntime is 1.25x faster (which one is the machine's business: the report must agree with itself).
     let o = ferry_env(
         &[
             "bench",

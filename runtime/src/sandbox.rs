@@ -142,6 +142,25 @@ pub fn check_runnable(precompiled: &[PrecompiledGuest<'_>]) -> Result<(), GuestE
     check_precompiled_fits(precompiled.iter().map(|g| g.target()))
 }
 
+/// [`check_runnable`] for a verified bundle, judged from its signed manifest
+/// (the guests precompiled for other targets may not have been decompressed:
+/// see `verify_for_host`). A bundle without trusted signatures offers no
+/// precompiled guest.
+pub fn check_runnable_bundle(bundle: &ferry_format::VerifiedBundle) -> Result<(), GuestError> {
+    if CAN_COMPILE {
+        return Ok(());
+    }
+    let signed = !bundle.signed_by().is_empty();
+    check_precompiled_fits(
+        bundle
+            .manifest()
+            .artifacts
+            .iter()
+            .filter(|a| signed && a.role == ferry_format::role::GUEST_PRECOMPILED)
+            .filter_map(|a| a.target.as_deref()),
+    )
+}
+
 /// [`check_runnable`] for a build without a compiler, over the targets
 /// (compatibility keys) a bundle offers.
 fn check_precompiled_fits<'a>(
