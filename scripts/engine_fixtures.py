@@ -17,6 +17,10 @@ runtime/tests/fixtures/:
   engines' agreement test instead.
 - opset6_relu.onnx: x [N, 4] -> Relu -> y, opset 6. onnxruntime refuses
   opsets below 7; tract runs it.
+- gru.onnx: x [N, 5, 3] -> Transpose -> GRU (hidden 4, seeded weights) ->
+  y [1, N, 4], the last hidden state. A recurrent model: tract keeps the
+  GRU's hidden state in a run state, which must not leak from one request
+  into the next (runtime/tests/model.rs).
 
     python3 scripts/engine_fixtures.py runtime/tests/fixtures
 """
@@ -80,6 +84,22 @@ def opset6_relu():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
 
 
+def gru():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "N", 4])
+    rng = np.random.default_rng(12)
+    w = rng.uniform(-0.5, 0.5, (1, 12, 3)).astype(np.float32)
+    r = rng.uniform(-0.5, 0.5, (1, 12, 4)).astype(np.float32)
+    b = rng.uniform(-0.1, 0.1, (1, 24)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node("GRU", ["xt", "W", "R", "B"], ["", "y"], hidden_size=4),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"))]
+    graph = helper.make_graph(nodes, "gru", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
 def main():
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runtime/tests/fixtures")
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +107,7 @@ def main():
     save(expand_shape(), out / "expand_shape.onnx", check=False)
     save(prelu_slopes(), out / "prelu_slopes.onnx")
     save(opset6_relu(), out / "opset6_relu.onnx")
+    save(gru(), out / "gru.onnx")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ pub struct Agent {
     pub identity: Identity,
     roots: crate::trust::Roots,
     freshness: updates::Freshness,
+    /// `auto`'s engine choice per release, kept across restarts.
+    engines: crate::engines::EngineMemory,
     /// Set once by [`Agent::begin_shutdown`]: downloads stay cancelled.
     shutting_down: std::sync::atomic::AtomicBool,
     /// The last metadata refusal reported (an event per new one).
@@ -195,6 +197,7 @@ impl Agent {
             identity,
             roots,
             freshness: updates::Freshness::open(&state_dir_for_freshness),
+            engines: crate::engines::EngineMemory::open(&state_dir_for_freshness),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             metadata_refusal: Mutex::new(Default::default()),
             active: ArcSwapOption::empty(),
@@ -365,8 +368,11 @@ impl Agent {
         if !allow_downgrade {
             self.check_history(&bundle)?;
         }
-        let session = updates::load_session(verified, &self.config.engine.options())?;
+        let options = self.config.engine.options();
+        let remembered = self.engines.recall(&bundle.release, &options);
+        let session = updates::load_session(verified, &options, remembered)?;
         updates::health_check(&session)?;
+        self.engines.record(&bundle.release, &session, &options);
         Ok((bundle, session))
     }
 
@@ -785,7 +791,15 @@ impl Agent {
         self.metrics.encode(&Snapshot {
             buffer: self.buffer.stats(),
             update_state: state,
-            bundle: self.active_bundle().map(|b| (b.name, b.version, b.digest)),
+            bundle: self.active().map(|a| {
+                let b = &a.bundle;
+                (
+                    b.name.clone(),
+                    b.version.clone(),
+                    b.digest.clone(),
+                    a.session.engine().name().to_string(),
+                )
+            }),
             mqtt_connected: s.connected.load(Ordering::Relaxed),
             mqtt_published: s.published.load(Ordering::Relaxed),
             mqtt_acked_records: s.acked_records.load(Ordering::Relaxed),
@@ -926,15 +940,17 @@ impl Agent {
             self.report_update_refused(&version, &digest, code, &reason);
             anyhow!("update {version} rejected ({code}): {reason}")
         };
+        updates::check_digest(&digest).map_err(|e| anyhow!("{e}"))?;
+        // Staging is cleared before the state says `downloading`: whoever
+        // sees that state finds one bundle at most in staging.
+        if let Err(e) = self.store.clear_staging_except(&digest) {
+            tracing::warn!(error = %e, "Cannot clean staging");
+        }
         self.set_update_state(UpdateState::Downloading {
             version: version.clone(),
             received: 0,
             total: size.unwrap_or(0),
         });
-        updates::check_digest(&digest).map_err(|e| anyhow!("{e}"))?;
-        if let Err(e) = self.store.clear_staging_except(&digest) {
-            tracing::warn!(error = %e, "Cannot clean staging");
-        }
         let staging = self.store.staging_dir();
         let mut last = Instant::now();
         let staged = self

@@ -294,9 +294,10 @@ pub struct ShadowConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// `auto` (the bundle's preference, else the faster of the engines
-    /// present that can serve the model, measured on load), `tract` or
-    /// `onnxruntime`.
+    /// `auto` (the bundle's preference, else of the engines present that
+    /// can serve the model tract unless onnxruntime is 1.25x faster,
+    /// measured on a release's first load and remembered in the state
+    /// directory), `tract` or `onnxruntime`.
     pub choice: String,
     /// libonnxruntime's path; unset: `FERRY_ONNXRUNTIME`, else beside the
     /// agent's binary. Without the library everything runs on tract.

@@ -21,6 +21,7 @@
 //!   automatic rollback, commands, status.
 //! - `trust`: the root of trust (provisioned, derived from `trusted_keys`, or
 //!   rotated) whose roles sign releases, commands and channel metadata.
+//! - `engines`: `auto`'s engine choice per release, remembered across restarts.
 //! - `replay`: the persisted record of signed commands already obeyed.
 //! - `metrics`: Prometheus metrics.
 //! - `server`: the HTTP API (axum): predict, model, healthz, metrics.
@@ -43,6 +44,7 @@
 pub mod agent;
 pub mod buffer;
 pub mod config;
+pub mod engines;
 pub mod metrics;
 pub mod mqtt;
 pub mod observe;

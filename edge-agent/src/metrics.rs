@@ -40,6 +40,8 @@ pub struct BundleLabel {
     pub name: String,
     pub version: String,
     pub digest: String,
+    /// The engine serving it (`tract`, `onnxruntime`).
+    pub engine: String,
 }
 
 /// Everything the agent exposes.
@@ -86,7 +88,8 @@ pub struct Metrics {
 pub struct Snapshot {
     pub buffer: ferry_protocol::BufferInfo,
     pub update_state: &'static str,
-    pub bundle: Option<(String, String, String)>,
+    /// Name, version, digest and engine of the active bundle.
+    pub bundle: Option<(String, String, String, String)>,
     pub mqtt_connected: bool,
     pub mqtt_published: u64,
     pub mqtt_acked_records: u64,
@@ -230,7 +233,7 @@ impl Metrics {
         );
         r.register(
             "bundle_info",
-            "The active bundle (value 1)",
+            "The active bundle and the engine serving it (value 1)",
             m.bundle.clone(),
         );
         r.register(
@@ -295,12 +298,13 @@ impl Metrics {
             })
             .set(1);
         self.bundle.clear();
-        if let Some((name, version, digest)) = &snapshot.bundle {
+        if let Some((name, version, digest, engine)) = &snapshot.bundle {
             self.bundle
                 .get_or_create(&BundleLabel {
                     name: name.clone(),
                     version: version.clone(),
                     digest: digest.clone(),
+                    engine: engine.clone(),
                 })
                 .set(1);
         }

@@ -198,6 +198,10 @@ async fn model(State(ctx): State<Arc<Ctx>>) -> Response {
         "precompiled_guest": active.session.used_precompiled_guest(),
         // The engine serving (and the one the golden examples ran on).
         "engine": active.session.engine().name(),
+        // How it was chosen: `only` (one could serve), `measured` (auto, on
+        // this load), `remembered` (auto, measured on an earlier load of
+        // this release on this device).
+        "engine_decision": active.session.engine_decision().name(),
         "guest_target": active.session.guest_target(),
         "inputs": m.model.inputs,
         "outputs": m.model.outputs,

@@ -952,3 +952,89 @@ fn the_configured_engine_serves_and_an_absent_one_refuses_the_bundle() {
         "{log}"
     );
 }
+
+/// `auto` with both engines present measures them on a release's first load
+/// (two processes racing could each pick another engine for the same
+/// release); the device remembers the outcome per release in its state
+/// directory, so a restart serves on the same engine without measuring
+/// again, and says how it chose (`/v1/model`'s `engine_decision`, the
+/// `engine` label of `ferry_bundle_info`). A changed library is measured
+/// again.
+#[test]
+fn auto_remembers_its_engine_per_release_across_restarts() {
+    let Some(lib) = ferry_testkit::onnxruntime::library(
+        "auto_remembers_its_engine_per_release_across_restarts",
+    ) else {
+        return;
+    };
+    // A copy of the library this test may touch.
+    let libdir = tempfile::tempdir().unwrap();
+    let copy = libdir.path().join(lib.file_name().unwrap());
+    std::fs::copy(&lib, &copy).unwrap();
+    let mut setup = Setup::new("engine-memory");
+    setup.extra = format!(
+        "[engine]\nchoice = \"auto\"\nonnxruntime = \"{}\"\n",
+        copy.display()
+    );
+    let mut d = Device::start(setup);
+    let model = d.get("/v1/model").1;
+    assert_eq!(model["engine_decision"], "measured", "{model}");
+    let first = model["engine"].as_str().unwrap().to_string();
+    let memory = d.dir.path().join("state").join("engines.json");
+    let remembered: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&memory).unwrap()).unwrap();
+    let choices = remembered["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 1, "{remembered}");
+    assert_eq!(choices[0]["engine"], first.as_str(), "{remembered}");
+
+    for _ in 0..2 {
+        d.terminate();
+        d.spawn();
+        d.wait_ready();
+        let model = d.get("/v1/model").1;
+        assert_eq!(model["engine"], first.as_str(), "{model}");
+        assert_eq!(model["engine_decision"], "remembered", "{model}");
+        let metrics = d.metrics();
+        assert!(
+            metrics.contains(&format!("engine=\"{first}\"")),
+            "{metrics}"
+        );
+    }
+
+    // The memory, not a new race, decides: the other engine written in the
+    // file is the one that serves after a restart (golden examples passing
+    // on it).
+    let other = if first == "tract" {
+        "onnxruntime"
+    } else {
+        "tract"
+    };
+    let edited = std::fs::read_to_string(&memory).unwrap().replace(
+        &format!("\"engine\": \"{first}\""),
+        &format!("\"engine\": \"{other}\""),
+    );
+    std::fs::write(&memory, edited).unwrap();
+    d.terminate();
+    d.spawn();
+    d.wait_ready();
+    let model = d.get("/v1/model").1;
+    assert_eq!(model["engine"], other, "{model}");
+    assert_eq!(model["engine_decision"], "remembered", "{model}");
+    let (status, r) = d.predict_json(&setosa());
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(label_of(&r), "setosa");
+
+    // Another library (here: the same file, modified later) is measured again.
+    d.terminate();
+    std::fs::File::options()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .unwrap();
+    d.spawn();
+    d.wait_ready();
+    let model = d.get("/v1/model").1;
+    assert_eq!(model["engine_decision"], "measured", "{model}");
+    assert!(d.log_text().contains("measuring again"), "{}", d.log_text());
+}

@@ -119,7 +119,7 @@ fn golden_examples_failing_on_the_device_are_refused_by_the_health_check() {
         false,
     )
     .expect("the bundle itself is validly signed");
-    let session = load_session(verified, &Default::default()).unwrap();
+    let session = load_session(verified, &Default::default(), None).unwrap();
     let err = health_check(&session).unwrap_err();
     assert_eq!(err.code, "golden_failed");
     assert!(
@@ -139,7 +139,7 @@ fn golden_examples_failing_on_the_device_are_refused_by_the_health_check() {
         false,
     )
     .unwrap();
-    health_check(&load_session(good, &Default::default()).unwrap()).unwrap();
+    health_check(&load_session(good, &Default::default(), None).unwrap()).unwrap();
 }
 
 #[test]
@@ -1117,7 +1117,7 @@ fn an_update_from_an_http_channel_end_to_end() {
     )
     .unwrap();
     let r = bundle_ref(&verified);
-    let session = load_session(verified, &Default::default()).unwrap();
+    let session = load_session(verified, &Default::default(), None).unwrap();
     health_check(&session).unwrap();
     store.activate(&staged, &r).unwrap();
     assert_eq!(session.digest(), r.digest);

@@ -347,12 +347,22 @@ pub fn shuffle4(data: &[u8]) -> Vec<u8> {
 pub fn unshuffle4(data: &[u8]) -> Vec<u8> {
     let groups = data.len() / 4;
     let mut out = vec![0u8; data.len()];
-    for k in 0..4 {
-        for (i, &b) in data[k * groups..(k + 1) * groups].iter().enumerate() {
-            out[i * 4 + k] = b;
-        }
+    let (planes, tail) = data.split_at(groups * 4);
+    let (p0, rest) = planes.split_at(groups);
+    let (p1, rest) = rest.split_at(groups);
+    let (p2, p3) = rest.split_at(groups);
+    // One pass writing whole groups (the compiler vectorises it), not four
+    // strided passes.
+    for ((((o, &a), &b), &c), &d) in out[..groups * 4]
+        .chunks_exact_mut(4)
+        .zip(p0)
+        .zip(p1)
+        .zip(p2)
+        .zip(p3)
+    {
+        o.copy_from_slice(&[a, b, c, d]);
     }
-    out[groups * 4..].copy_from_slice(&data[groups * 4..]);
+    out[groups * 4..].copy_from_slice(tail);
     out
 }
 
@@ -741,11 +751,43 @@ pub fn extract_artifact(
     framing: &Framing<'_>,
     artifact: &Artifact,
 ) -> Result<Vec<u8>, BundleError> {
-    let start = artifact.offset as usize;
-    let stored = &framing.payload[start..start + artifact.compressed_size as usize];
-    if sha256_hex(stored) != artifact.compressed_sha256 {
+    let stored = check_stored(framing, artifact)?;
+    let declared = artifact.size;
+    let mut content = match decompress_bounded_fast(stored, declared) {
+        Some(content) => content,
+        None => decompress_bounded(stored, artifact)?,
+    };
+    if artifact.encoding == Encoding::Shuffle4Zstd {
+        content = unshuffle4(&content);
+    }
+    if sha256_hex(&content) != artifact.sha256 {
         return Err(BundleError::DigestMismatch(artifact.role.clone()));
     }
+    Ok(content)
+}
+
+/// Decompresses in one call into a buffer of the declared size plus one
+/// byte (zstd stops at the buffer's end: a bomb produces at most that), when
+/// the declaration is within [`MAX_UPFRONT_RESERVE`]. `None` when the content
+/// is not exactly the declared size or zstd fails: [`decompress_bounded`]
+/// then says which error it is. Saves the streaming decoder's copies.
+fn decompress_bounded_fast(stored: &[u8], declared: u64) -> Option<Vec<u8>> {
+    if declared >= MAX_UPFRONT_RESERVE {
+        return None;
+    }
+    // Zeroed pages come from the allocator untouched (no memset for large
+    // buffers); zstd writes each once.
+    let mut content = vec![0u8; declared as usize + 1];
+    let n = zstd::bulk::decompress_to_buffer(stored, &mut content).ok()?;
+    (n as u64 == declared).then(|| {
+        content.truncate(n);
+        content
+    })
+}
+
+/// Streams the decompression, reading at most one byte past the declared
+/// size, and classifies what went wrong.
+fn decompress_bounded(stored: &[u8], artifact: &Artifact) -> Result<Vec<u8>, BundleError> {
     let declared = artifact.size;
     let mut decoder = zstd::stream::read::Decoder::new(stored)
         .map_err(|e| BundleError::Decompress(artifact.role.clone(), e.to_string()))?;
@@ -768,13 +810,18 @@ pub fn extract_artifact(
             actual,
         });
     }
-    if artifact.encoding == Encoding::Shuffle4Zstd {
-        content = unshuffle4(&content);
-    }
-    if sha256_hex(&content) != artifact.sha256 {
+    Ok(content)
+}
+
+/// Checks an artifact's stored (compressed) bytes against the manifest's
+/// digest and returns them: what is done for every artifact, used or not.
+fn check_stored<'a>(framing: &Framing<'a>, artifact: &Artifact) -> Result<&'a [u8], BundleError> {
+    let start = artifact.offset as usize;
+    let stored = &framing.payload[start..start + artifact.compressed_size as usize];
+    if sha256_hex(stored) != artifact.compressed_sha256 {
         return Err(BundleError::DigestMismatch(artifact.role.clone()));
     }
-    Ok(content)
+    Ok(stored)
 }
 
 /// A bundle whose signatures, sizes and digests have all been checked.
@@ -788,7 +835,10 @@ pub struct VerifiedBundle {
     digest: String,
     release_id: String,
     signed_by: Vec<KeyId>,
-    contents: Vec<Vec<u8>>,
+    /// By index in the manifest's artifacts; `None` for an artifact the
+    /// reader did not ask for (its stored bytes were checked, not
+    /// decompressed: see [`verify_selected`]).
+    contents: Vec<Option<Vec<u8>>>,
 }
 
 /// Precompiled guest code (native machine code for one target) from a
@@ -823,7 +873,7 @@ impl VerifiedBundle {
             digest: String::new(),
             release_id: String::new(),
             signed_by: Vec::new(),
-            contents,
+            contents: contents.into_iter().map(Some).collect(),
         }
     }
 
@@ -850,8 +900,9 @@ impl VerifiedBundle {
         &self.signed_by
     }
 
-    /// Decompressed artifacts, by index in the manifest's artifacts.
-    pub fn contents(&self) -> &[Vec<u8>] {
+    /// Decompressed artifacts, by index in the manifest's artifacts (`None`:
+    /// not decompressed, see [`verify_selected`]).
+    pub fn contents(&self) -> &[Option<Vec<u8>>] {
         &self.contents
     }
 
@@ -874,23 +925,24 @@ impl VerifiedBundle {
             .collect()
     }
 
-    /// The content of the first artifact with this role.
+    /// The content of the first artifact with this role (`None` also when
+    /// it was not decompressed).
     pub fn content(&self, role: &str) -> Option<&[u8]> {
         self.manifest
             .artifacts
             .iter()
             .position(|a| a.role == role)
-            .map(|i| self.contents[i].as_slice())
+            .and_then(|i| self.contents[i].as_deref())
     }
 
-    /// Artifacts with this role and their contents.
+    /// Artifacts with this role and their contents (those decompressed).
     pub fn all(&self, role: &'static str) -> impl Iterator<Item = (&Artifact, &[u8])> {
         self.manifest
             .artifacts
             .iter()
             .zip(&self.contents)
             .filter(move |(a, _)| a.role == role)
-            .map(|(a, c)| (a, c.as_slice()))
+            .filter_map(|(a, c)| Some((a, c.as_deref()?)))
     }
 
     /// The golden examples.
@@ -916,28 +968,119 @@ pub fn verify(
     trust: &TrustPolicy,
     limits: &ReadLimits,
 ) -> Result<VerifiedBundle, BundleError> {
-    let framing = parse_framing(bytes)?;
-    let signed_by = check_signatures(&framing, trust)?;
-    open_checked(bytes, &framing, signed_by, limits)
+    verify_selected(bytes, trust, limits, &|_| true)
 }
 
-/// The steps after the signatures: manifest, sizes, runtime version,
-/// digests, bounded decompression.
+/// [`verify`], decompressing only the artifacts `wanted` selects (a runtime
+/// leaves out guests precompiled for other machines). Every artifact's
+/// stored bytes are still checked against the signed manifest's digest, so
+/// a bundle with any byte changed is refused whether or not this reader
+/// would use that artifact; the others are never decompressed and are not
+/// handed out ([`VerifiedBundle::content`] and
+/// [`VerifiedBundle::precompiled_guests`] skip them).
+pub fn verify_selected(
+    bytes: &[u8],
+    trust: &TrustPolicy,
+    limits: &ReadLimits,
+    wanted: &(dyn Fn(&Artifact) -> bool + Sync),
+) -> Result<VerifiedBundle, BundleError> {
+    let framing = parse_framing(bytes)?;
+    let signed_by = check_signatures(&framing, trust)?;
+    open_checked(bytes, &framing, signed_by, limits, wanted)
+}
+
+/// Threads verifying one bundle at most (the file's digest and the
+/// artifacts share them); fewer when the machine has fewer CPUs.
+pub const MAX_VERIFY_THREADS: usize = 4;
+
+/// One piece of a bundle's verification.
+#[derive(Clone, Copy)]
+enum Task {
+    /// SHA-256 of the whole file (its identity for downloads).
+    FileDigest,
+    /// An artifact's stored digest, then, when wanted, decompression and its
+    /// content digest.
+    Artifact(usize, bool),
+}
+
+/// What a task produced.
+enum Done {
+    FileDigest(String),
+    Artifact(Option<Vec<u8>>),
+}
+
+/// The steps after the signatures: manifest, sizes, runtime version, then
+/// the file's digest and every artifact's digests and bounded decompression,
+/// spread over up to [`MAX_VERIFY_THREADS`] threads (largest work first).
+/// Errors are reported in manifest order, whichever thread found them.
 fn open_checked(
     bytes: &[u8],
     framing: &Framing<'_>,
     signed_by: Vec<KeyId>,
     limits: &ReadLimits,
+    wanted: &(dyn Fn(&Artifact) -> bool + Sync),
 ) -> Result<VerifiedBundle, BundleError> {
     let manifest = parse_manifest(framing, limits)?;
     check_runtime_version(&manifest.min_runtime)?;
-    let contents = manifest
-        .artifacts
-        .iter()
-        .map(|a| extract_artifact(framing, a))
+    let mut tasks = vec![(bytes.len() as u64 / 2, Task::FileDigest)];
+    for (i, a) in manifest.artifacts.iter().enumerate() {
+        let want = wanted(a);
+        // Rough cost: hashing is cheaper per byte than decompressing.
+        let cost = a.compressed_size / 2 + if want { a.size } else { 0 };
+        tasks.push((cost, Task::Artifact(i, want)));
+    }
+    tasks.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
+    let run = |task: Task| -> Result<Done, BundleError> {
+        match task {
+            Task::FileDigest => Ok(Done::FileDigest(sha256_hex(bytes))),
+            Task::Artifact(i, true) => {
+                extract_artifact(framing, &manifest.artifacts[i]).map(|c| Done::Artifact(Some(c)))
+            }
+            Task::Artifact(i, false) => {
+                check_stored(framing, &manifest.artifacts[i]).map(|_| Done::Artifact(None))
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_VERIFY_THREADS)
+        .min(tasks.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(_, task)) = tasks.get(k) else {
+                return done;
+            };
+            done.push((task, run(task)));
+        }
+    };
+    let results: Vec<(Task, Result<Done, BundleError>)> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for h in helpers {
+            all.extend(h.join().expect("a verification thread panicked"));
+        }
+        all
+    });
+    let mut digest = String::new();
+    let mut contents: Vec<Option<Result<Option<Vec<u8>>, BundleError>>> =
+        (0..manifest.artifacts.len()).map(|_| None).collect();
+    for (task, result) in results {
+        match (task, result) {
+            (Task::FileDigest, Ok(Done::FileDigest(d))) => digest = d,
+            (Task::Artifact(i, _), Ok(Done::Artifact(c))) => contents[i] = Some(Ok(c)),
+            (Task::Artifact(i, _), Err(e)) => contents[i] = Some(Err(e)),
+            (_, r) => unreachable!("a task's result matches it: {}", r.is_ok()),
+        }
+    }
+    let contents = contents
+        .into_iter()
+        .map(|c| c.expect("every artifact was checked"))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(VerifiedBundle {
-        digest: sha256_hex(bytes),
+        digest,
         release_id: release_id(framing),
         signed_by,
         manifest,
@@ -953,7 +1096,7 @@ pub fn verify_integrity_only(
     limits: &ReadLimits,
 ) -> Result<VerifiedBundle, BundleError> {
     let framing = parse_framing(bytes)?;
-    open_checked(bytes, &framing, Vec::new(), limits)
+    open_checked(bytes, &framing, Vec::new(), limits, &|_| true)
 }
 
 /// Reads the manifest of a bundle *without* checking signatures, for

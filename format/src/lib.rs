@@ -38,12 +38,12 @@ mod root;
 pub use bundle::{
     Artifact, ArtifactInput, Encoding, EngineReport, EngineSupport, FORMAT_VERSION, Framing,
     GoldenExample, GuestLimits, HEADER_LEN, Header, Lineage, MAGIC, MAX_ARTIFACTS,
-    MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline,
-    PrecompiledGuest, RUNTIME_VERSION, ReadLimits, Release, SIGNATURE_ENTRY_LEN, SIGNING_CONTEXT,
-    TensorSpec, VerifiedBundle, add_signatures, check_signatures, compress, extract_artifact,
-    frame, from_cbor, inspect_unverified, lineage_training, manifest_unverified, parse_framing,
-    parse_manifest, release_id, release_id_of, role, shuffle4, to_cbor, unshuffle4, verify,
-    verify_integrity_only, write_bundle,
+    MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, MAX_VERIFY_THREADS, Manifest, ModelInfo,
+    Pipeline, PrecompiledGuest, RUNTIME_VERSION, ReadLimits, Release, SIGNATURE_ENTRY_LEN,
+    SIGNING_CONTEXT, TensorSpec, VerifiedBundle, add_signatures, check_signatures, compress,
+    extract_artifact, frame, from_cbor, inspect_unverified, lineage_training, manifest_unverified,
+    parse_framing, parse_manifest, release_id, release_id_of, role, shuffle4, to_cbor, unshuffle4,
+    verify, verify_integrity_only, verify_selected, write_bundle,
 };
 pub use envelope::{Envelope, EnvelopeSignature, MAX_ENVELOPE_BYTES, MAX_ENVELOPE_SIGNATURES};
 pub use error::{BundleError, KeyError, MetadataError};

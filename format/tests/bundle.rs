@@ -335,3 +335,64 @@ fn the_engines_record_is_optional_left_out_when_absent_and_signed() {
     let err = verify(&forged, &trust(&[&key])).unwrap_err();
     assert_eq!(err.code(), "bad_signature", "{err}");
 }
+
+/// A reader that decompresses only what it uses (`verify_selected`, what a
+/// runtime does with guests precompiled for other machines) still refuses a
+/// bundle whose unused artifact was tampered with: every stored byte is
+/// checked against the signed manifest, and the unused artifact is never
+/// handed out.
+#[test]
+fn an_artifact_left_compressed_is_still_checked_and_never_handed_out() {
+    let key = SecretKey::generate().unwrap();
+    let policy = trust(&[&key]);
+    let onnx = std::fs::read(ferry_testkit::fixtures::examples().join("iris/model.onnx")).unwrap();
+    let artifact = |role: &str, content: Vec<u8>, target: Option<&str>| rt::ArtifactInput {
+        role: role.into(),
+        media_type: "application/octet-stream".into(),
+        content,
+        target: target.map(str::to_owned),
+        try_shuffle: false,
+    };
+    let (m, bytes) = rt::write_bundle(
+        crate::common::manifest(),
+        &[
+            artifact(rt::role::MODEL, onnx.clone(), None),
+            artifact(rt::role::GUEST, crate::common::GUEST.to_vec(), None),
+            artifact(
+                rt::role::GUEST_PRECOMPILED,
+                b"native code for a machine this reader is not".repeat(100),
+                Some("elsewhere:wasmtime-0"),
+            ),
+        ],
+        &[&key],
+        3,
+    )
+    .unwrap();
+    let not_precompiled = |a: &rt::Artifact| a.role != rt::role::GUEST_PRECOMPILED;
+    let selected =
+        |b: &[u8]| rt::verify_selected(b, &policy, &ReadLimits::default(), &not_precompiled);
+
+    let b = selected(&bytes).unwrap();
+    assert_eq!(b.content(rt::role::MODEL).unwrap(), onnx);
+    assert!(b.content(rt::role::GUEST_PRECOMPILED).is_none());
+    assert!(b.precompiled_guests().is_empty());
+    assert!(b.contents()[2].is_none());
+    // The full reader hands it out, from the same bytes.
+    assert_eq!(
+        verify(&bytes, &policy).unwrap().precompiled_guests().len(),
+        1
+    );
+
+    let a = m.artifact(rt::role::GUEST_PRECOMPILED).unwrap();
+    let payload_start = bytes.len() - rt::parse_framing(&bytes).unwrap().payload.len();
+    let start = payload_start + a.offset as usize;
+    for i in start..start + a.compressed_size as usize {
+        let mut b = bytes.clone();
+        b[i] ^= 0x01;
+        let err = selected(&b).expect_err(&format!("flip at {i} accepted"));
+        assert!(
+            matches!(&err, BundleError::DigestMismatch(r) if r == rt::role::GUEST_PRECOMPILED),
+            "flip at {i}: {err:?}"
+        );
+    }
+}

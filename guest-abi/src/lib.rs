@@ -226,12 +226,19 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 impl TensorSet {
     /// Encodes the set.
     pub fn encode(&self) -> Vec<u8> {
+        // Room for everything but categorical values, so a set is written
+        // with one allocation (this runs on every request, in the guest).
+        let features = self.features.as_ref().map_or(0, |f| {
+            8 + f.names.iter().map(|(n, _)| n.len() + 3).sum::<usize>()
+                + f.rows.iter().map(|r| 8 * r.len()).sum::<usize>()
+        });
         let mut out = Vec::with_capacity(
-            16 + self
-                .tensors
-                .iter()
-                .map(|t| t.data.len() + t.name.len() + 16 + 8 * t.shape.len())
-                .sum::<usize>(),
+            8 + features
+                + self
+                    .tensors
+                    .iter()
+                    .map(|t| t.data.len() + t.name.len() + 12 + 8 * t.shape.len())
+                    .sum::<usize>(),
         );
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(self.tensors.len() as u32).to_le_bytes());

@@ -35,6 +35,7 @@ pub extern "C" fn ferry_abi_version() -> i32 {
 }
 
 /// A buffer of `len` writable bytes, valid until the next `ferry_alloc`; 0 if it cannot be had.
+/// Its bytes are what an earlier input left there (or zeros): the host overwrites all `len`.
 #[unsafe(no_mangle)]
 pub extern "C" fn ferry_alloc(len: i32) -> i32 {
     let Ok(len) = usize::try_from(len) else {
@@ -44,11 +45,15 @@ pub extern "C" fn ferry_alloc(len: i32) -> i32 {
         if buf.capacity() > KEEP_CAPACITY && buf.capacity() / 4 > len {
             *buf = Vec::new();
         }
-        buf.clear();
-        if buf.try_reserve_exact(len).is_err() {
-            return 0;
+        // The buffer keeps the length of the largest input since it was last
+        // shrunk: bytes are zeroed once, when the buffer grows, not on every
+        // call (a 600 KB image tensor was zeroed just to be overwritten).
+        if buf.len() < len {
+            if buf.try_reserve_exact(len - buf.len()).is_err() {
+                return 0;
+            }
+            buf.resize(len, 0);
         }
-        buf.resize(len, 0);
         buf.as_mut_ptr() as usize as i32
     })
 }

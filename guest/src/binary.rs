@@ -51,8 +51,13 @@ pub(crate) fn check_shape(io: &ModelIo, shape: &[u64]) -> Result<usize, Error> {
         .ok_or_else(|| bad(format!("input {name}: shape {shape:?} is too large")))
 }
 
-/// The tensors of a `.npy` body, for a model with one input.
-pub(crate) fn from_npy(inputs: &[ModelIo], body: &[u8]) -> Result<Vec<Tensor>, Error> {
+/// The tensors of a `.npy` body, for a model with one input. `headers` keeps the last header
+/// parsed: a client sends the same header request after request.
+pub(crate) fn from_npy(
+    inputs: &[ModelIo],
+    body: &[u8],
+    headers: &mut HeaderCache,
+) -> Result<Vec<Tensor>, Error> {
     let [io] = inputs else {
         let names: Vec<&str> = inputs.iter().map(|io| io.name.as_str()).collect();
         return Err(bad(format!(
@@ -61,7 +66,7 @@ pub(crate) fn from_npy(inputs: &[ModelIo], body: &[u8]) -> Result<Vec<Tensor>, E
             crate::json::Listed(&names)
         )));
     };
-    let npy = parse_npy(body)?;
+    let npy = parse_npy(body, headers)?;
     if npy.dtype != io.dtype {
         return Err(bad(format!(
             "input {}: the array's element type is {}, the model's input is {} (in NumPy: x.astype(np.{}))",
@@ -71,7 +76,7 @@ pub(crate) fn from_npy(inputs: &[ModelIo], body: &[u8]) -> Result<Vec<Tensor>, E
             numpy_name(io.dtype)
         )));
     }
-    let n = check_shape(io, &npy.shape)?;
+    let n = check_shape(io, npy.shape)?;
     if n.checked_mul(io.dtype.size()) != Some(npy.data.len()) {
         return Err(bad(format!(
             "the .npy data holds {} bytes, its shape {:?} of {} needs {}",
@@ -84,7 +89,7 @@ pub(crate) fn from_npy(inputs: &[ModelIo], body: &[u8]) -> Result<Vec<Tensor>, E
     Ok(vec![Tensor {
         name: io.name.clone(),
         dtype: io.dtype,
-        shape: npy.shape,
+        shape: npy.shape.to_vec(),
         data: npy.data.to_vec(),
     }])
 }
@@ -129,13 +134,28 @@ pub(crate) fn from_tensor_set(inputs: &[ModelIo], body: &[u8]) -> Result<Vec<Ten
         .collect()
 }
 
-/// A parsed `.npy` body, borrowing its data.
+/// A parsed `.npy` body, borrowing its data (and its header's fields from the cache).
 #[derive(Debug)]
-struct Npy<'a> {
+struct Npy<'a, 'h> {
+    descr: &'h str,
+    dtype: DType,
+    shape: &'h [u64],
+    data: &'a [u8],
+}
+
+/// A `.npy` header's fields.
+#[derive(Debug)]
+struct Header {
     descr: String,
     dtype: DType,
     shape: Vec<u64>,
-    data: &'a [u8],
+}
+
+/// The last `.npy` header that parsed, by its bytes: parsing the header (a Python dictionary
+/// literal) cost more than the rest of a small request.
+#[derive(Debug, Default)]
+pub(crate) struct HeaderCache {
+    last: Option<(Vec<u8>, Header)>,
 }
 
 fn numpy_name(dtype: DType) -> &'static str {
@@ -149,7 +169,7 @@ fn numpy_name(dtype: DType) -> &'static str {
     }
 }
 
-fn parse_npy(body: &[u8]) -> Result<Npy<'_>, Error> {
+fn parse_npy<'a, 'h>(body: &'a [u8], cache: &'h mut HeaderCache) -> Result<Npy<'a, 'h>, Error> {
     let not_npy = |why: &str| bad(format!("the body is not a .npy array: {why}"));
     let rest = body
         .strip_prefix(b"\x93NUMPY")
@@ -185,6 +205,32 @@ fn parse_npy(body: &[u8]) -> Result<Npy<'_>, Error> {
         return Err(not_npy("truncated header"));
     }
     let (header, data) = rest.split_at(len);
+    if cache
+        .last
+        .as_ref()
+        .is_none_or(|(bytes, _)| bytes.as_slice() != header)
+    {
+        cache.last = None;
+        let parsed = parse_header_bytes(header)?;
+        cache.last = Some((header.to_vec(), parsed));
+    }
+    let Some((_, h)) = &cache.last else {
+        unreachable!("the header was just stored")
+    };
+    if h.dtype == DType::Bool && data.iter().any(|&b| b > 1) {
+        return Err(bad("the .npy bool array holds a byte other than 0 or 1"));
+    }
+    Ok(Npy {
+        descr: &h.descr,
+        dtype: h.dtype,
+        shape: &h.shape,
+        data,
+    })
+}
+
+/// A header's fields, or why the body is not a `.npy` array this guest reads.
+fn parse_header_bytes(header: &[u8]) -> Result<Header, Error> {
+    let not_npy = |why: &str| bad(format!("the body is not a .npy array: {why}"));
     let header = std::str::from_utf8(header).map_err(|_| not_npy("header is not text"))?;
     let (descr, fortran, shape) = parse_header(header).map_err(|e| not_npy(&e))?;
     if fortran {
@@ -206,14 +252,10 @@ fn parse_npy(body: &[u8]) -> Result<Npy<'_>, Error> {
             )));
         }
     };
-    if dtype == DType::Bool && data.iter().any(|&b| b > 1) {
-        return Err(bad("the .npy bool array holds a byte other than 0 or 1"));
-    }
-    Ok(Npy {
+    Ok(Header {
         descr,
         dtype,
         shape,
-        data,
     })
 }
 
@@ -368,6 +410,11 @@ impl Cursor<'_> {
 mod tests {
     use super::*;
 
+    /// [`super::from_npy`] with nothing cached.
+    fn from_npy(inputs: &[ModelIo], body: &[u8]) -> Result<Vec<Tensor>, Error> {
+        super::from_npy(inputs, body, &mut HeaderCache::default())
+    }
+
     fn io(dtype: DType, shape: &[Option<u64>]) -> ModelIo {
         ModelIo {
             name: "x".into(),
@@ -393,6 +440,37 @@ mod tests {
 
     fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// One cache across requests: a new header is parsed (not the cached one reused), a
+    /// refused header is refused again and leaves nothing behind.
+    #[test]
+    fn the_header_cache_never_answers_for_another_header() {
+        let model = [io(DType::F32, &[None, Some(2)])];
+        let mut cache = HeaderCache::default();
+        let mut read = |body: &[u8]| super::from_npy(&model, body, &mut cache);
+        let one = npy("<f4", "(1, 2)", &f32s(&[1., 2.]));
+        let two = npy("<f4", "(2, 2)", &f32s(&[1., 2., 3., 4.]));
+        let f8 = npy("<f8", "(1, 2)", &[0; 16]);
+        let mut fortran = one.clone();
+        let at = fortran.windows(5).position(|w| w == b"False").unwrap();
+        fortran[at..at + 5].copy_from_slice(b"True ");
+        for _ in 0..2 {
+            assert_eq!(read(&one).unwrap()[0].shape, [1, 2]);
+            assert_eq!(read(&two).unwrap()[0].shape, [2, 2]);
+            // The same header with too little data: the cached header, the data checked.
+            let e = read(&two[..two.len() - 4]).unwrap_err();
+            assert!(e.message().contains("holds 12 bytes"), "{}", e.message());
+            let e = read(&f8).unwrap_err();
+            assert!(
+                e.message().contains("element type is <f8"),
+                "{}",
+                e.message()
+            );
+            let e = read(&fortran).unwrap_err();
+            assert!(e.message().contains("Fortran order"), "{}", e.message());
+            assert_eq!(read(&one).unwrap()[0].to_f64_vec(), [1., 2.]);
+        }
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub(crate) struct TensorPre {
     names: Vec<(String, FeatureKind)>,
     /// The (input index, width) pairs `names` was built for.
     names_key: Vec<(usize, u64)>,
+    /// The last `.npy` header read.
+    npy_headers: binary::HeaderCache,
 }
 
 impl TensorPre {
@@ -39,6 +41,7 @@ impl TensorPre {
             inputs: model.inputs.clone(),
             names: Vec::new(),
             names_key: Vec::new(),
+            npy_headers: binary::HeaderCache::default(),
         })
     }
 
@@ -58,11 +61,15 @@ impl TensorPre {
     }
 
     /// The request's tensors, in model input order.
-    pub(crate) fn tensors(&self, content_type: &str, body: &[u8]) -> Result<Vec<Tensor>, Error> {
+    pub(crate) fn tensors(
+        &mut self,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Vec<Tensor>, Error> {
         let media = media_type(content_type);
         match media.as_str() {
             "" | "application/json" => {}
-            binary::NPY => return binary::from_npy(&self.inputs, body),
+            binary::NPY => return binary::from_npy(&self.inputs, body, &mut self.npy_headers),
             binary::TENSOR_SET => return binary::from_tensor_set(&self.inputs, body),
             _ => {
                 return Err(bad(format!(

@@ -17,7 +17,7 @@ use clap::Args;
 use ferry_runtime as rt;
 use serde_json::json;
 
-use crate::{EngineArgs, TrustArgs, exit, fail, inputs, read_bundle, verify_bytes};
+use crate::{EngineArgs, TrustArgs, exit, fail, inputs, read_bundle, verify_bytes_for_host};
 
 /// Calls measured per warm phase at least, however long they take.
 const MIN_CALLS: u32 = 10;
@@ -154,7 +154,7 @@ impl BenchArgs {
         let bytes = read_bundle(&self.bundle)?;
         let read = start.elapsed();
         let t = Instant::now();
-        let bundle = verify_bytes(&self.bundle, &bytes, &self.trust)?;
+        let bundle = verify_bytes_for_host(&self.bundle, &bytes, &self.trust)?;
         let verify = t.elapsed();
         let t = Instant::now();
         let session = rt::Session::from_verified_with(bundle, &self.engine.options())

@@ -337,6 +337,17 @@ fn verify_bytes(
     rt::verify(bytes, &trust.policy()?, &rt::ReadLimits::default()).map_err(|e| rejected(path, e))
 }
 
+/// Verifies the bytes of a bundle to run it here: guests precompiled for
+/// other machines are checked, not decompressed (`rt::verify_for_host`).
+fn verify_bytes_for_host(
+    path: &std::path::Path,
+    bytes: &[u8],
+    trust: &TrustArgs,
+) -> Result<rt::VerifiedBundle> {
+    rt::verify_for_host(bytes, &trust.policy()?, &rt::ReadLimits::default())
+        .map_err(|e| rejected(path, e))
+}
+
 /// Reads and verifies a bundle.
 fn verified(path: &std::path::Path, trust: &TrustArgs) -> Result<rt::VerifiedBundle> {
     verify_bytes(path, &read_bundle(path)?, trust)
@@ -407,7 +418,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let bundle = verified(&a.bundle, &a.trust)?;
+    let bundle = verify_bytes_for_host(&a.bundle, &read_bundle(&a.bundle)?, &a.trust)?;
     let session = rt::Session::from_verified_with(bundle, &a.engine.options())
         .context("cannot load the bundle")?;
     let request = inputs::read_request(&a.input, a.content_type.as_deref())?;

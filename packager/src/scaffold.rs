@@ -29,6 +29,10 @@ pub struct InitArgs {
     /// Overwrite an existing ferry.toml.
     #[arg(long)]
     force: bool,
+    /// libonnxruntime's path, to check whether onnxruntime can serve the model (else
+    /// FERRY_ONNXRUNTIME, else a libonnxruntime.so beside the binary; without it, tract alone).
+    #[arg(long, value_name = "LIB")]
+    onnxruntime: Option<PathBuf>,
 }
 
 impl InitArgs {
@@ -52,8 +56,18 @@ impl InitArgs {
         let onnx = rt::inline_external_data(&onnx, &|l| std::fs::read(dir.join(l)))
             .map_err(anyhow::Error::msg)?
             .unwrap_or(onnx);
-        let model = rt::Model::load(&onnx)
+        // Every engine present is tried, as `ferry pack` does: a model tract
+        // refuses may still be served by onnxruntime.
+        let options = rt::EngineOptions {
+            choice: rt::EngineChoice::Auto,
+            onnxruntime: self.onnxruntime.clone(),
+        };
+        let checks = crate::engines::load_each(&onnx, &options, rt::EngineChoice::Auto)
             .with_context(|| format!("{} cannot be loaded", onnx_path.display()))?;
+        let model = checks
+            .iter()
+            .find_map(|c| c.model.as_ref())
+            .expect("load_each returns an engine that loaded");
         let name = self.name.clone().unwrap_or_else(|| {
             self.model
                 .file_stem()
@@ -150,6 +164,19 @@ impl InitArgs {
                 "tensors in, tensors out".to_string()
             }
         );
+        for c in &checks {
+            let why = c.reason.as_deref().unwrap_or("");
+            match (c.loaded, c.serves) {
+                (true, _) => eprintln!(
+                    "  engine {}: loads the model (`ferry pack` checks it on the golden examples)",
+                    c.engine
+                ),
+                (false, Some(false)) => {
+                    eprintln!("  engine {}: cannot serve the model: {why}", c.engine)
+                }
+                (false, _) => eprintln!("  engine {}: unknown ({why})", c.engine),
+            }
+        }
         Ok(())
     }
 }

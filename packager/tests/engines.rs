@@ -190,8 +190,8 @@ fn the_examples_pass_their_golden_examples_on_both_engines() {
         answers.push(r["predictions"][0]["class"].clone());
     }
     assert_eq!(answers, vec![serde_json::json!(3), serde_json::json!(3)]);
-    // `auto` with both present measures both on load and keeps the faster
-    // (which one is the machine's business: the report must agree with itself).
+    // `auto` with both present measures both on load and keeps tract unless
+    // onnxruntime is 1.25x faster (which one is the machine's business: the report must agree with itself).
     let o = ferry_env(
         &[
             "bench",
@@ -265,4 +265,58 @@ fn asking_for_onnxruntime_without_its_library_is_a_clear_error() {
         "{}",
         stderr(&o)
     );
+}
+
+/// `ferry init` on a model only onnxruntime runs: it scaffolds the project
+/// from the model's declared inputs and outputs and says which engines can
+/// serve it; without onnxruntime it says why nothing can (it used to load
+/// the model with tract alone and refuse it).
+#[test]
+fn ferry_init_scaffolds_a_model_only_onnxruntime_runs() {
+    let dir = scratch_dir("init-sequence");
+    let project = dir.join("project").to_string_lossy().into_owned();
+    let model = fixture("sequence_concat.onnx");
+    let o = ferry_env(&["init", &model, "-o", &project], &[NO_LIBRARY]);
+    assert_ne!(o.status.code(), Some(0));
+    let err = stderr(&o);
+    assert!(err.contains("no engine can serve the model"), "{err}");
+    assert!(err.contains("SequenceConstruct"), "{err}");
+    assert!(err.contains("onnxruntime: not checked"), "{err}");
+    assert!(!Path::new(&project).join("ferry.toml").exists());
+
+    let Some(lib) = library("ferry_init_scaffolds_a_model_only_onnxruntime_runs") else {
+        return;
+    };
+    let lib = lib.to_string_lossy().into_owned();
+    let o = ferry_env(
+        &["init", &model, "-o", &project],
+        &[("FERRY_ONNXRUNTIME", lib.as_str())],
+    );
+    assert_exit(&o, 0);
+    let err = stderr(&o);
+    assert!(
+        err.contains("engine tract: cannot serve the model"),
+        "{err}"
+    );
+    assert!(err.contains("engine onnxruntime: loads the model"), "{err}");
+    let toml = std::fs::read_to_string(Path::new(&project).join("ferry.toml")).unwrap();
+    assert!(toml.contains("x f32 [N, 4]"), "{toml}");
+    assert!(toml.contains("y f32 [N, 8]"), "{toml}");
+    // And the project packs and serves on onnxruntime.
+    let f = bundles();
+    let out = dir.join("seq.ferry").to_string_lossy().into_owned();
+    let o = ferry_env(
+        &[
+            "pack",
+            &project,
+            "--key",
+            &f.key(),
+            "-o",
+            &out,
+            "--precompile",
+            "none",
+        ],
+        &[("FERRY_ONNXRUNTIME", lib.as_str())],
+    );
+    assert_exit(&o, 0);
 }

@@ -395,6 +395,63 @@ fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_run
     assert!(stderr(&o).contains("sparc64"), "{}", stderr(&o));
 }
 
+/// `ferry run` decompresses only the guest precompiled for this machine, but
+/// a bundle whose guest for another machine was tampered with is still
+/// refused: every stored artifact is checked against the signed manifest.
+#[test]
+fn a_tampered_guest_for_another_machine_refuses_the_bundle() {
+    let f = bundles();
+    let out = f.scratch("pre-tampered.ferry");
+    let o = ferry(&[
+        "pack",
+        &example("iris"),
+        "--key",
+        &f.key(),
+        "-o",
+        &out,
+        "--precompile",
+        "x86_64,aarch64",
+    ]);
+    assert_exit(&o, 0);
+    let bytes = std::fs::read(&out).unwrap();
+    let (manifest, _) =
+        ferry_runtime::inspect_unverified(&bytes, &ferry_runtime::ReadLimits::default()).unwrap();
+    let other = if cfg!(target_arch = "aarch64") {
+        "x86_64"
+    } else {
+        "aarch64"
+    };
+    let a = manifest
+        .artifacts
+        .iter()
+        .find(|a| a.target.as_deref().is_some_and(|t| t.starts_with(other)))
+        .unwrap();
+    let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let at = bytes.len() - payload_len + a.offset as usize + a.compressed_size as usize / 2;
+    let mut tampered = bytes.clone();
+    tampered[at] ^= 0x40;
+    let bad = f.scratch("pre-tampered-bad.ferry");
+    std::fs::write(&bad, &tampered).unwrap();
+    let run = |bundle: &str| {
+        ferry(&[
+            "run",
+            bundle,
+            "--pub",
+            &f.public(),
+            "--input",
+            &example("iris/golden/setosa.json"),
+        ])
+    };
+    assert_exit(&run(&out), 0);
+    let o = run(&bad);
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains("guest-precompiled") && stderr(&o).contains("digest"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// One observed inference: feature names, feature rows, output names.
 type Seen = (Vec<String>, Vec<Vec<ferry_runtime::Value>>, Vec<String>);
 

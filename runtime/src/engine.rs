@@ -11,17 +11,25 @@
 //!   the model);
 //! - `auto`: the engines present here that the packager did not find unable
 //!   to serve the model; when both are, the session measures them on its
-//!   first load (the model alone on the golden examples' tensors, for
-//!   [`RACE_BUDGET`] each) and keeps the faster. A bundle packed before
-//!   engines were recorded is treated the same way (neither engine refused).
+//!   first load (the model alone on the golden examples' tensors, runs of
+//!   the two interleaved, for at most [`RACE_BUDGET`]) and keeps tract
+//!   unless onnxruntime is faster by a clear margin ([`AUTO_MARGIN`], see
+//!   [`auto_pick`]): two engines within noise of each other must not flip
+//!   from one load to the next. A bundle packed before engines were recorded
+//!   is treated the same way (neither engine refused).
+//! - a caller that remembers an earlier `auto` decision for the same release
+//!   on the same machine (the edge agent keeps one per release in its state
+//!   directory) passes it in: when it is still among the candidates, only
+//!   that engine is loaded and nothing is measured
+//!   ([`EngineDecision::Remembered`]).
 //!
 //! Why measured at load, not at pack time: speed is a property of the
 //! machine (x86 CI packs bundles that ARM boards run, and tract's NEON
 //! kernels are its strength), and timings in the signed manifest would make
-//! two packs of the same inputs differ. The price is paid once per load and
-//! only where both engines are present and `auto` is in force: loading the
-//! model twice and [`RACE_BUDGET`] per engine. A deployment that wants the
-//! shortest cold start names its engine.
+//! two packs of the same inputs differ. The price is paid on a first load
+//! where both engines are present and `auto` is in force: loading the model
+//! into both (in parallel threads) and at most [`RACE_BUDGET`] of runs. A
+//! deployment that wants the shortest cold start names its engine.
 
 use std::path::{Path, PathBuf};
 
@@ -197,10 +205,131 @@ pub fn onnxruntime_info(options: &EngineOptions) -> Result<String, ModelError> {
     crate::onnxruntime::load_library(&options.library()?)
 }
 
-/// Time spent measuring each engine when `auto` has two candidates: enough
-/// for a stable median of a model that runs in microseconds, a few runs of
-/// one that takes milliseconds.
+/// Most time spent measuring the two engines under `auto` (both together,
+/// runs interleaved), after one untimed run of each on each tensor set: a
+/// stable median for a model that runs in microseconds, a few runs of one
+/// that takes milliseconds. The measurement stops earlier once the outcome
+/// is clear (see [`race`]).
 pub const RACE_BUDGET: std::time::Duration = std::time::Duration::from_millis(30);
+
+/// Runs of each engine measured at least, whatever the budget.
+pub const RACE_MIN_RUNS: usize = 3;
+
+/// Time measured at least before the race may stop early on a clear
+/// outcome: fast models get tens of runs, not three.
+pub const RACE_MIN_TIME: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// `auto` leaves tract for onnxruntime only when onnxruntime's median run
+/// is at most this fraction of tract's (onnxruntime 1.25x faster or more).
+/// tract is the default because it is built in: no library to load, no
+/// second copy of the weights; and a fixed preference means two engines
+/// within noise of each other (tabular models: equal within 5% on x86_64)
+/// give the same answer on every load instead of flipping on a 30 ms race.
+pub const AUTO_MARGIN: f64 = 0.8;
+
+/// The outcome is clear, and the race may stop early, when the ratio of the
+/// medians is this factor away from [`AUTO_MARGIN`] on either side (a
+/// further 25% of noise would not change it).
+const CLEAR_FACTOR: f64 = 1.25;
+
+/// How a session's engine was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineDecision {
+    /// One engine could serve (asked for by name, or the only one present
+    /// and able).
+    Only,
+    /// `auto` measured the two engines on this load ([`auto_pick`]).
+    Measured,
+    /// `auto` reused a decision the caller remembered for this release.
+    Remembered,
+}
+
+impl EngineDecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineDecision::Only => "only",
+            EngineDecision::Measured => "measured",
+            EngineDecision::Remembered => "remembered",
+        }
+    }
+}
+
+/// `auto`'s rule over two median runs (`None`: that engine failed to run):
+/// tract, unless onnxruntime ran and tract did not, or onnxruntime's median
+/// is at most [`AUTO_MARGIN`] of tract's.
+pub fn auto_pick(
+    tract: Option<std::time::Duration>,
+    onnxruntime: Option<std::time::Duration>,
+) -> Engine {
+    match (tract, onnxruntime) {
+        (_, None) => Engine::Tract,
+        (None, Some(_)) => Engine::OnnxRuntime,
+        (Some(t), Some(o)) if o.as_secs_f64() <= t.as_secs_f64() * AUTO_MARGIN => {
+            Engine::OnnxRuntime
+        }
+        (Some(_), Some(_)) => Engine::Tract,
+    }
+}
+
+/// Whether two medians are far enough from the [`AUTO_MARGIN`] line that a
+/// further 25% of noise on their ratio would not change [`auto_pick`].
+fn clear_outcome(tract: std::time::Duration, onnxruntime: std::time::Duration) -> bool {
+    let ratio = onnxruntime.as_secs_f64() / tract.as_secs_f64().max(1e-12);
+    ratio <= AUTO_MARGIN / CLEAR_FACTOR || ratio >= AUTO_MARGIN * CLEAR_FACTOR
+}
+
+/// Measures `models` (tract first, then onnxruntime) on `sets`: one untimed
+/// run of each on each set, then runs interleaved (each model in turn on
+/// the next set, so machine noise hits both) until [`RACE_BUDGET`] has
+/// passed, or earlier once each has [`RACE_MIN_RUNS`] runs, [`RACE_MIN_TIME`]
+/// has passed and the outcome is clear. Returns each model's median run
+/// (`None`: a run failed).
+pub fn race(models: &[&EngineModel], sets: &[Vec<Tensor>]) -> Vec<Option<std::time::Duration>> {
+    use std::time::{Duration, Instant};
+    let mut alive: Vec<bool> = models
+        .iter()
+        .map(|m| sets.iter().all(|set| m.run(set).is_ok()))
+        .collect();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); models.len()];
+    let median = |s: &mut Vec<Duration>| {
+        s.sort_unstable();
+        s[s.len() / 2]
+    };
+    let start = Instant::now();
+    let mut round = 0usize;
+    while alive.iter().any(|&a| a) && round < 100_000 {
+        let set = &sets[round % sets.len()];
+        for (i, m) in models.iter().enumerate() {
+            if !alive[i] {
+                continue;
+            }
+            let t = Instant::now();
+            match m.run(set) {
+                Ok(_) => samples[i].push(t.elapsed()),
+                Err(_) => alive[i] = false,
+            }
+        }
+        round += 1;
+        if round < RACE_MIN_RUNS {
+            continue;
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= RACE_BUDGET {
+            break;
+        }
+        if elapsed >= RACE_MIN_TIME && models.len() == 2 && alive.iter().all(|&a| a) {
+            let (mut a, mut b) = (samples[0].clone(), samples[1].clone());
+            if clear_outcome(median(&mut a), median(&mut b)) {
+                break;
+            }
+        }
+    }
+    samples
+        .iter_mut()
+        .zip(&alive)
+        .map(|(s, &ok)| (ok && !s.is_empty()).then(|| median(s)))
+        .collect()
+}
 
 /// The engines that may serve a bundle under `options` (see the module's
 /// header): one, or two for `auto` to measure, tract first.
@@ -249,28 +378,6 @@ pub fn engine_candidates(
             }
         }
     }
-}
-
-/// Median time of `model` on `sets` (each once untimed, then in turn for
-/// `budget`, at least 3 runs); `None` when a run fails.
-pub fn median_run(
-    model: &EngineModel,
-    sets: &[Vec<Tensor>],
-    budget: std::time::Duration,
-) -> Option<std::time::Duration> {
-    for set in sets {
-        model.run(set).ok()?;
-    }
-    let mut samples = Vec::new();
-    let start = std::time::Instant::now();
-    while samples.len() < 3 || (start.elapsed() < budget && samples.len() < 100_000) {
-        let set = &sets[samples.len() % sets.len()];
-        let t = std::time::Instant::now();
-        model.run(set).ok()?;
-        samples.push(t.elapsed());
-    }
-    samples.sort_unstable();
-    Some(samples[samples.len() / 2])
 }
 
 /// Zeros of the inputs' shapes (batch 1): what `auto` measures with when a
@@ -370,4 +477,40 @@ impl EngineModel {
 /// The ONNX opset of a model's default domain, read without an engine.
 pub fn onnx_opset(onnx: &[u8]) -> Result<Option<i64>, ModelError> {
     Ok(model::describe(onnx)?.opset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn us(n: u64) -> Option<Duration> {
+        Some(Duration::from_micros(n))
+    }
+
+    #[test]
+    fn auto_keeps_tract_unless_onnxruntime_wins_by_the_margin() {
+        use Engine::{OnnxRuntime, Tract};
+        // Within noise (tabular models): tract, whichever is ahead.
+        assert_eq!(auto_pick(us(100), us(99)), Tract);
+        assert_eq!(auto_pick(us(100), us(81)), Tract);
+        assert_eq!(auto_pick(us(100), us(120)), Tract);
+        // At the margin and beyond (convolutions): onnxruntime.
+        assert_eq!(auto_pick(us(100), us(80)), OnnxRuntime);
+        assert_eq!(auto_pick(us(14_800), us(8_500)), OnnxRuntime);
+        // An engine that failed to run loses.
+        assert_eq!(auto_pick(None, us(100)), OnnxRuntime);
+        assert_eq!(auto_pick(us(100), None), Tract);
+        assert_eq!(auto_pick(None, None), Tract);
+    }
+
+    #[test]
+    fn the_race_stops_early_only_far_from_the_margin() {
+        let d = |n| Duration::from_micros(n);
+        assert!(clear_outcome(d(100), d(50)));
+        assert!(clear_outcome(d(100), d(100)));
+        assert!(!clear_outcome(d(100), d(80)));
+        assert!(!clear_outcome(d(100), d(70)));
+        assert!(!clear_outcome(d(100), d(90)));
+    }
 }

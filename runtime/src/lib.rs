@@ -14,7 +14,8 @@
 //!
 //! # Loading, step by step
 //! [`verify`] checks framing, signatures, sizes and digests and returns a
-//! [`VerifiedBundle`]; [`Session::from_verified`] compiles the guest (or loads
+//! [`VerifiedBundle`] ([`verify_for_host`] the same, leaving out guests
+//! precompiled for other machines: checked, not decompressed); [`Session::from_verified`] compiles the guest (or loads
 //! a compatible precompiled one) and optimises the model; [`Session::infer`]
 //! serves requests. [`Session::load`] does both.
 
@@ -30,9 +31,9 @@ mod session;
 // The format and drift crates, re-exported so that a program built on the
 // runtime names one crate.
 pub use engine::{
-    Engine, EngineChoice, EngineModel, EngineOptions, ONNXRUNTIME_ENV, ONNXRUNTIME_MIN_OPSET,
-    RACE_BUDGET, engine_candidates, median_run, onnx_opset, onnxruntime_info, onnxruntime_library,
-    zero_tensors,
+    AUTO_MARGIN, Engine, EngineChoice, EngineDecision, EngineModel, EngineOptions, ONNXRUNTIME_ENV,
+    ONNXRUNTIME_MIN_OPSET, RACE_BUDGET, RACE_MIN_RUNS, RACE_MIN_TIME, auto_pick, engine_candidates,
+    onnx_opset, onnxruntime_info, onnxruntime_library, race, zero_tensors,
 };
 pub use error::{Error, GuestError, ModelError};
 pub use external::inline_external_data;
@@ -49,7 +50,7 @@ pub use ferry_format::{
     PrecompiledGuest, PublicKey, RUNTIME_VERSION, ReadLimits, Release, SecretKey, TensorSpec,
     TrustPolicy, VerifiedBundle, compress, inspect_unverified, lineage_training,
     manifest_unverified, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only,
-    write_bundle,
+    verify_selected, write_bundle,
 };
 pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value};
 pub use golden::{Mismatch, compare_json};
@@ -61,11 +62,11 @@ pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
 pub use sandbox::{
     CAN_COMPILE, EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES,
     ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable,
-    compatibility_key, runnable_targets,
+    check_runnable_bundle, compatibility_key, runnable_targets,
 };
 #[cfg(feature = "compiler")]
 pub use sandbox::{precompile, validate};
 pub use session::{
     GoldenOutcome, LoadTimings, Observation, Observer, Preprocessor, Session, drift_kind,
-    drift_value,
+    drift_value, verify_for_host,
 };

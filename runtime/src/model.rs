@@ -59,6 +59,12 @@ pub const SPECIALISED_PLANS_BUDGET: usize = 32 << 20;
 /// start again when a caller sends more distinct sizes than this.
 const MAX_COUNTED_SIZES: usize = 64;
 
+/// Idle run states kept for the batch-1 plan (one per thread that ran it
+/// concurrently, up to this many). A state holds the plan's per-run
+/// bookkeeping (a slot per node, op states); making it afresh on every call
+/// cost ~0.5 µs, a tenth of a small MLP's run.
+const MAX_IDLE_STATES: usize = 8;
+
 type Plan = Arc<TypedRunnableModel>;
 
 /// Which plan ran a call (for tests and benchmarks).
@@ -80,6 +86,14 @@ pub struct Model {
     first: Plan,
     symbolic: OnceLock<Result<Plan, String>>,
     cache: Mutex<PlanCache>,
+    /// Idle run states of `first`, reused call after call (tract resets a
+    /// state's values after each run; a state whose run failed is dropped).
+    idle_states: Mutex<Vec<TypedSimpleState>>,
+    /// Whether `first`'s states may be reused: only when no op of the plan
+    /// keeps a state of its own. Recurrent ops (GRU, LSTM, Scan) keep their
+    /// hidden state there and carry it into the next run (tract's streaming
+    /// mode), which would leak one request into the next.
+    reuse_states: bool,
     /// How many specialised plans (besides batch 1) this model may keep.
     max_plans: usize,
     inputs: Vec<TensorSpec>,
@@ -269,6 +283,11 @@ pub(crate) fn describe(onnx_bytes: &[u8]) -> Result<Description, ModelError> {
 impl Model {
     /// Loads and optimises an ONNX model.
     pub fn load(onnx_bytes: &[u8]) -> Result<Model, ModelError> {
+        unpanicked("loading the model", || Model::load_unguarded(onnx_bytes))
+            .map_err(ModelError::Load)?
+    }
+
+    fn load_unguarded(onnx_bytes: &[u8]) -> Result<Model, ModelError> {
         let Declared {
             proto,
             inputs,
@@ -330,9 +349,13 @@ impl Model {
             MAX_SPECIALISED_PLANS.min(SPECIALISED_PLANS_BUDGET / onnx_bytes.len().max(1));
         Ok(Model {
             source: symbolic.then_some(source),
-            first,
             symbolic: symbolic_plan,
             cache: Mutex::new(PlanCache::default()),
+            idle_states: Mutex::new(Vec::new()),
+            reuse_states: first
+                .spawn()
+                .is_ok_and(|s| s.op_states.iter().all(Option::is_none)),
+            first,
             max_plans,
             inputs,
             outputs,
@@ -493,9 +516,27 @@ impl Model {
     }
 
     fn run_plan(&self, plan: &Plan, values: TVec<TValue>) -> Result<Vec<Tensor>, ModelError> {
-        let outputs = plan
-            .run(values)
-            .map_err(|e| ModelError::Run(format!("{e:#}")))?;
+        let run_error = |e: TractError| ModelError::Run(format!("{e:#}"));
+        let outputs = if self.reuse_states && Arc::ptr_eq(plan, &self.first) {
+            let idle = self.idle_states.lock().unwrap().pop();
+            let mut state = match idle {
+                Some(state) => state,
+                None => plan.spawn().map_err(run_error)?,
+            };
+            // On error the state is dropped: its turn may be half done.
+            let outputs = unpanicked("running the model", || state.run(values))
+                .map_err(ModelError::Run)?
+                .map_err(run_error)?;
+            let mut idle = self.idle_states.lock().unwrap();
+            if idle.len() < MAX_IDLE_STATES {
+                idle.push(state);
+            }
+            outputs
+        } else {
+            unpanicked("running the model", || plan.run(values))
+                .map_err(ModelError::Run)?
+                .map_err(run_error)?
+        };
         outputs
             .iter()
             .zip(&self.outputs)
@@ -504,10 +545,31 @@ impl Model {
     }
 }
 
+/// `f`'s result, or an error saying tract panicked while `what` (a panic
+/// in the engine is an error of the request or the load that caused it, not
+/// the end of the process; tract-onnx 0.23.9 unwraps a symbolic batch size
+/// while optimising a GRU without initial state, for one).
+fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        format!("tract panicked while {what}: {message}")
+    })
+}
+
 impl Source {
     /// An optimised plan with the batch symbol set to `batch`, or left
     /// symbolic (`None`).
     fn plan(&self, inputs: &[TensorSpec], batch: Option<u64>) -> Result<Plan, String> {
+        unpanicked("optimising the model", || {
+            self.plan_unguarded(inputs, batch)
+        })?
+    }
+
+    fn plan_unguarded(&self, inputs: &[TensorSpec], batch: Option<u64>) -> Result<Plan, String> {
         let mut model = self.model.clone();
         let symbol = model.sym(BATCH_SYMBOL);
         for (i, (spec, dt)) in inputs.iter().zip(&self.input_types).enumerate() {

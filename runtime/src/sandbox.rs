@@ -142,6 +142,25 @@ pub fn check_runnable(precompiled: &[PrecompiledGuest<'_>]) -> Result<(), GuestE
     check_precompiled_fits(precompiled.iter().map(|g| g.target()))
 }
 
+/// [`check_runnable`] for a verified bundle, judged from its signed manifest
+/// (the guests precompiled for other targets may not have been decompressed:
+/// see `verify_for_host`). A bundle without trusted signatures offers no
+/// precompiled guest.
+pub fn check_runnable_bundle(bundle: &ferry_format::VerifiedBundle) -> Result<(), GuestError> {
+    if CAN_COMPILE {
+        return Ok(());
+    }
+    let signed = !bundle.signed_by().is_empty();
+    check_precompiled_fits(
+        bundle
+            .manifest()
+            .artifacts
+            .iter()
+            .filter(|a| signed && a.role == ferry_format::role::GUEST_PRECOMPILED)
+            .filter_map(|a| a.target.as_deref()),
+    )
+}
+
 /// [`check_runnable`] for a build without a compiler, over the targets
 /// (compatibility keys) a bundle offers.
 fn check_precompiled_fits<'a>(
@@ -570,6 +589,16 @@ impl GuestRuntime {
     }
 
     fn read_result(&self, inst: &mut Instance) -> Result<Vec<u8>, GuestError> {
+        self.with_result(inst, <[u8]>::to_vec)
+    }
+
+    /// Calls `f` on the last call's result where it lies in the guest's
+    /// memory (a large tensor set is read once, not copied out first).
+    fn with_result<T>(
+        &self,
+        inst: &mut Instance,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, GuestError> {
         let ptr = inst
             .result_ptr
             .call(&mut inst.store, ())
@@ -580,7 +609,7 @@ impl GuestRuntime {
             .map_err(|e| self.classify(&inst.store, e))? as u32 as usize;
         let data = inst.memory.data(&inst.store);
         data.get(ptr..ptr.saturating_add(len))
-            .map(<[u8]>::to_vec)
+            .map(f)
             .ok_or_else(|| GuestError::Abi("result lies outside the guest's memory".into()))
     }
 
@@ -610,21 +639,35 @@ impl GuestRuntime {
         result
     }
 
-    fn finish(&self, inst: &mut Instance, status: i32) -> Result<Vec<u8>, GuestError> {
-        let out = self.read_result(inst)?;
+    /// The outcome of a call that returned `status`: `ok` applied to the
+    /// result, or the guest's error message.
+    fn finish<T>(
+        &self,
+        inst: &mut Instance,
+        status: i32,
+        ok: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, GuestError> {
+        let message = |out: &[u8]| String::from_utf8_lossy(out).into_owned();
         match status {
-            STATUS_OK => Ok(out),
-            STATUS_BAD_INPUT => Err(GuestError::BadInput(
-                String::from_utf8_lossy(&out).into_owned(),
-            )),
-            _ => Err(GuestError::Failed(
-                String::from_utf8_lossy(&out).into_owned(),
-            )),
+            STATUS_OK => self.with_result(inst, ok),
+            STATUS_BAD_INPUT => Err(GuestError::BadInput(self.with_result(inst, message)?)),
+            _ => Err(GuestError::Failed(self.with_result(inst, message)?)),
         }
     }
 
     /// Preprocessing: request → encoded tensor set.
     pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, GuestError> {
+        self.preprocess_with(content_type, body, <[u8]>::to_vec)
+    }
+
+    /// Preprocessing, with `read` applied to the encoded tensor set where
+    /// the guest left it (no copy of a large request's tensors).
+    pub fn preprocess_with<T>(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, GuestError> {
         self.with_instance(|this, inst| {
             let (ptr, _) = this.write_input(inst, &[content_type.as_bytes(), body])?;
             let ct_len = content_type.len() as i32;
@@ -635,7 +678,7 @@ impl GuestRuntime {
                     (ptr, ct_len, ptr.wrapping_add(ct_len), body.len() as i32),
                 )
                 .map_err(|e| this.classify(&inst.store, e))?;
-            this.finish(inst, status)
+            this.finish(inst, status, read)
         })
     }
 
@@ -647,7 +690,7 @@ impl GuestRuntime {
                 .postprocess
                 .call(&mut inst.store, (ptr, len))
                 .map_err(|e| this.classify(&inst.store, e))?;
-            this.finish(inst, status)
+            this.finish(inst, status, <[u8]>::to_vec)
         })
     }
 }

@@ -10,11 +10,12 @@ use ferry_drift::{DriftKind, DriftValue};
 use ferry_format::{BundleError, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
 
 use crate::engine::{
-    Engine, EngineModel, EngineOptions, RACE_BUDGET, engine_candidates, median_run, zero_tensors,
+    Engine, EngineDecision, EngineModel, EngineOptions, auto_pick, engine_candidates, race,
+    zero_tensors,
 };
 use crate::error::{Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
-use crate::sandbox::{GuestRuntime, SandboxLimits};
+use crate::sandbox::{GuestRuntime, SandboxLimits, compatibility_key, runnable_targets};
 use ferry_format::TrustPolicy;
 
 /// The drift statistics' kind of a guest's feature kind.
@@ -74,6 +75,7 @@ pub struct Session {
     model: EngineModel,
     /// What `auto` measured on load, when it had two engines to choose from.
     race: EngineRace,
+    decision: EngineDecision,
     observer: Option<Arc<dyn Observer>>,
     timings: LoadTimings,
 }
@@ -125,8 +127,28 @@ impl Preprocessor {
 
     /// The tensors and features of a request.
     pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<TensorSet, Error> {
-        decode_preprocessed(&self.guest.preprocess(content_type, body)?)
+        self.guest
+            .preprocess_with(content_type, body, decode_preprocessed)?
     }
+}
+
+/// [`ferry_format::verify`] for running the bundle here: every artifact's
+/// stored bytes are checked against the signed manifest (a bundle with any
+/// byte changed is refused), but guests precompiled for targets this runtime
+/// cannot load (another architecture, another Pulley width) are not
+/// decompressed, and are never handed out.
+pub fn verify_for_host(
+    bytes: &[u8],
+    trust: &TrustPolicy,
+    limits: &ReadLimits,
+) -> Result<VerifiedBundle, BundleError> {
+    let runnable: Vec<String> = runnable_targets()
+        .into_iter()
+        .map(|t| compatibility_key(Some(t)))
+        .collect();
+    ferry_format::verify_selected(bytes, trust, limits, &|a| {
+        a.role != role::GUEST_PRECOMPILED || a.target.as_ref().is_some_and(|t| runnable.contains(t))
+    })
 }
 
 fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
@@ -154,10 +176,11 @@ fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
 /// it failed to run).
 pub type EngineRace = Vec<(Engine, Option<Duration>)>;
 
-/// The model `auto` keeps: the only one loaded, or the faster of two on the
-/// golden examples' tensors (zeros of the inputs' shapes without examples).
-/// An engine that failed to load or to run loses; when both failed to load,
-/// the first one's error is returned.
+/// The model `auto` keeps: the only one loaded, or of two (tract first)
+/// the one [`auto_pick`] prefers after [`race`] on the golden examples'
+/// tensors (zeros of the inputs' shapes without examples). An engine that
+/// failed to load or to run loses; when both failed to load, the first
+/// one's error is returned.
 fn pick_faster(
     models: Vec<Result<EngineModel, crate::ModelError>>,
     guest: &GuestRuntime,
@@ -190,14 +213,11 @@ fn pick_faster(
     if sets.is_empty() {
         sets.push(zero_tensors(&manifest.model.inputs));
     }
-    let race: EngineRace = loaded
-        .iter()
-        .map(|m| (m.engine(), median_run(m, &sets, RACE_BUDGET)))
-        .collect();
-    // The faster that ran; tract (first) on a tie or when neither ran.
-    let best = (0..loaded.len())
-        .min_by_key(|&i| race[i].1.unwrap_or(Duration::MAX))
-        .unwrap_or(0);
+    let medians = race(&loaded.iter().collect::<Vec<_>>(), &sets);
+    let race: EngineRace = loaded.iter().map(|m| m.engine()).zip(medians).collect();
+    let median_of = |e: Engine| race.iter().find(|(r, _)| *r == e).and_then(|(_, d)| *d);
+    let keep = auto_pick(median_of(Engine::Tract), median_of(Engine::OnnxRuntime));
+    let best = loaded.iter().position(|m| m.engine() == keep).unwrap_or(0);
     Ok((loaded.swap_remove(best), race))
 }
 
@@ -222,7 +242,7 @@ impl Session {
         options: &EngineOptions,
     ) -> Result<Session, Error> {
         let start = Instant::now();
-        let bundle = ferry_format::verify(bytes, trust, &ReadLimits::default())?;
+        let bundle = verify_for_host(bytes, trust, &ReadLimits::default())?;
         let verify = start.elapsed();
         let mut session = Session::from_verified_with(bundle, options)?;
         session.timings.verify = verify;
@@ -237,30 +257,57 @@ impl Session {
     }
 
     /// Loads a bundle that was already verified, on the engine `options`
-    /// pick for it ([`choose_engine`]).
+    /// pick for it ([`engine_candidates`]).
     pub fn from_verified_with(
         bundle: VerifiedBundle,
         options: &EngineOptions,
     ) -> Result<Session, Error> {
+        Session::from_verified_remembering(bundle, options, None)
+    }
+
+    /// [`Session::from_verified_with`], given the engine `auto` chose for
+    /// this release on an earlier load on this machine: when `auto` has it
+    /// among its candidates, only it is loaded and nothing is measured
+    /// ([`EngineDecision::Remembered`]); otherwise (another engine named, or
+    /// the remembered one gone) the choice is made as usual.
+    pub fn from_verified_remembering(
+        bundle: VerifiedBundle,
+        options: &EngineOptions,
+        remembered: Option<Engine>,
+    ) -> Result<Session, Error> {
         let start = Instant::now();
-        let candidates = engine_candidates(options, bundle.manifest())?;
+        let mut candidates = engine_candidates(options, bundle.manifest())?;
+        let decision = match remembered {
+            Some(e) if candidates.len() > 1 && candidates.contains(&e) => {
+                candidates = vec![e];
+                EngineDecision::Remembered
+            }
+            _ if candidates.len() > 1 => EngineDecision::Measured,
+            _ => EngineDecision::Only,
+        };
         let onnx = bundle
             .content(role::MODEL)
             .ok_or(BundleError::MissingArtifact(role::MODEL))?;
-        // Guest compilation and model optimisation are independent: overlap them.
+        // Guest compilation and model optimisation are independent: overlap
+        // them, and the two engines' loads under `auto` too.
         let (guest, guest_time, models, model_time) = std::thread::scope(|s| {
-            let model_thread = s.spawn(|| {
-                let t = Instant::now();
-                let models: Vec<_> = candidates
-                    .iter()
-                    .map(|&e| EngineModel::load(onnx, e, options))
-                    .collect();
-                (models, t.elapsed())
-            });
+            let loads: Vec<_> = candidates
+                .iter()
+                .map(|&e| {
+                    s.spawn(move || {
+                        let t = Instant::now();
+                        (EngineModel::load(onnx, e, options), t.elapsed())
+                    })
+                })
+                .collect();
             let t = Instant::now();
             let guest = guest_of(&bundle);
             let guest_time = t.elapsed();
-            let (models, model_time) = model_thread.join().expect("model loading panicked");
+            let (models, times): (Vec<_>, Vec<_>) = loads
+                .into_iter()
+                .map(|l| l.join().expect("model loading panicked"))
+                .unzip();
+            let model_time = times.into_iter().max().unwrap_or_default();
             (guest, guest_time, models, model_time)
         });
         let guest = guest?;
@@ -278,6 +325,7 @@ impl Session {
             guest,
             model,
             race,
+            decision,
             observer: None,
             timings: LoadTimings {
                 verify: Duration::ZERO,
@@ -326,6 +374,12 @@ impl Session {
         &self.race
     }
 
+    /// How the engine was chosen: the only one, measured on this load, or
+    /// remembered from an earlier one.
+    pub fn engine_decision(&self) -> EngineDecision {
+        self.decision
+    }
+
     /// Whether the guest was loaded from a precompiled artifact.
     pub fn used_precompiled_guest(&self) -> bool {
         self.guest.used_precompiled
@@ -339,7 +393,8 @@ impl Session {
 
     /// Runs preprocessing only: the tensors and features of a request.
     pub fn preprocess(&self, content_type: &str, body: &[u8]) -> Result<TensorSet, Error> {
-        decode_preprocessed(&self.guest.preprocess(content_type, body)?)
+        self.guest
+            .preprocess_with(content_type, body, decode_preprocessed)?
     }
 
     /// Runs the whole pipeline on a request and returns the JSON response.

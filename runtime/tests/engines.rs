@@ -118,6 +118,19 @@ fn both_engines_agree_on_every_example_model() {
             );
         }
     }
+    // A recurrent model, batch 1 (tract has no plan for its symbolic batch:
+    // model::an_engine_panic_is_an_error_not_a_crash), twice in a row: the
+    // GRU's hidden state starts from zero on every call on both engines.
+    let onnx = fixture("gru.onnx");
+    let tract = EngineModel::load(&onnx, Engine::Tract, &EngineOptions::default()).unwrap();
+    let ort = EngineModel::load(&onnx, Engine::OnnxRuntime, &ort(&lib)).unwrap();
+    let x: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) / 5.0).collect();
+    let inputs = [Tensor::from_f32("x", vec![1, 5, 3], &x)];
+    let first = ort.run(&inputs).unwrap();
+    for _ in 0..2 {
+        assert_close(&tract.run(&inputs).unwrap(), &first, "gru.onnx");
+        assert_close(&ort.run(&inputs).unwrap(), &first, "gru.onnx");
+    }
 }
 
 #[test]

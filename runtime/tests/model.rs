@@ -272,3 +272,91 @@ fn a_batch_of_zero_takes_the_symbolic_plan() {
         .unwrap();
     assert_eq!(out[0].shape, vec![0, 3]);
 }
+
+/// A run state is reused from call to call; nothing of one request may reach
+/// the next. The GRU is the case in point: tract keeps its hidden state in
+/// the run state, and carries it over when asked to (streaming), so every
+/// call must answer what a freshly loaded model answers. The stateless
+/// models (whose states are reused) too, with a failing call and another
+/// batch size in between.
+#[test]
+fn no_request_leaks_into_the_next() {
+    let mut cases = models();
+    cases.push(("gru", fixture("gru.onnx"), "x", vec![5, 3]));
+    for (name, bytes, input, rest) in cases {
+        let shape: Vec<u64> = std::iter::once(1).chain(rest.iter().copied()).collect();
+        let n = shape.iter().product::<u64>() as usize;
+        let a = [Tensor::from_f32(input, shape.clone(), &ramp(n, 7))];
+        let b = [Tensor::from_f32(input, shape.clone(), &ramp(n, 99))];
+        let fresh = |t: &[Tensor]| Model::load(&bytes).unwrap().run(t).unwrap();
+        let shape3: Vec<u64> = std::iter::once(3).chain(rest.iter().copied()).collect();
+        let c = [Tensor::from_f32(input, shape3, &ramp(3 * n, 5))];
+        let (want_a, want_b) = (fresh(&a), fresh(&b));
+        // tract cannot make the GRU's plan for another batch (see the next test).
+        let want_c = Model::load(&bytes).unwrap().run(&c).ok();
+        let model = Model::load(&bytes).unwrap();
+        let wrong = [Tensor::from_f32(input, vec![1, 2], &[1.0, 2.0])];
+        for round in 0..3 {
+            assert_same(
+                &model.run(&a).unwrap(),
+                &want_a,
+                &format!("{name} a, round {round}"),
+            );
+            assert_same(
+                &model.run(&b).unwrap(),
+                &want_b,
+                &format!("{name} b, round {round}"),
+            );
+            assert!(model.run(&wrong).is_err(), "{name}");
+            // Another batch size (another plan) in between.
+            match &want_c {
+                Some(want_c) => {
+                    let c_out = model.run(&c).unwrap();
+                    assert_same(&c_out, want_c, &format!("{name} c, round {round}"));
+                }
+                // No plan for the symbolic batch; from the third call batch 3 has its own.
+                None => {
+                    if let Ok(out) = model.run(&c) {
+                        assert_eq!(out[0].shape, [1, 3, 4], "{name}");
+                    }
+                }
+            }
+        }
+        // Two threads at once, each with its own state.
+        std::thread::scope(|s| {
+            for (t, want) in [(&a, &want_a), (&b, &want_b)] {
+                let model = &model;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        assert_same(&model.run(t).unwrap(), want, name);
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// tract panics while optimising the GRU for a symbolic batch (tract-onnx
+/// 0.23.9 unwraps the batch size when the GRU has no initial state). A panic
+/// in the engine is an error of that request: the model keeps serving the
+/// batches it can, and the plan that cannot be made is not retried.
+#[test]
+fn an_engine_panic_is_an_error_not_a_crash() {
+    let model = Model::load(&fixture("gru.onnx")).unwrap();
+    let one = [Tensor::from_f32("x", vec![1, 5, 3], &ramp(15, 7))];
+    let three = [Tensor::from_f32("x", vec![3, 5, 3], &ramp(45, 7))];
+    let want = model.run(&one).unwrap();
+    for _ in 0..2 {
+        match model.run(&three) {
+            Err(ModelError::Run(msg)) => assert!(msg.contains("tract panicked"), "{msg}"),
+            other => panic!("expected a run error, got {other:?}"),
+        }
+        assert_same(&model.run(&one).unwrap(), &want, "batch 1 after the panic");
+        assert!(model.run_with(&one, PlanChoice::Symbolic).is_err());
+    }
+    // A batch size that recurs gets a plan of its own, with the batch fixed: tract makes
+    // that one.
+    let out = model.run(&three).unwrap();
+    assert_eq!(out[0].shape, [1, 3, 4]);
+    assert_eq!(model.specialised_batches(), [3]);
+}

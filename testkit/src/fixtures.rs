@@ -396,7 +396,9 @@ impl Bundles {
                 content: if a.role == role::GOLDEN {
                     to_cbor(&golden)
                 } else {
-                    content.clone()
+                    content
+                        .clone()
+                        .expect("a fully verified bundle has every content")
                 },
                 target: a.target.clone(),
                 try_shuffle: a.encoding == Encoding::Shuffle4Zstd,

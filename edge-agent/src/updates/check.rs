@@ -15,8 +15,8 @@
 use ferry_format::release_id_of;
 use ferry_protocol::{BundleRef, ChannelIndex};
 use ferry_runtime::{
-    BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle, check_runnable,
-    verify,
+    BundleError, GoldenOutcome, ReadLimits, Session, TrustPolicy, VerifiedBundle,
+    check_runnable_bundle, verify_for_host,
 };
 use sha2::{Digest, Sha256};
 
@@ -95,7 +95,7 @@ pub fn check_candidate(
             ));
         }
     }
-    let bundle = verify(bytes, trust, limits)?;
+    let bundle = verify_for_host(bytes, trust, limits)?;
     let release = &bundle.manifest().release;
     if release.fleet != want.fleet {
         return Err(Rejection::new(
@@ -129,20 +129,22 @@ pub fn check_candidate(
     }
     // Judged from the manifest's artifact list, before anything is loaded:
     // a device that cannot compile guests refuses a bundle with none for it.
-    if let Err(e) = check_runnable(&bundle.precompiled_guests()) {
+    if let Err(e) = check_runnable_bundle(&bundle) {
         return Err(Rejection::new(e.code(), e.to_string()));
     }
     Ok(bundle)
 }
 
 /// Loads a verified bundle (compiles the guest, optimises the model) on the
-/// engine `engines` pick for it: the golden examples of [`health_check`] then
-/// run on the engine that will serve.
+/// engine `engines` pick for it (`remembered`: the engine `auto` chose for
+/// this release before, see `crate::engines`): the golden examples of
+/// [`health_check`] then run on the engine that will serve.
 pub fn load_session(
     bundle: VerifiedBundle,
     engines: &ferry_runtime::EngineOptions,
+    remembered: Option<ferry_runtime::Engine>,
 ) -> Result<Session, Rejection> {
-    let session = Session::from_verified_with(bundle, engines).map_err(|e| {
+    let session = Session::from_verified_remembering(bundle, engines, remembered).map_err(|e| {
         Rejection::new(
             "load_failed",
             format!("bundle cannot be loaded ({}): {e}", e.code()),
@@ -150,6 +152,7 @@ pub fn load_session(
     })?;
     tracing::info!(
         engine = %session.engine(),
+        decision = session.engine_decision().name(),
         bundle = %session.digest(),
         race = ?session.engine_race(),
         "Loaded a bundle"
