@@ -334,10 +334,11 @@ fn keys_are_exchanged_with_openssl_both_ways() {
     assert_exit(&ferry(&["verify", &bundle, "--pub", &p("ossl.pub")]), 0);
 }
 
-#[test]
-fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_runs() {
+/// The iris example packed with guests precompiled for x86_64 and aarch64,
+/// at `name` in the scratch directory.
+fn pack_iris_for_x86_64_and_aarch64(name: &str) -> String {
     let f = bundles();
-    let out = f.scratch("pre.ferry");
+    let out = f.scratch(name);
     let o = ferry(&[
         "pack",
         &example("iris"),
@@ -349,6 +350,13 @@ fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_run
         "x86_64,aarch64",
     ]);
     assert_exit(&o, 0);
+    out
+}
+
+#[test]
+fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_runs() {
+    let f = bundles();
+    let out = pack_iris_for_x86_64_and_aarch64("pre.ferry");
     let o = ferry(&["inspect", &out, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let targets: Vec<&str> = v["manifest"]["artifacts"]
@@ -401,18 +409,7 @@ fn precompiled_guests_for_x86_64_and_aarch64_are_stored_and_the_bundle_still_run
 #[test]
 fn a_tampered_guest_for_another_machine_refuses_the_bundle() {
     let f = bundles();
-    let out = f.scratch("pre-tampered.ferry");
-    let o = ferry(&[
-        "pack",
-        &example("iris"),
-        "--key",
-        &f.key(),
-        "-o",
-        &out,
-        "--precompile",
-        "x86_64,aarch64",
-    ]);
-    assert_exit(&o, 0);
+    let out = pack_iris_for_x86_64_and_aarch64("pre-tampered.ferry");
     let bytes = std::fs::read(&out).unwrap();
     let (manifest, _) =
         ferry_runtime::inspect_unverified(&bytes, &ferry_runtime::ReadLimits::default()).unwrap();
