@@ -61,8 +61,8 @@ pub use model::{
 pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
 pub use sandbox::{
     CAN_COMPILE, EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES,
-    ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable,
-    check_runnable_bundle, compatibility_key, runnable_targets,
+    ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable_bundle,
+    compatibility_key, runnable_targets,
 };
 #[cfg(feature = "compiler")]
 pub use sandbox::{precompile, validate};

@@ -132,19 +132,11 @@ pub fn runnable_targets() -> Vec<&'static str> {
 }
 
 /// Checks, without compiling or running anything, that this build can run
-/// the guest of a bundle with these precompiled guests: one fits a
+/// the guest of a verified bundle: one of its precompiled guests fits a
 /// [`runnable_targets`] entry, or this build compiles guests. What the agent
-/// asks before it activates an update.
-pub fn check_runnable(precompiled: &[PrecompiledGuest<'_>]) -> Result<(), GuestError> {
-    if CAN_COMPILE {
-        return Ok(());
-    }
-    check_precompiled_fits(precompiled.iter().map(|g| g.target()))
-}
-
-/// [`check_runnable`] for a verified bundle, judged from its signed manifest
-/// (the guests precompiled for other targets may not have been decompressed:
-/// see `verify_for_host`). A bundle without trusted signatures offers no
+/// asks before it activates an update. Judged from the signed manifest (the
+/// guests precompiled for other targets may not have been decompressed: see
+/// `verify_for_host`); a bundle without trusted signatures offers no
 /// precompiled guest.
 pub fn check_runnable_bundle(bundle: &ferry_format::VerifiedBundle) -> Result<(), GuestError> {
     if CAN_COMPILE {
@@ -161,7 +153,7 @@ pub fn check_runnable_bundle(bundle: &ferry_format::VerifiedBundle) -> Result<()
     )
 }
 
-/// [`check_runnable`] for a build without a compiler, over the targets
+/// [`check_runnable_bundle`] for a build without a compiler, over the targets
 /// (compatibility keys) a bundle offers.
 fn check_precompiled_fits<'a>(
     offered: impl Iterator<Item = &'a str> + Clone,
