@@ -388,6 +388,44 @@ pub fn engine_candidates(
     }
 }
 
+/// `libonnxruntime` loading on a background thread ([`preload`]); dropping
+/// it waits for the load to finish, so no process exits in the middle of it.
+#[derive(Debug)]
+pub struct Preload(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for Preload {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts loading `libonnxruntime` (the library and its environment: 15-30
+/// ms) on a background thread when `options` may run a model on it
+/// (`onnxruntime`, or `auto` with the library found), so a cold start
+/// overlaps it with reading and verifying the bundle instead of paying it
+/// after. A model load that needs the library waits for this one; an error
+/// is left for it to report. Keep the guard alive until the session is
+/// loaded.
+pub fn preload(options: &EngineOptions) -> Preload {
+    let may_use = match options.choice {
+        EngineChoice::Only(Engine::Tract) => false,
+        EngineChoice::Only(Engine::OnnxRuntime) | EngineChoice::Auto => true,
+    };
+    let Some(path) = may_use.then(|| options.library().ok()).flatten() else {
+        return Preload(None);
+    };
+    Preload(
+        std::thread::Builder::new()
+            .name("ferry-ort-load".into())
+            .spawn(move || {
+                let _ = crate::onnxruntime::load_library(&path);
+            })
+            .ok(),
+    )
+}
+
 /// Zeros of the inputs' shapes (batch 1): what `auto` measures with when a
 /// bundle has no golden examples.
 pub fn zero_tensors(specs: &[TensorSpec]) -> Vec<Tensor> {
@@ -429,18 +467,22 @@ impl EngineModel {
             Engine::Tract => Ok(EngineModel::Tract(Model::load(onnx)?)),
             Engine::OnnxRuntime => {
                 let library = options.library()?;
-                let description = model::describe(onnx)?;
-                if let Some(opset) = description.opset
-                    && opset < ONNXRUNTIME_MIN_OPSET
-                {
-                    return Err(ModelError::Load(format!(
-                        "onnxruntime does not load opset {opset} (below {ONNXRUNTIME_MIN_OPSET})"
-                    )));
-                }
+                // Reading the model's declared inputs and outputs (a parse of
+                // the whole protobuf) and onnxruntime's own load are
+                // independent: for mobilenet each takes 15-25 ms.
+                let describe = || {
+                    let description = model::describe(onnx)?;
+                    if let Some(opset) = description.opset
+                        && opset < ONNXRUNTIME_MIN_OPSET
+                    {
+                        return Err(ModelError::Load(format!(
+                            "onnxruntime does not load opset {opset} (below {ONNXRUNTIME_MIN_OPSET})"
+                        )));
+                    }
+                    Ok(description)
+                };
                 Ok(EngineModel::OnnxRuntime(OrtModel::load(
-                    &library,
-                    onnx,
-                    description,
+                    &library, onnx, describe,
                 )?))
             }
         }

@@ -32,8 +32,9 @@ mod session;
 // runtime names one crate.
 pub use engine::{
     AUTO_MARGIN, Engine, EngineChoice, EngineDecision, EngineModel, EngineOptions, ONNXRUNTIME_ENV,
-    ONNXRUNTIME_MIN_OPSET, RACE_BUDGET, RACE_MIN_RUNS, RACE_MIN_TIME, auto_pick, engine_candidates,
-    onnx_opset, onnxruntime_info, onnxruntime_library, race, zero_tensors,
+    ONNXRUNTIME_MIN_OPSET, Preload, RACE_BUDGET, RACE_MIN_RUNS, RACE_MIN_TIME, auto_pick,
+    engine_candidates, onnx_opset, onnxruntime_info, onnxruntime_library, preload, race,
+    zero_tensors,
 };
 pub use error::{Error, GuestError, ModelError};
 pub use external::inline_external_data;

@@ -103,15 +103,26 @@ impl std::fmt::Debug for OrtModel {
 }
 
 impl OrtModel {
-    /// Loads a model into onnxruntime, from the library at `library`.
-    /// `description` is what the ONNX file declares (read by the caller).
+    /// Loads a model into onnxruntime, from the library at `library_path`;
+    /// `describe` reads what the ONNX file declares.
     pub(crate) fn load(
         library_path: &Path,
         onnx: &[u8],
-        description: Description,
+        describe: impl FnOnce() -> Result<Description, ModelError> + Send,
     ) -> Result<OrtModel, ModelError> {
-        let lib = library(library_path)?;
-        let session = new_session(&lib, onnx)?;
+        // `describe` (what the ONNX file declares) runs beside onnxruntime's
+        // load; its error wins (it explains an opset onnxruntime refuses).
+        let (description, loaded) = std::thread::scope(|s| {
+            let description = s.spawn(describe);
+            let loaded = library(library_path)
+                .and_then(|lib| new_session(&lib, onnx).map(|session| (lib, session)));
+            let description = description
+                .join()
+                .unwrap_or_else(|_| Err(ModelError::Load("reading the model panicked".into())));
+            (description, loaded)
+        });
+        let description = description?;
+        let (lib, session) = loaded?;
         for spec in &description.outputs {
             if !session.outputs().iter().any(|o| o.name() == spec.name) {
                 return Err(ModelError::Load(format!(

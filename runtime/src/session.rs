@@ -263,6 +263,7 @@ impl Session {
         options: &EngineOptions,
     ) -> Result<Session, Error> {
         let start = Instant::now();
+        let _library = crate::engine::preload(options);
         let bundle = verify_for_host(bytes, trust, &ReadLimits::default())?;
         let verify = start.elapsed();
         let mut session = Session::from_verified_with(bundle, options)?;
