@@ -69,11 +69,14 @@ pub const MAX_RUN_STATES: usize = 8;
 /// Models up to this size (bytes of ONNX) give each run state but the first
 /// its own copy of the plan's constants. tract hands constants to the ops as
 /// reference-counted values, so every run increments and decrements each
-/// constant's count: shared between two cores, those counts (and the tensor
-/// headers on the same cache lines) bounced between them on every run and
-/// cost a small model a third of its 2-thread throughput (docs/PERFORMANCE.md).
-/// Larger models run long enough for that not to matter, and their weights
-/// are not worth copying: at most `MAX_RUN_STATES - 1` copies of 1 MiB.
+/// constant's count; shared by two cores, those counts (and the tensor
+/// headers on the same cache lines) move between them on every run. With
+/// the plan's reference count and one shared pool of states, that cost the
+/// 4-feature MLP about 4% of its 2-thread throughput of the model alone
+/// (docs/PERFORMANCE.md); larger models run long enough for it not to
+/// show, and their weights are not worth copying: at most
+/// `MAX_RUN_STATES - 1` copies of 1 MiB, made only for threads that ran at
+/// the same time.
 pub const PRIVATE_CONSTANTS_BUDGET: usize = 1 << 20;
 
 type Plan = Arc<TypedRunnableModel>;
@@ -385,7 +388,7 @@ impl Model {
             } else {
                 Box::default()
             },
-            private_constants: onnx_bytes.len() <= PRIVATE_CONSTANTS_BUDGET && !exp(4),
+            private_constants: onnx_bytes.len() <= PRIVATE_CONSTANTS_BUDGET,
             first,
             max_plans,
             inputs,
@@ -565,10 +568,7 @@ impl Model {
     /// state when every slot is busy (or states may not be reused).
     fn run_first(&self, values: TVec<TValue>) -> Result<Vec<Tensor>, ModelError> {
         let slots = self.states.len();
-        let start = if exp(2) { 0 } else { LAST_SLOT.get() };
-        if exp(1) {
-            std::hint::black_box(self.first.clone());
-        }
+        let start = LAST_SLOT.get();
         for i in 0..slots {
             let at = (start + i) % slots;
             let slot = &self.states[at].0;
@@ -642,18 +642,6 @@ impl Model {
             .map(|(v, spec)| from_tract(v, spec))
             .collect()
     }
-}
-
-// EXPERIMENT, to be removed: FERRY_EXP bits 1 clone plan, 2 no affinity, 4 shared consts.
-fn exp(bit: u32) -> bool {
-    static EXP: OnceLock<u32> = OnceLock::new();
-    *EXP.get_or_init(|| {
-        std::env::var("FERRY_EXP")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }) & bit
-        != 0
 }
 
 fn run_error(e: TractError) -> ModelError {
