@@ -24,7 +24,8 @@
 //! artifact's compressed digest *before* zstd sees it, then decompression
 //! into a buffer of exactly the declared size (anything more is refused: a
 //! zstd bomb never allocates past what the signed manifest declared), then
-//! the content digest.
+//! the content digest ([`verify`]; a runtime's [`verify_selected`] trusts
+//! zstd's output of authenticated bytes).
 //!
 //! # Changing this format
 //! New manifest fields go at the end of their struct with `#[serde(default)]`
@@ -751,7 +752,34 @@ pub fn extract_artifact(
     framing: &Framing<'_>,
     artifact: &Artifact,
 ) -> Result<Vec<u8>, BundleError> {
-    let stored = check_stored(framing, artifact)?;
+    decode(
+        check_stored(framing, artifact)?,
+        artifact,
+        ContentDigest::Check,
+    )
+}
+
+/// Whether decoding an artifact hashes its content against the manifest's
+/// `sha256` (step 21 of docs/bundle-format.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContentDigest {
+    /// Hash it: [`verify`], and every tool that vouches for a bundle.
+    Check,
+    /// Trust zstd: the stored bytes were authenticated (step 18) and
+    /// decoding is a function of them, so the content is what the signer's
+    /// packer produced (and `ferry pack` checked the content digests of the
+    /// bundle it wrote). What a runtime loading the bundle does.
+    FromStored,
+}
+
+/// Steps 19-21 on stored bytes whose digest was checked: decompresses into
+/// at most the declared size, unshuffles, and (`Check`) checks the content
+/// digest.
+fn decode(
+    stored: &[u8],
+    artifact: &Artifact,
+    digest: ContentDigest,
+) -> Result<Vec<u8>, BundleError> {
     let declared = artifact.size;
     let mut content = match decompress_bounded_fast(stored, declared) {
         Some(content) => content,
@@ -760,7 +788,7 @@ pub fn extract_artifact(
     if artifact.encoding == Encoding::Shuffle4Zstd {
         content = unshuffle4(&content);
     }
-    if sha256_hex(&content) != artifact.sha256 {
+    if digest == ContentDigest::Check && sha256_hex(&content) != artifact.sha256 {
         return Err(BundleError::DigestMismatch(artifact.role.clone()));
     }
     Ok(content)
@@ -839,6 +867,11 @@ pub struct VerifiedBundle {
     /// reader did not ask for (its stored bytes were checked, not
     /// decompressed: see [`verify_selected`]).
     contents: Vec<Option<Vec<u8>>>,
+    /// By index: the checked stored bytes of an artifact left for
+    /// [`VerifiedBundle::extract`] ([`Extract::OnDemand`]).
+    on_demand: Vec<Option<Vec<u8>>>,
+    /// How [`VerifiedBundle::extract`] decodes them (as verification did).
+    content_digest: ContentDigest,
 }
 
 /// Precompiled guest code (native machine code for one target) from a
@@ -873,7 +906,9 @@ impl VerifiedBundle {
             digest: String::new(),
             release_id: String::new(),
             signed_by: Vec::new(),
+            on_demand: contents.iter().map(|_| None).collect(),
             contents: contents.into_iter().map(Some).collect(),
+            content_digest: ContentDigest::Check,
         }
     }
 
@@ -935,6 +970,27 @@ impl VerifiedBundle {
             .and_then(|i| self.contents[i].as_deref())
     }
 
+    /// The content of the first artifact with this role, decompressed now
+    /// if verification left it for later ([`Extract::OnDemand`]); `None`
+    /// when there is no such artifact or it was only checked
+    /// ([`Extract::CheckOnly`]). Its stored bytes were checked against the
+    /// signed manifest during verification; this decodes them with the same
+    /// checks (declared size, and the content digest where verification
+    /// checked content digests).
+    pub fn extract(&self, role: &str) -> Result<Option<std::borrow::Cow<'_, [u8]>>, BundleError> {
+        let Some(i) = self.manifest.artifacts.iter().position(|a| a.role == role) else {
+            return Ok(None);
+        };
+        if let Some(c) = self.contents[i].as_deref() {
+            return Ok(Some(std::borrow::Cow::Borrowed(c)));
+        }
+        match &self.on_demand[i] {
+            Some(stored) => decode(stored, &self.manifest.artifacts[i], self.content_digest)
+                .map(|c| Some(std::borrow::Cow::Owned(c))),
+            None => Ok(None),
+        }
+    }
+
     /// Artifacts with this role and their contents (those decompressed).
     pub fn all(&self, role: &'static str) -> impl Iterator<Item = (&Artifact, &[u8])> {
         self.manifest
@@ -968,25 +1024,59 @@ pub fn verify(
     trust: &TrustPolicy,
     limits: &ReadLimits,
 ) -> Result<VerifiedBundle, BundleError> {
-    verify_selected(bytes, trust, limits, &|_| true)
+    let framing = parse_framing(bytes)?;
+    let signed_by = check_signatures(&framing, trust)?;
+    let all = |_: &Manifest, _: &Artifact| Extract::Now;
+    open_checked(
+        bytes,
+        &framing,
+        signed_by,
+        limits,
+        &all,
+        ContentDigest::Check,
+    )
 }
 
-/// [`verify`], decompressing only the artifacts `wanted` selects (a runtime
-/// leaves out guests precompiled for other machines). Every artifact's
-/// stored bytes are still checked against the signed manifest's digest, so
-/// a bundle with any byte changed is refused whether or not this reader
-/// would use that artifact; the others are never decompressed and are not
-/// handed out ([`VerifiedBundle::content`] and
-/// [`VerifiedBundle::precompiled_guests`] skip them).
+/// What a reader does with one artifact beyond checking its stored bytes
+/// against the signed manifest (which every reader does to every artifact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extract {
+    /// Decompress it during verification.
+    Now,
+    /// Keep its checked stored bytes; [`VerifiedBundle::extract`]
+    /// decompresses them if it is ever needed (a fallback).
+    OnDemand,
+    /// Never decompress or hand it out (a guest for another machine).
+    CheckOnly,
+}
+
+/// What a runtime runs: [`verify`], decompressing each artifact as `select`
+/// says (a runtime leaves out guests precompiled for other machines, and
+/// the portable guest while a precompiled one may load), and trusting zstd
+/// for the content of what it decompresses. Every artifact's stored bytes
+/// are still checked against the signed manifest's digest before zstd sees
+/// them, so a bundle with any byte changed is refused whether or not this
+/// reader would use that artifact, and the content is what the signer's
+/// packer wrote; the content digests are left to [`verify`] (which `ferry
+/// pack`, `ferry verify` and `ferry publish` run). Artifacts not
+/// decompressed are not handed out by [`VerifiedBundle::content`] and
+/// [`VerifiedBundle::precompiled_guests`].
 pub fn verify_selected(
     bytes: &[u8],
     trust: &TrustPolicy,
     limits: &ReadLimits,
-    wanted: &(dyn Fn(&Artifact) -> bool + Sync),
+    select: &(dyn Fn(&Manifest, &Artifact) -> Extract + Sync),
 ) -> Result<VerifiedBundle, BundleError> {
     let framing = parse_framing(bytes)?;
     let signed_by = check_signatures(&framing, trust)?;
-    open_checked(bytes, &framing, signed_by, limits, wanted)
+    open_checked(
+        bytes,
+        &framing,
+        signed_by,
+        limits,
+        select,
+        ContentDigest::FromStored,
+    )
 }
 
 /// Threads verifying one bundle at most (the file's digest and the
@@ -998,14 +1088,14 @@ pub const MAX_VERIFY_THREADS: usize = 4;
 enum Task {
     /// SHA-256 of the whole file (its identity for downloads).
     FileDigest,
-    /// An artifact's stored digest, then, when wanted, decompression and its
-    /// content digest.
-    Artifact(usize, bool),
+    /// An artifact's stored digest, then what [`Extract`] says.
+    Artifact(usize, Extract),
 }
 
 /// What a task produced.
 enum Done {
     FileDigest(String),
+    /// The content (`Extract::Now`), or the stored bytes (`OnDemand`).
     Artifact(Option<Vec<u8>>),
 }
 
@@ -1018,26 +1108,38 @@ fn open_checked(
     framing: &Framing<'_>,
     signed_by: Vec<KeyId>,
     limits: &ReadLimits,
-    wanted: &(dyn Fn(&Artifact) -> bool + Sync),
+    select: &(dyn Fn(&Manifest, &Artifact) -> Extract + Sync),
+    content_digest: ContentDigest,
 ) -> Result<VerifiedBundle, BundleError> {
     let manifest = parse_manifest(framing, limits)?;
     check_runtime_version(&manifest.min_runtime)?;
+    let extracts: Vec<Extract> = manifest
+        .artifacts
+        .iter()
+        .map(|a| select(&manifest, a))
+        .collect();
     let mut tasks = vec![(bytes.len() as u64 / 2, Task::FileDigest)];
-    for (i, a) in manifest.artifacts.iter().enumerate() {
-        let want = wanted(a);
+    for (i, (a, &extract)) in manifest.artifacts.iter().zip(&extracts).enumerate() {
         // Rough cost: hashing is cheaper per byte than decompressing.
-        let cost = a.compressed_size / 2 + if want { a.size } else { 0 };
-        tasks.push((cost, Task::Artifact(i, want)));
+        let cost = a.compressed_size / 2
+            + match extract {
+                Extract::Now => a.size,
+                Extract::OnDemand | Extract::CheckOnly => 0,
+            };
+        tasks.push((cost, Task::Artifact(i, extract)));
     }
     tasks.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
     let run = |task: Task| -> Result<Done, BundleError> {
         match task {
             Task::FileDigest => Ok(Done::FileDigest(sha256_hex(bytes))),
-            Task::Artifact(i, true) => {
-                extract_artifact(framing, &manifest.artifacts[i]).map(|c| Done::Artifact(Some(c)))
-            }
-            Task::Artifact(i, false) => {
-                check_stored(framing, &manifest.artifacts[i]).map(|_| Done::Artifact(None))
+            Task::Artifact(i, extract) => {
+                let a = &manifest.artifacts[i];
+                let stored = check_stored(framing, a)?;
+                Ok(Done::Artifact(match extract {
+                    Extract::Now => Some(decode(stored, a, content_digest)?),
+                    Extract::OnDemand => Some(stored.to_vec()),
+                    Extract::CheckOnly => None,
+                }))
             }
         }
     };
@@ -1065,26 +1167,35 @@ fn open_checked(
         all
     });
     let mut digest = String::new();
-    let mut contents: Vec<Option<Result<Option<Vec<u8>>, BundleError>>> =
+    let mut held: Vec<Option<Result<Option<Vec<u8>>, BundleError>>> =
         (0..manifest.artifacts.len()).map(|_| None).collect();
     for (task, result) in results {
         match (task, result) {
             (Task::FileDigest, Ok(Done::FileDigest(d))) => digest = d,
-            (Task::Artifact(i, _), Ok(Done::Artifact(c))) => contents[i] = Some(Ok(c)),
-            (Task::Artifact(i, _), Err(e)) => contents[i] = Some(Err(e)),
+            (Task::Artifact(i, _), Ok(Done::Artifact(c))) => held[i] = Some(Ok(c)),
+            (Task::Artifact(i, _), Err(e)) => held[i] = Some(Err(e)),
             (_, r) => unreachable!("a task's result matches it: {}", r.is_ok()),
         }
     }
-    let contents = contents
-        .into_iter()
-        .map(|c| c.expect("every artifact was checked"))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut contents = Vec::with_capacity(held.len());
+    let mut on_demand = Vec::with_capacity(held.len());
+    for (h, extract) in held.into_iter().zip(extracts) {
+        let bytes = h.expect("every artifact was checked")?;
+        let (content, stored) = match extract {
+            Extract::Now => (bytes, None),
+            Extract::OnDemand | Extract::CheckOnly => (None, bytes),
+        };
+        contents.push(content);
+        on_demand.push(stored);
+    }
     Ok(VerifiedBundle {
         digest,
         release_id: release_id(framing),
         signed_by,
         manifest,
         contents,
+        on_demand,
+        content_digest,
     })
 }
 
@@ -1096,7 +1207,15 @@ pub fn verify_integrity_only(
     limits: &ReadLimits,
 ) -> Result<VerifiedBundle, BundleError> {
     let framing = parse_framing(bytes)?;
-    open_checked(bytes, &framing, Vec::new(), limits, &|_| true)
+    let all = |_: &Manifest, _: &Artifact| Extract::Now;
+    open_checked(
+        bytes,
+        &framing,
+        Vec::new(),
+        limits,
+        &all,
+        ContentDigest::Check,
+    )
 }
 
 /// Reads the manifest of a bundle *without* checking signatures, for

@@ -36,8 +36,8 @@ mod keys;
 mod root;
 
 pub use bundle::{
-    Artifact, ArtifactInput, Encoding, EngineReport, EngineSupport, FORMAT_VERSION, Framing,
-    GoldenExample, GuestLimits, HEADER_LEN, Header, Lineage, MAGIC, MAX_ARTIFACTS,
+    Artifact, ArtifactInput, Encoding, EngineReport, EngineSupport, Extract, FORMAT_VERSION,
+    Framing, GoldenExample, GuestLimits, HEADER_LEN, Header, Lineage, MAGIC, MAX_ARTIFACTS,
     MAX_MANIFEST_LEN, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, MAX_VERIFY_THREADS, Manifest, ModelInfo,
     Pipeline, PrecompiledGuest, RUNTIME_VERSION, ReadLimits, Release, SIGNATURE_ENTRY_LEN,
     SIGNING_CONTEXT, TensorSpec, VerifiedBundle, add_signatures, check_signatures, compress,

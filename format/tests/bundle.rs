@@ -251,6 +251,10 @@ fn a_zstd_bomb_is_stopped_at_its_declared_size() {
         matches!(&err, BundleError::SizeMismatch { declared: 1000, actual, .. } if actual == "more than 1000"),
         "{err:?}"
     );
+    // The same on the runtime's path, which trusts zstd for the content.
+    let now = |_: &rt::Manifest, _: &rt::Artifact| rt::Extract::Now;
+    let err = rt::verify_selected(&b, &trust(&[&key]), &ReadLimits::default(), &now).unwrap_err();
+    assert_eq!(err.code(), "size_mismatch", "{err}");
 }
 
 #[test]
@@ -368,7 +372,13 @@ fn an_artifact_left_compressed_is_still_checked_and_never_handed_out() {
         3,
     )
     .unwrap();
-    let not_precompiled = |a: &rt::Artifact| a.role != rt::role::GUEST_PRECOMPILED;
+    let not_precompiled = |_: &rt::Manifest, a: &rt::Artifact| {
+        if a.role == rt::role::GUEST_PRECOMPILED {
+            rt::Extract::CheckOnly
+        } else {
+            rt::Extract::Now
+        }
+    };
     let selected =
         |b: &[u8]| rt::verify_selected(b, &policy, &ReadLimits::default(), &not_precompiled);
 
@@ -394,5 +404,85 @@ fn an_artifact_left_compressed_is_still_checked_and_never_handed_out() {
             matches!(&err, BundleError::DigestMismatch(r) if r == rt::role::GUEST_PRECOMPILED),
             "flip at {i}: {err:?}"
         );
+    }
+}
+
+/// What a runtime runs (`verify_selected`): an artifact left for later
+/// (`Extract::OnDemand`: the portable guest while a precompiled one may
+/// load) has every stored byte checked now and is decoded only when asked;
+/// the content digests are left to `verify` (which `ferry pack` runs on
+/// what it writes), because zstd's output is a function of the stored bytes
+/// the signed manifest authenticates. So a signer's manifest whose content
+/// digest disagrees with its own stored bytes is refused by `verify`, and a
+/// runtime serves what those authenticated bytes decode to; declared sizes
+/// and zstd bombs are refused on both paths.
+#[test]
+fn a_runtime_checks_every_stored_byte_and_decodes_only_what_it_uses() {
+    let key = SecretKey::generate().unwrap();
+    let policy = trust(&[&key]);
+    let bytes = small_bundle(&[&key]);
+    let full = verify(&bytes, &policy).unwrap();
+    let later = |_: &rt::Manifest, a: &rt::Artifact| {
+        if a.role == rt::role::GUEST {
+            rt::Extract::OnDemand
+        } else {
+            rt::Extract::Now
+        }
+    };
+    let runtime = |b: &[u8]| rt::verify_selected(b, &policy, &ReadLimits::default(), &later);
+
+    let b = runtime(&bytes).unwrap();
+    assert!(b.content(rt::role::GUEST).is_none());
+    assert_eq!(
+        b.extract(rt::role::GUEST).unwrap().unwrap().as_ref(),
+        crate::common::GUEST
+    );
+    assert_eq!(b.content(rt::role::MODEL), full.content(rt::role::MODEL));
+    assert_eq!(b.extract(rt::role::GOLDEN).unwrap(), None);
+    assert_eq!(
+        (b.digest(), b.release_id()),
+        (full.digest(), full.release_id())
+    );
+
+    // Any stored byte of the deferred artifact changed: refused at once.
+    let framing = rt::parse_framing(&bytes).unwrap();
+    let m: rt::Manifest = rt::from_cbor(framing.manifest_bytes).unwrap();
+    let guest = m.artifact(rt::role::GUEST).unwrap();
+    let start = bytes.len() - framing.payload.len() + guest.offset as usize;
+    for i in start..start + guest.compressed_size as usize {
+        let mut t = bytes.clone();
+        t[i] ^= 0x80;
+        let err = runtime(&t).expect_err(&format!("flip at {i} accepted"));
+        assert!(
+            matches!(&err, BundleError::DigestMismatch(r) if r == rt::role::GUEST),
+            "flip at {i}: {err:?}"
+        );
+    }
+
+    // A signed manifest whose model content digest is wrong.
+    let lying = resign(
+        &bytes,
+        &key,
+        |m| m.artifacts[0].sha256 = "00".repeat(32),
+        None,
+    );
+    let err = verify(&lying, &policy).unwrap_err();
+    assert!(
+        matches!(&err, BundleError::DigestMismatch(r) if r == rt::role::MODEL),
+        "{err:?}"
+    );
+    assert_eq!(
+        runtime(&lying).unwrap().content(rt::role::MODEL),
+        full.content(rt::role::MODEL)
+    );
+    // A declared size that is off, now and on demand.
+    for role in [rt::role::MODEL, rt::role::GUEST] {
+        let i = m.artifacts.iter().position(|a| a.role == role).unwrap();
+        let off = resign(&bytes, &key, |m| m.artifacts[i].size += 1, None);
+        let err = match runtime(&off) {
+            Err(e) => e,
+            Ok(b) => b.extract(role).unwrap_err(),
+        };
+        assert_eq!(err.code(), "size_mismatch", "{role}: {err}");
     }
 }

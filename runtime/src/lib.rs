@@ -44,9 +44,9 @@ pub use ferry_drift::{
     PSI_FLOOR, QuantileSketch, REFERENCE_BINS, SKETCH_EXACT_MAX, SKETCH_INTERVALS, compare,
 };
 pub use ferry_format::{
-    Artifact, ArtifactInput, BundleError, Encoding, EngineReport, EngineSupport, FORMAT_VERSION,
-    GoldenExample, GuestLimits, HEADER_LEN, Header, KEY_ID_LEN, KeyError, KeyId, Lineage,
-    MAX_ARTIFACTS, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline,
+    Artifact, ArtifactInput, BundleError, Encoding, EngineReport, EngineSupport, Extract,
+    FORMAT_VERSION, GoldenExample, GuestLimits, HEADER_LEN, Header, KEY_ID_LEN, KeyError, KeyId,
+    Lineage, MAX_ARTIFACTS, MAX_SIGNATURES, MAX_UPFRONT_RESERVE, Manifest, ModelInfo, Pipeline,
     PrecompiledGuest, PublicKey, RUNTIME_VERSION, ReadLimits, Release, SecretKey, TensorSpec,
     TrustPolicy, VerifiedBundle, compress, inspect_unverified, lineage_training,
     manifest_unverified, role, shuffle4, to_cbor, unshuffle4, verify, verify_integrity_only,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use ferry_guest_abi::{FeatureKind, Features, Tensor, TensorSet, Value};
 
 use ferry_drift::{DriftKind, DriftValue};
-use ferry_format::{BundleError, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role};
+use ferry_format::{
+    Artifact, BundleError, Extract, GoldenExample, Manifest, ReadLimits, VerifiedBundle, role,
+};
 
 use crate::engine::{
     Engine, EngineDecision, EngineModel, EngineOptions, auto_pick, engine_candidates, race,
@@ -146,16 +148,28 @@ pub fn verify_for_host(
         .into_iter()
         .map(|t| compatibility_key(Some(t)))
         .collect();
-    ferry_format::verify_selected(bytes, trust, limits, &|a| {
-        a.role != role::GUEST_PRECOMPILED || a.target.as_ref().is_some_and(|t| runnable.contains(t))
+    let runs_here = |a: &Artifact| {
+        a.role == role::GUEST_PRECOMPILED && a.target.as_ref().is_some_and(|t| runnable.contains(t))
+    };
+    ferry_format::verify_selected(bytes, trust, limits, &|m: &Manifest, a: &Artifact| {
+        if a.role == role::GUEST_PRECOMPILED {
+            return if runs_here(a) {
+                Extract::Now
+            } else {
+                Extract::CheckOnly
+            };
+        }
+        // The portable guest is only needed when no precompiled one loads
+        // (wasmtime refuses it, or there is none for this host).
+        if a.role == role::GUEST && m.artifacts.iter().any(runs_here) {
+            return Extract::OnDemand;
+        }
+        Extract::Now
     })
 }
 
 fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
     let m = bundle.manifest();
-    let wasm = bundle
-        .content(role::GUEST)
-        .ok_or(BundleError::MissingArtifact(role::GUEST))?;
     // Precompiled guests are native code: the format crate hands them out
     // only from a bundle whose signature was checked (not from
     // `verify_integrity_only`, nor a packager's draft).
@@ -164,12 +178,19 @@ fn guest_of(bundle: &VerifiedBundle) -> Result<GuestRuntime, Error> {
         memory_bytes: m.limits.memory_bytes,
         timeout_ms: m.limits.timeout_ms,
     };
-    Ok(GuestRuntime::new(
-        wasm,
-        &precompiled,
-        m.pipeline.config_json.as_bytes(),
-        limits,
-    )?)
+    let config = m.pipeline.config_json.as_bytes();
+    if bundle.content(role::GUEST).is_none() && !precompiled.is_empty() {
+        // The portable guest was left compressed: try the precompiled ones
+        // alone first, and decompress it only if none of them loads.
+        match GuestRuntime::precompiled_only(&precompiled, config, limits) {
+            Err(GuestError::NoRunnableGuest { .. }) => {}
+            loaded => return Ok(loaded?),
+        }
+    }
+    let wasm = bundle
+        .extract(role::GUEST)?
+        .ok_or(BundleError::MissingArtifact(role::GUEST))?;
+    Ok(GuestRuntime::new(&wasm, &precompiled, config, limits)?)
 }
 
 /// Each engine `auto` measured on load and its median model run (`None`:

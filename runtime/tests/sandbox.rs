@@ -378,3 +378,63 @@ fn without_a_compiler_only_guests_precompiled_for_this_host_or_pulley_run() {
         GuestRuntime::precompiled_only(&lying.precompiled_guests(), b"{}", limits).unwrap_err();
     assert_eq!(err.code(), "guest_target");
 }
+
+/// `verify_for_host` leaves the portable guest compressed when the bundle
+/// carries a guest precompiled for a target this runtime loads; the session
+/// loads that one, and decompresses the portable guest only when wasmtime
+/// refuses every precompiled guest (here the host's, signed but corrupt),
+/// then compiles it and serves the same answers.
+#[test]
+fn the_portable_guest_is_decompressed_only_when_no_precompiled_guest_loads() {
+    use ferry_runtime::{
+        self as rt, ArtifactInput, ReadLimits, SecretKey, Session, role, verify_for_host,
+    };
+    use ferry_testkit::fixtures::{V1, bundles};
+    let b = bundles();
+    let trust = b.trust();
+    let bytes = b.bytes(V1);
+    let full = rt::verify(&bytes, &trust, &ReadLimits::default()).unwrap();
+    let v = verify_for_host(&bytes, &trust, &ReadLimits::default()).unwrap();
+    assert!(v.content(role::GUEST).is_none());
+    let session = Session::from_verified(v).unwrap();
+    assert!(session.used_precompiled_guest());
+    let answer = session
+        .infer("application/json", br#"{"record": {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}"#)
+        .unwrap();
+    assert!(session.check_golden().iter().all(|g| g.passed()));
+
+    let host_key = rt::compatibility_key(None);
+    let inputs: Vec<ArtifactInput> = full
+        .manifest()
+        .artifacts
+        .iter()
+        .zip(full.contents())
+        .map(|(a, c)| ArtifactInput {
+            role: a.role.clone(),
+            media_type: a.media_type.clone(),
+            content: if a.target.as_deref() == Some(host_key.as_str()) {
+                b"signed, but not what wasmtime wrote".to_vec()
+            } else {
+                c.clone().unwrap()
+            },
+            target: a.target.clone(),
+            try_shuffle: a.encoding == rt::Encoding::Shuffle4Zstd,
+        })
+        .collect();
+    assert!(
+        inputs
+            .iter()
+            .any(|i| i.target.as_deref() == Some(host_key.as_str()))
+    );
+    let key = SecretKey::from_pem(&std::fs::read_to_string(b.key()).unwrap()).unwrap();
+    let corrupt = rt::write_bundle(full.manifest().clone(), &inputs, &[&key], 3)
+        .unwrap()
+        .1;
+    let session = Session::load(&corrupt, &trust).unwrap();
+    assert!(!session.used_precompiled_guest());
+    let again = session
+        .infer("application/json", br#"{"record": {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}"#)
+        .unwrap();
+    assert_eq!(again, answer);
+    assert!(session.check_golden().iter().all(|g| g.passed()));
+}
