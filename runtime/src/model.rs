@@ -72,11 +72,11 @@ pub const MAX_RUN_STATES: usize = 8;
 /// constant's count; shared by two cores, those counts (and the tensor
 /// headers on the same cache lines) move between them on every run. With
 /// the plan's reference count and one shared pool of states, that cost the
-/// 4-feature MLP about 4% of its 2-thread throughput of the model alone
+/// 4-feature MLP 2-17% of its 2-thread throughput of the model alone
 /// (docs/PERFORMANCE.md); larger models run long enough for it not to
 /// show, and their weights are not worth copying: at most
-/// `MAX_RUN_STATES - 1` copies of 1 MiB, made only for threads that ran at
-/// the same time.
+/// `MAX_RUN_STATES - 1` copies of 1 MiB, made only for slots a thread
+/// reached because the ones before were busy.
 pub const PRIVATE_CONSTANTS_BUDGET: usize = 1 << 20;
 
 type Plan = Arc<TypedRunnableModel>;
