@@ -59,13 +59,40 @@ pub const SPECIALISED_PLANS_BUDGET: usize = 32 << 20;
 /// start again when a caller sends more distinct sizes than this.
 const MAX_COUNTED_SIZES: usize = 64;
 
-/// Idle run states kept for the batch-1 plan (one per thread that ran it
-/// concurrently, up to this many). A state holds the plan's per-run
+/// Run states kept for the batch-1 plan: one per thread that ran it at the
+/// same time, up to this many (a call finding every slot busy makes a state
+/// for itself and drops it after). A state holds the plan's per-run
 /// bookkeeping (a slot per node, op states); making it afresh on every call
 /// cost ~0.5 µs, a tenth of a small MLP's run.
-const MAX_IDLE_STATES: usize = 8;
+pub const MAX_RUN_STATES: usize = 8;
+
+/// Models up to this size (bytes of ONNX) give each run state but the first
+/// its own copy of the plan's constants. tract hands constants to the ops as
+/// reference-counted values, so every run increments and decrements each
+/// constant's count; shared by two cores, those counts (and the tensor
+/// headers on the same cache lines) move between them on every run. With
+/// the plan's reference count and one shared pool of states, that cost the
+/// 4-feature MLP 2-17% of its 2-thread throughput of the model alone
+/// (docs/PERFORMANCE.md); larger models run long enough for it not to
+/// show, and their weights are not worth copying: at most
+/// `MAX_RUN_STATES - 1` copies of 1 MiB, made only for slots a thread
+/// reached because the ones before were busy.
+pub const PRIVATE_CONSTANTS_BUDGET: usize = 1 << 20;
 
 type Plan = Arc<TypedRunnableModel>;
+
+/// One run state of the batch-1 plan, alone on its cache lines: a thread
+/// keeps using the slot it last ran in, so in steady state each slot's lock
+/// and state are touched by one core only.
+#[repr(align(128))]
+#[derive(Default)]
+struct StateSlot(Mutex<Option<TypedSimpleState>>);
+
+thread_local! {
+    /// The state slot this thread last ran in (any model's: a start for the
+    /// search, not a claim).
+    static LAST_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 /// Which plan ran a call (for tests and benchmarks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,14 +113,16 @@ pub struct Model {
     first: Plan,
     symbolic: OnceLock<Result<Plan, String>>,
     cache: Mutex<PlanCache>,
-    /// Idle run states of `first`, reused call after call (tract resets a
+    /// Run states of `first`, reused call after call (tract resets a
     /// state's values after each run; a state whose run failed is dropped).
-    idle_states: Mutex<Vec<TypedSimpleState>>,
-    /// Whether `first`'s states may be reused: only when no op of the plan
-    /// keeps a state of its own. Recurrent ops (GRU, LSTM, Scan) keep their
-    /// hidden state there and carry it into the next run (tract's streaming
-    /// mode), which would leak one request into the next.
-    reuse_states: bool,
+    /// Empty when states may not be reused: only when no op of the plan
+    /// keeps a state of its own may they be. Recurrent ops (GRU, LSTM, Scan)
+    /// keep their hidden state there and carry it into the next run (tract's
+    /// streaming mode), which would leak one request into the next.
+    states: Box<[StateSlot]>,
+    /// Whether run states after the first get their own copies of the
+    /// plan's constants ([`PRIVATE_CONSTANTS_BUDGET`]).
+    private_constants: bool,
     /// How many specialised plans (besides batch 1) this model may keep.
     max_plans: usize,
     inputs: Vec<TensorSpec>,
@@ -351,10 +380,15 @@ impl Model {
             source: symbolic.then_some(source),
             symbolic: symbolic_plan,
             cache: Mutex::new(PlanCache::default()),
-            idle_states: Mutex::new(Vec::new()),
-            reuse_states: first
+            states: if first
                 .spawn()
-                .is_ok_and(|s| s.op_states.iter().all(Option::is_none)),
+                .is_ok_and(|s| s.op_states.iter().all(Option::is_none))
+            {
+                (0..MAX_RUN_STATES).map(|_| StateSlot::default()).collect()
+            } else {
+                Box::default()
+            },
+            private_constants: onnx_bytes.len() <= PRIVATE_CONSTANTS_BUDGET,
             first,
             max_plans,
             inputs,
@@ -382,7 +416,13 @@ impl Model {
     /// chosen by the call's batch size (see the module's header).
     pub fn run(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
         let values = self.values(tensors)?;
-        let plan = self.plan_for(self.batch_of(&values))?;
+        let batch = self.batch_of(&values);
+        // The batch-1 plan (the only plan of a model without symbolic
+        // inputs) is run without touching its reference count.
+        if self.source.is_none() || batch == Some(1) {
+            return self.run_first(values);
+        }
+        let plan = self.plan_for(batch)?;
         self.run_plan(&plan, values)
     }
 
@@ -516,33 +556,103 @@ impl Model {
     }
 
     fn run_plan(&self, plan: &Plan, values: TVec<TValue>) -> Result<Vec<Tensor>, ModelError> {
-        let run_error = |e: TractError| ModelError::Run(format!("{e:#}"));
-        let outputs = if self.reuse_states && Arc::ptr_eq(plan, &self.first) {
-            let idle = self.idle_states.lock().unwrap().pop();
-            let mut state = match idle {
-                Some(state) => state,
-                None => plan.spawn().map_err(run_error)?,
+        if Arc::ptr_eq(plan, &self.first) {
+            return self.run_first(values);
+        }
+        let outputs = run_fresh(plan, values)?;
+        self.outputs_of(&outputs)
+    }
+
+    /// Runs the batch-1 plan in a run state of its own: the slot this
+    /// thread last ran in when it is free, else the next free one; a fresh
+    /// state when every slot is busy (or states may not be reused).
+    fn run_first(&self, values: TVec<TValue>) -> Result<Vec<Tensor>, ModelError> {
+        let slots = self.states.len();
+        let start = LAST_SLOT.get();
+        for i in 0..slots {
+            let at = (start + i) % slots;
+            let slot = &self.states[at].0;
+            let mut state = match slot.try_lock() {
+                Ok(state) => state,
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+                // Nothing panics while a slot is held (runs are
+                // `unpanicked`); whatever the state was, it goes.
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                    slot.clear_poison();
+                    let mut state = poisoned.into_inner();
+                    *state = None;
+                    state
+                }
             };
-            // On error the state is dropped: its turn may be half done.
-            let outputs = unpanicked("running the model", || state.run(values))
-                .map_err(ModelError::Run)?
-                .map_err(run_error)?;
-            let mut idle = self.idle_states.lock().unwrap();
-            if idle.len() < MAX_IDLE_STATES {
-                idle.push(state);
+            LAST_SLOT.set(at);
+            let run = match &mut *state {
+                Some(state) => unpanicked("running the model", || state.run(values)),
+                None => {
+                    let mut fresh = self.spawn_state(at)?;
+                    let run = unpanicked("running the model", || fresh.run(values));
+                    *state = Some(fresh);
+                    run
+                }
+            };
+            let outputs = match run {
+                Ok(Ok(outputs)) => outputs,
+                // The state is dropped: its turn may be half done.
+                Ok(Err(e)) => {
+                    *state = None;
+                    return Err(run_error(e));
+                }
+                Err(panicked) => {
+                    *state = None;
+                    return Err(ModelError::Run(panicked));
+                }
+            };
+            drop(state);
+            return self.outputs_of(&outputs);
+        }
+        let outputs = run_fresh(&self.first, values)?;
+        self.outputs_of(&outputs)
+    }
+
+    /// A run state of the batch-1 plan for slot `slot`: past the first slot
+    /// (and for models within [`PRIVATE_CONSTANTS_BUDGET`]), with its own
+    /// copies of the plan's constants, so that concurrent runs touch no
+    /// reference count in common. tract fills a state's constant values from
+    /// the plan on its first run only when none are there yet; they are
+    /// filled here the same way (every `Const` node's value), from copies.
+    fn spawn_state(&self, slot: usize) -> Result<TypedSimpleState, ModelError> {
+        let mut state = self.first.spawn().map_err(run_error)?;
+        if slot > 0 && self.private_constants {
+            let model = self.first.model();
+            let mut values = vec![None; model.nodes().len()];
+            for node in model.nodes() {
+                if let Some(k) = node.op_as::<tract_onnx::tract_core::ops::konst::Const>() {
+                    let copy = Arc::new(k.val().as_ref().clone());
+                    values[node.id] = Some(tvec!(TValue::from_const(copy)));
+                }
             }
-            outputs
-        } else {
-            unpanicked("running the model", || plan.run(values))
-                .map_err(ModelError::Run)?
-                .map_err(run_error)?
-        };
+            state.turn_state.values = values;
+        }
+        Ok(state)
+    }
+
+    fn outputs_of(&self, outputs: &[TValue]) -> Result<Vec<Tensor>, ModelError> {
         outputs
             .iter()
             .zip(&self.outputs)
             .map(|(v, spec)| from_tract(v, spec))
             .collect()
     }
+}
+
+fn run_error(e: TractError) -> ModelError {
+    ModelError::Run(format!("{e:#}"))
+}
+
+/// Runs `plan` in a state made for this call.
+fn run_fresh(plan: &Plan, values: TVec<TValue>) -> Result<TVec<TValue>, ModelError> {
+    unpanicked("running the model", || plan.run(values))
+        .map_err(ModelError::Run)?
+        .map_err(run_error)
 }
 
 /// `f`'s result, or an error saying tract panicked while `what` (a panic
@@ -685,4 +795,97 @@ pub fn fmt_shape(shape: &[Option<u64>]) -> String {
         })
         .collect();
     format!("[{}]", dims.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mlp() -> Model {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mlp.onnx");
+        Model::load(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn input(seed: f32) -> Vec<Tensor> {
+        let data: Vec<f32> = (0..4).map(|i| seed + i as f32 / 3.0).collect();
+        vec![Tensor::from_f32("input", vec![1, 4], &data)]
+    }
+
+    /// The constants a state hands to the ops: `(node, value)`.
+    fn constants(state: &TypedSimpleState) -> Vec<(usize, Arc<tract_onnx::prelude::Tensor>)> {
+        state
+            .turn_state
+            .values
+            .iter()
+            .enumerate()
+            .filter_map(|(node, v)| Some((node, v.as_ref()?.first()?.as_arc_tensor()?.clone())))
+            .collect()
+    }
+
+    /// Each path of `run_first` (the thread's slot, another slot when it is
+    /// busy, a fresh state when all are) answers what a fresh state of the
+    /// plan answers, and only the first slot's state shares the plan's
+    /// constants.
+    #[test]
+    fn every_run_state_answers_alike_and_only_the_first_shares_constants() {
+        let model = mlp();
+        assert_eq!(model.states.len(), MAX_RUN_STATES);
+        assert!(model.private_constants);
+        let want = |seed| {
+            let values = model.values(&input(seed)).unwrap();
+            model
+                .outputs_of(&run_fresh(&model.first, values).unwrap())
+                .unwrap()
+        };
+        // A thread that ran nowhere yet starts at slot 0.
+        LAST_SLOT.set(0);
+        assert_eq!(model.run(&input(0.5)).unwrap(), want(0.5));
+        // Slot 0 busy: the call takes slot 1, which then has its own state.
+        let first = model.states[0].0.lock().unwrap();
+        assert_eq!(model.run(&input(1.5)).unwrap(), want(1.5));
+        assert_eq!(LAST_SLOT.get(), 1);
+        {
+            let second = model.states[1].0.lock().unwrap();
+            let (a, b) = (first.as_ref().unwrap(), second.as_ref().unwrap());
+            let (shared, private) = (constants(a), constants(b));
+            assert!(!shared.is_empty());
+            assert_eq!(
+                shared.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                private.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+            );
+            for ((node, s), (_, p)) in shared.iter().zip(&private) {
+                assert_eq!(s, p, "node {node}: the copy has the same value");
+                assert!(!Arc::ptr_eq(s, p), "node {node}: but is a copy");
+            }
+        }
+        // Every slot busy: a state for the call alone, none kept.
+        let held: Vec<_> = model.states[1..]
+            .iter()
+            .map(|s| s.0.lock().unwrap())
+            .collect();
+        assert_eq!(model.run(&input(2.5)).unwrap(), want(2.5));
+        assert!(held[1..].iter().all(|s| s.is_none()));
+        drop((first, held));
+        // The thread goes back to its slot, whose state answers on.
+        assert_eq!(model.run(&input(3.5)).unwrap(), want(3.5));
+        assert_eq!(LAST_SLOT.get(), 1);
+    }
+
+    /// A failed run drops its state (its turn may be half done); the slot
+    /// makes a new one on the next call.
+    #[test]
+    fn a_failed_run_drops_its_state() {
+        let model = mlp();
+        LAST_SLOT.set(0);
+        assert!(model.run(&input(0.5)).is_ok());
+        assert!(model.states[0].0.lock().unwrap().is_some());
+        // `Model::run` checks requests before tract sees them; a run that
+        // fails in tract is made by handing the state one input too many.
+        let mut values = model.values(&input(0.5)).unwrap();
+        values.push(values[0].clone());
+        assert!(model.run_first(values).is_err());
+        assert!(model.states[0].0.lock().unwrap().is_none());
+        assert!(model.run(&input(0.5)).is_ok());
+        assert!(model.states[0].0.lock().unwrap().is_some());
+    }
 }

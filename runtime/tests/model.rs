@@ -1,5 +1,6 @@
 use ferry_runtime::{
-    DType, MAX_SPECIALISED_PLANS, Model, ModelError, PlanChoice, SPECIALISE_AFTER, Tensor,
+    DType, MAX_RUN_STATES, MAX_SPECIALISED_PLANS, Model, ModelError, PlanChoice, SPECIALISE_AFTER,
+    Tensor,
 };
 use serde_json::Value;
 
@@ -329,6 +330,61 @@ fn no_request_leaks_into_the_next() {
                 s.spawn(move || {
                     for _ in 0..20 {
                         assert_same(&model.run(t).unwrap(), want, name);
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Concurrent calls run in run states of their own (one per thread, with
+/// their own copies of the constants for small models, or made for the call
+/// when every slot is busy): more threads than slots, each sending its own
+/// requests, all get what one thread gets from a model of its own, exactly.
+#[test]
+fn concurrent_runs_answer_what_serial_runs_answer() {
+    let mut cases = models();
+    cases.push((
+        "digits_batch1",
+        fixture("digits_batch1.onnx"),
+        "input",
+        vec![1, 8, 8],
+    ));
+    // Its states are not reused (it keeps a hidden state): a fresh one per call.
+    cases.push(("gru", fixture("gru.onnx"), "x", vec![5, 3]));
+    for (name, bytes, input, rest) in cases {
+        let shape: Vec<u64> = std::iter::once(1).chain(rest.iter().copied()).collect();
+        let n = shape.iter().product::<u64>() as usize;
+        let threads = MAX_RUN_STATES + 2;
+        let requests: Vec<Vec<[Tensor; 1]>> = (0..threads)
+            .map(|t| {
+                (0..3)
+                    .map(|r| {
+                        [Tensor::from_f32(
+                            input,
+                            shape.clone(),
+                            &ramp(n, (t * 3 + r) as u32),
+                        )]
+                    })
+                    .collect()
+            })
+            .collect();
+        let serial = Model::load(&bytes).unwrap();
+        let want: Vec<Vec<Vec<Tensor>>> = requests
+            .iter()
+            .map(|rs| rs.iter().map(|r| serial.run(r).unwrap()).collect())
+            .collect();
+        let model = Model::load(&bytes).unwrap();
+        let start = std::sync::Barrier::new(threads);
+        std::thread::scope(|s| {
+            for (rs, want) in requests.iter().zip(&want) {
+                let (model, start) = (&model, &start);
+                s.spawn(move || {
+                    start.wait();
+                    for round in 0..50 {
+                        for (r, w) in rs.iter().zip(want) {
+                            assert_eq!(&model.run(r).unwrap(), w, "{name}, round {round}");
+                        }
                     }
                 });
             }
