@@ -63,6 +63,12 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    ferry_runtime::quiet_caught_panics(|panic| {
+        tracing::warn!(
+            panic,
+            "The engine panicked: that request failed, the model keeps serving"
+        );
+    });
     let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Init { out, force } => init(&out, force),
         Cmd::CheckConfig => check_config(&cli.config),

@@ -41,6 +41,13 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::from(2);
     }
+    ferry_runtime::quiet_caught_panics(|panic| {
+        telemetry::log(
+            "WARN",
+            "The engine panicked: that invocation failed, the model keeps serving",
+            serde_json::json!({ "panic": panic }),
+        );
+    });
     let started = std::time::Instant::now();
     let session = match init::load() {
         Ok(s) => Arc::new(s),

@@ -264,6 +264,9 @@ struct DriftArgs {
 }
 
 fn main() -> ExitCode {
+    // A panic caught inside the engine is that request's error, printed
+    // with the rest (exit 1).
+    rt::quiet_caught_panics(|_| {});
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

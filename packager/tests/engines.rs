@@ -320,3 +320,52 @@ fn ferry_init_scaffolds_a_model_only_onnxruntime_runs() {
     );
     assert_exit(&o, 0);
 }
+
+/// tract panics optimising the GRU fixture for a batch of 3 (see
+/// `runtime/tests/model.rs`, `an_engine_panic_is_an_error_not_a_crash`).
+/// Through the real `ferry run`, that request fails with a clear error
+/// (exit 1, the panic's message in it) and nothing else on stderr: not the
+/// default panic hook's "thread ... panicked at" report with its backtrace
+/// hint, which reads like a crash of the program.
+#[test]
+fn an_engine_panic_is_one_clear_error_on_stderr() {
+    let f = bundles();
+    let dir = scratch_dir("gru");
+    let out = dir.join("gru.ferry").to_string_lossy().into_owned();
+    let o = ferry_env(
+        &[
+            "pack",
+            "--model",
+            &fixture("gru.onnx"),
+            "--key",
+            &f.key(),
+            "-o",
+            &out,
+            "--engine",
+            "tract",
+        ],
+        &[NO_LIBRARY],
+    );
+    assert_exit(&o, 0);
+    let input = dir.join("batch3.npy");
+    let values: Vec<f32> = (0..45).map(|i| i as f32 / 45.0).collect();
+    std::fs::write(&input, ferry_testkit::tensors::npy_f32(&[3, 5, 3], &values)).unwrap();
+    let o = ferry_env(
+        &[
+            "run",
+            &out,
+            "--pub",
+            &f.public(),
+            "--input",
+            input.to_str().unwrap(),
+            "--engine",
+            "tract",
+        ],
+        &[NO_LIBRARY],
+    );
+    assert_exit(&o, 1);
+    let err = stderr(&o);
+    assert!(err.contains("tract panicked while"), "{err}");
+    assert!(!err.contains("panicked at"), "{err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "{err}");
+}

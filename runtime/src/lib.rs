@@ -57,7 +57,7 @@ pub use ferry_guest_abi::{DType, FeatureKind, Features, Tensor, TensorSet, Value
 pub use golden::{Mismatch, compare_json};
 pub use model::{
     BATCH_SYMBOL, MAX_RUN_STATES, MAX_SPECIALISED_PLANS, Model, PRIVATE_CONSTANTS_BUDGET,
-    PlanChoice, SPECIALISE_AFTER, SPECIALISED_PLANS_BUDGET, fmt_shape,
+    PlanChoice, SPECIALISE_AFTER, SPECIALISED_PLANS_BUDGET, fmt_shape, quiet_caught_panics,
 };
 pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
 pub use sandbox::{

@@ -660,7 +660,10 @@ fn run_fresh(plan: &Plan, values: TVec<TValue>) -> Result<TVec<TValue>, ModelErr
 /// the end of the process; tract-onnx 0.23.9 unwraps a symbolic batch size
 /// while optimising a GRU without initial state, for one).
 fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+    let outer = CATCHING.replace(true);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.set(outer);
+    result.map_err(|payload| {
         let message = payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -668,6 +671,37 @@ fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
             .unwrap_or_else(|| "no message".into());
         format!("tract panicked while {what}: {message}")
     })
+}
+
+thread_local! {
+    /// Whether this thread is inside [`unpanicked`]: a panic now becomes an
+    /// error of the call, not a crash.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs a panic hook for a program serving models: a panic the runtime
+/// catches (inside tract: it becomes that request's `model failed` error and
+/// the model keeps serving) goes to `report` (a log line, or nothing where
+/// the error reaches the user anyway) instead of the default hook's "thread
+/// ... panicked at" report on stderr, which reads like a crash. Any other
+/// panic goes to the hook installed before, as it did.
+pub fn quiet_caught_panics(report: impl Fn(&str) + Send + Sync + 'static) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !CATCHING.get() {
+            return previous(info);
+        }
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        match info.location() {
+            Some(at) => report(&format!("{message} (at {at})")),
+            None => report(&message),
+        }
+    }));
 }
 
 impl Source {
@@ -887,5 +921,27 @@ mod tests {
         assert!(model.states[0].0.lock().unwrap().is_none());
         assert!(model.run(&input(0.5)).is_ok());
         assert!(model.states[0].0.lock().unwrap().is_some());
+    }
+
+    /// A panic inside `unpanicked` goes to the reporter, with its message
+    /// and where it happened, and becomes the call's error; the hook stays
+    /// out of the way of panics nobody catches (they reach the hook that was
+    /// there before: here, the test harness's).
+    #[test]
+    fn a_caught_panic_goes_to_the_reporter_not_to_stderr() {
+        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        super::quiet_caught_panics(|p| SEEN.lock().unwrap().push(p.to_string()));
+        let err = super::unpanicked("testing", || -> u8 { panic!("a planted panic") }).unwrap_err();
+        assert_eq!(err, "tract panicked while testing: a planted panic");
+        let seen = SEEN.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .any(|p| p.starts_with("a planted panic (at runtime/src/model.rs:")),
+            "{seen:?}"
+        );
+        // Outside `unpanicked`, the reporter is not called.
+        let before = SEEN.lock().unwrap().len();
+        assert!(std::panic::catch_unwind(|| panic!("not caught by the runtime")).is_err());
+        assert_eq!(SEEN.lock().unwrap().len(), before);
     }
 }
