@@ -367,18 +367,83 @@ pub fn unshuffle4(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Content per zstd frame of a large artifact: an artifact of at least
+/// twice this is stored as several frames (at most [`MAX_FRAMES`], of equal
+/// size) that readers decode in parallel. A stream of concatenated frames is
+/// plain zstd: any reader decodes it, one frame after the other.
+pub const FRAME_BYTES: usize = 1 << 20;
+/// Most frames an artifact is cut into.
+pub const MAX_FRAMES: usize = 16;
+
 /// Compresses an artifact, choosing the smaller encoding when shuffling is tried.
 pub fn compress(content: &[u8], try_shuffle: bool, level: i32) -> (Encoding, Vec<u8>) {
-    let plain =
-        zstd::bulk::compress(content, level).expect("zstd compression into memory cannot fail");
+    let plain = zstd_frames(content, level);
     if try_shuffle && content.len() >= 1024 {
-        let shuffled =
-            zstd::bulk::compress(&shuffle4(content), level).expect("zstd compression cannot fail");
+        let shuffled = zstd_frames(&shuffle4(content), level);
         if shuffled.len() < plain.len() {
             return (Encoding::Shuffle4Zstd, shuffled);
         }
     }
     (Encoding::Zstd, plain)
+}
+
+/// zstd at `level`, as one frame, or for a large content as frames of equal
+/// size (see [`FRAME_BYTES`]), each declaring its content size, compressed
+/// in parallel.
+fn zstd_frames(content: &[u8], level: i32) -> Vec<u8> {
+    let compress = |c: &[u8]| {
+        zstd::bulk::compress(c, level).expect("zstd compression into memory cannot fail")
+    };
+    let frames = (content.len() / FRAME_BYTES).clamp(1, MAX_FRAMES);
+    if frames == 1 {
+        return compress(content);
+    }
+    let chunks: Vec<&[u8]> = content.chunks(content.len().div_ceil(frames)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, Vec<u8>)> = std::thread::scope(|s| {
+        let work = || {
+            let mut mine = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(chunk) = chunks.get(i) else {
+                    return mine;
+                };
+                mine.push((i, compress(chunk)));
+            }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let helpers: Vec<_> = (1..threads.min(chunks.len()))
+            .map(|_| s.spawn(work))
+            .collect();
+        let mut all = work();
+        for h in helpers {
+            all.extend(h.join().expect("a compression thread panicked"));
+        }
+        all
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().flat_map(|(_, f)| f).collect()
+}
+
+/// The zstd frames of stored bytes and the content size each declares,
+/// when there are several and every one declares its size; `None`
+/// otherwise (one frame, or anything the one-call path should judge).
+/// Only run on stored bytes whose digest was checked.
+fn frames_of(stored: &[u8]) -> Option<Vec<(&[u8], usize)>> {
+    use zstd::zstd_safe;
+    let mut frames = Vec::new();
+    let mut rest = stored;
+    while !rest.is_empty() {
+        if frames.len() == MAX_FRAMES {
+            return None;
+        }
+        let len = zstd_safe::find_frame_compressed_size(rest).ok()?;
+        let (frame, after) = rest.split_at_checked(len)?;
+        let size = zstd_safe::get_frame_content_size(frame).ok()??;
+        frames.push((frame, usize::try_from(size).ok()?));
+        rest = after;
+    }
+    (frames.len() > 1).then_some(frames)
 }
 
 /// Writes a signed bundle. `manifest.artifacts` is filled in from `artifacts`.
@@ -803,6 +868,9 @@ fn decompress_bounded_fast(stored: &[u8], declared: u64) -> Option<Vec<u8>> {
     if declared >= MAX_UPFRONT_RESERVE {
         return None;
     }
+    if let Some(frames) = frames_of(stored) {
+        return decompress_frames(&frames, declared as usize);
+    }
     // Zeroed pages come from the allocator untouched (no memset for large
     // buffers); zstd writes each once.
     let mut content = vec![0u8; declared as usize + 1];
@@ -811,6 +879,47 @@ fn decompress_bounded_fast(stored: &[u8], declared: u64) -> Option<Vec<u8>> {
         content.truncate(n);
         content
     })
+}
+
+/// Decodes frames in parallel threads, each into its own part of a buffer of
+/// the declared size: `None` unless the sizes the frames declare add up to
+/// it and each frame decodes to exactly its size (a frame that holds more
+/// than it declares overflows its part and fails).
+fn decompress_frames(frames: &[(&[u8], usize)], declared: usize) -> Option<Vec<u8>> {
+    if frames.iter().map(|(_, n)| *n).sum::<usize>() != declared {
+        return None;
+    }
+    let mut content = vec![0u8; declared];
+    let mut parts: Vec<(&[u8], &mut [u8])> = Vec::with_capacity(frames.len());
+    let mut rest = content.as_mut_slice();
+    for &(frame, size) in frames {
+        let (part, after) = rest.split_at_mut(size);
+        parts.push((frame, part));
+        rest = after;
+    }
+    let parts = std::sync::Mutex::new(parts);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let work = || {
+        loop {
+            let Some((frame, part)) = parts.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
+                return;
+            };
+            if zstd::bulk::decompress_to_buffer(frame, part).ok() != Some(part.len()) {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_VERIFY_THREADS)
+        .min(frames.len());
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(work);
+        }
+        work();
+    });
+    (!failed.into_inner()).then_some(content)
 }
 
 /// Streams the decompression, reading at most one byte past the declared
@@ -1276,6 +1385,119 @@ pub fn lineage_training(map: &BTreeMap<String, serde_json::Value>) -> Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Content that compresses a little, like weights or machine code.
+    fn content(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_u32;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                if i % 3 == 0 {
+                    (x >> 24) as u8
+                } else {
+                    (i / 7) as u8
+                }
+            })
+            .collect()
+    }
+
+    fn artifact_for(c: &[u8], encoding: Encoding, stored: &[u8]) -> Artifact {
+        Artifact {
+            role: role::MODEL.into(),
+            media_type: "application/onnx".into(),
+            encoding,
+            offset: 0,
+            size: c.len() as u64,
+            compressed_size: stored.len() as u64,
+            sha256: sha256_hex(c),
+            compressed_sha256: sha256_hex(stored),
+            target: None,
+        }
+    }
+
+    /// A large artifact is stored as frames of equal size; the reader
+    /// decodes them in parallel to the same content, with and without
+    /// shuffling; the streaming decoder (every older reader) decodes the
+    /// same stream; small artifacts stay one frame, byte for byte what a
+    /// plain zstd call writes.
+    #[test]
+    fn large_artifacts_are_frames_any_reader_decodes() {
+        for len in [2 * FRAME_BYTES, 5 * FRAME_BYTES + 3, 40 * FRAME_BYTES] {
+            let c = content(len);
+            let stored = zstd_frames(&c, 3);
+            let frames = frames_of(&stored).expect("several frames");
+            assert_eq!(
+                frames.len(),
+                (len / FRAME_BYTES).clamp(1, MAX_FRAMES),
+                "{len}"
+            );
+            assert_eq!(frames.iter().map(|(_, n)| n).sum::<usize>(), len);
+            for (encoding, stored) in [
+                (Encoding::Zstd, stored.clone()),
+                (Encoding::Shuffle4Zstd, zstd_frames(&shuffle4(&c), 3)),
+            ] {
+                let a = artifact_for(&c, encoding, &stored);
+                assert_eq!(
+                    decode(&stored, &a, ContentDigest::Check).unwrap(),
+                    c,
+                    "{len}"
+                );
+                let streamed = decompress_bounded(&stored, &a).unwrap();
+                let streamed = match encoding {
+                    Encoding::Shuffle4Zstd => unshuffle4(&streamed),
+                    Encoding::Zstd => streamed,
+                };
+                assert_eq!(streamed, c, "{len}");
+            }
+        }
+        let small = content(FRAME_BYTES + 5);
+        assert_eq!(
+            zstd_frames(&small, 3),
+            zstd::bulk::compress(&small, 3).unwrap()
+        );
+        assert!(frames_of(&zstd_frames(&small, 3)).is_none());
+    }
+
+    /// Frames whose declared sizes do not add up to the signed size, or a
+    /// frame that holds more than its header says, are not decoded in
+    /// parallel: the one-call and streaming paths judge them, with the
+    /// usual errors.
+    #[test]
+    fn frames_that_disagree_with_the_manifest_are_refused() {
+        let c = content(3 * FRAME_BYTES);
+        let stored = zstd_frames(&c, 3);
+        let mut a = artifact_for(&c, Encoding::Zstd, &stored);
+        a.size -= 1;
+        let err = decode(&stored, &a, ContentDigest::FromStored).unwrap_err();
+        assert_eq!(err.code(), "size_mismatch", "{err}");
+        a.size += 2;
+        let err = decode(&stored, &a, ContentDigest::FromStored).unwrap_err();
+        assert_eq!(err.code(), "size_mismatch", "{err}");
+        // A frame claiming less content than it holds (its header rewritten:
+        // the last frame's 4-byte content size field lowered by one).
+        let frames = frames_of(&stored).unwrap();
+        let (last, size) = *frames.last().unwrap();
+        let at = stored.len() - last.len();
+        let mut forged = stored.clone();
+        // Frame header: magic (4), descriptor (1), window descriptor (1,
+        // unless single-segment), dictionary id (none here), content size.
+        let descriptor = forged[at + 4];
+        assert_eq!(
+            (descriptor >> 6, descriptor & 3),
+            (2, 0),
+            "a 4-byte content size, no dictionary"
+        );
+        let fcs_at = at + 5 + usize::from(descriptor & 0x20 == 0);
+        let field = &mut forged[fcs_at..fcs_at + 4];
+        let fcs = u32::from_le_bytes(field.try_into().unwrap());
+        assert_eq!(fcs as usize, size);
+        field.copy_from_slice(&(fcs - 1).to_le_bytes());
+        let a = artifact_for(&c, Encoding::Zstd, &forged);
+        assert!(decompress_frames(&frames_of(&forged).unwrap(), c.len() - 1).is_none());
+        assert!(decode(&forged, &a, ContentDigest::FromStored).is_err());
+    }
 
     #[test]
     fn shuffle_round_trips_every_length() {
