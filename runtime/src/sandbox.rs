@@ -8,7 +8,8 @@
 //! cannot poison the next.
 //!
 //! What the guest gets from WASI preview 1: nothing it could use to escape
-//! or to wait. Only the functions in [`WASI_LINKED`] are real: no preopened
+//! or to wait. Only the functions in [`WASI_LINKED`] are real, implemented
+//! in `sandbox/wasi.rs` over the guest's memory alone: no preopened
 //! directories (every path operation fails), no environment variables, no
 //! arguments, an empty stdin, stdout/stderr discarded; clocks and random
 //! numbers are available (Rust's std needs them). Every other WASI function
@@ -17,21 +18,22 @@
 //! calls can block: the epoch deadline interrupts WebAssembly code only,
 //! never a host call in progress.
 
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use wasmtime::{
     Config, Engine, ExternType, InstancePre, Linker, Memory, Module, ResourceLimiter, Store, Trap,
-    TypedFunc, Val, ValType,
+    TypedFunc, Val, ValType, WasmFeatures,
 };
 #[cfg(feature = "compiler")]
 use wasmtime::{OptLevel, Strategy};
-use wasmtime_wasi::WasiCtxBuilder;
-use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::error::GuestError;
 use ferry_format::PrecompiledGuest;
 use ferry_guest_abi::{ABI_VERSION, STATUS_BAD_INPUT, STATUS_OK};
+
+mod wasi;
 
 /// Period of the epoch ticker. Deadlines are enforced to this resolution;
 /// 10 ms keeps an idle device's wake-ups rare while stopping a runaway guest
@@ -187,6 +189,14 @@ fn no_runnable_guest<'a>(offered: impl Iterator<Item = &'a str>) -> GuestError {
 fn engine_config(compiler: GuestCompiler) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    // A precompiled guest records the engine's WebAssembly features, and
+    // wasmtime refuses one that declares a feature the loading engine lacks.
+    // The component model was on by default while wasmtime-wasi pulled in
+    // wasmtime's `component-model` (before the WASI functions moved to
+    // `sandbox/wasi.rs`): declaring it still keeps guests precompiled by an
+    // older `ferry` loading here, and ours loading on older agents. It only
+    // lets the validator accept components, which this runtime never loads.
+    config.wasm_features(WasmFeatures::COMPONENT_MODEL, true);
     #[cfg(feature = "compiler")]
     match compiler {
         GuestCompiler::Cranelift => {
@@ -278,6 +288,78 @@ fn check_exports(module: &Module) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// The directory precompiled guests are mapped from, when set
+/// ([`map_precompiled_guests_in`]).
+static GUEST_MAP_DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+/// Makes every precompiled guest loaded after this call run from a file in
+/// `dir` (the agent's state directory) instead of a copy in anonymous
+/// memory: its code and data become clean file pages, read in as the guest
+/// touches them and dropped by the kernel under memory pressure, where the
+/// copy stayed resident for as long as the bundle served (about 2 MiB for
+/// the standard guest; docs/PERFORMANCE.md, "The lean device build").
+///
+/// The file is written by this process from the verified bytes and never
+/// has a name (Linux `O_TMPFILE`, created read-only for its owner): there
+/// is nothing in `dir` that another process could swap or rewrite after
+/// verification, and nothing to clean up after an update, a rollback or a
+/// crash (the kernel frees it with the last mapping). Where the file system
+/// or the OS cannot do this, or writing fails (disk full), the guest is
+/// copied into memory as before. Process-wide: the last call wins.
+pub fn map_precompiled_guests_in(dir: &Path) {
+    *GUEST_MAP_DIR.write().unwrap() = Some(dir.to_owned());
+}
+
+/// The verified bytes of a precompiled guest in an unnamed file of the
+/// directory set by [`map_precompiled_guests_in`], positioned anywhere
+/// (wasmtime maps it whole). `None`: no directory set, or this system or
+/// file system cannot make one.
+#[cfg(target_os = "linux")]
+fn unnamed_copy(bytes: &[u8]) -> Option<std::fs::File> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = GUEST_MAP_DIR.read().unwrap().clone()?;
+    // O_EXCL: the file can never be given a name (linkat) later.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o400)
+        .custom_flags(libc::O_TMPFILE | libc::O_EXCL | libc::O_CLOEXEC)
+        .open(dir)
+        .ok()?;
+    file.write_all(bytes).ok()?;
+    Some(file)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unnamed_copy(_bytes: &[u8]) -> Option<std::fs::File> {
+    None
+}
+
+/// Loads a verified precompiled guest for `engine`: mapped from an unnamed
+/// file ([`map_precompiled_guests_in`]) where possible, else copied into
+/// memory. The `bool` says whether it was mapped.
+///
+/// # Safety
+///
+/// `bytes` must be the output of `Engine::precompile_module` for a
+/// configuration compatible with `engine` (what a verified bundle's
+/// `PrecompiledGuest` guarantees; see the caller).
+unsafe fn deserialize_verified(engine: &Engine, bytes: &[u8]) -> Option<(Module, bool)> {
+    if let Some(file) = unnamed_copy(bytes) {
+        // SAFETY: the file holds exactly `bytes` (written above by this
+        // process), has no name, and no descriptor of it exists outside
+        // this process; the caller vouches for the bytes.
+        if let Ok(m) = unsafe { Module::deserialize_open_file(engine, file) } {
+            return Some((m, true));
+        }
+    }
+    // SAFETY: as the caller vouches.
+    unsafe { Module::deserialize(engine, bytes) }
+        .ok()
+        .map(|m| (m, false))
+}
+
 /// Limits of one guest.
 #[derive(Debug, Clone, Copy)]
 pub struct SandboxLimits {
@@ -286,7 +368,7 @@ pub struct SandboxLimits {
 }
 
 struct StoreState {
-    wasi: WasiP1Ctx,
+    stdio: wasi::Stdio,
     limiter: Limiter,
 }
 
@@ -340,6 +422,9 @@ pub struct GuestRuntime {
     pool: Mutex<Vec<Instance>>,
     /// Whether a precompiled artifact was used (for diagnostics).
     pub used_precompiled: bool,
+    /// Whether that artifact runs from an unnamed file
+    /// ([`map_precompiled_guests_in`]) rather than a copy in memory.
+    pub mapped_from_file: bool,
     /// The target of the precompiled artifact used: the host's triple, or a
     /// Pulley target (the guest is interpreted).
     pub precompiled_target: Option<&'static str>,
@@ -423,14 +508,15 @@ impl GuestRuntime {
                 // trusts, and the compatibility key matches this engine.
                 // wasmtime additionally checks its own version and settings
                 // header and refuses a mismatch.
-                if let Ok(m) = unsafe { Module::deserialize(&engine, bytes) } {
-                    loaded = Some((engine, m, target));
+                if let Some((m, mapped)) = unsafe { deserialize_verified(&engine, bytes) } {
+                    loaded = Some((engine, m, target, mapped));
                     break 'targets;
                 }
             }
         }
+        let mapped = matches!(loaded, Some((.., true)));
         let (engine, module, used_compiler, precompiled_target) = match loaded {
-            Some((engine, module, target)) => {
+            Some((engine, module, target, _)) => {
                 (engine, module, GuestCompiler::Cranelift, Some(target))
             }
             None => match compiler {
@@ -445,8 +531,7 @@ impl GuestRuntime {
         };
         check_exports(&module)?;
         let mut linker: Linker<StoreState> = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s| &mut s.wasi)
-            .map_err(|e| GuestError::Compile(e.to_string()))?;
+        wasi::add_to_linker(&mut linker).map_err(|e| GuestError::Compile(e.to_string()))?;
         stub_unlisted_wasi(&mut linker, &module)?;
         let pre = linker
             .instantiate_pre(&module)
@@ -459,6 +544,7 @@ impl GuestRuntime {
             limits,
             pool: Mutex::new(Vec::new()),
             used_precompiled: precompiled_target.is_some(),
+            mapped_from_file: mapped,
             precompiled_target,
             compiler: used_compiler,
         };
@@ -468,12 +554,17 @@ impl GuestRuntime {
     }
 
     fn new_store(&self) -> Store<StoreState> {
-        let wasi = WasiCtxBuilder::new().build_p1();
         let limiter = Limiter {
             memory_bytes: self.limits.memory_bytes as usize,
             hit: false,
         };
-        let mut store = Store::new(&self.engine, StoreState { wasi, limiter });
+        let mut store = Store::new(
+            &self.engine,
+            StoreState {
+                stdio: wasi::Stdio::new(),
+                limiter,
+            },
+        );
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store
