@@ -150,6 +150,9 @@ impl Agent {
                 config.paths.state_dir.display()
             )
         })?;
+        // Precompiled guests run from unnamed files there rather than from
+        // copies in memory (clean pages the kernel can drop).
+        ferry_runtime::map_precompiled_guests_in(&config.paths.state_dir);
         let roots = crate::trust::Roots::open(&config)?;
         let state_dir_for_freshness = config.paths.state_dir.clone();
         let (buffer, recovery) = Buffer::open_or_recover(BufferOptions::from_config(
@@ -853,6 +856,15 @@ impl Agent {
 
     /// Goes back to the previous bundle. Blocking.
     pub fn rollback_blocking(&self, reason: &str, automatic: bool) -> Result<BundleRef> {
+        let to = self.roll_back(reason, automatic);
+        if to.is_ok() {
+            // As after an update: what loading the previous bundle freed.
+            release_freed_heap();
+        }
+        to
+    }
+
+    fn roll_back(&self, reason: &str, automatic: bool) -> Result<BundleRef> {
         let from = self.active_bundle();
         let store = &self.store;
         if store.previous().is_none() {
@@ -889,9 +901,17 @@ impl Agent {
     ) -> Result<Option<BundleRef>> {
         let _one_at_a_time = self.update_lock.lock().await;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.update_blocking(commanded))
-            .await
-            .context("update task panicked")?
+        tokio::task::spawn_blocking(move || {
+            let installed = this.update_blocking(commanded);
+            // The download, the verified bundle and the loading's scratch
+            // are freed by now; the old release once its last request ends.
+            if matches!(installed, Ok(Some(_))) {
+                release_freed_heap();
+            }
+            installed
+        })
+        .await
+        .context("update task panicked")?
     }
 
     fn update_blocking(&self, commanded: Option<Commanded>) -> Result<Option<BundleRef>> {
@@ -1317,5 +1337,21 @@ fn action_name(action: &Action) -> &'static str {
         Action::ShadowStart { .. } => "shadow_start",
         Action::ShadowStop => "shadow_stop",
         Action::Ping => "ping",
+    }
+}
+
+/// Hands the heap memory that loading a bundle freed back to the system.
+/// Loading allocates and frees megabytes (the bundle file, its decompressed
+/// model and guest, tract's model before optimisation) on a blocking thread;
+/// glibc keeps what that thread's arena freed resident until the arena's
+/// top shrinks, which may be never. `malloc_trim` releases the free pages of
+/// every arena; called after start-up and after every update or rollback
+/// (measured in docs/PERFORMANCE.md, "The lean device build").
+pub fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; no pointer of
+    // ours is read or invalidated.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -170,7 +170,7 @@ async fn serve(config: Config) -> Result<()> {
     let agent = tokio::task::spawn_blocking(move || Agent::open(config))
         .await
         .context("agent start panicked")??;
-    release_freed_heap();
+    ferry_agent::agent::release_freed_heap();
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -328,20 +328,5 @@ fn sd_watchdog_interval() -> Option<Duration> {
     match std::env::var("WATCHDOG_PID") {
         Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
         _ => (usec > 0).then(|| Duration::from_micros(usec)),
-    }
-}
-
-/// Hands the heap memory that start-up freed back to the system. Loading the
-/// bundle allocates and frees megabytes (the bundle file, its decompressed
-/// model and guest, tract's model before optimisation) on a blocking thread;
-/// glibc keeps what that thread's arena freed resident until the arena's top
-/// shrinks, which may be never. `malloc_trim` releases the free pages of every
-/// arena once; measured in docs/PERFORMANCE.md ("The lean device build").
-fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own free lists; no pointer of
-    // ours is read or invalidated.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

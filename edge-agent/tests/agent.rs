@@ -1038,3 +1038,80 @@ fn auto_remembers_its_engine_per_release_across_restarts() {
     assert_eq!(model["engine_decision"], "measured", "{model}");
     assert!(d.log_text().contains("measuring again"), "{}", d.log_text());
 }
+
+/// The inodes of the unnamed files the agent maps from `state` (its
+/// precompiled guests), from /proc/PID/maps.
+fn unnamed_mappings(pid: u32, state: &std::path::Path) -> Vec<(String, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let state = state.canonicalize().unwrap();
+    let mut found: Vec<(String, String)> = maps
+        .lines()
+        .filter(|l| l.contains(state.to_str().unwrap()) && l.ends_with("(deleted)"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[4].to_string(), f[1].to_string())
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[test]
+fn a_precompiled_guest_runs_from_an_unnamed_file_no_one_can_swap() {
+    // The guest's native code is mapped from a file the agent wrote from
+    // the verified bytes, in its state directory, but with no name: an
+    // attacker who can write the state directory finds nothing there to
+    // replace after verification, and an update leaves nothing behind.
+    let v1 = crate::cross::pack_for("mapped-v1.ferry", "1", "x86_64");
+    let v2 = crate::cross::pack_for("mapped-v2.ferry", "2", "x86_64");
+    let channel = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new("mapped-1");
+    setup.initial = Some(v1);
+    setup.source = Some(channel.path().display().to_string());
+    let d = Device::start(setup);
+    let (_, m) = d.get("/v1/model");
+    assert_eq!(m["guest_target"], "x86_64-unknown-linux-gnu", "{m}");
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    let state = d.dir.path().join("state");
+    let pid = d.pid().unwrap();
+    let v1_maps = unnamed_mappings(pid, &state);
+    assert!(
+        v1_maps.iter().any(|(_, perms)| perms == "r-xp"),
+        "the guest's code is not mapped from the state directory: {v1_maps:?}"
+    );
+    // No file in the state directory holds a guest (precompiled guests are
+    // ELF files): there is nothing to swap.
+    let mut stack = vec![state.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let head = std::fs::read(&path).unwrap_or_default();
+                assert!(!head.starts_with(b"\x7fELF"), "{}", path.display());
+            }
+        }
+    }
+    // An update maps the new guest and frees the old one's file.
+    publish(channel.path(), std::path::Path::new(&v2));
+    d.wait_status(Duration::from_secs(60), "v2 installed", |s| {
+        s["bundle"]["sequence"] == 2
+    });
+    assert_eq!(d.predict_json(&setosa()).0, 200);
+    let old: Vec<&String> = v1_maps.iter().map(|(inode, _)| inode).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = unnamed_mappings(pid, &state);
+        let stale = now.iter().any(|(inode, _)| old.contains(&inode));
+        if !stale && now.iter().any(|(_, perms)| perms == "r-xp") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v1's guest still mapped, or v2's not: {now:?} (v1: {v1_maps:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -35,7 +35,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// Packs iris at `sequence` with the guest precompiled for `targets` only.
-fn pack_for(name: &str, sequence: &str, targets: &str) -> String {
+pub(crate) fn pack_for(name: &str, sequence: &str, targets: &str) -> String {
     let b = bundles();
     let out = b.scratch(name);
     let key = b.path("release.key");

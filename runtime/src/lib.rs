@@ -63,7 +63,7 @@ pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
 pub use sandbox::{
     CAN_COMPILE, EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES,
     ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable_bundle,
-    compatibility_key, runnable_targets,
+    compatibility_key, map_precompiled_guests_in, runnable_targets,
 };
 #[cfg(feature = "compiler")]
 pub use sandbox::{precompile, validate};

@@ -8,7 +8,8 @@
 //! cannot poison the next.
 //!
 //! What the guest gets from WASI preview 1: nothing it could use to escape
-//! or to wait. Only the functions in [`WASI_LINKED`] are real: no preopened
+//! or to wait. Only the functions in [`WASI_LINKED`] are real, implemented
+//! in the `wasi` module below over the guest's memory alone: no preopened
 //! directories (every path operation fails), no environment variables, no
 //! arguments, an empty stdin, stdout/stderr discarded; clocks and random
 //! numbers are available (Rust's std needs them). Every other WASI function
@@ -17,17 +18,16 @@
 //! calls can block: the epoch deadline interrupts WebAssembly code only,
 //! never a host call in progress.
 
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use wasmtime::{
     Config, Engine, ExternType, InstancePre, Linker, Memory, Module, ResourceLimiter, Store, Trap,
-    TypedFunc, Val, ValType,
+    TypedFunc, Val, ValType, WasmFeatures,
 };
 #[cfg(feature = "compiler")]
 use wasmtime::{OptLevel, Strategy};
-use wasmtime_wasi::WasiCtxBuilder;
-use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::error::GuestError;
 use ferry_format::PrecompiledGuest;
@@ -187,6 +187,14 @@ fn no_runnable_guest<'a>(offered: impl Iterator<Item = &'a str>) -> GuestError {
 fn engine_config(compiler: GuestCompiler) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    // A precompiled guest records the engine's WebAssembly features, and
+    // wasmtime refuses one that declares a feature the loading engine lacks.
+    // The component model was on by default while wasmtime-wasi pulled in
+    // wasmtime's `component-model` (before the WASI functions moved to
+    // the `wasi` module below): declaring it still keeps guests precompiled by an
+    // older `ferry` loading here, and ours loading on older agents. It only
+    // lets the validator accept components, which this runtime never loads.
+    config.wasm_features(WasmFeatures::COMPONENT_MODEL, true);
     #[cfg(feature = "compiler")]
     match compiler {
         GuestCompiler::Cranelift => {
@@ -278,6 +286,78 @@ fn check_exports(module: &Module) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// The directory precompiled guests are mapped from, when set
+/// ([`map_precompiled_guests_in`]).
+static GUEST_MAP_DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+/// Makes every precompiled guest loaded after this call run from a file in
+/// `dir` (the agent's state directory) instead of a copy in anonymous
+/// memory: its code and data become clean file pages, read in as the guest
+/// touches them and dropped by the kernel under memory pressure, where the
+/// copy stayed resident for as long as the bundle served (about 2 MiB for
+/// the standard guest; docs/PERFORMANCE.md, "The lean device build").
+///
+/// The file is written by this process from the verified bytes and never
+/// has a name (Linux `O_TMPFILE`, created read-only for its owner): there
+/// is nothing in `dir` that another process could swap or rewrite after
+/// verification, and nothing to clean up after an update, a rollback or a
+/// crash (the kernel frees it with the last mapping). Where the file system
+/// or the OS cannot do this, or writing fails (disk full), the guest is
+/// copied into memory as before. Process-wide: the last call wins.
+pub fn map_precompiled_guests_in(dir: &Path) {
+    *GUEST_MAP_DIR.write().unwrap() = Some(dir.to_owned());
+}
+
+/// The verified bytes of a precompiled guest in an unnamed file of the
+/// directory set by [`map_precompiled_guests_in`], positioned anywhere
+/// (wasmtime maps it whole). `None`: no directory set, or this system or
+/// file system cannot make one.
+#[cfg(target_os = "linux")]
+fn unnamed_copy(bytes: &[u8]) -> Option<std::fs::File> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = GUEST_MAP_DIR.read().unwrap().clone()?;
+    // O_EXCL: the file can never be given a name (linkat) later.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o400)
+        .custom_flags(libc::O_TMPFILE | libc::O_EXCL | libc::O_CLOEXEC)
+        .open(dir)
+        .ok()?;
+    file.write_all(bytes).ok()?;
+    Some(file)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unnamed_copy(_bytes: &[u8]) -> Option<std::fs::File> {
+    None
+}
+
+/// Loads a verified precompiled guest for `engine`: mapped from an unnamed
+/// file ([`map_precompiled_guests_in`]) where possible, else copied into
+/// memory. The `bool` says whether it was mapped.
+///
+/// # Safety
+///
+/// `bytes` must be the output of `Engine::precompile_module` for a
+/// configuration compatible with `engine` (what a verified bundle's
+/// `PrecompiledGuest` guarantees; see the caller).
+unsafe fn deserialize_verified(engine: &Engine, bytes: &[u8]) -> Option<(Module, bool)> {
+    if let Some(file) = unnamed_copy(bytes) {
+        // SAFETY: the file holds exactly `bytes` (written above by this
+        // process), has no name, and no descriptor of it exists outside
+        // this process; the caller vouches for the bytes.
+        if let Ok(m) = unsafe { Module::deserialize_open_file(engine, file) } {
+            return Some((m, true));
+        }
+    }
+    // SAFETY: as the caller vouches.
+    unsafe { Module::deserialize(engine, bytes) }
+        .ok()
+        .map(|m| (m, false))
+}
+
 /// Limits of one guest.
 #[derive(Debug, Clone, Copy)]
 pub struct SandboxLimits {
@@ -286,7 +366,7 @@ pub struct SandboxLimits {
 }
 
 struct StoreState {
-    wasi: WasiP1Ctx,
+    stdio: wasi::Stdio,
     limiter: Limiter,
 }
 
@@ -340,6 +420,9 @@ pub struct GuestRuntime {
     pool: Mutex<Vec<Instance>>,
     /// Whether a precompiled artifact was used (for diagnostics).
     pub used_precompiled: bool,
+    /// Whether that artifact runs from an unnamed file
+    /// ([`map_precompiled_guests_in`]) rather than a copy in memory.
+    pub mapped_from_file: bool,
     /// The target of the precompiled artifact used: the host's triple, or a
     /// Pulley target (the guest is interpreted).
     pub precompiled_target: Option<&'static str>,
@@ -423,14 +506,15 @@ impl GuestRuntime {
                 // trusts, and the compatibility key matches this engine.
                 // wasmtime additionally checks its own version and settings
                 // header and refuses a mismatch.
-                if let Ok(m) = unsafe { Module::deserialize(&engine, bytes) } {
-                    loaded = Some((engine, m, target));
+                if let Some((m, mapped)) = unsafe { deserialize_verified(&engine, bytes) } {
+                    loaded = Some((engine, m, target, mapped));
                     break 'targets;
                 }
             }
         }
+        let mapped = matches!(loaded, Some((.., true)));
         let (engine, module, used_compiler, precompiled_target) = match loaded {
-            Some((engine, module, target)) => {
+            Some((engine, module, target, _)) => {
                 (engine, module, GuestCompiler::Cranelift, Some(target))
             }
             None => match compiler {
@@ -445,8 +529,7 @@ impl GuestRuntime {
         };
         check_exports(&module)?;
         let mut linker: Linker<StoreState> = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s| &mut s.wasi)
-            .map_err(|e| GuestError::Compile(e.to_string()))?;
+        wasi::add_to_linker(&mut linker).map_err(|e| GuestError::Compile(e.to_string()))?;
         stub_unlisted_wasi(&mut linker, &module)?;
         let pre = linker
             .instantiate_pre(&module)
@@ -459,6 +542,7 @@ impl GuestRuntime {
             limits,
             pool: Mutex::new(Vec::new()),
             used_precompiled: precompiled_target.is_some(),
+            mapped_from_file: mapped,
             precompiled_target,
             compiler: used_compiler,
         };
@@ -468,12 +552,17 @@ impl GuestRuntime {
     }
 
     fn new_store(&self) -> Store<StoreState> {
-        let wasi = WasiCtxBuilder::new().build_p1();
         let limiter = Limiter {
             memory_bytes: self.limits.memory_bytes as usize,
             hit: false,
         };
-        let mut store = Store::new(&self.engine, StoreState { wasi, limiter });
+        let mut store = Store::new(
+            &self.engine,
+            StoreState {
+                stdio: wasi::Stdio::new(),
+                limiter,
+            },
+        );
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store
@@ -761,4 +850,356 @@ fn start_ticker(engine: &Engine) {
             }
         })
         .expect("cannot start the epoch thread");
+}
+
+mod wasi {
+    //! The WASI preview-1 functions a guest gets for real ([`super::WASI_LINKED`]),
+    //! implemented here over the guest's memory: no environment, no arguments,
+    //! no preopened directory, an empty stdin, stdout and stderr discarded, the
+    //! host's clocks and random numbers. Nothing here opens, reads or writes
+    //! anything outside the guest's memory, and nothing blocks.
+    //!
+    //! Why not wasmtime-wasi: its preview-1 layer is built on its preview-2
+    //! implementation, which brings wasmtime's component model, async support,
+    //! a file system and sockets into every binary (about 0.6 MB of the lean
+    //! device build, docs/PERFORMANCE.md); the guest uses none of them.
+    //! Semantics follow wasmtime-wasi's for the same situation (a non-terminal
+    //! stdio, no preopens), so guests behave as they did.
+    //!
+    //! Every pointer a guest passes is checked against its memory's bounds; an
+    //! out-of-bounds one gets `EFAULT` and nothing is written. Every other WASI
+    //! function a guest imports is linked to a stub that answers `ENOSYS`
+    //! (`stub_unlisted_wasi` in the parent module).
+
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+    use wasmtime::{Caller, Extern, Linker};
+
+    use super::{StoreState, WASI_MODULE};
+
+    /// A WASI errno (preview 1's `errno` enum).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) struct Errno(pub i32);
+
+    impl Errno {
+        const BADF: Errno = Errno(8);
+        const FAULT: Errno = Errno(21);
+        const INVAL: Errno = Errno(28);
+        const SPIPE: Errno = Errno(70);
+    }
+
+    /// The descriptors a guest starts with: 0 (stdin), 1 (stdout), 2 (stderr),
+    /// until it closes them. No other descriptor ever exists.
+    #[derive(Debug)]
+    pub(super) struct Stdio {
+        closed: [bool; 3],
+        /// The origin of the monotonic clock: the store's creation.
+        start: Instant,
+    }
+
+    impl Stdio {
+        pub(super) fn new() -> Stdio {
+            Stdio {
+                closed: [false; 3],
+                start: Instant::now(),
+            }
+        }
+
+        /// Which standard stream `fd` is, if open.
+        fn open(&self, fd: i32) -> Result<usize, Errno> {
+            match usize::try_from(fd) {
+                Ok(i) if i < 3 && !self.closed[i] => Ok(i),
+                _ => Err(Errno::BADF),
+            }
+        }
+    }
+
+    /// Preview 1's `filetype::unknown`: what wasmtime-wasi reports for stdio
+    /// that is not a terminal.
+    const FILETYPE_UNKNOWN: u8 = 0;
+    /// `rights::fd_read` and `rights::fd_write`.
+    const RIGHT_FD_READ: u64 = 1 << 1;
+    const RIGHT_FD_WRITE: u64 = 1 << 6;
+    /// `clockid::realtime` and `clockid::monotonic` (the CPU-time clocks are
+    /// refused with `EBADF`, as wasmtime-wasi does).
+    const CLOCK_REALTIME: i32 = 0;
+    const CLOCK_MONOTONIC: i32 = 1;
+
+    /// The guest's memory, every access bounds-checked.
+    struct Memory<'a>(&'a mut [u8]);
+
+    impl Memory<'_> {
+        fn range(&self, ptr: i32, len: u32) -> Result<std::ops::Range<usize>, Errno> {
+            let start = ptr as u32 as usize;
+            let end = start.checked_add(len as usize).ok_or(Errno::FAULT)?;
+            if end > self.0.len() {
+                return Err(Errno::FAULT);
+            }
+            Ok(start..end)
+        }
+
+        fn bytes_mut(&mut self, ptr: i32, len: u32) -> Result<&mut [u8], Errno> {
+            let r = self.range(ptr, len)?;
+            Ok(&mut self.0[r])
+        }
+
+        fn write(&mut self, ptr: i32, bytes: &[u8]) -> Result<(), Errno> {
+            let len = u32::try_from(bytes.len()).map_err(|_| Errno::FAULT)?;
+            self.bytes_mut(ptr, len)?.copy_from_slice(bytes);
+            Ok(())
+        }
+
+        fn read_u32(&self, ptr: i32) -> Result<u32, Errno> {
+            let r = self.range(ptr, 4)?;
+            Ok(u32::from_le_bytes(self.0[r].try_into().unwrap()))
+        }
+
+        /// The lengths of a `ciovec`/`iovec` array (pointer, length pairs of
+        /// u32), each buffer checked to lie in memory.
+        fn iovec_lengths(&self, iovs: i32, count: i32) -> Result<Vec<u32>, Errno> {
+            let count = count as u32;
+            self.range(iovs, count.checked_mul(8).ok_or(Errno::FAULT)?)?;
+            (0..count)
+                .map(|i| {
+                    let at = (iovs as u32).wrapping_add(i * 8) as i32;
+                    let (buf, len) = (self.read_u32(at)?, self.read_u32(at.wrapping_add(4))?);
+                    self.range(buf as i32, len)?;
+                    Ok(len)
+                })
+                .collect()
+        }
+    }
+
+    /// Runs `f` on the caller's exported memory and stdio state; its errno
+    /// (0 on success) is the WASI function's result. A guest without an
+    /// exported memory cannot call WASI (wasmtime-wasi traps too).
+    fn with_memory(
+        caller: &mut Caller<'_, StoreState>,
+        f: impl FnOnce(&mut Memory<'_>, &mut Stdio) -> Result<(), Errno>,
+    ) -> wasmtime::Result<i32> {
+        let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+            return Err(wasmtime::Error::msg(
+                "the guest called WASI without exporting its memory",
+            ));
+        };
+        let (data, state) = memory.data_and_store_mut(caller);
+        Ok(match f(&mut Memory(data), &mut state.stdio) {
+            Ok(()) => 0,
+            Err(Errno(e)) => e,
+        })
+    }
+
+    /// Links every function of [`super::WASI_LINKED`].
+    pub(super) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+        let m = WASI_MODULE;
+        // Arguments and environment: none (two zero counts, nothing to copy).
+        for name in ["args_sizes_get", "environ_sizes_get"] {
+            linker.func_wrap(
+                m,
+                name,
+                |mut c: Caller<'_, StoreState>, count: i32, size: i32| {
+                    with_memory(&mut c, |mem, _| {
+                        mem.write(count, &0u32.to_le_bytes())?;
+                        mem.write(size, &0u32.to_le_bytes())
+                    })
+                },
+            )?;
+        }
+        for name in ["args_get", "environ_get"] {
+            linker.func_wrap(m, name, |_: Caller<'_, StoreState>, _: i32, _: i32| Ok(0))?;
+        }
+        linker.func_wrap(
+            m,
+            "clock_res_get",
+            |mut c: Caller<'_, StoreState>, id: i32, out: i32| {
+                with_memory(&mut c, |mem, _| match id {
+                    CLOCK_REALTIME | CLOCK_MONOTONIC => mem.write(out, &1u64.to_le_bytes()),
+                    2 | 3 => Err(Errno::BADF),
+                    _ => Err(Errno::INVAL),
+                })
+            },
+        )?;
+        linker.func_wrap(
+            m,
+            "clock_time_get",
+            |mut c: Caller<'_, StoreState>, id: i32, _precision: i64, out: i32| {
+                with_memory(&mut c, |mem, stdio| {
+                    let now = match id {
+                        CLOCK_REALTIME => SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default(),
+                        CLOCK_MONOTONIC => stdio.start.elapsed(),
+                        2 | 3 => return Err(Errno::BADF),
+                        _ => return Err(Errno::INVAL),
+                    };
+                    let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+                    mem.write(out, &nanos.to_le_bytes())
+                })
+            },
+        )?;
+        linker.func_wrap(m, "fd_close", |mut c: Caller<'_, StoreState>, fd: i32| {
+            with_memory(&mut c, |_, stdio| {
+                let i = stdio.open(fd)?;
+                stdio.closed[i] = true;
+                Ok(())
+            })
+        })?;
+        linker.func_wrap(
+            m,
+            "fd_fdstat_get",
+            |mut c: Caller<'_, StoreState>, fd: i32, out: i32| {
+                with_memory(&mut c, |mem, stdio| {
+                    let rights = match stdio.open(fd)? {
+                        0 => RIGHT_FD_READ,
+                        _ => RIGHT_FD_WRITE,
+                    };
+                    // fdstat: filetype u8, flags u16 at 2, rights_base u64 at 8,
+                    // rights_inheriting u64 at 16.
+                    let mut stat = [0u8; 24];
+                    stat[0] = FILETYPE_UNKNOWN;
+                    stat[8..16].copy_from_slice(&rights.to_le_bytes());
+                    stat[16..24].copy_from_slice(&rights.to_le_bytes());
+                    mem.write(out, &stat)
+                })
+            },
+        )?;
+        // Flags belong to files; stdio has none to change (wasmtime-wasi: EBADF).
+        linker.func_wrap(
+            m,
+            "fd_fdstat_set_flags",
+            |_: Caller<'_, StoreState>, _fd: i32, _flags: i32| Ok(Errno::BADF.0),
+        )?;
+        linker.func_wrap(
+            m,
+            "fd_filestat_get",
+            |mut c: Caller<'_, StoreState>, fd: i32, out: i32| {
+                with_memory(&mut c, |mem, stdio| {
+                    stdio.open(fd)?;
+                    // filestat (64 bytes), all zero: filetype unknown at 16.
+                    mem.write(out, &[0u8; 64])
+                })
+            },
+        )?;
+        // No preopened directory: every descriptor answers EBADF.
+        linker.func_wrap(
+            m,
+            "fd_prestat_get",
+            |_: Caller<'_, StoreState>, _fd: i32, _out: i32| Ok(Errno::BADF.0),
+        )?;
+        linker.func_wrap(
+            m,
+            "fd_prestat_dir_name",
+            |_: Caller<'_, StoreState>, _fd: i32, _path: i32, _len: i32| Ok(Errno::BADF.0),
+        )?;
+        linker.func_wrap(
+            m,
+            "fd_read",
+            |mut c: Caller<'_, StoreState>, fd: i32, iovs: i32, count: i32, out: i32| {
+                with_memory(&mut c, |mem, stdio| {
+                    if stdio.open(fd)? != 0 {
+                        return Err(Errno::BADF);
+                    }
+                    mem.iovec_lengths(iovs, count)?;
+                    // stdin is empty: end of file at once.
+                    mem.write(out, &0u32.to_le_bytes())
+                })
+            },
+        )?;
+        linker.func_wrap(
+            m,
+            "fd_write",
+            |mut c: Caller<'_, StoreState>, fd: i32, iovs: i32, count: i32, out: i32| {
+                with_memory(&mut c, |mem, stdio| {
+                    if stdio.open(fd)? == 0 {
+                        return Err(Errno::BADF);
+                    }
+                    // stdout and stderr are sinks: everything is "written". A
+                    // total past u32 is a short write, as POSIX allows.
+                    let written = mem
+                        .iovec_lengths(iovs, count)?
+                        .into_iter()
+                        .try_fold(0u32, |sum, len| sum.checked_add(len).ok_or(sum))
+                        .unwrap_or_else(|short| short);
+                    mem.write(out, &written.to_le_bytes())
+                })
+            },
+        )?;
+        // Streams do not seek.
+        linker.func_wrap(
+            m,
+            "fd_seek",
+            |mut c: Caller<'_, StoreState>, fd: i32, _offset: i64, _whence: i32, _out: i32| {
+                with_memory(&mut c, |_, stdio| {
+                    stdio.open(fd)?;
+                    Err(Errno::SPIPE)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            m,
+            "fd_tell",
+            |mut c: Caller<'_, StoreState>, fd: i32, _out: i32| {
+                with_memory(&mut c, |_, stdio| {
+                    stdio.open(fd)?;
+                    Err(Errno::SPIPE)
+                })
+            },
+        )?;
+        // Ends the guest's call with a trap naming the status: an instance that
+        // exited is not reused.
+        linker.func_wrap(
+            m,
+            "proc_exit",
+            |_: Caller<'_, StoreState>, status: i32| -> wasmtime::Result<()> {
+                Err(wasmtime::Error::msg(format!(
+                    "the guest exited with status {status}"
+                )))
+            },
+        )?;
+        linker.func_wrap(
+            m,
+            "random_get",
+            |mut c: Caller<'_, StoreState>, buf: i32, len: i32| {
+                with_memory(&mut c, |mem, _| {
+                    let bytes = mem.bytes_mut(buf, len as u32)?;
+                    getrandom::fill(bytes).map_err(|_| Errno(29)) // EIO
+                })
+            },
+        )?;
+        linker.func_wrap(m, "sched_yield", |_: Caller<'_, StoreState>| Ok(0))?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn iovecs_outside_memory_are_a_fault() {
+            let mut data = vec![0u8; 64];
+            // One iovec at 0: buffer at 32, length 16 (inside).
+            data[0..4].copy_from_slice(&32u32.to_le_bytes());
+            data[4..8].copy_from_slice(&16u32.to_le_bytes());
+            // One at 8: buffer at 60, length 8 (past the end).
+            data[8..12].copy_from_slice(&60u32.to_le_bytes());
+            data[12..16].copy_from_slice(&8u32.to_le_bytes());
+            let mem = Memory(&mut data);
+            assert_eq!(mem.iovec_lengths(0, 1), Ok(vec![16]));
+            assert_eq!(mem.iovec_lengths(0, 2), Err(Errno::FAULT));
+            // The array itself past the end, or wrapping around.
+            assert_eq!(mem.iovec_lengths(60, 1), Err(Errno::FAULT));
+            assert_eq!(mem.iovec_lengths(0, i32::MAX), Err(Errno::FAULT));
+            assert_eq!(mem.iovec_lengths(-8, 1), Err(Errno::FAULT));
+        }
+
+        #[test]
+        fn only_open_standard_streams_exist() {
+            let mut s = Stdio::new();
+            assert_eq!(s.open(1), Ok(1));
+            assert_eq!(s.open(3), Err(Errno::BADF));
+            assert_eq!(s.open(-1), Err(Errno::BADF));
+            s.closed[1] = true;
+            assert_eq!(s.open(1), Err(Errno::BADF));
+        }
+    }
 }

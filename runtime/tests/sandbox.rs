@@ -438,3 +438,240 @@ fn the_portable_guest_is_decompressed_only_when_no_precompiled_guest_loads() {
     assert_eq!(again, answer);
     assert!(session.check_golden().iter().all(|g| g.passed()));
 }
+
+/// A guest that calls every WASI function of `WASI_LINKED` that can be
+/// observed, plus one outside it (`path_open`), and returns what each
+/// answered as little-endian i64s; with content type `exit` it calls
+/// `proc_exit(3)`.
+const WASI_GUEST: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $env_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_res_get" (func $res (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $fdstat (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_filestat_get" (func $filestat (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_seek" (func $seek (param i32 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sched_yield" (func $yield (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $n (mut i32) (i32.const 0))
+  ;; iovec at 300: 5 bytes at 400 ("hello"); at 308: 10 bytes at 65534 (past the end).
+  (data (i32.const 300) "\90\01\00\00\05\00\00\00\fe\ff\00\00\0a\00\00\00")
+  (data (i32.const 400) "hello")
+  (data (i32.const 112) "/etc/passwd")
+  (func $out (param i64)
+    (i64.store (i32.add (i32.const 2048) (i32.shl (global.get $n) (i32.const 3))) (local.get 0))
+    (global.set $n (i32.add (global.get $n) (i32.const 1))))
+  (func $errno (param i32) (call $out (i64.extend_i32_u (local.get 0))))
+  (func (export "ferry_abi_version") (result i32) (i32.const 1))
+  (func (export "ferry_alloc") (param i32) (result i32) (i32.const 4096))
+  (func (export "ferry_init") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "ferry_result_ptr") (result i32) (i32.const 2048))
+  (func (export "ferry_result_len") (result i32) (i32.shl (global.get $n) (i32.const 3)))
+  (func (export "ferry_postprocess") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "ferry_preprocess") (param $ct i32) (param $ctlen i32) (param i32 i32) (result i32)
+    (if (i32.eq (local.get $ctlen) (i32.const 4)) (then (call $exit (i32.const 3))))
+    (global.set $n (i32.const 0))
+    ;; arguments and environment: none
+    (i64.store (i32.const 200) (i64.const -1))
+    (call $errno (call $args_sizes (i32.const 200) (i32.const 204)))
+    (call $out (i64.load (i32.const 200)))
+    (call $errno (call $args_get (i32.const 200) (i32.const 204)))
+    (i64.store (i32.const 200) (i64.const -1))
+    (call $errno (call $env_sizes (i32.const 200) (i32.const 204)))
+    (call $out (i64.load (i32.const 200)))
+    (call $errno (call $env_get (i32.const 200) (i32.const 204)))
+    ;; clocks: realtime, monotonic, a CPU-time clock, an address past the end
+    (call $errno (call $clock (i32.const 0) (i64.const 0) (i32.const 208)))
+    (call $out (i64.load (i32.const 208)))
+    (call $errno (call $clock (i32.const 1) (i64.const 0) (i32.const 208)))
+    (call $out (i64.load (i32.const 208)))
+    (call $errno (call $clock (i32.const 2) (i64.const 0) (i32.const 208)))
+    (call $errno (call $clock (i32.const 1) (i64.const 0) (i32.const 65533)))
+    (call $errno (call $res (i32.const 1) (i32.const 208)))
+    (call $out (i64.load (i32.const 208)))
+    ;; random bytes, and a buffer past the end
+    (call $errno (call $random (i32.const 256) (i32.const 16)))
+    (call $out (i64.or (i64.load (i32.const 256)) (i64.load (i32.const 264))))
+    (call $errno (call $random (i32.const 65530) (i32.const 16)))
+    ;; stdout takes everything; a buffer past the end, stdin and fd 5 do not
+    (call $errno (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 232)))
+    (call $out (i64.extend_i32_u (i32.load (i32.const 232))))
+    (call $errno (call $write (i32.const 2) (i32.const 300) (i32.const 2) (i32.const 232)))
+    (call $errno (call $write (i32.const 0) (i32.const 300) (i32.const 1) (i32.const 232)))
+    (call $errno (call $write (i32.const 5) (i32.const 300) (i32.const 1) (i32.const 232)))
+    ;; stdin is empty and leaves the buffer alone; stdout cannot be read
+    (i32.store (i32.const 236) (i32.const 99))
+    (call $errno (call $read (i32.const 0) (i32.const 300) (i32.const 1) (i32.const 236)))
+    (call $out (i64.extend_i32_u (i32.load (i32.const 236))))
+    (call $out (i64.load8_u (i32.const 400)))
+    (call $errno (call $read (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 236)))
+    ;; descriptors: stdout's rights, stat, no seeking, no preopens
+    (call $errno (call $fdstat (i32.const 1) (i32.const 240)))
+    (call $out (i64.load (i32.const 248)))
+    (call $errno (call $filestat (i32.const 1) (i32.const 512)))
+    (call $errno (call $seek (i32.const 1) (i64.const 0) (i32.const 0) (i32.const 208)))
+    (call $errno (call $prestat (i32.const 3) (i32.const 208)))
+    ;; outside the list: ENOSYS
+    (call $errno (call $open (i32.const 3) (i32.const 0) (i32.const 112) (i32.const 11)
+      (i32.const 0) (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 208)))
+    (call $errno (call $yield))
+    ;; a closed stdout is gone
+    (call $errno (call $close (i32.const 1)))
+    (call $errno (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 232)))
+    (call $errno (call $close (i32.const 1)))
+    (i32.const 0))
+)
+"#;
+
+/// What [`WASI_GUEST`] must see, in order (`None`: checked apart).
+const WASI_EXPECTED: &[(&str, Option<i64>)] = &[
+    ("args_sizes_get", Some(0)),
+    ("argc and argv size", Some(0)),
+    ("args_get", Some(0)),
+    ("environ_sizes_get", Some(0)),
+    ("count and size", Some(0)),
+    ("environ_get", Some(0)),
+    ("clock_time_get realtime", Some(0)),
+    ("realtime ns", None),
+    ("clock_time_get monotonic", Some(0)),
+    ("monotonic ns", None),
+    ("clock_time_get process cputime: EBADF", Some(8)),
+    ("clock_time_get past the end: EFAULT", Some(21)),
+    ("clock_res_get monotonic", Some(0)),
+    ("resolution ns", Some(1)),
+    ("random_get", Some(0)),
+    ("random bytes", None),
+    ("random_get past the end: EFAULT", Some(21)),
+    ("fd_write stdout", Some(0)),
+    ("bytes written", Some(5)),
+    ("fd_write an iovec past the end: EFAULT", Some(21)),
+    ("fd_write stdin: EBADF", Some(8)),
+    ("fd_write fd 5: EBADF", Some(8)),
+    ("fd_read stdin", Some(0)),
+    ("bytes read", Some(0)),
+    ("buffer untouched ('h')", Some(104)),
+    ("fd_read stdout: EBADF", Some(8)),
+    ("fd_fdstat_get stdout", Some(0)),
+    ("rights: fd_write", Some(64)),
+    ("fd_filestat_get stdout", Some(0)),
+    ("fd_seek stdout: ESPIPE", Some(70)),
+    ("fd_prestat_get 3: EBADF", Some(8)),
+    ("path_open: ENOSYS", Some(52)),
+    ("sched_yield", Some(0)),
+    ("fd_close stdout", Some(0)),
+    ("fd_write closed stdout: EBADF", Some(8)),
+    ("fd_close again: EBADF", Some(8)),
+];
+
+/// Runs [`WASI_GUEST`] once and checks every answer.
+fn check_wasi(what: &str, g: &GuestRuntime) {
+    let out = g.preprocess("calls", b"").unwrap();
+    let got: Vec<i64> = out
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(got.len(), WASI_EXPECTED.len(), "{what}: {got:?}");
+    for ((name, expected), value) in WASI_EXPECTED.iter().zip(&got) {
+        if let Some(e) = expected {
+            assert_eq!(value, e, "{what}: {name}");
+        }
+    }
+    let at = |name: &str| got[WASI_EXPECTED.iter().position(|(n, _)| *n == name).unwrap()];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let realtime = at("realtime ns");
+    assert!(
+        realtime <= now && now - realtime < 600_000_000_000,
+        "{what}: realtime {realtime}, now {now}"
+    );
+    assert!(at("monotonic ns") >= 0, "{what}");
+    assert_ne!(at("random bytes"), 0, "{what}: 16 random bytes all zero");
+    // proc_exit ends the call with a trap that names the status; the
+    // instance is dropped, the guest goes on serving.
+    let err = g.preprocess("exit", b"").unwrap_err();
+    assert!(
+        matches!(&err, GuestError::Trap(m) if m.contains("status 3")),
+        "{what}: {err:?}"
+    );
+    assert_eq!(
+        g.preprocess("calls", b"").unwrap().len(),
+        out.len(),
+        "{what}"
+    );
+}
+
+#[test]
+fn the_wasi_functions_answer_as_documented_compiled_and_precompiled() {
+    let limits = SandboxLimits {
+        memory_bytes: 1 << 20,
+        timeout_ms: 5_000,
+    };
+    for compiler in [GuestCompiler::Cranelift, GuestCompiler::Winch] {
+        let g = GuestRuntime::with_compiler(WASI_GUEST.as_bytes(), &[], b"{}", limits, compiler)
+            .unwrap();
+        check_wasi(&format!("{compiler:?}"), &g);
+    }
+    // Interpreted (Pulley), as on armv7.
+    let pulley = ferry_runtime::PULLEY_TARGET;
+    let (bytecode, key) = ferry_runtime::precompile(WASI_GUEST.as_bytes(), Some(pulley)).unwrap();
+    let (signed, _) = bundle_with_precompiled(&[(&key, &bytecode)]);
+    let g = GuestRuntime::precompiled_only(&signed.precompiled_guests(), b"{}", limits).unwrap();
+    assert_eq!(g.precompiled_target, Some(pulley));
+    check_wasi("pulley", &g);
+}
+
+#[test]
+fn precompiled_guests_run_from_an_unnamed_file_that_nothing_can_swap() {
+    let limits = SandboxLimits {
+        memory_bytes: 16 << 20,
+        timeout_ms: 1_000,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (native, native_key) = ferry_runtime::precompile(TEST_GUEST.as_bytes(), None).unwrap();
+    let pulley = ferry_runtime::PULLEY_TARGET;
+    let (bytecode, pulley_key) =
+        ferry_runtime::precompile(TEST_GUEST.as_bytes(), Some(pulley)).unwrap();
+    ferry_runtime::map_precompiled_guests_in(dir.path());
+    for (key, bytes) in [(&native_key, &native), (&pulley_key, &bytecode)] {
+        let (signed, _) = bundle_with_precompiled(&[(key, bytes)]);
+        let g =
+            GuestRuntime::precompiled_only(&signed.precompiled_guests(), b"{}", limits).unwrap();
+        assert!(g.mapped_from_file, "{key}");
+        still_serves(&g);
+        // The guest's pages come from a file in the directory that has no
+        // name: nothing there to rewrite or swap after verification, and
+        // nothing left to clean up.
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let prefix = dir.path().to_str().unwrap();
+        assert!(
+            maps.lines()
+                .any(|l| l.contains(prefix) && l.ends_with("(deleted)")),
+            "{key}: no mapping from {prefix}:\n{maps}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{key}");
+        let err = g.preprocess("trap", b"").unwrap_err();
+        assert!(matches!(err, GuestError::Trap(_)), "{err:?}");
+        still_serves(&g);
+    }
+    // A directory that cannot hold the file (gone): copied into memory, as
+    // without one.
+    let gone = dir.path().join("gone");
+    ferry_runtime::map_precompiled_guests_in(&gone);
+    let (signed, _) = bundle_with_precompiled(&[(&native_key, &native)]);
+    let g = GuestRuntime::precompiled_only(&signed.precompiled_guests(), b"{}", limits).unwrap();
+    assert!(!g.mapped_from_file);
+    still_serves(&g);
+}
