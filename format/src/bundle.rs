@@ -399,30 +399,43 @@ fn zstd_frames(content: &[u8], level: i32) -> Vec<u8> {
         return compress(content);
     }
     let chunks: Vec<&[u8]> = content.chunks(content.len().div_ceil(frames)).collect();
+    parallel_map(&chunks, usize::MAX, |chunk| compress(chunk)).concat()
+}
+
+/// `f` of every item, in the items' order, computed by up to `max_threads`
+/// threads (the machine's CPUs at most) that each take the next item not
+/// yet taken: the caller's thread is one of them.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    max_threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(max_threads)
+        .min(items.len())
+        .max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut done: Vec<(usize, Vec<u8>)> = std::thread::scope(|s| {
-        let work = || {
-            let mut mine = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(chunk) = chunks.get(i) else {
-                    return mine;
-                };
-                mine.push((i, compress(chunk)));
-            }
-        };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let helpers: Vec<_> = (1..threads.min(chunks.len()))
-            .map(|_| s.spawn(work))
-            .collect();
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(item) = items.get(i) else {
+                return done;
+            };
+            done.push((i, f(item)));
+        }
+    };
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
         let mut all = work();
         for h in helpers {
-            all.extend(h.join().expect("a compression thread panicked"));
+            all.extend(h.join().expect("a worker thread panicked"));
         }
         all
     });
     done.sort_by_key(|(i, _)| *i);
-    done.into_iter().flat_map(|(_, f)| f).collect()
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The zstd frames of stored bytes and the content size each declares,
@@ -890,36 +903,19 @@ fn decompress_frames(frames: &[(&[u8], usize)], declared: usize) -> Option<Vec<u
         return None;
     }
     let mut content = vec![0u8; declared];
-    let mut parts: Vec<(&[u8], &mut [u8])> = Vec::with_capacity(frames.len());
+    let mut parts: Vec<(&[u8], std::sync::Mutex<&mut [u8]>)> = Vec::with_capacity(frames.len());
     let mut rest = content.as_mut_slice();
     for &(frame, size) in frames {
         let (part, after) = rest.split_at_mut(size);
-        parts.push((frame, part));
+        parts.push((frame, std::sync::Mutex::new(part)));
         rest = after;
     }
-    let parts = std::sync::Mutex::new(parts);
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let work = || {
-        loop {
-            let Some((frame, part)) = parts.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
-                return;
-            };
-            if zstd::bulk::decompress_to_buffer(frame, part).ok() != Some(part.len()) {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_VERIFY_THREADS)
-        .min(frames.len());
-    std::thread::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(work);
-        }
-        work();
+    let decoded = parallel_map(&parts, MAX_VERIFY_THREADS, |(frame, part)| {
+        let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+        zstd::bulk::decompress_to_buffer(frame, &mut part).ok() == Some(part.len())
     });
-    (!failed.into_inner()).then_some(content)
+    drop(parts);
+    decoded.into_iter().all(|ok| ok).then_some(content)
 }
 
 /// Streams the decompression, reading at most one byte past the declared
@@ -1252,29 +1248,8 @@ fn open_checked(
             }
         }
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_VERIFY_THREADS)
-        .min(tasks.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || {
-        let mut done = Vec::new();
-        loop {
-            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(_, task)) = tasks.get(k) else {
-                return done;
-            };
-            done.push((task, run(task)));
-        }
-    };
-    let results: Vec<(Task, Result<Done, BundleError>)> = std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
-        let mut all = work();
-        for h in helpers {
-            all.extend(h.join().expect("a verification thread panicked"));
-        }
-        all
-    });
+    let results: Vec<(Task, Result<Done, BundleError>)> =
+        parallel_map(&tasks, MAX_VERIFY_THREADS, |&(_, task)| (task, run(task)));
     let mut digest = String::new();
     let mut held: Vec<Option<Result<Option<Vec<u8>>, BundleError>>> =
         (0..manifest.artifacts.len()).map(|_| None).collect();
