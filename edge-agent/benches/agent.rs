@@ -221,7 +221,7 @@ fn main() {
         for _ in 0..10 {
             let t = Instant::now();
             for _ in 0..n {
-                in_proc_agent.predict(content_type, body).unwrap();
+                in_proc_agent.predict(content_type, None, body).unwrap();
             }
             agent_calls.push(t.elapsed().as_secs_f64() / n as f64 * 1e6);
         }

@@ -29,7 +29,7 @@ use ferry_protocol::{
     Action, BundleRef, ChannelIndex, Command, Event, OutputSummary, SCHEMA_VERSION, SampleRecord,
     Status, Stream, TelemetryRecord, UpdateState,
 };
-use ferry_runtime::{ReadLimits, Session};
+use ferry_runtime::{ReadLimits, ResponseForm, Session};
 use tokio::sync::watch;
 
 use crate::buffer::{Buffer, BufferOptions};
@@ -62,6 +62,14 @@ impl PredictError {
             PredictError::BadInput { code, .. } | PredictError::Failed { code, .. } => code,
         }
     }
+}
+
+/// A response to a prediction request.
+#[derive(Debug)]
+pub struct Prediction {
+    /// The form it is in (its `Content-Type`).
+    pub form: ResponseForm,
+    pub body: Vec<u8>,
 }
 
 /// The bundle serving requests.
@@ -634,9 +642,15 @@ impl Agent {
         self.store.previous().map(|s| s.bundle)
     }
 
-    /// Runs one request through the active bundle and records what happened.
-    /// Never waits on the network.
-    pub fn predict(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, PredictError> {
+    /// Runs one request through the active bundle and records what happened,
+    /// answering in the form the HTTP `Accept` header asks for (JSON without
+    /// one; see [`ResponseForm::negotiate`]). Never waits on the network.
+    pub fn predict(
+        &self,
+        content_type: &str,
+        accept: Option<&str>,
+        body: &[u8],
+    ) -> Result<Prediction, PredictError> {
         let Some(active) = self.active.load_full() else {
             self.metrics.observe_request(0.0, Some("no_bundle"));
             return Err(PredictError::NoBundle);
@@ -649,7 +663,10 @@ impl Agent {
         let mut rows = 0u32;
         let mut sample_features = None;
         let mut shadow_values = None;
-        let result = active.session.infer_with(content_type, body, &mut |obs| {
+        let session = &active.session;
+        let form = session.response_form(accept);
+        let result = form.and_then(|form| {
+            session.infer_with(content_type, body, form, &mut |obs| {
             (summary, rows) = summarize(obs.outputs);
             if let Some(features) = obs.features {
                 self.drift.observe(features);
@@ -660,6 +677,8 @@ impl Agent {
             if shadow.is_some() {
                 shadow_values = Some(first_float(obs.outputs));
             }
+            })
+            .map(|body| Prediction { form, body })
         });
         let latency = start.elapsed();
         active.requests.fetch_add(1, Ordering::Relaxed);

@@ -134,7 +134,8 @@ async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "no_content_type",
-            "set Content-Type: application/json, text/csv, image/png or image/jpeg",
+            "set Content-Type: application/json, text/csv, image/png, image/jpeg, \
+             application/x-npy or application/x-ferry-tensors",
         );
     };
     if body.is_empty() {
@@ -152,17 +153,29 @@ async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -
         );
     };
     let agent = ctx.agent.clone();
-    let result = tokio::task::spawn_blocking(move || agent.predict(&content_type, &body)).await;
+    // The response form: JSON unless `Accept` asks for a binary one.
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let result = tokio::task::spawn_blocking(move || {
+        agent.predict(&content_type, accept.as_deref(), &body)
+    })
+    .await;
     match result {
-        Ok(Ok(json)) => (
+        Ok(Ok(p)) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            json,
+            [(header::CONTENT_TYPE, p.form.media_type())],
+            p.body,
         )
             .into_response(),
         Ok(Err(e)) => {
             let status = match &e {
                 PredictError::NoBundle => StatusCode::SERVICE_UNAVAILABLE,
+                PredictError::BadInput {
+                    code: "not_acceptable",
+                    ..
+                } => StatusCode::NOT_ACCEPTABLE,
                 PredictError::BadInput { .. } => StatusCode::BAD_REQUEST,
                 PredictError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             };

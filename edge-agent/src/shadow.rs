@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{BundleRef, OutputSummary, ShadowInfo, ShadowReport};
-use ferry_runtime::Session;
+use ferry_runtime::{ResponseForm, Session};
 
 use crate::observe::summarize;
 
@@ -135,7 +135,7 @@ impl Shadow {
         while let Ok(job) = rx.recv() {
             let start = Instant::now();
             let mut seen: Option<(OutputSummary, Vec<f64>)> = None;
-            let result = session.infer_with(&job.content_type, &job.body, &mut |obs| {
+            let result = session.infer_with(&job.content_type, &job.body, ResponseForm::Json, &mut |obs| {
                 let (summary, _) = summarize(obs.outputs);
                 seen = Some((summary, first_float(obs.outputs)));
             });

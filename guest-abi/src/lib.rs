@@ -146,6 +146,46 @@ impl Tensor {
             .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
     }
 
+    /// The tensor as a NumPy `.npy` file (format 1.0, or 2.0 for a header
+    /// over 64 KiB): little-endian elements in C order, the header padded
+    /// with spaces to a multiple of 64 bytes and ended by a newline, as
+    /// `np.save` writes it. `np.load` reads it back with this dtype and shape.
+    pub fn to_npy(&self) -> Vec<u8> {
+        let descr = match self.dtype {
+            DType::F32 => "<f4",
+            DType::F64 => "<f8",
+            DType::I64 => "<i8",
+            DType::I32 => "<i4",
+            DType::U8 => "|u1",
+            DType::Bool => "|b1",
+        };
+        let dims: Vec<String> = self.shape.iter().map(u64::to_string).collect();
+        let shape = match dims.len() {
+            1 => format!("({},)", dims[0]),
+            _ => format!("({})", dims.join(", ")),
+        };
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        // Magic (6), version (2), header length (2 in 1.0, 4 in 2.0), header.
+        let v1 = (10 + header.len() + 1).next_multiple_of(64) - 10 <= usize::from(u16::MAX);
+        let preamble = if v1 { 10 } else { 12 };
+        let padded = (preamble + header.len() + 1).next_multiple_of(64);
+        header.extend(std::iter::repeat_n(' ', padded - preamble - header.len() - 1));
+        header.push('\n');
+        let mut out = Vec::with_capacity(padded + self.data.len());
+        out.extend_from_slice(b"\x93NUMPY");
+        if v1 {
+            out.extend_from_slice(&[1, 0]);
+            out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        } else {
+            out.extend_from_slice(&[2, 0]);
+            out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        }
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&self.data);
+        out
+    }
+
     /// The elements converted to `f64` (booleans as 0/1).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         let n = self.dtype.size();

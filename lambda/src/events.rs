@@ -6,14 +6,18 @@
 //!   (`errorType` `Ferry.bad_input`) naming what is wrong.
 //! - **API Gateway HTTP API (payload 2.0) and function URLs**, and **API
 //!   Gateway REST (1.0)**: the body (JSON, or an image or a binary tensor
-//!   such as `.npy`, base64-encoded by Lambda) with its `content-type`; the result is an HTTP response: 200 with
-//!   the response JSON, 400 with `{"error": ...}` for a bad request, 413 for a
-//!   body over the limit, 500 for a failure of the function itself.
+//!   such as `.npy`, base64-encoded by Lambda) with its `content-type`; the
+//!   result is an HTTP response: 200 with the response JSON, or with the
+//!   model's outputs base64-encoded (`isBase64Encoded`) when the `accept`
+//!   header asks for `application/x-npy` or `application/x-ferry-tensors`;
+//!   400 with `{"error": ...}` for a bad request, 406 for a binary form the
+//!   model cannot give (`.npy` from several outputs), 413 for a body over
+//!   the limit, 500 for a failure of the function itself.
 
 use std::time::Instant;
 
 use base64::Engine as _;
-use ferry_runtime::Session;
+use ferry_runtime::{ResponseForm, Session};
 use lambda_runtime::Diagnostic;
 use serde_json::{Value, json};
 
@@ -125,27 +129,56 @@ fn classes_of(response: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A response before it is put in Lambda's shape.
+enum Answer {
+    Json(Value),
+    /// The model's outputs in a binary form, and how many rows the first has.
+    Binary(ResponseForm, Vec<u8>, usize),
+}
+
+/// Runs one request in the form asked for (`accept`: the HTTP header;
+/// direct invocations answer JSON).
+fn answer(
+    session: &Session,
+    content_type: &str,
+    body: &[u8],
+    accept: Option<&str>,
+) -> Result<Answer, (u16, String)> {
+    let status = |e: ferry_runtime::Error| {
+        let status = match e.code() {
+            "not_acceptable" => 406,
+            _ if e.is_bad_input() => 400,
+            _ => 500,
+        };
+        (status, e.to_string())
+    };
+    let form = session.response_form(accept).map_err(status)?;
+    let mut rows = 0;
+    let out = session
+        .infer_with(content_type, body, form, &mut |obs| {
+            rows = obs.outputs.first().and_then(|t| t.shape.first()).map_or(1, |&r| r as usize);
+        })
+        .map_err(status)?;
+    if form.is_binary() {
+        return Ok(Answer::Binary(form, out, rows));
+    }
+    serde_json::from_slice(&out)
+        .map(Answer::Json)
+        .map_err(|e| (500, format!("the guest answered with invalid JSON: {e}")))
+}
+
 /// Handles one event.
 pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value, Diagnostic> {
     let start = Instant::now();
     let m = session.manifest();
     let source = source_of(&event);
-    let request = match source {
-        Source::Direct => Ok((
-            "application/json".to_string(),
-            event.to_string().into_bytes(),
-        )),
-        Source::Http => http_request(&event),
+    let outcome = match source {
+        Source::Direct => answer(session, "application/json", event.to_string().as_bytes(), None),
+        Source::Http => http_request(&event)
+            .and_then(|(ct, body)| answer(session, &ct, &body, header(&event, "accept"))),
     };
-    let outcome: Result<Value, (u16, String)> = request.and_then(|(ct, body)| {
-        let out = session
-            .infer(&ct, &body)
-            .map_err(|e| (if e.is_bad_input() { 400 } else { 500 }, e.to_string()))?;
-        serde_json::from_slice(&out)
-            .map_err(|e| (500, format!("the guest answered with invalid JSON: {e}")))
-    });
     let (predictions, classes) = match &outcome {
-        Ok(v) => {
+        Ok(Answer::Json(v)) => {
             let classes = classes_of(v);
             let n = v
                 .get("predictions")
@@ -154,6 +187,7 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
                 .unwrap_or(1);
             (n, classes)
         }
+        Ok(Answer::Binary(_, _, rows)) => (*rows, Vec::new()),
         Err(_) => (0, Vec::new()),
     };
     telemetry::emit(&Invocation {
@@ -165,30 +199,34 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
         error: outcome.is_err(),
         classes,
     });
+    if let Err((status, message)) = &outcome {
+        telemetry::log(
+            "WARN",
+            "Request refused",
+            json!({ "status": status, "error": message }),
+        );
+    }
     match (source, outcome) {
-        (Source::Direct, Ok(v)) => Ok(v),
-        (Source::Direct, Err((status, message))) => {
-            telemetry::log(
-                "WARN",
-                "Request refused",
-                json!({ "status": status, "error": message }),
-            );
-            Err(Diagnostic {
-                error_type: if status == 400 {
-                    "Ferry.bad_input".into()
-                } else {
-                    "Ferry.internal".into()
-                },
-                error_message: message,
-            })
+        (Source::Direct, Ok(Answer::Json(v))) => Ok(v),
+        (Source::Direct, Ok(Answer::Binary(..))) => {
+            unreachable!("direct invocations answer JSON")
         }
-        (Source::Http, Ok(v)) => Ok(http_response(200, &v)),
+        (Source::Direct, Err((status, message))) => Err(Diagnostic {
+            error_type: if status == 400 {
+                "Ferry.bad_input".into()
+            } else {
+                "Ferry.internal".into()
+            },
+            error_message: message,
+        }),
+        (Source::Http, Ok(Answer::Json(v))) => Ok(http_response(200, &v)),
+        (Source::Http, Ok(Answer::Binary(form, bytes, _))) => Ok(json!({
+            "statusCode": 200,
+            "headers": {"content-type": form.media_type()},
+            "body": base64::engine::general_purpose::STANDARD.encode(bytes),
+            "isBase64Encoded": true,
+        })),
         (Source::Http, Err((status, message))) => {
-            telemetry::log(
-                "WARN",
-                "Request refused",
-                json!({ "status": status, "error": message }),
-            );
             Ok(http_response(status, &json!({ "error": message })))
         }
     }

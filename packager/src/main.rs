@@ -24,6 +24,7 @@ mod publish;
 mod scaffold;
 mod trust_cmds;
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -237,6 +238,21 @@ struct RunArgs {
     /// Print the response JSON on one line (machine-readable).
     #[arg(long)]
     json: bool,
+    /// The response form: `json` (the pipeline's answer), or the model's
+    /// outputs before postprocessing as `npy` (its one output as a NumPy
+    /// array) or `tensors` (every output, application/x-ferry-tensors).
+    /// Default: `npy` for an --output ending in .npy, else `json`.
+    #[arg(long, value_name = "FORM", value_parser = parse_response_form)]
+    accept: Option<rt::ResponseForm>,
+    /// Write the response to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+fn parse_response_form(s: &str) -> Result<rt::ResponseForm, String> {
+    rt::ResponseForm::parse(s).ok_or_else(|| {
+        format!("unknown form `{s}` (expected json, npy or tensors, or their media types)")
+    })
 }
 
 #[derive(Args)]
@@ -421,15 +437,39 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    let form = a.accept.unwrap_or_else(|| {
+        let npy = a
+            .output
+            .as_ref()
+            .and_then(|p| p.extension())
+            .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+        if npy {
+            rt::ResponseForm::Npy
+        } else {
+            rt::ResponseForm::Json
+        }
+    });
+    if form.is_binary() && a.output.is_none() && std::io::stdout().is_terminal() {
+        return Err(fail(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "the {} response is binary: write it with --output FILE or redirect standard output",
+                form.name()
+            ),
+        ));
+    }
     let options = a.engine.options();
     let library = rt::preload(&options);
     let bundle = verify_bytes_for_host(&a.bundle, &read_bundle(&a.bundle)?, &a.trust)?;
     let session =
         rt::Session::from_verified_with(bundle, &options).context("cannot load the bundle")?;
     drop(library);
+    if let Err(e) = session.response_form(Some(form.media_type())) {
+        return Err(fail(exit::USAGE, anyhow::anyhow!("--accept {}: {e}", form.name())));
+    }
     let request = inputs::read_request(&a.input, a.content_type.as_deref())?;
     let response = session
-        .infer(&request.content_type, &request.body)
+        .infer_as(&request.content_type, &request.body, form)
         .map_err(|e| {
             if e.is_bad_input() {
                 fail(
@@ -440,13 +480,24 @@ fn run(a: RunArgs) -> Result<()> {
                 anyhow::Error::new(e).context("inference failed")
             }
         })?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&response).context("the guest answered with invalid JSON")?;
-    output::print_response(&value, a.json);
+    match (&a.output, form) {
+        (Some(path), _) => std::fs::write(path, &response)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        (None, rt::ResponseForm::Json) => {
+            let value: serde_json::Value = serde_json::from_slice(&response)
+                .context("the guest answered with invalid JSON")?;
+            output::print_response(&value, a.json);
+        }
+        (None, _) => std::io::stdout()
+            .write_all(&response)
+            .context("cannot write the response")?,
+    }
     // Nothing is left to do: exit without tearing the session down piece by
     // piece (for mobilenet on onnxruntime that took 10 ms after the answer
     // was out: the model's buffers unmapped, onnxruntime's session released).
-    std::io::Write::flush(&mut std::io::stdout()).context("cannot write the response")?;
+    std::io::stdout()
+        .flush()
+        .context("cannot write the response")?;
     std::process::exit(exit::OK.into())
 }
 

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 
 use ferry_testkit::cli::{assert_exit, ferry, stderr, stdout};
 use ferry_testkit::fixtures::{bundles, example, workspace_bin};
+use ferry_runtime::{DType, TensorSet};
 use ferry_testkit::tensors::{iris_tensor, npy, npy_f32, tensor_set_f32};
 
 fn run(input: &str, extra: &[&str]) -> std::process::Output {
@@ -127,4 +128,87 @@ fn malformed_binary_requests_are_bad_input() {
         "{}",
         stderr(&o)
     );
+}
+
+/// `ferry run` with one example, on tract (the engine every form is compared on).
+fn run_example(bundle: &str, input: &str, extra: &[&str]) -> std::process::Output {
+    let f = bundles();
+    let (bundle, public) = (f.bundle(bundle), f.public());
+    let mut args = vec![
+        "run", &bundle, "--pub", &public, "--input", input, "--engine", "tract",
+    ];
+    args.extend(extra);
+    ferry(&args)
+}
+
+#[test]
+fn binary_responses_carry_the_outputs_the_json_response_carries() {
+    let digit = example("digits/golden/digit_3.png");
+    let json = run_example("digits", &digit, &["--json"]);
+    assert_exit(&json, 0);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    let logits = &json["outputs"]["logits"];
+
+    // Every output as a tensor set, on standard output.
+    let o = run_example("digits", &digit, &["--accept", "tensors"]);
+    assert_exit(&o, 0);
+    let set = TensorSet::decode(&o.stdout).unwrap();
+    assert_eq!(set.tensors.len(), 1);
+    let t = &set.tensors[0];
+    assert_eq!((t.name.as_str(), t.dtype), ("logits", DType::F32));
+    assert_eq!(serde_json::json!(t.shape), logits["shape"]);
+    let want: Vec<f64> = logits["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    // JSON writes each f32 with the fewest digits that read back as it.
+    let got: Vec<f64> = t.to_f64_vec();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(*g as f32, *w as f32, "{got:?} vs {want:?}");
+    }
+
+    // The one output as a .npy file: chosen by the extension, or named.
+    let out = bundles().scratch("digit_3.npy");
+    let o = run_example("digits", &digit, &["--output", &out]);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "");
+    assert_eq!(std::fs::read(&out).unwrap(), t.to_npy());
+    let o = run_example("digits", &digit, &["--accept", "application/x-npy"]);
+    assert_exit(&o, 0);
+    assert_eq!(o.stdout, t.to_npy());
+    // --accept wins over the extension; JSON to a file is the JSON response.
+    let out = bundles().scratch("digit_3.json.npy");
+    let o = run_example("digits", &digit, &["--output", &out, "--accept", "json"]);
+    assert_exit(&o, 0);
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(written, json);
+}
+
+#[test]
+fn a_form_the_model_cannot_give_is_refused_before_it_runs() {
+    let (shape, values) = iris_tensor();
+    let input = write("iris-accept.npy", &npy_f32(&shape, &values));
+    // The iris model has two outputs (label, probabilities): one .npy cannot hold them.
+    let out = bundles().scratch("iris-accept-out.npy");
+    let o = run_example("raw", &input, &["--output", &out]);
+    assert_exit(&o, 2);
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: --accept npy: application/x-npy carries one array and this model has 2 outputs: \
+         accept application/x-ferry-tensors (all of them) or application/json"
+    );
+    assert!(!std::path::Path::new(&out).exists());
+    // Both, as a tensor set; and an unknown form is a usage error naming the choices.
+    let o = run_example("raw", &input, &["--accept", "tensors"]);
+    assert_exit(&o, 0);
+    let set = TensorSet::decode(&o.stdout).unwrap();
+    let names: Vec<_> = set.tensors.iter().map(|t| (t.name.as_str(), t.dtype)).collect();
+    assert_eq!(names, [("label", DType::I64), ("probabilities", DType::F32)]);
+    assert_eq!(set.tensors[1].shape, [2, 3]);
+    let o = run_example("raw", &input, &["--accept", "csv"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("expected json, npy or tensors"), "{}", stderr(&o));
 }

@@ -6,7 +6,7 @@
 //! - `publish`: update channel directories for `ferry-agent`.
 //! - `mlflow`: MLflow model directories in (lineage, external weights, `ferry init`).
 //! - `bench`: `ferry bench`'s report (shape and consistency, not speed).
-//! - `binary`: binary tensor requests (`.npy`, tensor sets) through `ferry run`.
+//! - `binary`: binary tensor requests and responses (`.npy`, tensor sets) through `ferry run`.
 
 mod bench;
 mod binary;

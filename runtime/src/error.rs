@@ -111,6 +111,10 @@ pub enum Error {
     Model(#[from] ModelError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The response form the caller asked for is one this model cannot give
+    /// (see [`ResponseForm`](crate::ResponseForm)).
+    #[error("{0}")]
+    NotAcceptable(String),
 }
 
 impl Error {
@@ -121,6 +125,7 @@ impl Error {
             Error::Guest(e) => e.code(),
             Error::Model(e) => e.code(),
             Error::Key(_) => "key",
+            Error::NotAcceptable(_) => "not_acceptable",
         }
     }
 
@@ -129,7 +134,9 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Error::Guest(GuestError::BadInput(_)) | Error::Model(ModelError::BadInput(_))
+            Error::Guest(GuestError::BadInput(_))
+                | Error::Model(ModelError::BadInput(_))
+                | Error::NotAcceptable(_)
         )
     }
 }

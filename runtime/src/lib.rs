@@ -25,6 +25,7 @@ mod external;
 mod golden;
 mod model;
 mod onnxruntime;
+mod response;
 mod sandbox;
 mod session;
 
@@ -60,6 +61,7 @@ pub use model::{
     PlanChoice, SPECIALISE_AFTER, SPECIALISED_PLANS_BUDGET, fmt_shape, quiet_caught_panics,
 };
 pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
+pub use response::ResponseForm;
 pub use sandbox::{
     CAN_COMPILE, EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES,
     ON_DEVICE_COMPILER, PULLEY_TARGET, SandboxLimits, WASMTIME_VERSION, check_runnable_bundle,

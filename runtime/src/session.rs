@@ -17,6 +17,7 @@ use crate::engine::{
 };
 use crate::error::{Error, GuestError};
 use crate::golden::{Mismatch, compare_json};
+use crate::response::ResponseForm;
 use crate::sandbox::{GuestRuntime, SandboxLimits, compatibility_key, runnable_targets};
 use ferry_format::TrustPolicy;
 
@@ -421,48 +422,67 @@ impl Session {
 
     /// Runs the whole pipeline on a request and returns the JSON response.
     pub fn infer(&self, content_type: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
+        self.infer_as(content_type, body, ResponseForm::Json)
+    }
+
+    /// Runs the whole pipeline on a request and answers in `form`: JSON
+    /// from the guest's postprocessing, or the model's outputs in a binary
+    /// form (postprocessing skipped). [`Error::NotAcceptable`] for `.npy`
+    /// from a model with several outputs, before anything runs.
+    pub fn infer_as(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        form: ResponseForm,
+    ) -> Result<Vec<u8>, Error> {
         match &self.observer {
-            None => self.infer_inner(content_type, body, None),
-            Some(o) => self.infer_inner(content_type, body, Some(&mut |obs| o.observe(obs))),
+            None => self.infer_inner(content_type, body, form, None),
+            Some(o) => self.infer_inner(content_type, body, form, Some(&mut |obs| o.observe(obs))),
         }
     }
 
-    /// Like [`infer`](Self::infer), with an observer for this call only (the
-    /// session's own observer, if any, is not called). Lets a caller tie what
-    /// it sees to its own request (the agent's telemetry, shadow comparisons).
+    /// Like [`infer_as`](Self::infer_as), with an observer for this call
+    /// only (the session's own observer, if any, is not called). Lets a
+    /// caller tie what it sees to its own request (the agent's telemetry,
+    /// shadow comparisons).
     pub fn infer_with(
         &self,
         content_type: &str,
         body: &[u8],
+        form: ResponseForm,
         observe: &mut dyn FnMut(&Observation<'_>),
     ) -> Result<Vec<u8>, Error> {
-        self.infer_inner(content_type, body, Some(observe))
+        self.infer_inner(content_type, body, form, Some(observe))
+    }
+
+    /// The form to answer an HTTP `Accept` header with, for this model
+    /// (see [`ResponseForm::negotiate`]).
+    pub fn response_form(&self, accept: Option<&str>) -> Result<ResponseForm, Error> {
+        ResponseForm::negotiate(accept, self.model.outputs().len())
     }
 
     fn infer_inner(
         &self,
         content_type: &str,
         body: &[u8],
+        form: ResponseForm,
         observer: Option<&mut dyn FnMut(&Observation<'_>)>,
     ) -> Result<Vec<u8>, Error> {
         let start = Instant::now();
+        form.check(self.model.outputs().len())?;
         let set = self.preprocess(content_type, body)?;
-        let outputs = self.model.run(&set.tensors)?;
-        let encoded = TensorSet {
-            tensors: outputs,
+        let outputs = TensorSet {
+            tensors: self.model.run(&set.tensors)?,
             features: None,
-        }
-        .encode();
-        let response = self.guest.postprocess(&encoded)?;
+        };
+        let response = match form {
+            ResponseForm::Json => self.guest.postprocess(&outputs.encode())?,
+            binary => binary.encode_outputs(&outputs),
+        };
         if let Some(observer) = observer {
-            // Decoding again is cheaper than cloning the tensors on every
-            // call when nobody observes.
-            let outputs = TensorSet::decode(&encoded)
-                .map(|s| s.tensors)
-                .unwrap_or_default();
             observer(&Observation {
                 features: set.features.as_ref(),
-                outputs: &outputs,
+                outputs: &outputs.tensors,
                 latency: start.elapsed(),
             });
         }
