@@ -666,19 +666,20 @@ impl Agent {
         let session = &active.session;
         let form = session.response_form(accept);
         let result = form.and_then(|form| {
-            session.infer_with(content_type, body, form, &mut |obs| {
-            (summary, rows) = summarize(obs.outputs);
-            if let Some(features) = obs.features {
-                self.drift.observe(features);
-                if sample && !features.rows.is_empty() {
-                    sample_features = Some(row_json(features, 0));
-                }
-            }
-            if shadow.is_some() {
-                shadow_values = Some(first_float(obs.outputs));
-            }
-            })
-            .map(|body| Prediction { form, body })
+            session
+                .infer_with(content_type, body, form, &mut |obs| {
+                    (summary, rows) = summarize(obs.outputs);
+                    if let Some(features) = obs.features {
+                        self.drift.observe(features);
+                        if sample && !features.rows.is_empty() {
+                            sample_features = Some(row_json(features, 0));
+                        }
+                    }
+                    if shadow.is_some() {
+                        shadow_values = Some(first_float(obs.outputs));
+                    }
+                })
+                .map(|body| Prediction { form, body })
         });
         let latency = start.elapsed();
         active.requests.fetch_add(1, Ordering::Relaxed);

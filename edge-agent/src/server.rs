@@ -158,10 +158,9 @@ async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let result = tokio::task::spawn_blocking(move || {
-        agent.predict(&content_type, accept.as_deref(), &body)
-    })
-    .await;
+    let result =
+        tokio::task::spawn_blocking(move || agent.predict(&content_type, accept.as_deref(), &body))
+            .await;
     match result {
         Ok(Ok(p)) => (
             StatusCode::OK,

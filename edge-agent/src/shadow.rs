@@ -135,10 +135,15 @@ impl Shadow {
         while let Ok(job) = rx.recv() {
             let start = Instant::now();
             let mut seen: Option<(OutputSummary, Vec<f64>)> = None;
-            let result = session.infer_with(&job.content_type, &job.body, ResponseForm::Json, &mut |obs| {
-                let (summary, _) = summarize(obs.outputs);
-                seen = Some((summary, first_float(obs.outputs)));
-            });
+            let result = session.infer_with(
+                &job.content_type,
+                &job.body,
+                ResponseForm::Json,
+                &mut |obs| {
+                    let (summary, _) = summarize(obs.outputs);
+                    seen = Some((summary, first_float(obs.outputs)));
+                },
+            );
             let latency = start.elapsed();
             let mut t = self.tally.lock().unwrap();
             t.compared += 1;

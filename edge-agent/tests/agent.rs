@@ -170,7 +170,96 @@ fn binary_tensors_are_served_and_malformed_ones_get_400() {
         d.post(Some("application/x-npy"), &good),
         (200, want.clone())
     );
-    assert_eq!(d.predict_json(&request), (200, want));
+    assert_eq!(d.predict_json(&request), (200, want.clone()));
+
+    // Binary responses: the model's outputs, before postprocessing.
+    let (status, ct, body) =
+        d.post_accept("application/x-npy", "application/x-ferry-tensors", &good);
+    assert_eq!((status, ct.as_str()), (200, "application/x-ferry-tensors"));
+    let set = ferry_runtime::TensorSet::decode(&body).unwrap();
+    let names: Vec<&str> = set.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["label", "probabilities"]);
+    let json_probabilities: Vec<f32> = want["outputs"]["probabilities"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let probabilities: Vec<f32> = set.tensors[1]
+        .to_f64_vec()
+        .iter()
+        .map(|v| *v as f32)
+        .collect();
+    assert_eq!(probabilities, json_probabilities);
+    // One .npy cannot carry two outputs: 406, counted, and nothing else changes.
+    let (status, ct, body) = d.post_accept("application/x-npy", "application/x-npy", &good);
+    assert_eq!((status, ct.as_str()), (406, "application/json"));
+    let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(r["code"], "not_acceptable", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("this model has 2 outputs"),
+        "{r}"
+    );
+    assert!(
+        d.metrics()
+            .contains(r#"ferry_prediction_errors_total{code="not_acceptable"} 1"#),
+        "{}",
+        d.metrics()
+    );
+    // A client that also takes JSON gets JSON; one naming no form we have, too.
+    for accept in [
+        "application/x-npy, application/json;q=0.5",
+        "text/html",
+        "*/*",
+    ] {
+        let (status, ct, body) = d.post_accept("application/x-npy", accept, &good);
+        assert_eq!((status, ct.as_str()), (200, "application/json"), "{accept}");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            want
+        );
+    }
+}
+
+#[test]
+fn a_one_output_model_answers_npy_when_asked() {
+    let f = bundles();
+    let digits = f.scratch("binary/digits-npy.ferry");
+    std::fs::create_dir_all(std::path::Path::new(&digits).parent().unwrap()).unwrap();
+    let o = ferry_testkit::cli::ferry(&[
+        "pack",
+        &fixtures::example("digits"),
+        "--key",
+        &f.key(),
+        "-o",
+        &digits,
+        "--fleet",
+        fixtures::FLEET,
+        "--channel",
+        fixtures::CHANNEL,
+    ]);
+    ferry_testkit::cli::assert_exit(&o, 0);
+    let mut setup = Setup::new("http-npy");
+    setup.initial = Some(digits);
+    let d = Device::start(setup);
+    let png = std::fs::read(fixtures::examples().join("digits/golden/digit_3.png")).unwrap();
+    let (status, ct, body) = d.post_accept("image/png", "application/x-npy", &png);
+    assert_eq!((status, ct.as_str()), (200, "application/x-npy"));
+    let (status, _, tensors) = d.post_accept("image/png", "application/x-ferry-tensors", &png);
+    assert_eq!(status, 200);
+    let logits = &ferry_runtime::TensorSet::decode(&tensors).unwrap().tensors[0];
+    assert_eq!(body, logits.to_npy());
+    assert_eq!(logits.shape, [1, 10]);
+    // The JSON answer is the same model's: class 3, from these logits.
+    let (status, json) = d.post(Some("image/png"), &png);
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["predictions"][0]["class"], 3, "{json}");
+    let values = logits.to_f64_vec();
+    let argmax = (0..values.len()).max_by(|&a, &b| values[a].total_cmp(&values[b]));
+    assert_eq!(argmax, Some(3));
 }
 
 #[test]

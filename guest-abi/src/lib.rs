@@ -170,7 +170,10 @@ impl Tensor {
         let v1 = (10 + header.len() + 1).next_multiple_of(64) - 10 <= usize::from(u16::MAX);
         let preamble = if v1 { 10 } else { 12 };
         let padded = (preamble + header.len() + 1).next_multiple_of(64);
-        header.extend(std::iter::repeat_n(' ', padded - preamble - header.len() - 1));
+        header.extend(std::iter::repeat_n(
+            ' ',
+            padded - preamble - header.len() - 1,
+        ));
         header.push('\n');
         let mut out = Vec::with_capacity(padded + self.data.len());
         out.extend_from_slice(b"\x93NUMPY");

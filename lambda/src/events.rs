@@ -156,7 +156,11 @@ fn answer(
     let mut rows = 0;
     let out = session
         .infer_with(content_type, body, form, &mut |obs| {
-            rows = obs.outputs.first().and_then(|t| t.shape.first()).map_or(1, |&r| r as usize);
+            rows = obs
+                .outputs
+                .first()
+                .and_then(|t| t.shape.first())
+                .map_or(1, |&r| r as usize);
         })
         .map_err(status)?;
     if form.is_binary() {
@@ -173,7 +177,12 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
     let m = session.manifest();
     let source = source_of(&event);
     let outcome = match source {
-        Source::Direct => answer(session, "application/json", event.to_string().as_bytes(), None),
+        Source::Direct => answer(
+            session,
+            "application/json",
+            event.to_string().as_bytes(),
+            None,
+        ),
         Source::Http => http_request(&event)
             .and_then(|(ct, body)| answer(session, &ct, &body, header(&event, "accept"))),
     };

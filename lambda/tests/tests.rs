@@ -534,6 +534,72 @@ fn binary_tensors_arrive_base64_and_malformed_ones_are_400s() {
 }
 
 #[test]
+fn binary_responses_go_out_base64_and_a_form_the_model_cannot_give_is_a_406() {
+    use ferry_testkit::tensors::{iris_tensor, npy_f32};
+    let api = RuntimeApi::start();
+    let b = bundles();
+    let f = start(
+        &api,
+        &[
+            ("FERRY_BUNDLE", &b.file("raw.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
+        ],
+    );
+    let (shape, values) = iris_tensor();
+    let body = base64::engine::general_purpose::STANDARD.encode(npy_f32(&shape, &values));
+    let event = |accept: &str| {
+        let mut e = http_v2(&body, "application/x-npy", true);
+        e["headers"]["Accept"] = json!(accept);
+        e
+    };
+    let (status, want) = response_body(&api.invoke(event("application/json")));
+    assert_eq!(status, 200, "{want}");
+    // The model's two outputs as a tensor set, base64-encoded for API Gateway.
+    let Outcome::Response { body: r, .. } = api.invoke(event("application/x-ferry-tensors")) else {
+        panic!("expected a response")
+    };
+    assert_eq!(r["statusCode"], 200, "{r}");
+    assert_eq!(r["headers"]["content-type"], "application/x-ferry-tensors");
+    assert_eq!(r["isBase64Encoded"], true);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(r["body"].as_str().unwrap())
+        .unwrap();
+    let set = ferry_runtime::TensorSet::decode(&bytes).unwrap();
+    assert_eq!(set.tensors[1].name, "probabilities");
+    let json_probabilities: Vec<f32> = want["outputs"]["probabilities"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let probabilities: Vec<f32> = set.tensors[1]
+        .to_f64_vec()
+        .iter()
+        .map(|v| *v as f32)
+        .collect();
+    assert_eq!(probabilities, json_probabilities);
+    // One .npy cannot hold both: 406, logged, and the function keeps serving.
+    let (status, r) = response_body(&api.invoke(event("application/x-npy")));
+    assert_eq!(status, 406, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("this model has 2 outputs"),
+        "{r}"
+    );
+    let (status, again) = response_body(&api.invoke(event("application/x-npy;q=0.9, */*;q=0.1")));
+    assert_eq!((status, &again), (200, &want));
+    let lines = f.lines.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Request refused") && l.contains("\"status\":406")),
+        "{lines:?}"
+    );
+}
+
+#[test]
 fn lambda_package_is_quiet_about_a_bundle_precompiled_for_its_architecture() {
     let b = bundles();
     let dir = tempfile::tempdir().unwrap();

@@ -465,7 +465,10 @@ fn run(a: RunArgs) -> Result<()> {
         rt::Session::from_verified_with(bundle, &options).context("cannot load the bundle")?;
     drop(library);
     if let Err(e) = session.response_form(Some(form.media_type())) {
-        return Err(fail(exit::USAGE, anyhow::anyhow!("--accept {}: {e}", form.name())));
+        return Err(fail(
+            exit::USAGE,
+            anyhow::anyhow!("--accept {}: {e}", form.name()),
+        ));
     }
     let request = inputs::read_request(&a.input, a.content_type.as_deref())?;
     let response = session

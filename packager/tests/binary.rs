@@ -7,9 +7,9 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use ferry_runtime::{DType, TensorSet};
 use ferry_testkit::cli::{assert_exit, ferry, stderr, stdout};
 use ferry_testkit::fixtures::{bundles, example, workspace_bin};
-use ferry_runtime::{DType, TensorSet};
 use ferry_testkit::tensors::{iris_tensor, npy, npy_f32, tensor_set_f32};
 
 fn run(input: &str, extra: &[&str]) -> std::process::Output {
@@ -182,8 +182,7 @@ fn binary_responses_carry_the_outputs_the_json_response_carries() {
     let out = bundles().scratch("digit_3.json.npy");
     let o = run_example("digits", &digit, &["--output", &out, "--accept", "json"]);
     assert_exit(&o, 0);
-    let written: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(written, json);
 }
 
@@ -205,10 +204,21 @@ fn a_form_the_model_cannot_give_is_refused_before_it_runs() {
     let o = run_example("raw", &input, &["--accept", "tensors"]);
     assert_exit(&o, 0);
     let set = TensorSet::decode(&o.stdout).unwrap();
-    let names: Vec<_> = set.tensors.iter().map(|t| (t.name.as_str(), t.dtype)).collect();
-    assert_eq!(names, [("label", DType::I64), ("probabilities", DType::F32)]);
+    let names: Vec<_> = set
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.dtype))
+        .collect();
+    assert_eq!(
+        names,
+        [("label", DType::I64), ("probabilities", DType::F32)]
+    );
     assert_eq!(set.tensors[1].shape, [2, 3]);
     let o = run_example("raw", &input, &["--accept", "csv"]);
     assert_exit(&o, 2);
-    assert!(stderr(&o).contains("expected json, npy or tensors"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("expected json, npy or tensors"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -140,7 +140,11 @@ impl ResponseForm {
     /// The outputs in this binary form (JSON is the guest's to write).
     pub(crate) fn encode_outputs(self, outputs: &TensorSet) -> Vec<u8> {
         match self {
-            ResponseForm::Npy => outputs.tensors.first().map(Tensor::to_npy).unwrap_or_default(),
+            ResponseForm::Npy => outputs
+                .tensors
+                .first()
+                .map(Tensor::to_npy)
+                .unwrap_or_default(),
             ResponseForm::Tensors | ResponseForm::Json => outputs.encode(),
         }
     }
@@ -177,7 +181,10 @@ mod tests {
             ("*/*", &[Json, Npy, Tensors]),
             ("application/*", &[Json, Npy, Tensors]),
             ("application/x-npy;q=0.5, application/json", &[Json, Npy]),
-            ("application/json;q=0.1, application/x-ferry-tensors;q=0.9", &[Tensors, Json]),
+            (
+                "application/json;q=0.1, application/x-ferry-tensors;q=0.9",
+                &[Tensors, Json],
+            ),
             // q=0 refuses a form, even when a wildcard would take it.
             ("*/*, application/json;q=0", &[Npy, Tensors]),
             ("text/html, image/png", &[]),
@@ -196,7 +203,10 @@ mod tests {
     fn negotiation_falls_back_only_where_the_client_allows_it() {
         assert_eq!(ResponseForm::negotiate(None, 2).unwrap(), Json);
         assert_eq!(ResponseForm::negotiate(Some("text/html"), 2).unwrap(), Json);
-        assert_eq!(ResponseForm::negotiate(Some("application/x-npy"), 1).unwrap(), Npy);
+        assert_eq!(
+            ResponseForm::negotiate(Some("application/x-npy"), 1).unwrap(),
+            Npy
+        );
         assert_eq!(
             ResponseForm::negotiate(Some("application/x-npy, application/json;q=0.5"), 2).unwrap(),
             Json
@@ -222,7 +232,12 @@ mod tests {
 
     #[test]
     fn quality_values_follow_the_http_grammar() {
-        for (v, q) in [("1", Some(1000)), ("1.000", Some(1000)), ("0.5", Some(500)), ("0", Some(0))] {
+        for (v, q) in [
+            ("1", Some(1000)),
+            ("1.000", Some(1000)),
+            ("0.5", Some(500)),
+            ("0", Some(0)),
+        ] {
             assert_eq!(quality(v), q, "{v}");
         }
         for v in ["1.5", "2", "-0", "0.1234", ".5", "0.x", ""] {

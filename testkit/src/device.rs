@@ -280,6 +280,31 @@ impl Device {
         )
     }
 
+    /// POST a body with a content type and an `Accept` header: the status,
+    /// the response's content type and its bytes.
+    pub fn post_accept(
+        &self,
+        content_type: &str,
+        accept: &str,
+        body: &[u8],
+    ) -> (u16, String, Vec<u8>) {
+        let mut r = self
+            .client
+            .post(format!("{}/v1/predict", self.http))
+            .header("Content-Type", content_type)
+            .header("Accept", accept)
+            .send(body)
+            .unwrap_or_else(|e| panic!("POST: {e}\n{}", self.log_text()));
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let bytes = r.body_mut().read_to_vec().unwrap();
+        (r.status().as_u16(), ct, bytes)
+    }
+
     pub fn predict_json(&self, body: &Value) -> (u16, Value) {
         self.post(Some("application/json"), body.to_string().as_bytes())
     }
