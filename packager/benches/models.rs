@@ -23,7 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_runtime::{
-    self as rt, Engine, EngineModel, EngineOptions, Model, PlanChoice, Session, Tensor, TrustPolicy,
+    self as rt, Engine, EngineModel, EngineOptions, Model, PlanChoice, ResponseForm, Session,
+    Tensor, TrustPolicy,
 };
 use ferry_testkit::bench::{ferry_ok as ferry, median, us};
 use ferry_testkit::fixtures::examples;
@@ -201,7 +202,16 @@ fn main() {
                 Session::load_with(&std::fs::read(&bundle).unwrap(), &trust, &ort).unwrap();
             ort_model.run(&tensors).unwrap();
             ort_session.infer("application/x-npy", &npy).unwrap();
+            // The outputs as a `.npy` response (postprocessing skipped).
+            let npy_out = ResponseForm::Npy;
+            session
+                .infer_as("application/x-npy", &npy, npy_out)
+                .unwrap();
+            ort_session
+                .infer_as("application/x-npy", &npy, npy_out)
+                .unwrap();
             let (mut tm, mut om, mut tp, mut op) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut tb, mut ob) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
                 tm.push(round(per_round, &mut || {
                     std::hint::black_box(model.run(&tensors).unwrap());
@@ -215,19 +225,39 @@ fn main() {
                 op.push(round(per_round, &mut || {
                     std::hint::black_box(ort_session.infer("application/x-npy", &npy).unwrap());
                 }));
+                tb.push(round(per_round, &mut || {
+                    std::hint::black_box(
+                        session
+                            .infer_as("application/x-npy", &npy, npy_out)
+                            .unwrap(),
+                    );
+                }));
+                ob.push(round(per_round, &mut || {
+                    std::hint::black_box(
+                        ort_session
+                            .infer_as("application/x-npy", &npy, npy_out)
+                            .unwrap(),
+                    );
+                }));
             }
-            let (tm, om, tp, op) = (
+            let (tm, om, tp, op, tb, ob) = (
                 us(median(tm)),
                 us(median(om)),
                 us(median(tp)),
                 us(median(op)),
+                us(median(tb)),
+                us(median(ob)),
             );
-            let (py, py_ratio) = match &python {
-                Ok((_, t)) => (format!("{t:.1}"), format!("{:.2}", om / t)),
-                Err(_) => ("(skipped)".into(), "".into()),
+            let (py, py_ratio, best_ratio) = match &python {
+                Ok((_, t)) => (
+                    format!("{t:.1}"),
+                    format!("{:.2}", om / t),
+                    format!("{:.2}", tb.min(ob) / t),
+                ),
+                Err(_) => ("(skipped)".into(), "".into(), "".into()),
             };
             engine_rows.push(format!(
-                "| {} | {py} | {tm:.1} | {om:.1} | {tp:.1} | {op:.1} | {:.2} | {py_ratio} | {} |",
+                "| {} | {py} | {tm:.1} | {om:.1} | {tp:.1} | {op:.1} | {tb:.1} | {ob:.1} | {:.2} | {py_ratio} | {best_ratio} | {} |",
                 c.name,
                 tm / om,
                 if tm <= om { "tract" } else { "onnxruntime" }
@@ -246,9 +276,9 @@ fn main() {
             "\n## Engines: tract vs onnxruntime through Ferry, one thread, batch 1 (same run)\n"
         );
         println!(
-            "| model | onnxruntime (Python) µs | tract (batch-1 plan) µs | onnxruntime via Ferry µs | pipeline .npy on tract µs | pipeline .npy on onnxruntime µs | tract / onnxruntime | onnxruntime via Ferry / Python | faster |"
+            "| model | onnxruntime (Python) µs | tract (batch-1 plan) µs | onnxruntime via Ferry µs | pipeline .npy → JSON on tract µs | pipeline .npy → JSON on onnxruntime µs | pipeline .npy → .npy on tract µs | pipeline .npy → .npy on onnxruntime µs | tract / onnxruntime | onnxruntime via Ferry / Python | best .npy → .npy pipeline / Python | faster |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for row in &engine_rows {
             println!("{row}");
         }

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     content_type: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
+    /// The response form the pipeline answers in (as `ferry run --accept`):
+    /// `json`, or `npy`/`tensors` (the model's outputs, postprocessing skipped).
+    #[arg(long, value_name = "FORM", default_value = "json", value_parser = crate::parse_response_form)]
+    accept: rt::ResponseForm,
     /// Threads for the throughput measurement (default: the CPUs available).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -108,6 +112,7 @@ fn measure(budget: Duration, f: &mut dyn FnMut() -> Result<()>) -> Result<Latenc
 fn throughput(
     session: &rt::Session,
     request: &inputs::Request,
+    form: rt::ResponseForm,
     threads: usize,
     budget: Duration,
 ) -> Result<f64> {
@@ -118,7 +123,7 @@ fn throughput(
                 s.spawn(|| -> Result<u64> {
                     let mut n = 0u64;
                     while n < MIN_CALLS as u64 || start.elapsed() < budget {
-                        session.infer(&request.content_type, &request.body)?;
+                        session.infer_as(&request.content_type, &request.body, form)?;
                         n += 1;
                     }
                     Ok(n)
@@ -175,9 +180,16 @@ impl BenchArgs {
                 anyhow::Error::new(e).context("inference failed")
             }
         };
+        let form = self.accept;
+        if let Err(e) = session.response_form(Some(form.media_type())) {
+            return Err(fail(
+                exit::USAGE,
+                anyhow::anyhow!("--accept {}: {e}", form.name()),
+            ));
+        }
         let t = Instant::now();
         session
-            .infer(&request.content_type, &request.body)
+            .infer_as(&request.content_type, &request.body, form)
             .map_err(refused)?;
         let first = t.elapsed();
         let cold_total = start.elapsed();
@@ -192,11 +204,11 @@ impl BenchArgs {
             Ok(())
         })?;
         let pipeline = measure(budget, &mut || {
-            std::hint::black_box(session.infer(&request.content_type, &request.body)?);
+            std::hint::black_box(session.infer_as(&request.content_type, &request.body, form)?);
             Ok(())
         })?;
-        let one = throughput(&session, &request, 1, budget)?;
-        let many = throughput(&session, &request, threads, budget)?;
+        let one = throughput(&session, &request, form, 1, budget)?;
+        let many = throughput(&session, &request, form, threads, budget)?;
 
         let report = json!({
             "bundle": self.bundle.display().to_string(),
@@ -210,6 +222,7 @@ impl BenchArgs {
             })).collect::<Vec<_>>(),
             "input": self.input.display().to_string(),
             "content_type": request.content_type,
+            "accept": form.media_type(),
             "cold": {
                 "read_ms": ms(read),
                 "verify_ms": ms(verify),
@@ -245,13 +258,14 @@ impl BenchArgs {
 fn print_human(r: &serde_json::Value) {
     let c = &r["cold"];
     println!(
-        "{} {} ({}), engine {}, input {} ({})",
+        "{} {} ({}), engine {}, input {} ({}), answering {}",
         r["name"].as_str().unwrap_or(""),
         r["version"].as_str().unwrap_or(""),
         r["bundle"].as_str().unwrap_or(""),
         r["engine"].as_str().unwrap_or(""),
         r["input"].as_str().unwrap_or(""),
         r["content_type"].as_str().unwrap_or(""),
+        r["accept"].as_str().unwrap_or(""),
     );
     println!(
         "cold   {} ms to the first prediction: read {} ms, verify {} ms, load {} ms (guest {} ms{} ‖ model {} ms), first prediction {} ms",

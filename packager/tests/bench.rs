@@ -37,6 +37,7 @@ fn bench_reports_cold_warm_and_throughput_as_json() {
     assert_eq!(r["engine"], "tract");
     assert_eq!(r["name"], "digits");
     assert_eq!(r["content_type"], "image/png");
+    assert_eq!(r["accept"], "application/json");
     assert_eq!(r["digest"], f.digest("digits.ferry"));
     // The fixtures are portable: the guest was compiled here.
     assert_eq!(r["cold"]["precompiled_guest"], false);
@@ -94,6 +95,27 @@ fn bench_reports_cold_warm_and_throughput_as_json() {
     ] {
         assert!(text.contains(line), "{line}: {text}");
     }
+
+    // The pipeline answering with the model's output as .npy.
+    let o = ferry(&[
+        "bench",
+        &digits,
+        "--pub",
+        &f.public(),
+        "--input",
+        &example("digits/golden/digit_3.png"),
+        "--threads",
+        "1",
+        "--seconds",
+        "0.02",
+        "--accept",
+        "npy",
+        "--json",
+    ]);
+    assert_exit(&o, 0);
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(r["accept"], "application/x-npy");
+    assert!(number(&r, "warm.pipeline.p50_us") > 0.0, "{r}");
 }
 
 #[test]
@@ -132,6 +154,18 @@ fn bench_refuses_what_run_refuses_with_the_same_exit_codes() {
     );
     assert_exit(&o, 4);
     assert!(stderr(&o).contains("refused"), "{}", stderr(&o));
+    // A response form the model cannot give (two outputs, one .npy): usage (2).
+    let o = args(
+        &f.bundle("raw"),
+        &example("iris/golden/tensor_request.json"),
+        &["--accept", "npy"],
+    );
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("this model has 2 outputs"),
+        "{}",
+        stderr(&o)
+    );
     // An engine Ferry does not have, and nonsense numbers: usage (2) or error (1).
     let o = args(
         &f.bundle("digits"),
