@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """onnxruntime's side of the engine benchmarks (packager/benches/models.rs):
-what a Python service calling onnxruntime pays per prediction, measured the
-way the Rust side measures tract (rounds of calls, median of the per-round
-means), one thread.
+what a Python service calling onnxruntime pays per prediction, one thread,
+measured in rounds that the Rust side interleaves with its own.
 
-    python3 scripts/ort_bench.py MODEL.onnx INPUT_NAME DIM,DIM,... ROUNDS PER_ROUND
+    python3 scripts/ort_bench.py MODEL.onnx INPUT_NAME DIM,DIM,...
 
-Prints one JSON object: {"version": ..., "median_us": ...}. Exits 2 with a
-message on stderr when onnxruntime or numpy is not installed.
+Prints one JSON line ({"version": ...}) once the session is loaded and warm,
+then serves rounds: for each line N read on standard input it runs N
+predictions and prints their mean time in microseconds on one line. Ends at
+the end of its input. Exits 2 with a message on stderr when onnxruntime or
+numpy is not installed.
 """
 
 import json
@@ -23,7 +25,7 @@ except ImportError as e:  # the benchmark skips this column
 
 
 def main():
-    model, name, dims, rounds, per_round = sys.argv[1:6]
+    model, name, dims = sys.argv[1:4]
     shape = [int(d) for d in dims.split(",")]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -33,14 +35,13 @@ def main():
     feed = {name: x}
     for _ in range(20):
         sess.run(None, feed)
-    means = []
-    for _ in range(int(rounds)):
+    print(json.dumps({"version": ort.__version__}), flush=True)
+    for line in sys.stdin:
+        n = int(line)
         t = time.perf_counter()
-        for _ in range(int(per_round)):
+        for _ in range(n):
             sess.run(None, feed)
-        means.append((time.perf_counter() - t) / int(per_round))
-    means.sort()
-    print(json.dumps({"version": ort.__version__, "median_us": means[len(means) // 2] * 1e6}))
+        print((time.perf_counter() - t) / n * 1e6, flush=True)
 
 
 if __name__ == "__main__":

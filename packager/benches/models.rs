@@ -13,7 +13,8 @@
 //! `examples/digits` (1x8x8), and `mobilenet_v3_small.onnx` from
 //! `$FERRY_BENCH_MODELS` (default `/tmp/ferry-bench-models`), skipped with a
 //! message when absent. onnxruntime's column runs `scripts/ort_bench.py` with
-//! `$FERRY_BENCH_PYTHON` (default `python3`) and is skipped with a message
+//! `$FERRY_BENCH_PYTHON` (default `python3`), its rounds interleaved with
+//! Ferry's (one Python process per model), and is skipped with a message
 //! when onnxruntime is not installed there. The engines table (tract against
 //! onnxruntime through Ferry) needs `FERRY_ONNXRUNTIME` (the library) and is
 //! skipped with a message without it.
@@ -45,28 +46,67 @@ fn round(per_round: u32, f: &mut dyn FnMut()) -> Duration {
     t.elapsed() / per_round
 }
 
-/// onnxruntime's median per call, or why there is none.
-fn onnxruntime(c: &Case, rounds: u32, per_round: u32) -> Result<(String, f64), String> {
-    let python = std::env::var("FERRY_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort_bench.py");
-    let dims: Vec<String> = c.shape.iter().map(|d| d.to_string()).collect();
-    let o = Command::new(&python)
-        .arg(script)
-        .arg(&c.path)
-        .arg(c.input)
-        .arg(dims.join(","))
-        .arg(rounds.to_string())
-        .arg(per_round.to_string())
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
+/// onnxruntime called from Python (`scripts/ort_bench.py`), one process per
+/// model serving rounds on request, so its rounds interleave with Ferry's:
+/// machine noise and cache pollution hit both sides alike.
+struct PythonOrt {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    version: String,
+}
+
+impl PythonOrt {
+    /// The loaded, warm session, or why there is none.
+    fn start(c: &Case) -> Result<PythonOrt, String> {
+        use std::io::BufRead;
+        let python = std::env::var("FERRY_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort_bench.py");
+        let dims: Vec<String> = c.shape.iter().map(|d| d.to_string()).collect();
+        let mut child = Command::new(&python)
+            .arg(script)
+            .arg(&c.path)
+            .arg(c.input)
+            .arg(dims.join(","))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{python}: {e}"))?;
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).map_err(|e| e.to_string())?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&first) else {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            let _ = child.wait();
+            return Err(err.trim().to_string());
+        };
+        Ok(PythonOrt {
+            child,
+            stdin,
+            stdout,
+            version: v["version"].as_str().unwrap_or("?").to_string(),
+        })
     }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
-    Ok((
-        v["version"].as_str().unwrap_or("?").to_string(),
-        v["median_us"].as_f64().unwrap_or(f64::NAN),
-    ))
+
+    /// Mean time of one call over `per_round` calls.
+    fn round(&mut self, per_round: u32) -> Duration {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{per_round}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        Duration::from_secs_f64(line.trim().parse::<f64>().expect("a round's time") / 1e6)
+    }
+}
+
+impl Drop for PythonOrt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn main() {
@@ -161,9 +201,16 @@ fn main() {
             session.infer("application/x-npy", &npy).unwrap(),
             session.infer("application/json", &request).unwrap()
         );
-        let (mut symbolic, mut batch1, mut pipeline, mut binary) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut python = PythonOrt::start(c);
+        if let Err(why) = &python {
+            eprintln!("onnxruntime column skipped for {}: {why}", c.name);
+        }
+        let (mut symbolic, mut batch1, mut pipeline, mut binary, mut py) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
+            if let Ok(p) = &mut python {
+                py.push(p.round(per_round));
+            }
             symbolic.push(round(per_round, &mut || {
                 std::hint::black_box(model.run_with(&tensors, PlanChoice::Symbolic).unwrap());
             }));
@@ -183,13 +230,12 @@ fn main() {
             us(median(pipeline)),
             us(median(binary)),
         );
-        let python = onnxruntime(c, rounds, per_round);
         let (ort, ratio) = match &python {
-            Ok((version, t)) => (format!("{t:.1} ({version})"), format!("{:.2}", bin / t)),
-            Err(why) => {
-                eprintln!("onnxruntime column skipped for {}: {why}", c.name);
-                ("(skipped)".into(), "".into())
+            Ok(p) => {
+                let t = us(median(py));
+                (format!("{t:.1} ({})", p.version), format!("{:.2}", bin / t))
             }
+            Err(_) => ("(skipped)".into(), "".into()),
         };
         if let Some(lib) = &library {
             let ort = EngineOptions {
@@ -211,8 +257,11 @@ fn main() {
                 .infer_as("application/x-npy", &npy, npy_out)
                 .unwrap();
             let (mut tm, mut om, mut tp, mut op) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let (mut tb, mut ob) = (Vec::new(), Vec::new());
+            let (mut tb, mut ob, mut py) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
+                if let Ok(p) = &mut python {
+                    py.push(p.round(per_round));
+                }
                 tm.push(round(per_round, &mut || {
                     std::hint::black_box(model.run(&tensors).unwrap());
                 }));
@@ -249,11 +298,14 @@ fn main() {
                 us(median(ob)),
             );
             let (py, py_ratio, best_ratio) = match &python {
-                Ok((_, t)) => (
-                    format!("{t:.1}"),
-                    format!("{:.2}", om / t),
-                    format!("{:.2}", tb.min(ob) / t),
-                ),
+                Ok(_) => {
+                    let t = us(median(py));
+                    (
+                        format!("{t:.1}"),
+                        format!("{:.2}", om / t),
+                        format!("{:.2}", tb.min(ob) / t),
+                    )
+                }
                 Err(_) => ("(skipped)".into(), "".into(), "".into()),
             };
             engine_rows.push(format!(
