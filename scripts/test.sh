@@ -42,6 +42,10 @@ PY
     export FERRY_ONNXRUNTIME="$(cd "$(dirname "$lib")" && pwd)/$(basename "$lib")"
 fi
 export FERRY_REQUIRE_ONNXRUNTIME=1
+# Tests that load onnxruntime in their own process (runtime/tests) keep its
+# telemetry store out of the machine's home too; the binaries turn it off
+# themselves (a test checks it with the variable removed).
+export ORT_DISABLE_TELEMETRY=1
 # The package starts a system broker on port 1883; the tests start their own
 # brokers on free loopback ports and do not need it.
 cargo test --release --workspace "$@"

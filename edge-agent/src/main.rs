@@ -61,6 +61,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before any thread (the tokio runtime's included) starts.
+    unsafe { ferry_runtime::keep_onnxruntime_telemetry_off() };
     let cli = Cli::parse();
     init_logging(cli.log_format);
     ferry_runtime::quiet_caught_panics(|panic| {

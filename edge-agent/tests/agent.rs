@@ -1065,6 +1065,19 @@ fn auto_remembers_its_engine_per_release_across_restarts() {
         "[engine]\nchoice = \"auto\"\nonnxruntime = \"{}\"\n",
         copy.display()
     );
+    // A home of its own, and the agent's default for onnxruntime's telemetry (the test
+    // setup may turn it off for the whole suite; empty counts as unset).
+    let home = tempfile::tempdir().unwrap();
+    for (k, v) in [
+        ("HOME", home.path().to_str().unwrap()),
+        (
+            "XDG_CACHE_HOME",
+            home.path().join("cache").to_str().unwrap(),
+        ),
+        ("ORT_DISABLE_TELEMETRY", ""),
+    ] {
+        setup.env.push((k.to_string(), v.to_string()));
+    }
     let mut d = Device::start(setup);
     let model = d.get("/v1/model").1;
     assert_eq!(model["engine_decision"], "measured", "{model}");
@@ -1126,6 +1139,19 @@ fn auto_remembers_its_engine_per_release_across_restarts() {
     let model = d.get("/v1/model").1;
     assert_eq!(model["engine_decision"], "measured", "{model}");
     assert!(d.log_text().contains("measuring again"), "{}", d.log_text());
+    // onnxruntime served in four processes and kept no telemetry store or device id
+    // (packager/tests/engines.rs shows the library writing them when allowed).
+    let mut written = Vec::new();
+    let mut dirs = vec![home.path().to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            written.push(entry.path());
+            if entry.path().is_dir() {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    assert!(written.is_empty(), "onnxruntime wrote {written:?}");
 }
 
 /// The inodes of the unnamed files the agent maps from `state` (its

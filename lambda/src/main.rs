@@ -28,6 +28,8 @@ const RUNTIME_ENV: [&str; 4] = [
 ];
 
 fn main() -> std::process::ExitCode {
+    // SAFETY: first thing in main, before any thread (the tokio runtime's included) starts.
+    unsafe { ferry_runtime::keep_onnxruntime_telemetry_off() };
     let missing: Vec<&str> = RUNTIME_ENV
         .iter()
         .copied()

@@ -725,10 +725,14 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     // The unpacked function finds the library beside bootstrap by itself
     // (no FERRY_ONNXRUNTIME: the environment is cleared).
     let api = RuntimeApi::start();
+    let home = tempfile::tempdir().unwrap();
     let f = start_at(
         &root.join("bootstrap"),
         &api,
-        &[("FERRY_ENGINE", "onnxruntime")],
+        &[
+            ("FERRY_ENGINE", "onnxruntime"),
+            ("HOME", home.path().to_str().unwrap()),
+        ],
     );
     let out = api.invoke(read("iris/golden/setosa.json"));
     let Outcome::Response { body, .. } = &out else {
@@ -747,6 +751,22 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
         .collect();
     assert_eq!(init.len(), 1, "{lines:?}");
     assert_eq!(init[0]["engine"], "onnxruntime", "{lines:?}");
+    // onnxruntime's own telemetry stays off: no device id, no event store in HOME
+    // (packager/tests/engines.rs shows the library writing them when allowed).
+    let written: Vec<_> = walk(home.path());
+    assert!(written.is_empty(), "onnxruntime wrote {written:?}");
+}
+
+/// Every path under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(entry.path());
+        if entry.path().is_dir() {
+            out.extend(walk(&entry.path()));
+        }
+    }
+    out
 }
 
 /// Unpacks a `ferry lambda-package` zip into `root` as Lambda would (with

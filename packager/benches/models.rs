@@ -110,6 +110,9 @@ impl Drop for PythonOrt {
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any thread starts. The Python side inherits it:
+    // neither onnxruntime runs its telemetry during the measurement.
+    unsafe { rt::keep_onnxruntime_telemetry_off() };
     let quick = std::env::args().any(|a| a == "--test" || a == "--quick");
     let dir = tempfile::tempdir().unwrap();
     let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();

@@ -280,6 +280,8 @@ struct DriftArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { rt::keep_onnxruntime_telemetry_off() };
     // A panic caught inside the engine is that request's error, printed
     // with the rest (exit 1).
     rt::quiet_caught_panics(|_| {});

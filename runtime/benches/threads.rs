@@ -68,6 +68,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { ferry_runtime::keep_onnxruntime_telemetry_off() };
     let threads: usize = env("FERRY_BENCH_THREADS", 2);
     let rounds: usize = env("FERRY_BENCH_ROUNDS", 9);
     let budget = Duration::from_secs_f64(env("FERRY_BENCH_SECONDS", 0.3));

@@ -60,7 +60,9 @@ pub use model::{
     BATCH_SYMBOL, MAX_RUN_STATES, MAX_SPECIALISED_PLANS, Model, PRIVATE_CONSTANTS_BUDGET,
     PlanChoice, SPECIALISE_AFTER, SPECIALISED_PLANS_BUDGET, fmt_shape, quiet_caught_panics,
 };
-pub use onnxruntime::{MAX_ORT_SESSIONS, OrtModel};
+pub use onnxruntime::{
+    MAX_ORT_SESSIONS, ONNXRUNTIME_TELEMETRY_VARIABLE, OrtModel, keep_onnxruntime_telemetry_off,
+};
 pub use response::ResponseForm;
 pub use sandbox::{
     CAN_COMPILE, EPOCH_TICK, GuestCompiler, GuestRuntime, HOST_TARGET, MAX_POOLED_INSTANCES,

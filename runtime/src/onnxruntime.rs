@@ -28,6 +28,35 @@ use ferry_format::TensorSpec;
 /// the optimised weights, so the pool is small; callers beyond it wait.
 pub const MAX_ORT_SESSIONS: usize = 4;
 
+/// The environment variable onnxruntime reads when it initialises to decide
+/// whether its own telemetry runs. Its PyPI builds (1.25 and later, Linux
+/// and macOS) otherwise start Microsoft's 1DS telemetry as the library
+/// loads: a persistent device id and an offline event store (SQLite, growing
+/// to megabytes) under `~/.cache/Microsoft/DeveloperTools`, uploaded when
+/// the network allows. `DisableTelemetryEvents`, which the environment
+/// below calls, only drops events afterwards; `1` in this variable, set
+/// before the library loads, creates none of it.
+pub const ONNXRUNTIME_TELEMETRY_VARIABLE: &str = "ORT_DISABLE_TELEMETRY";
+
+/// Keeps onnxruntime's own telemetry off in this process (sets
+/// [`ONNXRUNTIME_TELEMETRY_VARIABLE`] to `1`), unless the environment
+/// already sets the variable to something (an operator's explicit choice,
+/// `0` included, stands; empty counts as unset). Ferry's
+/// binaries call it first thing; a program embedding `ferry-runtime` with the
+/// onnxruntime engine should too, or set the variable itself.
+///
+/// # Safety
+///
+/// It sets an environment variable, which is only sound while no other
+/// thread may read the environment: call it at the top of `main`, before the
+/// process starts any thread (an async runtime included).
+pub unsafe fn keep_onnxruntime_telemetry_off() {
+    if std::env::var_os(ONNXRUNTIME_TELEMETRY_VARIABLE).is_none_or(|v| v.is_empty()) {
+        // SAFETY: the caller guarantees no other thread exists yet.
+        unsafe { std::env::set_var(ONNXRUNTIME_TELEMETRY_VARIABLE, "1") };
+    }
+}
+
 /// The loaded library: where from, and the process's environment.
 struct Library {
     path: PathBuf,
