@@ -1,6 +1,9 @@
 //! Postprocessing: the model's outputs (a tensor set) to the JSON response.
 //!
-//! The response is serialised straight from the tensors (no `serde_json::Value` in between).
+//! The response is written straight from the tensors by [`Json`] (no `serde_json::Value` in
+//! between): keys are literals, labels and output names are escaped once when the
+//! configuration is read, and numbers go through serde_json's own formatter, so the bytes are
+//! the ones `serde_json::to_writer` produced for the same structure.
 //! Keys come in a fixed order: `"predictions"` then `"outputs"`, and within `"outputs"` the
 //! model's output order. Elements keep their type: `f32` values are written at `f32`
 //! precision (`0.1`, not `0.10000000149011612`), integers as JSON integers, booleans as
@@ -10,8 +13,8 @@ use std::cmp::Ordering;
 use std::ops::{Add, Div, Sub};
 
 use ferry_guest_abi::{DType, Tensor, TensorSet};
-use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::Deserialize;
+use serde_json::ser::{CompactFormatter, Formatter};
 
 use crate::config::{Model, ModelIo, Section};
 use crate::error::{Error, bad, internal};
@@ -54,6 +57,7 @@ enum Kind {
     Classification {
         output: usize,
         activation: Activation,
+        /// The labels as JSON strings (quoted and escaped).
         labels: Option<Vec<String>>,
         top_k: usize,
     },
@@ -66,6 +70,8 @@ enum Kind {
 #[derive(Debug)]
 pub(crate) struct Post {
     outputs: Vec<ModelIo>,
+    /// Each output's key in the response: its name as a JSON string, then `:`.
+    output_keys: Vec<String>,
     kind: Kind,
     include_outputs: bool,
 }
@@ -116,7 +122,9 @@ impl Post {
                 let kind = Kind::Classification {
                     output,
                     activation: t.activation,
-                    labels: t.labels,
+                    labels: t
+                        .labels
+                        .map(|labels| labels.iter().map(|l| json_string(l)).collect()),
                     top_k,
                 };
                 (kind, t.include_outputs.unwrap_or(true))
@@ -137,6 +145,10 @@ impl Post {
             }
         };
         Ok(Post {
+            output_keys: outputs
+                .iter()
+                .map(|o| json_string(&o.name) + ":")
+                .collect(),
             outputs,
             kind,
             include_outputs,
@@ -159,17 +171,12 @@ impl Post {
         let elements: usize = ordered.iter().map(|t| t.data.len() / t.dtype.size()).sum();
         // A guess at the response's size (about 12 bytes per number), capped: it only saves
         // reallocations.
-        let mut out =
-            Vec::with_capacity(elements.saturating_mul(12).saturating_add(64).min(1 << 24));
-        let outputs = self.include_outputs.then_some(Outputs(&ordered));
-        let written = match &self.kind {
-            Kind::Tensor => serde_json::to_writer(
-                &mut out,
-                &Response::<()> {
-                    predictions: None,
-                    outputs,
-                },
-            ),
+        let mut json = Json(Vec::with_capacity(
+            elements.saturating_mul(12).saturating_add(64).min(1 << 24),
+        ));
+        json.raw("{");
+        match &self.kind {
+            Kind::Tensor => {}
             Kind::Classification {
                 output,
                 activation,
@@ -178,27 +185,60 @@ impl Post {
             } => {
                 let predictions =
                     classify(ordered[*output], *activation, labels.as_deref(), *top_k)?;
-                serde_json::to_writer(
-                    &mut out,
-                    &Response {
-                        predictions: Some(predictions),
-                        outputs,
-                    },
-                )
+                json.raw("\"predictions\":[");
+                for (i, p) in predictions.iter().enumerate() {
+                    json.comma(i);
+                    p.write(&mut json);
+                }
+                json.raw("]");
             }
             Kind::Regression { output } => {
                 let predictions = regress(ordered[*output])?;
-                serde_json::to_writer(
-                    &mut out,
-                    &Response {
-                        predictions: Some(predictions),
-                        outputs,
-                    },
-                )
+                json.raw("\"predictions\":[");
+                for (i, p) in predictions.iter().enumerate() {
+                    json.comma(i);
+                    json.raw("{\"value\":");
+                    match p {
+                        RegressionValue::One(x) => json.num(*x),
+                        RegressionValue::Many(xs) => {
+                            json.raw("[");
+                            for (j, x) in xs.iter().enumerate() {
+                                json.comma(j);
+                                json.num(*x);
+                            }
+                            json.raw("]");
+                        }
+                    }
+                    json.raw("}");
+                }
+                json.raw("]");
             }
-        };
-        written.map_err(|e| internal(format!("cannot write the response: {e}")))?;
-        Ok(out)
+        }
+        if self.include_outputs {
+            if !matches!(self.kind, Kind::Tensor) {
+                json.raw(",");
+            }
+            json.raw("\"outputs\":{");
+            for (i, (t, key)) in ordered.iter().zip(&self.output_keys).enumerate() {
+                json.comma(i);
+                json.raw(key);
+                json.raw("{\"shape\":[");
+                for (j, d) in t.shape.iter().enumerate() {
+                    json.comma(j);
+                    json.u64(*d);
+                }
+                json.raw("],\"data\":[");
+                let n = t.data.len() / t.dtype.size();
+                for j in 0..n {
+                    json.comma(j);
+                    json.num(Num::at(t, j));
+                }
+                json.raw("]}");
+            }
+            json.raw("}");
+        }
+        json.raw("}");
+        Ok(json.0)
     }
 
     /// The set's tensors in model output order; every model output exactly once.
@@ -339,94 +379,102 @@ impl Num {
     }
 }
 
-impl Serialize for Num {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // serde_json writes non-finite floats as null.
-        match *self {
-            Num::F32(x) => s.serialize_f32(x),
-            Num::F64(x) => s.serialize_f64(x),
-            Num::I64(n) => s.serialize_i64(n),
-            Num::Bool(b) => s.serialize_bool(b),
+/// A JSON string literal for `s` (quoted and escaped), as serde_json writes it.
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+/// The response being written.
+struct Json(Vec<u8>);
+
+impl Json {
+    fn raw(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    /// A comma before every element but the first.
+    fn comma(&mut self, index: usize) {
+        if index > 0 {
+            self.0.push(b',');
+        }
+    }
+
+    /// A number as `serde_json` writes it: the shortest representation that reads back as
+    /// the same value, integers as integers, and non-finite floats as `null`.
+    fn num(&mut self, n: Num) {
+        let out = &mut self.0;
+        // Writing to a Vec cannot fail.
+        let _ = match n {
+            Num::F32(x) if x.is_finite() => CompactFormatter.write_f32(out, x),
+            Num::F64(x) if x.is_finite() => CompactFormatter.write_f64(out, x),
+            Num::F32(_) | Num::F64(_) => CompactFormatter.write_null(out),
+            Num::I64(v) => CompactFormatter.write_i64(out, v),
+            Num::Bool(b) => CompactFormatter.write_bool(out, b),
+        };
+    }
+
+    fn u64(&mut self, n: u64) {
+        let _ = CompactFormatter.write_u64(&mut self.0, n);
+    }
+
+    fn label(&mut self, label: Label<'_>) {
+        match label {
+            Label::Given(quoted) => self.raw(quoted),
+            Label::Index(i) => {
+                self.raw("\"");
+                self.u64(i as u64);
+                self.raw("\"");
+            }
         }
     }
 }
 
-#[derive(Serialize)]
-struct Response<'a, P: Serialize> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    predictions: Option<Vec<P>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    outputs: Option<Outputs<'a>>,
-}
-
-/// `{"<name>": {"shape": [..], "data": [..]}, ..}`.
-struct Outputs<'a>(&'a [&'a Tensor]);
-
-impl Serialize for Outputs<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for t in self.0 {
-            map.serialize_entry(&t.name, &TensorJson(t))?;
-        }
-        map.end()
-    }
-}
-
-struct TensorJson<'a>(&'a Tensor);
-
-impl Serialize for TensorJson<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Tensor", 2)?;
-        st.serialize_field("shape", &self.0.shape)?;
-        st.serialize_field("data", &Elements(self.0))?;
-        st.end()
-    }
-}
-
-struct Elements<'a>(&'a Tensor);
-
-impl Serialize for Elements<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let t = self.0;
-        let n = t.data.len() / t.dtype.size();
-        let mut seq = s.serialize_seq(Some(n))?;
-        for i in 0..n {
-            seq.serialize_element(&Num::at(t, i))?;
-        }
-        seq.end()
-    }
-}
-
-/// A class's label: the configured one, or its index as a string.
+/// A class's label: the configured one (already a JSON string), or its index as a string.
 #[derive(Clone, Copy)]
 enum Label<'a> {
     Given(&'a str),
     Index(usize),
 }
 
-impl Serialize for Label<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Label::Given(l) => s.serialize_str(l),
-            Label::Index(i) => s.collect_str(i),
-        }
-    }
-}
-
-#[derive(Serialize)]
 struct Scored<'a> {
     label: Label<'a>,
     class: usize,
     score: Num,
 }
 
-#[derive(Serialize)]
+impl Scored<'_> {
+    /// `"label":..,"class":..,"score":..` (the fields, without braces).
+    fn write_fields(&self, json: &mut Json) {
+        json.raw("\"label\":");
+        json.label(self.label);
+        json.raw(",\"class\":");
+        json.u64(self.class as u64);
+        json.raw(",\"score\":");
+        json.num(self.score);
+    }
+}
+
 struct ClassPrediction<'a> {
-    label: Label<'a>,
-    class: usize,
-    score: Num,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    best: Scored<'a>,
     top_k: Option<Vec<Scored<'a>>>,
+}
+
+impl ClassPrediction<'_> {
+    fn write(&self, json: &mut Json) {
+        json.raw("{");
+        self.best.write_fields(json);
+        if let Some(top) = &self.top_k {
+            json.raw(",\"top_k\":[");
+            for (i, s) in top.iter().enumerate() {
+                json.comma(i);
+                json.raw("{");
+                s.write_fields(json);
+                json.raw("}");
+            }
+            json.raw("]");
+        }
+        json.raw("}");
+    }
 }
 
 /// Ranks `NaN` below every number, so a broken score is never the prediction.
@@ -483,11 +531,8 @@ fn classify<'a>(
             class: c,
             score: as_num(scores[c]),
         };
-        let best = order[0];
         predictions.push(ClassPrediction {
-            label: label(best),
-            class: best,
-            score: as_num(scores[best]),
+            best: scored(order[0]),
             top_k: (top_k > 1).then(|| order[..k].iter().map(|&c| scored(c)).collect()),
         });
     }
@@ -572,26 +617,12 @@ fn activate_in<T: Real>(scores: &mut Vec<f64>, activation: Activation) {
     }
 }
 
-#[derive(Serialize)]
-struct RegressionPrediction {
-    value: RegressionValue,
-}
-
 enum RegressionValue {
     One(Num),
     Many(Vec<Num>),
 }
 
-impl Serialize for RegressionValue {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            RegressionValue::One(x) => x.serialize(s),
-            RegressionValue::Many(xs) => xs.serialize(s),
-        }
-    }
-}
-
-fn regress(t: &Tensor) -> Result<Vec<RegressionPrediction>, Error> {
+fn regress(t: &Tensor) -> Result<Vec<RegressionValue>, Error> {
     let (n, columns) = rows(t)?;
     Ok((0..n)
         .map(|row| {
@@ -604,7 +635,7 @@ fn regress(t: &Tensor) -> Result<Vec<RegressionPrediction>, Error> {
                         .collect(),
                 )
             };
-            RegressionPrediction { value }
+            value
         })
         .collect())
 }
@@ -657,6 +688,70 @@ mod tests {
 
     fn respond(p: &Post, set: &TensorSet) -> String {
         String::from_utf8(p.run(&set.encode()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn numbers_are_written_as_serde_json_writes_them() {
+        let f32s = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.5,
+            0.1,
+            1e-8,
+            3.4028235e38,
+            f32::MIN_POSITIVE,
+            1.0e-45,
+            16_777_217.0,
+            123_456.79,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        let f64s = [0.0f64, -0.0, 0.1, 1e300, 5e-324, 2.0f64.powi(60), f64::NAN, f64::NEG_INFINITY];
+        let mut cases: Vec<(Num, String)> = Vec::new();
+        // A deterministic spread of bit patterns besides the edge cases.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = f32::from_bits(x as u32);
+            let d = f64::from_bits(x);
+            cases.push((Num::F32(f), serde_json::to_string(&f).unwrap()));
+            cases.push((Num::F64(d), serde_json::to_string(&d).unwrap()));
+            cases.push((Num::I64(x as i64), serde_json::to_string(&(x as i64)).unwrap()));
+        }
+        cases.extend(f32s.map(|f| (Num::F32(f), serde_json::to_string(&f).unwrap())));
+        cases.extend(f64s.map(|f| (Num::F64(f), serde_json::to_string(&f).unwrap())));
+        cases.extend([i64::MIN, i64::MAX, 0].map(|n| (Num::I64(n), n.to_string())));
+        cases.extend([true, false].map(|b| (Num::Bool(b), b.to_string())));
+        for (n, want) in cases {
+            let mut json = Json(Vec::new());
+            json.num(n);
+            assert_eq!(String::from_utf8(json.0).unwrap(), want, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn labels_and_output_names_are_escaped_once_and_read_back() {
+        let outputs = r#"[{"name": "sc\"ores\n", "dtype": "f32", "shape": [null, 3]}]"#;
+        let p = build(
+            r#"{"kind": "classification", "labels": ["a\"b", "ü\\", "tab\there"], "top_k": 3}"#,
+            outputs,
+        )
+        .unwrap();
+        let set = TensorSet {
+            tensors: vec![Tensor::from_f32("sc\"ores\n", vec![1, 3], &[0.1, 0.2, 0.7])],
+            features: None,
+        };
+        let json = respond(&p, &set);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["predictions"][0]["label"], "tab\there", "{json}");
+        assert_eq!(v["predictions"][0]["top_k"][1]["label"], "ü\\");
+        assert_eq!(v["predictions"][0]["top_k"][2]["label"], "a\"b");
+        assert_eq!(v["outputs"]["sc\"ores\n"]["shape"], serde_json::json!([1, 3]));
+        assert!(json.contains(r#""sc\"ores\n":{"shape""#), "{json}");
     }
 
     #[test]
