@@ -22,6 +22,13 @@ def main():
         "u8_3": np.array([0, 128, 255], dtype="u1"),
         "bool_scalar": np.array(True),
         "f32_0x5": np.zeros((0, 5), dtype="<f4"),
+        # Headers at the edges of NumPy's padding: a first axis of many digits (less room
+        # left to grow it), many dimensions, a header already 64-byte aligned.
+        "u8_0x10e12": np.zeros((0, 10**12), dtype="u1"),
+        "u8_10e18x0": np.zeros((10**18, 0), dtype="u1"),
+        "u8_rank20": np.zeros((1,) * 20, dtype="u1"),
+        "u8_big_rank4": np.zeros((0, 10**6, 10**6, 10**6), dtype="u1"),
+        "u8_rank36_aligned": np.zeros((1,) * 36, dtype="u1"),
     }
     for name, a in arrays.items():
         np.save(OUT / f"{name}.npy", a)

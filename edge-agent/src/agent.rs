@@ -739,13 +739,13 @@ impl Agent {
                 .expect("samples serialise")
             });
         }
-        if let (Some(shadow), Some(values), None) = (shadow, shadow_values, error_code) {
+        if let (Some(shadow), Some(values), Ok(answered)) = (shadow, shadow_values, &outcome) {
             let answer = ActiveAnswer {
                 summary: summary.clone(),
                 values,
                 latency,
             };
-            if shadow.offer(content_type, body, answer) {
+            if shadow.offer(content_type, body, answered.form, answer) {
                 self.metrics.shadow_compared.inc();
             }
         }

@@ -1,7 +1,9 @@
 //! The local HTTP API (axum).
 //!
 //! - `POST /v1/predict`: the request forms of `ferry run` (JSON rows or
-//!   tensors, CSV, PNG, JPEG) by `Content-Type`; answers the bundle's JSON.
+//!   tensors, CSV, PNG, JPEG, `.npy`, tensor sets) by `Content-Type`;
+//!   answers the bundle's JSON, or the model's outputs as `.npy` or a tensor
+//!   set when `Accept` asks for them (`ferry_runtime::ResponseForm`).
 //! - `GET /v1/model`: the active bundle (name, version, digest, sequence, engine...).
 //! - `GET /v1/drift`: the latest drift window of the active bundle.
 //! - `GET /v1/status`: what the agent publishes as its MQTT status.
@@ -9,9 +11,10 @@
 //! - `GET /metrics`: Prometheus text format.
 //!
 //! Every error is JSON `{"error": "...", "code": "..."}` with a 4xx status
-//! when the request is at fault (400 bad input, 413 body over
-//! `http.max_body_bytes`, 415 missing content type) and 5xx otherwise (500
-//! the bundle failed, 503 no bundle or too busy).
+//! when the request is at fault (400 bad input, 406 a response form the model
+//! cannot give, 413 body over `http.max_body_bytes`, 415 missing content
+//! type) and 5xx otherwise (500 the bundle failed, 503 no bundle or too
+//! busy).
 
 use std::sync::Arc;
 
@@ -153,18 +156,25 @@ async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -
         );
     };
     let agent = ctx.agent.clone();
-    // The response form: JSON unless `Accept` asks for a binary one.
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // The response form: JSON unless `Accept` asks for a binary one. The
+    // header may be repeated (RFC 9110: the values form one list).
+    let accepts: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let accept = (!accepts.is_empty()).then(|| accepts.join(", "));
     let result =
         tokio::task::spawn_blocking(move || agent.predict(&content_type, accept.as_deref(), &body))
             .await;
     match result {
         Ok(Ok(p)) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, p.form.media_type())],
+            [
+                (header::CONTENT_TYPE, p.form.media_type()),
+                // The form depends on the request's `Accept`: caches must key on it.
+                (header::VARY, "accept"),
+            ],
             p.body,
         )
             .into_response(),

@@ -32,6 +32,9 @@ pub struct ActiveAnswer {
 struct Job {
     content_type: String,
     body: Vec<u8>,
+    /// The form the active bundle answered in: the candidate answers in the
+    /// same one, so their latencies cover the same work.
+    form: ResponseForm,
     active: ActiveAnswer,
 }
 
@@ -89,7 +92,13 @@ impl Shadow {
 
     /// Offers a request to the candidate; false when it was not taken (queue
     /// full or the run is over).
-    pub fn offer(&self, content_type: &str, body: &[u8], active: ActiveAnswer) -> bool {
+    pub fn offer(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        form: ResponseForm,
+        active: ActiveAnswer,
+    ) -> bool {
         if self.done.load(Ordering::Relaxed) {
             return false;
         }
@@ -100,6 +109,7 @@ impl Shadow {
         let job = Job {
             content_type: content_type.to_string(),
             body: body.to_vec(),
+            form,
             active,
         };
         match tx.try_send(job) {
@@ -135,15 +145,14 @@ impl Shadow {
         while let Ok(job) = rx.recv() {
             let start = Instant::now();
             let mut seen: Option<(OutputSummary, Vec<f64>)> = None;
-            let result = session.infer_with(
-                &job.content_type,
-                &job.body,
-                ResponseForm::Json,
-                &mut |obs| {
-                    let (summary, _) = summarize(obs.outputs);
-                    seen = Some((summary, first_float(obs.outputs)));
-                },
-            );
+            // A candidate with more outputs than `.npy` holds answers the nearest binary form.
+            let form = session
+                .response_form(Some(job.form.media_type()))
+                .unwrap_or(ResponseForm::Tensors);
+            let result = session.infer_with(&job.content_type, &job.body, form, &mut |obs| {
+                let (summary, _) = summarize(obs.outputs);
+                seen = Some((summary, first_float(obs.outputs)));
+            });
             let latency = start.elapsed();
             let mut t = self.tally.lock().unwrap();
             t.compared += 1;

@@ -100,6 +100,32 @@ impl DType {
         }
     }
 
+    /// NumPy's type string for it in a `.npy` header (`<f4`, `|b1`, ...).
+    pub fn npy_descr(self) -> &'static str {
+        match self {
+            DType::F32 => "<f4",
+            DType::F64 => "<f8",
+            DType::I64 => "<i8",
+            DType::I32 => "<i4",
+            DType::U8 => "|u1",
+            DType::Bool => "|b1",
+        }
+    }
+
+    /// Parses a `.npy` type string as [`DType::npy_descr`] writes it (also
+    /// `<u1` and `<b1`, which NumPy reads as the same types).
+    pub fn from_npy_descr(descr: &str) -> Option<DType> {
+        Some(match descr {
+            "<f4" => DType::F32,
+            "<f8" => DType::F64,
+            "<i8" => DType::I64,
+            "<i4" => DType::I32,
+            "|u1" | "<u1" => DType::U8,
+            "|b1" | "<b1" => DType::Bool,
+            _ => return None,
+        })
+    }
+
     /// Parses a name as produced by [`DType::name`].
     pub fn from_name(name: &str) -> Option<DType> {
         Some(match name {
@@ -146,43 +172,47 @@ impl Tensor {
             .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
     }
 
-    /// The tensor as a NumPy `.npy` file (format 1.0, or 2.0 for a header
-    /// over 64 KiB): little-endian elements in C order, the header padded
-    /// with spaces to a multiple of 64 bytes and ended by a newline, as
-    /// `np.save` writes it. `np.load` reads it back with this dtype and shape.
+    /// The tensor as a NumPy `.npy` file, byte for byte as `np.save` writes
+    /// it (NumPy 2's `format.write_array`): format 1.0 (2.0 for a header
+    /// over 64 KiB, which only a tensor of thousands of dimensions needs),
+    /// little-endian elements in C order, the header's spare room to grow
+    /// the first axis in place, then spaces to a multiple of 64 bytes and a
+    /// newline. `np.load` reads it back with this dtype and shape.
     pub fn to_npy(&self) -> Vec<u8> {
-        let descr = match self.dtype {
-            DType::F32 => "<f4",
-            DType::F64 => "<f8",
-            DType::I64 => "<i8",
-            DType::I32 => "<i4",
-            DType::U8 => "|u1",
-            DType::Bool => "|b1",
-        };
         let dims: Vec<String> = self.shape.iter().map(u64::to_string).collect();
         let shape = match dims.len() {
             1 => format!("({},)", dims[0]),
             _ => format!("({})", dims.join(", ")),
         };
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        // Magic (6), version (2), header length (2 in 1.0, 4 in 2.0), header.
-        let v1 = (10 + header.len() + 1).next_multiple_of(64) - 10 <= usize::from(u16::MAX);
-        let preamble = if v1 { 10 } else { 12 };
-        let padded = (preamble + header.len() + 1).next_multiple_of(64);
-        header.extend(std::iter::repeat_n(
-            ' ',
-            padded - preamble - header.len() - 1,
-        ));
+        let mut header = format!(
+            "{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}",
+            self.dtype.npy_descr()
+        );
+        // NumPy's GROWTH_AXIS_MAX_DIGITS (21) less the first axis's digits.
+        if let Some(first) = dims.first() {
+            header.extend(std::iter::repeat_n(
+                ' ',
+                21usize.saturating_sub(first.len()),
+            ));
+        }
+        // The header and its newline, padded so the data starts 64-byte aligned
+        // (a whole 64 bytes more when it already would be, as NumPy does); the
+        // preamble is the magic, the version and the header's length (2 bytes
+        // in 1.0, 4 in 2.0).
+        let with_newline = header.len() + 1;
+        let padded = |preamble: usize| with_newline + 64 - (preamble + with_newline) % 64;
+        let v1 = padded(10) <= usize::from(u16::MAX);
+        let total = if v1 { padded(10) } else { padded(12) };
+        header.extend(std::iter::repeat_n(' ', total - with_newline));
         header.push('\n');
-        let mut out = Vec::with_capacity(padded + self.data.len());
+        let mut out = Vec::with_capacity(12 + total + self.data.len());
         out.extend_from_slice(b"\x93NUMPY");
         if v1 {
             out.extend_from_slice(&[1, 0]);
-            out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+            out.extend_from_slice(&(total as u16).to_le_bytes());
         } else {
             out.extend_from_slice(&[2, 0]);
-            out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(total as u32).to_le_bytes());
         }
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(&self.data);

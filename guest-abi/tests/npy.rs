@@ -55,6 +55,21 @@ fn every_dtype_is_written_byte_for_byte_as_numpy_writes_it() {
         ("u8_3", tensor(DType::U8, &[3], vec![0, 128, 255])),
         ("bool_scalar", tensor(DType::Bool, &[], vec![1])),
         ("f32_0x5", tensor(DType::F32, &[0, 5], vec![])),
+        // The edges of NumPy's padding.
+        (
+            "u8_0x10e12",
+            tensor(DType::U8, &[0, 1_000_000_000_000], vec![]),
+        ),
+        (
+            "u8_10e18x0",
+            tensor(DType::U8, &[1_000_000_000_000_000_000, 0], vec![]),
+        ),
+        ("u8_rank20", tensor(DType::U8, &[1; 20], vec![0])),
+        (
+            "u8_big_rank4",
+            tensor(DType::U8, &[0, 1_000_000, 1_000_000, 1_000_000], vec![]),
+        ),
+        ("u8_rank36_aligned", tensor(DType::U8, &[1; 36], vec![0])),
     ];
     for (name, t) in cases {
         assert_eq!(
@@ -68,7 +83,8 @@ fn every_dtype_is_written_byte_for_byte_as_numpy_writes_it() {
 
 #[test]
 fn a_header_over_64_kib_takes_format_2() {
-    // No model has 25,000 dimensions; the format's limit is still honoured.
+    // No model has 25,000 dimensions (NumPy itself stops at 64, the guest ABI at 16); the
+    // format's limit is still honoured, with NumPy's padding rule.
     let t = tensor(DType::U8, &[1; 25_000], vec![9]);
     let npy = t.to_npy();
     assert_eq!(&npy[..8], b"\x93NUMPY\x02\x00");

@@ -238,19 +238,11 @@ fn parse_header_bytes(header: &[u8]) -> Result<Header, Error> {
             "the .npy array is in Fortran order: send a C-ordered array (np.ascontiguousarray)",
         ));
     }
-    let dtype = match descr.as_str() {
-        "<f4" => DType::F32,
-        "<f8" => DType::F64,
-        "<i8" => DType::I64,
-        "<i4" => DType::I32,
-        "|u1" | "<u1" => DType::U8,
-        "|b1" | "<b1" => DType::Bool,
-        other => {
-            return Err(bad(format!(
-                "the .npy element type {} is not supported (little-endian f4 f8 i8 i4 u1 b1 are)",
-                Quoted(other)
-            )));
-        }
+    let Some(dtype) = DType::from_npy_descr(&descr) else {
+        return Err(bad(format!(
+            "the .npy element type {} is not supported (little-endian f4 f8 i8 i4 u1 b1 are)",
+            Quoted(&descr)
+        )));
     };
     Ok(Header {
         descr,

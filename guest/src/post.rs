@@ -145,10 +145,7 @@ impl Post {
             }
         };
         Ok(Post {
-            output_keys: outputs
-                .iter()
-                .map(|o| json_string(&o.name) + ":")
-                .collect(),
+            output_keys: outputs.iter().map(|o| json_string(&o.name) + ":").collect(),
             outputs,
             kind,
             include_outputs,
@@ -626,7 +623,7 @@ fn regress(t: &Tensor) -> Result<Vec<RegressionValue>, Error> {
     let (n, columns) = rows(t)?;
     Ok((0..n)
         .map(|row| {
-            let value = if columns == 1 {
+            if columns == 1 {
                 RegressionValue::One(Num::at(t, row))
             } else {
                 RegressionValue::Many(
@@ -634,8 +631,7 @@ fn regress(t: &Tensor) -> Result<Vec<RegressionValue>, Error> {
                         .map(|i| Num::at(t, i))
                         .collect(),
                 )
-            };
-            value
+            }
         })
         .collect())
 }
@@ -708,7 +704,16 @@ mod tests {
             f32::INFINITY,
             f32::NEG_INFINITY,
         ];
-        let f64s = [0.0f64, -0.0, 0.1, 1e300, 5e-324, 2.0f64.powi(60), f64::NAN, f64::NEG_INFINITY];
+        let f64s = [
+            0.0f64,
+            -0.0,
+            0.1,
+            1e300,
+            5e-324,
+            2.0f64.powi(60),
+            f64::NAN,
+            f64::NEG_INFINITY,
+        ];
         let mut cases: Vec<(Num, String)> = Vec::new();
         // A deterministic spread of bit patterns besides the edge cases.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -720,7 +725,10 @@ mod tests {
             let d = f64::from_bits(x);
             cases.push((Num::F32(f), serde_json::to_string(&f).unwrap()));
             cases.push((Num::F64(d), serde_json::to_string(&d).unwrap()));
-            cases.push((Num::I64(x as i64), serde_json::to_string(&(x as i64)).unwrap()));
+            cases.push((
+                Num::I64(x as i64),
+                serde_json::to_string(&(x as i64)).unwrap(),
+            ));
         }
         cases.extend(f32s.map(|f| (Num::F32(f), serde_json::to_string(&f).unwrap())));
         cases.extend(f64s.map(|f| (Num::F64(f), serde_json::to_string(&f).unwrap())));
@@ -750,7 +758,10 @@ mod tests {
         assert_eq!(v["predictions"][0]["label"], "tab\there", "{json}");
         assert_eq!(v["predictions"][0]["top_k"][1]["label"], "ü\\");
         assert_eq!(v["predictions"][0]["top_k"][2]["label"], "a\"b");
-        assert_eq!(v["outputs"]["sc\"ores\n"]["shape"], serde_json::json!([1, 3]));
+        assert_eq!(
+            v["outputs"]["sc\"ores\n"]["shape"],
+            serde_json::json!([1, 3])
+        );
         assert!(json.contains(r#""sc\"ores\n":{"shape""#), "{json}");
     }
 

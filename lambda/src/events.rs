@@ -51,6 +51,25 @@ fn header<'a>(event: &'a Value, name: &str) -> Option<&'a str> {
         .and_then(|(_, v)| v.as_str())
 }
 
+/// The `accept` header of an HTTP event: REST (1.0) events repeat each
+/// header's values in `multiValueHeaders`, which lists a repeated header
+/// whole; otherwise `headers` (2.0 events join repeated headers there).
+fn accept_header(event: &Value) -> Option<String> {
+    let multi = event
+        .get("multiValueHeaders")
+        .and_then(Value::as_object)
+        .and_then(|h| h.iter().find(|(k, _)| k.eq_ignore_ascii_case("accept")))
+        .and_then(|(_, v)| v.as_array())
+        .map(|values| {
+            values
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+    multi.or_else(|| header(event, "accept").map(str::to_string))
+}
+
 /// The request of an HTTP event: content type and decoded body.
 fn http_request(event: &Value) -> Result<(String, Vec<u8>), (u16, String)> {
     let body = event.get("body").and_then(Value::as_str).unwrap_or("");
@@ -145,10 +164,12 @@ fn answer(
     accept: Option<&str>,
 ) -> Result<Answer, (u16, String)> {
     let status = |e: ferry_runtime::Error| {
-        let status = match e.code() {
-            "not_acceptable" => 406,
-            _ if e.is_bad_input() => 400,
-            _ => 500,
+        let status = if e.is_not_acceptable() {
+            406
+        } else if e.is_bad_input() {
+            400
+        } else {
+            500
         };
         (status, e.to_string())
     };
@@ -184,7 +205,7 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
             None,
         ),
         Source::Http => http_request(&event)
-            .and_then(|(ct, body)| answer(session, &ct, &body, header(&event, "accept"))),
+            .and_then(|(ct, body)| answer(session, &ct, &body, accept_header(&event).as_deref())),
     };
     let (predictions, classes) = match &outcome {
         Ok(Answer::Json(v)) => {
@@ -228,10 +249,15 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
             },
             error_message: message,
         }),
-        (Source::Http, Ok(Answer::Json(v))) => Ok(http_response(200, &v)),
+        (Source::Http, Ok(Answer::Json(v))) => {
+            let mut r = http_response(200, &v);
+            // The form depends on the request's `accept`: caches must key on it.
+            r["headers"]["vary"] = json!("accept");
+            Ok(r)
+        }
         (Source::Http, Ok(Answer::Binary(form, bytes, _))) => Ok(json!({
             "statusCode": 200,
-            "headers": {"content-type": form.media_type()},
+            "headers": {"content-type": form.media_type(), "vary": "accept"},
             "body": base64::engine::general_purpose::STANDARD.encode(bytes),
             "isBase64Encoded": true,
         })),

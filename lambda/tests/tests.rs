@@ -732,6 +732,10 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
         &[
             ("FERRY_ENGINE", "onnxruntime"),
             ("HOME", home.path().to_str().unwrap()),
+            (
+                "XDG_CACHE_HOME",
+                home.path().join("cache").to_str().unwrap(),
+            ),
         ],
     );
     let out = api.invoke(read("iris/golden/setosa.json"));
@@ -753,20 +757,8 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     assert_eq!(init[0]["engine"], "onnxruntime", "{lines:?}");
     // onnxruntime's own telemetry stays off: no device id, no event store in HOME
     // (packager/tests/engines.rs shows the library writing them when allowed).
-    let written: Vec<_> = walk(home.path());
+    let written = ferry_testkit::fixtures::paths_under(home.path());
     assert!(written.is_empty(), "onnxruntime wrote {written:?}");
-}
-
-/// Every path under `dir`, recursively.
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        out.push(entry.path());
-        if entry.path().is_dir() {
-            out.extend(walk(&entry.path()));
-        }
-    }
-    out
 }
 
 /// Unpacks a `ferry lambda-package` zip into `root` as Lambda would (with

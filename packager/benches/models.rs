@@ -300,19 +300,20 @@ fn main() {
                 us(median(tb)),
                 us(median(ob)),
             );
-            let (py, py_ratio, best_ratio) = match &python {
+            let (py, py_ratio, best_json, best_npy) = match &python {
                 Ok(_) => {
                     let t = us(median(py));
                     (
                         format!("{t:.1}"),
                         format!("{:.2}", om / t),
+                        format!("{:.2}", tp.min(op) / t),
                         format!("{:.2}", tb.min(ob) / t),
                     )
                 }
-                Err(_) => ("(skipped)".into(), "".into(), "".into()),
+                Err(_) => ("(skipped)".into(), "".into(), "".into(), "".into()),
             };
             engine_rows.push(format!(
-                "| {} | {py} | {tm:.1} | {om:.1} | {tp:.1} | {op:.1} | {tb:.1} | {ob:.1} | {:.2} | {py_ratio} | {best_ratio} | {} |",
+                "| {} | {py} | {tm:.1} | {om:.1} | {tp:.1} | {op:.1} | {tb:.1} | {ob:.1} | {:.2} | {py_ratio} | {best_json} | {best_npy} | {} |",
                 c.name,
                 tm / om,
                 if tm <= om { "tract" } else { "onnxruntime" }
@@ -331,9 +332,9 @@ fn main() {
             "\n## Engines: tract vs onnxruntime through Ferry, one thread, batch 1 (same run)\n"
         );
         println!(
-            "| model | onnxruntime (Python) µs | tract (batch-1 plan) µs | onnxruntime via Ferry µs | pipeline .npy → JSON on tract µs | pipeline .npy → JSON on onnxruntime µs | pipeline .npy → .npy on tract µs | pipeline .npy → .npy on onnxruntime µs | tract / onnxruntime | onnxruntime via Ferry / Python | best .npy → .npy pipeline / Python | faster |"
+            "| model | onnxruntime (Python) µs | tract (batch-1 plan) µs | onnxruntime via Ferry µs | pipeline .npy → JSON on tract µs | pipeline .npy → JSON on onnxruntime µs | pipeline .npy → .npy on tract µs | pipeline .npy → .npy on onnxruntime µs | tract / onnxruntime | onnxruntime via Ferry / Python | best .npy → JSON / Python | best .npy → .npy / Python | faster |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for row in &engine_rows {
             println!("{row}");
         }

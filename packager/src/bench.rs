@@ -181,7 +181,7 @@ impl BenchArgs {
             }
         };
         let form = self.accept;
-        if let Err(e) = session.response_form(Some(form.media_type())) {
+        if let Err(e) = session.check_form(form) {
             return Err(fail(
                 exit::USAGE,
                 anyhow::anyhow!("--accept {}: {e}", form.name()),

@@ -440,18 +440,24 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let form = a.accept.unwrap_or_else(|| {
-        let npy = a
-            .output
-            .as_ref()
-            .and_then(|p| p.extension())
-            .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
-        if npy {
-            rt::ResponseForm::Npy
-        } else {
-            rt::ResponseForm::Json
-        }
-    });
+    let npy_file = a
+        .output
+        .as_ref()
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")));
+    let (form, asked_by) = match (a.accept, npy_file) {
+        (Some(form), _) => (form, format!("--accept {}", form.name())),
+        (None, Some(path)) => (
+            rt::ResponseForm::Npy,
+            format!("--output {} (a .npy file)", path.display()),
+        ),
+        (None, None) => (rt::ResponseForm::Json, String::new()),
+    };
+    if form.is_binary() && a.json {
+        return Err(fail(
+            exit::USAGE,
+            anyhow::anyhow!("--json prints the JSON response; {asked_by} asks for a binary one"),
+        ));
+    }
     if form.is_binary() && a.output.is_none() && std::io::stdout().is_terminal() {
         return Err(fail(
             exit::USAGE,
@@ -467,11 +473,8 @@ fn run(a: RunArgs) -> Result<()> {
     let session =
         rt::Session::from_verified_with(bundle, &options).context("cannot load the bundle")?;
     drop(library);
-    if let Err(e) = session.response_form(Some(form.media_type())) {
-        return Err(fail(
-            exit::USAGE,
-            anyhow::anyhow!("--accept {}: {e}", form.name()),
-        ));
+    if let Err(e) = session.check_form(form) {
+        return Err(fail(exit::USAGE, anyhow::anyhow!("{asked_by}: {e}")));
     }
     let request = inputs::read_request(&a.input, a.content_type.as_deref())?;
     let response = session
@@ -510,9 +513,13 @@ fn run(a: RunArgs) -> Result<()> {
     std::io::stderr()
         .flush()
         .context("cannot write to standard error")?;
-    // SAFETY: `_exit` ends the process at once; no invariant of this program
-    // depends on code running after this point.
-    unsafe { libc::_exit(exit::OK.into()) }
+    // SAFETY: `fflush(NULL)` flushes every C stdio stream (what a library may
+    // have printed); `_exit` then ends the process at once, and no invariant
+    // of this program depends on code running after this point.
+    unsafe {
+        libc::fflush(std::ptr::null_mut());
+        libc::_exit(exit::OK.into())
+    }
 }
 
 fn drift(a: DriftArgs) -> Result<()> {

@@ -196,8 +196,11 @@ fn a_form_the_model_cannot_give_is_refused_before_it_runs() {
     assert_exit(&o, 2);
     assert_eq!(
         stderr(&o).trim(),
-        "error: --accept npy: application/x-npy carries one array and this model has 2 outputs: \
-         accept application/x-ferry-tensors (all of them) or application/json"
+        format!(
+            "error: --output {out} (a .npy file): application/x-npy carries one array and this \
+             model has 2 outputs: accept application/x-ferry-tensors (all of them) or \
+             application/json"
+        )
     );
     assert!(!std::path::Path::new(&out).exists());
     // Both, as a tensor set; and an unknown form is a usage error naming the choices.
@@ -218,6 +221,14 @@ fn a_form_the_model_cannot_give_is_refused_before_it_runs() {
     assert_exit(&o, 2);
     assert!(
         stderr(&o).contains("expected json, npy or tensors"),
+        "{}",
+        stderr(&o)
+    );
+    // --json prints JSON: with a binary form it is a contradiction, said before anything runs.
+    let o = run_example("raw", &input, &["--accept", "tensors", "--json"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("--json prints the JSON response"),
         "{}",
         stderr(&o)
     );

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use ferry_testkit::cli::{assert_exit, ferry_env, stderr, stdout};
-use ferry_testkit::fixtures::{bundles, example, examples, workspace_bin};
+use ferry_testkit::fixtures::{
+    bundles, example, examples, paths_under, telemetry_probe_env, workspace_bin,
+};
 use ferry_testkit::onnxruntime::library;
 
 /// No onnxruntime anywhere: the variable set empty (the binary's directory
@@ -370,27 +372,14 @@ fn an_engine_panic_is_one_clear_error_on_stderr() {
     assert!(!err.contains("RUST_BACKTRACE"), "{err}");
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 #[test]
 fn onnxruntime_keeps_no_telemetry_store_or_device_id_unless_the_user_asks() {
-    // onnxruntime's PyPI builds (1.25 and later on Linux) initialise Microsoft's 1DS
-    // telemetry when the library loads: a persistent device id and an offline event store
-    // (SQLite) under ~/.cache/Microsoft/DeveloperTools, uploaded when the network allows,
-    // whatever `DisableTelemetryEvents` says afterwards. Ferry turns it off before loading
-    // the library (ORT_DISABLE_TELEMETRY=1) unless the environment already decides.
+    // onnxruntime's PyPI builds (1.32 checked) start Microsoft's 1DS telemetry when the
+    // library initialises: a persistent device id and an offline event store (SQLite) under
+    // ~/.cache/Microsoft/DeveloperTools, uploaded when the network allows, whatever
+    // `DisableTelemetryEvents` says afterwards. Ferry turns it off before loading the library
+    // (ORT_DISABLE_TELEMETRY=1) unless the environment already decides. The environment is
+    // cleared: onnxruntime also stays quiet when it sees a CI system's variables.
     let Some(lib) =
         library("onnxruntime_keeps_no_telemetry_store_or_device_id_unless_the_user_asks")
     else {
@@ -399,14 +388,6 @@ fn onnxruntime_keeps_no_telemetry_store_or_device_id_unless_the_user_asks() {
     let lib = lib.to_string_lossy().into_owned();
     let f = bundles();
     let run = |home: &Path, extra: &[(&str, &str)]| {
-        let home_s = home.to_string_lossy().into_owned();
-        let cache = home.join("cache").to_string_lossy().into_owned();
-        let mut env = vec![
-            ("FERRY_ONNXRUNTIME", lib.as_str()),
-            ("HOME", home_s.as_str()),
-            ("XDG_CACHE_HOME", cache.as_str()),
-        ];
-        env.extend_from_slice(extra);
         let mut cmd = std::process::Command::new(workspace_bin("ferry"));
         cmd.args([
             "run",
@@ -418,20 +399,32 @@ fn onnxruntime_keeps_no_telemetry_store_or_device_id_unless_the_user_asks() {
             "--engine",
             "onnxruntime",
         ])
-        // The test setup may set it for the whole suite: this test wants the binary's default.
-        .env_remove("ORT_DISABLE_TELEMETRY")
-        .envs(env);
+        .env_clear()
+        .envs(telemetry_probe_env(home))
+        .env("FERRY_ONNXRUNTIME", &lib)
+        .envs(extra.iter().copied());
         let o = cmd.output().unwrap();
         assert_exit(&o, 0);
-        files_under(home)
+        paths_under(home)
     };
     let quiet = scratch_dir("telemetry/default");
     let written = run(&quiet, &[]);
     assert!(written.is_empty(), "onnxruntime wrote {written:?}");
     // The user's own choice stands: with telemetry on, the store appears (which also shows
-    // this test would see it).
+    // this test would see it). Any upload goes to a closed loopback port (the library sends
+    // with libcurl, which honours the proxy variables).
     let chosen = scratch_dir("telemetry/on");
-    let written = run(&chosen, &[("ORT_DISABLE_TELEMETRY", "0")]);
+    let closed = "http://127.0.0.1:9";
+    let written = run(
+        &chosen,
+        &[
+            ("ORT_DISABLE_TELEMETRY", "0"),
+            ("https_proxy", closed),
+            ("HTTPS_PROXY", closed),
+            ("http_proxy", closed),
+            ("ALL_PROXY", closed),
+        ],
+    );
     assert!(
         written
             .iter()

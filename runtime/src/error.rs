@@ -129,6 +129,12 @@ impl Error {
         }
     }
 
+    /// Whether the caller asked for a response form the model cannot give
+    /// (HTTP 406); such a request is also [bad input](Self::is_bad_input).
+    pub fn is_not_acceptable(&self) -> bool {
+        matches!(self, Error::NotAcceptable(_))
+    }
+
     /// Whether the failure is the caller's fault (a bad request), as opposed
     /// to the bundle's or the host's.
     pub fn is_bad_input(&self) -> bool {

@@ -29,31 +29,45 @@ use ferry_format::TensorSpec;
 pub const MAX_ORT_SESSIONS: usize = 4;
 
 /// The environment variable onnxruntime reads when it initialises to decide
-/// whether its own telemetry runs. Its PyPI builds (1.25 and later, Linux
-/// and macOS) otherwise start Microsoft's 1DS telemetry as the library
-/// loads: a persistent device id and an offline event store (SQLite, growing
-/// to megabytes) under `~/.cache/Microsoft/DeveloperTools`, uploaded when
-/// the network allows. `DisableTelemetryEvents`, which the environment
-/// below calls, only drops events afterwards; `1` in this variable, set
-/// before the library loads, creates none of it.
+/// whether its own telemetry runs. Its PyPI builds for Linux and macOS
+/// (1.32 checked) otherwise start Microsoft's 1DS telemetry as the library
+/// loads, unless they detect a CI system (`CI`, `GITHUB_ACTIONS`, ...): a
+/// persistent device id and an offline event store (SQLite, growing to
+/// megabytes) under `~/.cache/Microsoft/DeveloperTools`, uploaded over
+/// libcurl when the network allows. `DisableTelemetryEvents`, which the
+/// environment below calls, only drops events afterwards; `1` in this
+/// variable, set before the library loads, creates none of it.
 pub const ONNXRUNTIME_TELEMETRY_VARIABLE: &str = "ORT_DISABLE_TELEMETRY";
 
-/// Keeps onnxruntime's own telemetry off in this process (sets
-/// [`ONNXRUNTIME_TELEMETRY_VARIABLE`] to `1`), unless the environment
-/// already sets the variable to something (an operator's explicit choice,
-/// `0` included, stands; empty counts as unset). Ferry's
-/// binaries call it first thing; a program embedding `ferry-runtime` with the
-/// onnxruntime engine should too, or set the variable itself.
+/// The name a later onnxruntime change reads for the same opt-out; set too,
+/// so a library of another version is covered (1.32 ignores it).
+const ONNXRUNTIME_TELEMETRY_VARIABLE_ALT: &str = "ORT_TELEMETRY_DISABLED";
+
+/// Keeps onnxruntime's own telemetry off in this process: sets
+/// [`ONNXRUNTIME_TELEMETRY_VARIABLE`] (and the name other versions read) to
+/// `1`, unless the environment already sets either to something other than
+/// blanks (an operator's explicit choice, `0` included, stands). Ferry's
+/// binaries call it first thing; a program embedding `ferry-runtime` with
+/// the onnxruntime engine should too, or set the variable itself.
 ///
 /// # Safety
 ///
-/// It sets an environment variable, which is only sound while no other
+/// It sets environment variables, which is only sound while no other
 /// thread may read the environment: call it at the top of `main`, before the
 /// process starts any thread (an async runtime included).
 pub unsafe fn keep_onnxruntime_telemetry_off() {
-    if std::env::var_os(ONNXRUNTIME_TELEMETRY_VARIABLE).is_none_or(|v| v.is_empty()) {
-        // SAFETY: the caller guarantees no other thread exists yet.
-        unsafe { std::env::set_var(ONNXRUNTIME_TELEMETRY_VARIABLE, "1") };
+    let names = [
+        ONNXRUNTIME_TELEMETRY_VARIABLE,
+        ONNXRUNTIME_TELEMETRY_VARIABLE_ALT,
+    ];
+    let chosen = names
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.to_string_lossy().trim().is_empty()));
+    if !chosen {
+        for name in names {
+            // SAFETY: the caller guarantees no other thread exists yet.
+            unsafe { std::env::set_var(name, "1") };
+        }
     }
 }
 

@@ -455,6 +455,12 @@ impl Session {
         self.infer_inner(content_type, body, form, Some(observe))
     }
 
+    /// Whether this model can answer in `form` ([`Error::NotAcceptable`]
+    /// for `.npy` from a model with several outputs).
+    pub fn check_form(&self, form: ResponseForm) -> Result<(), Error> {
+        form.check(self.model.outputs().len())
+    }
+
     /// The form to answer an HTTP `Accept` header with, for this model
     /// (see [`ResponseForm::negotiate`]).
     pub fn response_form(&self, accept: Option<&str>) -> Result<ResponseForm, Error> {

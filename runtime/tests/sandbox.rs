@@ -386,9 +386,7 @@ fn without_a_compiler_only_guests_precompiled_for_this_host_or_pulley_run() {
 /// then compiles it and serves the same answers.
 #[test]
 fn the_portable_guest_is_decompressed_only_when_no_precompiled_guest_loads() {
-    use ferry_runtime::{
-        self as rt, ArtifactInput, ReadLimits, SecretKey, Session, role, verify_for_host,
-    };
+    use ferry_runtime::{self as rt, ReadLimits, SecretKey, Session, role, verify_for_host};
     use ferry_testkit::fixtures::{V1, bundles};
     let b = bundles();
     let trust = b.trust();
@@ -404,23 +402,13 @@ fn the_portable_guest_is_decompressed_only_when_no_precompiled_guest_loads() {
     assert!(session.check_golden().iter().all(|g| g.passed()));
 
     let host_key = rt::compatibility_key(None);
-    let inputs: Vec<ArtifactInput> = full
-        .manifest()
-        .artifacts
-        .iter()
-        .zip(full.contents())
-        .map(|(a, c)| ArtifactInput {
-            role: a.role.clone(),
-            media_type: a.media_type.clone(),
-            content: if a.target.as_deref() == Some(host_key.as_str()) {
-                b"signed, but not what wasmtime wrote".to_vec()
-            } else {
-                c.clone().unwrap()
-            },
-            target: a.target.clone(),
-            try_shuffle: a.encoding == rt::Encoding::Shuffle4Zstd,
-        })
-        .collect();
+    let inputs = ferry_testkit::fixtures::artifact_inputs(&full, &mut |a, content| {
+        if a.target.as_deref() == Some(host_key.as_str()) {
+            b"signed, but not what wasmtime wrote".to_vec()
+        } else {
+            content
+        }
+    });
     assert!(
         inputs
             .iter()

@@ -32,6 +32,9 @@ pub struct Setup {
     pub extra: String,
     /// Extra environment variables for the process.
     pub env: Vec<(String, String)>,
+    /// Start the process with only `env` (and what the harness itself sets), not this
+    /// process's environment.
+    pub env_clear: bool,
     pub probation_s: u64,
     pub window_predictions: u64,
     /// The process's descriptor limit (`None`: this process's).
@@ -54,6 +57,7 @@ impl Setup {
             mqtt_port: None,
             extra: String::new(),
             env: Vec::new(),
+            env_clear: false,
             probation_s: 300,
             window_predictions: 1000,
             nofile: None,
@@ -153,6 +157,9 @@ impl Device {
             Some(cross) => cross.command(),
             None => Command::new(agent_bin()),
         };
+        if self.setup.env_clear {
+            command.env_clear();
+        }
         command
             .arg("--config")
             .arg(self.config_path())

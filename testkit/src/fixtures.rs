@@ -110,6 +110,67 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 /// SHA-256 of bytes, hex.
+/// Every path under `dir` (files and directories), recursively; empty when
+/// `dir` does not exist.
+pub fn paths_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path.clone());
+            }
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What onnxruntime's telemetry would write under a home directory, to check
+/// Ferry keeps it off: the environment for a process that must show its own
+/// default (everything else cleared, since onnxruntime also turns its
+/// telemetry off when it sees a CI system's variables), with `HOME` and
+/// `XDG_CACHE_HOME` in `home`.
+pub fn telemetry_probe_env(home: &Path) -> Vec<(String, String)> {
+    vec![
+        ("HOME".into(), home.display().to_string()),
+        (
+            "XDG_CACHE_HOME".into(),
+            home.join("cache").display().to_string(),
+        ),
+        ("PATH".into(), "/usr/bin:/bin".into()),
+    ]
+}
+
+/// A fully verified bundle's artifacts as inputs to write it again (with
+/// `ferry_format::write_bundle`), each content passed through `edit`, which
+/// gets the artifact and its content and returns the content to store: a
+/// test changes what it attacks and keeps the rest.
+pub fn artifact_inputs(
+    v: &ferry_format::VerifiedBundle,
+    edit: &mut dyn FnMut(&ferry_format::Artifact, Vec<u8>) -> Vec<u8>,
+) -> Vec<ArtifactInput> {
+    v.manifest()
+        .artifacts
+        .iter()
+        .zip(v.contents())
+        .map(|(a, content)| ArtifactInput {
+            role: a.role.clone(),
+            media_type: a.media_type.clone(),
+            content: edit(
+                a,
+                content
+                    .clone()
+                    .expect("a fully verified bundle has every content"),
+            ),
+            target: a.target.clone(),
+            try_shuffle: a.encoding == Encoding::Shuffle4Zstd,
+        })
+        .collect()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -385,25 +446,13 @@ impl Bundles {
         let mut expected: serde_json::Value = serde_json::from_str(&example.expected_json).unwrap();
         expected["predictions"][0]["label"] = "virginica".into();
         example.expected_json = expected.to_string();
-        let inputs: Vec<ArtifactInput> = v
-            .manifest()
-            .artifacts
-            .iter()
-            .zip(v.contents())
-            .map(|(a, content)| ArtifactInput {
-                role: a.role.clone(),
-                media_type: a.media_type.clone(),
-                content: if a.role == role::GOLDEN {
-                    to_cbor(&golden)
-                } else {
-                    content
-                        .clone()
-                        .expect("a fully verified bundle has every content")
-                },
-                target: a.target.clone(),
-                try_shuffle: a.encoding == Encoding::Shuffle4Zstd,
-            })
-            .collect();
+        let inputs = artifact_inputs(&v, &mut |a, content| {
+            if a.role == role::GOLDEN {
+                to_cbor(&golden)
+            } else {
+                content
+            }
+        });
         let mut manifest = v.manifest().clone();
         manifest.release.sequence = 3;
         let key = SecretKey::from_pem(&std::fs::read_to_string(self.raw("release.key")).unwrap())

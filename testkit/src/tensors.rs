@@ -4,8 +4,9 @@
 
 use ferry_guest_abi::{Tensor, TensorSet};
 
-/// A `.npy` file as `np.save` writes it (format 1.0, header padded to a
-/// multiple of 64 bytes and ended by a newline).
+/// A `.npy` file with any type string, for requests a pipeline must refuse
+/// (format 1.0, header padded to a multiple of 64 bytes and ended by a
+/// newline; without NumPy's spare room, which readers do not need).
 pub fn npy(descr: &str, shape: &[u64], data: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
     let shape = match dims.len() {
@@ -24,10 +25,10 @@ pub fn npy(descr: &str, shape: &[u64], data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A float32 `.npy` file.
+/// A float32 `.npy` file, as `np.save` writes it (`Tensor::to_npy`, checked
+/// byte for byte against NumPy in guest-abi/tests/npy.rs).
 pub fn npy_f32(shape: &[u64], values: &[f32]) -> Vec<u8> {
-    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    npy("<f4", shape, &data)
+    Tensor::from_f32("x", shape.to_vec(), values).to_npy()
 }
 
 /// A tensor set holding one float32 tensor.
