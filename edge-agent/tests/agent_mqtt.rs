@@ -490,11 +490,19 @@ async fn commands_install_roll_back_and_shadow() {
         });
         for i in 0..40 {
             let x = 4.5 + (i % 30) as f64 * 0.1;
-            assert_eq!(
-                d.predict_json(&iris_request([x, 3.0, 1.5 + (i % 5) as f64, 0.2]))
-                    .0,
-                200
-            );
+            let request = iris_request([x, 3.0, 1.5 + (i % 5) as f64, 0.2]);
+            if i % 2 == 0 {
+                assert_eq!(d.predict_json(&request).0, 200);
+            } else {
+                // Live requests answered in a binary form are compared too (the
+                // candidate answers in the same form).
+                let (status, ct, _) = d.post_accept(
+                    "application/json",
+                    "application/x-ferry-tensors",
+                    request.to_string().as_bytes(),
+                );
+                assert_eq!((status, ct.as_str()), (200, "application/x-ferry-tensors"));
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         d
@@ -518,6 +526,7 @@ async fn commands_install_roll_back_and_shadow() {
     );
     let r = report(&sub.messages()).unwrap();
     assert_eq!(r["compared"], 20, "{r}");
+    assert_eq!(r["candidate_errors"], 0, "{r}");
     assert_eq!(r["top1_agreement"], 1.0, "{r}");
     assert!(r["mean_abs_diff"].as_f64().unwrap() < 1e-9, "{r}");
     assert_eq!(r["candidate"]["sequence"], 2);
