@@ -179,18 +179,9 @@ fn binary_tensors_are_served_and_malformed_ones_get_400() {
     let set = ferry_runtime::TensorSet::decode(&body).unwrap();
     let names: Vec<&str> = set.tensors.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["label", "probabilities"]);
-    let json_probabilities: Vec<f32> = want["outputs"]["probabilities"]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    let probabilities: Vec<f32> = set.tensors[1]
-        .to_f64_vec()
-        .iter()
-        .map(|v| *v as f32)
-        .collect();
-    assert_eq!(probabilities, json_probabilities);
+    for t in &set.tensors {
+        ferry_testkit::tensors::assert_matches_json_output(t, &want);
+    }
     // One .npy cannot carry two outputs: 406, counted, and nothing else changes.
     let (status, ct, body) = d.post_accept("application/x-npy", "application/x-npy", &good);
     assert_eq!((status, ct.as_str()), (406, "application/json"));

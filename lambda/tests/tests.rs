@@ -566,18 +566,9 @@ fn binary_responses_go_out_base64_and_a_form_the_model_cannot_give_is_a_406() {
         .unwrap();
     let set = ferry_runtime::TensorSet::decode(&bytes).unwrap();
     assert_eq!(set.tensors[1].name, "probabilities");
-    let json_probabilities: Vec<f32> = want["outputs"]["probabilities"]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    let probabilities: Vec<f32> = set.tensors[1]
-        .to_f64_vec()
-        .iter()
-        .map(|v| *v as f32)
-        .collect();
-    assert_eq!(probabilities, json_probabilities);
+    for t in &set.tensors {
+        ferry_testkit::tensors::assert_matches_json_output(t, &want);
+    }
     // One .npy cannot hold both: 406, logged, and the function keeps serving.
     let (status, r) = response_body(&api.invoke(event("application/x-npy")));
     assert_eq!(status, 406, "{r}");

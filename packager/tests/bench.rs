@@ -13,17 +13,20 @@ fn number(v: &serde_json::Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("{path} is not a number in {v}"))
 }
 
+/// `ferry bench` on the digits fixture with a golden image, and `extra`.
+fn bench_digits(extra: &[&str]) -> std::process::Output {
+    let f = bundles();
+    let (digits, public) = (f.bundle("digits"), f.public());
+    let input = example("digits/golden/digit_3.png");
+    let mut args = vec!["bench", &digits, "--pub", &public, "--input", &input];
+    args.extend(extra);
+    ferry(&args)
+}
+
 #[test]
 fn bench_reports_cold_warm_and_throughput_as_json() {
     let f = bundles();
-    let digits = f.bundle("digits");
-    let o = ferry(&[
-        "bench",
-        &digits,
-        "--pub",
-        &f.public(),
-        "--input",
-        &example("digits/golden/digit_3.png"),
+    let o = bench_digits(&[
         "--threads",
         "2",
         "--seconds",
@@ -73,18 +76,7 @@ fn bench_reports_cold_warm_and_throughput_as_json() {
     assert!(number(&r, "throughput.scaling") > 0.0, "{r}");
 
     // Without --json: the same measurements, for people.
-    let o = ferry(&[
-        "bench",
-        &digits,
-        "--pub",
-        &f.public(),
-        "--input",
-        &example("digits/golden/digit_3.png"),
-        "--threads",
-        "1",
-        "--seconds",
-        "0.02",
-    ]);
+    let o = bench_digits(&["--threads", "1", "--seconds", "0.02"]);
     assert_exit(&o, 0);
     let text = stdout(&o);
     for line in [
@@ -97,13 +89,7 @@ fn bench_reports_cold_warm_and_throughput_as_json() {
     }
 
     // The pipeline answering with the model's output as .npy.
-    let o = ferry(&[
-        "bench",
-        &digits,
-        "--pub",
-        &f.public(),
-        "--input",
-        &example("digits/golden/digit_3.png"),
+    let o = bench_digits(&[
         "--threads",
         "1",
         "--seconds",

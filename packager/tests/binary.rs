@@ -147,8 +147,6 @@ fn binary_responses_carry_the_outputs_the_json_response_carries() {
     let json = run_example("digits", &digit, &["--json"]);
     assert_exit(&json, 0);
     let json: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
-    let logits = &json["outputs"]["logits"];
-
     // Every output as a tensor set, on standard output.
     let o = run_example("digits", &digit, &["--accept", "tensors"]);
     assert_exit(&o, 0);
@@ -156,18 +154,7 @@ fn binary_responses_carry_the_outputs_the_json_response_carries() {
     assert_eq!(set.tensors.len(), 1);
     let t = &set.tensors[0];
     assert_eq!((t.name.as_str(), t.dtype), ("logits", DType::F32));
-    assert_eq!(serde_json::json!(t.shape), logits["shape"]);
-    let want: Vec<f64> = logits["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    // JSON writes each f32 with the fewest digits that read back as it.
-    let got: Vec<f64> = t.to_f64_vec();
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(*g as f32, *w as f32, "{got:?} vs {want:?}");
-    }
+    ferry_testkit::tensors::assert_matches_json_output(t, &json);
 
     // The one output as a .npy file: chosen by the extension, or named.
     let out = bundles().scratch("digit_3.npy");

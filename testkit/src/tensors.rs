@@ -61,3 +61,33 @@ pub fn iris_tensor() -> (Vec<u64>, Vec<f32>) {
         .collect();
     (shape, values)
 }
+
+/// Asserts that a tensor of a binary response holds what the JSON response of
+/// the same request says for that output (`outputs.<name>`: the shape, and
+/// the values at the tensor's precision, since JSON writes each `f32` with the
+/// fewest digits that read back as it).
+pub fn assert_matches_json_output(t: &Tensor, response: &serde_json::Value) {
+    let output = &response["outputs"][&t.name];
+    assert_eq!(
+        serde_json::json!(t.shape),
+        output["shape"],
+        "{}: {response}",
+        t.name
+    );
+    let want: Vec<f64> = output["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no outputs.{} in {response}", t.name))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let got = t.to_f64_vec();
+    let same = match t.dtype {
+        ferry_guest_abi::DType::F32 => got.iter().zip(&want).all(|(g, w)| *g as f32 == *w as f32),
+        _ => got == want,
+    };
+    assert!(
+        same && got.len() == want.len(),
+        "{}: {got:?} vs {want:?}",
+        t.name
+    );
+}
