@@ -142,16 +142,30 @@ pub fn trust_policy() -> Result<TrustPolicy, InitError> {
     TrustPolicy::with_threshold(keys, threshold).map_err(|e| InitError::Keys(e.to_string()))
 }
 
-/// The engine: `FERRY_ENGINE` (`auto` when unset, `tract`, `onnxruntime`);
-/// onnxruntime from `FERRY_ONNXRUNTIME`, else the `libonnxruntime.so` that
-/// `ferry lambda-package --onnxruntime` put beside `bootstrap`.
+/// The file `ferry lambda-package --engine` writes beside `bootstrap`.
+pub const ENGINE_FILE: &str = "ferry.engine";
+
+/// The engine: `FERRY_ENGINE` (`tract`, `onnxruntime`, `auto`), else the
+/// one `ferry lambda-package --engine` recorded in [`ENGINE_FILE`] beside
+/// `bootstrap`, else `auto`; onnxruntime from `FERRY_ONNXRUNTIME`, else the
+/// `libonnxruntime.so` that `ferry lambda-package --onnxruntime` put beside
+/// `bootstrap`.
 pub fn engine_options() -> Result<ferry_runtime::EngineOptions, InitError> {
-    let choice = match std::env::var("FERRY_ENGINE") {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
+    let parse = |what: &str, v: &str| {
+        v.trim()
             .parse()
-            .map_err(|e| InitError::Read(format!("FERRY_ENGINE: {e}")))?,
-        _ => ferry_runtime::EngineChoice::Auto,
+            .map_err(|e| InitError::Read(format!("{what}: {e}")))
+    };
+    let choice = match std::env::var("FERRY_ENGINE") {
+        Ok(v) if !v.trim().is_empty() => parse("FERRY_ENGINE", &v)?,
+        _ => match exe_dir().map(|d| d.join(ENGINE_FILE)) {
+            Some(path) if path.is_file() => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| InitError::Read(format!("cannot read {}: {e}", path.display())))?;
+                parse(&path.display().to_string(), &text)?
+            }
+            _ => ferry_runtime::EngineChoice::Auto,
+        },
     };
     Ok(ferry_runtime::EngineOptions {
         choice,

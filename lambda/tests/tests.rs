@@ -750,6 +750,117 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     // (packager/tests/engines.rs shows the library writing them when allowed).
     let written = ferry_testkit::fixtures::paths_under(home.path());
     assert!(written.is_empty(), "onnxruntime wrote {written:?}");
+    drop(f);
+
+    // Packaged with both engines and no --engine, the packager measured them here and said
+    // what each cold start will do.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("measured here") && stderr.contains("pass --engine"),
+        "{stderr}"
+    );
+
+    // --engine records the engine beside bootstrap: the function loads it alone, with no
+    // measurement at start; the function's FERRY_ENGINE still wins.
+    let zip2 = dir.path().join("function-ort.zip");
+    let o = lambda_package(&[
+        &iris,
+        "--pub",
+        &public,
+        "--arch",
+        arch,
+        "--onnxruntime",
+        lib.to_str().unwrap(),
+        "--engine",
+        "onnxruntime",
+        "-o",
+        zip2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let root2 = dir.path().join("function-ort");
+    let entries = unzip_function(&std::fs::read(&zip2).unwrap(), &root2);
+    let engine_file: Vec<_> = entries.iter().filter(|e| e.0 == "ferry.engine").collect();
+    assert_eq!(
+        engine_file.len(),
+        1,
+        "{:?}",
+        entries.iter().map(|e| &e.0).collect::<Vec<_>>()
+    );
+    assert_eq!(engine_file[0].2, b"onnxruntime\n");
+    for (env, want) in [(None, "onnxruntime"), (Some("tract"), "tract")] {
+        let api = RuntimeApi::start();
+        let mut vars = vec![];
+        if let Some(e) = env {
+            vars.push(("FERRY_ENGINE", e));
+        }
+        let f = start_at(&root2.join("bootstrap"), &api, &vars);
+        let out = api.invoke(read("iris/golden/setosa.json"));
+        assert!(matches!(out, Outcome::Response { .. }), "{out:?}");
+        let lines = f.lines.lock().unwrap().clone();
+        let init: Vec<Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["message"] == "Initialized")
+            .collect();
+        assert_eq!(init[0]["engine"], want, "{lines:?}");
+        assert_eq!(init[0]["engine_race"], json!([]), "{lines:?}");
+    }
+    // A file that names no engine stops the start with the file's name in the error.
+    std::fs::write(root2.join("ferry.engine"), "gpu\n").unwrap();
+    let api = RuntimeApi::start();
+    let mut f = start_at(&root2.join("bootstrap"), &api, &[]);
+    let out = api
+        .outcomes
+        .recv_timeout(WAIT)
+        .expect("an init error is reported");
+    let Outcome::InitError { body, .. } = out else {
+        panic!("{out:?}")
+    };
+    let message = body["errorMessage"].as_str().unwrap();
+    assert!(
+        message.contains("ferry.engine") && message.contains("unknown engine `gpu`"),
+        "{message}"
+    );
+    assert_ne!(f.child.wait().unwrap().code(), Some(0));
+
+    // An engine the bundle's model cannot run on is refused when packaging, with the reason
+    // recorded at pack time (tract does not run sequence operators).
+    let seq = dir.path().join("seq.ferry");
+    let o = ferry_testkit::cli::ferry_env(
+        &[
+            "pack",
+            "--model",
+            examples()
+                .join("../runtime/tests/fixtures/sequence_concat.onnx")
+                .to_str()
+                .unwrap(),
+            "--key",
+            &b.key(),
+            "-o",
+            seq.to_str().unwrap(),
+        ],
+        &[("FERRY_ONNXRUNTIME", lib.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let zip3 = dir.path().join("function-seq.zip");
+    let o = lambda_package(&[
+        seq.to_str().unwrap(),
+        "--pub",
+        &public,
+        "--arch",
+        arch,
+        "--engine",
+        "tract",
+        "-o",
+        zip3.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("--engine tract: tract cannot serve") && stderr.contains("Sequence"),
+        "{stderr}"
+    );
+    assert!(!zip3.exists());
 }
 
 /// Unpacks a `ferry lambda-package` zip into `root` as Lambda would (with

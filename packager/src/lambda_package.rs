@@ -16,6 +16,8 @@ use clap::{Args, ValueEnum};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, DateTime, ZipWriter};
 
+use ferry_runtime as rt;
+
 use crate::{TrustArgs, verified};
 
 /// ELF `e_machine` values.
@@ -72,9 +74,15 @@ pub struct LambdaPackageArgs {
     /// Ship this libonnxruntime (for the same architecture) as
     /// `libonnxruntime.so` beside `bootstrap`, where the runtime looks for it:
     /// the onnxruntime engine then serves the bundle when it can and is
-    /// faster (or always, with the function's `FERRY_ENGINE=onnxruntime`).
+    /// faster (or always, with `--engine onnxruntime`).
     #[arg(long, value_name = "FILE")]
     onnxruntime: Option<PathBuf>,
+    /// The engine the function loads, `tract` or `onnxruntime`, written to
+    /// `ferry.engine` beside `bootstrap`: each cold start then loads that
+    /// engine alone instead of loading both and measuring them (`auto`, the
+    /// default). The function's `FERRY_ENGINE` still wins.
+    #[arg(long, value_name = "ENGINE")]
+    engine: Option<rt::EngineChoice>,
     /// Output zip file.
     #[arg(short, long, value_name = "FILE")]
     out: PathBuf,
@@ -174,20 +182,56 @@ impl LambdaPackageArgs {
                 Some(bytes)
             }
         };
+        let engine = match self.engine {
+            None | Some(rt::EngineChoice::Auto) => {
+                if let (Some(lib), Some(true)) =
+                    (&self.onnxruntime, Arch::host().map(|h| h == arch))
+                {
+                    self.measure_engines(&bundle_bytes, lib)?;
+                }
+                None
+            }
+            Some(rt::EngineChoice::Only(engine)) => {
+                let refused = bundle.manifest().model.engines.as_ref().and_then(|e| {
+                    e.engines
+                        .iter()
+                        .find(|r| r.name == engine.name() && r.serves == Some(false))
+                });
+                if let Some(r) = refused {
+                    bail!(
+                        "--engine {engine}: {engine} cannot serve this bundle's model (found when it \
+                         was packed: {})",
+                        r.reason.as_deref().unwrap_or("no reason recorded")
+                    );
+                }
+                if engine == rt::Engine::OnnxRuntime && library.is_none() {
+                    eprintln!(
+                        "warning: --engine onnxruntime without --onnxruntime: the function must \
+                         find the library itself (FERRY_ONNXRUNTIME), or its start fails"
+                    );
+                }
+                Some(engine)
+            }
+        };
         let zip = build_zip(
             &bootstrap,
             &bundle_name,
             &bundle_bytes,
             &keys,
+            engine,
             library.as_deref(),
         )?;
         ferry_host::write_durably(&self.out, &zip)?;
         println!(
-            "wrote {} ({} bytes): bootstrap ({}), {bundle_name}, {} key(s){}",
+            "wrote {} ({} bytes): bootstrap ({}), {bundle_name}, {} key(s){}{}",
             self.out.display(),
             zip.len(),
             arch.triple(),
             keys.len(),
+            match engine {
+                Some(e) => format!(", {ENGINE_FILE} ({e})"),
+                None => String::new(),
+            },
             if library.is_some() {
                 ", libonnxruntime.so"
             } else {
@@ -196,13 +240,59 @@ impl LambdaPackageArgs {
         );
         Ok(())
     }
+
+    /// With both engines present and `auto`, the function loads both and
+    /// measures them at every cold start: do it once here (this machine's
+    /// architecture is the function's) and say what `--engine` would save.
+    fn measure_engines(&self, bundle: &[u8], library: &std::path::Path) -> Result<()> {
+        let options = rt::EngineOptions {
+            choice: rt::EngineChoice::Auto,
+            onnxruntime: Some(library.to_path_buf()),
+        };
+        let session = match rt::Session::load_with(bundle, &self.trust.policy()?, &options) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("note: the engines could not be measured here: {e}");
+                return Ok(());
+            }
+        };
+        let race = session.engine_race();
+        if race.is_empty() {
+            // One engine can serve this model: nothing is measured at start either.
+            return Ok(());
+        }
+        let runs: Vec<String> = race
+            .iter()
+            .map(|(e, d)| match d {
+                Some(d) => format!("{e} {:.1} µs", d.as_secs_f64() * 1e6),
+                None => format!("{e} failed"),
+            })
+            .collect();
+        let t = session.timings();
+        eprintln!(
+            "note: measured here, one run of the model: {}. With both engines shipped and no \
+             --engine, every cold start loads both (model load {:.0} ms here) and measures them \
+             ({:.0} ms here) before keeping {}; pass --engine {} to load only that one",
+            runs.join(", "),
+            t.model.as_secs_f64() * 1e3,
+            t.engine_race.as_secs_f64() * 1e3,
+            session.engine(),
+            session.engine(),
+        );
+        Ok(())
+    }
 }
+
+/// The file beside `bootstrap` naming the engine the function loads
+/// (`lambda/src/init.rs` reads it).
+const ENGINE_FILE: &str = "ferry.engine";
 
 fn build_zip(
     bootstrap: &[u8],
     bundle_name: &str,
     bundle: &[u8],
     keys: &[(String, Vec<u8>)],
+    engine: Option<rt::Engine>,
     onnxruntime: Option<&[u8]>,
 ) -> Result<Vec<u8>> {
     let base = SimpleFileOptions::default()
@@ -221,6 +311,10 @@ fn build_zip(
     for (name, text) in keys {
         zip.start_file(name.as_str(), base.unix_permissions(0o644))?;
         zip.write_all(text)?;
+    }
+    if let Some(engine) = engine {
+        zip.start_file(ENGINE_FILE, base.unix_permissions(0o644))?;
+        writeln!(zip, "{engine}")?;
     }
     if let Some(lib) = onnxruntime {
         zip.start_file("libonnxruntime.so", base.unix_permissions(0o755))?;
