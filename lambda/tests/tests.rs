@@ -581,13 +581,25 @@ fn binary_responses_go_out_base64_and_a_form_the_model_cannot_give_is_a_406() {
     );
     let (status, again) = response_body(&api.invoke(event("application/x-npy;q=0.9, */*;q=0.1")));
     assert_eq!((status, &again), (200, &want));
-    let lines = f.lines.lock().unwrap().clone();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("Request refused") && l.contains("\"status\":406")),
-        "{lines:?}"
-    );
+    let lines = wait_for_line(&f, &|l| {
+        l.contains("Request refused") && l.contains("\"status\":406")
+    });
+    assert!(!lines.is_empty());
+}
+
+/// The function's stdout lines once one matches `want` (they are collected by
+/// another thread, so a line logged after a response may not be there yet);
+/// panics after [`WAIT`].
+fn wait_for_line(f: &Function, want: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let lines = f.lines.lock().unwrap().clone();
+        if lines.iter().any(|l| want(l)) {
+            return lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{lines:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -796,7 +808,7 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
         let f = start_at(&root2.join("bootstrap"), &api, &vars);
         let out = api.invoke(read("iris/golden/setosa.json"));
         assert!(matches!(out, Outcome::Response { .. }), "{out:?}");
-        let lines = f.lines.lock().unwrap().clone();
+        let lines = wait_for_line(&f, &|l| l.contains("\"Initialized\""));
         let init: Vec<Value> = lines
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
