@@ -188,7 +188,12 @@ async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -
                 PredictError::BadInput { .. } => StatusCode::BAD_REQUEST,
                 PredictError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            error(status, e.code(), e.to_string())
+            let mut response = error(status, e.code(), e.to_string());
+            // A 406 answers the request's `Accept` too.
+            response
+                .headers_mut()
+                .insert(header::VARY, header::HeaderValue::from_static("accept"));
+            response
         }
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,

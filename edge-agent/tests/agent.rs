@@ -213,6 +213,17 @@ fn binary_tensors_are_served_and_malformed_ones_get_400() {
             want
         );
     }
+    // One refusing JSON with q=0 and accepting no binary form is not sent the JSON it refused.
+    let (status, _, body) = d.post_accept("application/x-npy", "application/json;q=0", &good);
+    assert_eq!(status, 406);
+    let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(r["code"], "not_acceptable", "{r}");
+    assert!(
+        d.metrics()
+            .contains(r#"ferry_prediction_errors_total{code="not_acceptable"} 2"#),
+        "{}",
+        d.metrics()
+    );
 }
 
 #[test]

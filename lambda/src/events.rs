@@ -12,7 +12,9 @@
 //!   header asks for `application/x-npy` or `application/x-ferry-tensors`;
 //!   400 with `{"error": ...}` for a bad request, 406 for a binary form the
 //!   model cannot give (`.npy` from several outputs), 413 for a body over
-//!   the limit, 500 for a failure of the function itself.
+//!   the limit, 500 for a failure of the function itself or an answer over
+//!   Lambda's 6 MB response limit (which would reach the client as a bare
+//!   502 from API Gateway).
 
 use std::time::Instant;
 
@@ -27,6 +29,25 @@ use crate::telemetry::{self, Invocation};
 /// at 6 MB; a lower cap (`FERRY_MAX_BODY_BYTES`) refuses big bodies with a
 /// 413 before any decoding.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 6 << 20;
+
+/// Lambda's limit on a synchronous invocation's response (the whole JSON it
+/// returns: an HTTP response's body is a string in it), less room for the
+/// rest of that JSON. A larger answer would reach the client as a bare 502
+/// from API Gateway; it is refused here with a message instead.
+pub const MAX_RESPONSE_BYTES: usize = (6 << 20) - 1024;
+
+/// How many bytes `answer` takes in the invocation's response: base64 for a
+/// binary form; for JSON, the text itself (direct invocations) or that text
+/// as a JSON string (HTTP: each `"` and `\` escaped, and two quotes).
+fn response_size(form: ResponseForm, out: &[u8], http: bool) -> usize {
+    if form.is_binary() {
+        out.len().div_ceil(3) * 4
+    } else if http {
+        out.len() + out.iter().filter(|&&b| b == b'"' || b == b'\\').count() + 2
+    } else {
+        out.len()
+    }
+}
 
 fn max_body_bytes() -> usize {
     std::env::var("FERRY_MAX_BODY_BYTES")
@@ -156,12 +177,13 @@ enum Answer {
 }
 
 /// Runs one request in the form asked for (`accept`: the HTTP header;
-/// direct invocations answer JSON).
+/// direct invocations answer JSON, `http` false).
 fn answer(
     session: &Session,
     content_type: &str,
     body: &[u8],
     accept: Option<&str>,
+    http: bool,
 ) -> Result<Answer, (u16, String)> {
     let status = |e: ferry_runtime::Error| {
         let status = if e.is_not_acceptable() {
@@ -184,6 +206,21 @@ fn answer(
                 .map_or(1, |&r| r as usize);
         })
         .map_err(status)?;
+    let size = response_size(form, &out, http);
+    if size > MAX_RESPONSE_BYTES {
+        return Err((
+            500,
+            format!(
+                "the answer takes {size} bytes in the response, over Lambda's limit of \
+                 {MAX_RESPONSE_BYTES}: send fewer rows per request{}",
+                if form.is_binary() {
+                    ""
+                } else {
+                    ", or accept application/x-npy or application/x-ferry-tensors (smaller than JSON)"
+                }
+            ),
+        ));
+    }
     if form.is_binary() {
         return Ok(Answer::Binary(form, out, rows));
     }
@@ -203,9 +240,11 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
             "application/json",
             event.to_string().as_bytes(),
             None,
+            false,
         ),
-        Source::Http => http_request(&event)
-            .and_then(|(ct, body)| answer(session, &ct, &body, accept_header(&event).as_deref())),
+        Source::Http => http_request(&event).and_then(|(ct, body)| {
+            answer(session, &ct, &body, accept_header(&event).as_deref(), true)
+        }),
     };
     let (predictions, classes) = match &outcome {
         Ok(Answer::Json(v)) => {
@@ -262,7 +301,32 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
             "isBase64Encoded": true,
         })),
         (Source::Http, Err((status, message))) => {
-            Ok(http_response(status, &json!({ "error": message })))
+            let mut r = http_response(status, &json!({ "error": message }));
+            // A 406 answers the request's `accept` too.
+            r["headers"]["vary"] = json!("accept");
+            Ok(r)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_sizes_count_what_lambda_counts() {
+        // Base64: 4 bytes for each 3, the last group padded.
+        assert_eq!(response_size(ResponseForm::Tensors, &[0; 3], true), 4);
+        assert_eq!(response_size(ResponseForm::Npy, &[0; 4], true), 8);
+        assert_eq!(response_size(ResponseForm::Npy, &[], true), 0);
+        // JSON in an HTTP response is a string: quotes and backslashes escaped, two quotes
+        // (valid JSON holds no raw control characters to escape).
+        let json = br#"{"a":"\n","b":1}"#;
+        let as_string = serde_json::to_string(std::str::from_utf8(json).unwrap()).unwrap();
+        assert_eq!(
+            response_size(ResponseForm::Json, json, true),
+            as_string.len()
+        );
+        assert_eq!(response_size(ResponseForm::Json, json, false), json.len());
     }
 }

@@ -569,8 +569,14 @@ fn binary_responses_go_out_base64_and_a_form_the_model_cannot_give_is_a_406() {
     for t in &set.tensors {
         ferry_testkit::tensors::assert_matches_json_output(t, &want);
     }
-    // One .npy cannot hold both: 406, logged, and the function keeps serving.
-    let (status, r) = response_body(&api.invoke(event("application/x-npy")));
+    // One .npy cannot hold both: 406 (which depends on `accept` too), logged, and the
+    // function keeps serving.
+    let refused = api.invoke(event("application/x-npy"));
+    let Outcome::Response { body: raw, .. } = &refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(raw["headers"]["vary"], "accept", "{raw}");
+    let (status, r) = response_body(&refused);
     assert_eq!(status, 406, "{r}");
     assert!(
         r["error"]
@@ -579,12 +585,68 @@ fn binary_responses_go_out_base64_and_a_form_the_model_cannot_give_is_a_406() {
             .contains("this model has 2 outputs"),
         "{r}"
     );
+    // Nor is a client refusing JSON with q=0 sent JSON.
+    let (status, r) = response_body(&api.invoke(event("application/json;q=0")));
+    assert_eq!(status, 406, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("refuses application/json"),
+        "{r}"
+    );
     let (status, again) = response_body(&api.invoke(event("application/x-npy;q=0.9, */*;q=0.1")));
     assert_eq!((status, &again), (200, &want));
     let lines = wait_for_line(&f, &|l| {
         l.contains("Request refused") && l.contains("\"status\":406")
     });
     assert!(!lines.is_empty());
+}
+
+#[test]
+fn an_answer_over_lambdas_response_limit_is_refused_with_advice_not_a_bare_502() {
+    use ferry_testkit::tensors::{iris_tensor, npy_f32};
+    let api = RuntimeApi::start();
+    let b = bundles();
+    let f = start(
+        &api,
+        &[
+            ("FERRY_BUNDLE", &b.file("raw.ferry")),
+            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
+        ],
+    );
+    // 200,000 rows: a 3.1 MiB request whose JSON answer is over 6 MB; the same answer as
+    // a tensor set (20 bytes a row) fits.
+    let (_, row) = iris_tensor();
+    let rows = 200_000usize;
+    let values: Vec<f32> = row[..4].iter().copied().cycle().take(rows * 4).collect();
+    let body =
+        base64::engine::general_purpose::STANDARD.encode(npy_f32(&[rows as u64, 4], &values));
+    let event = |accept: &str| {
+        let mut e = http_v2(&body, "application/x-npy", true);
+        e["headers"]["accept"] = json!(accept);
+        e
+    };
+    let (status, r) = response_body(&api.invoke(event("application/json")));
+    assert_eq!(status, 500, "{r}");
+    let message = r["error"].as_str().unwrap();
+    assert!(
+        message.contains("over Lambda's limit of 6290432")
+            && message.contains("accept application/x-npy or application/x-ferry-tensors"),
+        "{message}"
+    );
+    wait_for_line(&f, &|l| {
+        l.contains("Request refused") && l.contains("over Lambda's limit")
+    });
+    let Outcome::Response { body: r, .. } = api.invoke(event("application/x-ferry-tensors")) else {
+        panic!("expected a response")
+    };
+    assert_eq!(r["statusCode"], 200);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(r["body"].as_str().unwrap())
+        .unwrap();
+    let set = ferry_runtime::TensorSet::decode(&bytes).unwrap();
+    assert_eq!(set.tensors[1].shape, [rows as u64, 3]);
 }
 
 /// The function's stdout lines once one matches `want` (they are collected by
@@ -873,6 +935,95 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
         "{stderr}"
     );
     assert!(!zip3.exists());
+
+    // Packed where onnxruntime was absent, the bundle records nothing about it: the
+    // packager loads the model on it here instead, rather than ship a function whose every
+    // cold start fails (here the "library" is not onnxruntime: bootstrap itself, an ELF
+    // file for this architecture that does not load as one).
+    let unchecked = dir.path().join("unchecked.ferry");
+    let o = ferry_testkit::cli::ferry_env(
+        &[
+            "pack",
+            "--model",
+            examples()
+                .join("../runtime/tests/fixtures/mlp.onnx")
+                .to_str()
+                .unwrap(),
+            "--key",
+            &b.key(),
+            "-o",
+            unchecked.to_str().unwrap(),
+        ],
+        &[("FERRY_ONNXRUNTIME", "")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let zip4 = dir.path().join("function-unchecked.zip");
+    let package = |arch: &str, library: &Path| {
+        lambda_package(&[
+            unchecked.to_str().unwrap(),
+            "--pub",
+            &public,
+            "--arch",
+            arch,
+            "--onnxruntime",
+            library.to_str().unwrap(),
+            "--engine",
+            "onnxruntime",
+            "-o",
+            zip4.to_str().unwrap(),
+        ])
+    };
+    let o = package(arch, &root.join("bootstrap"));
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("--engine onnxruntime: onnxruntime cannot load this bundle's model"),
+        "{stderr}"
+    );
+    assert!(!zip4.exists());
+    // With the real library it loads here and ships, with nothing to warn about.
+    let o = package(arch, &lib);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(zip4.exists());
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // For another architecture nothing can be loaded here: it ships, and says that nobody
+    // checked (the files are bare ELF headers for that machine).
+    let (other, machine) = if cfg!(target_arch = "aarch64") {
+        ("x86_64", 0x3Eu16)
+    } else {
+        ("arm64", 0xB7u16)
+    };
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(18, 0);
+    elf.extend_from_slice(&machine.to_le_bytes());
+    elf.resize(64, 0);
+    let foreign = dir.path().join("foreign.so");
+    std::fs::write(&foreign, &elf).unwrap();
+    let o = lambda_package(&[
+        unchecked.to_str().unwrap(),
+        "--pub",
+        &public,
+        "--arch",
+        other,
+        "--bootstrap",
+        foreign.to_str().unwrap(),
+        "--onnxruntime",
+        foreign.to_str().unwrap(),
+        "--engine",
+        "onnxruntime",
+        "-o",
+        zip4.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: --engine onnxruntime: nobody checked that onnxruntime serves"),
+        "{stderr}"
+    );
 }
 
 /// Unpacks a `ferry lambda-package` zip into `root` as Lambda would (with

@@ -210,6 +210,17 @@ impl LambdaPackageArgs {
                          find the library itself (FERRY_ONNXRUNTIME), or its start fails"
                     );
                 }
+                let recorded = bundle.manifest().model.engines.as_ref().and_then(|e| {
+                    e.engines
+                        .iter()
+                        .find(|r| r.name == engine.name())
+                        .and_then(|r| r.serves)
+                });
+                if recorded.is_none() {
+                    // Not checked when the bundle was packed (the engine was absent there):
+                    // check it here where this machine can, or say that nobody did.
+                    self.check_engine(&bundle_bytes, engine, arch)?;
+                }
                 Some(engine)
             }
         };
@@ -238,6 +249,52 @@ impl LambdaPackageArgs {
                 ""
             }
         );
+        Ok(())
+    }
+
+    /// Loads the bundle on `engine` alone and runs its golden examples, as the
+    /// function's cold start will: refused here rather than at every start.
+    /// Where this machine cannot (another architecture, or onnxruntime without
+    /// `--onnxruntime`), says that the choice is unchecked.
+    fn check_engine(&self, bundle: &[u8], engine: rt::Engine, arch: Arch) -> Result<()> {
+        let library = match engine {
+            rt::Engine::OnnxRuntime => self.onnxruntime.clone(),
+            rt::Engine::Tract => None,
+        };
+        if Arch::host() != Some(arch) || (engine == rt::Engine::OnnxRuntime && library.is_none()) {
+            eprintln!(
+                "warning: --engine {engine}: nobody checked that {engine} serves this bundle's \
+                 model (it was absent when the bundle was packed, and cannot run here); a model \
+                 it cannot run fails every cold start"
+            );
+            return Ok(());
+        }
+        let options = rt::EngineOptions {
+            choice: rt::EngineChoice::Only(engine),
+            onnxruntime: library,
+        };
+        let session =
+            rt::Session::load_with(bundle, &self.trust.policy()?, &options).map_err(|e| {
+                anyhow::anyhow!("--engine {engine}: {engine} cannot load this bundle's model: {e}")
+            })?;
+        let failed: Vec<String> = session
+            .check_golden()
+            .into_iter()
+            .filter(|g| !g.passed())
+            .map(|g| match g.error {
+                Some(e) => format!("{}: {e}", g.name),
+                None => match g.mismatches.first() {
+                    Some(m) => format!("{}: {m}", g.name),
+                    None => g.name,
+                },
+            })
+            .collect();
+        if !failed.is_empty() {
+            bail!(
+                "--engine {engine}: golden examples fail on {engine}: {}",
+                failed.join("; ")
+            );
+        }
         Ok(())
     }
 

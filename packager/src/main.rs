@@ -445,6 +445,22 @@ fn run(a: RunArgs) -> Result<()> {
         .as_ref()
         .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")));
     let (form, asked_by) = match (a.accept, npy_file) {
+        (Some(form), Some(path)) if form != rt::ResponseForm::Npy => {
+            return Err(fail(
+                exit::USAGE,
+                anyhow::anyhow!(
+                    "--accept {} writes {}, not an array: {} would not be a .npy file \
+                     (use --accept npy, or another file name)",
+                    form.name(),
+                    if form == rt::ResponseForm::Json {
+                        "JSON"
+                    } else {
+                        "a tensor set"
+                    },
+                    path.display()
+                ),
+            ));
+        }
         (Some(form), _) => (form, format!("--accept {}", form.name())),
         (None, Some(path)) => (
             rt::ResponseForm::Npy,

@@ -165,12 +165,27 @@ fn binary_responses_carry_the_outputs_the_json_response_carries() {
     let o = run_example("digits", &digit, &["--accept", "application/x-npy"]);
     assert_exit(&o, 0);
     assert_eq!(o.stdout, t.to_npy());
-    // --accept wins over the extension; JSON to a file is the JSON response.
-    let out = bundles().scratch("digit_3.json.npy");
+    // JSON to a file is the JSON response.
+    let out = bundles().scratch("digit_3.json");
     let o = run_example("digits", &digit, &["--output", &out, "--accept", "json"]);
     assert_exit(&o, 0);
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(written, json);
+    // A .npy file that would not hold an array is refused before anything runs.
+    for (accept, what) in [("json", "JSON"), ("tensors", "a tensor set")] {
+        let out = bundles().scratch(&format!("digit_3.{accept}.npy"));
+        let _ = std::fs::remove_file(&out);
+        let o = run_example("digits", &digit, &["--output", &out, "--accept", accept]);
+        assert_exit(&o, 2);
+        assert_eq!(
+            stderr(&o).trim(),
+            format!(
+                "error: --accept {accept} writes {what}, not an array: {out} would not be a \
+                 .npy file (use --accept npy, or another file name)"
+            )
+        );
+        assert!(!std::path::Path::new(&out).exists());
+    }
 }
 
 #[test]

@@ -68,7 +68,19 @@ impl ResponseForm {
     /// the caller answers in JSON then, as a server without negotiation
     /// would. Malformed ranges are skipped.
     pub fn ranked(accept: &str) -> Vec<ResponseForm> {
-        // For each form: (q in thousandths, specificity) of its most specific range.
+        let best = Self::qualities(accept);
+        let mut ranked: Vec<(usize, u16, u8)> = best
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.filter(|(q, _)| *q > 0).map(|(q, s)| (i, q, s)))
+            .collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+        ranked.into_iter().map(|(i, _, _)| FORMS[i]).collect()
+    }
+
+    /// For each of [`FORMS`]: the quality (thousandths) and specificity of the
+    /// header's most specific range matching it; `None` where none matches.
+    fn qualities(accept: &str) -> [Option<(u16, u8)>; 3] {
         let mut best: [Option<(u16, u8)>; 3] = [None; 3];
         for range in accept.split(',') {
             let mut parts = range.split(';');
@@ -98,26 +110,29 @@ impl ResponseForm {
                 }
             }
         }
-        let mut ranked: Vec<(usize, u16, u8)> = best
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| b.filter(|(q, _)| *q > 0).map(|(q, s)| (i, q, s)))
-            .collect();
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
-        ranked.into_iter().map(|(i, _, _)| FORMS[i]).collect()
+        best
     }
 
     /// The form to answer an HTTP `Accept` header with (`None`: no header),
     /// for a model with `outputs` outputs: the most wanted form it can give
-    /// ([`ranked`](Self::ranked)), JSON when the header names none of them,
-    /// and [`Error::NotAcceptable`] when it names only forms the model
-    /// cannot give (`.npy` from a model with several outputs).
+    /// ([`ranked`](Self::ranked)), JSON when the header names none of them
+    /// (`text/html`: answered as a server without negotiation would), and
+    /// [`Error::NotAcceptable`] when it names only forms the model cannot
+    /// give (`.npy` from a model with several outputs) or refuses every form
+    /// with `q=0` (`application/json;q=0`, `*/*;q=0`).
     pub fn negotiate(accept: Option<&str>, outputs: usize) -> Result<ResponseForm, Error> {
         let Some(accept) = accept else {
             return Ok(ResponseForm::Json);
         };
         let ranked = Self::ranked(accept);
         if ranked.is_empty() {
+            if Self::qualities(accept)[0].is_some_and(|(q, _)| q == 0) {
+                return Err(Error::NotAcceptable(
+                    "the Accept header refuses application/json (q=0) and accepts neither \
+                     application/x-npy nor application/x-ferry-tensors"
+                        .into(),
+                ));
+            }
             return Ok(ResponseForm::Json);
         }
         ranked
@@ -219,6 +234,25 @@ mod tests {
             "application/x-npy carries one array and this model has 2 outputs: accept \
              application/x-ferry-tensors (all of them) or application/json"
         );
+        // A header that refuses JSON outright and accepts nothing else gets a 406, not
+        // the JSON it refused; one that merely names other types still gets JSON.
+        for accept in [
+            "application/json;q=0",
+            "*/*;q=0",
+            "text/html, application/*;q=0",
+            "application/x-npy;q=0, application/json;q=0, application/x-ferry-tensors;q=0",
+        ] {
+            let e = ResponseForm::negotiate(Some(accept), 1).unwrap_err();
+            assert_eq!(e.code(), "not_acceptable", "{accept}");
+            assert!(e.to_string().contains("refuses application/json"), "{e}");
+        }
+        for accept in ["text/html;q=0", "image/*;q=0, text/plain", ""] {
+            assert_eq!(
+                ResponseForm::negotiate(Some(accept), 2).unwrap(),
+                Json,
+                "{accept}"
+            );
+        }
     }
 
     #[test]

@@ -308,8 +308,14 @@ impl Device {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
+        let status = r.status().as_u16();
+        // Every answer of the prediction (refusals included) depends on `Accept`.
+        if matches!(status, 200 | 400 | 406) {
+            let vary = r.headers().get("vary").and_then(|v| v.to_str().ok());
+            assert_eq!(vary, Some("accept"), "{status} without Vary: accept");
+        }
         let bytes = r.body_mut().read_to_vec().unwrap();
-        (r.status().as_u16(), ct, bytes)
+        (status, ct, bytes)
     }
 
     pub fn predict_json(&self, body: &Value) -> (u16, Value) {
