@@ -57,11 +57,17 @@ fn start_at(bootstrap: &Path, api: &RuntimeApi, env: &[(&str, &str)]) -> Functio
 }
 
 fn iris(api: &RuntimeApi) -> Function {
+    example_function(api, "iris")
+}
+
+/// The function serving an example's bundle (`iris`, `raw`: tensors in, the model's
+/// outputs out), trusting the release key.
+fn example_function(api: &RuntimeApi, example: &str) -> Function {
     let b = bundles();
     start(
         api,
         &[
-            ("FERRY_BUNDLE", &b.file("iris.ferry")),
+            ("FERRY_BUNDLE", &b.bundle(example)),
             ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
         ],
     )
@@ -486,14 +492,7 @@ fn lambda_package_refuses_the_wrong_architecture_and_unverified_bundles() {
 fn binary_tensors_arrive_base64_and_malformed_ones_are_400s() {
     use ferry_testkit::tensors::{iris_tensor, npy, npy_f32, tensor_set_f32};
     let api = RuntimeApi::start();
-    let b = bundles();
-    let _f = start(
-        &api,
-        &[
-            ("FERRY_BUNDLE", &b.file("raw.ferry")),
-            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
-        ],
-    );
+    let _f = example_function(&api, "raw");
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let json = std::fs::read_to_string(examples().join("iris/golden/tensor_request.json")).unwrap();
     let (status, want) = response_body(&api.invoke(http_v2(&json, "application/json", false)));
@@ -537,34 +536,13 @@ fn binary_tensors_arrive_base64_and_malformed_ones_are_400s() {
 fn binary_responses_go_out_base64_and_a_form_the_model_cannot_give_is_a_406() {
     use ferry_testkit::tensors::{iris_tensor, npy_f32};
     let api = RuntimeApi::start();
-    let b = bundles();
-    let f = start(
-        &api,
-        &[
-            ("FERRY_BUNDLE", &b.file("raw.ferry")),
-            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
-        ],
-    );
+    let f = example_function(&api, "raw");
     let (shape, values) = iris_tensor();
-    let body = base64::engine::general_purpose::STANDARD.encode(npy_f32(&shape, &values));
-    let event = |accept: &str| {
-        let mut e = http_v2(&body, "application/x-npy", true);
-        e["headers"]["Accept"] = json!(accept);
-        e
-    };
+    let event = npy_events(&npy_f32(&shape, &values));
     let (status, want) = response_body(&api.invoke(event("application/json")));
     assert_eq!(status, 200, "{want}");
     // The model's two outputs as a tensor set, base64-encoded for API Gateway.
-    let Outcome::Response { body: r, .. } = api.invoke(event("application/x-ferry-tensors")) else {
-        panic!("expected a response")
-    };
-    assert_eq!(r["statusCode"], 200, "{r}");
-    assert_eq!(r["headers"]["content-type"], "application/x-ferry-tensors");
-    assert_eq!(r["isBase64Encoded"], true);
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(r["body"].as_str().unwrap())
-        .unwrap();
-    let set = ferry_runtime::TensorSet::decode(&bytes).unwrap();
+    let set = tensor_set_response(&api.invoke(event("application/x-ferry-tensors")));
     assert_eq!(set.tensors[1].name, "probabilities");
     for t in &set.tensors {
         ferry_testkit::tensors::assert_matches_json_output(t, &want);
@@ -607,26 +585,13 @@ fn binary_responses_go_out_base64_and_a_form_the_model_cannot_give_is_a_406() {
 fn an_answer_over_lambdas_response_limit_is_refused_with_advice_not_a_bare_502() {
     use ferry_testkit::tensors::{iris_tensor, npy_f32};
     let api = RuntimeApi::start();
-    let b = bundles();
-    let f = start(
-        &api,
-        &[
-            ("FERRY_BUNDLE", &b.file("raw.ferry")),
-            ("FERRY_PUBLIC_KEYS", &b.file("release.pub")),
-        ],
-    );
+    let f = example_function(&api, "raw");
     // 200,000 rows: a 3.1 MiB request whose JSON answer is over 6 MB; the same answer as
     // a tensor set (20 bytes a row) fits.
     let (_, row) = iris_tensor();
     let rows = 200_000usize;
     let values: Vec<f32> = row[..4].iter().copied().cycle().take(rows * 4).collect();
-    let body =
-        base64::engine::general_purpose::STANDARD.encode(npy_f32(&[rows as u64, 4], &values));
-    let event = |accept: &str| {
-        let mut e = http_v2(&body, "application/x-npy", true);
-        e["headers"]["accept"] = json!(accept);
-        e
-    };
+    let event = npy_events(&npy_f32(&[rows as u64, 4], &values));
     let (status, r) = response_body(&api.invoke(event("application/json")));
     assert_eq!(status, 500, "{r}");
     let message = r["error"].as_str().unwrap();
@@ -638,15 +603,33 @@ fn an_answer_over_lambdas_response_limit_is_refused_with_advice_not_a_bare_502()
     wait_for_line(&f, &|l| {
         l.contains("Request refused") && l.contains("over Lambda's limit")
     });
-    let Outcome::Response { body: r, .. } = api.invoke(event("application/x-ferry-tensors")) else {
-        panic!("expected a response")
+    let set = tensor_set_response(&api.invoke(event("application/x-ferry-tensors")));
+    assert_eq!(set.tensors[1].shape, [rows as u64, 3]);
+}
+
+/// HTTP events carrying `npy` (base64, as API Gateway sends binary bodies), by `accept`.
+fn npy_events(npy: &[u8]) -> impl Fn(&str) -> Value + use<> {
+    let body = base64::engine::general_purpose::STANDARD.encode(npy);
+    move |accept: &str| {
+        let mut e = http_v2(&body, "application/x-npy", true);
+        e["headers"]["Accept"] = json!(accept);
+        e
+    }
+}
+
+/// The tensor set of a 200 answered in `application/x-ferry-tensors`.
+fn tensor_set_response(outcome: &Outcome) -> ferry_runtime::TensorSet {
+    let Outcome::Response { body: r, .. } = outcome else {
+        panic!("expected a response, got {outcome:?}")
     };
-    assert_eq!(r["statusCode"], 200);
+    assert_eq!(r["statusCode"], 200, "{r}");
+    assert_eq!(r["headers"]["content-type"], "application/x-ferry-tensors");
+    assert_eq!(r["headers"]["vary"], "accept");
+    assert_eq!(r["isBase64Encoded"], true);
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(r["body"].as_str().unwrap())
         .unwrap();
-    let set = ferry_runtime::TensorSet::decode(&bytes).unwrap();
-    assert_eq!(set.tensors[1].shape, [rows as u64, 3]);
+    ferry_runtime::TensorSet::decode(&bytes).unwrap()
 }
 
 /// The function's stdout lines once one matches `want` (they are collected by
