@@ -167,14 +167,10 @@ async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -
     let result =
         tokio::task::spawn_blocking(move || agent.predict(&content_type, accept.as_deref(), &body))
             .await;
-    match result {
+    let mut response = match result {
         Ok(Ok(p)) => (
             StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, p.form.media_type()),
-                // The form depends on the request's `Accept`: caches must key on it.
-                (header::VARY, "accept"),
-            ],
+            [(header::CONTENT_TYPE, p.form.media_type())],
             p.body,
         )
             .into_response(),
@@ -188,19 +184,20 @@ async fn predict(State(ctx): State<Arc<Ctx>>, request: axum::extract::Request) -
                 PredictError::BadInput { .. } => StatusCode::BAD_REQUEST,
                 PredictError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            let mut response = error(status, e.code(), e.to_string());
-            // A 406 answers the request's `Accept` too.
-            response
-                .headers_mut()
-                .insert(header::VARY, header::HeaderValue::from_static("accept"));
-            response
+            error(status, e.code(), e.to_string())
         }
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "panic",
             format!("prediction task failed: {e}"),
         ),
-    }
+    };
+    // The answer's form, and a 406, depend on the request's `Accept`: caches
+    // must key on it.
+    response
+        .headers_mut()
+        .insert(header::VARY, header::HeaderValue::from_static("accept"));
+    response
 }
 
 async fn model(State(ctx): State<Arc<Ctx>>) -> Response {

@@ -134,10 +134,12 @@ fn http_request(event: &Value) -> Result<(String, Vec<u8>), (u16, String)> {
     Ok((content_type, bytes))
 }
 
+/// An HTTP answer in JSON. Its form, and a 406, depend on the request's
+/// `accept`: caches must key on it (`vary`).
 fn http_response(status: u16, body: &Value) -> Value {
     json!({
         "statusCode": status,
-        "headers": {"content-type": "application/json"},
+        "headers": {"content-type": "application/json", "vary": "accept"},
         "body": body.to_string(),
         "isBase64Encoded": false,
     })
@@ -288,12 +290,7 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
             },
             error_message: message,
         }),
-        (Source::Http, Ok(Answer::Json(v))) => {
-            let mut r = http_response(200, &v);
-            // The form depends on the request's `accept`: caches must key on it.
-            r["headers"]["vary"] = json!("accept");
-            Ok(r)
-        }
+        (Source::Http, Ok(Answer::Json(v))) => Ok(http_response(200, &v)),
         (Source::Http, Ok(Answer::Binary(form, bytes, _))) => Ok(json!({
             "statusCode": 200,
             "headers": {"content-type": form.media_type(), "vary": "accept"},
@@ -301,10 +298,7 @@ pub fn handle(session: &Session, event: Value, cold_start: bool) -> Result<Value
             "isBase64Encoded": true,
         })),
         (Source::Http, Err((status, message))) => {
-            let mut r = http_response(status, &json!({ "error": message }));
-            // A 406 answers the request's `accept` too.
-            r["headers"]["vary"] = json!("accept");
-            Ok(r)
+            Ok(http_response(status, &json!({ "error": message })))
         }
     }
 }

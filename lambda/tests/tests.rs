@@ -941,8 +941,8 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let zip4 = dir.path().join("function-unchecked.zip");
-    let package = |arch: &str, library: &Path| {
-        lambda_package(&[
+    let package = |arch: &str, library: &Path, bootstrap: Option<&Path>| {
+        let mut args = vec![
             unchecked.to_str().unwrap(),
             "--pub",
             &public,
@@ -954,9 +954,13 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
             "onnxruntime",
             "-o",
             zip4.to_str().unwrap(),
-        ])
+        ];
+        if let Some(b) = bootstrap {
+            args.extend(["--bootstrap", b.to_str().unwrap()]);
+        }
+        lambda_package(&args)
     };
-    let o = package(arch, &root.join("bootstrap"));
+    let o = package(arch, &root.join("bootstrap"), None);
     assert_eq!(o.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -965,7 +969,7 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     );
     assert!(!zip4.exists());
     // With the real library it loads here and ships, with nothing to warn about.
-    let o = package(arch, &lib);
+    let o = package(arch, &lib, None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(zip4.exists());
     assert!(
@@ -986,21 +990,7 @@ fn lambda_package_ships_onnxruntime_beside_bootstrap_and_the_function_serves_wit
     elf.resize(64, 0);
     let foreign = dir.path().join("foreign.so");
     std::fs::write(&foreign, &elf).unwrap();
-    let o = lambda_package(&[
-        unchecked.to_str().unwrap(),
-        "--pub",
-        &public,
-        "--arch",
-        other,
-        "--bootstrap",
-        foreign.to_str().unwrap(),
-        "--onnxruntime",
-        foreign.to_str().unwrap(),
-        "--engine",
-        "onnxruntime",
-        "-o",
-        zip4.to_str().unwrap(),
-    ]);
+    let o = package(other, &foreign, Some(&foreign));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(

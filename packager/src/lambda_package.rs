@@ -192,12 +192,15 @@ impl LambdaPackageArgs {
                 None
             }
             Some(rt::EngineChoice::Only(engine)) => {
-                let refused = bundle.manifest().model.engines.as_ref().and_then(|e| {
-                    e.engines
-                        .iter()
-                        .find(|r| r.name == engine.name() && r.serves == Some(false))
-                });
-                if let Some(r) = refused {
+                // What the packer found of this engine, if it tried it.
+                let report = bundle
+                    .manifest()
+                    .model
+                    .engines
+                    .as_ref()
+                    .and_then(|e| e.engines.iter().find(|r| r.name == engine.name()));
+                let serves = report.and_then(|r| r.serves);
+                if let (Some(r), Some(false)) = (report, serves) {
                     bail!(
                         "--engine {engine}: {engine} cannot serve this bundle's model (found when it \
                          was packed: {})",
@@ -210,13 +213,7 @@ impl LambdaPackageArgs {
                          find the library itself (FERRY_ONNXRUNTIME), or its start fails"
                     );
                 }
-                let recorded = bundle.manifest().model.engines.as_ref().and_then(|e| {
-                    e.engines
-                        .iter()
-                        .find(|r| r.name == engine.name())
-                        .and_then(|r| r.serves)
-                });
-                if recorded.is_none() {
+                if serves.is_none() {
                     // Not checked when the bundle was packed (the engine was absent there):
                     // check it here where this machine can, or say that nobody did.
                     self.check_engine(&bundle_bytes, engine, arch)?;

@@ -68,7 +68,11 @@ impl ResponseForm {
     /// the caller answers in JSON then, as a server without negotiation
     /// would. Malformed ranges are skipped.
     pub fn ranked(accept: &str) -> Vec<ResponseForm> {
-        let best = Self::qualities(accept);
+        Self::rank(&Self::qualities(accept))
+    }
+
+    /// [`ranked`](Self::ranked), from the header's [`qualities`](Self::qualities).
+    fn rank(best: &[Option<(u16, u8)>; 3]) -> Vec<ResponseForm> {
         let mut ranked: Vec<(usize, u16, u8)> = best
             .iter()
             .enumerate()
@@ -124,9 +128,11 @@ impl ResponseForm {
         let Some(accept) = accept else {
             return Ok(ResponseForm::Json);
         };
-        let ranked = Self::ranked(accept);
+        let qualities = Self::qualities(accept);
+        let ranked = Self::rank(&qualities);
         if ranked.is_empty() {
-            if Self::qualities(accept)[0].is_some_and(|(q, _)| q == 0) {
+            // FORMS[0] is JSON.
+            if qualities[0].is_some_and(|(q, _)| q == 0) {
                 return Err(Error::NotAcceptable(
                     "the Accept header refuses application/json (q=0) and accepts neither \
                      application/x-npy nor application/x-ferry-tensors"
